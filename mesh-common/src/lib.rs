@@ -1,0 +1,351 @@
+//! Types shared by the Nodemesh eBPF programs (`mesh-ebpf`) and the node agent
+//! (`mesh-node`): map keys and values, and the ports both sides agree on.
+//!
+//! Every address is kept as an [`Ip`]: sixteen bytes in network order, IPv4 as a
+//! v4-mapped IPv6 address (`::ffff:a.b.c.d`). One representation means one set of
+//! comparisons in the kernel, and IPv4, IPv6 and v4-mapped IPv6 sockets all produce the
+//! same keys.
+#![no_std]
+
+/// In-pod outbound listener (loopback), where connect4/connect6 send enrolled traffic.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// In-pod plaintext inbound listener, where sk_lookup sends inbound TCP.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// In-pod HBONE (mTLS) listener; never captured by sk_lookup.
+pub const HBONE_PORT: u16 = 15008;
+
+/// Excluded ports per direction and pod; a zero slot is unused.
+pub const MAX_EXCLUDED_PORTS: usize = 8;
+/// Excluded outbound CIDRs per pod.
+pub const MAX_EXCLUDED_CIDRS: usize = 4;
+/// Node addresses whose inbound connections (kubelet probes) bypass capture.
+pub const MAX_NODE_ADDRS: usize = 4;
+
+/// Names of the maps, as the eBPF object defines them and bpffs pins them.
+pub mod map_names {
+    pub const CONFIG: &str = "NM_CONFIG";
+    pub const ENROLLED: &str = "NM_ENROLLED";
+    pub const PENDING_DST: &str = "NM_PENDING_DST";
+    pub const ORIG_DST: &str = "NM_ORIG_DST";
+    pub const INBOUND_PODS: &str = "NM_INBOUND_PODS";
+    pub const INBOUND_LISTENERS: &str = "NM_INBOUND_LISTENERS";
+}
+
+/// Names of the program functions in the eBPF object.
+pub mod program_names {
+    pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const SOCK_OPS: &str = "mesh_sockops";
+    pub const SOCK_RELEASE: &str = "mesh_sock_release";
+    pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// An IP address in network byte order; IPv4 is stored v4-mapped.
+///
+/// The words hold the address bytes in memory order (the way the kernel hands
+/// `user_ip6`/`local_ip6` to BPF programs), so they are compared, never interpreted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Ip {
+    pub words: [u32; 4],
+}
+
+/// `0000:ffff` as the third word of a v4-mapped address, in memory order.
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+impl Ip {
+    /// Wraps an IPv4 address given as the kernel's network-order `u32`.
+    #[inline(always)]
+    pub const fn from_v4_be(addr: u32) -> Ip {
+        Ip {
+            words: [0, 0, V4_MAPPED_WORD, addr],
+        }
+    }
+
+    #[inline(always)]
+    pub const fn from_v6_words(words: [u32; 4]) -> Ip {
+        Ip { words }
+    }
+
+    #[inline(always)]
+    pub const fn is_v4_mapped(&self) -> bool {
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == V4_MAPPED_WORD
+    }
+
+    /// The IPv4 address (network-order `u32`) when this is v4-mapped.
+    #[inline(always)]
+    pub const fn v4_be(&self) -> u32 {
+        self.words[3]
+    }
+
+    /// 127.0.0.0/8, ::1, and the unspecified addresses (which Linux treats as local).
+    #[inline(always)]
+    pub const fn is_loopback_or_unspecified(&self) -> bool {
+        if self.is_v4_mapped() {
+            let first_octet = self.words[3].to_ne_bytes()[0];
+            return first_octet == 127 || self.words[3] == 0;
+        }
+        let upper_zero = self.words[0] == 0 && self.words[1] == 0 && self.words[2] == 0;
+        upper_zero && (self.words[3] == 0 || self.words[3] == u32::from_ne_bytes([0, 0, 0, 1]))
+    }
+
+    #[inline(always)]
+    pub const fn is_zero(&self) -> bool {
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == 0 && self.words[3] == 0
+    }
+
+    pub const fn to_bytes(self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = self.words[i].to_ne_bytes();
+            out[i * 4] = b[0];
+            out[i * 4 + 1] = b[1];
+            out[i * 4 + 2] = b[2];
+            out[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        out
+    }
+
+    pub const fn from_bytes(b: [u8; 16]) -> Ip {
+        let mut words = [0u32; 4];
+        let mut i = 0;
+        while i < 4 {
+            words[i] = u32::from_ne_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
+            i += 1;
+        }
+        Ip { words }
+    }
+}
+
+/// A CIDR in the 128-bit space of [`Ip`] (an IPv4 /24 is stored as /120).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Cidr {
+    pub addr: Ip,
+    pub prefix_len: u8,
+    pub in_use: u8,
+    pub _pad: [u8; 2],
+}
+
+impl Cidr {
+    #[inline(always)]
+    pub fn contains(&self, ip: &Ip) -> bool {
+        if self.in_use == 0 {
+            return false;
+        }
+        let mut i = 0;
+        while i < 4 {
+            let start = (i as u32) * 32;
+            let len = self.prefix_len as u32;
+            let bits = if len <= start {
+                0
+            } else if len - start >= 32 {
+                32
+            } else {
+                len - start
+            };
+            let mask = match bits {
+                0 => 0,
+                32 => u32::MAX,
+                b => (u32::MAX << (32 - b)).to_be(),
+            };
+            if (self.addr.words[i] ^ ip.words[i]) & mask != 0 {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+}
+
+/// Value of `NM_ENROLLED`, keyed by the pod's network-namespace cookie (`u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OutboundPolicy {
+    /// Destination ports never redirected (0 = unused slot).
+    pub excluded_ports: [u16; MAX_EXCLUDED_PORTS],
+    /// Destination CIDRs never redirected.
+    pub excluded_cidrs: [Cidr; MAX_EXCLUDED_CIDRS],
+}
+
+impl OutboundPolicy {
+    #[inline(always)]
+    pub fn excludes(&self, ip: &Ip, port: u16) -> bool {
+        let mut i = 0;
+        while i < MAX_EXCLUDED_PORTS {
+            if self.excluded_ports[i] != 0 && self.excluded_ports[i] == port {
+                return true;
+            }
+            i += 1;
+        }
+        let mut c = 0;
+        while c < MAX_EXCLUDED_CIDRS {
+            if self.excluded_cidrs[c].contains(ip) {
+                return true;
+            }
+            c += 1;
+        }
+        false
+    }
+}
+
+/// Value of `NM_INBOUND_PODS`, keyed by a pod IP ([`Ip`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct InboundPolicy {
+    /// Local ports whose inbound traffic goes straight to the app (0 = unused slot).
+    pub excluded_ports: [u16; MAX_EXCLUDED_PORTS],
+}
+
+impl InboundPolicy {
+    #[inline(always)]
+    pub fn excludes(&self, port: u16) -> bool {
+        let mut i = 0;
+        while i < MAX_EXCLUDED_PORTS {
+            if self.excluded_ports[i] != 0 && self.excluded_ports[i] == port {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// The single entry of `NM_CONFIG`: node-wide settings written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NodeConfig {
+    /// SO_MARK the agent sets on its own sockets; such connects are never redirected.
+    pub socket_mark: u32,
+    pub _pad: u32,
+    /// cgroup v2 id of the agent; connects from it are never redirected (0 = unset).
+    pub agent_cgroup_id: u64,
+    /// Node addresses: inbound from them (kubelet probes) is not captured.
+    pub node_addrs: [Ip; MAX_NODE_ADDRS],
+}
+
+impl NodeConfig {
+    #[inline(always)]
+    pub fn is_node_addr(&self, ip: &Ip) -> bool {
+        let mut i = 0;
+        while i < MAX_NODE_ADDRS {
+            let a = &self.node_addrs[i];
+            if !a.is_zero() && a.words == ip.words {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// Key of `NM_ORIG_DST`: the client end of a redirected connection, as the proxy sees
+/// it from the accepted socket (peer address and port), in the client's netns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnKey {
+    pub netns_cookie: u64,
+    pub addr: Ip,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u16; 3],
+}
+
+/// Value of `NM_PENDING_DST` (keyed by socket cookie) and `NM_ORIG_DST`: where the
+/// application wanted to go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    pub addr: Ip,
+    /// Host byte order.
+    pub port: u16,
+    /// AF_INET for IPv4 and v4-mapped destinations, AF_INET6 otherwise.
+    pub family: u16,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns() when recorded; lets the agent expire entries nobody claimed.
+    pub created_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, with explicit padding fields and no
+    // pointers, so any bit pattern of their size is a valid value.
+    unsafe impl aya::Pod for Ip {}
+    unsafe impl aya::Pod for OutboundPolicy {}
+    unsafe impl aya::Pod for InboundPolicy {}
+    unsafe impl aya::Pod for NodeConfig {}
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for OrigDst {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(a: [u8; 4]) -> Ip {
+        Ip::from_v4_be(u32::from_ne_bytes(a))
+    }
+
+    #[test]
+    fn v4_mapped_round_trips_through_bytes() {
+        let ip = v4([10, 1, 2, 3]);
+        assert!(ip.is_v4_mapped());
+        let b = ip.to_bytes();
+        assert_eq!(&b[10..], &[0xff, 0xff, 10, 1, 2, 3]);
+        assert_eq!(Ip::from_bytes(b), ip);
+    }
+
+    #[test]
+    fn loopback_and_unspecified_are_recognised() {
+        assert!(v4([127, 0, 0, 1]).is_loopback_or_unspecified());
+        assert!(v4([127, 9, 9, 9]).is_loopback_or_unspecified());
+        assert!(v4([0, 0, 0, 0]).is_loopback_or_unspecified());
+        assert!(!v4([10, 0, 0, 1]).is_loopback_or_unspecified());
+        let mut one = [0u8; 16];
+        one[15] = 1;
+        assert!(Ip::from_bytes(one).is_loopback_or_unspecified());
+        assert!(Ip::from_bytes([0; 16]).is_loopback_or_unspecified());
+        let mut other = [0u8; 16];
+        other[0] = 0xfd;
+        other[15] = 1;
+        assert!(!Ip::from_bytes(other).is_loopback_or_unspecified());
+    }
+
+    #[test]
+    fn cidr_matches_by_prefix() {
+        let net = Cidr {
+            addr: v4([10, 20, 0, 0]),
+            prefix_len: 96 + 16,
+            in_use: 1,
+            _pad: [0; 2],
+        };
+        assert!(net.contains(&v4([10, 20, 255, 1])));
+        assert!(!net.contains(&v4([10, 21, 0, 1])));
+        let odd = Cidr {
+            prefix_len: 96 + 13,
+            ..net
+        };
+        assert!(odd.contains(&v4([10, 23, 1, 1])));
+        assert!(!odd.contains(&v4([10, 28, 1, 1])));
+        let unused = Cidr { in_use: 0, ..net };
+        assert!(!unused.contains(&v4([10, 20, 0, 1])));
+    }
+
+    #[test]
+    fn policies_exclude_listed_ports_only() {
+        let mut p = OutboundPolicy::default();
+        p.excluded_ports[0] = 5432;
+        assert!(p.excludes(&v4([1, 1, 1, 1]), 5432));
+        assert!(!p.excludes(&v4([1, 1, 1, 1]), 80));
+        let mut i = InboundPolicy::default();
+        i.excluded_ports[3] = 9090;
+        assert!(i.excludes(9090));
+        assert!(!i.excludes(0), "empty slots never match");
+    }
+}

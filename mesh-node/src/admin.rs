@@ -1,0 +1,178 @@
+//! The agent's HTTP surfaces: the admin API (JSON, localhost), Prometheus metrics, and
+//! readiness. Each is a small route table over one shared server loop.
+
+use std::{
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde_json::json;
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{debug, warn};
+
+use crate::{
+    config::AgentConfig, connections::ConnectionTable, dataplane::Dataplane, metrics::Metrics,
+    workloads::WorkloadStatus,
+};
+
+pub type HttpResponse = Response<Full<Bytes>>;
+
+/// Changes the log filter at runtime.
+pub struct LogLevel {
+    current: Mutex<String>,
+    apply: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+}
+
+impl LogLevel {
+    pub fn new(initial: &str, apply: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static) -> LogLevel {
+        LogLevel {
+            current: Mutex::new(initial.to_string()),
+            apply: Box::new(apply),
+        }
+    }
+
+    pub fn get(&self) -> String {
+        self.current.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    pub fn set(&self, level: &str) -> Result<(), String> {
+        (self.apply)(level)?;
+        if let Ok(mut c) = self.current.lock() {
+            *c = level.to_string();
+        }
+        Ok(())
+    }
+}
+
+/// What the admin API reads.
+pub struct AdminState {
+    pub config: AgentConfig,
+    pub dataplane: Arc<Dataplane>,
+    pub connections: Arc<ConnectionTable>,
+    pub metrics: Arc<Metrics>,
+    pub workloads: watch::Receiver<Arc<Vec<WorkloadStatus>>>,
+    pub ready: Arc<AtomicBool>,
+    pub log_level: LogLevel,
+}
+
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> HttpResponse {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn json_response(value: &impl Serialize) -> HttpResponse {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => respond(StatusCode::OK, "application/json", body),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot encode: {e}")),
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> HttpResponse {
+    let body = json!({ "error": message }).to_string();
+    respond(status, "application/json", body)
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+const ENDPOINTS: [&str; 7] = [
+    "/workloads",
+    "/connections",
+    "/bpf",
+    "/config_dump",
+    "/logging",
+    "/healthz/ready",
+    "/stats/prometheus",
+];
+
+pub fn admin_route(state: &AdminState, method: &Method, path: &str, query: Option<&str>) -> HttpResponse {
+    match (method, path) {
+        (&Method::GET, "/") => json_response(&json!({ "endpoints": ENDPOINTS })),
+        (&Method::GET, "/workloads") => json_response(&**state.workloads.borrow()),
+        (&Method::GET, "/connections") => json_response(&json!({
+            "live": state.connections.live(),
+            "closed": state.connections.closed(),
+        })),
+        (&Method::GET, "/bpf") => json_response(&json!({
+            "pin_dir": state.dataplane.pin_dir(),
+            "reused_pins": state.dataplane.reused_pins,
+            "programs": state.dataplane.programs(),
+            "maps": state.dataplane.map_status(),
+            "enrolled_netns_cookies": state.dataplane.enrolled_cookies(),
+        })),
+        (&Method::GET, "/config_dump") => json_response(&state.config),
+        (&Method::GET, "/logging") => json_response(&json!({ "level": state.log_level.get() })),
+        (&Method::POST, "/logging") => match query_param(query, "level") {
+            Some(level) => match state.log_level.set(level) {
+                Ok(()) => json_response(&json!({ "level": level })),
+                Err(e) => error(StatusCode::BAD_REQUEST, &format!("invalid level `{level}`: {e}")),
+            },
+            None => error(StatusCode::BAD_REQUEST, "pass the new filter as ?level=debug"),
+        },
+        (&Method::GET, "/healthz/ready") => readiness(&state.ready),
+        (&Method::GET, "/stats/prometheus") => metrics_response(&state.metrics),
+        _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint; try one of {ENDPOINTS:?}")),
+    }
+}
+
+pub fn readiness(ready: &AtomicBool) -> HttpResponse {
+    if ready.load(Ordering::Relaxed) {
+        respond(StatusCode::OK, "text/plain", "ready\n")
+    } else {
+        respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: eBPF or first reconcile pending\n")
+    }
+}
+
+pub fn metrics_response(metrics: &Metrics) -> HttpResponse {
+    respond(StatusCode::OK, "text/plain; version=0.0.4", metrics.encode())
+}
+
+/// Serves HTTP/1.1 on `listener`, answering every request with `route`.
+pub async fn serve<F>(listener: TcpListener, route: F)
+where
+    F: Fn(&Method, &str, Option<&str>) -> HttpResponse + Send + Sync + 'static,
+{
+    let route = Arc::new(route);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let route = route.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let route = route.clone();
+                async move {
+                    Ok::<_, Infallible>(route(req.method(), req.uri().path(), req.uri().query()))
+                }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}

@@ -1,0 +1,194 @@
+//! Wires the agent together: preflight, dataplane, discovery, the reconcile loop and
+//! the HTTP surfaces.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use mesh_common::{NodeConfig, MAX_NODE_ADDRS};
+use thiserror::Error;
+use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
+use tracing::{info, warn};
+
+use crate::{
+    admin::{self, AdminState, LogLevel},
+    cgroup::{self, MountError},
+    config::AgentConfig,
+    connections::ConnectionTable,
+    dataplane::{Dataplane, DataplaneError},
+    files_source,
+    locator::NetnsDirectory,
+    metrics::Metrics,
+    netns::{Netns, NetnsError},
+    preflight::{self, PreflightError},
+    state::{ip_key, ClusterState},
+    workloads::{ProxySettings, Workloads},
+};
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("too many --node-ip values ({0}); at most {MAX_NODE_ADDRS} are supported")]
+    TooManyNodeIps(usize),
+    #[error("cannot listen on {addr} for the {what}: {source}; is another mesh-node running in this network namespace?")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot find the mesh-node executable to locate mesh-ebpf.o next to it: {0}; pass --ebpf-object")]
+    NoObject(std::io::Error),
+    #[error("cannot install a signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// How often pods are re-checked (retries, vanished namespaces).
+const RECHECK: Duration = Duration::from_millis(500);
+/// How often unclaimed eBPF map entries are swept, and how old they must be.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+const SWEEP_AGE: Duration = Duration::from_secs(60);
+
+fn default_object() -> Result<PathBuf, AgentError> {
+    let exe = std::env::current_exe().map_err(AgentError::NoObject)?;
+    Ok(exe.with_file_name("mesh-ebpf.o"))
+}
+
+fn node_config(config: &AgentConfig) -> Result<NodeConfig, AgentError> {
+    if config.node_ips.len() > MAX_NODE_ADDRS {
+        return Err(AgentError::TooManyNodeIps(config.node_ips.len()));
+    }
+    let mut node = NodeConfig {
+        socket_mark: config.socket_mark,
+        agent_cgroup_id: cgroup::own_cgroup_id()?,
+        ..NodeConfig::default()
+    };
+    for (slot, ip) in node.node_addrs.iter_mut().zip(&config.node_ips) {
+        *slot = ip_key(*ip);
+    }
+    Ok(node)
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Bind { what, addr, source })
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Pinned maps and links stay in place on
+/// exit, so redirection state survives a restart.
+pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentError> {
+    preflight::check_privileges()?;
+    cgroup::ensure_on_bpffs(&config.pin_dir)?;
+    let cgroup_root = cgroup::resolve_cgroup_root(&config.cgroup_root)?;
+    let home = Arc::new(Netns::current_thread()?);
+    let object = match &config.ebpf_object {
+        Some(p) => p.clone(),
+        None => default_object()?,
+    };
+    let dataplane = Arc::new(Dataplane::load(
+        &object,
+        &config.pin_dir,
+        &cgroup_root,
+        node_config(&config)?,
+    )?);
+
+    let admin_listener = bind("admin API", config.admin_addr).await?;
+    let metrics_listener = bind("metrics", config.metrics_addr).await?;
+    let ready_listener = bind("readiness probe", config.readiness_addr).await?;
+    let mut terminate = tokio::signal::unix::signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+
+    let metrics = Arc::new(Metrics::new());
+    let connections = ConnectionTable::new(metrics.clone());
+    let ready = Arc::new(AtomicBool::new(false));
+    let (state_tx, mut state_rx) = watch::channel(Arc::new(ClusterState::default()));
+    let (status_tx, status_rx) = watch::channel(Arc::new(Vec::new()));
+
+    tokio::spawn(files_source::watch_directory(
+        config.manifests.clone(),
+        state_tx,
+        metrics.clone(),
+    ));
+
+    let admin_state = Arc::new(AdminState {
+        config: config.clone(),
+        dataplane: dataplane.clone(),
+        connections: connections.clone(),
+        metrics: metrics.clone(),
+        workloads: status_rx,
+        ready: ready.clone(),
+        log_level,
+    });
+    tokio::spawn(admin::serve(admin_listener, move |m, p, q| {
+        admin::admin_route(&admin_state, m, p, q)
+    }));
+    let m = metrics.clone();
+    tokio::spawn(admin::serve(metrics_listener, move |_, _, _| admin::metrics_response(&m)));
+    let r = ready.clone();
+    tokio::spawn(admin::serve(ready_listener, move |_, _, _| admin::readiness(&r)));
+
+    let mut workloads = Workloads::new(
+        ProxySettings {
+            node: config.node_name.clone(),
+            socket_mark: config.socket_mark,
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+        },
+        home,
+        dataplane.clone(),
+        Box::new(NetnsDirectory {
+            dir: config.netns_dir.clone(),
+        }),
+        connections,
+        metrics,
+        state_rx.clone(),
+    );
+
+    // Wait for the first full scan: reconciling an empty state would unenroll every
+    // pod a previous run left enrolled.
+    if state_rx.changed().await.is_err() {
+        warn!("discovery stopped before its first scan");
+    }
+    let mut recheck = tokio::time::interval(RECHECK);
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        let state = state_rx.borrow_and_update().clone();
+        workloads.reconcile(&state);
+        status_tx.send_replace(Arc::new(workloads.status(&state)));
+        if !ready.swap(true, Ordering::Relaxed) {
+            info!(node = %config.node_name, "agent ready");
+        }
+        tokio::select! {
+            changed = state_rx.changed() => {
+                if changed.is_err() {
+                    warn!("discovery stopped; keeping the last state");
+                    recheck.tick().await;
+                }
+            }
+            _ = recheck.tick() => workloads.check_netns(),
+            _ = sweep.tick() => {
+                let removed = dataplane.sweep_stale(SWEEP_AGE);
+                if removed > 0 {
+                    info!(removed, "swept unclaimed original-destination entries");
+                }
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    info!("shutting down; pinned eBPF state stays for the next start");
+    Ok(())
+}

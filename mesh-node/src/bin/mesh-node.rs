@@ -1,0 +1,69 @@
+//! `mesh-node`: the Nodemesh node agent.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mesh_node::{
+    admin::LogLevel,
+    config::{AgentConfig, LogFormat},
+};
+use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Layer};
+
+#[derive(Parser)]
+#[command(name = "mesh-node", version, about = "Nodemesh node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent: eBPF redirection, in-pod listeners, proxy.
+    Agent(AgentConfig),
+}
+
+fn init_logging(config: &AgentConfig) -> anyhow::Result<LogLevel> {
+    let filter = EnvFilter::try_new(&config.log_level)
+        .map_err(|e| anyhow::anyhow!("invalid --log-level `{}`: {e}", config.log_level))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match config.log_format {
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+    Ok(LogLevel::new(&config.log_level, move |level| {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    }))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent(config) => {
+            let log_level = match init_logging(&config) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("mesh-node: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("mesh-node: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(mesh_node::agent::run(config, log_level)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "mesh-node agent failed");
+                    eprintln!("mesh-node: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The few bpf(2) commands aya 0.13 does not expose for cgroup programs: creating a
+//! cgroup link we can pin, swapping the program inside a pinned link, pinning and
+//! opening pinned objects, and asking a cgroup what is attached to it.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::unix::ffi::OsStrExt,
+    path::Path,
+};
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// Attach types used by Nodemesh (values of `enum bpf_attach_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CgroupAttachType {
+    SockOps = 3,
+    Inet4Connect = 10,
+    Inet6Connect = 11,
+    InetSockRelease = 34,
+}
+
+/// `union bpf_attr` is at most a few hundred bytes; every command reads only its prefix.
+#[repr(C, align(8))]
+struct Attr([u8; 144]);
+
+impl Attr {
+    fn new() -> Attr {
+        Attr([0; 144])
+    }
+    fn u32_at(&mut self, offset: usize, v: u32) -> &mut Self {
+        self.0[offset..offset + 4].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+    fn u64_at(&mut self, offset: usize, v: u64) -> &mut Self {
+        self.0[offset..offset + 8].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+    fn read_u32(&self, offset: usize) -> u32 {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&self.0[offset..offset + 4]);
+        u32::from_ne_bytes(b)
+    }
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a valid, zero-padded bpf_attr of sufficient size for every
+    // command used here, and any pointers stored in it outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut Attr,
+            std::mem::size_of::<Attr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn fd_result(ret: libc::c_long) -> OwnedFd {
+    // SAFETY: the kernel returned a new file descriptor that nobody else owns.
+    unsafe { OwnedFd::from_raw_fd(ret as i32) }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// BPF_LINK_CREATE for a cgroup attach type: a link that can be pinned and updated.
+pub fn cgroup_link_create(
+    prog: impl AsFd,
+    cgroup: impl AsFd,
+    attach: CgroupAttachType,
+) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.u32_at(0, prog.as_fd().as_raw_fd() as u32)
+        .u32_at(4, cgroup.as_fd().as_raw_fd() as u32)
+        .u32_at(8, attach as u32);
+    bpf(BPF_LINK_CREATE, &mut attr).map(fd_result)
+}
+
+/// BPF_LINK_UPDATE: atomically replaces the program behind an existing link.
+pub fn link_update(link: impl AsFd, new_prog: impl AsFd) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.u32_at(0, link.as_fd().as_raw_fd() as u32)
+        .u32_at(4, new_prog.as_fd().as_raw_fd() as u32);
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
+}
+
+/// BPF_OBJ_PIN: pins a map, program or link at `path` (on bpffs).
+pub fn obj_pin(fd: impl AsFd, path: &Path) -> io::Result<()> {
+    let c = c_path(path)?;
+    let mut attr = Attr::new();
+    attr.u64_at(0, c.as_ptr() as u64)
+        .u32_at(8, fd.as_fd().as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// BPF_OBJ_GET: opens a pinned object.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = c_path(path)?;
+    let mut attr = Attr::new();
+    attr.u64_at(0, c.as_ptr() as u64);
+    bpf(BPF_OBJ_GET, &mut attr).map(fd_result)
+}
+
+/// Ids of the programs attached to `cgroup` for one attach type (not inherited ones).
+pub fn cgroup_prog_ids(cgroup: impl AsFd, attach: CgroupAttachType) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    let mut attr = Attr::new();
+    attr.u32_at(0, cgroup.as_fd().as_raw_fd() as u32)
+        .u32_at(4, attach as u32)
+        .u64_at(16, ids.as_mut_ptr() as u64)
+        .u32_at(24, ids.len() as u32);
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    let count = attr.read_u32(24) as usize;
+    ids.truncate(count.min(64));
+    Ok(ids)
+}
+
+/// The kernel id of a map, program or link (the second u32 of each `bpf_*_info`).
+pub fn obj_id(fd: impl AsFd) -> io::Result<u32> {
+    let mut info = [0u32; 32];
+    let mut attr = Attr::new();
+    attr.u32_at(0, fd.as_fd().as_raw_fd() as u32)
+        .u32_at(4, std::mem::size_of_val(&info) as u32)
+        .u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info[1])
+}
+
+/// For a link: (link id, program id) — `bpf_link_info` starts with type, id, prog_id.
+pub fn link_ids(fd: impl AsFd) -> io::Result<(u32, u32)> {
+    let mut info = [0u32; 32];
+    let mut attr = Attr::new();
+    attr.u32_at(0, fd.as_fd().as_raw_fd() as u32)
+        .u32_at(4, std::mem::size_of_val(&info) as u32)
+        .u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok((info[1], info[2]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_a_missing_pin_is_an_error_not_a_panic() {
+        let err = obj_get(Path::new("/nonexistent/nodemesh/pin")).unwrap_err();
+        assert!(matches!(
+            err.raw_os_error(),
+            Some(libc::ENOENT) | Some(libc::EPERM) | Some(libc::ENOSYS)
+        ));
+    }
+
+    #[test]
+    fn attr_fields_land_at_their_offsets() {
+        let mut a = Attr::new();
+        a.u32_at(4, 7).u64_at(16, 0x0102_0304_0506_0708);
+        assert_eq!(a.read_u32(4), 7);
+        assert_eq!(a.read_u32(16), 0x0506_0708);
+    }
+}

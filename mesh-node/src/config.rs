@@ -1,0 +1,125 @@
+//! The agent's one typed configuration: command-line flags with documented defaults,
+//! also dumped as JSON by the admin API.
+
+use std::{net::IpAddr, net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct AgentConfig {
+    /// Name of the node this agent serves; only pods with this `spec.nodeName` are enrolled.
+    #[arg(long)]
+    pub node_name: String,
+
+    /// Directory of Kubernetes YAML manifests (the `files` discovery source), watched for changes.
+    #[arg(long)]
+    pub manifests: PathBuf,
+
+    /// Where pod network namespaces are found: `<dir>/<pod uid>` (the embedded cluster's
+    /// seam; on a real node the kubepods cgroup lookup replaces it).
+    #[arg(long, default_value = "/var/run/netns")]
+    pub netns_dir: PathBuf,
+
+    /// cgroup v2 directory the connect/sockops programs attach to, absolute or relative
+    /// to the cgroup2 mount (found in /proc/self/mountinfo). Default: the mount itself.
+    #[arg(long, default_value = "")]
+    pub cgroup_root: PathBuf,
+
+    /// bpffs directory for pinned maps and links (created if missing); must be on bpffs.
+    #[arg(long, default_value = "/sys/fs/bpf/nodemesh")]
+    pub pin_dir: PathBuf,
+
+    /// Compiled eBPF object. Default: `mesh-ebpf.o` next to the mesh-node executable.
+    #[arg(long)]
+    pub ebpf_object: Option<PathBuf>,
+
+    /// Addresses of this node; inbound connections from them (kubelet probes) bypass
+    /// the proxy. At most 4.
+    #[arg(long = "node-ip")]
+    pub node_ips: Vec<IpAddr>,
+
+    /// SO_MARK on the agent's own sockets, so the eBPF programs never redirect them.
+    #[arg(long, default_value_t = 0x6e6d)]
+    pub socket_mark: u32,
+
+    /// Admin API (JSON), localhost only.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Prometheus metrics.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Readiness probe (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
+    /// Time allowed for an upstream TCP connect.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    #[serde(with = "duration_text")]
+    pub connect_timeout: Duration,
+
+    /// A proxied connection with no bytes either way for this long is closed.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    #[serde(with = "duration_text")]
+    pub idle_timeout: Duration,
+
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Initial log filter (tracing `EnvFilter` syntax), changeable at runtime via the admin API.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Parses `250ms`, `5s`, `10m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{text}` has no unit: use ms, s, m or h (e.g. 5s)"))?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` does not start with a whole number (e.g. 5s)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        other => Err(format!("unknown unit `{other}` in `{text}`: use ms, s, m or h")),
+    }
+}
+
+mod duration_text {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("5").unwrap_err().contains("no unit"));
+        assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("s").is_err());
+    }
+}

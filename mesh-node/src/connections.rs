@@ -1,0 +1,273 @@
+//! Live and recently closed proxied connections: what the admin API lists, what the
+//! access log prints (one line per connection on close), and what the TCP metrics count.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+use tracing::info;
+
+use crate::{metrics::Metrics, relay::ByteCounters, state::PodKey};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    /// Istio's `reporter` label: the source side reports outbound, the destination inbound.
+    fn reporter(self) -> &'static str {
+        match self {
+            Direction::Outbound => "source",
+            Direction::Inbound => "destination",
+        }
+    }
+}
+
+/// Who is talking to whom, fixed when the connection is accepted.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionInfo {
+    pub direction: Direction,
+    /// The enrolled pod on this node whose listener accepted the connection.
+    pub pod: PodKey,
+    pub src: SocketAddr,
+    pub original_dst: SocketAddr,
+    /// The peer workload, when the state knows the address.
+    pub peer: Option<PodKey>,
+}
+
+/// One connection, as listed by the admin API and printed by the access log.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionRecord {
+    pub id: u64,
+    #[serde(flatten)]
+    pub info: ConnectionInfo,
+    pub started_unix_ms: u64,
+    pub duration_ms: u64,
+    pub bytes_to_server: u64,
+    pub bytes_to_client: u64,
+    /// `open` while live; then `completed`, `idle_timeout`, `connect_failed: ...`, ...
+    pub result: String,
+}
+
+struct Live {
+    info: ConnectionInfo,
+    started: Instant,
+    started_unix_ms: u64,
+    counters: Arc<ByteCounters>,
+}
+
+/// How many closed connections the admin API keeps for inspection.
+const CLOSED_HISTORY: usize = 4096;
+
+pub struct ConnectionTable {
+    next_id: AtomicU64,
+    live: Mutex<HashMap<u64, Live>>,
+    closed: Mutex<VecDeque<ConnectionRecord>>,
+    metrics: Arc<Metrics>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn label_of(key: &Option<PodKey>) -> (&str, &str) {
+    key.as_ref()
+        .map(|k| (k.name.as_str(), k.namespace.as_str()))
+        .unwrap_or(("unknown", "unknown"))
+}
+
+impl ConnectionInfo {
+    /// TCP metric label values: source and destination from this connection's view.
+    fn labels(&self) -> [&str; 6] {
+        let me = (self.pod.name.as_str(), self.pod.namespace.as_str());
+        let peer = label_of(&self.peer);
+        let (src, dst) = match self.direction {
+            Direction::Outbound => (me, peer),
+            Direction::Inbound => (peer, me),
+        };
+        [self.direction.reporter(), src.0, src.1, dst.0, dst.1, "none"]
+    }
+}
+
+impl ConnectionTable {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<ConnectionTable> {
+        Arc::new(ConnectionTable {
+            next_id: AtomicU64::new(1),
+            live: Mutex::new(HashMap::new()),
+            closed: Mutex::new(VecDeque::with_capacity(CLOSED_HISTORY)),
+            metrics,
+        })
+    }
+
+    /// Registers a connection; finish it with [`OpenConnection::close`].
+    pub fn open(self: &Arc<Self>, info: ConnectionInfo) -> OpenConnection {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.metrics.tcp_opened.with_label_values(&info.labels()).inc();
+        let counters = Arc::new(ByteCounters::default());
+        let started_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        lock(&self.live).insert(
+            id,
+            Live {
+                info,
+                started: Instant::now(),
+                started_unix_ms,
+                counters: counters.clone(),
+            },
+        );
+        OpenConnection {
+            table: self.clone(),
+            id,
+            counters,
+            closed: false,
+        }
+    }
+
+    fn record(id: u64, live: &Live, result: String) -> ConnectionRecord {
+        ConnectionRecord {
+            id,
+            info: live.info.clone(),
+            started_unix_ms: live.started_unix_ms,
+            duration_ms: live.started.elapsed().as_millis() as u64,
+            bytes_to_server: live.counters.to_server.load(Ordering::Relaxed),
+            bytes_to_client: live.counters.to_client.load(Ordering::Relaxed),
+            result,
+        }
+    }
+
+    fn finish(&self, id: u64, result: String) {
+        let Some(live) = lock(&self.live).remove(&id) else {
+            return;
+        };
+        let record = Self::record(id, &live, result);
+        let labels = record.info.labels();
+        self.metrics.tcp_closed.with_label_values(&labels).inc();
+        self.metrics
+            .tcp_sent_bytes
+            .with_label_values(&labels)
+            .inc_by(record.bytes_to_server);
+        self.metrics
+            .tcp_received_bytes
+            .with_label_values(&labels)
+            .inc_by(record.bytes_to_client);
+        info!(
+            target: "nodemesh::access",
+            id = record.id,
+            direction = ?record.info.direction,
+            pod = %record.info.pod,
+            src = %record.info.src,
+            original_dst = %record.info.original_dst,
+            peer = record.info.peer.as_ref().map(|p| p.to_string()).unwrap_or_default(),
+            bytes_to_server = record.bytes_to_server,
+            bytes_to_client = record.bytes_to_client,
+            duration_ms = record.duration_ms,
+            result = %record.result,
+            "connection closed"
+        );
+        let mut closed = lock(&self.closed);
+        if closed.len() == CLOSED_HISTORY {
+            closed.pop_front();
+        }
+        closed.push_back(record);
+    }
+
+    pub fn live(&self) -> Vec<ConnectionRecord> {
+        let live = lock(&self.live);
+        let mut out: Vec<_> = live
+            .iter()
+            .map(|(id, l)| Self::record(*id, l, "open".into()))
+            .collect();
+        out.sort_by_key(|r| r.id);
+        out
+    }
+
+    pub fn closed(&self) -> Vec<ConnectionRecord> {
+        lock(&self.closed).iter().cloned().collect()
+    }
+}
+
+/// A registered connection; closing it (or dropping it) writes its record.
+pub struct OpenConnection {
+    table: Arc<ConnectionTable>,
+    id: u64,
+    counters: Arc<ByteCounters>,
+    closed: bool,
+}
+
+impl OpenConnection {
+    pub fn counters(&self) -> &ByteCounters {
+        &self.counters
+    }
+
+    pub fn close(mut self, result: impl Into<String>) {
+        self.closed = true;
+        self.table.finish(self.id, result.into());
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if !self.closed {
+            // The task was cancelled (pod removed, agent stopping).
+            self.table.finish(self.id, "aborted".into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(direction: Direction) -> ConnectionInfo {
+        ConnectionInfo {
+            direction,
+            pod: PodKey {
+                namespace: "apps".into(),
+                name: "client".into(),
+            },
+            src: "127.0.0.1:40000".parse().unwrap(),
+            original_dst: "10.0.2.2:8080".parse().unwrap(),
+            peer: Some(PodKey {
+                namespace: "apps".into(),
+                name: "server".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn records_move_from_live_to_closed_with_their_bytes() {
+        let metrics = Arc::new(Metrics::new());
+        let table = ConnectionTable::new(metrics.clone());
+        let conn = table.open(info(Direction::Outbound));
+        conn.counters().to_server.fetch_add(10, Ordering::Relaxed);
+        assert_eq!(table.live().len(), 1);
+        assert_eq!(table.live()[0].bytes_to_server, 10);
+        conn.close("completed");
+        assert!(table.live().is_empty());
+        let closed = table.closed();
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].result, "completed");
+        assert_eq!(closed[0].info.original_dst.to_string(), "10.0.2.2:8080");
+        let text = metrics.encode();
+        assert!(text.contains("nodemesh_tcp_sent_bytes_total{connection_security_policy=\"none\",destination_workload=\"server\",destination_workload_namespace=\"apps\",reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"apps\"} 10"), "{text}");
+    }
+
+    #[test]
+    fn a_dropped_connection_is_recorded_as_aborted() {
+        let table = ConnectionTable::new(Arc::new(Metrics::new()));
+        drop(table.open(info(Direction::Inbound)));
+        assert_eq!(table.closed()[0].result, "aborted");
+    }
+}

@@ -1,0 +1,560 @@
+//! The eBPF dataplane: loads the object, reuses pinned maps, keeps exactly one pinned
+//! link per cgroup program (a restart swaps the new program into the old link), and
+//! offers the map operations the agent needs.
+
+use std::{
+    fs,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::Duration,
+};
+
+use aya::{
+    maps::{Array, HashMap, IterableMap, MapData, MapError, SockHash},
+    programs::{Program, SkLookup},
+    Ebpf, EbpfLoader,
+};
+use mesh_common::{
+    map_names, program_names, ConnKey, InboundPolicy, Ip, NodeConfig, OrigDst, OutboundPolicy,
+};
+use serde::Serialize;
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::{
+    bpf_sys::{self, CgroupAttachType},
+    netns::Netns,
+    preflight,
+};
+
+pub use aya::programs::sk_lookup::SkLookupLink;
+
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    #[error("cannot read the eBPF object {path}: {source} (build it with `cargo xtask build`, or pass --ebpf-object)")]
+    ReadObject {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot load the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the eBPF object has no program `{0}`: it does not match this mesh-node build")]
+    MissingProgram(&'static str),
+    #[error("the kernel ({kernel}) refused program `{program}`; it needs {requirement}: {source}")]
+    ProgramLoad {
+        program: &'static str,
+        requirement: &'static str,
+        kernel: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map `{name}`: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("cannot attach `{program}` to cgroup {cgroup}: {source} (needs {requirement}, kernel is {kernel})")]
+    Attach {
+        program: &'static str,
+        cgroup: PathBuf,
+        requirement: &'static str,
+        kernel: String,
+        source: std::io::Error,
+    },
+    #[error("sk_lookup attach to network namespace {netns} failed: {source}")]
+    AttachNetns {
+        netns: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error("bpffs {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+/// What the admin API shows about one map.
+#[derive(Debug, Clone, Serialize)]
+pub struct MapStatus {
+    pub name: &'static str,
+    pub id: u32,
+    pub max_entries: u32,
+    pub entries: usize,
+    pub pinned: bool,
+}
+
+/// What the admin API shows about one attached cgroup program.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramStatus {
+    pub name: &'static str,
+    pub attach: &'static str,
+    pub program_id: u32,
+    pub link_id: u32,
+    pub pin: PathBuf,
+}
+
+struct CgroupProgram {
+    name: &'static str,
+    attach: CgroupAttachType,
+    attach_name: &'static str,
+}
+
+const CGROUP_PROGRAMS: [CgroupProgram; 4] = [
+    CgroupProgram {
+        name: program_names::CONNECT4,
+        attach: CgroupAttachType::Inet4Connect,
+        attach_name: "cgroup/connect4",
+    },
+    CgroupProgram {
+        name: program_names::CONNECT6,
+        attach: CgroupAttachType::Inet6Connect,
+        attach_name: "cgroup/connect6",
+    },
+    CgroupProgram {
+        name: program_names::SOCK_OPS,
+        attach: CgroupAttachType::SockOps,
+        attach_name: "sock_ops",
+    },
+    CgroupProgram {
+        name: program_names::SOCK_RELEASE,
+        attach: CgroupAttachType::InetSockRelease,
+        attach_name: "cgroup/sock_release",
+    },
+];
+
+/// Key and value sizes of the pinned maps; a pin left by an incompatible build is
+/// replaced instead of being silently misread.
+fn expected_layout(name: &str) -> Option<(u32, u32)> {
+    use std::mem::size_of;
+    let sizes = match name {
+        map_names::CONFIG => (4, size_of::<NodeConfig>()),
+        map_names::ENROLLED => (8, size_of::<OutboundPolicy>()),
+        map_names::PENDING_DST => (8, size_of::<OrigDst>()),
+        map_names::ORIG_DST => (size_of::<ConnKey>(), size_of::<OrigDst>()),
+        map_names::INBOUND_PODS => (size_of::<Ip>(), size_of::<InboundPolicy>()),
+        _ => return None,
+    };
+    Some((sizes.0 as u32, sizes.1 as u32))
+}
+
+pub struct Dataplane {
+    ebpf: Mutex<Ebpf>,
+    enrolled: Mutex<HashMap<MapData, u64, OutboundPolicy>>,
+    pending: Mutex<HashMap<MapData, u64, OrigDst>>,
+    orig_dst: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
+    inbound_pods: Mutex<HashMap<MapData, Ip, InboundPolicy>>,
+    inbound_listeners: Mutex<SockHash<MapData, Ip>>,
+    pin_dir: PathBuf,
+    programs: Vec<ProgramStatus>,
+    /// True when the maps were found pinned by an earlier run and reused.
+    pub reused_pins: bool,
+}
+
+/// The object file in u64-backed storage: aya parses the ELF in place and needs it
+/// 8-byte aligned (a plain `Vec<u8>` gives "error parsing ELF data").
+struct AlignedObject {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl AlignedObject {
+    fn read(path: &Path) -> Result<AlignedObject, DataplaneError> {
+        let bytes = fs::read(path).map_err(|source| DataplaneError::ReadObject {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        for (word, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            *word = u64::from_ne_bytes(b);
+        }
+        Ok(AlignedObject {
+            words,
+            len: bytes.len(),
+        })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the words own at least `len` initialised bytes; u8 has no alignment needs.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
+    }
+}
+
+impl Dataplane {
+    /// Loads the object, reusing pins under `pin_dir`, and attaches the cgroup
+    /// programs at `cgroup_root`.
+    pub fn load(
+        object: &Path,
+        pin_dir: &Path,
+        cgroup_root: &Path,
+        config: NodeConfig,
+    ) -> Result<Dataplane, DataplaneError> {
+        let map_dir = pin_dir.join("maps");
+        let link_dir = pin_dir.join("links");
+        for dir in [&map_dir, &link_dir] {
+            fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let reused_pins = drop_incompatible_pins(&map_dir)?;
+        let object = AlignedObject::read(object)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_pin_path(&map_dir)
+            .load(object.bytes())?;
+
+        let kernel = preflight::kernel_release();
+        for name in [
+            program_names::CONNECT4,
+            program_names::CONNECT6,
+            program_names::SOCK_OPS,
+            program_names::SOCK_RELEASE,
+            program_names::SK_LOOKUP,
+        ] {
+            let program = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::MissingProgram(name))?;
+            load_program(program).map_err(|source| DataplaneError::ProgramLoad {
+                program: name,
+                requirement: preflight::kernel_requirement(name),
+                kernel: kernel.clone(),
+                source,
+            })?;
+        }
+
+        let cgroup = fs::File::open(cgroup_root).map_err(|source| DataplaneError::Cgroup {
+            path: cgroup_root.to_path_buf(),
+            source,
+        })?;
+        let mut programs = Vec::new();
+        for spec in &CGROUP_PROGRAMS {
+            let program = ebpf
+                .program(spec.name)
+                .ok_or(DataplaneError::MissingProgram(spec.name))?;
+            let prog_fd = program
+                .fd()
+                .map_err(|source| DataplaneError::ProgramLoad {
+                    program: spec.name,
+                    requirement: preflight::kernel_requirement(spec.name),
+                    kernel: kernel.clone(),
+                    source,
+                })?;
+            let pin = link_dir.join(spec.name);
+            let (link_id, program_id) = attach_pinned(prog_fd.as_fd(), &cgroup, spec, &pin)
+                .map_err(|source| DataplaneError::Attach {
+                    program: spec.name,
+                    cgroup: cgroup_root.to_path_buf(),
+                    requirement: preflight::kernel_requirement(spec.name),
+                    kernel: kernel.clone(),
+                    source,
+                })?;
+            programs.push(ProgramStatus {
+                name: spec.name,
+                attach: spec.attach_name,
+                program_id,
+                link_id,
+                pin,
+            });
+        }
+
+        let mut config_map: Array<MapData, NodeConfig> = take_map(&mut ebpf, map_names::CONFIG)?;
+        config_map
+            .set(0, config, 0)
+            .map_err(map_err(map_names::CONFIG))?;
+
+        let dataplane = Dataplane {
+            enrolled: Mutex::new(take_map(&mut ebpf, map_names::ENROLLED)?),
+            pending: Mutex::new(take_map(&mut ebpf, map_names::PENDING_DST)?),
+            orig_dst: Mutex::new(take_map(&mut ebpf, map_names::ORIG_DST)?),
+            inbound_pods: Mutex::new(take_map(&mut ebpf, map_names::INBOUND_PODS)?),
+            inbound_listeners: Mutex::new(take_map(&mut ebpf, map_names::INBOUND_LISTENERS)?),
+            ebpf: Mutex::new(ebpf),
+            pin_dir: pin_dir.to_path_buf(),
+            programs,
+            reused_pins,
+        };
+        info!(
+            pin_dir = %pin_dir.display(),
+            cgroup = %cgroup_root.display(),
+            reused_pins,
+            "eBPF dataplane loaded and attached"
+        );
+        Ok(dataplane)
+    }
+
+    pub fn programs(&self) -> &[ProgramStatus] {
+        &self.programs
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn enroll(&self, netns_cookie: u64, policy: &OutboundPolicy) -> Result<(), DataplaneError> {
+        lock(&self.enrolled)
+            .insert(netns_cookie, *policy, 0)
+            .map_err(map_err(map_names::ENROLLED))
+    }
+
+    /// Removes a pod's enrollment and every original destination still parked for it.
+    pub fn unenroll(&self, netns_cookie: u64) -> Result<(), DataplaneError> {
+        remove_if_present(&mut lock(&self.enrolled), &netns_cookie, map_names::ENROLLED)?;
+        let mut orig = lock(&self.orig_dst);
+        let keys: Vec<ConnKey> = orig
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.netns_cookie == netns_cookie)
+            .collect();
+        for key in keys {
+            remove_if_present(&mut orig, &key, map_names::ORIG_DST)?;
+        }
+        Ok(())
+    }
+
+    pub fn enrolled_cookies(&self) -> Vec<u64> {
+        lock(&self.enrolled).keys().filter_map(Result::ok).collect()
+    }
+
+    /// Routes inbound TCP for `ip` into `listener` (same address family).
+    pub fn capture_inbound(
+        &self,
+        ip: Ip,
+        policy: &InboundPolicy,
+        listener: &impl AsRawFd,
+    ) -> Result<(), DataplaneError> {
+        lock(&self.inbound_listeners)
+            .insert(ip, listener.as_raw_fd(), 0)
+            .map_err(map_err(map_names::INBOUND_LISTENERS))?;
+        lock(&self.inbound_pods)
+            .insert(ip, *policy, 0)
+            .map_err(map_err(map_names::INBOUND_PODS))
+    }
+
+    pub fn release_inbound(&self, ip: Ip) -> Result<(), DataplaneError> {
+        remove_if_present(&mut lock(&self.inbound_pods), &ip, map_names::INBOUND_PODS)?;
+        let mut listeners = lock(&self.inbound_listeners);
+        match listeners.remove(&ip) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(source) => Err(DataplaneError::Map {
+                name: map_names::INBOUND_LISTENERS,
+                source,
+            }),
+        }
+    }
+
+    pub fn inbound_pod_ips(&self) -> Vec<Ip> {
+        lock(&self.inbound_pods).keys().filter_map(Result::ok).collect()
+    }
+
+    /// Looks up and removes the original destination of an accepted connection.
+    pub fn take_orig_dst(&self, key: &ConnKey) -> Option<OrigDst> {
+        let mut map = lock(&self.orig_dst);
+        let value = map.get(key, 0).ok()?;
+        let _ = map.remove(key);
+        Some(value)
+    }
+
+    /// Removes parked destinations older than `max_age` that no proxy claimed (their
+    /// listener went away before accepting). Returns how many were removed.
+    pub fn sweep_stale(&self, max_age: Duration) -> usize {
+        let now = monotonic_ns();
+        let cutoff = now.saturating_sub(max_age.as_nanos() as u64);
+        let mut removed = 0;
+        {
+            let mut orig = lock(&self.orig_dst);
+            let stale: Vec<ConnKey> = orig
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| v.created_ns < cutoff)
+                .map(|(k, _)| k)
+                .collect();
+            for k in stale {
+                removed += usize::from(orig.remove(&k).is_ok());
+            }
+        }
+        let mut pending = lock(&self.pending);
+        let stale: Vec<u64> = pending
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.created_ns < cutoff)
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            removed += usize::from(pending.remove(&k).is_ok());
+        }
+        removed
+    }
+
+    /// Entry counts of every map, for the admin API and the churn test.
+    pub fn map_status(&self) -> Vec<MapStatus> {
+        fn status<K: aya::Pod, V: aya::Pod>(
+            name: &'static str,
+            map: &Mutex<HashMap<MapData, K, V>>,
+        ) -> MapStatus {
+            let map = lock(map);
+            let info = map_info(IterableMap::map(&*map));
+            MapStatus {
+                name,
+                id: info.0,
+                max_entries: info.1,
+                entries: map.keys().filter(Result::is_ok).count(),
+                pinned: true,
+            }
+        }
+        let listeners = lock(&self.inbound_listeners);
+        let listeners_info = map_info(IterableMap::map(&*listeners));
+        vec![
+            status(map_names::ENROLLED, &self.enrolled),
+            status(map_names::PENDING_DST, &self.pending),
+            status(map_names::ORIG_DST, &self.orig_dst),
+            status(map_names::INBOUND_PODS, &self.inbound_pods),
+            MapStatus {
+                name: map_names::INBOUND_LISTENERS,
+                id: listeners_info.0,
+                max_entries: listeners_info.1,
+                entries: listeners.keys().filter(Result::is_ok).count(),
+                pinned: false,
+            },
+        ]
+    }
+
+    /// Attaches the inbound sk_lookup program to a pod's namespace; the returned link
+    /// detaches on drop.
+    pub fn attach_sk_lookup(&self, netns: &Netns, label: &str) -> Result<SkLookupLink, DataplaneError> {
+        let mut ebpf = lock(&self.ebpf);
+        let program: &mut SkLookup = ebpf
+            .program_mut(program_names::SK_LOOKUP)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DataplaneError::MissingProgram(program_names::SK_LOOKUP))?;
+        let attach_err = |source| DataplaneError::AttachNetns {
+            netns: label.to_string(),
+            source,
+        };
+        let id = program.attach(netns.file()).map_err(attach_err)?;
+        program.take_link(id).map_err(attach_err)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a map lock leaves the map itself consistent (the kernel
+    // owns it), so a poisoned lock is safe to keep using.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn map_info(data: &MapData) -> (u32, u32) {
+    data.info()
+        .map(|i| (i.id(), i.max_entries()))
+        .unwrap_or((0, 0))
+}
+
+fn remove_if_present<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    name: &'static str,
+) -> Result<(), DataplaneError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(DataplaneError::Map { name, source }),
+    }
+}
+
+fn load_program(program: &mut Program) -> Result<(), aya::programs::ProgramError> {
+    match program {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
+        Program::SkLookup(p) => p.load(),
+        _ => Ok(()),
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DataplaneError::Map {
+        name,
+        source: MapError::InvalidName { name: name.into() },
+    })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+/// Swaps `prog` into the link pinned at `pin`, or creates and pins a new link.
+/// Returns (link id, program id).
+fn attach_pinned(
+    prog: std::os::fd::BorrowedFd<'_>,
+    cgroup: &fs::File,
+    spec: &CgroupProgram,
+    pin: &Path,
+) -> std::io::Result<(u32, u32)> {
+    let link = match bpf_sys::obj_get(pin) {
+        Ok(link) => {
+            bpf_sys::link_update(&link, prog)?;
+            info!(program = spec.name, pin = %pin.display(), "updated pinned link in place");
+            link
+        }
+        Err(_) => {
+            let link = bpf_sys::cgroup_link_create(prog, cgroup, spec.attach)?;
+            bpf_sys::obj_pin(&link, pin)?;
+            link
+        }
+    };
+    bpf_sys::link_ids(&link)
+}
+
+/// Removes pinned maps whose layout differs from this build's; returns whether any
+/// compatible pinned map was found (and will be reused).
+fn drop_incompatible_pins(map_dir: &Path) -> Result<bool, DataplaneError> {
+    let mut reused = false;
+    let entries = match fs::read_dir(map_dir) {
+        Ok(e) => e,
+        Err(_) => return Ok(false),
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((key, value)) = expected_layout(&name) else {
+            continue;
+        };
+        let compatible = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map(|i| i.key_size() == key && i.value_size() == value)
+            .unwrap_or(false);
+        if compatible {
+            reused = true;
+        } else {
+            warn!(map = %name, pin = %path.display(), "pinned map has another layout; replacing it");
+            fs::remove_file(&path).map_err(|source| DataplaneError::Pin {
+                path: path.clone(),
+                source,
+            })?;
+        }
+    }
+    Ok(reused)
+}
+
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Programs attached to `cgroup` for each Nodemesh attach type (for tests and `bpf`).
+pub fn cgroup_attachments(cgroup: &Path) -> std::io::Result<Vec<(&'static str, Vec<u32>)>> {
+    let file = fs::File::open(cgroup)?;
+    CGROUP_PROGRAMS
+        .iter()
+        .map(|spec| Ok((spec.attach_name, bpf_sys::cgroup_prog_ids(&file, spec.attach)?)))
+        .collect()
+}

@@ -1,0 +1,50 @@
+//! The in-pod plaintext inbound listener (15006): connections sk_lookup steered here.
+//! The original destination is simply the accepted socket's local address.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use crate::{
+    connections::{ConnectionInfo, Direction},
+    forward::{accept_loop, forward, reset, PodContext},
+    state::canonical,
+};
+
+pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
+    accept_loop(listener, ctx, |stream, peer, ctx| async move {
+        handle(stream, peer, ctx).await
+    })
+    .await
+}
+
+async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
+    let dst = match stream.local_addr() {
+        Ok(a) => SocketAddr::new(canonical(a.ip()), a.port()),
+        Err(e) => {
+            warn!(pod = %ctx.pod, src = %peer, error = %e, "inbound socket has no local address");
+            return;
+        }
+    };
+    debug!(pod = %ctx.pod, src = %peer, dst = %dst, "inbound plaintext");
+    let info = ConnectionInfo {
+        direction: Direction::Inbound,
+        pod: ctx.pod.clone(),
+        src: peer,
+        original_dst: dst,
+        peer: ctx.state.borrow().pod_by_ip(canonical(peer.ip())).cloned(),
+    };
+    forward(stream, dst, info, &ctx).await;
+}
+
+/// The HBONE port (15008) is open so the port is owned by the mesh; mTLS tunnelling
+/// arrives with the identity issue. Until then connections are refused and counted.
+pub async fn serve_hbone_placeholder(listener: TcpListener, ctx: Arc<PodContext>) {
+    accept_loop(listener, ctx, |stream, peer, ctx| async move {
+        ctx.metrics.refused.with_label_values(&["hbone_unsupported"]).inc();
+        debug!(pod = %ctx.pod, src = %peer, "HBONE is not implemented yet; refusing");
+        reset(stream);
+    })
+    .await
+}

@@ -1,0 +1,23 @@
+//! Nodemesh node agent: loads the eBPF dataplane, opens listeners inside each enrolled
+//! pod's network namespace, and proxies the connections the kernel steers to them.
+
+pub mod admin;
+pub mod admin_client;
+pub mod agent;
+pub mod bpf_sys;
+pub mod cgroup;
+pub mod config;
+pub mod connections;
+pub mod dataplane;
+pub mod files_source;
+pub mod forward;
+pub mod inbound;
+pub mod locator;
+pub mod metrics;
+pub mod netns;
+pub mod outbound;
+pub mod preflight;
+pub mod relay;
+pub mod sockets;
+pub mod state;
+pub mod workloads;

@@ -1,0 +1,79 @@
+//! Prometheus metrics (`nodemesh_` prefix, Istio's standard label names).
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+
+/// Labels of the TCP metrics; every value is bounded by the pods of the cluster.
+pub const TCP_LABELS: [&str; 6] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "destination_workload",
+    "destination_workload_namespace",
+    "connection_security_policy",
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub tcp_opened: IntCounterVec,
+    pub tcp_closed: IntCounterVec,
+    pub tcp_sent_bytes: IntCounterVec,
+    pub tcp_received_bytes: IntCounterVec,
+    /// Connections the agent refused or could not serve, by reason.
+    pub refused: IntCounterVec,
+    pub manifest_errors: IntCounter,
+    pub state_updates: IntCounter,
+    /// Pods dropped because their network namespace disappeared.
+    pub netns_vanished: IntCounter,
+    /// Pods that could not be enrolled (netns missing, listener failed), by reason.
+    pub enroll_failures: IntCounterVec,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
+    registry
+        .register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name} registered twice: {e}"));
+    c
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
+    registry
+        .register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name} registered twice: {e}"));
+    c
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        Metrics {
+            tcp_opened: counter_vec(&r, "nodemesh_tcp_connections_opened_total", "TCP connections opened by the proxy.", &TCP_LABELS),
+            tcp_closed: counter_vec(&r, "nodemesh_tcp_connections_closed_total", "TCP connections closed by the proxy.", &TCP_LABELS),
+            tcp_sent_bytes: counter_vec(&r, "nodemesh_tcp_sent_bytes_total", "Bytes sent from client to server through the proxy.", &TCP_LABELS),
+            tcp_received_bytes: counter_vec(&r, "nodemesh_tcp_received_bytes_total", "Bytes received by the client from the server through the proxy.", &TCP_LABELS),
+            refused: counter_vec(&r, "nodemesh_connections_refused_total", "Connections refused or failed, by reason.", &["reason"]),
+            manifest_errors: counter(&r, "nodemesh_manifest_errors_total", "Manifest files skipped because they did not parse."),
+            state_updates: counter(&r, "nodemesh_state_updates_total", "Cluster state snapshots applied."),
+            netns_vanished: counter(&r, "nodemesh_netns_vanished_total", "Enrolled pods removed because their network namespace disappeared."),
+            enroll_failures: counter_vec(&r, "nodemesh_enroll_failures_total", "Attempts to enroll a pod that failed, by reason.", &["reason"]),
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            return format!("# encoding failed: {e}\n");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}

@@ -1,0 +1,154 @@
+//! A network namespace handle and the one operation the agent needs on it: run a short
+//! closure (creating a socket) with the calling thread inside the namespace, then come
+//! back. Sockets keep the namespace they were created in, whichever thread uses them.
+
+use std::{
+    fs::File,
+    os::fd::AsFd,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use nix::sched::{setns, CloneFlags};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum NetnsError {
+    #[error("cannot open network namespace {path}: {source} (is the pod still running?)")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a network namespace file")]
+    NotNetns { path: PathBuf },
+    #[error("cannot enter network namespace {id}: {source}")]
+    Enter { id: NetnsId, source: nix::Error },
+}
+
+/// Identity of a namespace: device and inode of its nsfs file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct NetnsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl std::fmt::Display for NetnsId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "net:[{}]", self.ino)
+    }
+}
+
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+    id: NetnsId,
+}
+
+/// nsfs magic number (linux/magic.h).
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+impl Netns {
+    pub fn open(path: &Path) -> Result<Netns, NetnsError> {
+        let open_err = |source| NetnsError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(open_err)?;
+        let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| open_err(e.into()))?;
+        if fs.filesystem_type().0 as i64 != NSFS_MAGIC {
+            return Err(NetnsError::NotNetns {
+                path: path.to_path_buf(),
+            });
+        }
+        let meta = file.metadata().map_err(open_err)?;
+        Ok(Netns {
+            file,
+            id: NetnsId {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            },
+        })
+    }
+
+    /// The namespace of the calling thread.
+    pub fn current_thread() -> Result<Netns, NetnsError> {
+        Netns::open(Path::new("/proc/thread-self/ns/net"))
+    }
+
+    pub fn id(&self) -> NetnsId {
+        self.id
+    }
+
+    /// The open namespace file (for attaching sk_lookup programs).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Runs `f` with the calling thread in this namespace, then returns the thread to
+    /// `home`. Keep `f` short and non-blocking: it runs on whatever thread calls this.
+    pub fn run<T>(&self, home: &Netns, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
+            NetnsError::Enter {
+                id: self.id,
+                source,
+            }
+        })?;
+        let out = f();
+        if let Err(e) = setns(home.file.as_fd(), CloneFlags::CLONE_NEWNET) {
+            // A thread stuck in a pod's namespace would silently put later sockets
+            // there; nothing sane can continue from that.
+            panic!("cannot return to the agent's network namespace {}: {e}", home.id);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thread_netns_inode() -> u64 {
+        std::fs::metadata("/proc/thread-self/ns/net")
+            .expect("procfs")
+            .ino()
+    }
+
+    /// Creates a fresh namespace on a throwaway thread and hands back a handle to it.
+    fn new_namespace() -> Netns {
+        std::thread::spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare needs root");
+            Netns::current_thread().expect("open own netns")
+        })
+        .join()
+        .expect("thread")
+    }
+
+    #[test]
+    fn run_enters_the_namespace_and_comes_back() {
+        let home = Netns::current_thread().unwrap();
+        let pod = new_namespace();
+        assert_ne!(pod.id(), home.id());
+        let inside = pod.run(&home, thread_netns_inode).unwrap();
+        assert_eq!(inside, pod.id().ino);
+        assert_eq!(thread_netns_inode(), home.id().ino);
+    }
+
+    #[test]
+    fn sockets_keep_the_namespace_they_were_made_in() {
+        let home = Netns::current_thread().unwrap();
+        let pod = new_namespace();
+        // A fresh namespace has only a down loopback: binding 127.0.0.1 fails there.
+        let bound = pod
+            .run(&home, || std::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        assert!(bound.is_err(), "loopback is down in a new namespace");
+    }
+
+    #[test]
+    fn opening_a_regular_file_is_refused() {
+        let err = Netns::open(Path::new("/proc/self/status")).unwrap_err();
+        assert!(matches!(err, NetnsError::NotNetns { .. }), "{err}");
+        let err = Netns::open(Path::new("/nonexistent/netns")).unwrap_err();
+        assert!(err.to_string().contains("is the pod still running"));
+    }
+}

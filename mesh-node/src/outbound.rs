@@ -1,0 +1,49 @@
+//! The in-pod outbound listener (15001): connections the connect hooks redirected.
+//! The original destination comes from the eBPF map, keyed by the accepted socket's
+//! peer; the upstream connection leaves from inside the pod.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use mesh_common::ConnKey;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use crate::{
+    connections::{ConnectionInfo, Direction},
+    forward::{accept_loop, forward, reset, PodContext},
+    state::{canonical, ip_from_key, ip_key},
+};
+
+pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
+    accept_loop(listener, ctx, |stream, peer, ctx| async move {
+        handle(stream, peer, ctx).await
+    })
+    .await
+}
+
+async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
+    let key = ConnKey {
+        netns_cookie: ctx.netns_cookie,
+        addr: ip_key(peer.ip()),
+        port: peer.port(),
+        _pad: [0; 3],
+    };
+    let Some(orig) = ctx.dataplane.take_orig_dst(&key) else {
+        // Someone connected to 15001 directly, or the entry was swept: we cannot know
+        // where this was going.
+        ctx.metrics.refused.with_label_values(&["no_original_destination"]).inc();
+        warn!(pod = %ctx.pod, src = %peer, "outbound connection without an original destination; closing");
+        reset(stream);
+        return;
+    };
+    let dst = SocketAddr::new(ip_from_key(&orig.addr), orig.port);
+    debug!(pod = %ctx.pod, src = %peer, dst = %dst, "outbound");
+    let info = ConnectionInfo {
+        direction: Direction::Outbound,
+        pod: ctx.pod.clone(),
+        src: peer,
+        original_dst: dst,
+        peer: ctx.state.borrow().pod_by_ip(canonical(dst.ip())).cloned(),
+    };
+    forward(stream, dst, info, &ctx).await;
+}

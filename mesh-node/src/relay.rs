@@ -1,0 +1,144 @@
+//! Copies bytes both ways between two TCP streams: half-close is passed on (EOF one way
+//! becomes a FIN the same way while the other keeps flowing), backpressure comes from
+//! awaiting each write, and a connection idle in both directions is closed.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const BUFFER: usize = 64 * 1024;
+
+/// Byte counts of a live connection, readable while it runs.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    pub to_server: AtomicU64,
+    pub to_client: AtomicU64,
+    /// Milliseconds since `epoch` of the last byte either way.
+    last_activity_ms: AtomicU64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayEnd {
+    /// Both directions reached EOF.
+    Completed,
+    /// Nothing moved for the idle timeout.
+    IdleTimeout,
+    /// A read or write failed (reset, broken pipe, ...).
+    Error(String),
+}
+
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    count: &AtomicU64,
+    activity: &AtomicU64,
+    epoch: Instant,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUFFER];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            // Pass the half-close on; the peer may still be sending the other way.
+            to.shutdown().await?;
+            return Ok(());
+        }
+        to.write_all(&buf[..n]).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Relays until both sides are done, one fails, or nothing moves for `idle`.
+pub async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    idle: Duration,
+    counters: &ByteCounters,
+) -> RelayEnd {
+    let epoch = Instant::now();
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let up = pump(client_read, server_write, &counters.to_server, &counters.last_activity_ms, epoch);
+    let down = pump(server_read, client_write, &counters.to_client, &counters.last_activity_ms, epoch);
+    let both = async { tokio::try_join!(up, down) };
+    let watchdog = async {
+        loop {
+            let last = Duration::from_millis(counters.last_activity_ms.load(Ordering::Relaxed));
+            let deadline = last + idle;
+            let now = epoch.elapsed();
+            if now >= deadline {
+                return;
+            }
+            tokio::time::sleep(deadline - now).await;
+        }
+    };
+    tokio::select! {
+        r = both => match r {
+            Ok(_) => RelayEnd::Completed,
+            Err(e) => RelayEnd::Error(e.kind().to_string()),
+        },
+        _ = watchdog => RelayEnd::IdleTimeout,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A connected pair of streams over loopback.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn bytes_flow_both_ways_and_half_close_is_passed_on() {
+        let (mut app, proxy_client) = pair().await;
+        let (proxy_server, mut backend) = pair().await;
+        let counters = std::sync::Arc::new(ByteCounters::default());
+        let c = counters.clone();
+        let task = tokio::spawn(async move {
+            relay(proxy_client, proxy_server, Duration::from_secs(5), &c).await
+        });
+        let request = vec![7u8; 300_000];
+        app.write_all(&request).await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        backend.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, request, "request arrives whole and then EOF");
+        // The other direction still works after the client half-closed.
+        backend.write_all(b"response").await.unwrap();
+        backend.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        app.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"response");
+        assert_eq!(task.await.unwrap(), RelayEnd::Completed);
+        assert_eq!(counters.to_server.load(Ordering::Relaxed), 300_000);
+        assert_eq!(counters.to_client.load(Ordering::Relaxed), 8);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed() {
+        let (_app, proxy_client) = pair().await;
+        let (proxy_server, _backend) = pair().await;
+        let counters = ByteCounters::default();
+        let started = Instant::now();
+        let end = relay(proxy_client, proxy_server, Duration::from_millis(200), &counters).await;
+        assert_eq!(end, RelayEnd::IdleTimeout);
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(2), "{took:?}");
+    }
+}

@@ -1,0 +1,408 @@
+//! The agent's view of the cluster: Kubernetes objects, indexed, plus the enrollment
+//! rules (design.md "Enrollment") evaluated on them. Sources build a new
+//! [`ClusterState`] and swap it in; readers hold an immutable snapshot.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr},
+    str::FromStr,
+};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use mesh_common::{
+    Cidr, InboundPolicy, Ip, OutboundPolicy, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS,
+};
+use serde::Serialize;
+
+/// Namespace label that enrolls a namespace (`enabled`); on a pod, `disabled` opts out.
+pub const MESH_LABEL: &str = "nodemesh.io/mesh";
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "nodemesh.io/exclude-outbound-ports";
+pub const EXCLUDE_OUTBOUND_CIDRS: &str = "nodemesh.io/exclude-outbound-cidrs";
+pub const EXCLUDE_INBOUND_PORTS: &str = "nodemesh.io/exclude-inbound-ports";
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct PodKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for PodKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A Kubernetes object the agent understands.
+#[derive(Debug, Clone)]
+pub enum KubeObject {
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClusterState {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<PodKey, Pod>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotEnrolled {
+    /// The namespace lacks `nodemesh.io/mesh=enabled`.
+    NamespaceNotEnrolled,
+    /// The pod's namespace is not known.
+    NamespaceUnknown,
+    /// The pod carries `nodemesh.io/mesh=disabled`.
+    PodOptedOut,
+    /// hostNetwork pods share the node's namespace and are never enrolled.
+    HostNetwork,
+    /// No IP assigned yet.
+    NoPodIp,
+    /// Succeeded or Failed.
+    Finished,
+    /// Has a deletion timestamp.
+    Terminating,
+}
+
+/// Everything the proxy needs to enroll one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodPlan {
+    pub key: PodKey,
+    pub uid: String,
+    pub ips: Vec<IpAddr>,
+    pub service_account: String,
+    pub outbound: OutboundPolicy,
+    pub inbound: InboundPolicy,
+    /// Annotation values that could not be used, for the log.
+    pub warnings: Vec<String>,
+}
+
+fn label<'a>(meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.labels.as_ref()?.get(key).map(String::as_str)
+}
+
+impl ClusterState {
+    pub fn from_objects(objects: impl IntoIterator<Item = KubeObject>) -> ClusterState {
+        let mut state = ClusterState::default();
+        for object in objects {
+            match object {
+                KubeObject::Namespace(ns) => {
+                    if let Some(name) = ns.metadata.name.clone() {
+                        state.namespaces.insert(name, *ns);
+                    }
+                }
+                KubeObject::Pod(pod) => {
+                    let (Some(name), namespace) =
+                        (pod.metadata.name.clone(), pod.metadata.namespace.clone())
+                    else {
+                        continue;
+                    };
+                    let namespace = namespace.unwrap_or_else(|| "default".into());
+                    state.pods.insert(PodKey { namespace, name }, *pod);
+                }
+            }
+        }
+        state
+    }
+
+    pub fn pods_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = (&'a PodKey, &'a Pod)> + 'a {
+        self.pods.iter().filter(move |(_, pod)| {
+            pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+        })
+    }
+
+    /// Whether a pod is enrolled, and if not, why.
+    pub fn enrollment(&self, key: &PodKey, pod: &Pod) -> Result<(), NotEnrolled> {
+        let Some(ns) = self.namespaces.get(&key.namespace) else {
+            return Err(NotEnrolled::NamespaceUnknown);
+        };
+        if label(&ns.metadata, MESH_LABEL) != Some("enabled") {
+            return Err(NotEnrolled::NamespaceNotEnrolled);
+        }
+        if label(&pod.metadata, MESH_LABEL) == Some("disabled") {
+            return Err(NotEnrolled::PodOptedOut);
+        }
+        if pod.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+            return Err(NotEnrolled::HostNetwork);
+        }
+        if pod.metadata.deletion_timestamp.is_some() {
+            return Err(NotEnrolled::Terminating);
+        }
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded") | Some("Failed")) {
+            return Err(NotEnrolled::Finished);
+        }
+        if pod_ips(pod).0.is_empty() {
+            return Err(NotEnrolled::NoPodIp);
+        }
+        Ok(())
+    }
+
+    /// Plans for every enrolled pod on `node`.
+    pub fn enrolled_on_node(&self, node: &str) -> Vec<PodPlan> {
+        self.pods_on_node(node)
+            .filter(|(key, pod)| self.enrollment(key, pod).is_ok())
+            .map(|(key, pod)| plan(key, pod))
+            .collect()
+    }
+
+    /// The pod that owns `ip`, if any.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&PodKey> {
+        let ip = canonical(ip);
+        self.pods
+            .iter()
+            .find(|(_, pod)| pod_ips(pod).0.contains(&ip))
+            .map(|(k, _)| k)
+    }
+}
+
+/// IPv4-mapped IPv6 becomes IPv4, so lookups compare like with like.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// The pod's IPs (status.podIPs, falling back to status.podIP) and unparsable values.
+fn pod_ips(pod: &Pod) -> (Vec<IpAddr>, Vec<String>) {
+    let Some(status) = pod.status.as_ref() else {
+        return (Vec::new(), Vec::new());
+    };
+    let mut texts: Vec<&str> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .collect();
+    if texts.is_empty() {
+        texts.extend(status.pod_ip.as_deref());
+    }
+    let mut ips = Vec::new();
+    let mut bad = Vec::new();
+    for t in texts {
+        match IpAddr::from_str(t) {
+            Ok(ip) if !ips.contains(&canonical(ip)) => ips.push(canonical(ip)),
+            Ok(_) => {}
+            Err(_) => bad.push(format!("status.podIPs has an invalid address `{t}`")),
+        }
+    }
+    (ips, bad)
+}
+
+pub fn ip_key(ip: IpAddr) -> Ip {
+    let v6: Ipv6Addr = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    Ip::from_bytes(v6.octets())
+}
+
+pub fn ip_from_key(ip: &Ip) -> IpAddr {
+    canonical(IpAddr::V6(Ipv6Addr::from(ip.to_bytes())))
+}
+
+fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
+fn parse_ports(text: &str, what: &str, warnings: &mut Vec<String>) -> [u16; MAX_EXCLUDED_PORTS] {
+    let mut ports = [0u16; MAX_EXCLUDED_PORTS];
+    let mut n = 0;
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item.parse::<u16>() {
+            Ok(p) if p != 0 && n < MAX_EXCLUDED_PORTS => {
+                ports[n] = p;
+                n += 1;
+            }
+            Ok(_) if n >= MAX_EXCLUDED_PORTS => {
+                warnings.push(format!("{what}: at most {MAX_EXCLUDED_PORTS} ports; `{item}` ignored"))
+            }
+            _ => warnings.push(format!("{what}: `{item}` is not a port (1-65535); ignored")),
+        }
+    }
+    ports
+}
+
+fn parse_cidr(item: &str) -> Option<Cidr> {
+    let (addr, len) = item.split_once('/')?;
+    let ip = IpAddr::from_str(addr).ok()?;
+    let len: u8 = len.parse().ok()?;
+    let prefix_len = match ip {
+        IpAddr::V4(_) if len <= 32 => 96 + len,
+        IpAddr::V6(_) if len <= 128 => len,
+        _ => return None,
+    };
+    Some(Cidr {
+        addr: ip_key(ip),
+        prefix_len,
+        in_use: 1,
+        _pad: [0; 2],
+    })
+}
+
+fn parse_cidrs(text: &str, warnings: &mut Vec<String>) -> [Cidr; MAX_EXCLUDED_CIDRS] {
+    let mut cidrs = [Cidr::default(); MAX_EXCLUDED_CIDRS];
+    let mut n = 0;
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match parse_cidr(item) {
+            Some(c) if n < MAX_EXCLUDED_CIDRS => {
+                cidrs[n] = c;
+                n += 1;
+            }
+            Some(_) => warnings.push(format!(
+                "{EXCLUDE_OUTBOUND_CIDRS}: at most {MAX_EXCLUDED_CIDRS} CIDRs; `{item}` ignored"
+            )),
+            None => warnings.push(format!(
+                "{EXCLUDE_OUTBOUND_CIDRS}: `{item}` is not a CIDR like 10.0.0.0/8; ignored"
+            )),
+        }
+    }
+    cidrs
+}
+
+pub fn plan(key: &PodKey, pod: &Pod) -> PodPlan {
+    let (ips, mut warnings) = pod_ips(pod);
+    let outbound = OutboundPolicy {
+        excluded_ports: annotation(pod, EXCLUDE_OUTBOUND_PORTS)
+            .map(|t| parse_ports(t, EXCLUDE_OUTBOUND_PORTS, &mut warnings))
+            .unwrap_or_default(),
+        excluded_cidrs: annotation(pod, EXCLUDE_OUTBOUND_CIDRS)
+            .map(|t| parse_cidrs(t, &mut warnings))
+            .unwrap_or_default(),
+    };
+    let inbound = InboundPolicy {
+        excluded_ports: annotation(pod, EXCLUDE_INBOUND_PORTS)
+            .map(|t| parse_ports(t, EXCLUDE_INBOUND_PORTS, &mut warnings))
+            .unwrap_or_default(),
+    };
+    PodPlan {
+        key: key.clone(),
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        ips,
+        service_account: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into()),
+        outbound,
+        inbound,
+        warnings,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files_source::parse_manifest;
+
+    fn state(yaml: &str) -> ClusterState {
+        ClusterState::from_objects(parse_manifest(yaml).expect("valid yaml"))
+    }
+
+    const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: apps, labels: {nodemesh.io/mesh: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: apps
+  uid: uid-web
+  annotations:
+    nodemesh.io/exclude-outbound-ports: "5432, 6379, nope"
+    nodemesh.io/exclude-outbound-cidrs: "10.96.0.0/12,fd00::/8,bad/99"
+    nodemesh.io/exclude-inbound-ports: "9090"
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: c, image: x}]}
+status: {podIP: 10.1.0.2, podIPs: [{ip: 10.1.0.2}, {ip: "fd00:1::2"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: batch, namespace: apps, labels: {nodemesh.io/mesh: disabled}}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.1.0.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: host, namespace: apps}
+spec: {nodeName: node-a, hostNetwork: true, containers: [{name: c, image: x}]}
+status: {podIP: 192.168.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, namespace: plain}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.1.0.4}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: remote, namespace: apps}
+spec: {nodeName: node-b, containers: [{name: c, image: x}]}
+status: {podIP: 10.2.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: apps}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+"#;
+
+    fn reason(s: &ClusterState, name: &str) -> Result<(), NotEnrolled> {
+        let key = PodKey {
+            namespace: s.pods.keys().find(|k| k.name == name).unwrap().namespace.clone(),
+            name: name.into(),
+        };
+        s.enrollment(&key, &s.pods[&key])
+    }
+
+    #[test]
+    fn enrollment_follows_labels_and_pod_kind() {
+        let s = state(BASE);
+        assert_eq!(reason(&s, "web"), Ok(()));
+        assert_eq!(reason(&s, "batch"), Err(NotEnrolled::PodOptedOut));
+        assert_eq!(reason(&s, "host"), Err(NotEnrolled::HostNetwork));
+        assert_eq!(reason(&s, "other"), Err(NotEnrolled::NamespaceNotEnrolled));
+        assert_eq!(reason(&s, "pending"), Err(NotEnrolled::NoPodIp));
+        let plans = s.enrolled_on_node("node-a");
+        assert_eq!(plans.len(), 1);
+        assert_eq!(plans[0].key.name, "web");
+        assert!(s.enrolled_on_node("node-c").is_empty());
+        assert_eq!(s.enrolled_on_node("node-b")[0].key.name, "remote");
+    }
+
+    #[test]
+    fn plan_reads_ips_and_exclusions_and_reports_bad_values() {
+        let s = state(BASE);
+        let p = &s.enrolled_on_node("node-a")[0];
+        assert_eq!(p.uid, "uid-web");
+        assert_eq!(p.service_account, "web");
+        assert_eq!(p.ips, vec!["10.1.0.2".parse::<IpAddr>().unwrap(), "fd00:1::2".parse().unwrap()]);
+        assert_eq!(&p.outbound.excluded_ports[..3], &[5432, 6379, 0]);
+        let svc = ip_key("10.100.1.1".parse().unwrap());
+        assert!(p.outbound.excludes(&svc, 80));
+        assert!(!p.outbound.excludes(&ip_key("10.200.0.1".parse().unwrap()), 80));
+        assert!(p.outbound.excludes(&ip_key("fd12::1".parse().unwrap()), 80));
+        assert!(p.inbound.excludes(9090));
+        assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
+        assert!(p.warnings.iter().any(|w| w.contains("`nope`")));
+        assert!(p.warnings.iter().any(|w| w.contains("`bad/99`")));
+    }
+
+    #[test]
+    fn ip_keys_round_trip_and_v4_mapped_is_canonical() {
+        for text in ["10.1.2.3", "fd00::5"] {
+            let ip: IpAddr = text.parse().unwrap();
+            assert_eq!(ip_from_key(&ip_key(ip)), ip);
+        }
+        let mapped: IpAddr = "::ffff:10.1.0.2".parse().unwrap();
+        assert_eq!(canonical(mapped), "10.1.0.2".parse::<IpAddr>().unwrap());
+        let s = state(BASE);
+        assert_eq!(s.pod_by_ip(mapped).map(|k| k.name.as_str()), Some("web"));
+        assert_eq!(s.pod_by_ip("fd00:1::2".parse().unwrap()).map(|k| k.name.as_str()), Some("web"));
+    }
+}

@@ -1,0 +1,374 @@
+//! Keeps the enrolled pods of this node in step with the cluster state: for each one,
+//! listeners inside its namespace, an sk_lookup link, and its eBPF map entries; for a
+//! pod that leaves (or whose namespace vanishes), all of that removed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use mesh_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use serde::Serialize;
+use thiserror::Error;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tracing::{info, warn};
+
+use crate::{
+    connections::ConnectionTable,
+    dataplane::{Dataplane, DataplaneError, SkLookupLink},
+    forward::PodContext,
+    inbound, locator::NetnsLocator,
+    metrics::Metrics,
+    netns::{Netns, NetnsError, NetnsId},
+    outbound,
+    sockets::PodSockets,
+    state::{ip_key, ClusterState, PodKey, PodPlan},
+};
+
+#[derive(Debug, Error)]
+pub enum EnrollError {
+    #[error("{0}")]
+    Locate(String),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+}
+
+impl EnrollError {
+    fn reason(&self) -> &'static str {
+        match self {
+            EnrollError::Locate(_) | EnrollError::Netns(_) => "netns_unavailable",
+            EnrollError::Io { .. } => "listener_failed",
+            EnrollError::Dataplane(_) => "dataplane_failed",
+        }
+    }
+}
+
+/// Settings every pod's listeners share.
+pub struct ProxySettings {
+    pub node: String,
+    pub socket_mark: u32,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+struct RunningPod {
+    plan: PodPlan,
+    netns_path: PathBuf,
+    netns_id: NetnsId,
+    cookie: u64,
+    listeners: Vec<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+    _sk_lookup: SkLookupLink,
+}
+
+impl Drop for RunningPod {
+    fn drop(&mut self) {
+        // Closes the listeners; connections already accepted run on in their own tasks.
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// One pod of this node as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadStatus {
+    #[serde(flatten)]
+    pub pod: PodKey,
+    pub uid: String,
+    pub ips: Vec<IpAddr>,
+    pub service_account: String,
+    pub enrolled: bool,
+    /// Why the pod is not enrolled (a rule, or the last enrollment error).
+    pub reason: Option<String>,
+    pub netns: Option<String>,
+    pub netns_cookie: Option<u64>,
+    pub listeners: Vec<SocketAddr>,
+}
+
+pub struct Workloads {
+    settings: ProxySettings,
+    home: Arc<Netns>,
+    dataplane: Arc<Dataplane>,
+    locator: Box<dyn NetnsLocator>,
+    connections: Arc<ConnectionTable>,
+    metrics: Arc<Metrics>,
+    state: watch::Receiver<Arc<ClusterState>>,
+    running: BTreeMap<PodKey, RunningPod>,
+    failures: BTreeMap<PodKey, String>,
+}
+
+impl Workloads {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: ProxySettings,
+        home: Arc<Netns>,
+        dataplane: Arc<Dataplane>,
+        locator: Box<dyn NetnsLocator>,
+        connections: Arc<ConnectionTable>,
+        metrics: Arc<Metrics>,
+        state: watch::Receiver<Arc<ClusterState>>,
+    ) -> Workloads {
+        Workloads {
+            settings,
+            home,
+            dataplane,
+            locator,
+            connections,
+            metrics,
+            state,
+            running: BTreeMap::new(),
+            failures: BTreeMap::new(),
+        }
+    }
+
+    /// Enrolls new pods, removes departed or changed ones, and retries failed ones.
+    pub fn reconcile(&mut self, state: &ClusterState) {
+        let desired: BTreeMap<PodKey, PodPlan> = state
+            .enrolled_on_node(&self.settings.node)
+            .into_iter()
+            .map(|p| (p.key.clone(), p))
+            .collect();
+        let leaving: Vec<PodKey> = self
+            .running
+            .iter()
+            .filter(|(k, r)| desired.get(*k) != Some(&r.plan))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in leaving {
+            self.remove(&key, "no longer enrolled on this node");
+        }
+        self.failures.retain(|k, _| desired.contains_key(k));
+        for (key, plan) in desired {
+            if self.running.contains_key(&key) {
+                continue;
+            }
+            for w in &plan.warnings {
+                warn!(pod = %key, warning = %w, "pod annotation ignored");
+            }
+            match self.enroll(plan) {
+                Ok(running) => {
+                    info!(
+                        pod = %key,
+                        netns = %running.netns_path.display(),
+                        netns_cookie = running.cookie,
+                        "pod enrolled"
+                    );
+                    self.failures.remove(&key);
+                    self.running.insert(key, running);
+                }
+                Err(e) => {
+                    // Reported once per distinct error; retried on every reconcile.
+                    let text = e.to_string();
+                    if self.failures.get(&key) != Some(&text) {
+                        self.metrics.enroll_failures.with_label_values(&[e.reason()]).inc();
+                        warn!(pod = %key, error = %text, "cannot enroll pod; will retry");
+                    }
+                    self.failures.insert(key, text);
+                }
+            }
+        }
+        self.prune_maps();
+    }
+
+    /// Drops pods whose network namespace is gone (or was replaced by a new one).
+    pub fn check_netns(&mut self) {
+        let vanished: Vec<(PodKey, String)> = self
+            .running
+            .iter()
+            .filter_map(|(key, r)| match Netns::open(&r.netns_path) {
+                Ok(ns) if ns.id() == r.netns_id => None,
+                Ok(ns) => Some((key.clone(), format!("namespace replaced ({} -> {})", r.netns_id, ns.id()))),
+                Err(e) => Some((key.clone(), e.to_string())),
+            })
+            .collect();
+        for (key, why) in vanished {
+            self.metrics.netns_vanished.inc();
+            warn!(pod = %key, reason = %why, "pod network namespace vanished; removing its listeners and map entries");
+            self.remove(&key, "network namespace vanished");
+            self.failures.insert(key, format!("network namespace vanished: {why}"));
+        }
+    }
+
+    fn remove(&mut self, key: &PodKey, why: &str) {
+        let Some(pod) = self.running.remove(key) else {
+            return;
+        };
+        // Stop redirecting first, so no new connection is sent to a closing listener.
+        if let Err(e) = self.dataplane.unenroll(pod.cookie) {
+            warn!(pod = %key, error = %e, "cannot remove enrollment entry");
+        }
+        for ip in &pod.plan.ips {
+            if let Err(e) = self.dataplane.release_inbound(ip_key(*ip)) {
+                warn!(pod = %key, error = %e, "cannot remove inbound entry");
+            }
+        }
+        info!(pod = %key, reason = why, "pod removed from the mesh");
+    }
+
+    /// Removes map entries no running pod owns: leftovers of a previous agent run, or
+    /// of a removal that failed half-way.
+    fn prune_maps(&self) {
+        let cookies: BTreeSet<u64> = self.running.values().map(|r| r.cookie).collect();
+        for cookie in self.dataplane.enrolled_cookies() {
+            if !cookies.contains(&cookie) {
+                info!(netns_cookie = cookie, "removing stale enrollment entry");
+                if let Err(e) = self.dataplane.unenroll(cookie) {
+                    warn!(netns_cookie = cookie, error = %e, "cannot remove stale enrollment entry");
+                }
+            }
+        }
+        let ips: BTreeSet<_> = self
+            .running
+            .values()
+            .flat_map(|r| r.plan.ips.iter().map(|ip| ip_key(*ip)))
+            .map(|k| k.to_bytes())
+            .collect();
+        for ip in self.dataplane.inbound_pod_ips() {
+            if !ips.contains(&ip.to_bytes()) {
+                if let Err(e) = self.dataplane.release_inbound(ip) {
+                    warn!(error = %e, "cannot remove stale inbound entry");
+                }
+            }
+        }
+    }
+
+    fn enroll(&self, plan: PodPlan) -> Result<RunningPod, EnrollError> {
+        let netns_path = self.locator.locate(&plan).map_err(EnrollError::Locate)?;
+        let netns = Arc::new(Netns::open(&netns_path)?);
+        let sockets = PodSockets::new(netns.clone(), self.home.clone(), self.settings.socket_mark);
+        let cookie = sockets.netns_cookie().map_err(|source| EnrollError::Io {
+            what: "reading the namespace cookie".into(),
+            source,
+        })?;
+        let has_v6 = plan.ips.iter().any(IpAddr::is_ipv6);
+        let listen = |ip: IpAddr, port: u16| -> Result<Option<TcpListener>, EnrollError> {
+            let addr = SocketAddr::new(ip, port);
+            match sockets.listen(addr) {
+                Ok(l) => Ok(Some(l)),
+                // A pod without IPv6 may have it disabled entirely; that is fine.
+                Err(_) if ip.is_ipv6() && !has_v6 => Ok(None),
+                Err(source) => Err(EnrollError::Io {
+                    what: format!("listening on {addr} in the pod"),
+                    source,
+                }),
+            }
+        };
+        let any4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let any6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+        let outbound = [
+            listen(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT)?,
+            listen(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT)?,
+        ];
+        let inbound4 = listen(any4, INBOUND_PLAINTEXT_PORT)?;
+        let inbound6 = listen(any6, INBOUND_PLAINTEXT_PORT)?;
+        let hbone = [listen(any4, HBONE_PORT)?, listen(any6, HBONE_PORT)?];
+
+        let sk_lookup = self
+            .dataplane
+            .attach_sk_lookup(&netns, &plan.key.to_string())?;
+        let capture = || -> Result<(), DataplaneError> {
+            for ip in &plan.ips {
+                let listener = if ip.is_ipv4() { &inbound4 } else { &inbound6 };
+                if let Some(l) = listener {
+                    self.dataplane.capture_inbound(ip_key(*ip), &plan.inbound, l)?;
+                }
+            }
+            // Last: outbound redirection starts only once everything is listening.
+            self.dataplane.enroll(cookie, &plan.outbound)
+        };
+        if let Err(e) = capture() {
+            for ip in &plan.ips {
+                let _ = self.dataplane.release_inbound(ip_key(*ip));
+            }
+            return Err(e.into());
+        }
+
+        let ctx = Arc::new(PodContext {
+            pod: plan.key.clone(),
+            netns_cookie: cookie,
+            sockets,
+            dataplane: self.dataplane.clone(),
+            connections: self.connections.clone(),
+            metrics: self.metrics.clone(),
+            state: self.state.clone(),
+            connect_timeout: self.settings.connect_timeout,
+            idle_timeout: self.settings.idle_timeout,
+        });
+        let mut listeners = Vec::new();
+        let mut tasks = Vec::new();
+        let mut note = |l: &TcpListener| {
+            if let Ok(a) = l.local_addr() {
+                listeners.push(a);
+            }
+        };
+        for l in outbound.into_iter().flatten() {
+            note(&l);
+            tasks.push(tokio::spawn(outbound::serve(l, ctx.clone())));
+        }
+        for l in [inbound4, inbound6].into_iter().flatten() {
+            note(&l);
+            tasks.push(tokio::spawn(inbound::serve(l, ctx.clone())));
+        }
+        for l in hbone.into_iter().flatten() {
+            note(&l);
+            tasks.push(tokio::spawn(inbound::serve_hbone_placeholder(l, ctx.clone())));
+        }
+        Ok(RunningPod {
+            netns_id: netns.id(),
+            netns_path,
+            cookie,
+            listeners,
+            tasks,
+            plan,
+            _sk_lookup: sk_lookup,
+        })
+    }
+
+    /// Every pod scheduled on this node, enrolled or not (and why not).
+    pub fn status(&self, state: &ClusterState) -> Vec<WorkloadStatus> {
+        state
+            .pods_on_node(&self.settings.node)
+            .map(|(key, pod)| {
+                let plan = crate::state::plan(key, pod);
+                let running = self.running.get(key);
+                let reason = match (running, state.enrollment(key, pod)) {
+                    (Some(_), _) => None,
+                    (None, Err(rule)) => Some(
+                        serde_json::to_value(rule)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default(),
+                    ),
+                    (None, Ok(())) => Some(
+                        self.failures
+                            .get(key)
+                            .cloned()
+                            .unwrap_or_else(|| "pending".into()),
+                    ),
+                };
+                WorkloadStatus {
+                    pod: key.clone(),
+                    uid: plan.uid,
+                    ips: plan.ips,
+                    service_account: plan.service_account,
+                    enrolled: running.is_some(),
+                    reason,
+                    netns: running.map(|r| r.netns_path.display().to_string()),
+                    netns_cookie: running.map(|r| r.cookie),
+                    listeners: running.map(|r| r.listeners.clone()).unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+}
