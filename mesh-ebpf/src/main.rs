@@ -13,6 +13,8 @@
 #![no_std]
 #![no_main]
 
+use core::ptr::read_volatile;
+
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{
@@ -57,6 +59,20 @@ static NM_INBOUND_PODS: HashMap<Ip, InboundPolicy> = HashMap::pinned(16384, 0);
 /// the sockets belong to the running agent and vanish with it.
 #[map(name = "NM_INBOUND_LISTENERS")]
 static mut NM_INBOUND_LISTENERS: SockHash<Ip> = SockHash::with_max_entries(16384, 0);
+
+/// Reads an IPv6 context field one 32-bit word at a time, as the verifier requires.
+///
+/// # Safety
+/// `field` must point into a valid program context.
+#[inline(always)]
+unsafe fn read_ip6(field: &[u32; 4]) -> [u32; 4] {
+    [
+        read_volatile(&field[0]),
+        read_volatile(&field[1]),
+        read_volatile(&field[2]),
+        read_volatile(&field[3]),
+    ]
+}
 
 #[inline(always)]
 fn node_config() -> Option<&'static NodeConfig> {
@@ -132,12 +148,7 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: valid context; user_ip6 words/user_port are in network order.
     let (words, port) = unsafe {
         (
-            [
-                (*sa).user_ip6[0],
-                (*sa).user_ip6[1],
-                (*sa).user_ip6[2],
-                (*sa).user_ip6[3],
-            ],
+            read_ip6(&(*sa).user_ip6),
             u16::from_be((*sa).user_port as u16),
         )
     };
@@ -172,10 +183,21 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     let Some(orig) = (unsafe { NM_PENDING_DST.get(&cookie) }).copied() else {
         return 0;
     };
-    let addr = if ctx.family() == AF_INET as u32 {
-        Ip::from_v4_be(ctx.local_ip4())
+    let ops = ctx.ops;
+    // Both families are read unconditionally: a load whose context offset depends on a
+    // branch is rejected by the verifier ("dereference of modified ctx ptr").
+    // SAFETY: valid context; volatile keeps each load at its own constant offset.
+    let (family, ip4, ip6) = unsafe {
+        (
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).local_ip4),
+            read_ip6(&(*ops).local_ip6),
+        )
+    };
+    let addr = if family == AF_INET as u32 {
+        Ip::from_v4_be(ip4)
     } else {
-        Ip::from_v6_words(ctx.local_ip6())
+        Ip::from_v6_words(ip6)
     };
     let key = ConnKey {
         // SAFETY: plain helper call.
@@ -209,26 +231,19 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     {
         return SK_PASS;
     }
-    // SAFETY: as above; the ip6 fields are read word by word.
-    let (local, remote) = unsafe {
-        if family == AF_INET as u32 {
-            (Ip::from_v4_be((*l).local_ip4), Ip::from_v4_be((*l).remote_ip4))
-        } else {
-            (
-                Ip::from_v6_words([
-                    (*l).local_ip6[0],
-                    (*l).local_ip6[1],
-                    (*l).local_ip6[2],
-                    (*l).local_ip6[3],
-                ]),
-                Ip::from_v6_words([
-                    (*l).remote_ip6[0],
-                    (*l).remote_ip6[1],
-                    (*l).remote_ip6[2],
-                    (*l).remote_ip6[3],
-                ]),
-            )
-        }
+    // SAFETY: as above; both families are read unconditionally (see mesh_sockops).
+    let (local4, remote4, local6, remote6) = unsafe {
+        (
+            read_volatile(&(*l).local_ip4),
+            read_volatile(&(*l).remote_ip4),
+            read_ip6(&(*l).local_ip6),
+            read_ip6(&(*l).remote_ip6),
+        )
+    };
+    let (local, remote) = if family == AF_INET as u32 {
+        (Ip::from_v4_be(local4), Ip::from_v4_be(remote4))
+    } else {
+        (Ip::from_v6_words(local6), Ip::from_v6_words(remote6))
     };
     // Traffic from inside the pod (the agent's own connections to the app included,
     // which come from the pod's address) and from the node (kubelet probes) is left

@@ -1,1 +1,173 @@
-fn main(){}
+//! `cargo xtask build|test|demo|bench`: one place that knows how Nodemesh is built.
+//!
+//! Everything uses the release profile and the workspace target dir, so the test,
+//! demo and bench steps reuse one build.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+const BPF_LINKER_VERSION: &str = "0.10.0";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF object and every binary (release).
+    Build,
+    /// Build, then run every test: unit tests and the eBPF end-to-end tests (root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run the demo on the embedded simulated cluster (root).
+    Demo,
+    /// Build, then run the benchmarks on the simulated cluster (root).
+    Bench,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output_ok(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Installs what the eBPF build needs and is missing, saying so.
+fn ensure_toolchain() -> Result<()> {
+    let toolchains = output_ok(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed to build the eBPF programs")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        eprintln!("xtask: installing the nightly toolchain (eBPF programs need build-std)");
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let components = output_ok(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: adding rust-src to nightly (needed for -Z build-std=core)");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let linker = output_ok(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (matches nightly's LLVM; takes about a minute)");
+        run(Command::new("cargo").args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    let root = workspace_root();
+    ensure_toolchain()?;
+    eprintln!("xtask: building the eBPF programs");
+    run(Command::new("cargo")
+        .current_dir(root.join("mesh-ebpf"))
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+        ])
+        .arg(root.join("target/ebpf")))?;
+    let object = root.join("target/ebpf/bpfel-unknown-none/release/mesh-ebpf");
+    let release = root.join("target/release");
+    std::fs::create_dir_all(&release)?;
+    std::fs::copy(&object, release.join("mesh-ebpf.o"))
+        .with_context(|| format!("copying {}", object.display()))?;
+    eprintln!("xtask: building the agent, meshctl and the test tools");
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["build", "--release", "--workspace", "--bins"]))
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("{what} needs root (eBPF, network namespaces, cgroups): run it with sudo");
+    }
+    Ok(())
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn sim(args: &[&str]) -> Result<()> {
+    run(Command::new(workspace_root().join("target/release/mesh-sim")).args(args))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    require_root("cargo xtask test")?;
+    build()?;
+    eprintln!("xtask: running all tests (unit and eBPF end-to-end)");
+    let result = run(Command::new("cargo")
+        .current_dir(workspace_root())
+        .args(["test", "--release", "--workspace", "--"])
+        .args(extra));
+    // Whatever happened, leave no simulated cluster behind.
+    let swept = sim(&["sweep"]);
+    result.and(swept)
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Task::Build => build(),
+        Task::Test { args } => test(&args),
+        Task::Demo => require_root("cargo xtask demo")
+            .and_then(|_| build())
+            .and_then(|_| sim(&["demo"])),
+        Task::Bench => require_root("cargo xtask bench")
+            .and_then(|_| build())
+            .and_then(|_| sim(&["bench"])),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

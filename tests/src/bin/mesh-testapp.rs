@@ -1,0 +1,213 @@
+//! `mesh-testapp`: the real client and server programs the simulated cluster runs
+//! inside pods. `serve` echoes; `transfer` sends random bytes and checks every byte
+//! of the echo; `churn` opens many short connections.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use mesh_tests::report::{ChurnReport, TransferReport};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Echo server; prints `ready` once every address is bound.
+    Serve {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+    },
+    /// Send N pseudo-random bytes, half-close, and verify the echo.
+    Transfer {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// Open N short connections one after another (8 bytes each way).
+    Churn {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        count: u64,
+    },
+}
+
+fn echo(mut stream: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                let _ = stream.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+fn serve(addrs: Vec<SocketAddr>) -> ! {
+    let mut listeners = Vec::new();
+    for addr in addrs {
+        let l = TcpListener::bind(addr).unwrap_or_else(|e| {
+            eprintln!("mesh-testapp: cannot listen on {addr}: {e}");
+            std::process::exit(2)
+        });
+        listeners.push(l);
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut handles = Vec::new();
+    for l in listeners {
+        handles.push(thread::spawn(move || {
+            for stream in l.incoming().flatten() {
+                thread::spawn(move || echo(stream));
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    std::process::exit(0)
+}
+
+/// xorshift64*: deterministic per seed, good enough to catch reordering or corruption.
+fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect()
+}
+
+fn transfer(addr: SocketAddr, bytes: u64, timeout: Duration) -> TransferReport {
+    let started = Instant::now();
+    let mut report = TransferReport {
+        ok: false,
+        sent: 0,
+        received: 0,
+        local: None,
+        peer: None,
+        elapsed_us: 0,
+        error: None,
+    };
+    let stream = match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            report.error = Some(format!("connect: {e}"));
+            return report;
+        }
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    report.local = stream.local_addr().ok().map(|a| a.to_string());
+    report.peer = stream.peer_addr().ok().map(|a| a.to_string());
+    let seed = started.elapsed().as_nanos() as u64 ^ 0x9E37_79B9_7F4A_7C15;
+    let data = payload(bytes as usize, seed);
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            report.error = Some(format!("clone: {e}"));
+            return report;
+        }
+    };
+    let to_send = data.clone();
+    let sender = thread::spawn(move || -> std::io::Result<u64> {
+        writer.write_all(&to_send)?;
+        writer.shutdown(Shutdown::Write)?;
+        Ok(to_send.len() as u64)
+    });
+    let mut received = Vec::with_capacity(data.len());
+    let mut reader = stream;
+    let read_result = reader.read_to_end(&mut received);
+    match sender.join() {
+        Ok(Ok(n)) => report.sent = n,
+        Ok(Err(e)) => report.error = Some(format!("send: {e}")),
+        Err(_) => report.error = Some("sender panicked".into()),
+    }
+    if let Err(e) = read_result {
+        report.error.get_or_insert(format!("receive: {e}"));
+    }
+    report.received = received.len() as u64;
+    report.ok = report.error.is_none() && received == data;
+    if report.error.is_none() && !report.ok {
+        let first_diff = received.iter().zip(&data).position(|(a, b)| a != b);
+        report.error = Some(format!(
+            "echo differs: {} of {} bytes back, first difference at {first_diff:?}",
+            received.len(),
+            data.len()
+        ));
+    }
+    report.elapsed_us = started.elapsed().as_micros() as u64;
+    report
+}
+
+fn churn(addr: SocketAddr, count: u64) -> ChurnReport {
+    let started = Instant::now();
+    let mut report = ChurnReport {
+        succeeded: 0,
+        failed: 0,
+        first_error: None,
+        elapsed_ms: 0,
+    };
+    let once = || -> std::io::Result<()> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"nodemesh")?;
+        let mut back = [0u8; 8];
+        s.read_exact(&mut back)?;
+        if &back != b"nodemesh" {
+            return Err(std::io::Error::other("echo differs"));
+        }
+        Ok(())
+    };
+    for _ in 0..count {
+        match once() {
+            Ok(()) => report.succeeded += 1,
+            Err(e) => {
+                report.failed += 1;
+                report.first_error.get_or_insert(e.to_string());
+            }
+        }
+    }
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    report
+}
+
+fn main() {
+    match Cli::parse().command {
+        Cmd::Serve { listen } => serve(listen),
+        Cmd::Transfer {
+            connect,
+            bytes,
+            timeout_ms,
+        } => {
+            let r = transfer(connect, bytes, Duration::from_millis(timeout_ms));
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            std::process::exit(if r.ok { 0 } else { 1 });
+        }
+        Cmd::Churn { connect, count } => {
+            let r = churn(connect, count);
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            std::process::exit(if r.failed == 0 { 0 } else { 1 });
+        }
+    }
+}
