@@ -18,8 +18,7 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-        bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
     macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, SockHash},
@@ -27,8 +26,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use mesh_common::{
-    ConnKey, InboundPolicy, Ip, NodeConfig, OrigDst, OutboundPolicy, AF_INET, AF_INET6,
-    HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT,
+    ConnKey, InboundPolicy, Ip, NodeConfig, OrigDst, OutboundPolicy, AF_INET, AF_INET6, HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -100,7 +99,12 @@ fn should_redirect(ctx: &SockAddrContext, dst: &Ip, port: u16) -> bool {
         }
     }
     // SAFETY: plain helper calls.
-    let (cgroup, netns) = unsafe { (bpf_get_current_cgroup_id(), bpf_get_netns_cookie(ctx.as_ptr())) };
+    let (cgroup, netns) = unsafe {
+        (
+            bpf_get_current_cgroup_id(),
+            bpf_get_netns_cookie(ctx.as_ptr()),
+        )
+    };
     if config.agent_cgroup_id != 0 && cgroup == config.agent_cgroup_id {
         return false;
     }
@@ -111,7 +115,11 @@ fn should_redirect(ctx: &SockAddrContext, dst: &Ip, port: u16) -> bool {
     if policy.excludes(dst, port) {
         return false;
     }
-    let family = if dst.is_v4_mapped() { AF_INET } else { AF_INET6 };
+    let family = if dst.is_v4_mapped() {
+        AF_INET
+    } else {
+        AF_INET6
+    };
     let orig = OrigDst {
         addr: *dst,
         port,

@@ -11,7 +11,9 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode};
+use hyper::{
+    body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
+};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::json;
@@ -32,7 +34,10 @@ pub struct LogLevel {
 }
 
 impl LogLevel {
-    pub fn new(initial: &str, apply: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static) -> LogLevel {
+    pub fn new(
+        initial: &str,
+        apply: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static,
+    ) -> LogLevel {
         LogLevel {
             current: Mutex::new(initial.to_string()),
             apply: Box::new(apply),
@@ -75,7 +80,10 @@ fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Ht
 fn json_response(value: &impl Serialize) -> HttpResponse {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => respond(StatusCode::OK, "application/json", body),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot encode: {e}")),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot encode: {e}"),
+        ),
     }
 }
 
@@ -102,7 +110,12 @@ const ENDPOINTS: [&str; 7] = [
     "/stats/prometheus",
 ];
 
-pub fn admin_route(state: &AdminState, method: &Method, path: &str, query: Option<&str>) -> HttpResponse {
+pub fn admin_route(
+    state: &AdminState,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+) -> HttpResponse {
     match (method, path) {
         (&Method::GET, "/") => json_response(&json!({ "endpoints": ENDPOINTS })),
         (&Method::GET, "/workloads") => json_response(&**state.workloads.borrow()),
@@ -122,13 +135,22 @@ pub fn admin_route(state: &AdminState, method: &Method, path: &str, query: Optio
         (&Method::POST, "/logging") => match query_param(query, "level") {
             Some(level) => match state.log_level.set(level) {
                 Ok(()) => json_response(&json!({ "level": level })),
-                Err(e) => error(StatusCode::BAD_REQUEST, &format!("invalid level `{level}`: {e}")),
+                Err(e) => error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("invalid level `{level}`: {e}"),
+                ),
             },
-            None => error(StatusCode::BAD_REQUEST, "pass the new filter as ?level=debug"),
+            None => error(
+                StatusCode::BAD_REQUEST,
+                "pass the new filter as ?level=debug",
+            ),
         },
         (&Method::GET, "/healthz/ready") => readiness(&state.ready),
         (&Method::GET, "/stats/prometheus") => metrics_response(&state.metrics),
-        _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint; try one of {ENDPOINTS:?}")),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            &format!("no such endpoint; try one of {ENDPOINTS:?}"),
+        ),
     }
 }
 
@@ -136,12 +158,20 @@ pub fn readiness(ready: &AtomicBool) -> HttpResponse {
     if ready.load(Ordering::Relaxed) {
         respond(StatusCode::OK, "text/plain", "ready\n")
     } else {
-        respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: eBPF or first reconcile pending\n")
+        respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: eBPF or first reconcile pending\n",
+        )
     }
 }
 
 pub fn metrics_response(metrics: &Metrics) -> HttpResponse {
-    respond(StatusCode::OK, "text/plain; version=0.0.4", metrics.encode())
+    respond(
+        StatusCode::OK,
+        "text/plain; version=0.0.4",
+        metrics.encode(),
+    )
 }
 
 /// Serves HTTP/1.1 on `listener`, answering every request with `route`.

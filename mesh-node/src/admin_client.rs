@@ -14,7 +14,11 @@ pub enum AdminClientError {
     #[error("cannot reach the mesh-node admin API at {addr}: {reason}; is mesh-node running on this node, and is --admin-addr right?")]
     Unreachable { addr: SocketAddr, reason: String },
     #[error("the admin API at {addr} answered {status}: {body}")]
-    Status { addr: SocketAddr, status: u16, body: String },
+    Status {
+        addr: SocketAddr,
+        status: u16,
+        body: String,
+    },
 }
 
 pub async fn request(
@@ -25,7 +29,9 @@ pub async fn request(
 ) -> Result<String, AdminClientError> {
     let unreachable = |reason: String| AdminClientError::Unreachable { addr, reason };
     let exchange = async {
-        let stream = TcpStream::connect(addr).await.map_err(|e| unreachable(e.to_string()))?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
@@ -36,7 +42,10 @@ pub async fn request(
             .header(hyper::header::HOST, addr.to_string())
             .body(Empty::<Bytes>::new())
             .map_err(|e| unreachable(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(|e| unreachable(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let status = resp.status().as_u16();
         let body = resp
             .into_body()

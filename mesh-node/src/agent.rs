@@ -108,8 +108,10 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
     let admin_listener = bind("admin API", config.admin_addr).await?;
     let metrics_listener = bind("metrics", config.metrics_addr).await?;
     let ready_listener = bind("readiness probe", config.readiness_addr).await?;
-    let mut terminate = tokio::signal::unix::signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
-    let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    let mut terminate =
+        tokio::signal::unix::signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut interrupt =
+        tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
 
     let metrics = Arc::new(Metrics::new());
     let connections = ConnectionTable::new(metrics.clone());
@@ -136,9 +138,13 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         admin::admin_route(&admin_state, m, p, q)
     }));
     let m = metrics.clone();
-    tokio::spawn(admin::serve(metrics_listener, move |_, _, _| admin::metrics_response(&m)));
+    tokio::spawn(admin::serve(metrics_listener, move |_, _, _| {
+        admin::metrics_response(&m)
+    }));
     let r = ready.clone();
-    tokio::spawn(admin::serve(ready_listener, move |_, _, _| admin::readiness(&r)));
+    tokio::spawn(admin::serve(ready_listener, move |_, _, _| {
+        admin::readiness(&r)
+    }));
 
     let mut workloads = Workloads::new(
         ProxySettings {

@@ -103,7 +103,10 @@ pub fn ensure_on_bpffs(dir: &Path) -> Result<(), MountError> {
         .filter(|m| m.fs_type == "bpf")
         .map(|m| m.mount_point)
         .collect();
-    if bpf_mounts.iter().any(|m| dir.starts_with(m) && dir != Path::new("/")) {
+    if bpf_mounts
+        .iter()
+        .any(|m| dir.starts_with(m) && dir != Path::new("/"))
+    {
         Ok(())
     } else {
         Err(MountError::NotBpffs {

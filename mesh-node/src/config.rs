@@ -96,7 +96,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        other => Err(format!("unknown unit `{other}` in `{text}`: use ms, s, m or h")),
+        other => Err(format!(
+            "unknown unit `{other}` in `{text}`: use ms, s, m or h"
+        )),
     }
 }
 

@@ -95,7 +95,14 @@ impl ConnectionInfo {
             Direction::Outbound => (me, peer),
             Direction::Inbound => (peer, me),
         };
-        [self.direction.reporter(), src.0, src.1, dst.0, dst.1, "none"]
+        [
+            self.direction.reporter(),
+            src.0,
+            src.1,
+            dst.0,
+            dst.1,
+            "none",
+        ]
     }
 }
 
@@ -112,7 +119,10 @@ impl ConnectionTable {
     /// Registers a connection; finish it with [`OpenConnection::close`].
     pub fn open(self: &Arc<Self>, info: ConnectionInfo) -> OpenConnection {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.metrics.tcp_opened.with_label_values(&info.labels()).inc();
+        self.metrics
+            .tcp_opened
+            .with_label_values(&info.labels())
+            .inc();
         let counters = Arc::new(ByteCounters::default());
         let started_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -49,7 +49,10 @@ pub enum DataplaneError {
         source: aya::programs::ProgramError,
     },
     #[error("eBPF map `{name}`: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("cannot attach `{program}` to cgroup {cgroup}: {source} (needs {requirement}, kernel is {kernel})")]
     Attach {
         program: &'static str,
@@ -238,14 +241,12 @@ impl Dataplane {
             let program = ebpf
                 .program(spec.name)
                 .ok_or(DataplaneError::MissingProgram(spec.name))?;
-            let prog_fd = program
-                .fd()
-                .map_err(|source| DataplaneError::ProgramLoad {
-                    program: spec.name,
-                    requirement: preflight::kernel_requirement(spec.name),
-                    kernel: kernel.clone(),
-                    source,
-                })?;
+            let prog_fd = program.fd().map_err(|source| DataplaneError::ProgramLoad {
+                program: spec.name,
+                requirement: preflight::kernel_requirement(spec.name),
+                kernel: kernel.clone(),
+                source,
+            })?;
             let pin = link_dir.join(spec.name);
             let (link_id, program_id) = attach_pinned(prog_fd.as_fd(), &cgroup, spec, &pin)
                 .map_err(|source| DataplaneError::Attach {
@@ -305,7 +306,11 @@ impl Dataplane {
 
     /// Removes a pod's enrollment and every original destination still parked for it.
     pub fn unenroll(&self, netns_cookie: u64) -> Result<(), DataplaneError> {
-        remove_if_present(&mut lock(&self.enrolled), &netns_cookie, map_names::ENROLLED)?;
+        remove_if_present(
+            &mut lock(&self.enrolled),
+            &netns_cookie,
+            map_names::ENROLLED,
+        )?;
         let mut orig = lock(&self.orig_dst);
         let keys: Vec<ConnKey> = orig
             .keys()
@@ -353,7 +358,10 @@ impl Dataplane {
     }
 
     pub fn inbound_pod_ips(&self) -> Vec<Ip> {
-        lock(&self.inbound_pods).keys().filter_map(Result::ok).collect()
+        lock(&self.inbound_pods)
+            .keys()
+            .filter_map(Result::ok)
+            .collect()
     }
 
     /// Looks up and removes the original destination of an accepted connection.
@@ -430,7 +438,11 @@ impl Dataplane {
 
     /// Attaches the inbound sk_lookup program to a pod's namespace; the returned link
     /// detaches on drop.
-    pub fn attach_sk_lookup(&self, netns: &Netns, label: &str) -> Result<SkLookupLink, DataplaneError> {
+    pub fn attach_sk_lookup(
+        &self,
+        netns: &Netns,
+        label: &str,
+    ) -> Result<SkLookupLink, DataplaneError> {
         let mut ebpf = lock(&self.ebpf);
         let program: &mut SkLookup = ebpf
             .program_mut(program_names::SK_LOOKUP)
@@ -555,6 +567,11 @@ pub fn cgroup_attachments(cgroup: &Path) -> std::io::Result<Vec<(&'static str, V
     let file = fs::File::open(cgroup)?;
     CGROUP_PROGRAMS
         .iter()
-        .map(|spec| Ok((spec.attach_name, bpf_sys::cgroup_prog_ids(&file, spec.attach)?)))
+        .map(|spec| {
+            Ok((
+                spec.attach_name,
+                bpf_sys::cgroup_prog_ids(&file, spec.attach)?,
+            ))
+        })
         .collect()
 }

@@ -157,7 +157,8 @@ impl ManifestDirectory {
                         .remove(&path)
                         .map(|f| f.objects)
                         .unwrap_or_default();
-                    self.files.insert(path.clone(), LoadedFile { stamp, objects });
+                    self.files
+                        .insert(path.clone(), LoadedFile { stamp, objects });
                     problems.push(ManifestProblem { path, reason });
                 }
             }
@@ -270,7 +271,11 @@ mod tests {
         assert!(changed && problems.is_empty());
         assert_eq!(m.state().pods.len(), 1);
 
-        fs::write(dir.path().join("pod.yaml"), "kind: Pod\nspec: {containers: 7}\n").unwrap();
+        fs::write(
+            dir.path().join("pod.yaml"),
+            "kind: Pod\nspec: {containers: 7}\n",
+        )
+        .unwrap();
         let (changed, problems) = m.rescan();
         assert!(!changed);
         assert_eq!(problems.len(), 1);

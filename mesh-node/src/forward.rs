@@ -58,7 +58,10 @@ pub async fn forward(client: TcpStream, dst: SocketAddr, info: ConnectionInfo, c
     let upstream = match ctx.sockets.connect(dst, ctx.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
-            ctx.metrics.refused.with_label_values(&["connect_failed"]).inc();
+            ctx.metrics
+                .refused
+                .with_label_values(&["connect_failed"])
+                .inc();
             reset(client);
             conn.close(format!("connect_failed: {e}"));
             return;

@@ -42,7 +42,10 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
 /// arrives with the identity issue. Until then connections are refused and counted.
 pub async fn serve_hbone_placeholder(listener: TcpListener, ctx: Arc<PodContext>) {
     accept_loop(listener, ctx, |stream, peer, ctx| async move {
-        ctx.metrics.refused.with_label_values(&["hbone_unsupported"]).inc();
+        ctx.metrics
+            .refused
+            .with_label_values(&["hbone_unsupported"])
+            .inc();
         debug!(pod = %ctx.pod, src = %peer, "HBONE is not implemented yet; refusing");
         reset(stream);
     })

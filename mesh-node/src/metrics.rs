@@ -38,7 +38,8 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
+    let c =
+        IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
     registry
         .register(Box::new(c.clone()))
         .unwrap_or_else(|e| panic!("metric {name} registered twice: {e}"));
@@ -55,15 +56,57 @@ impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
         Metrics {
-            tcp_opened: counter_vec(&r, "nodemesh_tcp_connections_opened_total", "TCP connections opened by the proxy.", &TCP_LABELS),
-            tcp_closed: counter_vec(&r, "nodemesh_tcp_connections_closed_total", "TCP connections closed by the proxy.", &TCP_LABELS),
-            tcp_sent_bytes: counter_vec(&r, "nodemesh_tcp_sent_bytes_total", "Bytes sent from client to server through the proxy.", &TCP_LABELS),
-            tcp_received_bytes: counter_vec(&r, "nodemesh_tcp_received_bytes_total", "Bytes received by the client from the server through the proxy.", &TCP_LABELS),
-            refused: counter_vec(&r, "nodemesh_connections_refused_total", "Connections refused or failed, by reason.", &["reason"]),
-            manifest_errors: counter(&r, "nodemesh_manifest_errors_total", "Manifest files skipped because they did not parse."),
-            state_updates: counter(&r, "nodemesh_state_updates_total", "Cluster state snapshots applied."),
-            netns_vanished: counter(&r, "nodemesh_netns_vanished_total", "Enrolled pods removed because their network namespace disappeared."),
-            enroll_failures: counter_vec(&r, "nodemesh_enroll_failures_total", "Attempts to enroll a pod that failed, by reason.", &["reason"]),
+            tcp_opened: counter_vec(
+                &r,
+                "nodemesh_tcp_connections_opened_total",
+                "TCP connections opened by the proxy.",
+                &TCP_LABELS,
+            ),
+            tcp_closed: counter_vec(
+                &r,
+                "nodemesh_tcp_connections_closed_total",
+                "TCP connections closed by the proxy.",
+                &TCP_LABELS,
+            ),
+            tcp_sent_bytes: counter_vec(
+                &r,
+                "nodemesh_tcp_sent_bytes_total",
+                "Bytes sent from client to server through the proxy.",
+                &TCP_LABELS,
+            ),
+            tcp_received_bytes: counter_vec(
+                &r,
+                "nodemesh_tcp_received_bytes_total",
+                "Bytes received by the client from the server through the proxy.",
+                &TCP_LABELS,
+            ),
+            refused: counter_vec(
+                &r,
+                "nodemesh_connections_refused_total",
+                "Connections refused or failed, by reason.",
+                &["reason"],
+            ),
+            manifest_errors: counter(
+                &r,
+                "nodemesh_manifest_errors_total",
+                "Manifest files skipped because they did not parse.",
+            ),
+            state_updates: counter(
+                &r,
+                "nodemesh_state_updates_total",
+                "Cluster state snapshots applied.",
+            ),
+            netns_vanished: counter(
+                &r,
+                "nodemesh_netns_vanished_total",
+                "Enrolled pods removed because their network namespace disappeared.",
+            ),
+            enroll_failures: counter_vec(
+                &r,
+                "nodemesh_enroll_failures_total",
+                "Attempts to enroll a pod that failed, by reason.",
+                &["reason"],
+            ),
             registry: r,
         }
     }

@@ -87,17 +87,18 @@ impl Netns {
     /// Runs `f` with the calling thread in this namespace, then returns the thread to
     /// `home`. Keep `f` short and non-blocking: it runs on whatever thread calls this.
     pub fn run<T>(&self, home: &Netns, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
-        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
-            NetnsError::Enter {
-                id: self.id,
-                source,
-            }
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+            id: self.id,
+            source,
         })?;
         let out = f();
         if let Err(e) = setns(home.file.as_fd(), CloneFlags::CLONE_NEWNET) {
             // A thread stuck in a pod's namespace would silently put later sockets
             // there; nothing sane can continue from that.
-            panic!("cannot return to the agent's network namespace {}: {e}", home.id);
+            panic!(
+                "cannot return to the agent's network namespace {}: {e}",
+                home.id
+            );
         }
         Ok(out)
     }
@@ -135,13 +136,20 @@ mod tests {
 
     #[test]
     fn sockets_keep_the_namespace_they_were_made_in() {
+        use socket2::{Domain, Socket, Type};
         let home = Netns::current_thread().unwrap();
         let pod = new_namespace();
-        // A fresh namespace has only a down loopback: binding 127.0.0.1 fails there.
-        let bound = pod
-            .run(&home, || std::net::TcpListener::bind("127.0.0.1:0"))
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr: std::net::SocketAddr = listener.local_addr().unwrap();
+        // Made inside the pod namespace, connected after the thread came back home:
+        // the socket still lives in the pod, where this listener does not exist.
+        let made_in_pod = pod
+            .run(&home, || Socket::new(Domain::IPV4, Type::STREAM, None))
+            .unwrap()
             .unwrap();
-        assert!(bound.is_err(), "loopback is down in a new namespace");
+        assert!(made_in_pod.connect(&addr.into()).is_err());
+        let made_at_home = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        assert!(made_at_home.connect(&addr.into()).is_ok());
     }
 
     #[test]

@@ -31,7 +31,10 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let Some(orig) = ctx.dataplane.take_orig_dst(&key) else {
         // Someone connected to 15001 directly, or the entry was swept: we cannot know
         // where this was going.
-        ctx.metrics.refused.with_label_values(&["no_original_destination"]).inc();
+        ctx.metrics
+            .refused
+            .with_label_values(&["no_original_destination"])
+            .inc();
         warn!(pod = %ctx.pod, src = %peer, "outbound connection without an original destination; closing");
         reset(stream);
         return;

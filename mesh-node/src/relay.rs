@@ -68,8 +68,20 @@ pub async fn relay(
     let epoch = Instant::now();
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let up = pump(client_read, server_write, &counters.to_server, &counters.last_activity_ms, epoch);
-    let down = pump(server_read, client_write, &counters.to_client, &counters.last_activity_ms, epoch);
+    let up = pump(
+        client_read,
+        server_write,
+        &counters.to_server,
+        &counters.last_activity_ms,
+        epoch,
+    );
+    let down = pump(
+        server_read,
+        client_write,
+        &counters.to_client,
+        &counters.last_activity_ms,
+        epoch,
+    );
     let both = async { tokio::try_join!(up, down) };
     let watchdog = async {
         loop {
@@ -136,9 +148,18 @@ mod tests {
         let (proxy_server, _backend) = pair().await;
         let counters = ByteCounters::default();
         let started = Instant::now();
-        let end = relay(proxy_client, proxy_server, Duration::from_millis(200), &counters).await;
+        let end = relay(
+            proxy_client,
+            proxy_server,
+            Duration::from_millis(200),
+            &counters,
+        )
+        .await;
         assert_eq!(end, RelayEnd::IdleTimeout);
         let took = started.elapsed();
-        assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(2), "{took:?}");
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
     }
 }

@@ -67,7 +67,11 @@ impl PodSockets {
 
     /// Connects from inside the pod. The socket carries the agent's mark so the
     /// connect hooks leave it alone.
-    pub async fn connect(&self, dst: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    pub async fn connect(
+        &self,
+        dst: SocketAddr,
+        timeout: Duration,
+    ) -> Result<TcpStream, ConnectError> {
         let io_err = |source| ConnectError::Io { dst, source };
         let socket = in_netns(&self.netns, &self.home, || {
             Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))

@@ -77,7 +77,10 @@ pub struct PodPlan {
     pub warnings: Vec<String>,
 }
 
-fn label<'a>(meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, key: &str) -> Option<&'a str> {
+fn label<'a>(
+    meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    key: &str,
+) -> Option<&'a str> {
     meta.labels.as_ref()?.get(key).map(String::as_str)
 }
 
@@ -105,7 +108,10 @@ impl ClusterState {
         state
     }
 
-    pub fn pods_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = (&'a PodKey, &'a Pod)> + 'a {
+    pub fn pods_on_node<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = (&'a PodKey, &'a Pod)> + 'a {
         self.pods.iter().filter(move |(_, pod)| {
             pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
         })
@@ -203,7 +209,11 @@ pub fn ip_from_key(ip: &Ip) -> IpAddr {
 }
 
 fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
-    pod.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
 }
 
 fn parse_ports(text: &str, what: &str, warnings: &mut Vec<String>) -> [u16; MAX_EXCLUDED_PORTS] {
@@ -215,9 +225,9 @@ fn parse_ports(text: &str, what: &str, warnings: &mut Vec<String>) -> [u16; MAX_
                 ports[n] = p;
                 n += 1;
             }
-            Ok(_) if n >= MAX_EXCLUDED_PORTS => {
-                warnings.push(format!("{what}: at most {MAX_EXCLUDED_PORTS} ports; `{item}` ignored"))
-            }
+            Ok(_) if n >= MAX_EXCLUDED_PORTS => warnings.push(format!(
+                "{what}: at most {MAX_EXCLUDED_PORTS} ports; `{item}` ignored"
+            )),
             _ => warnings.push(format!("{what}: `{item}` is not a port (1-65535); ignored")),
         }
     }
@@ -354,7 +364,13 @@ spec: {nodeName: node-a, containers: [{name: c, image: x}]}
 
     fn reason(s: &ClusterState, name: &str) -> Result<(), NotEnrolled> {
         let key = PodKey {
-            namespace: s.pods.keys().find(|k| k.name == name).unwrap().namespace.clone(),
+            namespace: s
+                .pods
+                .keys()
+                .find(|k| k.name == name)
+                .unwrap()
+                .namespace
+                .clone(),
             name: name.into(),
         };
         s.enrollment(&key, &s.pods[&key])
@@ -381,11 +397,19 @@ spec: {nodeName: node-a, containers: [{name: c, image: x}]}
         let p = &s.enrolled_on_node("node-a")[0];
         assert_eq!(p.uid, "uid-web");
         assert_eq!(p.service_account, "web");
-        assert_eq!(p.ips, vec!["10.1.0.2".parse::<IpAddr>().unwrap(), "fd00:1::2".parse().unwrap()]);
+        assert_eq!(
+            p.ips,
+            vec![
+                "10.1.0.2".parse::<IpAddr>().unwrap(),
+                "fd00:1::2".parse().unwrap()
+            ]
+        );
         assert_eq!(&p.outbound.excluded_ports[..3], &[5432, 6379, 0]);
         let svc = ip_key("10.100.1.1".parse().unwrap());
         assert!(p.outbound.excludes(&svc, 80));
-        assert!(!p.outbound.excludes(&ip_key("10.200.0.1".parse().unwrap()), 80));
+        assert!(!p
+            .outbound
+            .excludes(&ip_key("10.200.0.1".parse().unwrap()), 80));
         assert!(p.outbound.excludes(&ip_key("fd12::1".parse().unwrap()), 80));
         assert!(p.inbound.excludes(9090));
         assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
@@ -403,6 +427,10 @@ spec: {nodeName: node-a, containers: [{name: c, image: x}]}
         assert_eq!(canonical(mapped), "10.1.0.2".parse::<IpAddr>().unwrap());
         let s = state(BASE);
         assert_eq!(s.pod_by_ip(mapped).map(|k| k.name.as_str()), Some("web"));
-        assert_eq!(s.pod_by_ip("fd00:1::2".parse().unwrap()).map(|k| k.name.as_str()), Some("web"));
+        assert_eq!(
+            s.pod_by_ip("fd00:1::2".parse().unwrap())
+                .map(|k| k.name.as_str()),
+            Some("web")
+        );
     }
 }

@@ -20,7 +20,8 @@ use crate::{
     connections::ConnectionTable,
     dataplane::{Dataplane, DataplaneError, SkLookupLink},
     forward::PodContext,
-    inbound, locator::NetnsLocator,
+    inbound,
+    locator::NetnsLocator,
     metrics::Metrics,
     netns::{Netns, NetnsError, NetnsId},
     outbound,
@@ -52,6 +53,8 @@ impl EnrollError {
         }
     }
 }
+
+const VANISHED: &str = "network namespace vanished";
 
 /// Settings every pod's listeners share.
 pub struct ProxySettings {
@@ -168,10 +171,21 @@ impl Workloads {
                     self.running.insert(key, running);
                 }
                 Err(e) => {
+                    let vanished = self
+                        .failures
+                        .get(&key)
+                        .is_some_and(|f| f.starts_with(VANISHED));
+                    if vanished && matches!(e, EnrollError::Netns(_)) {
+                        // Still gone: keep saying why it left rather than the retry error.
+                        continue;
+                    }
                     // Reported once per distinct error; retried on every reconcile.
                     let text = e.to_string();
                     if self.failures.get(&key) != Some(&text) {
-                        self.metrics.enroll_failures.with_label_values(&[e.reason()]).inc();
+                        self.metrics
+                            .enroll_failures
+                            .with_label_values(&[e.reason()])
+                            .inc();
                         warn!(pod = %key, error = %text, "cannot enroll pod; will retry");
                     }
                     self.failures.insert(key, text);
@@ -188,15 +202,18 @@ impl Workloads {
             .iter()
             .filter_map(|(key, r)| match Netns::open(&r.netns_path) {
                 Ok(ns) if ns.id() == r.netns_id => None,
-                Ok(ns) => Some((key.clone(), format!("namespace replaced ({} -> {})", r.netns_id, ns.id()))),
+                Ok(ns) => Some((
+                    key.clone(),
+                    format!("namespace replaced ({} -> {})", r.netns_id, ns.id()),
+                )),
                 Err(e) => Some((key.clone(), e.to_string())),
             })
             .collect();
         for (key, why) in vanished {
             self.metrics.netns_vanished.inc();
             warn!(pod = %key, reason = %why, "pod network namespace vanished; removing its listeners and map entries");
-            self.remove(&key, "network namespace vanished");
-            self.failures.insert(key, format!("network namespace vanished: {why}"));
+            self.remove(&key, VANISHED);
+            self.failures.insert(key, format!("{VANISHED}: {why}"));
         }
     }
 
@@ -281,7 +298,8 @@ impl Workloads {
             for ip in &plan.ips {
                 let listener = if ip.is_ipv4() { &inbound4 } else { &inbound6 };
                 if let Some(l) = listener {
-                    self.dataplane.capture_inbound(ip_key(*ip), &plan.inbound, l)?;
+                    self.dataplane
+                        .capture_inbound(ip_key(*ip), &plan.inbound, l)?;
                 }
             }
             // Last: outbound redirection starts only once everything is listening.
@@ -322,7 +340,10 @@ impl Workloads {
         }
         for l in hbone.into_iter().flatten() {
             note(&l);
-            tasks.push(tokio::spawn(inbound::serve_hbone_placeholder(l, ctx.clone())));
+            tasks.push(tokio::spawn(inbound::serve_hbone_placeholder(
+                l,
+                ctx.clone(),
+            )));
         }
         Ok(RunningPod {
             netns_id: netns.id(),

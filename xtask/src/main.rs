@@ -65,7 +65,13 @@ fn ensure_toolchain() -> Result<()> {
         .context("rustup is needed to build the eBPF programs")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         eprintln!("xtask: installing the nightly toolchain (eBPF programs need build-std)");
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let components = output_ok(Command::new("rustup").args([
         "component",
@@ -77,7 +83,13 @@ fn ensure_toolchain() -> Result<()> {
     .unwrap_or_default();
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("xtask: adding rust-src to nightly (needed for -Z build-std=core)");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     let linker = output_ok(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if !linker.contains(BPF_LINKER_VERSION) {
@@ -117,9 +129,12 @@ fn build() -> Result<()> {
     std::fs::copy(&object, release.join("mesh-ebpf.o"))
         .with_context(|| format!("copying {}", object.display()))?;
     eprintln!("xtask: building the agent, meshctl and the test tools");
-    run(Command::new("cargo")
-        .current_dir(&root)
-        .args(["build", "--release", "--workspace", "--bins"]))
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--workspace",
+        "--bins",
+    ]))
 }
 
 fn require_root(what: &str) -> Result<()> {

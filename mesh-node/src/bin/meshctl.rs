@@ -64,7 +64,10 @@ fn main() -> ExitCode {
         NodeCommand::LogLevel { level: None } => (Method::GET, "/logging".into()),
         NodeCommand::LogLevel { level: Some(l) } => (Method::POST, format!("/logging?level={l}")),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("meshctl: cannot start the async runtime: {e}");

@@ -23,7 +23,11 @@ fn main() -> ExitCode {
         Cmd::Sweep => {
             let swept = registry::sweep_stale();
             if !swept.is_empty() {
-                println!("removed {} stale simulated cluster(s): {}", swept.len(), swept.join(", "));
+                println!(
+                    "removed {} stale simulated cluster(s): {}",
+                    swept.len(),
+                    swept.join(", ")
+                );
             }
             ExitCode::SUCCESS
         }

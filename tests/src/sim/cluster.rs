@@ -145,12 +145,19 @@ fn unique_id() -> String {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{:06x}{:02x}", (std::process::id() ^ (nanos >> 8)) & 0xff_ffff, n & 0xff)
+    format!(
+        "{:06x}{:02x}",
+        (std::process::id() ^ (nanos >> 8)) & 0xff_ffff,
+        n & 0xff
+    )
 }
 
 /// Underlay ("fabric") addresses of node i.
 fn underlay(i: u8) -> (String, String) {
-    (format!("192.168.77.{}", 10 + i), format!("fd77::{}", 10 + i))
+    (
+        format!("192.168.77.{}", 10 + i),
+        format!("fd77::{}", 10 + i),
+    )
 }
 
 impl SimCluster {
@@ -220,17 +227,46 @@ impl SimCluster {
             ip(&["netns", "add", &ns])?;
             let (u4, u6) = underlay(i);
             let port = format!("n{i}");
-            ip(&["link", "add", &port, "netns", fabric, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&[
+                "link", "add", &port, "netns", fabric, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ])?;
             ip(&["-n", fabric, "link", "set", &port, "master", "br0", "up"])?;
             ip(&["-n", &ns, "addr", "add", &format!("{u4}/24"), "dev", "eth0"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{u6}/64"), "dev", "eth0", "nodad"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{u6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             ip(&["-n", &ns, "link", "add", "cbr0", "type", "bridge"])?;
             let ipv4 = Ipv4Addr::new(10, 77, i, 1);
             let ipv6: Ipv6Addr = format!("fd00:77:{i}::1").parse()?;
-            ip(&["-n", &ns, "addr", "add", &format!("{ipv4}/24"), "dev", "cbr0"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{ipv6}/64"), "dev", "cbr0", "nodad"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ipv4}/24"),
+                "dev",
+                "cbr0",
+            ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ipv6}/64"),
+                "dev",
+                "cbr0",
+                "nodad",
+            ])?;
             ip(&["-n", &ns, "link", "set", "cbr0", "up"])?;
             host::sysctl_in(&path, "/proc/sys/net/ipv4/ip_forward", "1")?;
             host::sysctl_in(&path, "/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
@@ -254,8 +290,25 @@ impl SimCluster {
             for other in self.nodes.iter().filter(|o| o.index != node.index) {
                 let (u4, u6) = underlay(other.index);
                 let j = other.index;
-                ip(&["-n", &ns, "route", "add", &format!("10.77.{j}.0/24"), "via", &u4])?;
-                ip(&["-n", &ns, "-6", "route", "add", &format!("fd00:77:{j}::/64"), "via", &u6])?;
+                ip(&[
+                    "-n",
+                    &ns,
+                    "route",
+                    "add",
+                    &format!("10.77.{j}.0/24"),
+                    "via",
+                    &u4,
+                ])?;
+                ip(&[
+                    "-n",
+                    &ns,
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("fd00:77:{j}::/64"),
+                    "via",
+                    &u6,
+                ])?;
             }
         }
 
@@ -274,16 +327,72 @@ impl SimCluster {
             let node_ns_name = node_ns(&node.name);
             ip(&["netns", "add", &ns])?;
             let veth = format!("p{host_index}");
-            ip(&["link", "add", &veth, "netns", &node_ns_name, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-            ip(&["-n", &node_ns_name, "link", "set", &veth, "master", "cbr0", "up"])?;
+            ip(&[
+                "link",
+                "add",
+                &veth,
+                "netns",
+                &node_ns_name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ns,
+            ])?;
+            ip(&[
+                "-n",
+                &node_ns_name,
+                "link",
+                "set",
+                &veth,
+                "master",
+                "cbr0",
+                "up",
+            ])?;
             let ipv4 = Ipv4Addr::new(10, 77, node.index, host_index);
             let ipv6: Ipv6Addr = format!("fd00:77:{}::{host_index:x}", node.index).parse()?;
-            ip(&["-n", &ns, "addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ipv4}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ipv6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", &ns, "route", "add", "default", "via", &node.ipv4.to_string()])?;
-            ip(&["-n", &ns, "-6", "route", "add", "default", "via", &node.ipv6.to_string()])?;
+            ip(&[
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &node.ipv4.to_string(),
+            ])?;
+            ip(&[
+                "-n",
+                &ns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &node.ipv6.to_string(),
+            ])?;
             let cgroup = node.cgroup.join("pods").join(&p.name);
             fs::create_dir_all(&cgroup)?;
             self.pods.push(SimPod {
@@ -393,15 +502,26 @@ impl SimCluster {
         fs::read_to_string(self.agent_log_path(node)).unwrap_or_default()
     }
 
-    /// The agent's command line; tests may add flags.
-    pub fn agent_command(&self, node: &SimNode) -> Result<Command> {
+    /// `mesh-node` with `args`, placed in the node's namespace and agent cgroup.
+    pub fn mesh_node_command(&self, node: &SimNode, args: &[&str]) -> Result<Command> {
         let placement = Placement {
             netns: node.netns.clone(),
             cgroup: node.cgroup.join("agent"),
         };
         let mut cmd = placement.command(&self.mesh_node)?;
-        cmd.args(["agent", "--node-name", &node.name])
-            .arg("--manifests")
+        cmd.args(args);
+        Ok(cmd)
+    }
+
+    /// The `mesh-node` binary under test.
+    pub fn mesh_node_bin(&self) -> &Path {
+        &self.mesh_node
+    }
+
+    /// The agent's full command line for `node`.
+    pub fn agent_command(&self, node: &SimNode) -> Result<Command> {
+        let mut cmd = self.mesh_node_command(node, &["agent", "--node-name", &node.name])?;
+        cmd.arg("--manifests")
             .arg(&self.manifests)
             .arg("--netns-dir")
             .arg(host::NETNS_DIR)
@@ -409,7 +529,12 @@ impl SimCluster {
             .arg(&node.cgroup)
             .arg("--pin-dir")
             .arg(&node.pin_dir)
-            .args(["--node-ip", &node.ipv4.to_string(), "--node-ip", &node.ipv6.to_string()])
+            .args([
+                "--node-ip",
+                &node.ipv4.to_string(),
+                "--node-ip",
+                &node.ipv6.to_string(),
+            ])
             .args(["--log-format", "json", "--log-level", "info"]);
         Ok(cmd)
     }
@@ -454,7 +579,10 @@ impl SimCluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("mesh-node on {node} not ready after {timeout:?}; log:\n{}", self.agent_log(node));
+                bail!(
+                    "mesh-node on {node} not ready after {timeout:?}; log:\n{}",
+                    self.agent_log(node)
+                );
             }
             std::thread::sleep(Duration::from_millis(25));
         }
@@ -462,7 +590,9 @@ impl SimCluster {
 
     fn agent_exit_status(&self, node: &str) -> Option<std::process::ExitStatus> {
         let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        agents.get_mut(node).and_then(|c| c.try_wait().ok().flatten())
+        agents
+            .get_mut(node)
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// SIGKILLs the node's agent (no cleanup of its own) and reaps it.
@@ -491,7 +621,8 @@ impl SimCluster {
 
     /// One HTTP/1.1 request to the node agent's admin API (127.0.0.1:15000 in the node).
     pub fn admin_raw(&self, node: &str, method: &str, path: &str) -> Result<(u16, String)> {
-        let request = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        let request =
+            format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
         host::in_netns(&self.node(node).netns, move || {
             let addr: SocketAddr = "127.0.0.1:15000".parse()?;
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
@@ -568,7 +699,10 @@ impl SimCluster {
             .context("running mesh-testapp")?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if stdout.trim().is_empty() {
-            bail!("mesh-testapp printed nothing: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "mesh-testapp printed nothing: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(stdout)
     }
@@ -578,9 +712,22 @@ impl SimCluster {
         self.transfer_from(&self.pod(pod).placement(), dst, bytes)
     }
 
-    pub fn transfer_from(&self, placement: &Placement, dst: SocketAddr, bytes: u64) -> Result<TransferReport> {
-        let args = ["transfer".to_string(), "--connect".into(), dst.to_string(), "--bytes".into(), bytes.to_string()];
-        Ok(serde_json::from_str(self.run_testapp(placement, &args)?.trim())?)
+    pub fn transfer_from(
+        &self,
+        placement: &Placement,
+        dst: SocketAddr,
+        bytes: u64,
+    ) -> Result<TransferReport> {
+        let args = [
+            "transfer".to_string(),
+            "--connect".into(),
+            dst.to_string(),
+            "--bytes".into(),
+            bytes.to_string(),
+        ];
+        Ok(serde_json::from_str(
+            self.run_testapp(placement, &args)?.trim(),
+        )?)
     }
 
     /// A process on the node itself, outside every pod (where kubelet runs).
@@ -593,8 +740,16 @@ impl SimCluster {
     }
 
     pub fn churn(&self, pod: &str, dst: SocketAddr, count: u64) -> Result<ChurnReport> {
-        let args = ["churn".to_string(), "--connect".into(), dst.to_string(), "--count".into(), count.to_string()];
-        Ok(serde_json::from_str(self.run_testapp(&self.pod(pod).placement(), &args)?.trim())?)
+        let args = [
+            "churn".to_string(),
+            "--connect".into(),
+            dst.to_string(),
+            "--count".into(),
+            count.to_string(),
+        ];
+        Ok(serde_json::from_str(
+            self.run_testapp(&self.pod(pod).placement(), &args)?.trim(),
+        )?)
     }
 
     /// Makes a pod's network namespace disappear: its processes die and the
@@ -602,12 +757,20 @@ impl SimCluster {
     pub fn destroy_pod_netns(&self, pod: &str) -> Result<()> {
         let p = self.pod(pod);
         let _ = fs::write(p.cgroup.join("cgroup.kill"), "1");
-        let name = p.netns.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = p
+            .netns
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         ip(&["netns", "del", name])
     }
 
     /// Waits until `check` holds, polling every 20 ms; returns how long it took.
-    pub fn eventually(&self, timeout: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    pub fn eventually(
+        &self,
+        timeout: Duration,
+        mut check: impl FnMut() -> bool,
+    ) -> Option<Duration> {
         let start = Instant::now();
         wait_for(timeout, || check().then(|| start.elapsed()))
     }

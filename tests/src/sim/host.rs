@@ -123,8 +123,13 @@ impl Placement {
     pub fn command(&self, program: &Path) -> Result<Command> {
         let netns = fs::File::open(&self.netns)
             .with_context(|| format!("opening {}", self.netns.display()))?;
-        let procs = CString::new(self.cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())
-            .context("cgroup path")?;
+        let procs = CString::new(
+            self.cgroup
+                .join("cgroup.procs")
+                .as_os_str()
+                .as_encoded_bytes(),
+        )
+        .context("cgroup path")?;
         let mut cmd = Command::new(program);
         cmd.stdin(Stdio::null());
         // SAFETY: only async-signal-safe libc calls run between fork and exec; the

@@ -55,7 +55,10 @@ pub fn release(id: &str, resources: &Resources) -> Result<()> {
     }
     if let Some(pins) = &resources.pin_root {
         if pins.exists() {
-            note(fs::remove_dir_all(pins).with_context(|| format!("removing pins {}", pins.display())));
+            note(
+                fs::remove_dir_all(pins)
+                    .with_context(|| format!("removing pins {}", pins.display())),
+            );
         }
     }
     if let Some(dir) = &resources.work_dir {
