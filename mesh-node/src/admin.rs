@@ -27,10 +27,13 @@ use crate::{
 
 pub type HttpResponse = Response<Full<Bytes>>;
 
+/// Installs a new log filter, or says why it is invalid.
+type ApplyFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// Changes the log filter at runtime.
 pub struct LogLevel {
     current: Mutex<String>,
-    apply: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+    apply: ApplyFilter,
 }
 
 impl LogLevel {

@@ -38,7 +38,7 @@ pub enum DataplaneError {
         source: std::io::Error,
     },
     #[error("cannot load the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(Box<aya::EbpfError>),
     #[error("the eBPF object has no program `{0}`: it does not match this mesh-node build")]
     MissingProgram(&'static str),
     #[error("the kernel ({kernel}) refused program `{program}`; it needs {requirement}: {source}")]
@@ -46,12 +46,12 @@ pub enum DataplaneError {
         program: &'static str,
         requirement: &'static str,
         kernel: String,
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("eBPF map `{name}`: {source}")]
     Map {
         name: &'static str,
-        source: MapError,
+        source: Box<MapError>,
     },
     #[error("cannot attach `{program}` to cgroup {cgroup}: {source} (needs {requirement}, kernel is {kernel})")]
     Attach {
@@ -64,7 +64,7 @@ pub enum DataplaneError {
     #[error("sk_lookup attach to network namespace {netns} failed: {source}")]
     AttachNetns {
         netns: String,
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("bpffs {path}: {source}")]
     Pin {
@@ -79,7 +79,10 @@ pub enum DataplaneError {
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
+    move |source| DataplaneError::Map {
+        name,
+        source: Box::new(source),
+    }
 }
 
 /// What the admin API shows about one map.
@@ -211,7 +214,8 @@ impl Dataplane {
         let object = AlignedObject::read(object)?;
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(&map_dir)
-            .load(object.bytes())?;
+            .load(object.bytes())
+            .map_err(|e| DataplaneError::Load(Box::new(e)))?;
 
         let kernel = preflight::kernel_release();
         for name in [
@@ -228,7 +232,7 @@ impl Dataplane {
                 program: name,
                 requirement: preflight::kernel_requirement(name),
                 kernel: kernel.clone(),
-                source,
+                source: Box::new(source),
             })?;
         }
 
@@ -245,7 +249,7 @@ impl Dataplane {
                 program: spec.name,
                 requirement: preflight::kernel_requirement(spec.name),
                 kernel: kernel.clone(),
-                source,
+                source: Box::new(source),
             })?;
             let pin = link_dir.join(spec.name);
             let (link_id, program_id) = attach_pinned(prog_fd.as_fd(), &cgroup, spec, &pin)
@@ -350,10 +354,7 @@ impl Dataplane {
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Ok(())
             }
-            Err(source) => Err(DataplaneError::Map {
-                name: map_names::INBOUND_LISTENERS,
-                source,
-            }),
+            Err(source) => Err(map_err(map_names::INBOUND_LISTENERS)(source)),
         }
     }
 
@@ -450,7 +451,7 @@ impl Dataplane {
             .ok_or(DataplaneError::MissingProgram(program_names::SK_LOOKUP))?;
         let attach_err = |source| DataplaneError::AttachNetns {
             netns: label.to_string(),
-            source,
+            source: Box::new(source),
         };
         let id = program.attach(netns.file()).map_err(attach_err)?;
         program.take_link(id).map_err(attach_err)
@@ -477,7 +478,7 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(
     match map.remove(key) {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(source) => Err(DataplaneError::Map { name, source }),
+        Err(source) => Err(map_err(name)(source)),
     }
 }
 
@@ -495,10 +496,9 @@ fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(DataplaneError::Map {
-        name,
-        source: MapError::InvalidName { name: name.into() },
-    })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| map_err(name)(MapError::InvalidName { name: name.into() }))?;
     T::try_from(map).map_err(map_err(name))
 }
 
