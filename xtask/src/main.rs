@@ -154,17 +154,58 @@ fn sim(args: &[&str]) -> Result<()> {
     run(Command::new(workspace_root().join("target/release/mesh-sim")).args(args))
 }
 
+/// Sums cargo's `test result: ok. N passed; M failed; ...` lines.
+fn tally(line: &str, passed: &mut u64, failed: &mut u64) {
+    let Some(rest) = line.strip_prefix("test result: ") else {
+        return;
+    };
+    for part in rest.split(';') {
+        let mut words = part.split_whitespace().rev();
+        if let (Some(kind), Some(n)) = (words.next(), words.next()) {
+            let n: u64 = n.parse().unwrap_or(0);
+            match kind {
+                "passed" => *passed += n,
+                "failed" => *failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
 fn test(extra: &[String]) -> Result<()> {
     require_root("cargo xtask test")?;
     build()?;
     eprintln!("xtask: running all tests (unit and eBPF end-to-end)");
-    let result = run(Command::new("cargo")
+    let mut child = Command::new("cargo")
         .current_dir(workspace_root())
-        .args(["test", "--release", "--workspace", "--"])
-        .args(extra));
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--lib",
+            "--bins",
+            "--tests",
+            "--",
+        ])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let (mut passed, mut failed) = (0, 0);
+    if let Some(out) = child.stdout.take() {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+            println!("{line}");
+            tally(&line, &mut passed, &mut failed);
+        }
+    }
+    let status = child.wait()?;
     // Whatever happened, leave no simulated cluster behind.
     let swept = sim(&["sweep"]);
-    result.and(swept)
+    println!("xtask: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    swept
 }
 
 fn main() -> ExitCode {
@@ -184,5 +225,23 @@ fn main() -> ExitCode {
             eprintln!("xtask: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tally;
+
+    #[test]
+    fn sums_cargo_test_result_lines() {
+        let (mut p, mut f) = (0, 0);
+        tally("test result: ok. 19 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.21s", &mut p, &mut f);
+        tally(
+            "test result: FAILED. 3 passed; 2 failed; 0 ignored",
+            &mut p,
+            &mut f,
+        );
+        tally("running 4 tests", &mut p, &mut f);
+        assert_eq!((p, f), (22, 2));
     }
 }

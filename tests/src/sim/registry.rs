@@ -70,8 +70,16 @@ pub fn release(id: &str, resources: &Resources) -> Result<()> {
     first_error.map_or(Ok(()), Err)
 }
 
+/// A process that exists and is not a zombie (a killed owner nobody reaped yet).
 fn alive(pid: u32) -> bool {
-    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state is the first field after the parenthesised command name.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    pid != 0 && !matches!(state, Some("Z") | Some("X") | None)
 }
 
 /// Releases every recorded cluster whose owner process is gone. Returns their ids.
