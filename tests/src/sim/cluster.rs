@@ -5,10 +5,9 @@
 use std::{
     collections::HashMap,
     fs,
-    io::{BufRead, BufReader, Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::{
         atomic::{AtomicU32, Ordering},
         Mutex,
@@ -17,13 +16,12 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::Value;
 
 use super::{
-    host::{self, ip, netns_path, target_bin, wait_for, Placement},
+    host::{self, netns_path, target_bin, wait_for, Placement},
+    manifests, network,
     registry::{self, Resources},
 };
-use crate::report::{ChurnReport, TransferReport};
 
 #[derive(Debug, Clone)]
 pub struct PodSpec {
@@ -135,7 +133,7 @@ pub struct SimCluster {
     agents: Mutex<HashMap<String, Child>>,
     resources: Resources,
     mesh_node: PathBuf,
-    testapp: PathBuf,
+    pub(super) testapp: PathBuf,
 }
 
 fn unique_id() -> String {
@@ -149,14 +147,6 @@ fn unique_id() -> String {
         "{:06x}{:02x}",
         (std::process::id() ^ (nanos >> 8)) & 0xff_ffff,
         n & 0xff
-    )
-}
-
-/// Underlay ("fabric") addresses of node i.
-fn underlay(i: u8) -> (String, String) {
-    (
-        format!("192.168.77.{}", 10 + i),
-        format!("fd77::{}", 10 + i),
     )
 }
 
@@ -216,183 +206,41 @@ impl SimCluster {
     ) -> Result<()> {
         fs::create_dir_all(&self.manifests)?;
         fs::create_dir_all(&self.cgroup_root).context("creating the cluster cgroup")?;
-        ip(&["netns", "add", fabric])?;
-        ip(&["-n", fabric, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", fabric, "link", "set", "br0", "up"])?;
-
+        network::create_fabric(fabric)?;
         for (i, name) in spec.nodes.iter().enumerate() {
-            let i = i as u8;
-            let ns = node_ns(name);
-            let path = netns_path(&ns);
-            ip(&["netns", "add", &ns])?;
-            let (u4, u6) = underlay(i);
-            let port = format!("n{i}");
-            ip(&[
-                "link", "add", &port, "netns", fabric, "type", "veth", "peer", "name", "eth0",
-                "netns", &ns,
-            ])?;
-            ip(&["-n", fabric, "link", "set", &port, "master", "br0", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{u4}/24"), "dev", "eth0"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{u6}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", &ns, "link", "add", "cbr0", "type", "bridge"])?;
-            let ipv4 = Ipv4Addr::new(10, 77, i, 1);
-            let ipv6: Ipv6Addr = format!("fd00:77:{i}::1").parse()?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{ipv4}/24"),
-                "dev",
-                "cbr0",
-            ])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{ipv6}/64"),
-                "dev",
-                "cbr0",
-                "nodad",
-            ])?;
-            ip(&["-n", &ns, "link", "set", "cbr0", "up"])?;
-            host::sysctl_in(&path, "/proc/sys/net/ipv4/ip_forward", "1")?;
-            host::sysctl_in(&path, "/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
+            let index = i as u8;
+            let (ipv4, ipv6) = network::create_node(fabric, &node_ns(name), index)?;
             let cgroup = self.cgroup_root.join(name);
             for sub in ["pods", "agent", "system"] {
                 fs::create_dir_all(cgroup.join(sub))?;
             }
             self.nodes.push(SimNode {
                 name: name.clone(),
-                index: i,
-                netns: path,
+                index,
+                netns: netns_path(&node_ns(name)),
                 cgroup,
                 ipv4,
                 ipv6,
                 pin_dir: pin_root.join(name),
             });
         }
-        // Each node routes the other nodes' pod subnets over the fabric.
         for node in &self.nodes {
-            let ns = node_ns(&node.name);
             for other in self.nodes.iter().filter(|o| o.index != node.index) {
-                let (u4, u6) = underlay(other.index);
-                let j = other.index;
-                ip(&[
-                    "-n",
-                    &ns,
-                    "route",
-                    "add",
-                    &format!("10.77.{j}.0/24"),
-                    "via",
-                    &u4,
-                ])?;
-                ip(&[
-                    "-n",
-                    &ns,
-                    "-6",
-                    "route",
-                    "add",
-                    &format!("fd00:77:{j}::/64"),
-                    "via",
-                    &u6,
-                ])?;
+                network::route_to_node(&node_ns(&node.name), other.index)?;
             }
         }
-
-        let mut per_node: HashMap<String, u8> = HashMap::new();
+        let mut hosts_per_node: HashMap<String, u8> = HashMap::new();
         for p in &spec.pods {
             let node = self
                 .nodes
                 .iter()
                 .find(|n| n.name == p.node)
-                .ok_or_else(|| anyhow!("pod {} is on unknown node {}", p.name, p.node))?
-                .clone();
-            let k = per_node.entry(p.node.clone()).or_insert(0);
+                .ok_or_else(|| anyhow!("pod {} is on unknown node {}", p.name, p.node))?;
+            // Host 1 of each pod subnet is the node; pods start at 2.
+            let k = hosts_per_node.entry(p.node.clone()).or_insert(1);
             *k += 1;
-            let host_index = *k + 1;
             let ns = pod_ns(p);
-            let node_ns_name = node_ns(&node.name);
-            ip(&["netns", "add", &ns])?;
-            let veth = format!("p{host_index}");
-            ip(&[
-                "link",
-                "add",
-                &veth,
-                "netns",
-                &node_ns_name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &ns,
-            ])?;
-            ip(&[
-                "-n",
-                &node_ns_name,
-                "link",
-                "set",
-                &veth,
-                "master",
-                "cbr0",
-                "up",
-            ])?;
-            let ipv4 = Ipv4Addr::new(10, 77, node.index, host_index);
-            let ipv6: Ipv6Addr = format!("fd00:77:{}::{host_index:x}", node.index).parse()?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{ipv4}/24"),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{ipv6}/64"),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&[
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &node.ipv4.to_string(),
-            ])?;
-            ip(&[
-                "-n",
-                &ns,
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &node.ipv6.to_string(),
-            ])?;
+            let (ipv4, ipv6) = network::create_pod(&node_ns(&node.name), &ns, node.index, *k)?;
             let cgroup = node.cgroup.join("pods").join(&p.name);
             fs::create_dir_all(&cgroup)?;
             self.pods.push(SimPod {
@@ -404,7 +252,8 @@ impl SimCluster {
                 ipv6,
             });
         }
-        self.write_manifests()
+        self.write_manifest("namespaces.yaml", &self.namespaces_yaml())?;
+        self.write_manifest("pods.yaml", &manifests::pods_yaml(&self.pods))
     }
 
     pub fn node(&self, name: &str) -> &SimNode {
@@ -424,46 +273,7 @@ impl SimCluster {
     // ---- manifests -------------------------------------------------------------
 
     fn namespaces_yaml(&self) -> String {
-        let namespaces = self.namespaces.lock().unwrap_or_else(|p| p.into_inner());
-        namespaces
-            .iter()
-            .map(|(name, enrolled)| {
-                let labels = if *enrolled {
-                    "\n  labels:\n    nodemesh.io/mesh: enabled"
-                } else {
-                    ""
-                };
-                format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n")
-            })
-            .collect::<Vec<_>>()
-            .join("---\n")
-    }
-
-    fn pods_yaml(&self) -> String {
-        let map = |items: &[(String, String)]| {
-            items
-                .iter()
-                .map(|(k, v)| format!("\n    {k}: \"{v}\""))
-                .collect::<String>()
-        };
-        self.pods
-            .iter()
-            .map(|p| {
-                let s = &p.spec;
-                let annotations = if s.annotations.is_empty() {
-                    String::new()
-                } else {
-                    format!("\n  annotations:{}", map(&s.annotations))
-                };
-                format!(
-                    "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  labels:{}{annotations}\n\
-                     spec:\n  nodeName: {}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: mesh-testapp\n\
-                     status:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: \"{}\"\n",
-                    s.name, s.namespace, p.uid, map(&s.labels), s.node, s.service_account, p.ipv4, p.ipv4, p.ipv6
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("---\n")
+        manifests::namespaces_yaml(&self.namespaces.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Writes a manifest file atomically (the agent never sees half a file).
@@ -472,11 +282,6 @@ impl SimCluster {
         fs::write(&tmp, text)?;
         fs::rename(&tmp, self.manifests.join(file))?;
         Ok(())
-    }
-
-    fn write_manifests(&self) -> Result<()> {
-        self.write_manifest("namespaces.yaml", &self.namespaces_yaml())?;
-        self.write_manifest("pods.yaml", &self.pods_yaml())
     }
 
     /// Labels or unlabels a namespace by editing its manifest, as `kubectl label` would.
@@ -615,154 +420,6 @@ impl SimCluster {
             .unwrap_or_else(|p| p.into_inner())
             .get(node)
             .map(Child::id)
-    }
-
-    // ---- admin API ---------------------------------------------------------------
-
-    /// One HTTP/1.1 request to the node agent's admin API (127.0.0.1:15000 in the node).
-    pub fn admin_raw(&self, node: &str, method: &str, path: &str) -> Result<(u16, String)> {
-        let request =
-            format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-        host::in_netns(&self.node(node).netns, move || {
-            let addr: SocketAddr = "127.0.0.1:15000".parse()?;
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(request.as_bytes())?;
-            let mut text = String::new();
-            s.read_to_string(&mut text)?;
-            let (head, body) = text
-                .split_once("\r\n\r\n")
-                .ok_or_else(|| anyhow!("malformed HTTP response"))?;
-            let status = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| anyhow!("no status in `{head}`"))?;
-            Ok((status, body.to_string()))
-        })
-    }
-
-    pub fn admin(&self, node: &str, path: &str) -> Result<Value> {
-        let (status, body) = self.admin_raw(node, "GET", path)?;
-        if status != 200 {
-            bail!("admin {path} on {node}: HTTP {status}: {body}");
-        }
-        serde_json::from_str(&body).with_context(|| format!("admin {path}: not JSON: {body}"))
-    }
-
-    /// Closed connections the node's agent recorded.
-    pub fn closed_connections(&self, node: &str) -> Result<Vec<Value>> {
-        let v = self.admin(node, "/connections")?;
-        Ok(v["closed"].as_array().cloned().unwrap_or_default())
-    }
-
-    /// The entry count of each eBPF map of the node's agent.
-    pub fn map_entries(&self, node: &str) -> Result<HashMap<String, u64>> {
-        let v = self.admin(node, "/bpf")?;
-        Ok(v["maps"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|m| Some((m["name"].as_str()?.to_string(), m["entries"].as_u64()?)))
-            .collect())
-    }
-
-    // ---- workloads -----------------------------------------------------------------
-
-    /// Starts an echo server in `pod` on `port` and waits until it listens. Like most
-    /// real servers it binds one dual-stack socket (`[::]`), taking IPv4 and IPv6.
-    pub fn serve(&self, pod: &str, port: u16) -> Result<Process> {
-        let p = self.pod(pod);
-        let mut cmd = p.placement().command(&self.testapp)?;
-        cmd.args(["serve", "--listen", &format!("[::]:{port}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("starting the echo server")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        if line.trim() != "ready" {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
-            bail!("echo server in {pod} did not start: {err}");
-        }
-        Ok(Process(child))
-    }
-
-    fn run_testapp(&self, placement: &Placement, args: &[String]) -> Result<String> {
-        let out = placement
-            .command(&self.testapp)?
-            .args(args)
-            .output()
-            .context("running mesh-testapp")?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if stdout.trim().is_empty() {
-            bail!(
-                "mesh-testapp printed nothing: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(stdout)
-    }
-
-    /// Sends `bytes` random bytes from `pod` to `dst` and checks the echo.
-    pub fn transfer(&self, pod: &str, dst: SocketAddr, bytes: u64) -> Result<TransferReport> {
-        self.transfer_from(&self.pod(pod).placement(), dst, bytes)
-    }
-
-    pub fn transfer_from(
-        &self,
-        placement: &Placement,
-        dst: SocketAddr,
-        bytes: u64,
-    ) -> Result<TransferReport> {
-        let args = [
-            "transfer".to_string(),
-            "--connect".into(),
-            dst.to_string(),
-            "--bytes".into(),
-            bytes.to_string(),
-        ];
-        Ok(serde_json::from_str(
-            self.run_testapp(placement, &args)?.trim(),
-        )?)
-    }
-
-    /// A process on the node itself, outside every pod (where kubelet runs).
-    pub fn node_placement(&self, node: &str) -> Placement {
-        let n = self.node(node);
-        Placement {
-            netns: n.netns.clone(),
-            cgroup: n.cgroup.join("system"),
-        }
-    }
-
-    pub fn churn(&self, pod: &str, dst: SocketAddr, count: u64) -> Result<ChurnReport> {
-        let args = [
-            "churn".to_string(),
-            "--connect".into(),
-            dst.to_string(),
-            "--count".into(),
-            count.to_string(),
-        ];
-        Ok(serde_json::from_str(
-            self.run_testapp(&self.pod(pod).placement(), &args)?.trim(),
-        )?)
-    }
-
-    /// Makes a pod's network namespace disappear: its processes die and the
-    /// namespace file is removed, as when a container runtime tears a pod down.
-    pub fn destroy_pod_netns(&self, pod: &str) -> Result<()> {
-        let p = self.pod(pod);
-        let _ = fs::write(p.cgroup.join("cgroup.kill"), "1");
-        let name = p
-            .netns
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
-        ip(&["netns", "del", name])
     }
 
     /// Waits until `check` holds, polling every 20 ms; returns how long it took.

@@ -1,0 +1,64 @@
+//! Talking to a node agent's admin API from the test process: each request runs on
+//! a thread that has entered the node's network namespace.
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use super::{host, SimCluster};
+
+impl SimCluster {
+    /// One HTTP/1.1 request to the node agent's admin API (127.0.0.1:15000 in the node).
+    pub fn admin_raw(&self, node: &str, method: &str, path: &str) -> Result<(u16, String)> {
+        let request =
+            format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        host::in_netns(&self.node(node).netns, move || {
+            let addr: SocketAddr = "127.0.0.1:15000".parse()?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(request.as_bytes())?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            let (head, body) = text
+                .split_once("\r\n\r\n")
+                .ok_or_else(|| anyhow!("malformed HTTP response"))?;
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| anyhow!("no status in `{head}`"))?;
+            Ok((status, body.to_string()))
+        })
+    }
+
+    pub fn admin(&self, node: &str, path: &str) -> Result<Value> {
+        let (status, body) = self.admin_raw(node, "GET", path)?;
+        if status != 200 {
+            bail!("admin {path} on {node}: HTTP {status}: {body}");
+        }
+        serde_json::from_str(&body).with_context(|| format!("admin {path}: not JSON: {body}"))
+    }
+
+    /// Closed connections the node's agent recorded.
+    pub fn closed_connections(&self, node: &str) -> Result<Vec<Value>> {
+        let v = self.admin(node, "/connections")?;
+        Ok(v["closed"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// The entry count of each eBPF map of the node's agent.
+    pub fn map_entries(&self, node: &str) -> Result<HashMap<String, u64>> {
+        let v = self.admin(node, "/bpf")?;
+        Ok(v["maps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| Some((m["name"].as_str()?.to_string(), m["entries"].as_u64()?)))
+            .collect())
+    }
+}

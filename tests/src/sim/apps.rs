@@ -1,0 +1,114 @@
+//! Running the test app (`mesh-testapp`) in pods and on nodes.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read},
+    net::SocketAddr,
+    process::Stdio,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::{
+    host::{ip, Placement},
+    Process, SimCluster,
+};
+use crate::report::{ChurnReport, TransferReport};
+
+impl SimCluster {
+    /// Starts an echo server in `pod` on `port` and waits until it listens. Like most
+    /// real servers it binds one dual-stack socket (`[::]`), taking IPv4 and IPv6.
+    pub fn serve(&self, pod: &str, port: u16) -> Result<Process> {
+        let p = self.pod(pod);
+        let mut cmd = p.placement().command(&self.testapp)?;
+        cmd.args(["serve", "--listen", &format!("[::]:{port}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("starting the echo server")?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            bail!("echo server in {pod} did not start: {err}");
+        }
+        Ok(Process(child))
+    }
+
+    fn run_testapp(&self, placement: &Placement, args: &[String]) -> Result<String> {
+        let out = placement
+            .command(&self.testapp)?
+            .args(args)
+            .output()
+            .context("running mesh-testapp")?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if stdout.trim().is_empty() {
+            bail!(
+                "mesh-testapp printed nothing: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(stdout)
+    }
+
+    /// Sends `bytes` random bytes from `pod` to `dst` and checks the echo.
+    pub fn transfer(&self, pod: &str, dst: SocketAddr, bytes: u64) -> Result<TransferReport> {
+        self.transfer_from(&self.pod(pod).placement(), dst, bytes)
+    }
+
+    pub fn transfer_from(
+        &self,
+        placement: &Placement,
+        dst: SocketAddr,
+        bytes: u64,
+    ) -> Result<TransferReport> {
+        let args = [
+            "transfer".to_string(),
+            "--connect".into(),
+            dst.to_string(),
+            "--bytes".into(),
+            bytes.to_string(),
+        ];
+        Ok(serde_json::from_str(
+            self.run_testapp(placement, &args)?.trim(),
+        )?)
+    }
+
+    /// A process on the node itself, outside every pod (where kubelet runs).
+    pub fn node_placement(&self, node: &str) -> Placement {
+        let n = self.node(node);
+        Placement {
+            netns: n.netns.clone(),
+            cgroup: n.cgroup.join("system"),
+        }
+    }
+
+    pub fn churn(&self, pod: &str, dst: SocketAddr, count: u64) -> Result<ChurnReport> {
+        let args = [
+            "churn".to_string(),
+            "--connect".into(),
+            dst.to_string(),
+            "--count".into(),
+            count.to_string(),
+        ];
+        Ok(serde_json::from_str(
+            self.run_testapp(&self.pod(pod).placement(), &args)?.trim(),
+        )?)
+    }
+
+    /// Makes a pod's network namespace disappear: its processes die and the
+    /// namespace file is removed, as when a container runtime tears a pod down.
+    pub fn destroy_pod_netns(&self, pod: &str) -> Result<()> {
+        let p = self.pod(pod);
+        let _ = fs::write(p.cgroup.join("cgroup.kill"), "1");
+        let name = p
+            .netns
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        ip(&["netns", "del", name])
+    }
+}

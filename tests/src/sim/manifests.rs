@@ -1,0 +1,54 @@
+//! The Kubernetes YAML the simulated cluster feeds its agents: ordinary Namespace and
+//! Pod manifests, as `kubectl get -o yaml` would show them.
+
+use super::cluster::SimPod;
+
+pub fn namespaces_yaml(namespaces: &[(String, bool)]) -> String {
+    namespaces
+        .iter()
+        .map(|(name, enrolled)| {
+            let labels = if *enrolled {
+                "\n  labels:\n    nodemesh.io/mesh: enabled"
+            } else {
+                ""
+            };
+            format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n")
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+fn yaml_map(items: &[(String, String)]) -> String {
+    items
+        .iter()
+        .map(|(k, v)| format!("\n    {k}: \"{v}\""))
+        .collect()
+}
+
+pub fn pods_yaml(pods: &[SimPod]) -> String {
+    pods.iter()
+        .map(|p| {
+            let s = &p.spec;
+            let annotations = if s.annotations.is_empty() {
+                String::new()
+            } else {
+                format!("\n  annotations:{}", yaml_map(&s.annotations))
+            };
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  labels:{}{annotations}\n\
+                 spec:\n  nodeName: {}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: mesh-testapp\n\
+                 status:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: \"{}\"\n",
+                s.name,
+                s.namespace,
+                p.uid,
+                yaml_map(&s.labels),
+                s.node,
+                s.service_account,
+                p.ipv4,
+                p.ipv4,
+                p.ipv6
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}

@@ -1,0 +1,140 @@
+//! The simulated cluster's network: a fabric bridge joining the nodes, a pod bridge
+//! (`cbr0`) per node, one veth per pod. Node i owns 10.77.i.0/24 and fd00:77:i::/64;
+//! the fabric is 192.168.77.0/24 and fd77::/64. Addresses only exist inside the
+//! namespaces the harness creates, so clusters never collide with each other.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use anyhow::Result;
+
+use super::host::{ip, netns_path, sysctl_in};
+
+/// Underlay ("fabric") addresses of node i.
+fn underlay(i: u8) -> (Ipv4Addr, Ipv6Addr) {
+    (
+        Ipv4Addr::new(192, 168, 77, 10 + i),
+        Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 10 + u16::from(i)),
+    )
+}
+
+/// Addresses of host `k` of node i's pod subnet (1 is the node itself).
+pub fn pod_subnet_host(node: u8, k: u8) -> (Ipv4Addr, Ipv6Addr) {
+    (
+        Ipv4Addr::new(10, 77, node, k),
+        Ipv6Addr::new(0xfd00, 0x77, u16::from(node), 0, 0, 0, 0, u16::from(k)),
+    )
+}
+
+/// `ip -n <ns> <args>`.
+fn ip_in(ns: &str, args: &[&str]) -> Result<()> {
+    let mut full = vec!["-n", ns];
+    full.extend_from_slice(args);
+    ip(&full)
+}
+
+/// A veth pair created directly in its two namespaces (names never touch the host's).
+fn veth(name: &str, ns: &str, peer: &str, peer_ns: &str) -> Result<()> {
+    ip(&[
+        "link", "add", name, "netns", ns, "type", "veth", "peer", "name", peer, "netns", peer_ns,
+    ])
+}
+
+/// Adds both addresses (IPv6 without duplicate detection, so it is usable at once)
+/// and brings the device up.
+fn address(ns: &str, dev: &str, v4: Ipv4Addr, v6: Ipv6Addr, v4_len: u8) -> Result<()> {
+    ip_in(ns, &["addr", "add", &format!("{v4}/{v4_len}"), "dev", dev])?;
+    ip_in(
+        ns,
+        &["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"],
+    )?;
+    ip_in(ns, &["link", "set", dev, "up"])
+}
+
+fn bridge(ns: &str, name: &str) -> Result<()> {
+    ip_in(ns, &["link", "add", name, "type", "bridge"])?;
+    ip_in(ns, &["link", "set", name, "up"])
+}
+
+pub fn create_fabric(fabric: &str) -> Result<()> {
+    ip(&["netns", "add", fabric])?;
+    bridge(fabric, "br0")
+}
+
+/// Creates node i: namespace, uplink to the fabric, pod bridge, forwarding on.
+/// Returns the node's address on its pod bridge (what pods see as their gateway).
+pub fn create_node(fabric: &str, ns: &str, i: u8) -> Result<(Ipv4Addr, Ipv6Addr)> {
+    ip(&["netns", "add", ns])?;
+    let port = format!("n{i}");
+    veth(&port, fabric, "eth0", ns)?;
+    ip_in(fabric, &["link", "set", &port, "master", "br0", "up"])?;
+    let (u4, u6) = underlay(i);
+    address(ns, "eth0", u4, u6, 24)?;
+    ip_in(ns, &["link", "set", "lo", "up"])?;
+    bridge(ns, "cbr0")?;
+    let (v4, v6) = pod_subnet_host(i, 1);
+    address(ns, "cbr0", v4, v6, 24)?;
+    let path = netns_path(ns);
+    sysctl_in(&path, "/proc/sys/net/ipv4/ip_forward", "1")?;
+    sysctl_in(&path, "/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
+    Ok((v4, v6))
+}
+
+/// Routes node `other`'s pod subnets from node namespace `ns` over the fabric.
+pub fn route_to_node(ns: &str, other: u8) -> Result<()> {
+    let (u4, u6) = underlay(other);
+    ip_in(
+        ns,
+        &[
+            "route",
+            "add",
+            &format!("10.77.{other}.0/24"),
+            "via",
+            &u4.to_string(),
+        ],
+    )?;
+    ip_in(
+        ns,
+        &[
+            "-6",
+            "route",
+            "add",
+            &format!("fd00:77:{other}::/64"),
+            "via",
+            &u6.to_string(),
+        ],
+    )
+}
+
+/// Creates a pod namespace as host `k` of node i's subnet, plugged into `cbr0`.
+pub fn create_pod(node_ns: &str, pod_ns: &str, node: u8, k: u8) -> Result<(Ipv4Addr, Ipv6Addr)> {
+    ip(&["netns", "add", pod_ns])?;
+    let port = format!("p{k}");
+    veth(&port, node_ns, "eth0", pod_ns)?;
+    ip_in(node_ns, &["link", "set", &port, "master", "cbr0", "up"])?;
+    let (v4, v6) = pod_subnet_host(node, k);
+    address(pod_ns, "eth0", v4, v6, 24)?;
+    ip_in(pod_ns, &["link", "set", "lo", "up"])?;
+    let (gw4, gw6) = pod_subnet_host(node, 1);
+    ip_in(
+        pod_ns,
+        &["route", "add", "default", "via", &gw4.to_string()],
+    )?;
+    ip_in(
+        pod_ns,
+        &["-6", "route", "add", "default", "via", &gw6.to_string()],
+    )?;
+    Ok((v4, v6))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_follow_the_plan() {
+        assert_eq!(underlay(1).0, Ipv4Addr::new(192, 168, 77, 11));
+        assert_eq!(underlay(1).1.to_string(), "fd77::b");
+        assert_eq!(pod_subnet_host(1, 2).0, Ipv4Addr::new(10, 77, 1, 2));
+        assert_eq!(pod_subnet_host(1, 2).1.to_string(), "fd00:77:1::2");
+    }
+}
