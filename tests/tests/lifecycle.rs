@@ -80,6 +80,7 @@ fn a_killed_agent_restarts_on_its_pinned_state_with_one_attachment_per_program()
             .unwrap_or(false)
     });
     let took = took.expect("connections never worked again after the restart");
+    eprintln!("first connection after ready succeeded after {took:?}");
     assert!(took < Duration::from_secs(1), "took {took:?} after ready");
     let report = cluster.transfer("client", dst, 1024).unwrap();
     assert_eq!(report.peer.as_deref(), Some(OUTBOUND_LISTENER));
