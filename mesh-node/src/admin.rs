@@ -7,6 +7,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
+    time::Instant,
 };
 
 use bytes::Bytes;
@@ -21,8 +22,8 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, warn};
 
 use crate::{
-    config::AgentConfig, connections::ConnectionTable, dataplane::Dataplane, metrics::Metrics,
-    workloads::WorkloadStatus,
+    config::AgentConfig, connections::ConnectionTable, dataplane::Dataplane,
+    kube_source::DiscoveryHealth, metrics::Metrics, workloads::WorkloadStatus,
 };
 
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -68,6 +69,7 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub workloads: watch::Receiver<Arc<Vec<WorkloadStatus>>>,
     pub ready: Arc<AtomicBool>,
+    pub discovery: Arc<DiscoveryHealth>,
     pub log_level: LogLevel,
 }
 
@@ -103,7 +105,8 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-const ENDPOINTS: [&str; 7] = [
+const ENDPOINTS: [&str; 8] = [
+    "/discovery",
     "/workloads",
     "/connections",
     "/bpf",
@@ -148,7 +151,8 @@ pub fn admin_route(
                 "pass the new filter as ?level=debug",
             ),
         },
-        (&Method::GET, "/healthz/ready") => readiness(&state.ready),
+        (&Method::GET, "/healthz/ready") => readiness(&state.ready, &state.discovery),
+        (&Method::GET, "/discovery") => json_response(&state.discovery.snapshot()),
         (&Method::GET, "/stats/prometheus") => metrics_response(&state.metrics),
         _ => error(
             StatusCode::NOT_FOUND,
@@ -157,15 +161,21 @@ pub fn admin_route(
     }
 }
 
-pub fn readiness(ready: &AtomicBool) -> HttpResponse {
-    if ready.load(Ordering::Relaxed) {
-        respond(StatusCode::OK, "text/plain", "ready\n")
-    } else {
-        respond(
+pub fn readiness(ready: &AtomicBool, discovery: &DiscoveryHealth) -> HttpResponse {
+    if !ready.load(Ordering::Relaxed) {
+        return respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             "not ready: eBPF or first reconcile pending\n",
-        )
+        );
+    }
+    match discovery.unready_reason(Instant::now()) {
+        None => respond(StatusCode::OK, "text/plain", "ready\n"),
+        Some(why) => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("not ready: discovery: {why}\n"),
+        ),
     }
 }
 

@@ -18,12 +18,14 @@ use tracing::{info, warn};
 
 use crate::{
     admin::{self, AdminState, LogLevel},
+    balancer::Balancer,
     cgroup::{self, MountError},
-    config::AgentConfig,
+    config::{AgentConfig, NetnsLocatorKind, Source},
     connections::ConnectionTable,
     dataplane::{Dataplane, DataplaneError},
     files_source,
-    locator::NetnsDirectory,
+    kube_source::{self, DiscoveryHealth},
+    locator::{KubepodsLocator, NetnsDirectory, NetnsLocator},
     metrics::Metrics,
     netns::{Netns, NetnsError},
     preflight::{self, PreflightError},
@@ -53,6 +55,8 @@ pub enum AgentError {
     NoObject(std::io::Error),
     #[error("cannot install a signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("cannot reach the Kubernetes API (in-cluster credentials or KUBECONFIG): {0}; run inside the cluster with the DaemonSet's service account, or use --source files")]
+    Kube(kube::Error),
 }
 
 /// How often pods are re-checked (retries, vanished namespaces).
@@ -116,14 +120,32 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
     let metrics = Arc::new(Metrics::new());
     let connections = ConnectionTable::new(metrics.clone());
     let ready = Arc::new(AtomicBool::new(false));
+    let discovery = Arc::new(DiscoveryHealth::default());
     let (state_tx, mut state_rx) = watch::channel(Arc::new(ClusterState::default()));
     let (status_tx, status_rx) = watch::channel(Arc::new(Vec::new()));
 
-    tokio::spawn(files_source::watch_directory(
-        config.manifests.clone(),
-        state_tx,
-        metrics.clone(),
-    ));
+    match (config.source, &config.manifests) {
+        (Source::Files, Some(dir)) => {
+            discovery.all_synced();
+            tokio::spawn(files_source::watch_directory(
+                dir.clone(),
+                state_tx,
+                metrics.clone(),
+            ));
+        }
+        (Source::Files, None) => unreachable!("clap requires --manifests with --source files"),
+        (Source::Kube, _) => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(AgentError::Kube)?;
+            tokio::spawn(kube_source::run(
+                client,
+                state_tx,
+                metrics.clone(),
+                discovery.clone(),
+            ));
+        }
+    }
 
     let admin_state = Arc::new(AdminState {
         config: config.clone(),
@@ -132,6 +154,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         metrics: metrics.clone(),
         workloads: status_rx,
         ready: ready.clone(),
+        discovery: discovery.clone(),
         log_level,
     });
     tokio::spawn(admin::serve(admin_listener, move |m, p, q| {
@@ -141,9 +164,9 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
     tokio::spawn(admin::serve(metrics_listener, move |_, _, _| {
         admin::metrics_response(&m)
     }));
-    let r = ready.clone();
+    let (r, d) = (ready.clone(), discovery.clone());
     tokio::spawn(admin::serve(ready_listener, move |_, _, _| {
-        admin::readiness(&r)
+        admin::readiness(&r, &d)
     }));
 
     let mut workloads = Workloads::new(
@@ -152,14 +175,21 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             socket_mark: config.socket_mark,
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
+            service_cidrs: Arc::new(config.service_cidrs.clone()),
+            balancer: Arc::new(Balancer::new()),
         },
         home,
         dataplane.clone(),
-        Box::new(NetnsDirectory {
-            dir: config.netns_dir.clone(),
-        }),
+        match config.netns_locator {
+            NetnsLocatorKind::Kubepods => {
+                Box::new(KubepodsLocator::default()) as Box<dyn NetnsLocator>
+            }
+            NetnsLocatorKind::NetnsDir => Box::new(NetnsDirectory {
+                dir: config.netns_dir.clone(),
+            }),
+        },
         connections,
-        metrics,
+        metrics.clone(),
         state_rx.clone(),
     );
 
@@ -184,7 +214,12 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
                     recheck.tick().await;
                 }
             }
-            _ = recheck.tick() => workloads.check_netns(),
+            _ = recheck.tick() => {
+                workloads.check_netns();
+                for (kind, stale) in discovery.staleness(std::time::Instant::now()) {
+                    metrics.discovery_stale_seconds.with_label_values(&[kind.name()]).set(stale);
+                }
+            }
             _ = sweep.tick() => {
                 let removed = dataplane.sweep_stale(SWEEP_AGE);
                 if removed > 0 {

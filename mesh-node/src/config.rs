@@ -6,20 +6,37 @@ use std::{net::IpAddr, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
+use crate::state::resolve::IpCidr;
+
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct AgentConfig {
     /// Name of the node this agent serves; only pods with this `spec.nodeName` are enrolled.
     #[arg(long)]
     pub node_name: String,
 
-    /// Directory of Kubernetes YAML manifests (the `files` discovery source), watched for changes.
-    #[arg(long)]
-    pub manifests: PathBuf,
+    /// Where the cluster state comes from: the Kubernetes API (`kube`, in-cluster
+    /// credentials or KUBECONFIG) or a directory of manifests (`files`).
+    #[arg(long, value_enum, default_value_t = Source::Files)]
+    pub source: Source,
 
-    /// Where pod network namespaces are found: `<dir>/<pod uid>` (the embedded cluster's
-    /// seam; on a real node the kubepods cgroup lookup replaces it).
+    /// Directory of Kubernetes YAML manifests for `--source files`, watched for changes.
+    #[arg(long, required_if_eq("source", "files"))]
+    pub manifests: Option<PathBuf>,
+
+    /// How a pod's network namespace is found: `kubepods` looks for a process of the pod
+    /// by its UID in kubelet's cgroup layout (needs hostPID); `netns-dir` opens
+    /// `<--netns-dir>/<pod uid>`.
+    #[arg(long, value_enum, default_value_t = NetnsLocatorKind::Kubepods)]
+    pub netns_locator: NetnsLocatorKind,
+
+    /// Directory of named network namespaces for `--netns-locator netns-dir`.
     #[arg(long, default_value = "/var/run/netns")]
     pub netns_dir: PathBuf,
+
+    /// Service address ranges (the cluster's service CIDRs). A connection to an address
+    /// in them that no Service has is refused at once instead of leaving the node.
+    #[arg(long = "service-cidr")]
+    pub service_cidrs: Vec<IpCidr>,
 
     /// cgroup v2 directory the connect/sockops programs attach to, absolute or relative
     /// to the cgroup2 mount (found in /proc/self/mountinfo). Default: the mount itself.
@@ -72,6 +89,20 @@ pub struct AgentConfig {
     /// Initial log filter (tracing `EnvFilter` syntax), changeable at runtime via the admin API.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Files,
+    Kube,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetnsLocatorKind {
+    Kubepods,
+    NetnsDir,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]

@@ -43,6 +43,12 @@ pub struct ConnectionInfo {
     pub original_dst: SocketAddr,
     /// The peer workload, when the state knows the address.
     pub peer: Option<PodKey>,
+    /// Outbound to a Service: the Service and port (`ns/name:port`).
+    pub service: Option<String>,
+    /// The backend Service the route chose (the Service itself without a route).
+    pub backend: Option<String>,
+    /// Where the proxy connected: the chosen endpoint, or the original destination.
+    pub upstream: Option<SocketAddr>,
 }
 
 /// One connection, as listed by the admin API and printed by the access log.
@@ -179,6 +185,9 @@ impl ConnectionTable {
             pod = %record.info.pod,
             src = %record.info.src,
             original_dst = %record.info.original_dst,
+            service = record.info.service.as_deref().unwrap_or(""),
+            backend = record.info.backend.as_deref().unwrap_or(""),
+            upstream = record.info.upstream.map(|u| u.to_string()).unwrap_or_default(),
             peer = record.info.peer.as_ref().map(|p| p.to_string()).unwrap_or_default(),
             bytes_to_server = record.bytes_to_server,
             bytes_to_client = record.bytes_to_client,
@@ -253,6 +262,9 @@ mod tests {
                 namespace: "apps".into(),
                 name: "server".into(),
             }),
+            service: None,
+            backend: None,
+            upstream: None,
         }
     }
 

@@ -43,13 +43,22 @@ fn collect(value: serde_yaml::Value, doc: usize, out: &mut Vec<KubeObject>) -> R
         .ok_or_else(|| format!("document {doc}: no `kind` field"))?
         .to_string();
     let typed = |e: serde_yaml::Error| format!("document {doc} ({kind}): {e}");
-    match kind.as_str() {
-        "Namespace" => out.push(KubeObject::Namespace(Box::new(
-            serde_yaml::from_value(value).map_err(typed)?,
-        ))),
-        "Pod" => out.push(KubeObject::Pod(Box::new(
-            serde_yaml::from_value(value).map_err(typed)?,
-        ))),
+    let object = match kind.as_str() {
+        "Namespace" => {
+            KubeObject::Namespace(Box::new(serde_yaml::from_value(value).map_err(typed)?))
+        }
+        "Pod" => KubeObject::Pod(Box::new(serde_yaml::from_value(value).map_err(typed)?)),
+        "Service" => KubeObject::Service(Box::new(serde_yaml::from_value(value).map_err(typed)?)),
+        "EndpointSlice" => {
+            KubeObject::EndpointSlice(Box::new(serde_yaml::from_value(value).map_err(typed)?))
+        }
+        "HTTPRoute" => {
+            KubeObject::HttpRoute(Box::new(serde_yaml::from_value(value).map_err(typed)?))
+        }
+        "TCPRoute" => KubeObject::TcpRoute(Box::new(serde_yaml::from_value(value).map_err(typed)?)),
+        "AuthorizationPolicy" => {
+            KubeObject::AuthorizationPolicy(Box::new(serde_yaml::from_value(value).map_err(typed)?))
+        }
         "List" => {
             let items = value
                 .get("items")
@@ -59,9 +68,14 @@ fn collect(value: serde_yaml::Value, doc: usize, out: &mut Vec<KubeObject>) -> R
             for item in items {
                 collect(item, doc, out)?;
             }
+            return Ok(());
         }
-        _ => {}
+        _ => return Ok(()),
+    };
+    if object.key().is_none() {
+        return Err(format!("document {doc} ({kind}): metadata.name is missing"));
     }
+    out.push(object);
     Ok(())
 }
 
@@ -201,19 +215,17 @@ pub async fn watch_directory(
             POLL_INTERVAL
         }
     };
+    let mut first = true;
     loop {
         let (changed, problems) = manifests.rescan();
         for p in &problems {
             metrics.manifest_errors.inc();
             warn!(path = %p.path.display(), reason = %p.reason, "manifest skipped; the last good version stays in effect");
         }
-        if changed {
+        // The first scan is always published: the agent waits for it before reconciling.
+        if changed || std::mem::take(&mut first) {
             let state = manifests.state();
-            info!(
-                namespaces = state.namespaces.len(),
-                pods = state.pods.len(),
-                "manifests changed"
-            );
+            info!(objects = ?state.counts(), "manifests changed");
             metrics.state_updates.inc();
             tx.send_replace(Arc::new(state));
         }

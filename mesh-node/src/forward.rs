@@ -10,11 +10,13 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
+    balancer::Balancer,
     connections::{ConnectionInfo, ConnectionTable},
     dataplane::Dataplane,
     metrics::Metrics,
     relay::{relay, RelayEnd},
     sockets::PodSockets,
+    state::resolve::IpCidr,
     state::{ClusterState, PodKey},
 };
 
@@ -27,6 +29,8 @@ pub struct PodContext {
     pub connections: Arc<ConnectionTable>,
     pub metrics: Arc<Metrics>,
     pub state: watch::Receiver<Arc<ClusterState>>,
+    pub balancer: Arc<Balancer>,
+    pub service_cidrs: Arc<Vec<IpCidr>>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
 }
@@ -52,8 +56,24 @@ where
     }
 }
 
+/// Records a connection the proxy refuses, and resets it.
+pub fn refuse(client: TcpStream, info: ConnectionInfo, reason: &'static str, ctx: &PodContext) {
+    ctx.metrics.refused.with_label_values(&[reason]).inc();
+    warn!(pod = %info.pod, src = %info.src, dst = %info.original_dst, reason, "connection refused");
+    reset(client);
+    ctx.connections
+        .open(info)
+        .close(format!("refused: {reason}"));
+}
+
 /// Connects to `dst` from inside the pod and relays, recording the connection.
-pub async fn forward(client: TcpStream, dst: SocketAddr, info: ConnectionInfo, ctx: &PodContext) {
+pub async fn forward(
+    client: TcpStream,
+    dst: SocketAddr,
+    mut info: ConnectionInfo,
+    ctx: &PodContext,
+) {
+    info.upstream = Some(dst);
     let conn = ctx.connections.open(info);
     let upstream = match ctx.sockets.connect(dst, ctx.connect_timeout).await {
         Ok(s) => s,

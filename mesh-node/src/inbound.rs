@@ -34,6 +34,9 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         src: peer,
         original_dst: dst,
         peer: ctx.state.borrow().pod_by_ip(canonical(peer.ip())).cloned(),
+        service: None,
+        backend: None,
+        upstream: None,
     };
     forward(stream, dst, info, &ctx).await;
 }

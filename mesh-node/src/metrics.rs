@@ -1,6 +1,6 @@
 //! Prometheus metrics (`nodemesh_` prefix, Istio's standard label names).
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, GaugeVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
 
 /// Labels of the TCP metrics; every value is bounded by the pods of the cluster.
 pub const TCP_LABELS: [&str; 6] = [
@@ -26,6 +26,10 @@ pub struct Metrics {
     pub netns_vanished: IntCounter,
     /// Pods that could not be enrolled (netns missing, listener failed), by reason.
     pub enroll_failures: IntCounterVec,
+    /// Failed watches of the `kube` source, by kind.
+    pub discovery_errors: IntCounterVec,
+    /// Seconds a kind's watch has been failing (0 when healthy).
+    pub discovery_stale_seconds: GaugeVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -35,6 +39,15 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
         .register(Box::new(c.clone()))
         .unwrap_or_else(|e| panic!("metric {name} registered twice: {e}"));
     c
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
+    registry
+        .register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name} registered twice: {e}"));
+    g
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -106,6 +119,18 @@ impl Metrics {
                 "nodemesh_enroll_failures_total",
                 "Attempts to enroll a pod that failed, by reason.",
                 &["reason"],
+            ),
+            discovery_errors: counter_vec(
+                &r,
+                "nodemesh_discovery_errors_total",
+                "Failed watches of the Kubernetes API, by kind.",
+                &["kind"],
+            ),
+            discovery_stale_seconds: gauge_vec(
+                &r,
+                "nodemesh_discovery_stale_seconds",
+                "Seconds a kind's watch has been failing; the last good state keeps serving.",
+                &["kind"],
             ),
             registry: r,
         }

@@ -10,8 +10,11 @@ use tracing::{debug, warn};
 
 use crate::{
     connections::{ConnectionInfo, Direction},
-    forward::{accept_loop, forward, reset, PodContext},
-    state::{canonical, ip_from_key, ip_key},
+    forward::{accept_loop, forward, refuse, reset, PodContext},
+    state::{
+        canonical, ip_from_key, ip_key,
+        resolve::{resolve, Resolution},
+    },
 };
 
 pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
@@ -41,12 +44,41 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     };
     let dst = SocketAddr::new(ip_from_key(&orig.addr), orig.port);
     debug!(pod = %ctx.pod, src = %peer, dst = %dst, "outbound");
-    let info = ConnectionInfo {
+    let state = ctx.state.borrow().clone();
+    let mut info = ConnectionInfo {
         direction: Direction::Outbound,
         pod: ctx.pod.clone(),
         src: peer,
         original_dst: dst,
-        peer: ctx.state.borrow().pod_by_ip(canonical(dst.ip())).cloned(),
+        peer: None,
+        service: None,
+        backend: None,
+        upstream: None,
     };
-    forward(stream, dst, info, &ctx).await;
+    match resolve(&state, dst, &ctx.service_cidrs) {
+        Resolution::Direct => {
+            info.peer = state.pod_by_ip(canonical(dst.ip())).cloned();
+            forward(stream, dst, info, &ctx).await;
+        }
+        Resolution::Service {
+            service,
+            port,
+            backends,
+            ..
+        } => {
+            info.service = Some(format!("{service}:{port}"));
+            let Some(pick) = ctx.balancer.pick(&service, port, &backends) else {
+                return refuse(stream, info, "no_ready_endpoint", &ctx);
+            };
+            info.backend = Some(pick.backend.to_string());
+            info.peer = state.pod_by_ip(pick.endpoint.ip()).cloned();
+            forward(stream, pick.endpoint, info, &ctx).await;
+            drop(pick);
+        }
+        Resolution::UnknownPort { service, port } => {
+            info.service = Some(format!("{service}:{port}"));
+            refuse(stream, info, "unknown_service_port", &ctx);
+        }
+        Resolution::UnknownService => refuse(stream, info, "unknown_service", &ctx),
+    }
 }

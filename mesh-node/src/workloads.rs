@@ -17,6 +17,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
+    balancer::Balancer,
     connections::ConnectionTable,
     dataplane::{Dataplane, DataplaneError, SkLookupLink},
     forward::PodContext,
@@ -26,7 +27,7 @@ use crate::{
     netns::{Netns, NetnsError, NetnsId},
     outbound,
     sockets::PodSockets,
-    state::{ip_key, ClusterState, PodKey, PodPlan},
+    state::{ip_key, resolve::IpCidr, ClusterState, PodKey, PodPlan},
 };
 
 #[derive(Debug, Error)]
@@ -62,6 +63,8 @@ pub struct ProxySettings {
     pub socket_mark: u32,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    pub service_cidrs: Arc<Vec<IpCidr>>,
+    pub balancer: Arc<Balancer>,
 }
 
 struct RunningPod {
@@ -175,7 +178,7 @@ impl Workloads {
                         .failures
                         .get(&key)
                         .is_some_and(|f| f.starts_with(VANISHED));
-                    if vanished && matches!(e, EnrollError::Netns(_)) {
+                    if vanished && matches!(e, EnrollError::Netns(_) | EnrollError::Locate(_)) {
                         // Still gone: keep saying why it left rather than the retry error.
                         continue;
                     }
@@ -196,19 +199,32 @@ impl Workloads {
     }
 
     /// Drops pods whose network namespace is gone (or was replaced by a new one).
+    /// The path found at enrollment is checked first; only when it no longer opens
+    /// the same namespace (e.g. that process exited) is the pod located again.
     pub fn check_netns(&mut self) {
-        let vanished: Vec<(PodKey, String)> = self
-            .running
-            .iter()
-            .filter_map(|(key, r)| match Netns::open(&r.netns_path) {
-                Ok(ns) if ns.id() == r.netns_id => None,
-                Ok(ns) => Some((
+        let mut vanished = Vec::new();
+        for (key, r) in self.running.iter_mut() {
+            if Netns::open(&r.netns_path).is_ok_and(|ns| ns.id() == r.netns_id) {
+                continue;
+            }
+            let relocated = self
+                .locator
+                .locate(&r.plan)
+                .map_err(|e| e.to_string())
+                .and_then(|path| {
+                    Netns::open(&path)
+                        .map(|ns| (path, ns))
+                        .map_err(|e| e.to_string())
+                });
+            match relocated {
+                Ok((path, ns)) if ns.id() == r.netns_id => r.netns_path = path,
+                Ok((_, ns)) => vanished.push((
                     key.clone(),
                     format!("namespace replaced ({} -> {})", r.netns_id, ns.id()),
                 )),
-                Err(e) => Some((key.clone(), e.to_string())),
-            })
-            .collect();
+                Err(e) => vanished.push((key.clone(), e)),
+            }
+        }
         for (key, why) in vanished {
             self.metrics.netns_vanished.inc();
             warn!(pod = %key, reason = %why, "pod network namespace vanished; removing its listeners and map entries");
@@ -320,6 +336,8 @@ impl Workloads {
             connections: self.connections.clone(),
             metrics: self.metrics.clone(),
             state: self.state.clone(),
+            balancer: self.settings.balancer.clone(),
+            service_cidrs: self.settings.service_cidrs.clone(),
             connect_timeout: self.settings.connect_timeout,
             idle_timeout: self.settings.idle_timeout,
         });

@@ -34,6 +34,8 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
     },
+    /// Do nothing until killed: the pod's pause process, which the agent finds by cgroup.
+    Pause,
     /// Open N short connections one after another (8 bytes each way).
     Churn {
         #[arg(long)]
@@ -204,6 +206,9 @@ fn main() {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             std::process::exit(if r.ok { 0 } else { 1 });
         }
+        Cmd::Pause => loop {
+            thread::sleep(Duration::from_secs(3600));
+        },
         Cmd::Churn { connect, count } => {
             let r = churn(connect, count);
             println!("{}", serde_json::to_string(&r).unwrap_or_default());

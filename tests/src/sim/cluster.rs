@@ -21,6 +21,7 @@ use super::{
     host::{self, netns_path, target_bin, wait_for, Placement},
     manifests, network,
     registry::{self, Resources},
+    services::{self, RouteSpec, ServiceSpec, SimService, SERVICE_CIDRS},
 };
 
 #[derive(Debug, Clone)]
@@ -52,6 +53,8 @@ pub struct ClusterSpec {
     /// Namespace name and whether it carries `nodemesh.io/mesh=enabled`.
     pub namespaces: Vec<(String, bool)>,
     pub pods: Vec<PodSpec>,
+    pub services: Vec<ServiceSpec>,
+    pub routes: Vec<RouteSpec>,
 }
 
 impl ClusterSpec {
@@ -67,6 +70,8 @@ impl ClusterSpec {
                 PodSpec::new("server", "apps", "b"),
                 PodSpec::new("outsider", "plain", "b"),
             ],
+            services: Vec::new(),
+            routes: Vec::new(),
         }
     }
 }
@@ -130,7 +135,12 @@ pub struct SimCluster {
     pub nodes: Vec<SimNode>,
     pub pods: Vec<SimPod>,
     namespaces: Mutex<Vec<(String, bool)>>,
+    services: Mutex<Vec<SimService>>,
+    routes: Mutex<Vec<RouteSpec>>,
     agents: Mutex<HashMap<String, Child>>,
+    /// One pause process per pod, as a container runtime keeps: the agent finds a pod's
+    /// namespace through it.
+    pauses: Vec<Process>,
     resources: Resources,
     mesh_node: PathBuf,
     pub(super) testapp: PathBuf,
@@ -148,6 +158,19 @@ fn unique_id() -> String {
         (std::process::id() ^ (nanos >> 8)) & 0xff_ffff,
         n & 0xff
     )
+}
+
+/// The pod's cgroup as kubelet lays it out: the systemd driver on even-numbered nodes,
+/// cgroupfs on odd ones, so both layouts are exercised.
+fn kubelet_pod_cgroup(node_index: u8, uid: &str) -> PathBuf {
+    if node_index.is_multiple_of(2) {
+        let systemd_uid = uid.replace('-', "_");
+        PathBuf::from(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{systemd_uid}.slice"
+        ))
+    } else {
+        PathBuf::from(format!("kubepods/besteffort/pod{uid}"))
+    }
 }
 
 impl SimCluster {
@@ -186,7 +209,16 @@ impl SimCluster {
             nodes: Vec::new(),
             pods: Vec::new(),
             namespaces: Mutex::new(spec.namespaces.clone()),
+            services: Mutex::new(
+                spec.services
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| SimService::new(s.clone(), i))
+                    .collect(),
+            ),
+            routes: Mutex::new(spec.routes.clone()),
             agents: Mutex::new(HashMap::new()),
+            pauses: Vec::new(),
             resources,
             mesh_node: target_bin("mesh-node")?,
             testapp: target_bin("mesh-testapp")?,
@@ -211,7 +243,7 @@ impl SimCluster {
             let index = i as u8;
             let (ipv4, ipv6) = network::create_node(fabric, &node_ns(name), index)?;
             let cgroup = self.cgroup_root.join(name);
-            for sub in ["pods", "agent", "system"] {
+            for sub in ["agent", "system"] {
                 fs::create_dir_all(cgroup.join(sub))?;
             }
             self.nodes.push(SimNode {
@@ -241,7 +273,7 @@ impl SimCluster {
             *k += 1;
             let ns = pod_ns(p);
             let (ipv4, ipv6) = network::create_pod(&node_ns(&node.name), &ns, node.index, *k)?;
-            let cgroup = node.cgroup.join("pods").join(&p.name);
+            let cgroup = node.cgroup.join(kubelet_pod_cgroup(node.index, &ns));
             fs::create_dir_all(&cgroup)?;
             self.pods.push(SimPod {
                 spec: p.clone(),
@@ -252,8 +284,18 @@ impl SimCluster {
                 ipv6,
             });
         }
+        for pod in &self.pods {
+            let pause = pod
+                .placement()
+                .command(&self.testapp)?
+                .arg("pause")
+                .spawn()?;
+            self.pauses.push(Process(pause));
+        }
         self.write_manifest("namespaces.yaml", &self.namespaces_yaml())?;
-        self.write_manifest("pods.yaml", &manifests::pods_yaml(&self.pods))
+        self.write_manifest("pods.yaml", &manifests::pods_yaml(&self.pods))?;
+        self.write_services()?;
+        self.write_routes()
     }
 
     pub fn node(&self, name: &str) -> &SimNode {
@@ -297,6 +339,60 @@ impl SimCluster {
         self.write_manifest("namespaces.yaml", &self.namespaces_yaml())
     }
 
+    fn write_services(&self) -> Result<()> {
+        let services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_manifest(
+            "services.yaml",
+            &services::services_yaml(&services, &self.pods),
+        )
+    }
+
+    fn write_routes(&self) -> Result<()> {
+        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_manifest("routes.yaml", &services::routes_yaml(&routes))
+    }
+
+    pub fn service(&self, name: &str) -> SimService {
+        self.services
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|s| s.spec.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no service {name} in this cluster"))
+    }
+
+    /// Marks a backend pod's endpoint ready or not in the Service's EndpointSlices.
+    pub fn set_endpoint_ready(&self, service: &str, pod: &str, ready: bool) -> Result<()> {
+        {
+            let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+            let svc = services
+                .iter_mut()
+                .find(|s| s.spec.name == service)
+                .ok_or_else(|| anyhow!("no service {service}"))?;
+            if ready {
+                svc.not_ready.remove(pod);
+            } else {
+                svc.not_ready.insert(pod.to_string());
+            }
+        }
+        self.write_services()
+    }
+
+    /// Deletes a Service (and its EndpointSlices) from the cluster.
+    pub fn remove_service(&self, service: &str) -> Result<()> {
+        self.services
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|s| s.spec.name != service);
+        self.write_services()
+    }
+
+    pub fn set_routes(&self, routes: Vec<RouteSpec>) -> Result<()> {
+        *self.routes.lock().unwrap_or_else(|p| p.into_inner()) = routes;
+        self.write_routes()
+    }
+
     // ---- agents ----------------------------------------------------------------
 
     pub fn agent_log_path(&self, node: &str) -> PathBuf {
@@ -328,8 +424,12 @@ impl SimCluster {
         let mut cmd = self.mesh_node_command(node, &["agent", "--node-name", &node.name])?;
         cmd.arg("--manifests")
             .arg(&self.manifests)
-            .arg("--netns-dir")
-            .arg(host::NETNS_DIR)
+            .args([
+                "--service-cidr",
+                SERVICE_CIDRS[0],
+                "--service-cidr",
+                SERVICE_CIDRS[1],
+            ])
             .arg("--cgroup-root")
             .arg(&node.cgroup)
             .arg("--pin-dir")

@@ -7,5 +7,7 @@ pub mod host;
 mod manifests;
 mod network;
 pub mod registry;
+pub mod services;
 
 pub use cluster::{ClusterSpec, PodSpec, Process, SimCluster, SimNode, SimPod};
+pub use services::{RouteSpec, ServiceSpec, SimService};

@@ -1,49 +1,18 @@
-//! The agent's view of the cluster: Kubernetes objects, indexed, plus the enrollment
-//! rules (design.md "Enrollment") evaluated on them. Sources build a new
-//! [`ClusterState`] and swap it in; readers hold an immutable snapshot.
+//! Enrollment rules (design.md "Enrollment") and what the proxy needs to enroll a pod.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv6Addr},
-    str::FromStr,
-};
+use std::{net::IpAddr, str::FromStr};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use mesh_common::{
-    Cidr, InboundPolicy, Ip, OutboundPolicy, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS,
-};
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use mesh_common::{Cidr, InboundPolicy, OutboundPolicy, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS};
 use serde::Serialize;
+
+use super::{ip_key, pod_ips, ClusterState, PodKey};
 
 /// Namespace label that enrolls a namespace (`enabled`); on a pod, `disabled` opts out.
 pub const MESH_LABEL: &str = "nodemesh.io/mesh";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "nodemesh.io/exclude-outbound-ports";
 pub const EXCLUDE_OUTBOUND_CIDRS: &str = "nodemesh.io/exclude-outbound-cidrs";
 pub const EXCLUDE_INBOUND_PORTS: &str = "nodemesh.io/exclude-inbound-ports";
-
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct PodKey {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl std::fmt::Display for PodKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
-/// A Kubernetes object the agent understands.
-#[derive(Debug, Clone)]
-pub enum KubeObject {
-    Namespace(Box<Namespace>),
-    Pod(Box<Pod>),
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct ClusterState {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<PodKey, Pod>,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -77,49 +46,14 @@ pub struct PodPlan {
     pub warnings: Vec<String>,
 }
 
-fn label<'a>(
-    meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    key: &str,
-) -> Option<&'a str> {
+fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
     meta.labels.as_ref()?.get(key).map(String::as_str)
 }
 
 impl ClusterState {
-    pub fn from_objects(objects: impl IntoIterator<Item = KubeObject>) -> ClusterState {
-        let mut state = ClusterState::default();
-        for object in objects {
-            match object {
-                KubeObject::Namespace(ns) => {
-                    if let Some(name) = ns.metadata.name.clone() {
-                        state.namespaces.insert(name, *ns);
-                    }
-                }
-                KubeObject::Pod(pod) => {
-                    let (Some(name), namespace) =
-                        (pod.metadata.name.clone(), pod.metadata.namespace.clone())
-                    else {
-                        continue;
-                    };
-                    let namespace = namespace.unwrap_or_else(|| "default".into());
-                    state.pods.insert(PodKey { namespace, name }, *pod);
-                }
-            }
-        }
-        state
-    }
-
-    pub fn pods_on_node<'a>(
-        &'a self,
-        node: &'a str,
-    ) -> impl Iterator<Item = (&'a PodKey, &'a Pod)> + 'a {
-        self.pods.iter().filter(move |(_, pod)| {
-            pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
-        })
-    }
-
     /// Whether a pod is enrolled, and if not, why.
     pub fn enrollment(&self, key: &PodKey, pod: &Pod) -> Result<(), NotEnrolled> {
-        let Some(ns) = self.namespaces.get(&key.namespace) else {
+        let Some(ns) = self.namespace(&key.namespace) else {
             return Err(NotEnrolled::NamespaceUnknown);
         };
         if label(&ns.metadata, MESH_LABEL) != Some("enabled") {
@@ -138,7 +72,7 @@ impl ClusterState {
         if matches!(phase, Some("Succeeded") | Some("Failed")) {
             return Err(NotEnrolled::Finished);
         }
-        if pod_ips(pod).0.is_empty() {
+        if pod_ips(pod).is_empty() {
             return Err(NotEnrolled::NoPodIp);
         }
         Ok(())
@@ -151,61 +85,6 @@ impl ClusterState {
             .map(|(key, pod)| plan(key, pod))
             .collect()
     }
-
-    /// The pod that owns `ip`, if any.
-    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&PodKey> {
-        let ip = canonical(ip);
-        self.pods
-            .iter()
-            .find(|(_, pod)| pod_ips(pod).0.contains(&ip))
-            .map(|(k, _)| k)
-    }
-}
-
-/// IPv4-mapped IPv6 becomes IPv4, so lookups compare like with like.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
-
-/// The pod's IPs (status.podIPs, falling back to status.podIP) and unparsable values.
-fn pod_ips(pod: &Pod) -> (Vec<IpAddr>, Vec<String>) {
-    let Some(status) = pod.status.as_ref() else {
-        return (Vec::new(), Vec::new());
-    };
-    let mut texts: Vec<&str> = status
-        .pod_ips
-        .iter()
-        .flatten()
-        .map(|p| p.ip.as_str())
-        .collect();
-    if texts.is_empty() {
-        texts.extend(status.pod_ip.as_deref());
-    }
-    let mut ips = Vec::new();
-    let mut bad = Vec::new();
-    for t in texts {
-        match IpAddr::from_str(t) {
-            Ok(ip) if !ips.contains(&canonical(ip)) => ips.push(canonical(ip)),
-            Ok(_) => {}
-            Err(_) => bad.push(format!("status.podIPs has an invalid address `{t}`")),
-        }
-    }
-    (ips, bad)
-}
-
-pub fn ip_key(ip: IpAddr) -> Ip {
-    let v6: Ipv6Addr = match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
-    };
-    Ip::from_bytes(v6.octets())
-}
-
-pub fn ip_from_key(ip: &Ip) -> IpAddr {
-    canonical(IpAddr::V6(Ipv6Addr::from(ip.to_bytes())))
 }
 
 fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
@@ -272,7 +151,16 @@ fn parse_cidrs(text: &str, warnings: &mut Vec<String>) -> [Cidr; MAX_EXCLUDED_CI
 }
 
 pub fn plan(key: &PodKey, pod: &Pod) -> PodPlan {
-    let (ips, mut warnings) = pod_ips(pod);
+    let ips = pod_ips(pod);
+    let mut warnings: Vec<String> = pod
+        .status
+        .iter()
+        .flat_map(|s| s.pod_ips.iter().flatten())
+        .map(|p| p.ip.as_str())
+        .chain(pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()))
+        .filter(|t| IpAddr::from_str(t).is_err())
+        .map(|t| format!("status.podIPs has an invalid address `{t}`"))
+        .collect();
     let outbound = OutboundPolicy {
         excluded_ports: annotation(pod, EXCLUDE_OUTBOUND_PORTS)
             .map(|t| parse_ports(t, EXCLUDE_OUTBOUND_PORTS, &mut warnings))
@@ -304,7 +192,10 @@ pub fn plan(key: &PodKey, pod: &Pod) -> PodPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files_source::parse_manifest;
+    use crate::{
+        files_source::parse_manifest,
+        state::{canonical, ip_from_key},
+    };
 
     fn state(yaml: &str) -> ClusterState {
         ClusterState::from_objects(parse_manifest(yaml).expect("valid yaml"))
