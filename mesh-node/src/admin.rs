@@ -3,6 +3,7 @@
 
 use std::{
     convert::Infallible,
+    net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -22,8 +23,16 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, warn};
 
 use crate::{
-    config::AgentConfig, connections::ConnectionTable, dataplane::Dataplane,
-    kube_source::DiscoveryHealth, metrics::Metrics, workloads::WorkloadStatus,
+    config::AgentConfig,
+    connections::ConnectionTable,
+    dataplane::Dataplane,
+    kube_source::DiscoveryHealth,
+    metrics::Metrics,
+    state::{
+        resolve::{resolve, IpCidr},
+        service_ips, ClusterState,
+    },
+    workloads::WorkloadStatus,
 };
 
 pub type HttpResponse = Response<Full<Bytes>>;
@@ -70,7 +79,29 @@ pub struct AdminState {
     pub workloads: watch::Receiver<Arc<Vec<WorkloadStatus>>>,
     pub ready: Arc<AtomicBool>,
     pub discovery: Arc<DiscoveryHealth>,
+    pub state: watch::Receiver<Arc<ClusterState>>,
     pub log_level: LogLevel,
+}
+
+/// Every Service port with what a connection to it would resolve to right now.
+fn services_view(state: &ClusterState, cidrs: &[IpCidr]) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for (key, svc) in state.services.iter() {
+        let vips = service_ips(svc);
+        let ports = svc.spec.iter().flat_map(|s| s.ports.iter().flatten());
+        for port in ports.filter_map(|p| u16::try_from(p.port).ok()) {
+            let resolution = vips
+                .first()
+                .map(|vip| resolve(state, SocketAddr::new(*vip, port), cidrs));
+            out.push(json!({
+                "service": key,
+                "vips": vips,
+                "port": port,
+                "resolution": resolution,
+            }));
+        }
+    }
+    out
 }
 
 fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> HttpResponse {
@@ -105,8 +136,9 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-const ENDPOINTS: [&str; 8] = [
+const ENDPOINTS: [&str; 9] = [
     "/discovery",
+    "/services",
     "/workloads",
     "/connections",
     "/bpf",
@@ -153,6 +185,10 @@ pub fn admin_route(
         },
         (&Method::GET, "/healthz/ready") => readiness(&state.ready, &state.discovery),
         (&Method::GET, "/discovery") => json_response(&state.discovery.snapshot()),
+        (&Method::GET, "/services") => json_response(&services_view(
+            &state.state.borrow(),
+            &state.config.service_cidrs,
+        )),
         (&Method::GET, "/stats/prometheus") => metrics_response(&state.metrics),
         _ => error(
             StatusCode::NOT_FOUND,

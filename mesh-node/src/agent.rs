@@ -155,6 +155,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         workloads: status_rx,
         ready: ready.clone(),
         discovery: discovery.clone(),
+        state: state_rx.clone(),
         log_level,
     });
     tokio::spawn(admin::serve(admin_listener, move |m, p, q| {

@@ -35,6 +35,25 @@ use crate::{
     state::{ClusterState, Kind, KubeObject},
 };
 
+/// Verbs the watchers use (kube-rs watcher: an initial list, then watch).
+pub const WATCH_VERBS: [&str; 2] = ["list", "watch"];
+
+/// (API group, resource) of everything [`run`] watches; `deploy/` grants exactly these.
+pub fn watched_resources() -> Vec<(String, String)> {
+    fn resource<K: Resource<DynamicType = ()>>() -> (String, String) {
+        (K::group(&()).into_owned(), K::plural(&()).into_owned())
+    }
+    vec![
+        resource::<Namespace>(),
+        resource::<Pod>(),
+        resource::<Service>(),
+        resource::<EndpointSlice>(),
+        resource::<HttpRoute>(),
+        resource::<TcpRoute>(),
+        resource::<AuthorizationPolicy>(),
+    ]
+}
+
 /// A kind failing for longer than this makes the agent unready.
 pub const STALE_AFTER: Duration = Duration::from_secs(60);
 
@@ -232,7 +251,7 @@ async fn watch_kind<K>(
     }
 }
 
-/// Watches every kind and publishes a new state after each batch of events, once all
+/// Watches every kind (keep in step with [`watched_resources`]) and publishes a new state after each batch of events, once all
 /// kinds have synced (a partial first state would unenroll pods).
 pub async fn run(
     client: Client,

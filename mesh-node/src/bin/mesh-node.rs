@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Run the node agent: eBPF redirection, in-pod listeners, proxy.
     Agent(AgentConfig),
+    /// Print the CustomResourceDefinitions Nodemesh defines, as YAML.
+    Crds,
 }
 
 fn init_logging(config: &AgentConfig) -> anyhow::Result<LogLevel> {
@@ -41,6 +43,19 @@ fn init_logging(config: &AgentConfig) -> anyhow::Result<LogLevel> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Crds => {
+            use kube::CustomResourceExt;
+            match serde_yaml::to_string(&mesh_node::policy::AuthorizationPolicy::crd()) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mesh-node: cannot render the CRD: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Agent(config) => {
             let log_level = match init_logging(&config) {
                 Ok(l) => l,
