@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent: eBPF redirection, in-pod listeners, proxy.
-    Agent(AgentConfig),
+    Agent(Box<AgentConfig>),
     /// Print the CustomResourceDefinitions Nodemesh defines, as YAML.
     Crds,
 }
@@ -74,7 +74,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(mesh_node::agent::run(config, log_level)) {
+            match runtime.block_on(mesh_node::agent::run(*config, log_level)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "mesh-node agent failed");
