@@ -32,8 +32,18 @@ enum Task {
     },
     /// Build, then run the demo on the embedded simulated cluster (root).
     Demo,
-    /// Build, then run the benchmarks on the simulated cluster (root).
-    Bench,
+    /// Build, then run benchmarks: `cluster` (default; the data path on the simulated
+    /// cluster, root) or `state` (discovery state at scale, no root needed).
+    Bench {
+        #[arg(value_enum, default_value_t = BenchKind::Cluster)]
+        kind: BenchKind,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchKind {
+    Cluster,
+    State,
 }
 
 fn workspace_root() -> PathBuf {
@@ -215,9 +225,20 @@ fn main() -> ExitCode {
         Task::Demo => require_root("cargo xtask demo")
             .and_then(|_| build())
             .and_then(|_| sim(&["demo"])),
-        Task::Bench => require_root("cargo xtask bench")
+        Task::Bench {
+            kind: BenchKind::Cluster,
+        } => require_root("cargo xtask bench")
             .and_then(|_| build())
             .and_then(|_| sim(&["bench"])),
+        Task::Bench {
+            kind: BenchKind::State,
+        } => run(Command::new("cargo").current_dir(workspace_root()).args([
+            "bench",
+            "-p",
+            "mesh-node",
+            "--bench",
+            "state",
+        ])),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
