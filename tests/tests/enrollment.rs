@@ -146,3 +146,38 @@ fn malformed_manifests_are_reported_and_the_last_good_state_stays() {
         .unwrap_or(0.0);
     assert!(errors >= 2.0, "{metrics}");
 }
+
+#[test]
+fn pod_namespaces_are_found_by_kubelet_style_cgroup_paths() {
+    let cluster = SimCluster::create(ClusterSpec::two_nodes()).unwrap();
+    cluster.start_agents().unwrap();
+    // Node a lays pods out like kubelet's systemd driver, node b like cgroupfs.
+    for (node, pod, layout) in [
+        ("a", "client", "kubepods-besteffort-pod"),
+        ("b", "server", "kubepods/besteffort/pod"),
+    ] {
+        let workloads = cluster.admin(node, "/workloads").unwrap();
+        let w = workloads
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == pod)
+            .cloned()
+            .unwrap();
+        assert_eq!(w["enrolled"], true, "{w:#}");
+        let netns = w["netns"].as_str().unwrap();
+        let pid = netns
+            .strip_prefix("/proc/")
+            .and_then(|rest| rest.strip_suffix("/ns/net"))
+            .unwrap_or_else(|| panic!("{pod}: not located through a process: {netns}"));
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        assert!(cgroup.contains(layout), "{pod}: {cgroup}");
+        let found = std::fs::metadata(netns)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap();
+        let expected = std::fs::metadata(&cluster.pod(pod).netns)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap();
+        assert_eq!(found, expected, "{pod}: the located namespace is the pod's");
+    }
+}

@@ -172,6 +172,27 @@ fn an_endpoint_turning_unready_gets_no_new_connections_within_a_second() {
     let took = took.expect("the unready endpoint kept getting connections");
     eprintln!("unready endpoint stopped receiving after {took:?}");
     assert!(took < Duration::from_secs(1), "took {took:?}");
+
+    // With no ready endpoint left, connections are refused at once and counted.
+    cluster
+        .set_endpoint_ready("web-v1", "server-v1", false)
+        .unwrap();
+    let refused = cluster.eventually(Duration::from_secs(3), || {
+        let r = cluster.transfer("client", vip, 16).unwrap();
+        !r.ok && r.elapsed_us < 1_000_000
+    });
+    assert!(
+        refused.is_some(),
+        "not refused quickly without ready endpoints"
+    );
+    let (_, metrics) = cluster.admin_raw("a", "GET", "/stats/prometheus").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l
+                .starts_with("nodemesh_connections_refused_total{reason=\"no_ready_endpoint\"}")),
+        "{metrics}"
+    );
 }
 
 #[test]

@@ -47,6 +47,10 @@ enum NodeCommand {
     Connections,
     /// eBPF programs, links, maps and their occupancy.
     Bpf,
+    /// Every Service port: route, weighted backends, ready endpoints.
+    Services,
+    /// Sync state of each discovered kind.
+    Discovery,
     /// The agent's effective configuration.
     Config,
     /// Show or set the log filter.
@@ -60,6 +64,8 @@ fn main() -> ExitCode {
         NodeCommand::Workloads => (Method::GET, "/workloads".into()),
         NodeCommand::Connections => (Method::GET, "/connections".into()),
         NodeCommand::Bpf => (Method::GET, "/bpf".into()),
+        NodeCommand::Services => (Method::GET, "/services".into()),
+        NodeCommand::Discovery => (Method::GET, "/discovery".into()),
         NodeCommand::Config => (Method::GET, "/config_dump".into()),
         NodeCommand::LogLevel { level: None } => (Method::GET, "/logging".into()),
         NodeCommand::LogLevel { level: Some(l) } => (Method::POST, format!("/logging?level={l}")),

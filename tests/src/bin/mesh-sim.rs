@@ -12,7 +12,9 @@ use std::{
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use mesh_tests::sim::{host::target_bin, registry, ClusterSpec, SimCluster};
+use mesh_tests::sim::{
+    host::target_bin, registry, ClusterSpec, PodSpec, RouteSpec, ServiceSpec, SimCluster,
+};
 use nix::sys::signal::{SigSet, Signal};
 use serde_json::Value;
 
@@ -61,8 +63,25 @@ fn step(text: &str) {
 }
 
 fn start_cluster(stop: &AtomicBool) -> Result<SimCluster> {
-    step("Creating a simulated cluster: 2 nodes, 4 pods (network namespaces + cgroups)");
-    let cluster = SimCluster::create(ClusterSpec::two_nodes())?;
+    let mut spec = ClusterSpec::two_nodes();
+    spec.pods.push(PodSpec::new("web-v1", "apps", "b"));
+    spec.pods.push(PodSpec::new("web-v2", "apps", "b"));
+    spec.services = vec![
+        ServiceSpec::new("web", "apps", 80, 8080, &["web-v1", "web-v2"]),
+        ServiceSpec::new("web-v1", "apps", 80, 8080, &["web-v1"]),
+        ServiceSpec::new("web-v2", "apps", 80, 8080, &["web-v2"]),
+    ];
+    spec.routes = vec![RouteSpec {
+        name: "web-split".into(),
+        namespace: "apps".into(),
+        parent: "web".into(),
+        port: 80,
+        backends: vec![("web-v1".into(), 90), ("web-v2".into(), 10)],
+    }];
+    step(
+        "Creating a simulated cluster: 2 nodes, 6 pods (network namespaces + cgroups), 3 Services",
+    );
+    let cluster = SimCluster::create(spec)?;
     for pod in &cluster.pods {
         println!(
             "    pod {:<10} ns {:<6} node {}  {} / {}",
@@ -117,6 +136,36 @@ fn demo(stop: &AtomicBool) -> Result<()> {
     let inbound = cluster.closed_connections("b")?;
     print_connection("node a (outbound)", out.last());
     print_connection("node b (inbound) ", inbound.last());
+
+    step(&format!(
+        "Service apps/web (VIP {}) is split 90/10 between web-v1 and web-v2 by a TCPRoute",
+        cluster.service("web").addr4()
+    ));
+    let _v1 = cluster.serve("web-v1", 8080)?;
+    let _v2 = cluster.serve("web-v2", 8080)?;
+    let before = cluster.closed_connections("b")?.len();
+    let churn = cluster.churn("client", cluster.service("web").addr4(), 1000)?;
+    check(stop)?;
+    // Node b closes its side a moment after the client; wait (bounded) for every record.
+    cluster.eventually(Duration::from_secs(2), || {
+        cluster
+            .closed_connections("b")
+            .map(|c| c.len() - before)
+            .unwrap_or(0) as u64
+            >= churn.succeeded
+    });
+    let mut counts = std::collections::BTreeMap::new();
+    for c in cluster.closed_connections("b")?.iter().skip(before) {
+        *counts
+            .entry(c["pod"]["name"].as_str().unwrap_or("?").to_string())
+            .or_insert(0u32) += 1;
+    }
+    println!(
+        "    {} connections from client: web-v1 got {}, web-v2 got {} (node b's inbound records)",
+        churn.succeeded,
+        counts.get("web-v1").copied().unwrap_or(0),
+        counts.get("web-v2").copied().unwrap_or(0)
+    );
 
     step("bystander (namespace `plain`, not enrolled) sends to the same server");
     let r = cluster.transfer("bystander", dst, 64 * 1024)?;
