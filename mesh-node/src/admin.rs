@@ -23,6 +23,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, warn};
 
 use crate::{
+    certificates::CertificateStore,
     config::AgentConfig,
     connections::ConnectionTable,
     dataplane::Dataplane,
@@ -80,6 +81,7 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     pub discovery: Arc<DiscoveryHealth>,
     pub state: watch::Receiver<Arc<ClusterState>>,
+    pub certificates: Option<Arc<CertificateStore>>,
     pub log_level: LogLevel,
 }
 
@@ -136,7 +138,8 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-const ENDPOINTS: [&str; 9] = [
+const ENDPOINTS: [&str; 10] = [
+    "/certs",
     "/discovery",
     "/services",
     "/workloads",
@@ -185,6 +188,13 @@ pub fn admin_route(
         },
         (&Method::GET, "/healthz/ready") => readiness(&state.ready, &state.discovery),
         (&Method::GET, "/discovery") => json_response(&state.discovery.snapshot()),
+        (&Method::GET, "/certs") => json_response(
+            &state
+                .certificates
+                .as_ref()
+                .map(|c| c.status())
+                .unwrap_or_default(),
+        ),
         (&Method::GET, "/services") => json_response(&services_view(
             &state.state.borrow(),
             &state.config.service_cidrs,

@@ -19,11 +19,15 @@ use tracing::{info, warn};
 use crate::{
     admin::{self, AdminState, LogLevel},
     balancer::Balancer,
+    ca::client::CaClient,
+    certificates::CertificateStore,
     cgroup::{self, MountError},
     config::{AgentConfig, NetnsLocatorKind, Source},
     connections::ConnectionTable,
     dataplane::{Dataplane, DataplaneError},
     files_source,
+    forward::Mesh,
+    hbone::{client::HboneClient, tls::TrustBundle},
     kube_source::{self, DiscoveryHealth},
     locator::{KubepodsLocator, NetnsDirectory, NetnsLocator},
     metrics::Metrics,
@@ -55,6 +59,8 @@ pub enum AgentError {
     NoObject(std::io::Error),
     #[error("cannot install a signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("mutual TLS setup: {0}")]
+    Mesh(String),
     #[error("cannot reach the Kubernetes API (in-cluster credentials or KUBECONFIG): {0}; run inside the cluster with the DaemonSet's service account, or use --source files")]
     Kube(kube::Error),
 }
@@ -91,6 +97,38 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Agent
         .map_err(|source| AgentError::Bind { what, addr, source })
 }
 
+/// The CA client, certificate store and HBONE client, when a CA is configured.
+fn mesh(config: &AgentConfig, metrics: &Arc<Metrics>) -> Result<Option<Arc<Mesh>>, AgentError> {
+    let Some(addr) = config.ca_addr else {
+        warn!("no --ca-addr: traffic between meshed pods is proxied but NOT encrypted");
+        return Ok(None);
+    };
+    let read = |what: &str, path: &Option<std::path::PathBuf>| -> Result<String, AgentError> {
+        let path = path
+            .as_ref()
+            .ok_or_else(|| AgentError::Mesh(format!("--ca-addr needs --{what}")))?;
+        std::fs::read_to_string(path)
+            .map_err(|e| AgentError::Mesh(format!("--{what} {}: {e}", path.display())))
+    };
+    let root = read("ca-root", &config.ca_root)?;
+    let token = read("ca-token-file", &config.ca_token_file)?;
+    let client = CaClient::new(addr, config.ca_server_name.as_deref(), &root, &token)
+        .map_err(|e| AgentError::Mesh(e.to_string()))?;
+    let certificates = CertificateStore::new(Arc::new(client), metrics.clone());
+    let trust = TrustBundle::from_pem(&root).map_err(AgentError::Mesh)?;
+    Ok(Some(Arc::new(Mesh {
+        hbone: HboneClient::new(
+            certificates.clone(),
+            trust.clone(),
+            metrics.clone(),
+            config.connect_timeout,
+        ),
+        certificates,
+        trust,
+        trust_domain: config.trust_domain.clone(),
+    })))
+}
+
 /// Runs the agent until SIGTERM or SIGINT. Pinned maps and links stay in place on
 /// exit, so redirection state survives a restart.
 pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentError> {
@@ -118,6 +156,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
 
     let metrics = Arc::new(Metrics::new());
+    let mesh = mesh(&config, &metrics)?;
     let connections = ConnectionTable::new(metrics.clone());
     let ready = Arc::new(AtomicBool::new(false));
     let discovery = Arc::new(DiscoveryHealth::default());
@@ -156,6 +195,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         ready: ready.clone(),
         discovery: discovery.clone(),
         state: state_rx.clone(),
+        certificates: mesh.as_ref().map(|m| m.certificates.clone()),
         log_level,
     });
     tokio::spawn(admin::serve(admin_listener, move |m, p, q| {
@@ -178,6 +218,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             idle_timeout: config.idle_timeout,
             service_cidrs: Arc::new(config.service_cidrs.clone()),
             balancer: Arc::new(Balancer::new()),
+            mesh: mesh.clone(),
         },
         home,
         dataplane.clone(),

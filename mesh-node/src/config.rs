@@ -60,6 +60,27 @@ pub struct AgentConfig {
     #[arg(long, default_value_t = 0x6e6d)]
     pub socket_mark: u32,
 
+    /// The mesh CA (`host:port`). Without it, traffic between meshed pods is proxied
+    /// but NOT encrypted.
+    #[arg(long)]
+    pub ca_addr: Option<SocketAddr>,
+
+    /// The mesh root certificate (PEM) that signs workload certificates and the CA's.
+    #[arg(long)]
+    pub ca_root: Option<PathBuf>,
+
+    /// File holding this node's credential for the CA (a token).
+    #[arg(long)]
+    pub ca_token_file: Option<PathBuf>,
+
+    /// Name in the CA's TLS certificate, when it is not the address's IP.
+    #[arg(long)]
+    pub ca_server_name: Option<String>,
+
+    /// Trust domain of workload identities.
+    #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
     /// Admin API (JSON), localhost only.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
@@ -82,6 +103,13 @@ pub struct AgentConfig {
     #[serde(with = "duration_text")]
     pub idle_timeout: Duration,
 
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Logging flags of every mesh-node subcommand.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct LogArgs {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

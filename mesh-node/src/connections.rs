@@ -33,6 +33,23 @@ impl Direction {
     }
 }
 
+/// How the connection crossed the network (Istio's `connection_security_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Security {
+    None,
+    MutualTls,
+}
+
+impl Security {
+    fn label(self) -> &'static str {
+        match self {
+            Security::None => "none",
+            Security::MutualTls => "mutual_tls",
+        }
+    }
+}
+
 /// Who is talking to whom, fixed when the connection is accepted.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnectionInfo {
@@ -49,6 +66,10 @@ pub struct ConnectionInfo {
     pub backend: Option<String>,
     /// Where the proxy connected: the chosen endpoint, or the original destination.
     pub upstream: Option<SocketAddr>,
+    pub security: Security,
+    /// SPIFFE IDs, when known (always, for mutual TLS).
+    pub source_identity: Option<String>,
+    pub destination_identity: Option<String>,
 }
 
 /// One connection, as listed by the admin API and printed by the access log.
@@ -188,6 +209,9 @@ impl ConnectionTable {
             service = record.info.service.as_deref().unwrap_or(""),
             backend = record.info.backend.as_deref().unwrap_or(""),
             upstream = record.info.upstream.map(|u| u.to_string()).unwrap_or_default(),
+            connection_security_policy = record.info.security.label(),
+            source_principal = record.info.source_identity.as_deref().unwrap_or(""),
+            destination_principal = record.info.destination_identity.as_deref().unwrap_or(""),
             peer = record.info.peer.as_ref().map(|p| p.to_string()).unwrap_or_default(),
             bytes_to_server = record.bytes_to_server,
             bytes_to_client = record.bytes_to_client,
@@ -265,6 +289,9 @@ mod tests {
             service: None,
             backend: None,
             upstream: None,
+            security: Security::None,
+            source_identity: None,
+            destination_identity: None,
         }
     }
 

@@ -1,8 +1,14 @@
 //! What the in-pod listeners share: the per-pod context, the accept loop, and the
 //! connect-relay-record step that ends every proxied connection.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
+use mesh_common::HBONE_PORT;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -11,8 +17,12 @@ use tracing::warn;
 
 use crate::{
     balancer::Balancer,
-    connections::{ConnectionInfo, ConnectionTable},
+    certificates::CertificateStore,
+    connections::{ConnectionInfo, ConnectionTable, Security},
     dataplane::Dataplane,
+    hbone::stream::{relay_stream, TcpSide},
+    hbone::{client::HboneClient, tls::TrustBundle},
+    identity::Identity,
     metrics::Metrics,
     relay::{relay, RelayEnd},
     sockets::PodSockets,
@@ -20,9 +30,27 @@ use crate::{
     state::{ClusterState, PodKey},
 };
 
+/// What mutual TLS needs, shared by every pod of the node (absent without a CA).
+pub struct Mesh {
+    pub certificates: Arc<CertificateStore>,
+    pub hbone: HboneClient,
+    pub trust: TrustBundle,
+    pub trust_domain: String,
+}
+
+impl Mesh {
+    /// The identity of a pod's service account.
+    pub fn identity_of(&self, namespace: &str, service_account: &str) -> Identity {
+        Identity::new(&self.trust_domain, namespace, service_account)
+    }
+}
+
 /// Everything a listener of one enrolled pod needs.
 pub struct PodContext {
     pub pod: PodKey,
+    pub identity: Identity,
+    pub ips: Vec<IpAddr>,
+    pub mesh: Option<Arc<Mesh>>,
     pub netns_cookie: u64,
     pub sockets: PodSockets,
     pub dataplane: Arc<Dataplane>,
@@ -66,6 +94,65 @@ pub fn refuse(client: TcpStream, info: ConnectionInfo, reason: &'static str, ctx
         .close(format!("refused: {reason}"));
 }
 
+/// Tunnels to `target` through the HBONE port of the meshed pod at `target.ip()`,
+/// as this pod's identity, expecting `destination`.
+pub async fn forward_hbone(
+    client: TcpStream,
+    target: SocketAddr,
+    destination: Identity,
+    mut info: ConnectionInfo,
+    ctx: &PodContext,
+    mesh: &Mesh,
+) {
+    info.upstream = Some(target);
+    info.security = Security::MutualTls;
+    info.source_identity = Some(ctx.identity.to_string());
+    info.destination_identity = Some(destination.to_string());
+    let conn = ctx.connections.open(info);
+    let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
+    let (send, recv) = match mesh
+        .hbone
+        .open(
+            &ctx.sockets,
+            &ctx.identity,
+            &destination,
+            hbone_addr,
+            target,
+        )
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.metrics
+                .refused
+                .with_label_values(&["hbone_failed"])
+                .inc();
+            warn!(pod = %ctx.pod, %target, error = %e, "HBONE tunnel failed");
+            reset(client);
+            conn.close(format!("hbone_failed: {e}"));
+            return;
+        }
+    };
+    let end = relay_stream(
+        client,
+        send,
+        recv,
+        TcpSide::Client,
+        ctx.idle_timeout,
+        conn.counters(),
+    )
+    .await;
+    conn.close(relay_result(end));
+}
+
+pub fn relay_result(end: RelayEnd) -> String {
+    match end {
+        RelayEnd::Completed => "completed".to_string(),
+        RelayEnd::IdleTimeout => "idle_timeout".to_string(),
+        RelayEnd::Error(e) => format!("error: {e}"),
+    }
+}
+
 /// Connects to `dst` from inside the pod and relays, recording the connection.
 pub async fn forward(
     client: TcpStream,
@@ -88,11 +175,7 @@ pub async fn forward(
         }
     };
     let end = relay(client, upstream, ctx.idle_timeout, conn.counters()).await;
-    conn.close(match end {
-        RelayEnd::Completed => "completed".to_string(),
-        RelayEnd::IdleTimeout => "idle_timeout".to_string(),
-        RelayEnd::Error(e) => format!("error: {e}"),
-    });
+    conn.close(relay_result(end));
 }
 
 /// Closes with RST so the application sees a refused/reset connection, not a clean EOF.

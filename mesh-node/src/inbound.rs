@@ -7,8 +7,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::{
-    connections::{ConnectionInfo, Direction},
-    forward::{accept_loop, forward, reset, PodContext},
+    authz::authorize,
+    connections::{ConnectionInfo, Direction, Security},
+    forward::{accept_loop, forward, refuse, reset, PodContext},
     state::canonical,
 };
 
@@ -37,7 +38,17 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         service: None,
         backend: None,
         upstream: None,
+        security: Security::None,
+        source_identity: None,
+        destination_identity: Some(ctx.identity.to_string()),
     };
+    let state = ctx.state.borrow().clone();
+    if state.strict_mtls(&ctx.pod.namespace) {
+        return refuse(stream, info, "strict_mtls_plaintext", &ctx);
+    }
+    if !authorize(&state, &ctx.pod, dst.port(), None).allowed() {
+        return refuse(stream, info, "policy_denied", &ctx);
+    }
     forward(stream, dst, info, &ctx).await;
 }
 

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub discovery_errors: IntCounterVec,
     /// Seconds a kind's watch has been failing (0 when healthy).
     pub discovery_stale_seconds: GaugeVec,
+    pub certificates_issued: IntCounter,
+    pub certificate_errors: IntCounter,
+    /// TLS handshakes of outbound HBONE connections (pooling keeps this low).
+    pub hbone_handshakes: IntCounter,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -131,6 +135,21 @@ impl Metrics {
                 "nodemesh_discovery_stale_seconds",
                 "Seconds a kind's watch has been failing; the last good state keeps serving.",
                 &["kind"],
+            ),
+            certificates_issued: counter(
+                &r,
+                "nodemesh_certificates_issued_total",
+                "Workload certificates obtained from the CA.",
+            ),
+            certificate_errors: counter(
+                &r,
+                "nodemesh_certificate_errors_total",
+                "Failed attempts to obtain a workload certificate.",
+            ),
+            hbone_handshakes: counter(
+                &r,
+                "nodemesh_hbone_handshakes_total",
+                "TLS handshakes of outbound HBONE connections.",
             ),
             registry: r,
         }

@@ -2,18 +2,23 @@
 //! The original destination comes from the eBPF map, keyed by the accepted socket's
 //! peer; the upstream connection leaves from inside the pod.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use mesh_common::ConnKey;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::{
-    connections::{ConnectionInfo, Direction},
-    forward::{accept_loop, forward, refuse, reset, PodContext},
+    connections::{ConnectionInfo, Direction, Security},
+    forward::{accept_loop, forward, forward_hbone, refuse, reset, Mesh, PodContext},
+    identity::Identity,
     state::{
         canonical, ip_from_key, ip_key,
         resolve::{resolve, Resolution},
+        ClusterState,
     },
 };
 
@@ -54,11 +59,14 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         service: None,
         backend: None,
         upstream: None,
+        security: Security::None,
+        source_identity: None,
+        destination_identity: None,
     };
     match resolve(&state, dst, &ctx.service_cidrs) {
         Resolution::Direct => {
             info.peer = state.pod_by_ip(canonical(dst.ip())).cloned();
-            forward(stream, dst, info, &ctx).await;
+            send(stream, dst, info, &ctx, &state).await;
         }
         Resolution::Service {
             service,
@@ -72,7 +80,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             };
             info.backend = Some(pick.backend.to_string());
             info.peer = state.pod_by_ip(pick.endpoint.ip()).cloned();
-            forward(stream, pick.endpoint, info, &ctx).await;
+            send(stream, pick.endpoint, info, &ctx, &state).await;
             drop(pick);
         }
         Resolution::UnknownPort { service, port } => {
@@ -81,4 +89,34 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         }
         Resolution::UnknownService => refuse(stream, info, "unknown_service", &ctx),
     }
+}
+
+/// The identity to expect at `ip` when it is an enrolled pod (its traffic must then
+/// cross the network as mutual TLS).
+fn meshed_identity(state: &ClusterState, mesh: &Mesh, ip: IpAddr) -> Option<Identity> {
+    let key = state.pod_by_ip(ip)?;
+    let pod = state.pods.get(key)?;
+    state.enrollment(key, pod).ok()?;
+    let sa = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref())
+        .unwrap_or("default");
+    Some(mesh.identity_of(&key.namespace, sa))
+}
+
+/// HBONE to meshed pods, plain TCP to everything else.
+async fn send(
+    stream: TcpStream,
+    target: SocketAddr,
+    info: ConnectionInfo,
+    ctx: &PodContext,
+    state: &ClusterState,
+) {
+    if let Some(mesh) = &ctx.mesh {
+        if let Some(destination) = meshed_identity(state, mesh, target.ip()) {
+            return forward_hbone(stream, target, destination, info, ctx, mesh).await;
+        }
+    }
+    forward(stream, target, info, ctx).await
 }

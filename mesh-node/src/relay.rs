@@ -23,6 +23,26 @@ pub struct ByteCounters {
     last_activity_ms: AtomicU64,
 }
 
+impl ByteCounters {
+    /// Milliseconds (since the relay's start) of the last byte either way.
+    pub fn activity(&self) -> &AtomicU64 {
+        &self.last_activity_ms
+    }
+}
+
+/// Completes once nothing has moved for `idle` (activity measured from `epoch`).
+pub async fn idle_watchdog(counters: &ByteCounters, idle: Duration, epoch: Instant) {
+    loop {
+        let last = Duration::from_millis(counters.last_activity_ms.load(Ordering::Relaxed));
+        let deadline = last + idle;
+        let now = epoch.elapsed();
+        if now >= deadline {
+            return;
+        }
+        tokio::time::sleep(deadline - now).await;
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayEnd {
     /// Both directions reached EOF.
@@ -83,23 +103,12 @@ pub async fn relay(
         epoch,
     );
     let both = async { tokio::try_join!(up, down) };
-    let watchdog = async {
-        loop {
-            let last = Duration::from_millis(counters.last_activity_ms.load(Ordering::Relaxed));
-            let deadline = last + idle;
-            let now = epoch.elapsed();
-            if now >= deadline {
-                return;
-            }
-            tokio::time::sleep(deadline - now).await;
-        }
-    };
     tokio::select! {
         r = both => match r {
             Ok(_) => RelayEnd::Completed,
             Err(e) => RelayEnd::Error(e.kind().to_string()),
         },
-        _ = watchdog => RelayEnd::IdleTimeout,
+        _ = idle_watchdog(counters, idle, epoch) => RelayEnd::IdleTimeout,
     }
 }
 

@@ -16,11 +16,15 @@ use thiserror::Error;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
+use tokio_rustls::TlsAcceptor;
+
 use crate::{
     balancer::Balancer,
     connections::ConnectionTable,
     dataplane::{Dataplane, DataplaneError, SkLookupLink},
-    forward::PodContext,
+    forward::{Mesh, PodContext},
+    hbone,
+    identity::{Identity, DEFAULT_TRUST_DOMAIN},
     inbound,
     locator::NetnsLocator,
     metrics::Metrics,
@@ -65,6 +69,8 @@ pub struct ProxySettings {
     pub idle_timeout: Duration,
     pub service_cidrs: Arc<Vec<IpCidr>>,
     pub balancer: Arc<Balancer>,
+    /// Mutual TLS (absent when no CA is configured).
+    pub mesh: Option<Arc<Mesh>>,
 }
 
 struct RunningPod {
@@ -155,6 +161,14 @@ impl Workloads {
             self.remove(&key, "no longer enrolled on this node");
         }
         self.failures.retain(|k, _| desired.contains_key(k));
+        if let Some(mesh) = &self.settings.mesh {
+            // Prefetch certificates as pods land; forget identities whose last pod left.
+            let identities = desired
+                .values()
+                .map(|p| mesh.identity_of(&p.key.namespace, &p.service_account))
+                .collect();
+            mesh.certificates.set_identities(&identities);
+        }
         for (key, plan) in desired {
             if self.running.contains_key(&key) {
                 continue;
@@ -328,8 +342,29 @@ impl Workloads {
             return Err(e.into());
         }
 
+        let identity = Identity::new(
+            self.settings
+                .mesh
+                .as_ref()
+                .map_or(DEFAULT_TRUST_DOMAIN, |m| m.trust_domain.as_str()),
+            &plan.key.namespace,
+            &plan.service_account,
+        );
+        let hbone_tls = match &self.settings.mesh {
+            Some(mesh) => Some(TlsAcceptor::from(
+                hbone::tls::server_config(mesh.certificates.clone(), identity.clone(), &mesh.trust)
+                    .map_err(|e| EnrollError::Io {
+                        what: "building the HBONE TLS config".into(),
+                        source: std::io::Error::other(e),
+                    })?,
+            )),
+            None => None,
+        };
         let ctx = Arc::new(PodContext {
             pod: plan.key.clone(),
+            identity,
+            ips: plan.ips.clone(),
+            mesh: self.settings.mesh.clone(),
             netns_cookie: cookie,
             sockets,
             dataplane: self.dataplane.clone(),
@@ -358,10 +393,12 @@ impl Workloads {
         }
         for l in hbone.into_iter().flatten() {
             note(&l);
-            tasks.push(tokio::spawn(inbound::serve_hbone_placeholder(
-                l,
-                ctx.clone(),
-            )));
+            tasks.push(match &hbone_tls {
+                Some(acceptor) => {
+                    tokio::spawn(hbone::server::serve(l, ctx.clone(), acceptor.clone()))
+                }
+                None => tokio::spawn(inbound::serve_hbone_placeholder(l, ctx.clone())),
+            });
         }
         Ok(RunningPod {
             netns_id: netns.id(),

@@ -30,7 +30,12 @@ fn enrolled_pod_to_pod_on_another_node_goes_through_both_proxies() {
     let dst = cluster.pod("server").addr4(8080);
 
     let report = cluster.transfer("client", dst, MIB).unwrap();
-    assert!(report.ok, "{report:?}");
+    assert!(
+        report.ok,
+        "{report:?}\nnode a: {:#?}\nnode b log:\n{}",
+        cluster.closed_connections("a").unwrap(),
+        cluster.agent_log("b")
+    );
     assert_eq!(report.received, MIB);
     // The kernel connected the client to its in-pod outbound listener.
     assert_eq!(
@@ -47,6 +52,20 @@ fn enrolled_pod_to_pod_on_another_node_goes_through_both_proxies() {
     assert_eq!(rec["bytes_to_server"], MIB);
     assert_eq!(rec["bytes_to_client"], MIB);
     assert_eq!(rec["result"], "completed");
+    assert_eq!(
+        rec["security"],
+        "mutual_tls",
+        "meshed to meshed crosses the network as mTLS; agent log:\n{}",
+        cluster.agent_log("a")
+    );
+    assert_eq!(
+        rec["source_identity"],
+        "spiffe://cluster.local/ns/apps/sa/client"
+    );
+    assert_eq!(
+        rec["destination_identity"],
+        "spiffe://cluster.local/ns/apps/sa/server"
+    );
 
     let inbound = cluster.closed_connections("b").unwrap();
     let rec = find(&inbound, "inbound", dst)
@@ -59,6 +78,11 @@ fn enrolled_pod_to_pod_on_another_node_goes_through_both_proxies() {
     assert_eq!(rec["pod"]["name"], "server");
     assert_eq!(rec["bytes_to_server"], MIB);
     assert_eq!(rec["bytes_to_client"], MIB);
+    assert_eq!(rec["security"], "mutual_tls");
+    assert_eq!(
+        rec["source_identity"], "spiffe://cluster.local/ns/apps/sa/client",
+        "the server side verified the client"
+    );
 }
 
 #[test]
@@ -209,17 +233,22 @@ fn excluded_outbound_ports_and_inbound_ports_are_left_alone() {
     // The destination's inbound capture still applies to 5432.
     assert!(find(&cluster.closed_connections("b").unwrap(), "inbound", db).is_some());
 
+    // The inbound exclusion stops capture of plaintext: a non-meshed scraper reaches
+    // the app directly. A meshed client still tunnels to it over mTLS.
     let scrape = cluster.pod("server").addr4(9100);
-    let report = cluster.transfer("client", scrape, 1024).unwrap();
+    let report = cluster
+        .transfer_from(&cluster.node_placement("a"), scrape, 1024)
+        .unwrap();
     assert!(report.ok, "{report:?}");
-    assert!(find(
-        &cluster.closed_connections("a").unwrap(),
-        "outbound",
-        scrape
-    )
-    .is_some());
     assert!(
         find(&cluster.closed_connections("b").unwrap(), "inbound", scrape).is_none(),
         "inbound-excluded port must reach the app without the proxy"
+    );
+    let report = cluster.transfer("client", scrape, 1024).unwrap();
+    assert!(report.ok, "{report:?}");
+    let rec = find(&cluster.closed_connections("b").unwrap(), "inbound", scrape).cloned();
+    assert_eq!(
+        rec.map(|r| r["security"].clone()),
+        Some("mutual_tls".into())
     );
 }

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use mesh_node::{
     admin::LogLevel,
-    config::{AgentConfig, LogFormat},
+    ca::server::CaConfig,
+    config::{AgentConfig, LogArgs, LogFormat},
 };
 use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Layer};
 
@@ -20,11 +21,13 @@ struct Cli {
 enum Command {
     /// Run the node agent: eBPF redirection, in-pod listeners, proxy.
     Agent(Box<AgentConfig>),
+    /// Run the mesh certificate authority.
+    Ca(Box<CaConfig>),
     /// Print the CustomResourceDefinitions Nodemesh defines, as YAML.
     Crds,
 }
 
-fn init_logging(config: &AgentConfig) -> anyhow::Result<LogLevel> {
+fn init_logging(config: &LogArgs) -> anyhow::Result<LogLevel> {
     let filter = EnvFilter::try_new(&config.log_level)
         .map_err(|e| anyhow::anyhow!("invalid --log-level `{}`: {e}", config.log_level))?;
     let (filter, handle) = reload::Layer::new(filter);
@@ -56,8 +59,32 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ca(config) => {
+            if let Err(e) = init_logging(&config.log) {
+                eprintln!("mesh-node: {e}");
+                return ExitCode::from(2);
+            }
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("mesh-node: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(mesh_node::ca::server::run(*config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "mesh-node ca failed");
+                    eprintln!("mesh-node ca: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Agent(config) => {
-            let log_level = match init_logging(&config) {
+            let log_level = match init_logging(&config.log) {
                 Ok(l) => l,
                 Err(e) => {
                     eprintln!("mesh-node: {e}");

@@ -10,6 +10,9 @@ use super::{ip_key, pod_ips, ClusterState, PodKey};
 
 /// Namespace label that enrolls a namespace (`enabled`); on a pod, `disabled` opts out.
 pub const MESH_LABEL: &str = "nodemesh.io/mesh";
+/// Namespace label choosing the inbound mode: `strict` refuses plaintext (except
+/// kubelet probes, which bypass capture); anything else is permissive.
+pub const MTLS_LABEL: &str = "nodemesh.io/mtls";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "nodemesh.io/exclude-outbound-ports";
 pub const EXCLUDE_OUTBOUND_CIDRS: &str = "nodemesh.io/exclude-outbound-cidrs";
 pub const EXCLUDE_INBOUND_PORTS: &str = "nodemesh.io/exclude-inbound-ports";
@@ -76,6 +79,12 @@ impl ClusterState {
             return Err(NotEnrolled::NoPodIp);
         }
         Ok(())
+    }
+
+    /// Whether plaintext inbound is refused for pods of `namespace`.
+    pub fn strict_mtls(&self, namespace: &str) -> bool {
+        self.namespace(namespace)
+            .is_some_and(|ns| label(&ns.metadata, MTLS_LABEL) == Some("strict"))
     }
 
     /// Plans for every enrolled pod on `node`.

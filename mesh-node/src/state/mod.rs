@@ -26,7 +26,7 @@ use serde::Serialize;
 
 pub use enrollment::{
     plan, NotEnrolled, PodPlan, EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_CIDRS,
-    EXCLUDE_OUTBOUND_PORTS, MESH_LABEL,
+    EXCLUDE_OUTBOUND_PORTS, MESH_LABEL, MTLS_LABEL,
 };
 
 use crate::policy::AuthorizationPolicy;

@@ -55,6 +55,8 @@ pub struct ClusterSpec {
     pub pods: Vec<PodSpec>,
     pub services: Vec<ServiceSpec>,
     pub routes: Vec<RouteSpec>,
+    /// Workload certificate lifetime given to the CA (`24h` when None).
+    pub cert_ttl: Option<String>,
 }
 
 impl ClusterSpec {
@@ -72,6 +74,7 @@ impl ClusterSpec {
             ],
             services: Vec::new(),
             routes: Vec::new(),
+            cert_ttl: None,
         }
     }
 }
@@ -138,6 +141,8 @@ pub struct SimCluster {
     services: Mutex<Vec<SimService>>,
     routes: Mutex<Vec<RouteSpec>>,
     agents: Mutex<HashMap<String, Child>>,
+    ca: Mutex<Option<Child>>,
+    cert_ttl: String,
     /// One pause process per pod, as a container runtime keeps: the agent finds a pod's
     /// namespace through it.
     pauses: Vec<Process>,
@@ -218,6 +223,8 @@ impl SimCluster {
             ),
             routes: Mutex::new(spec.routes.clone()),
             agents: Mutex::new(HashMap::new()),
+            ca: Mutex::new(None),
+            cert_ttl: spec.cert_ttl.clone().unwrap_or_else(|| "24h".into()),
             pauses: Vec::new(),
             resources,
             mesh_node: target_bin("mesh-node")?,
@@ -419,6 +426,90 @@ impl SimCluster {
         &self.mesh_node
     }
 
+    /// Where the CA listens: node a's fabric address (as a CA Service would be reachable).
+    pub fn ca_addr(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(network::underlay(0).0), 15012)
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.work_dir.join("ca")
+    }
+
+    /// The node's CA credential file (created on first use).
+    pub fn node_token_file(&self, node: &str) -> Result<PathBuf> {
+        let path = self.ca_dir().join(format!("token-{node}"));
+        if !path.exists() {
+            fs::create_dir_all(self.ca_dir())?;
+            let token: String = (0..4).map(|_| format!("{:016x}", rand_u64())).collect();
+            fs::write(&path, token)?;
+        }
+        Ok(path)
+    }
+
+    /// Starts the CA (`mesh-node ca`) on node a and waits until it serves.
+    pub fn start_ca(&self) -> Result<()> {
+        let mut tokens = String::new();
+        for n in &self.nodes {
+            tokens += &format!(
+                "{}={}\n",
+                n.name,
+                fs::read_to_string(self.node_token_file(&n.name)?)?
+            );
+        }
+        fs::write(self.ca_dir().join("tokens"), tokens)?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.work_dir.join("ca.log"))?;
+        let addr = self.ca_addr();
+        let mut cmd = self
+            .node_placement(&self.nodes[0].name)
+            .command(&self.mesh_node)?;
+        cmd.args([
+            "ca",
+            "--listen",
+            &addr.to_string(),
+            "--server-name",
+            &addr.ip().to_string(),
+        ])
+        .arg("--root-dir")
+        .arg(self.ca_dir().join("root"))
+        .arg("--manifests")
+        .arg(&self.manifests)
+        .arg("--node-tokens")
+        .arg(self.ca_dir().join("tokens"))
+        .args(["--ttl", &self.cert_ttl, "--log-format", "json"])
+        .stdout(log.try_clone()?)
+        .stderr(log);
+        let child = cmd.spawn().context("starting the CA")?;
+        *self.ca.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+        let netns = self.nodes[0].netns.clone();
+        let up = wait_for(Duration::from_secs(20), || {
+            let root = self.ca_dir().join("root/root.pem");
+            let listening = host::in_netns(&netns, move || {
+                Ok(std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+            })
+            .unwrap_or(false);
+            (root.exists() && listening).then_some(())
+        });
+        if up.is_none() {
+            bail!(
+                "the CA did not start; log:\n{}",
+                fs::read_to_string(self.work_dir.join("ca.log")).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the CA (SIGKILL), e.g. to show certificates keep serving without it.
+    pub fn stop_ca(&self) -> Result<()> {
+        if let Some(mut c) = self.ca.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
     /// The agent's full command line for `node`.
     pub fn agent_command(&self, node: &SimNode) -> Result<Command> {
         let mut cmd = self.mesh_node_command(node, &["agent", "--node-name", &node.name])?;
@@ -440,7 +531,12 @@ impl SimCluster {
                 "--node-ip",
                 &node.ipv6.to_string(),
             ])
-            .args(["--log-format", "json", "--log-level", "info"]);
+            .args(["--log-format", "json", "--log-level", "info"])
+            .args(["--ca-addr", &self.ca_addr().to_string()])
+            .arg("--ca-root")
+            .arg(self.ca_dir().join("root/root.pem"))
+            .arg("--ca-token-file")
+            .arg(self.node_token_file(&node.name)?);
         Ok(cmd)
     }
 
@@ -464,7 +560,11 @@ impl SimCluster {
         self.wait_ready(&node.name, Duration::from_secs(20))
     }
 
+    /// Starts the CA (if not running) and every node's agent.
     pub fn start_agents(&self) -> Result<()> {
+        if self.ca.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+            self.start_ca()?;
+        }
         for n in &self.nodes {
             self.start_agent(&n.name)?;
         }
@@ -533,8 +633,18 @@ impl SimCluster {
     }
 }
 
+/// Randomness for tokens without a dependency: the kernel's, via /dev/urandom.
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    u64::from_ne_bytes(b)
+}
+
 impl Drop for SimCluster {
     fn drop(&mut self) {
+        let _ = self.stop_ca();
         let names: Vec<String> = self
             .agents
             .lock()

@@ -10,7 +10,7 @@ use anyhow::Result;
 use super::host::{ip, netns_path, sysctl_in};
 
 /// Underlay ("fabric") addresses of node i.
-fn underlay(i: u8) -> (Ipv4Addr, Ipv6Addr) {
+pub fn underlay(i: u8) -> (Ipv4Addr, Ipv6Addr) {
     (
         Ipv4Addr::new(192, 168, 77, 10 + i),
         Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 10 + u16::from(i)),

@@ -1,0 +1,209 @@
+//! Authorization policy decisions for inbound connections to a local workload.
+//!
+//! DENY wins; a workload selected by any ALLOW policy denies everything no ALLOW rule
+//! matches; no policy means allow. A plaintext source has no identity, so only rules
+//! without `from` (any source) can match it. A policy with no rules matches nothing.
+
+use k8s_openapi::api::core::v1::Pod;
+use serde::Serialize;
+
+use crate::{
+    identity::Identity,
+    policy::{AuthorizationPolicy, PolicyAction, PolicyRule, PolicySource},
+    state::{ClusterState, ObjectKey},
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum Verdict {
+    Allow {
+        policy: Option<String>,
+    },
+    Deny {
+        policy: Option<String>,
+        reason: String,
+    },
+}
+
+impl Verdict {
+    pub fn allowed(&self) -> bool {
+        matches!(self, Verdict::Allow { .. })
+    }
+}
+
+fn selects(policy: &AuthorizationPolicy, pod: &Pod) -> bool {
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    policy
+        .spec
+        .selector
+        .match_labels
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn source_matches(source: &PolicySource, peer: Option<&Identity>) -> bool {
+    let any = source.principals.is_empty()
+        && source.namespaces.is_empty()
+        && source.service_accounts.is_empty();
+    if any {
+        return true;
+    }
+    let Some(id) = peer else {
+        return false;
+    };
+    source.principals.iter().any(|p| *p == id.to_string())
+        || source.namespaces.contains(&id.namespace)
+        || source
+            .service_accounts
+            .iter()
+            .any(|sa| *sa == format!("{}/{}", id.namespace, id.service_account))
+}
+
+fn rule_matches(rule: &PolicyRule, port: u16, peer: Option<&Identity>) -> bool {
+    let from = rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, peer));
+    let to = rule.to.is_empty() || rule.to.iter().any(|d| d.ports.contains(&port));
+    from && to
+}
+
+fn matches(policy: &AuthorizationPolicy, port: u16, peer: Option<&Identity>) -> bool {
+    policy
+        .spec
+        .rules
+        .iter()
+        .any(|r| rule_matches(r, port, peer))
+}
+
+fn name(key: &ObjectKey) -> Option<String> {
+    Some(key.to_string())
+}
+
+/// May `peer` (None: plaintext) connect to `port` of the local pod `dest`?
+pub fn authorize(
+    state: &ClusterState,
+    dest: &ObjectKey,
+    port: u16,
+    peer: Option<&Identity>,
+) -> Verdict {
+    let Some(pod) = state.pods.get(dest) else {
+        return Verdict::Deny {
+            policy: None,
+            reason: "destination pod unknown".into(),
+        };
+    };
+    let applicable: Vec<(&ObjectKey, &AuthorizationPolicy)> = state
+        .authorization_policies
+        .iter()
+        .filter(|(k, p)| k.namespace == dest.namespace && selects(p, pod))
+        .map(|(k, p)| (k, &**p))
+        .collect();
+    if let Some((key, _)) = applicable
+        .iter()
+        .find(|(_, p)| p.spec.action == PolicyAction::Deny && matches(p, port, peer))
+    {
+        return Verdict::Deny {
+            policy: name(key),
+            reason: "a DENY rule matched".into(),
+        };
+    }
+    let allows: Vec<&(&ObjectKey, &AuthorizationPolicy)> = applicable
+        .iter()
+        .filter(|(_, p)| p.spec.action == PolicyAction::Allow)
+        .collect();
+    if allows.is_empty() {
+        return Verdict::Allow { policy: None };
+    }
+    match allows.iter().find(|(_, p)| matches(p, port, peer)) {
+        Some((key, _)) => Verdict::Allow { policy: name(key) },
+        None => Verdict::Deny {
+            policy: None,
+            reason: "ALLOW policies select this workload and none matched".into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files_source::parse_manifest;
+
+    const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: server, namespace: apps, labels: {app: server}}\nspec: {containers: [{name: c, image: x}]}\n";
+
+    fn state(policies: &str) -> ClusterState {
+        ClusterState::from_objects(parse_manifest(&format!("{PODS}---\n{policies}")).unwrap())
+    }
+
+    fn id(ns: &str, sa: &str) -> Identity {
+        Identity::new("cluster.local", ns, sa)
+    }
+
+    fn verdict(s: &ClusterState, port: u16, peer: Option<&Identity>) -> bool {
+        authorize(s, &ObjectKey::new("apps", "server"), port, peer).allowed()
+    }
+
+    const ALLOW_CLIENT: &str = "apiVersion: security.nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: allow-client, namespace: apps}\n\
+        spec: {selector: {matchLabels: {app: server}}, action: ALLOW, rules: [{from: [{principals: [\"spiffe://cluster.local/ns/apps/sa/client\"]}], to: [{ports: [8080]}]}]}\n";
+    const DENY_PLAIN_NS: &str = "apiVersion: security.nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny-plain, namespace: apps}\n\
+        spec: {action: DENY, rules: [{from: [{namespaces: [plain]}]}]}\n";
+
+    #[test]
+    fn no_policy_allows_everything() {
+        let s = state("");
+        assert!(verdict(&s, 8080, Some(&id("apps", "client"))));
+        assert!(verdict(&s, 8080, None));
+    }
+
+    #[test]
+    fn allow_policies_deny_everything_else() {
+        let s = state(ALLOW_CLIENT);
+        assert!(verdict(&s, 8080, Some(&id("apps", "client"))));
+        assert!(
+            !verdict(&s, 9090, Some(&id("apps", "client"))),
+            "other port"
+        );
+        assert!(
+            !verdict(&s, 8080, Some(&id("apps", "other"))),
+            "other principal"
+        );
+        assert!(
+            !verdict(&s, 8080, None),
+            "plaintext cannot match a principal"
+        );
+    }
+
+    #[test]
+    fn deny_wins_over_allow() {
+        let allow_all_ns = "apiVersion: security.nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: allow-plain, namespace: apps}\n\
+            spec: {action: ALLOW, rules: [{from: [{namespaces: [plain, apps]}]}]}\n";
+        let s = state(&format!("{allow_all_ns}---\n{DENY_PLAIN_NS}"));
+        assert!(!verdict(&s, 8080, Some(&id("plain", "x"))));
+        assert!(verdict(&s, 8080, Some(&id("apps", "x"))));
+        let v = authorize(
+            &s,
+            &ObjectKey::new("apps", "server"),
+            8080,
+            Some(&id("plain", "x")),
+        );
+        assert_eq!(
+            v,
+            Verdict::Deny {
+                policy: Some("apps/deny-plain".into()),
+                reason: "a DENY rule matched".into()
+            }
+        );
+    }
+
+    #[test]
+    fn selectors_and_service_accounts() {
+        let other = "apiVersion: security.nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: for-db, namespace: apps}\n\
+            spec: {selector: {matchLabels: {app: db}}, action: ALLOW, rules: [{from: [{serviceAccounts: [apps/client]}]}]}\n";
+        let s = state(other);
+        assert!(
+            verdict(&s, 8080, Some(&id("apps", "anyone"))),
+            "the policy selects another workload"
+        );
+        let sa = other.replace("app: db", "app: server");
+        let s = state(&sa);
+        assert!(verdict(&s, 1, Some(&id("apps", "client"))));
+        assert!(!verdict(&s, 1, Some(&id("apps", "other"))));
+    }
+}

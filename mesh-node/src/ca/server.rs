@@ -1,0 +1,325 @@
+//! `mesh-node ca`: signs workload CSRs over HTTPS for authenticated node agents, only
+//! for identities that have a pod scheduled on the caller's node, judged from the same
+//! discovered state the agents use.
+
+use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use clap::Args;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{
+    body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use thiserror::Error;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::{
+    auth::NodeAuthenticator,
+    authority::{CaError, CertificateAuthority},
+    protocol::{ErrorResponse, SignRequest, SignResponse, SIGN_PATH},
+};
+use crate::{
+    config::{parse_duration, LogArgs, Source},
+    files_source,
+    identity::{Identity, DEFAULT_TRUST_DOMAIN},
+    kube_source::{self, DiscoveryHealth},
+    metrics::Metrics,
+    state::ClusterState,
+    tls,
+};
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct CaConfig {
+    /// HTTPS address of the CA.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+
+    /// Trust domain of every identity this CA signs.
+    #[arg(long, default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// Lifetime of workload certificates.
+    #[arg(long, value_parser = parse_duration, default_value = "24h")]
+    #[serde(skip)]
+    pub ttl: Duration,
+
+    /// Embedded mode: keep a generated root here (created on first start).
+    #[arg(long, conflicts_with_all = ["root_cert", "root_key"])]
+    pub root_dir: Option<PathBuf>,
+
+    /// Root certificate (PEM), e.g. a mounted Secret's `ca.crt`.
+    #[arg(long, requires = "root_key")]
+    pub root_cert: Option<PathBuf>,
+
+    /// Root key (PEM), e.g. a mounted Secret's `ca.key`.
+    #[arg(long, requires = "root_cert")]
+    pub root_key: Option<PathBuf>,
+
+    /// Names and IPs for the CA's TLS certificate (what agents dial).
+    #[arg(long = "server-name", required = true)]
+    pub server_names: Vec<String>,
+
+    /// Where pod scheduling is learned: `kube` or `files`.
+    #[arg(long, value_enum, default_value_t = Source::Files)]
+    pub source: Source,
+
+    /// Manifest directory for `--source files`.
+    #[arg(long, required_if_eq("source", "files"))]
+    pub manifests: Option<PathBuf>,
+
+    /// Embedded mode: `node=token` lines; without it, tokens are checked with TokenReview.
+    #[arg(long)]
+    pub node_tokens: Option<PathBuf>,
+
+    /// With TokenReview: the agents' service-account user.
+    #[arg(
+        long,
+        default_value = "system:serviceaccount:nodemesh-system:mesh-node"
+    )]
+    pub agent_user: String,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Error)]
+pub enum CaServerError {
+    #[error(transparent)]
+    Authority(#[from] CaError),
+    #[error("{what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--node-tokens {path}: {reason}")]
+    Tokens { path: PathBuf, reason: String },
+    #[error("give the CA a root: --root-dir (embedded) or --root-cert and --root-key")]
+    NoRoot,
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot reach the Kubernetes API for TokenReview and discovery: {0}")]
+    Kube(kube::Error),
+}
+
+fn read(what: &'static str, path: &PathBuf) -> Result<String, CaServerError> {
+    std::fs::read_to_string(path).map_err(|source| CaServerError::Read {
+        what,
+        path: path.clone(),
+        source,
+    })
+}
+
+struct CaService {
+    authority: CertificateAuthority,
+    authenticator: NodeAuthenticator,
+    state: watch::Receiver<Arc<ClusterState>>,
+}
+
+fn json(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(body).unwrap_or_default(),
+    )));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn refuse(status: StatusCode, error: String) -> Response<Full<Bytes>> {
+    json(status, &ErrorResponse { error })
+}
+
+/// Requests are a few KiB; anything bigger is not a CSR.
+const MAX_BODY: usize = 64 * 1024;
+
+impl CaService {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::POST || req.uri().path() != SIGN_PATH {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                format!("POST {SIGN_PATH} is the only endpoint"),
+            );
+        }
+        let authorization = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let node = match self.authenticator.node_of(authorization.as_deref()).await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "CA request refused: not authenticated");
+                return refuse(StatusCode::UNAUTHORIZED, e.to_string());
+            }
+        };
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the request: {e}"),
+                )
+            }
+        };
+        let request: SignRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!("expected {{\"identity\", \"csr\"}} JSON: {e}"),
+                )
+            }
+        };
+        let identity: Identity = match request.identity.parse() {
+            Ok(i) => i,
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
+        };
+        let state = self.state.borrow().clone();
+        let scheduled = state.pods_on_node(&node).any(|(key, pod)| {
+            let sa = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.as_deref())
+                .unwrap_or("default");
+            key.namespace == identity.namespace && sa == identity.service_account
+        });
+        if !scheduled {
+            warn!(%node, %identity, "CA request refused: no pod of that identity on the node");
+            return refuse(
+                StatusCode::FORBIDDEN,
+                format!("no pod with identity {identity} is scheduled on node {node}"),
+            );
+        }
+        match self.authority.sign(&request.csr, &identity) {
+            Ok(certificate) => {
+                info!(%node, %identity, "certificate issued");
+                json(
+                    StatusCode::OK,
+                    &SignResponse {
+                        certificate,
+                        root: self.authority.root_pem().to_string(),
+                    },
+                )
+            }
+            Err(e) => {
+                warn!(%node, %identity, error = %e, "CA request refused: bad CSR");
+                refuse(StatusCode::BAD_REQUEST, e.to_string())
+            }
+        }
+    }
+}
+
+fn authority(config: &CaConfig) -> Result<CertificateAuthority, CaServerError> {
+    match (&config.root_dir, &config.root_cert, &config.root_key) {
+        (Some(dir), _, _) => Ok(CertificateAuthority::load_or_generate(
+            dir,
+            &config.trust_domain,
+            config.ttl,
+        )?),
+        (None, Some(cert), Some(key)) => Ok(CertificateAuthority::from_pem(
+            &read("root certificate", cert)?,
+            &read("root key", key)?,
+            &config.trust_domain,
+            config.ttl,
+        )?),
+        _ => Err(CaServerError::NoRoot),
+    }
+}
+
+/// Runs the CA until the process is stopped.
+pub async fn run(config: CaConfig) -> Result<(), CaServerError> {
+    let authority = authority(&config)?;
+    let (cert, key) = authority.issue_server_certificate(&config.server_names)?;
+    let acceptor = TlsAcceptor::from(tls::server_config(&cert, &key).map_err(CaServerError::Tls)?);
+    let metrics = Arc::new(Metrics::new());
+    let (state_tx, state_rx) = watch::channel(Arc::new(ClusterState::default()));
+    let authenticator =
+        match (&config.node_tokens, config.source) {
+            (Some(path), _) => NodeAuthenticator::parse_tokens(&read("node tokens", path)?)
+                .map_err(|reason| CaServerError::Tokens {
+                    path: path.clone(),
+                    reason,
+                })?,
+            (None, _) => NodeAuthenticator::TokenReview {
+                client: kube::Client::try_default()
+                    .await
+                    .map_err(CaServerError::Kube)?,
+                agent_user: config.agent_user.clone(),
+            },
+        };
+    match (config.source, &config.manifests) {
+        (Source::Files, Some(dir)) => {
+            tokio::spawn(files_source::watch_directory(
+                dir.clone(),
+                state_tx,
+                metrics,
+            ));
+        }
+        _ => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(CaServerError::Kube)?;
+            tokio::spawn(kube_source::run(
+                client,
+                state_tx,
+                metrics,
+                Arc::new(DiscoveryHealth::default()),
+            ));
+        }
+    }
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| CaServerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+    let service = Arc::new(CaService {
+        authority,
+        authenticator,
+        state: state_rx,
+    });
+    info!(listen = %config.listen, trust_domain = %config.trust_domain, ttl_s = config.ttl.as_secs(), "CA serving");
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "CA accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (acceptor, service) = (acceptor.clone(), service.clone());
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(stream).await {
+                Ok(t) => t,
+                Err(e) => {
+                    debug!(%peer, error = %e, "CA TLS handshake failed");
+                    return;
+                }
+            };
+            let svc = service_fn(move |req| {
+                let service = service.clone();
+                async move { Ok::<_, Infallible>(service.handle(req).await) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await
+            {
+                debug!(%peer, error = %e, "CA connection ended with an error");
+            }
+        });
+    }
+}
