@@ -226,3 +226,30 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
+
+/// A client config with a fixed certificate (or none), for tools and tests that are
+/// not agents; the server must still prove `expected`.
+pub fn static_client_config(
+    certificate: Option<(&str, &str)>,
+    trust: &TrustBundle,
+    expected: Identity,
+) -> Result<Arc<ClientConfig>, String> {
+    let verifier = Arc::new(SpiffeServerVerifier {
+        anchors: trust.anchors.clone(),
+        expected,
+        provider: tls::provider(),
+    });
+    let builder = ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match certificate {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(tls::certs_from_pem(cert)?, tls::key_from_pem(key)?)
+            .map_err(|e| e.to_string())?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}

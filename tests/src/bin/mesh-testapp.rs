@@ -33,6 +33,18 @@ enum Cmd {
         bytes: u64,
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
+        /// Fill the payload with this text repeated instead of random bytes.
+        #[arg(long)]
+        marker: Option<String>,
+    },
+    /// Keep one connection open for N seconds, exchanging a ping every interval.
+    Hold {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long, default_value_t = 500)]
+        interval_ms: u64,
     },
     /// Do nothing until killed: the pod's pause process, which the agent finds by cgroup.
     Pause,
@@ -101,7 +113,12 @@ fn payload(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-fn transfer(addr: SocketAddr, bytes: u64, timeout: Duration) -> TransferReport {
+fn transfer(
+    addr: SocketAddr,
+    bytes: u64,
+    timeout: Duration,
+    marker: Option<&str>,
+) -> TransferReport {
     let started = Instant::now();
     let mut report = TransferReport {
         ok: false,
@@ -123,7 +140,10 @@ fn transfer(addr: SocketAddr, bytes: u64, timeout: Duration) -> TransferReport {
     report.local = stream.local_addr().ok().map(|a| a.to_string());
     report.peer = stream.peer_addr().ok().map(|a| a.to_string());
     let seed = started.elapsed().as_nanos() as u64 ^ 0x9E37_79B9_7F4A_7C15;
-    let data = payload(bytes as usize, seed);
+    let data = match marker {
+        Some(m) if !m.is_empty() => m.bytes().cycle().take(bytes as usize).collect(),
+        _ => payload(bytes as usize, seed),
+    };
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -194,6 +214,38 @@ fn churn(addr: SocketAddr, count: u64) -> ChurnReport {
     report
 }
 
+/// One long-lived connection: a ping/echo every `interval` for `duration`.
+fn hold(addr: SocketAddr, duration: Duration, interval: Duration) -> ChurnReport {
+    let started = Instant::now();
+    let mut report = ChurnReport {
+        succeeded: 0,
+        failed: 0,
+        first_error: None,
+        elapsed_ms: 0,
+    };
+    let run = |report: &mut ChurnReport| -> std::io::Result<()> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        while started.elapsed() < duration {
+            s.write_all(b"ping")?;
+            let mut back = [0u8; 4];
+            s.read_exact(&mut back)?;
+            if &back != b"ping" {
+                return Err(std::io::Error::other("echo differs"));
+            }
+            report.succeeded += 1;
+            thread::sleep(interval);
+        }
+        Ok(())
+    };
+    if let Err(e) = run(&mut report) {
+        report.failed += 1;
+        report.first_error = Some(e.to_string());
+    }
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    report
+}
+
 fn main() {
     match Cli::parse().command {
         Cmd::Serve { listen } => serve(listen),
@@ -201,10 +253,29 @@ fn main() {
             connect,
             bytes,
             timeout_ms,
+            marker,
         } => {
-            let r = transfer(connect, bytes, Duration::from_millis(timeout_ms));
+            let r = transfer(
+                connect,
+                bytes,
+                Duration::from_millis(timeout_ms),
+                marker.as_deref(),
+            );
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             std::process::exit(if r.ok { 0 } else { 1 });
+        }
+        Cmd::Hold {
+            connect,
+            seconds,
+            interval_ms,
+        } => {
+            let r = hold(
+                connect,
+                Duration::from_secs(seconds),
+                Duration::from_millis(interval_ms),
+            );
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            std::process::exit(if r.failed == 0 { 0 } else { 1 });
         }
         Cmd::Pause => loop {
             thread::sleep(Duration::from_secs(3600));

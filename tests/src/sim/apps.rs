@@ -86,6 +86,42 @@ impl SimCluster {
         }
     }
 
+    /// A transfer whose payload is `marker` repeated (to look for it on the wire).
+    pub fn transfer_marked(
+        &self,
+        pod: &str,
+        dst: SocketAddr,
+        bytes: u64,
+        marker: &str,
+    ) -> Result<TransferReport> {
+        let args = [
+            "transfer".to_string(),
+            "--connect".into(),
+            dst.to_string(),
+            "--bytes".into(),
+            bytes.to_string(),
+            "--marker".into(),
+            marker.to_string(),
+        ];
+        Ok(serde_json::from_str(
+            self.run_testapp(&self.pod(pod).placement(), &args)?.trim(),
+        )?)
+    }
+
+    /// Starts one long-lived connection (ping every 500 ms for `seconds`).
+    pub fn hold(&self, pod: &str, dst: SocketAddr, seconds: u64) -> Result<std::process::Child> {
+        let mut cmd = self.pod(pod).placement().command(&self.testapp)?;
+        cmd.args([
+            "hold",
+            "--connect",
+            &dst.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ])
+        .stdout(Stdio::piped());
+        Ok(cmd.spawn()?)
+    }
+
     pub fn churn(&self, pod: &str, dst: SocketAddr, count: u64) -> Result<ChurnReport> {
         let args = [
             "churn".to_string(),

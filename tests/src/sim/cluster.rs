@@ -138,6 +138,10 @@ pub struct SimCluster {
     pub nodes: Vec<SimNode>,
     pub pods: Vec<SimPod>,
     namespaces: Mutex<Vec<(String, bool)>>,
+    /// Namespaces labelled `nodemesh.io/mtls: strict`.
+    strict: Mutex<Vec<String>>,
+    /// The fabric namespace, where node-to-node traffic crosses.
+    pub fabric: PathBuf,
     services: Mutex<Vec<SimService>>,
     routes: Mutex<Vec<RouteSpec>>,
     agents: Mutex<HashMap<String, Child>>,
@@ -214,6 +218,8 @@ impl SimCluster {
             nodes: Vec::new(),
             pods: Vec::new(),
             namespaces: Mutex::new(spec.namespaces.clone()),
+            strict: Mutex::new(Vec::new()),
+            fabric: netns_path(&fabric),
             services: Mutex::new(
                 spec.services
                     .iter()
@@ -322,7 +328,22 @@ impl SimCluster {
     // ---- manifests -------------------------------------------------------------
 
     fn namespaces_yaml(&self) -> String {
-        manifests::namespaces_yaml(&self.namespaces.lock().unwrap_or_else(|p| p.into_inner()))
+        manifests::namespaces_yaml(
+            &self.namespaces.lock().unwrap_or_else(|p| p.into_inner()),
+            &self.strict.lock().unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
+    /// Sets or clears `nodemesh.io/mtls: strict` on a namespace.
+    pub fn set_namespace_strict(&self, namespace: &str, strict: bool) -> Result<()> {
+        {
+            let mut set = self.strict.lock().unwrap_or_else(|p| p.into_inner());
+            set.retain(|n| n != namespace);
+            if strict {
+                set.push(namespace.to_string());
+            }
+        }
+        self.write_manifest("namespaces.yaml", &self.namespaces_yaml())
     }
 
     /// Writes a manifest file atomically (the agent never sees half a file).

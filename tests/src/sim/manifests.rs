@@ -3,14 +3,21 @@
 
 use super::cluster::SimPod;
 
-pub fn namespaces_yaml(namespaces: &[(String, bool)]) -> String {
+pub fn namespaces_yaml(namespaces: &[(String, bool)], strict: &[String]) -> String {
     namespaces
         .iter()
         .map(|(name, enrolled)| {
-            let labels = if *enrolled {
-                "\n  labels:\n    nodemesh.io/mesh: enabled"
+            let mut labels = String::new();
+            if *enrolled {
+                labels += "\n    nodemesh.io/mesh: enabled";
+            }
+            if strict.contains(name) {
+                labels += "\n    nodemesh.io/mtls: strict";
+            }
+            let labels = if labels.is_empty() {
+                labels
             } else {
-                ""
+                format!("\n  labels:{labels}")
             };
             format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n")
         })

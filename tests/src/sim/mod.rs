@@ -2,6 +2,7 @@
 
 mod admin;
 mod apps;
+pub mod capture;
 pub mod cluster;
 pub mod host;
 mod manifests;
