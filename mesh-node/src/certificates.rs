@@ -110,16 +110,13 @@ fn certified(
     })
 }
 
-/// When to refresh: half-way through the validity, minus up to 10 % jitter so a node's
-/// identities do not all renew at once.
+/// When to refresh: half-way through the remaining validity, minus up to 10 % jitter so
+/// a node's identities do not all renew at once. Measured from now, not from
+/// `not_before`, which the CA backdates for clock skew.
 fn refresh_delay(cert: &WorkloadCertificate, now: SystemTime) -> Duration {
-    let lifetime = cert
-        .not_after
-        .duration_since(cert.not_before)
-        .unwrap_or_default();
-    let jitter = lifetime.mul_f64(rand::random::<f64>() * 0.1);
-    let refresh_at = cert.not_before + lifetime / 2 - jitter;
-    refresh_at.duration_since(now).unwrap_or_default()
+    let remaining = cert.not_after.duration_since(now).unwrap_or_default();
+    let jitter = remaining.mul_f64(rand::random::<f64>() * 0.1);
+    remaining / 2 - jitter
 }
 
 async fn maintain(
@@ -263,5 +260,26 @@ impl CertificateStore {
             .collect();
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::authority::{new_csr, CertificateAuthority};
+
+    #[test]
+    fn refresh_is_due_half_way_through_what_is_left_despite_backdating() {
+        let ca = CertificateAuthority::generate("cluster.local", Duration::from_secs(20)).unwrap();
+        let id = Identity::new("cluster.local", "apps", "client");
+        let (key, csr) = new_csr(&id).unwrap();
+        let cert = certified(&id, &key, &ca.sign(&csr, &id).unwrap()).unwrap();
+        let delay = refresh_delay(&cert, SystemTime::now());
+        assert!(
+            delay >= Duration::from_secs(8) && delay <= Duration::from_secs(10),
+            "{delay:?}"
+        );
+        assert!(cert.is_valid(SystemTime::now()));
+        assert!(!cert.is_valid(SystemTime::now() + Duration::from_secs(21)));
     }
 }

@@ -426,3 +426,51 @@ fn certificates_rotate_while_a_connection_stays_up_and_new_ones_keep_working() {
         serials.len()
     );
 }
+
+#[test]
+fn with_the_ca_down_existing_certificates_keep_serving_and_errors_are_visible() {
+    let mut spec = ClusterSpec::two_nodes();
+    spec.cert_ttl = Some("6s".into());
+    let cluster = SimCluster::create(spec).unwrap();
+    cluster.start_agents().unwrap();
+    let _server = cluster.serve("server", 8080).unwrap();
+    let dst = cluster.pod("server").addr4(8080);
+    assert!(cluster.transfer("client", dst, 1024).unwrap().ok);
+
+    cluster.stop_ca().unwrap();
+    // A refresh (at half of the 6 s lifetime) fails while the certificate is still valid.
+    let failing = cluster.eventually(Duration::from_secs(8), || {
+        let certs = cluster.admin("a", "/certs").unwrap();
+        certs.as_array().unwrap().iter().any(|c| {
+            c["identity"] == id("apps", "client").to_string()
+                && c["state"] == "valid"
+                && !c["last_error"].is_null()
+        })
+    });
+    assert!(
+        failing.is_some(),
+        "the failed refresh is not visible: {}",
+        cluster.admin("a", "/certs").unwrap()
+    );
+    assert!(
+        cluster.transfer("client", dst, 1024).unwrap().ok,
+        "the pooled, still-valid mTLS keeps working"
+    );
+    assert!(counter(&cluster, "a", "nodemesh_certificate_errors_total") >= 1.0);
+
+    cluster.start_ca().unwrap();
+    let recovered = cluster.eventually(Duration::from_secs(40), || {
+        let certs = cluster.admin("a", "/certs").unwrap();
+        certs
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["state"] == "valid" && c["last_error"].is_null())
+    });
+    assert!(
+        recovered.is_some(),
+        "no recovery after the CA came back: {}",
+        cluster.admin("a", "/certs").unwrap()
+    );
+    assert!(cluster.transfer("client", dst, 1024).unwrap().ok);
+}
