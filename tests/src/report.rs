@@ -23,3 +23,13 @@ pub struct ChurnReport {
     pub first_error: Option<String>,
     pub elapsed_ms: u64,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RttReport {
+    pub count: u64,
+    pub size: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub error: Option<String>,
+}

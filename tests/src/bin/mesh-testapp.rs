@@ -10,7 +10,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use mesh_tests::report::{ChurnReport, TransferReport};
+use mesh_tests::report::{ChurnReport, RttReport, TransferReport};
 
 #[derive(Parser)]
 struct Cli {
@@ -45,6 +45,15 @@ enum Cmd {
         seconds: u64,
         #[arg(long, default_value_t = 500)]
         interval_ms: u64,
+    },
+    /// Closed-loop request/response: COUNT round trips of SIZE bytes on one connection.
+    Rtt {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1024)]
+        size: u64,
+        #[arg(long, default_value_t = 5000)]
+        count: u64,
     },
     /// Do nothing until killed: the pod's pause process, which the agent finds by cgroup.
     Pause,
@@ -214,6 +223,40 @@ fn churn(addr: SocketAddr, count: u64) -> ChurnReport {
     report
 }
 
+fn rtt(addr: SocketAddr, size: usize, count: u64) -> RttReport {
+    let mut samples = Vec::with_capacity(count as usize);
+    let run = |samples: &mut Vec<f64>| -> std::io::Result<()> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let request = vec![0x5au8; size];
+        let mut back = vec![0u8; size];
+        for _ in 0..count {
+            let t = Instant::now();
+            s.write_all(&request)?;
+            s.read_exact(&mut back)?;
+            samples.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(())
+    };
+    let error = run(&mut samples).err().map(|e| e.to_string());
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| {
+        samples
+            .get(((samples.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    RttReport {
+        count: samples.len() as u64,
+        size: size as u64,
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+        p999_us: at(0.999),
+        error,
+    }
+}
+
 /// One long-lived connection: a ping/echo every `interval` for `duration`.
 fn hold(addr: SocketAddr, duration: Duration, interval: Duration) -> ChurnReport {
     let started = Instant::now();
@@ -276,6 +319,15 @@ fn main() {
             );
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             std::process::exit(if r.failed == 0 { 0 } else { 1 });
+        }
+        Cmd::Rtt {
+            connect,
+            size,
+            count,
+        } => {
+            let r = rtt(connect, size as usize, count);
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            std::process::exit(if r.error.is_none() { 0 } else { 1 });
         }
         Cmd::Pause => loop {
             thread::sleep(Duration::from_secs(3600));

@@ -13,7 +13,7 @@ use super::{
     host::{ip, Placement},
     Process, SimCluster,
 };
-use crate::report::{ChurnReport, TransferReport};
+use crate::report::{ChurnReport, RttReport, TransferReport};
 
 impl SimCluster {
     /// Starts an echo server in `pod` on `port` and waits until it listens. Like most
@@ -120,6 +120,22 @@ impl SimCluster {
         ])
         .stdout(Stdio::piped());
         Ok(cmd.spawn()?)
+    }
+
+    /// Closed-loop round trips of `size` bytes from `pod`.
+    pub fn rtt(&self, pod: &str, dst: SocketAddr, size: u64, count: u64) -> Result<RttReport> {
+        let args = [
+            "rtt".to_string(),
+            "--connect".into(),
+            dst.to_string(),
+            "--size".into(),
+            size.to_string(),
+            "--count".into(),
+            count.to_string(),
+        ];
+        Ok(serde_json::from_str(
+            self.run_testapp(&self.pod(pod).placement(), &args)?.trim(),
+        )?)
     }
 
     pub fn churn(&self, pod: &str, dst: SocketAddr, count: u64) -> Result<ChurnReport> {

@@ -57,6 +57,8 @@ pub struct ClusterSpec {
     pub routes: Vec<RouteSpec>,
     /// Workload certificate lifetime given to the CA (`24h` when None).
     pub cert_ttl: Option<String>,
+    /// Run the CA and give agents mTLS (true unless a test compares without it).
+    pub mtls: bool,
 }
 
 impl ClusterSpec {
@@ -75,6 +77,7 @@ impl ClusterSpec {
             services: Vec::new(),
             routes: Vec::new(),
             cert_ttl: None,
+            mtls: true,
         }
     }
 }
@@ -147,6 +150,7 @@ pub struct SimCluster {
     agents: Mutex<HashMap<String, Child>>,
     ca: Mutex<Option<Child>>,
     cert_ttl: String,
+    mtls: bool,
     /// One pause process per pod, as a container runtime keeps: the agent finds a pod's
     /// namespace through it.
     pauses: Vec<Process>,
@@ -231,6 +235,7 @@ impl SimCluster {
             agents: Mutex::new(HashMap::new()),
             ca: Mutex::new(None),
             cert_ttl: spec.cert_ttl.clone().unwrap_or_else(|| "24h".into()),
+            mtls: spec.mtls,
             pauses: Vec::new(),
             resources,
             mesh_node: target_bin("mesh-node")?,
@@ -552,12 +557,14 @@ impl SimCluster {
                 "--node-ip",
                 &node.ipv6.to_string(),
             ])
-            .args(["--log-format", "json", "--log-level", "info"])
-            .args(["--ca-addr", &self.ca_addr().to_string()])
-            .arg("--ca-root")
-            .arg(self.ca_dir().join("root/root.pem"))
-            .arg("--ca-token-file")
-            .arg(self.node_token_file(&node.name)?);
+            .args(["--log-format", "json", "--log-level", "info"]);
+        if self.mtls {
+            cmd.args(["--ca-addr", &self.ca_addr().to_string()])
+                .arg("--ca-root")
+                .arg(self.ca_dir().join("root/root.pem"))
+                .arg("--ca-token-file")
+                .arg(self.node_token_file(&node.name)?);
+        }
         Ok(cmd)
     }
 
@@ -583,7 +590,7 @@ impl SimCluster {
 
     /// Starts the CA (if not running) and every node's agent.
     pub fn start_agents(&self) -> Result<()> {
-        if self.ca.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+        if self.mtls && self.ca.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
             self.start_ca()?;
         }
         for n in &self.nodes {
