@@ -51,6 +51,8 @@ enum NodeCommand {
     Services,
     /// Sync state of each discovered kind.
     Discovery,
+    /// Certificates of the identities on this node.
+    Certs,
     /// The agent's effective configuration.
     Config,
     /// Show or set the log filter.
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         NodeCommand::Bpf => (Method::GET, "/bpf".into()),
         NodeCommand::Services => (Method::GET, "/services".into()),
         NodeCommand::Discovery => (Method::GET, "/discovery".into()),
+        NodeCommand::Certs => (Method::GET, "/certs".into()),
         NodeCommand::Config => (Method::GET, "/config_dump".into()),
         NodeCommand::LogLevel { level: None } => (Method::GET, "/logging".into()),
         NodeCommand::LogLevel { level: Some(l) } => (Method::POST, format!("/logging?level={l}")),
