@@ -232,6 +232,13 @@ fn print_connection(label: &str, c: Option<&Value>) {
         c["bytes_to_client"],
         c["result"].as_str().unwrap_or("?"),
     );
+    println!(
+        "    {:17}  security {}: {} -> {}",
+        "",
+        c["security"].as_str().unwrap_or("?"),
+        c["source_identity"].as_str().unwrap_or("-"),
+        c["destination_identity"].as_str().unwrap_or("-"),
+    );
 }
 
 fn print_workloads(v: &Value) {

@@ -568,8 +568,12 @@ impl SimCluster {
         Ok(cmd)
     }
 
-    /// Starts the node's agent and waits until it reports ready.
+    /// Starts the node's agent (and the CA, if mTLS is on and it is not running) and
+    /// waits until the agent reports ready.
     pub fn start_agent(&self, node: &str) -> Result<()> {
+        if self.mtls && self.ca.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+            self.start_ca()?;
+        }
         let node = self.node(node).clone();
         let log = fs::OpenOptions::new()
             .create(true)
@@ -588,11 +592,8 @@ impl SimCluster {
         self.wait_ready(&node.name, Duration::from_secs(20))
     }
 
-    /// Starts the CA (if not running) and every node's agent.
+    /// Starts every node's agent (and the CA first, when mTLS is on).
     pub fn start_agents(&self) -> Result<()> {
-        if self.mtls && self.ca.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
-            self.start_ca()?;
-        }
         for n in &self.nodes {
             self.start_agent(&n.name)?;
         }
