@@ -72,6 +72,30 @@ pub struct ConnectionInfo {
     pub destination_identity: Option<String>,
 }
 
+impl ConnectionInfo {
+    /// A plaintext connection with nothing resolved yet.
+    pub fn new(
+        direction: Direction,
+        pod: PodKey,
+        src: SocketAddr,
+        original_dst: SocketAddr,
+    ) -> ConnectionInfo {
+        ConnectionInfo {
+            direction,
+            pod,
+            src,
+            original_dst,
+            peer: None,
+            service: None,
+            backend: None,
+            upstream: None,
+            security: Security::None,
+            source_identity: None,
+            destination_identity: None,
+        }
+    }
+}
+
 /// One connection, as listed by the admin API and printed by the access log.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnectionRecord {
@@ -275,23 +299,13 @@ mod tests {
 
     fn info(direction: Direction) -> ConnectionInfo {
         ConnectionInfo {
-            direction,
-            pod: PodKey {
-                namespace: "apps".into(),
-                name: "client".into(),
-            },
-            src: "127.0.0.1:40000".parse().unwrap(),
-            original_dst: "10.0.2.2:8080".parse().unwrap(),
-            peer: Some(PodKey {
-                namespace: "apps".into(),
-                name: "server".into(),
-            }),
-            service: None,
-            backend: None,
-            upstream: None,
-            security: Security::None,
-            source_identity: None,
-            destination_identity: None,
+            peer: Some(PodKey::new("apps", "server")),
+            ..ConnectionInfo::new(
+                direction,
+                PodKey::new("apps", "client"),
+                "127.0.0.1:40000".parse().unwrap(),
+                "10.0.2.2:8080".parse().unwrap(),
+            )
         }
     }
 

@@ -153,6 +153,21 @@ pub fn relay_result(end: RelayEnd) -> String {
     }
 }
 
+/// Connects to `target` from inside the pod; a failure is counted and returned as the
+/// connection's result text.
+pub async fn connect_in_pod(ctx: &PodContext, target: SocketAddr) -> Result<TcpStream, String> {
+    ctx.sockets
+        .connect(target, ctx.connect_timeout)
+        .await
+        .map_err(|e| {
+            ctx.metrics
+                .refused
+                .with_label_values(&["connect_failed"])
+                .inc();
+            format!("connect_failed: {e}")
+        })
+}
+
 /// Connects to `dst` from inside the pod and relays, recording the connection.
 pub async fn forward(
     client: TcpStream,
@@ -162,15 +177,11 @@ pub async fn forward(
 ) {
     info.upstream = Some(dst);
     let conn = ctx.connections.open(info);
-    let upstream = match ctx.sockets.connect(dst, ctx.connect_timeout).await {
+    let upstream = match connect_in_pod(ctx, dst).await {
         Ok(s) => s,
-        Err(e) => {
-            ctx.metrics
-                .refused
-                .with_label_values(&["connect_failed"])
-                .inc();
+        Err(result) => {
             reset(client);
-            conn.close(format!("connect_failed: {e}"));
+            conn.close(result);
             return;
         }
     };

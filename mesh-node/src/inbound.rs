@@ -8,7 +8,7 @@ use tracing::{debug, warn};
 
 use crate::{
     authz::authorize,
-    connections::{ConnectionInfo, Direction, Security},
+    connections::{ConnectionInfo, Direction},
     forward::{accept_loop, forward, refuse, reset, PodContext},
     state::canonical,
 };
@@ -30,17 +30,9 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     };
     debug!(pod = %ctx.pod, src = %peer, dst = %dst, "inbound plaintext");
     let info = ConnectionInfo {
-        direction: Direction::Inbound,
-        pod: ctx.pod.clone(),
-        src: peer,
-        original_dst: dst,
         peer: ctx.state.borrow().pod_by_ip(canonical(peer.ip())).cloned(),
-        service: None,
-        backend: None,
-        upstream: None,
-        security: Security::None,
-        source_identity: None,
         destination_identity: Some(ctx.identity.to_string()),
+        ..ConnectionInfo::new(Direction::Inbound, ctx.pod.clone(), peer, dst)
     };
     let state = ctx.state.borrow().clone();
     if state.strict_mtls(&ctx.pod.namespace) {

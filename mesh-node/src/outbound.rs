@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::{
-    connections::{ConnectionInfo, Direction, Security},
+    connections::{ConnectionInfo, Direction},
     forward::{accept_loop, forward, forward_hbone, refuse, reset, Mesh, PodContext},
     identity::Identity,
     state::{
@@ -50,19 +50,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let dst = SocketAddr::new(ip_from_key(&orig.addr), orig.port);
     debug!(pod = %ctx.pod, src = %peer, dst = %dst, "outbound");
     let state = ctx.state.borrow().clone();
-    let mut info = ConnectionInfo {
-        direction: Direction::Outbound,
-        pod: ctx.pod.clone(),
-        src: peer,
-        original_dst: dst,
-        peer: None,
-        service: None,
-        backend: None,
-        upstream: None,
-        security: Security::None,
-        source_identity: None,
-        destination_identity: None,
-    };
+    let mut info = ConnectionInfo::new(Direction::Outbound, ctx.pod.clone(), peer, dst);
     match resolve(&state, dst, &ctx.service_cidrs) {
         Resolution::Direct => {
             info.peer = state.pod_by_ip(canonical(dst.ip())).cloned();

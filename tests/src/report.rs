@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TransferReport {
     /// Every byte sent came back, in order.
     pub ok: bool,
@@ -16,7 +16,7 @@ pub struct TransferReport {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ChurnReport {
     pub succeeded: u64,
     pub failed: u64,

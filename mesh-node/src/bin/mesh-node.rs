@@ -43,6 +43,31 @@ fn init_logging(config: &LogArgs) -> anyhow::Result<LogLevel> {
     }))
 }
 
+/// Runs a subcommand on a multi-threaded runtime; errors end the process with one line.
+fn run_async<E: std::fmt::Display>(
+    what: &str,
+    task: impl std::future::Future<Output = Result<(), E>>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{what}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "{what} failed");
+            eprintln!("{what}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -64,24 +89,7 @@ fn main() -> ExitCode {
                 eprintln!("mesh-node: {e}");
                 return ExitCode::from(2);
             }
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("mesh-node: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(mesh_node::ca::server::run(*config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "mesh-node ca failed");
-                    eprintln!("mesh-node ca: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            run_async("mesh-node ca", mesh_node::ca::server::run(*config))
         }
         Command::Agent(config) => {
             let log_level = match init_logging(&config.log) {
@@ -91,24 +99,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("mesh-node: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(mesh_node::agent::run(*config, log_level)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "mesh-node agent failed");
-                    eprintln!("mesh-node: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            run_async("mesh-node agent", mesh_node::agent::run(*config, log_level))
         }
     }
 }

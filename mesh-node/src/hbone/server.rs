@@ -20,7 +20,7 @@ use super::{
 use crate::{
     authz::{authorize, Verdict},
     connections::{ConnectionInfo, Direction, Security},
-    forward::{accept_loop, relay_result, PodContext},
+    forward::{accept_loop, connect_in_pod, relay_result, PodContext},
     identity::Identity,
     state::canonical,
 };
@@ -144,17 +144,12 @@ async fn tunnel(
         return reply(&mut respond, StatusCode::BAD_REQUEST);
     };
     let info = ConnectionInfo {
-        direction: Direction::Inbound,
-        pod: ctx.pod.clone(),
-        src: peer,
-        original_dst: target,
         peer: ctx.state.borrow().pod_by_ip(peer.ip()).cloned(),
-        service: None,
-        backend: None,
         upstream: Some(target),
         security: Security::MutualTls,
         source_identity: Some(identity.to_string()),
         destination_identity: Some(ctx.identity.to_string()),
+        ..ConnectionInfo::new(Direction::Inbound, ctx.pod.clone(), peer, target)
     };
     if !ctx.ips.contains(&target.ip()) {
         ctx.metrics
@@ -187,15 +182,11 @@ async fn tunnel(
         return;
     }
     let conn = ctx.connections.open(info);
-    let upstream = match ctx.sockets.connect(target, ctx.connect_timeout).await {
+    let upstream = match connect_in_pod(&ctx, target).await {
         Ok(s) => s,
-        Err(e) => {
-            ctx.metrics
-                .refused
-                .with_label_values(&["connect_failed"])
-                .inc();
+        Err(result) => {
             reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            conn.close(format!("connect_failed: {e}"));
+            conn.close(result);
             return;
         }
     };

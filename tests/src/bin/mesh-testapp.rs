@@ -129,15 +129,7 @@ fn transfer(
     marker: Option<&str>,
 ) -> TransferReport {
     let started = Instant::now();
-    let mut report = TransferReport {
-        ok: false,
-        sent: 0,
-        received: 0,
-        local: None,
-        peer: None,
-        elapsed_us: 0,
-        error: None,
-    };
+    let mut report = TransferReport::default();
     let stream = match TcpStream::connect_timeout(&addr, timeout) {
         Ok(s) => s,
         Err(e) => {
@@ -193,12 +185,7 @@ fn transfer(
 
 fn churn(addr: SocketAddr, count: u64) -> ChurnReport {
     let started = Instant::now();
-    let mut report = ChurnReport {
-        succeeded: 0,
-        failed: 0,
-        first_error: None,
-        elapsed_ms: 0,
-    };
+    let mut report = ChurnReport::default();
     let once = || -> std::io::Result<()> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -260,12 +247,7 @@ fn rtt(addr: SocketAddr, size: usize, count: u64) -> RttReport {
 /// One long-lived connection: a ping/echo every `interval` for `duration`.
 fn hold(addr: SocketAddr, duration: Duration, interval: Duration) -> ChurnReport {
     let started = Instant::now();
-    let mut report = ChurnReport {
-        succeeded: 0,
-        failed: 0,
-        first_error: None,
-        elapsed_ms: 0,
-    };
+    let mut report = ChurnReport::default();
     let run = |report: &mut ChurnReport| -> std::io::Result<()> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;

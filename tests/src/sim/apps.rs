@@ -54,6 +54,18 @@ impl SimCluster {
         Ok(stdout)
     }
 
+    /// Runs a test-app client and parses the JSON report it prints.
+    fn run_report<T: serde::de::DeserializeOwned>(
+        &self,
+        placement: &Placement,
+        args: &[&str],
+    ) -> Result<T> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Ok(serde_json::from_str(
+            self.run_testapp(placement, &args)?.trim(),
+        )?)
+    }
+
     /// Sends `bytes` random bytes from `pod` to `dst` and checks the echo.
     pub fn transfer(&self, pod: &str, dst: SocketAddr, bytes: u64) -> Result<TransferReport> {
         self.transfer_from(&self.pod(pod).placement(), dst, bytes)
@@ -65,19 +77,13 @@ impl SimCluster {
         dst: SocketAddr,
         bytes: u64,
     ) -> Result<TransferReport> {
-        let args = [
-            "transfer".to_string(),
-            "--connect".into(),
-            dst.to_string(),
-            "--bytes".into(),
-            bytes.to_string(),
-        ];
-        Ok(serde_json::from_str(
-            self.run_testapp(placement, &args)?.trim(),
-        )?)
+        let (dst, bytes) = (dst.to_string(), bytes.to_string());
+        self.run_report(
+            placement,
+            &["transfer", "--connect", &dst, "--bytes", &bytes],
+        )
     }
 
-    /// A process on the node itself, outside every pod (where kubelet runs).
     pub fn node_placement(&self, node: &str) -> Placement {
         let n = self.node(node);
         Placement {
@@ -94,18 +100,17 @@ impl SimCluster {
         bytes: u64,
         marker: &str,
     ) -> Result<TransferReport> {
+        let (dst, bytes) = (dst.to_string(), bytes.to_string());
         let args = [
-            "transfer".to_string(),
-            "--connect".into(),
-            dst.to_string(),
-            "--bytes".into(),
-            bytes.to_string(),
-            "--marker".into(),
-            marker.to_string(),
+            "transfer",
+            "--connect",
+            &dst,
+            "--bytes",
+            &bytes,
+            "--marker",
+            marker,
         ];
-        Ok(serde_json::from_str(
-            self.run_testapp(&self.pod(pod).placement(), &args)?.trim(),
-        )?)
+        self.run_report(&self.pod(pod).placement(), &args)
     }
 
     /// Starts one long-lived connection (ping every 500 ms for `seconds`).
@@ -124,31 +129,19 @@ impl SimCluster {
 
     /// Closed-loop round trips of `size` bytes from `pod`.
     pub fn rtt(&self, pod: &str, dst: SocketAddr, size: u64, count: u64) -> Result<RttReport> {
-        let args = [
-            "rtt".to_string(),
-            "--connect".into(),
-            dst.to_string(),
-            "--size".into(),
-            size.to_string(),
-            "--count".into(),
-            count.to_string(),
-        ];
-        Ok(serde_json::from_str(
-            self.run_testapp(&self.pod(pod).placement(), &args)?.trim(),
-        )?)
+        let (dst, size, count) = (dst.to_string(), size.to_string(), count.to_string());
+        self.run_report(
+            &self.pod(pod).placement(),
+            &["rtt", "--connect", &dst, "--size", &size, "--count", &count],
+        )
     }
 
     pub fn churn(&self, pod: &str, dst: SocketAddr, count: u64) -> Result<ChurnReport> {
-        let args = [
-            "churn".to_string(),
-            "--connect".into(),
-            dst.to_string(),
-            "--count".into(),
-            count.to_string(),
-        ];
-        Ok(serde_json::from_str(
-            self.run_testapp(&self.pod(pod).placement(), &args)?.trim(),
-        )?)
+        let (dst, count) = (dst.to_string(), count.to_string());
+        self.run_report(
+            &self.pod(pod).placement(),
+            &["churn", "--connect", &dst, "--count", &count],
+        )
     }
 
     /// Makes a pod's network namespace disappear: its processes die and the
