@@ -71,6 +71,14 @@ pub struct CertificateStore {
     slots: Mutex<HashMap<Identity, Slot>>,
 }
 
+impl std::fmt::Debug for CertificateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateStore")
+            .field("identities", &lock(&self.slots).len())
+            .finish()
+    }
+}
+
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 

@@ -18,7 +18,7 @@ use crate::{
     state::{
         canonical, ip_from_key, ip_key,
         resolve::{resolve, Resolution},
-        ClusterState,
+        service_account, ClusterState,
     },
 };
 
@@ -85,12 +85,7 @@ fn meshed_identity(state: &ClusterState, mesh: &Mesh, ip: IpAddr) -> Option<Iden
     let key = state.pod_by_ip(ip)?;
     let pod = state.pods.get(key)?;
     state.enrollment(key, pod).ok()?;
-    let sa = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.as_deref())
-        .unwrap_or("default");
-    Some(mesh.identity_of(&key.namespace, sa))
+    Some(mesh.identity_of(&key.namespace, service_account(pod)))
 }
 
 /// HBONE to meshed pods, plain TCP to everything else.

@@ -28,7 +28,7 @@ use crate::{
     identity::{Identity, DEFAULT_TRUST_DOMAIN},
     kube_source::{self, DiscoveryHealth},
     metrics::Metrics,
-    state::ClusterState,
+    state::{service_account, ClusterState},
     tls,
 };
 
@@ -188,12 +188,7 @@ impl CaService {
         };
         let state = self.state.borrow().clone();
         let scheduled = state.pods_on_node(&node).any(|(key, pod)| {
-            let sa = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.service_account_name.as_deref())
-                .unwrap_or("default");
-            key.namespace == identity.namespace && sa == identity.service_account
+            key.namespace == identity.namespace && service_account(pod) == identity.service_account
         });
         if !scheduled {
             warn!(%node, %identity, "CA request refused: no pod of that identity on the node");

@@ -141,12 +141,6 @@ struct IdentityCert {
     identity: Identity,
 }
 
-impl fmt::Debug for CertificateStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("CertificateStore")
-    }
-}
-
 impl ResolvesServerCert for IdentityCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.store.get(&self.identity).map(|c| c.certified.clone())

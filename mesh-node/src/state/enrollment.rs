@@ -6,7 +6,7 @@ use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::ObjectM
 use mesh_common::{Cidr, InboundPolicy, OutboundPolicy, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS};
 use serde::Serialize;
 
-use super::{ip_key, pod_ips, ClusterState, PodKey};
+use super::{ip_key, pod_ips, service_account, ClusterState, PodKey};
 
 /// Namespace label that enrolls a namespace (`enabled`); on a pod, `disabled` opts out.
 pub const MESH_LABEL: &str = "nodemesh.io/mesh";
@@ -187,11 +187,7 @@ pub fn plan(key: &PodKey, pod: &Pod) -> PodPlan {
         key: key.clone(),
         uid: pod.metadata.uid.clone().unwrap_or_default(),
         ips,
-        service_account: pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_else(|| "default".into()),
+        service_account: service_account(pod).to_string(),
         outbound,
         inbound,
         warnings,

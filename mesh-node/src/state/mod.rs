@@ -220,6 +220,14 @@ pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     }
 }
 
+/// The pod's service account (its identity); Kubernetes defaults it to `default`.
+pub fn service_account(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref())
+        .unwrap_or("default")
+}
+
 /// The Service's virtual IPs: spec.clusterIPs, falling back to spec.clusterIP.
 pub fn service_ips(service: &Service) -> Vec<IpAddr> {
     let Some(spec) = service.spec.as_ref() else {
