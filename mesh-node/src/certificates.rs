@@ -282,10 +282,18 @@ mod tests {
         let id = Identity::new("cluster.local", "apps", "client");
         let (key, csr) = new_csr(&id).unwrap();
         let cert = certified(&id, &key, &ca.sign(&csr, &id).unwrap()).unwrap();
-        let delay = refresh_delay(&cert, SystemTime::now());
+        let now = SystemTime::now();
+        let remaining = cert.not_after.duration_since(now).unwrap();
+        // X.509 times are whole seconds, so a 20 s certificate has 19-20 s left.
         assert!(
-            delay >= Duration::from_secs(8) && delay <= Duration::from_secs(10),
-            "{delay:?}"
+            remaining > Duration::from_secs(18) && remaining <= Duration::from_secs(20),
+            "{remaining:?}"
+        );
+        let delay = refresh_delay(&cert, now);
+        // Half of what is left, minus up to 10 % of it: 40-50 % of the remaining time.
+        assert!(
+            delay >= remaining.mul_f64(0.4) && delay <= remaining / 2,
+            "{delay:?} of {remaining:?}"
         );
         assert!(cert.is_valid(SystemTime::now()));
         assert!(!cert.is_valid(SystemTime::now() + Duration::from_secs(21)));
