@@ -348,14 +348,10 @@ impl Dataplane {
 
     pub fn release_inbound(&self, ip: Ip) -> Result<(), DataplaneError> {
         remove_if_present(&mut lock(&self.inbound_pods), &ip, map_names::INBOUND_PODS)?;
-        let mut listeners = lock(&self.inbound_listeners);
-        match listeners.remove(&ip) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
-            Err(source) => Err(map_err(map_names::INBOUND_LISTENERS)(source)),
-        }
+        absent_ok(
+            lock(&self.inbound_listeners).remove(&ip),
+            map_names::INBOUND_LISTENERS,
+        )
     }
 
     pub fn inbound_pod_ips(&self) -> Vec<Ip> {
@@ -475,7 +471,12 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(
     key: &K,
     name: &'static str,
 ) -> Result<(), DataplaneError> {
-    match map.remove(key) {
+    absent_ok(map.remove(key), name)
+}
+
+/// A removal of a key that is already gone is not an error.
+fn absent_ok(result: Result<(), MapError>, name: &'static str) -> Result<(), DataplaneError> {
+    match result {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(source) => Err(map_err(name)(source)),

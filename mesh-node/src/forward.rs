@@ -24,7 +24,7 @@ use crate::{
     hbone::{client::HboneClient, tls::TrustBundle},
     identity::Identity,
     metrics::Metrics,
-    relay::{relay, RelayEnd},
+    relay::relay,
     sockets::PodSockets,
     state::resolve::IpCidr,
     state::{ClusterState, PodKey},
@@ -142,15 +142,7 @@ pub async fn forward_hbone(
         conn.counters(),
     )
     .await;
-    conn.close(relay_result(end));
-}
-
-pub fn relay_result(end: RelayEnd) -> String {
-    match end {
-        RelayEnd::Completed => "completed".to_string(),
-        RelayEnd::IdleTimeout => "idle_timeout".to_string(),
-        RelayEnd::Error(e) => format!("error: {e}"),
-    }
+    conn.close(end.describe());
 }
 
 /// Connects to `target` from inside the pod; a failure is counted and returned as the
@@ -186,7 +178,7 @@ pub async fn forward(
         }
     };
     let end = relay(client, upstream, ctx.idle_timeout, conn.counters()).await;
-    conn.close(relay_result(end));
+    conn.close(end.describe());
 }
 
 /// Closes with RST so the application sees a refused/reset connection, not a clean EOF.

@@ -29,12 +29,12 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         }
     };
     debug!(pod = %ctx.pod, src = %peer, dst = %dst, "inbound plaintext");
+    let state = ctx.state.borrow().clone();
     let info = ConnectionInfo {
-        peer: ctx.state.borrow().pod_by_ip(canonical(peer.ip())).cloned(),
+        peer: state.pod_by_ip(canonical(peer.ip())).cloned(),
         destination_identity: Some(ctx.identity.to_string()),
         ..ConnectionInfo::new(Direction::Inbound, ctx.pod.clone(), peer, dst)
     };
-    let state = ctx.state.borrow().clone();
     if state.strict_mtls(&ctx.pod.namespace) {
         return refuse(stream, info, "strict_mtls_plaintext", &ctx);
     }
@@ -44,15 +44,15 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     forward(stream, dst, info, &ctx).await;
 }
 
-/// The HBONE port (15008) is open so the port is owned by the mesh; mTLS tunnelling
-/// arrives with the identity issue. Until then connections are refused and counted.
+/// Without a CA (`--ca-addr`) there is no mTLS: the HBONE port (15008) stays open so
+/// the mesh owns it, and connections to it are refused and counted.
 pub async fn serve_hbone_placeholder(listener: TcpListener, ctx: Arc<PodContext>) {
     accept_loop(listener, ctx, |stream, peer, ctx| async move {
         ctx.metrics
             .refused
             .with_label_values(&["hbone_unsupported"])
             .inc();
-        debug!(pod = %ctx.pod, src = %peer, "HBONE is not implemented yet; refusing");
+        debug!(pod = %ctx.pod, src = %peer, "HBONE needs a CA (--ca-addr); refusing");
         reset(stream);
     })
     .await

@@ -78,6 +78,17 @@ where
     }
 }
 
+impl RelayEnd {
+    /// The connection's result as records and the access log show it.
+    pub fn describe(self) -> String {
+        match self {
+            RelayEnd::Completed => "completed".to_string(),
+            RelayEnd::IdleTimeout => "idle_timeout".to_string(),
+            RelayEnd::Error(e) => format!("error: {e}"),
+        }
+    }
+}
+
 /// Relays until both sides are done, one fails, or nothing moves for `idle`.
 pub async fn relay(
     client: TcpStream,

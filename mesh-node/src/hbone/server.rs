@@ -20,7 +20,7 @@ use super::{
 use crate::{
     authz::{authorize, Verdict},
     connections::{ConnectionInfo, Direction, Security},
-    forward::{accept_loop, connect_in_pod, relay_result, PodContext},
+    forward::{accept_loop, connect_in_pod, PodContext},
     identity::Identity,
     state::canonical,
 };
@@ -206,5 +206,5 @@ async fn tunnel(
         conn.counters(),
     )
     .await;
-    conn.close(relay_result(end));
+    conn.close(end.describe());
 }
