@@ -219,6 +219,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             service_cidrs: Arc::new(config.service_cidrs.clone()),
             balancer: Arc::new(Balancer::new()),
             mesh: mesh.clone(),
+            trust_domain: config.trust_domain.clone(),
         },
         home,
         dataplane.clone(),

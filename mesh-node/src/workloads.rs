@@ -24,7 +24,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError, SkLookupLink},
     forward::{Mesh, PodContext},
     hbone,
-    identity::{Identity, DEFAULT_TRUST_DOMAIN},
+    identity::Identity,
     inbound,
     locator::NetnsLocator,
     metrics::Metrics,
@@ -71,6 +71,7 @@ pub struct ProxySettings {
     pub balancer: Arc<Balancer>,
     /// Mutual TLS (absent when no CA is configured).
     pub mesh: Option<Arc<Mesh>>,
+    pub trust_domain: String,
 }
 
 struct RunningPod {
@@ -118,6 +119,9 @@ pub struct Workloads {
     state: watch::Receiver<Arc<ClusterState>>,
     running: BTreeMap<PodKey, RunningPod>,
     failures: BTreeMap<PodKey, String>,
+    /// Pods came or went since the maps were last pruned (true at start, for the
+    /// leftovers of a previous run).
+    prune_due: bool,
 }
 
 impl Workloads {
@@ -141,6 +145,7 @@ impl Workloads {
             state,
             running: BTreeMap::new(),
             failures: BTreeMap::new(),
+            prune_due: true,
         }
     }
 
@@ -163,10 +168,7 @@ impl Workloads {
         self.failures.retain(|k, _| desired.contains_key(k));
         if let Some(mesh) = &self.settings.mesh {
             // Prefetch certificates as pods land; forget identities whose last pod left.
-            let identities = desired
-                .values()
-                .map(|p| mesh.identity_of(&p.key.namespace, &p.service_account))
-                .collect();
+            let identities = desired.values().map(|p| self.identity(p)).collect();
             mesh.certificates.set_identities(&identities);
         }
         for (key, plan) in desired {
@@ -186,6 +188,7 @@ impl Workloads {
                     );
                     self.failures.remove(&key);
                     self.running.insert(key, running);
+                    self.prune_due = true;
                 }
                 Err(e) => {
                     let vanished = self
@@ -209,7 +212,17 @@ impl Workloads {
                 }
             }
         }
-        self.prune_maps();
+        if std::mem::take(&mut self.prune_due) {
+            self.prune_maps();
+        }
+    }
+
+    fn identity(&self, plan: &PodPlan) -> Identity {
+        Identity::new(
+            &self.settings.trust_domain,
+            &plan.key.namespace,
+            &plan.service_account,
+        )
     }
 
     /// Drops pods whose network namespace is gone (or was replaced by a new one).
@@ -251,6 +264,7 @@ impl Workloads {
         let Some(pod) = self.running.remove(key) else {
             return;
         };
+        self.prune_due = true;
         // Stop redirecting first, so no new connection is sent to a closing listener.
         if let Err(e) = self.dataplane.unenroll(pod.cookie) {
             warn!(pod = %key, error = %e, "cannot remove enrollment entry");
@@ -342,14 +356,7 @@ impl Workloads {
             return Err(e.into());
         }
 
-        let identity = Identity::new(
-            self.settings
-                .mesh
-                .as_ref()
-                .map_or(DEFAULT_TRUST_DOMAIN, |m| m.trust_domain.as_str()),
-            &plan.key.namespace,
-            &plan.service_account,
-        );
+        let identity = self.identity(&plan);
         let hbone_tls = match &self.settings.mesh {
             Some(mesh) => Some(TlsAcceptor::from(
                 hbone::tls::server_config(mesh.certificates.clone(), identity.clone(), &mesh.trust)
