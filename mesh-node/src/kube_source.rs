@@ -93,6 +93,14 @@ impl DiscoveryHealth {
         }
     }
 
+    /// Whether every kind has completed an initial list at least once.
+    pub fn every_kind_synced(&self) -> bool {
+        let kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
+        Kind::ALL
+            .iter()
+            .all(|k| kinds.get(k).is_some_and(|h| h.synced))
+    }
+
     /// Why the state should not be trusted, or None.
     pub fn unready_reason(&self, now: Instant) -> Option<String> {
         let kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
@@ -316,11 +324,9 @@ pub async fn run(
         while let Ok((kind, event)) = ev_rx.try_recv() {
             changed |= kube.handle(kind, event, &health);
         }
-        if changed
-            && health
-                .unready_reason(Instant::now())
-                .is_none_or(|r| r.contains("failing"))
-        {
+        // Stale kinds still publish (the last good objects keep serving); only the
+        // first, partial sync is held back.
+        if changed && health.every_kind_synced() {
             if !published {
                 info!(objects = ?kube.state().counts(), "discovery synced");
                 published = true;
@@ -415,8 +421,10 @@ spec: {action: DENY, rules: [{from: [{namespaces: [plain]}]}]}
         let health = DiscoveryHealth::default();
         let mut kube = KubeState::default();
         assert!(health.unready_reason(Instant::now()).is_some());
+        assert!(!health.every_kind_synced());
         initial_sync(&mut kube, &health, objects());
         assert_eq!(health.unready_reason(Instant::now()), None);
+        assert!(health.every_kind_synced());
         let files = ClusterState::from_objects(objects());
         assert_eq!(fingerprint(kube.state()), fingerprint(&files));
         assert_eq!(fingerprint(&files).len(), 6);
