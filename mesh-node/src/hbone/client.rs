@@ -59,12 +59,21 @@ struct PoolKey {
 
 type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Bytes>>>>;
 
+/// Removes `key` from the pool if it still maps to `slot`.
+fn forget(pool: &Mutex<HashMap<PoolKey, Slot>>, key: &PoolKey, slot: &Slot) {
+    let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+    if pool.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+        pool.remove(key);
+    }
+}
+
 pub struct HboneClient {
     store: Arc<CertificateStore>,
     trust: TrustBundle,
     metrics: Arc<Metrics>,
     connect_timeout: Duration,
-    pool: Mutex<HashMap<PoolKey, Slot>>,
+    /// Shared with each connection's driver, which removes its slot when it ends.
+    pool: Arc<Mutex<HashMap<PoolKey, Slot>>>,
 }
 
 impl HboneClient {
@@ -79,7 +88,7 @@ impl HboneClient {
             trust,
             metrics,
             connect_timeout,
-            pool: Mutex::new(HashMap::new()),
+            pool: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -101,7 +110,7 @@ impl HboneClient {
             .pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
+            .entry(key.clone())
             .or_default()
             .clone();
         // One handshake per key, however many connections start at once.
@@ -112,7 +121,14 @@ impl HboneClient {
         };
         let sender = match ready {
             Some(s) => s,
-            None => self.handshake(sockets, source, destination, addr).await?,
+            None => match self.handshake(sockets, &key, &slot).await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Nothing to pool: an unreachable destination leaves no slot behind.
+                    forget(&self.pool, &key, &slot);
+                    return Err(e);
+                }
+            },
         };
         *pooled = Some(sender.clone());
         drop(pooled);
@@ -145,10 +161,10 @@ impl HboneClient {
     async fn handshake(
         &self,
         sockets: &PodSockets,
-        source: &Identity,
-        destination: &Identity,
-        addr: SocketAddr,
+        key: &PoolKey,
+        slot: &Slot,
     ) -> Result<SendRequest<Bytes>, HboneError> {
+        let (source, destination, addr) = (&key.source, &key.destination, key.addr);
         if self
             .store
             .wait(source, Duration::from_secs(5))
@@ -196,9 +212,16 @@ impl HboneClient {
                 addr,
                 reason: e.to_string(),
             })?;
+        let (pool, key, slot) = (Arc::downgrade(&self.pool), key.clone(), slot.clone());
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(%addr, error = %e, "pooled HBONE connection ended");
+            }
+            // Forget the slot, so pods that come and go leave nothing behind. (A slot
+            // already holding a newer connection is dropped too: its streams go on,
+            // and the next tunnel for this key simply handshakes again.)
+            if let Some(pool) = pool.upgrade() {
+                forget(&pool, &key, &slot);
             }
         });
         debug!(%addr, %source, %destination, "new HBONE connection");
