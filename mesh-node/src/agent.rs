@@ -220,6 +220,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             balancer: Arc::new(Balancer::new()),
             mesh: mesh.clone(),
             trust_domain: config.trust_domain.clone(),
+            http_routes: Arc::default(),
         },
         home,
         dataplane.clone(),

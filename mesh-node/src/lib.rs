@@ -16,6 +16,7 @@ pub mod dataplane;
 pub mod files_source;
 pub mod forward;
 pub mod hbone;
+pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod kube_source;
