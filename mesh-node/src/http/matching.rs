@@ -138,14 +138,15 @@ impl RequestMatch {
             })
     }
 
-    /// Sort key, most specific first: Exact path, then the longest prefix (regular
-    /// expressions after prefixes: their precedence is implementation-specific), then a
-    /// method match, then the most header matches, then the most query matches.
+    /// Sort key, most specific first: Exact path, then regular expressions (their rank
+    /// is implementation-specific; before prefixes, so a catch-all `/` cannot shadow
+    /// them), then the longest prefix; then a method match, the most header matches,
+    /// the most query matches.
     pub fn precedence(&self) -> (u8, Reverse<usize>, bool, Reverse<usize>, Reverse<usize>) {
         let (kind, len) = match &self.path {
             PathMatch::Exact(p) => (0, p.len()),
-            PathMatch::Prefix(p) => (1, p.len()),
-            PathMatch::Regex(r) => (2, r.as_str().len()),
+            PathMatch::Regex(r) => (1, r.as_str().len()),
+            PathMatch::Prefix(p) => (2, p.len()),
         };
         (
             kind,
