@@ -203,6 +203,15 @@ impl UpstreamPool {
         }
     }
 
+    /// Forgets connections that closed, and endpoints left with none (pods come and go).
+    fn prune(&self) {
+        lock(&self.http1).retain(|_, list| {
+            list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_EXPIRY);
+            !list.is_empty()
+        });
+        lock(&self.http2).retain(|_, s| !s.is_closed());
+    }
+
     async fn new_http1(
         ctx: &PodContext,
         target: SocketAddr,
@@ -231,6 +240,7 @@ impl UpstreamPool {
                 return Ok(s.clone());
             }
         }
+        self.prune();
         let io = TokioIo::new(open_transport(ctx, target, peer).await?);
         let (sender, connection) = conn::http2::handshake(TokioExecutor::new(), io)
             .await
@@ -276,6 +286,7 @@ impl UpstreamPool {
                 }
             }
         }
+        self.prune();
         let mut sender = Self::new_http1(ctx, target, peer).await?;
         let response = sender.send_request(request).await.map_err(failed)?;
         if !upgrade {
