@@ -651,3 +651,44 @@ fn http2_websocket_trace_context_and_request_metrics() {
         "no duration histogram"
     );
 }
+
+#[test]
+fn a_request_the_destinations_policy_denies_gets_403_and_allowed_ones_pass() {
+    let mut spec = ClusterSpec::two_nodes();
+    spec.pods.push(PodSpec::new("echo-v1", "apps", "b"));
+    spec.pods.push(PodSpec::new("intruder", "apps", "a"));
+    spec.services = vec![ServiceSpec::new("echo", "apps", 80, 8080, &["echo-v1"])];
+    let cluster = SimCluster::create(spec).unwrap();
+    cluster.start_agents().unwrap();
+    let _server = cluster.http_serve("echo-v1", &[8080]).unwrap();
+    let policy = "apiVersion: security.nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: only-client, namespace: apps}\n\
+        spec:\n  selector: {matchLabels: {app: echo-v1}}\n  action: ALLOW\n  rules:\n  - from: [{serviceAccounts: [apps/client]}]\n";
+    let rules = "  - backendRefs: [{name: echo, port: 80}]\n";
+    cluster
+        .write_manifest(
+            "httproutes.yaml",
+            &[route("echo", "echo", None, rules), policy.to_string()].join("---\n"),
+        )
+        .unwrap();
+    let dst = vip(&cluster, "echo");
+    let denied = cluster.eventually(Duration::from_secs(5), || {
+        cluster
+            .http("intruder", dst, "echo", "/", &[])
+            .is_ok_and(|r| r.statuses.contains_key(&403))
+    });
+    assert!(denied.is_some(), "the intruder was never refused");
+    let s = first(&cluster.http("intruder", dst, "echo", "/", &[]).unwrap());
+    assert!(s.body.contains("authorization policy denies"), "{}", s.body);
+    let ok = first(&request(&cluster, dst, "echo", "/", &[]));
+    assert_eq!((ok.status, served_by(&ok)), (200, "echo-v1"));
+    let line = request_logs(&cluster, "a")
+        .into_iter()
+        .rev()
+        .find(|l| l["response_code"] == 403)
+        .expect("a 403 line");
+    assert_eq!(line["response_flags"], "RBAC");
+    assert_eq!(
+        line["source_principal"],
+        "spiffe://cluster.local/ns/apps/sa/intruder"
+    );
+}

@@ -36,6 +36,8 @@ pub mod flags {
     pub const RETRY_LIMIT: &str = "URX";
     /// Answered by the proxy itself (redirect, invalid rule).
     pub const LOCAL_REPLY: &str = "LR";
+    /// The destination's authorization policy refused the tunnel.
+    pub const DENIED: &str = "RBAC";
     /// The downstream went away before the response ended.
     pub const DOWNSTREAM_CLOSED: &str = "DC";
 }

@@ -55,7 +55,7 @@ enum Failure {
 impl Failure {
     fn retriable(&self, replayable: bool, idempotent: bool) -> bool {
         match self {
-            Failure::Invalid(_) => false,
+            Failure::Invalid(_) | Failure::Upstream(UpstreamError::Denied { .. }) => false,
             Failure::NoEndpoint(_) => true,
             Failure::Upstream(e) => e.before_sending() || (replayable && idempotent),
             Failure::Timeout => replayable && idempotent,
@@ -70,6 +70,9 @@ impl Failure {
                 flags::NO_HEALTHY_UPSTREAM,
                 format!("backend Service {b} has no ready endpoint; check its pods' readiness and its EndpointSlices"),
             ),
+            Failure::Upstream(e @ UpstreamError::Denied { .. }) => {
+                (StatusCode::FORBIDDEN, flags::DENIED, e.to_string())
+            }
             Failure::Upstream(e) if e.before_sending() => {
                 (StatusCode::SERVICE_UNAVAILABLE, flags::UPSTREAM_CONNECT_FAILURE, e.to_string())
             }

@@ -25,7 +25,10 @@ use tracing::debug;
 
 use super::ProxyBody;
 use crate::{
-    connections::Security, forward::PodContext, hbone::io::H2Io, identity::Identity,
+    connections::Security,
+    forward::PodContext,
+    hbone::{client::HboneError, io::H2Io},
+    identity::Identity,
     outbound::meshed_identity,
 };
 
@@ -42,6 +45,8 @@ pub enum Protocol {
 
 #[derive(Debug, Error)]
 pub enum UpstreamError {
+    #[error("{target} refused the connection: its authorization policy denies this workload")]
+    Denied { target: SocketAddr },
     #[error("connecting to {target} failed: {reason}")]
     Connect { target: SocketAddr, reason: String },
     #[error("HTTP handshake with {target} failed: {source}")]
@@ -150,7 +155,10 @@ async fn open_transport(
                 .hbone
                 .open(&ctx.sockets, &ctx.identity, destination, hbone_addr, target)
                 .await
-                .map_err(|e| failed(e.to_string()))?;
+                .map_err(|e| match e {
+                    HboneError::Refused { status: 403, .. } => UpstreamError::Denied { target },
+                    e => failed(e.to_string()),
+                })?;
             Ok(Transport::Hbone(Box::new(H2Io::new(send, recv))))
         }
         _ => {
