@@ -136,7 +136,7 @@ fn mesh(config: &AgentConfig, metrics: &Arc<Metrics>) -> Result<Option<Arc<Mesh>
 /// Runs the agent until SIGTERM or SIGINT. Pinned maps and links stay in place on
 /// exit, so redirection state survives a restart.
 pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentError> {
-    preflight::check_privileges()?;
+    preflight::check_privileges(config.netns_locator == NetnsLocatorKind::Kubepods)?;
     cgroup::ensure_on_bpffs(&config.pin_dir)?;
     let cgroup_root = cgroup::resolve_cgroup_root(&config.cgroup_root)?;
     let home = Arc::new(Netns::current_thread()?);
