@@ -11,7 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment},
     core::v1::{Container, PodSpec, Service, Volume},
@@ -20,6 +20,7 @@ use k8s_openapi::api::{
 use kube::CustomResourceExt;
 use mesh_node::{
     ca::server::CaConfig,
+    cli::{Cli, Command},
     config::{AgentConfig, NetnsLocatorKind, Source},
     kube_source::{watched_resources, WATCH_VERBS},
     policy::AuthorizationPolicy,
@@ -27,19 +28,6 @@ use mesh_node::{
 };
 use objects::{all, deploy_dir, documents, is_kustomization, the, yaml_files, Object};
 use serde::Deserialize;
-
-/// The `mesh-node` command line, as the binary defines it (subcommands `agent`, `ca`).
-#[derive(Parser)]
-struct MeshNode {
-    #[command(subcommand)]
-    command: MeshNodeCommand,
-}
-
-#[derive(Subcommand)]
-enum MeshNodeCommand {
-    Agent(Box<AgentConfig>),
-    Ca(Box<CaConfig>),
-}
 
 fn cluster_role<'a>(docs: &'a [objects::Document], name: &str) -> &'a ClusterRole {
     the(
@@ -277,11 +265,7 @@ fn expand(arg: &str, env: &BTreeMap<String, String>) -> String {
     out
 }
 
-fn command_line(
-    container: &Container,
-    namespace: &str,
-    docs: &[objects::Document],
-) -> MeshNodeCommand {
+fn command_line(container: &Container, namespace: &str, docs: &[objects::Document]) -> Command {
     let services: Vec<&Service> = docs
         .iter()
         .filter_map(|d| match &d.object {
@@ -296,7 +280,7 @@ fn command_line(
     );
     let args = container.args.clone().unwrap_or_default();
     let argv = std::iter::once("mesh-node".to_string()).chain(args.iter().map(|a| expand(a, &env)));
-    match MeshNode::try_parse_from(argv) {
+    match Cli::try_parse_from(argv) {
         Ok(cli) => cli.command,
         Err(e) => panic!(
             "{} args {args:?} are refused by mesh-node: {e}",
@@ -313,8 +297,8 @@ fn agent_config(docs: &[objects::Document]) -> AgentConfig {
         ds.metadata.namespace.as_deref().unwrap(),
         docs,
     ) {
-        MeshNodeCommand::Agent(config) => *config,
-        MeshNodeCommand::Ca(_) => panic!("the DaemonSet runs `mesh-node ca`"),
+        Command::Agent(config) => *config,
+        _ => panic!("the DaemonSet does not run `mesh-node agent`"),
     }
 }
 
@@ -323,8 +307,8 @@ fn ca_config(docs: &[objects::Document]) -> CaConfig {
     let spec = pod_spec(&deployment.spec.as_ref().unwrap().template);
     let namespace = deployment.metadata.namespace.as_deref().unwrap();
     match command_line(&spec.containers[0], namespace, docs) {
-        MeshNodeCommand::Ca(config) => *config,
-        MeshNodeCommand::Agent(_) => panic!("the CA Deployment runs `mesh-node agent`"),
+        Command::Ca(config) => *config,
+        _ => panic!("the CA Deployment does not run `mesh-node ca`"),
     }
 }
 
