@@ -10,6 +10,7 @@ pub mod bpf_sys;
 pub mod ca;
 pub mod certificates;
 pub mod cgroup;
+pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod dataplane;
