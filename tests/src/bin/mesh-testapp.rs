@@ -57,12 +57,28 @@ enum Cmd {
     },
     /// Do nothing until killed: the pod's pause process, which the agent finds by cgroup.
     Pause,
-    /// Open N short connections one after another (8 bytes each way).
+    /// Open N short connections one after another (SIZE bytes each way).
     Churn {
         #[arg(long)]
         connect: SocketAddr,
         #[arg(long)]
         count: u64,
+        #[arg(long, default_value_t = 8)]
+        size: usize,
+    },
+    /// HTTP/1.1 server answering `200 ok`; prints `ready` once bound.
+    HttpServe {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Open-loop HTTP/1.1 load at a fixed rate; prints latency percentiles.
+    HttpLoad {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
     },
 }
 
@@ -183,16 +199,17 @@ fn transfer(
     report
 }
 
-fn churn(addr: SocketAddr, count: u64) -> ChurnReport {
+fn churn(addr: SocketAddr, count: u64, size: usize) -> ChurnReport {
     let started = Instant::now();
     let mut report = ChurnReport::default();
-    let once = || -> std::io::Result<()> {
+    let message: Vec<u8> = b"nodemesh".iter().copied().cycle().take(size).collect();
+    let mut back = vec![0u8; size];
+    let mut once = || -> std::io::Result<()> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"nodemesh")?;
-        let mut back = [0u8; 8];
+        s.write_all(&message)?;
         s.read_exact(&mut back)?;
-        if &back != b"nodemesh" {
+        if back != message {
             return Err(std::io::Error::other("echo differs"));
         }
         Ok(())
@@ -311,11 +328,30 @@ fn main() {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             std::process::exit(if r.error.is_none() { 0 } else { 1 });
         }
+        Cmd::HttpServe { listen } => {
+            if let Err(e) = mesh_tests::bench::http::serve(listen) {
+                eprintln!("mesh-testapp: HTTP server on {listen}: {e}");
+                std::process::exit(2);
+            }
+        }
+        Cmd::HttpLoad {
+            connect,
+            rate,
+            seconds,
+        } => {
+            let r = mesh_tests::bench::http::load(connect, rate, seconds);
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            std::process::exit(if r.failed == 0 { 0 } else { 1 });
+        }
         Cmd::Pause => loop {
             thread::sleep(Duration::from_secs(3600));
         },
-        Cmd::Churn { connect, count } => {
-            let r = churn(connect, count);
+        Cmd::Churn {
+            connect,
+            count,
+            size,
+        } => {
+            let r = churn(connect, count, size);
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             std::process::exit(if r.failed == 0 { 0 } else { 1 });
         }

@@ -55,7 +55,7 @@ impl SimCluster {
     }
 
     /// Runs a test-app client and parses the JSON report it prints.
-    fn run_report<T: serde::de::DeserializeOwned>(
+    pub fn testapp_report<T: serde::de::DeserializeOwned>(
         &self,
         placement: &Placement,
         args: &[&str],
@@ -78,7 +78,7 @@ impl SimCluster {
         bytes: u64,
     ) -> Result<TransferReport> {
         let (dst, bytes) = (dst.to_string(), bytes.to_string());
-        self.run_report(
+        self.testapp_report(
             placement,
             &["transfer", "--connect", &dst, "--bytes", &bytes],
         )
@@ -110,7 +110,7 @@ impl SimCluster {
             "--marker",
             marker,
         ];
-        self.run_report(&self.pod(pod).placement(), &args)
+        self.testapp_report(&self.pod(pod).placement(), &args)
     }
 
     /// Starts one long-lived connection (ping every 500 ms for `seconds`).
@@ -130,7 +130,7 @@ impl SimCluster {
     /// Closed-loop round trips of `size` bytes from `pod`.
     pub fn rtt(&self, pod: &str, dst: SocketAddr, size: u64, count: u64) -> Result<RttReport> {
         let (dst, size, count) = (dst.to_string(), size.to_string(), count.to_string());
-        self.run_report(
+        self.testapp_report(
             &self.pod(pod).placement(),
             &["rtt", "--connect", &dst, "--size", &size, "--count", &count],
         )
@@ -138,7 +138,7 @@ impl SimCluster {
 
     pub fn churn(&self, pod: &str, dst: SocketAddr, count: u64) -> Result<ChurnReport> {
         let (dst, count) = (dst.to_string(), count.to_string());
-        self.run_report(
+        self.testapp_report(
             &self.pod(pod).placement(),
             &["churn", "--connect", &dst, "--count", &count],
         )

@@ -6,7 +6,7 @@ pub mod capture;
 pub mod cluster;
 pub mod host;
 mod manifests;
-mod network;
+pub mod network;
 pub mod registry;
 pub mod services;
 
