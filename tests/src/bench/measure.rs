@@ -121,6 +121,9 @@ impl Stat {
 pub struct ProxyCost {
     pub cpu_s_per_gb: f64,
     pub rss_idle_mb: f64,
+    /// Anonymous (private) part of the idle RSS: the rest is mostly the binary's code
+    /// pages, shared with every other process running the same binary.
+    pub anon_idle_mb: f64,
     pub rss_load_mb: f64,
     pub rss_after_mb: f64,
 }
@@ -194,6 +197,10 @@ pub fn run(
         let pids = bed.proxy_pids(r.scenario);
         if let Some(cost) = &mut r.cost {
             cost.rss_idle_mb = max_rss_mb(&pids);
+            cost.anon_idle_mb = pids
+                .iter()
+                .filter_map(|&p| status_mb(p, "RssAnon:"))
+                .fold(0.0, f64::max);
         }
         // Warm-up: pools, session caches and page cache, not counted.
         let placement = bed.cluster.pod(r.scenario.client_pod()).placement();
@@ -419,28 +426,35 @@ fn clock_ticks() -> f64 {
     }
 }
 
+/// utime + stime from the text of `/proc/<pid>/stat`, in clock ticks.
+fn stat_ticks(stat: &str) -> Option<u64> {
+    // Fields after the command name (which may hold spaces and parentheses) start
+    // at `state`; utime and stime are the 12th and 13th of them.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
 /// utime + stime of the processes, in clock ticks.
 fn cpu_ticks(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter_map(|stat| {
-            // Fields after the command name (which may hold spaces) start at `state`.
-            let rest = stat.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
+        .filter_map(|stat| stat_ticks(&stat))
         .sum()
 }
 
-fn rss_mb(pid: u32) -> Option<f64> {
+/// A `kB` field of `/proc/<pid>/status` (e.g. `VmRSS:`), in MB.
+fn status_mb(pid: u32, field: &str) -> Option<f64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
 
 fn max_rss_mb(pids: &[u32]) -> f64 {
-    pids.iter().filter_map(|&p| rss_mb(p)).fold(0.0, f64::max)
+    pids.iter()
+        .filter_map(|&p| status_mb(p, "VmRSS:"))
+        .fold(0.0, f64::max)
 }
 
 /// Samples the largest RSS every 100 ms while a run is under way.
@@ -468,5 +482,26 @@ impl RssSampler {
     fn stop(self) -> f64 {
         self.done.store(true, Ordering::SeqCst);
         self.thread.join().unwrap_or(0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_gives_median_and_range() {
+        let odd = Stat::of(&[5.0, 1.0, 3.0]);
+        assert_eq!((odd.median, odd.min, odd.max, odd.runs), (3.0, 1.0, 5.0, 3));
+        let even = Stat::of(&[4.0, 1.0, 2.0, 3.0]);
+        assert_eq!(even.median, 2.5);
+        assert_eq!(Stat::of(&[]).runs, 0);
+    }
+
+    #[test]
+    fn cpu_ticks_are_read_past_a_command_name_with_spaces() {
+        let stat = "42 (tokio (rt) w) S 1 42 42 0 -1 4194560 100 0 0 0 250 70 0 0 20 0 4 0 1";
+        assert_eq!(stat_ticks(stat), Some(320));
+        assert_eq!(stat_ticks("garbage"), None);
     }
 }
