@@ -13,7 +13,7 @@ use super::{
     peers::{self, PeerPair},
     servers,
 };
-use crate::sim::{ClusterSpec, Process, SimCluster};
+use crate::sim::{host::sysctl_in, ClusterSpec, Process, SimCluster};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
@@ -110,6 +110,17 @@ impl Bed {
     /// peer proxies on the nodes in front of `outsider`.
     pub fn start(work_dir: &std::path::Path) -> Result<Bed> {
         let cluster = SimCluster::create(ClusterSpec::two_nodes())?;
+        // Thousands of short connections per run leave TIME_WAIT sockets behind; Linux
+        // reuses their ports only for loopback by default (which the mesh's client,
+        // connecting to 15001, gets): give every scenario the same reuse.
+        for netns in cluster
+            .nodes
+            .iter()
+            .map(|n| &n.netns)
+            .chain(cluster.pods.iter().map(|p| &p.netns))
+        {
+            sysctl_in(netns, "/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
+        }
         cluster.start_agents()?;
         let mut servers = Vec::new();
         for pod in ["server", "outsider"] {
