@@ -229,7 +229,10 @@ fn main() -> ExitCode {
             kind: BenchKind::Cluster,
         } => require_root("cargo xtask bench")
             .and_then(|_| build())
-            .and_then(|_| sim(&["bench"])),
+            .and_then(|_| {
+                let out = workspace_root().join("docs/benchmarks");
+                sim(&["bench", "--out", &out.to_string_lossy()])
+            }),
         Task::Bench {
             kind: BenchKind::State,
         } => run(Command::new("cargo").current_dir(workspace_root()).args([

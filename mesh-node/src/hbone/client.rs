@@ -195,7 +195,10 @@ impl HboneClient {
         self.metrics.hbone_handshakes.inc();
         let tls = tokio::time::timeout(
             self.connect_timeout,
-            TlsConnector::from(config).connect(ServerName::IpAddress(addr.ip().into()), tcp),
+            TlsConnector::from(config).connect(
+                ServerName::IpAddress(addr.ip().into()),
+                super::buffered(tcp),
+            ),
         )
         .await
         .map_err(|_| handshake_err("timed out".into()))?

@@ -59,13 +59,16 @@ async fn connection(
     {
         return refuse_connection(&ctx, peer, "no_certificate", &ctx.identity.to_string());
     }
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            return refuse_connection(&ctx, peer, "hbone_handshake_failed", &e.to_string())
-        }
-        Err(_) => return refuse_connection(&ctx, peer, "hbone_handshake_failed", "timed out"),
-    };
+    let tls =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(super::buffered(stream)))
+            .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                return refuse_connection(&ctx, peer, "hbone_handshake_failed", &e.to_string())
+            }
+            Err(_) => return refuse_connection(&ctx, peer, "hbone_handshake_failed", "timed out"),
+        };
     let identity = match tls
         .get_ref()
         .1

@@ -1,5 +1,5 @@
 //! `mesh-sim`: drives the simulated cluster outside of tests (`cargo xtask demo` and
-//! `cargo xtask bench` call it) and sweeps what crashed runs left behind.
+//! `cargo xtask bench` call it; the bench itself lives in `mesh_tests::bench`) and sweeps what crashed runs left behind.
 
 use std::{
     process::ExitCode,
@@ -9,9 +9,9 @@ use std::{
     },
 };
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use mesh_tests::sim::{registry, ClusterSpec, SimCluster};
+use mesh_tests::sim::registry;
 use nix::sys::signal::{SigSet, Signal};
 
 #[derive(Parser)]
@@ -24,8 +24,18 @@ struct Cli {
 enum Cmd {
     /// Run the mesh on a simulated 2-node cluster and show what it does.
     Demo,
-    /// Quick throughput and connection-rate figures, direct versus through the mesh.
-    Bench,
+    /// Benchmarks: direct, through the mesh and through peer proxies; writes the
+    /// markdown report and charts to OUT.
+    Bench {
+        #[arg(long, default_value = "docs/benchmarks")]
+        out: std::path::PathBuf,
+        /// Runs per figure (the medians need at least 5 to mean much).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Only these scenarios (direct, nodemesh-l4, stunnel, haproxy); all by default.
+        #[arg(long, value_parser = parse_scenario)]
+        scenario: Vec<mesh_tests::bench::Scenario>,
+    },
     /// Remove namespaces, cgroups and pins of clusters whose owner process is gone.
     Sweep,
 }
@@ -47,126 +57,10 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-fn check(stop: &AtomicBool) -> Result<()> {
-    if stop.load(Ordering::SeqCst) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-fn step(text: &str) {
-    println!("\n==> {text}");
-}
-
-/// Median of `runs` measurements.
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
-}
-
-/// One measured path: median throughput, round-trip percentiles, connection rate.
-struct PathFigures {
-    label: &'static str,
-    mib_s: f64,
-    rtt: mesh_tests::report::RttReport,
-    conns_s: f64,
-}
-
-fn measure(
-    cluster: &SimCluster,
-    label: &'static str,
-    pod: &str,
-    dst: std::net::SocketAddr,
-    stop: &AtomicBool,
-) -> Result<PathFigures> {
-    const BYTES: u64 = 128 * 1024 * 1024;
-    const CONNS: u64 = 2000;
-    let mut rates = Vec::new();
-    let mut conns = Vec::new();
-    for _ in 0..5 {
-        check(stop)?;
-        let r = cluster.transfer(pod, dst, BYTES)?;
-        if !r.ok {
-            bail!("{label}: transfer failed: {r:?}");
-        }
-        rates.push(BYTES as f64 / (1 << 20) as f64 / (r.elapsed_us as f64 / 1e6));
-        let c = cluster.churn(pod, dst, CONNS)?;
-        conns.push(c.succeeded as f64 / (c.elapsed_ms.max(1) as f64 / 1e3));
-    }
-    let rtt = cluster.rtt(pod, dst, 1024, 5000)?;
-    if let Some(e) = &rtt.error {
-        bail!("{label}: round trips failed: {e}");
-    }
-    Ok(PathFigures {
-        label,
-        mib_s: median(rates),
-        rtt,
-        conns_s: median(conns),
+fn parse_scenario(name: &str) -> Result<mesh_tests::bench::Scenario, String> {
+    mesh_tests::bench::Scenario::by_name(name).ok_or_else(|| {
+        format!("unknown scenario {name}: use direct, nodemesh-l4, stunnel or haproxy")
     })
-}
-
-fn bench(stop: &AtomicBool) -> Result<()> {
-    let mut figures = Vec::new();
-    for mtls in [false, true] {
-        let mut spec = ClusterSpec::two_nodes();
-        spec.mtls = mtls;
-        step(if mtls {
-            "Cluster with the CA: meshed pods talk HBONE (HTTP/2 CONNECT over mTLS)"
-        } else {
-            "Cluster without a CA: meshed pods talk plain TCP through both proxies"
-        });
-        let cluster = SimCluster::create(spec)?;
-        cluster.start_agents()?;
-        let _server = cluster.serve("server", 8080)?;
-        let _plain = cluster.serve("outsider", 8080)?;
-        if !mtls {
-            figures.push(measure(
-                &cluster,
-                "direct (no mesh)",
-                "bystander",
-                cluster.pod("outsider").addr4(8080),
-                stop,
-            )?);
-        }
-        let label = if mtls {
-            "HBONE mTLS, 2 proxies"
-        } else {
-            "L4 plaintext, 2 proxies"
-        };
-        figures.push(measure(
-            &cluster,
-            label,
-            "client",
-            cluster.pod("server").addr4(8080),
-            stop,
-        )?);
-    }
-    step("Results (median of 5 for throughput and connections; 5,000 round trips of 1 KiB)");
-    println!(
-        "    {:<26} {:>9} {:>9} {:>9} {:>10} {:>11}",
-        "path", "MiB/s", "RTT p50", "RTT p99", "RTT p99.9", "conns/s"
-    );
-    for f in &figures {
-        println!(
-            "    {:<26} {:>9.0} {:>7.0}µs {:>7.0}µs {:>8.0}µs {:>11.0}",
-            f.label, f.mib_s, f.rtt.p50_us, f.rtt.p99_us, f.rtt.p999_us, f.conns_s
-        );
-    }
-    if let [direct, plain, mtls] = &figures[..] {
-        println!(
-            "    HBONE vs direct: {:.2}x throughput, +{:.0} µs RTT p50, {:.2}x connection rate",
-            mtls.mib_s / direct.mib_s,
-            mtls.rtt.p50_us - direct.rtt.p50_us,
-            mtls.conns_s / direct.conns_s
-        );
-        println!(
-            "    HBONE vs plain L4 proxies: {:.2}x throughput, +{:.0} µs RTT p50",
-            mtls.mib_s / plain.mib_s,
-            mtls.rtt.p50_us - plain.rtt.p50_us
-        );
-    }
-    println!("    (echo workloads: bytes flow both ways; TLS handshakes/s: cargo bench -p mesh-node --bench handshake)");
-    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -184,7 +78,17 @@ fn main() -> ExitCode {
             Ok(())
         }
         Cmd::Demo => stop_flag().and_then(|s| mesh_tests::demo::run(&s)),
-        Cmd::Bench => stop_flag().and_then(|s| bench(&s)),
+        Cmd::Bench {
+            out,
+            rounds,
+            scenario,
+        } => stop_flag().and_then(|s| {
+            let plan = mesh_tests::bench::Plan {
+                rounds,
+                ..Default::default()
+            };
+            mesh_tests::bench::run(&s, &out, plan, &scenario)
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -106,12 +106,23 @@ enum Cmd {
         #[arg(long)]
         message: String,
     },
-    /// Open N short connections one after another (8 bytes each way).
+    /// Open N short connections one after another (SIZE bytes each way).
     Churn {
         #[arg(long)]
         connect: SocketAddr,
         #[arg(long)]
         count: u64,
+        #[arg(long, default_value_t = 8)]
+        size: usize,
+    },
+    /// Open-loop HTTP/1.1 load at a fixed rate; prints latency percentiles.
+    HttpLoad {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
     },
 }
 
@@ -232,16 +243,17 @@ fn transfer(
     report
 }
 
-fn churn(addr: SocketAddr, count: u64) -> ChurnReport {
+fn churn(addr: SocketAddr, count: u64, size: usize) -> ChurnReport {
     let started = Instant::now();
     let mut report = ChurnReport::default();
-    let once = || -> std::io::Result<()> {
+    let message: Vec<u8> = b"nodemesh".iter().copied().cycle().take(size).collect();
+    let mut back = vec![0u8; size];
+    let mut once = || -> std::io::Result<()> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"nodemesh")?;
-        let mut back = [0u8; 8];
+        s.write_all(&message)?;
         s.read_exact(&mut back)?;
-        if &back != b"nodemesh" {
+        if back != message {
             return Err(std::io::Error::other("echo differs"));
         }
         Ok(())
@@ -360,6 +372,15 @@ fn main() {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             std::process::exit(if r.error.is_none() { 0 } else { 1 });
         }
+        Cmd::HttpLoad {
+            connect,
+            rate,
+            seconds,
+        } => {
+            let r = mesh_tests::bench::http::load(connect, rate, seconds);
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            std::process::exit(if r.failed == 0 { 0 } else { 1 });
+        }
         Cmd::Pause => loop {
             thread::sleep(Duration::from_secs(3600));
         },
@@ -407,8 +428,12 @@ fn main() {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             std::process::exit(if r.error.is_none() { 0 } else { 1 });
         }
-        Cmd::Churn { connect, count } => {
-            let r = churn(connect, count);
+        Cmd::Churn {
+            connect,
+            count,
+            size,
+        } => {
+            let r = churn(connect, count, size);
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             std::process::exit(if r.failed == 0 { 0 } else { 1 });
         }

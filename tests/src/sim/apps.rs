@@ -63,7 +63,7 @@ impl SimCluster {
         let (dst, mut args) = (dst.to_string(), Vec::new());
         args.extend(["http", "--connect", &dst, "--host", host, "--path", path]);
         args.extend(extra);
-        self.run_report(&self.pod(pod).placement(), &args)
+        self.testapp_report(&self.pod(pod).placement(), &args)
     }
 
     /// A WebSocket upgrade from `pod` to `dst`, then one echoed message.
@@ -75,7 +75,7 @@ impl SimCluster {
         message: &str,
     ) -> Result<WebsocketReport> {
         let dst = dst.to_string();
-        self.run_report(
+        self.testapp_report(
             &self.pod(pod).placement(),
             &[
                 "websocket",
@@ -106,7 +106,7 @@ impl SimCluster {
     }
 
     /// Runs a test-app client and parses the JSON report it prints.
-    fn run_report<T: serde::de::DeserializeOwned>(
+    pub fn testapp_report<T: serde::de::DeserializeOwned>(
         &self,
         placement: &Placement,
         args: &[&str],
@@ -129,7 +129,7 @@ impl SimCluster {
         bytes: u64,
     ) -> Result<TransferReport> {
         let (dst, bytes) = (dst.to_string(), bytes.to_string());
-        self.run_report(
+        self.testapp_report(
             placement,
             &["transfer", "--connect", &dst, "--bytes", &bytes],
         )
@@ -161,7 +161,7 @@ impl SimCluster {
             "--marker",
             marker,
         ];
-        self.run_report(&self.pod(pod).placement(), &args)
+        self.testapp_report(&self.pod(pod).placement(), &args)
     }
 
     /// Starts one long-lived connection (ping every 500 ms for `seconds`).
@@ -181,7 +181,7 @@ impl SimCluster {
     /// Closed-loop round trips of `size` bytes from `pod`.
     pub fn rtt(&self, pod: &str, dst: SocketAddr, size: u64, count: u64) -> Result<RttReport> {
         let (dst, size, count) = (dst.to_string(), size.to_string(), count.to_string());
-        self.run_report(
+        self.testapp_report(
             &self.pod(pod).placement(),
             &["rtt", "--connect", &dst, "--size", &size, "--count", &count],
         )
@@ -189,7 +189,7 @@ impl SimCluster {
 
     pub fn churn(&self, pod: &str, dst: SocketAddr, count: u64) -> Result<ChurnReport> {
         let (dst, count) = (dst.to_string(), count.to_string());
-        self.run_report(
+        self.testapp_report(
             &self.pod(pod).placement(),
             &["churn", "--connect", &dst, "--count", &count],
         )

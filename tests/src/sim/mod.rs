@@ -7,7 +7,7 @@ pub mod cluster;
 pub mod examples;
 pub mod host;
 mod manifests;
-mod network;
+pub mod network;
 pub mod registry;
 pub mod services;
 

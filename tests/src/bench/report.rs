@@ -1,0 +1,265 @@
+//! The results as markdown (`docs/benchmarks/README.md`) and as printed ratios.
+
+use std::fmt::Write as _;
+
+use super::{
+    machine::Machine,
+    measure::{Metric, Plan, ScenarioResults, Stat},
+    scenarios::Scenario,
+};
+
+pub struct Report<'a> {
+    pub machine: &'a Machine,
+    pub results: &'a [ScenarioResults],
+    pub plan: Plan,
+    pub minutes: f64,
+    pub load_end: String,
+}
+
+fn fmt_value(m: Metric, v: f64) -> String {
+    match m.unit() {
+        "Gbit/s" => format!("{v:.2}"),
+        _ => format!("{v:.0}"),
+    }
+}
+
+fn fmt_stat(m: Metric, s: Stat) -> String {
+    format!(
+        "{} ({}–{})",
+        fmt_value(m, s.median),
+        fmt_value(m, s.min),
+        fmt_value(m, s.max)
+    )
+}
+
+impl Report<'_> {
+    fn get(&self, s: Scenario) -> Option<&ScenarioResults> {
+        self.results.iter().find(|r| r.scenario == s)
+    }
+
+    fn median(&self, s: Scenario, m: Metric) -> Option<f64> {
+        self.get(s)?.stat(m).map(|x| x.median)
+    }
+
+    /// The peer with the best median for `m`.
+    fn best_peer(&self, m: Metric) -> Option<(Scenario, f64)> {
+        self.results
+            .iter()
+            .filter(|r| r.scenario.is_peer())
+            .filter_map(|r| Some((r.scenario, r.stat(m)?.median)))
+            .reduce(|a, b| {
+                let b_better = if m.higher_is_better() {
+                    b.1 > a.1
+                } else {
+                    b.1 < a.1
+                };
+                if b_better {
+                    b
+                } else {
+                    a
+                }
+            })
+    }
+
+    /// "0.70x" for rates; "+46 µs" added over direct for latencies.
+    fn versus_direct(&self, s: Scenario, m: Metric) -> String {
+        match (self.median(s, m), self.median(Scenario::Direct, m)) {
+            (Some(v), Some(d)) if m.higher_is_better() => format!("{:.2}x", v / d),
+            (Some(v), Some(d)) => format!("{:+.0} µs", v - d),
+            _ => "–".into(),
+        }
+    }
+
+    /// Ratios and added latency of the mesh against direct and the best peer.
+    pub fn ratios(&self) -> String {
+        let mesh = Scenario::NodemeshL4;
+        let mut t = String::from(
+            "| metric | nodemesh-l4 vs direct | best peer vs direct | nodemesh-l4 vs best peer |\n\
+             | --- | --- | --- | --- |\n",
+        );
+        for m in Metric::ALL {
+            let Some(v) = self.median(mesh, m) else {
+                continue;
+            };
+            let (peer, vs_peer) = match self.best_peer(m) {
+                Some((p, pv)) if m.higher_is_better() => (
+                    format!("{} {}", p.name(), self.versus_direct(p, m)),
+                    format!("{:.2}x", v / pv),
+                ),
+                Some((p, pv)) => (
+                    format!("{} {}", p.name(), self.versus_direct(p, m)),
+                    format!("{:+.0} µs", v - pv),
+                ),
+                None => ("–".into(), "–".into()),
+            };
+            let _ = writeln!(
+                t,
+                "| {} | {} | {peer} | {vs_peer} |",
+                m.label(),
+                self.versus_direct(mesh, m)
+            );
+        }
+        t
+    }
+
+    /// The issue's goals, as ratios to direct in this same run.
+    pub fn goals(&self) -> String {
+        let mesh = Scenario::NodemeshL4;
+        let ratio = |m| Some(self.median(mesh, m)? / self.median(Scenario::Direct, m)?);
+        let half_rtt = (|| {
+            Some(
+                (self.median(mesh, Metric::Rtt1kp50)?
+                    - self.median(Scenario::Direct, Metric::Rtt1kp50)?)
+                    / 2.0,
+            )
+        })();
+        let rss_idle = self.get(mesh).and_then(|r| r.cost).map(|c| c.rss_idle_mb);
+        let rows = [
+            (
+                "single-stream throughput vs direct",
+                ">= 0.45x",
+                ratio(Metric::Stream1).map(|r| (format!("{r:.2}x"), r >= 0.45)),
+            ),
+            (
+                "new connections/s vs direct",
+                ">= 0.55x",
+                ratio(Metric::ConnRate).map(|r| (format!("{r:.2}x"), r >= 0.55)),
+            ),
+            (
+                "added 1 KB half-RTT p50",
+                "<= 28 µs",
+                half_rtt.map(|h| (format!("{h:+.0} µs"), h <= 28.0)),
+            ),
+            (
+                "agent RSS idle (larger node)",
+                "<= 15 MB",
+                rss_idle.map(|m| (format!("{m:.1} MB"), m <= 15.0)),
+            ),
+        ];
+        let mut t = String::from("| goal | target | measured | met |\n| --- | --- | --- | --- |\n");
+        for (goal, target, got) in rows {
+            let (value, met) = match got {
+                Some((v, ok)) => (v, if ok { "yes" } else { "**no**" }),
+                None => ("–".into(), "–"),
+            };
+            let _ = writeln!(t, "| {goal} | {target} | {value} | {met} |");
+        }
+        t
+    }
+
+    fn results_table(&self) -> String {
+        let mut t = String::from("| metric |");
+        for r in self.results {
+            let _ = write!(t, " {} |", r.scenario.name());
+        }
+        t += "\n| --- |";
+        t += &" --- |".repeat(self.results.len());
+        t += "\n";
+        for m in Metric::ALL {
+            let _ = write!(t, "| {} ({}) |", m.label(), m.unit());
+            for r in self.results {
+                let cell = r
+                    .stat(m)
+                    .map(|s| fmt_stat(m, s))
+                    .unwrap_or_else(|| "–".into());
+                let _ = write!(t, " {cell} |");
+            }
+            t += "\n";
+        }
+        t
+    }
+
+    fn cost_table(&self) -> String {
+        let mut t = String::from(
+            "| scenario | CPU s per GB moved (both nodes) | RSS idle (MB) | of which private (MB) | RSS under load (MB) | RSS after (MB) |\n\
+             | --- | --- | --- | --- | --- | --- |\n",
+        );
+        for r in self.results {
+            if let Some(c) = r.cost {
+                let _ = writeln!(
+                    t,
+                    "| {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    r.scenario.name(),
+                    c.cpu_s_per_gb,
+                    c.rss_idle_mb,
+                    c.anon_idle_mb,
+                    c.rss_load_mb,
+                    c.rss_after_mb
+                );
+            }
+        }
+        t
+    }
+
+    pub fn markdown(&self) -> String {
+        let m = self.machine;
+        let mut md = String::new();
+        let _ = writeln!(md, "# Nodemesh benchmarks\n");
+        let _ = writeln!(
+            md,
+            "Generated by `cargo xtask bench` on {} in {:.1} minutes; regenerate with the same command \
+             (root; it installs iperf3, stunnel4, haproxy and fonts-dejavu-core from Debian's packages \
+             when missing). Client pod on node a, server pod on node b of the simulated 2-node cluster \
+             (network namespaces joined by veths and bridges). Every figure is the median of {} runs, \
+             with the range (min–max) in brackets; the rounds visit every scenario in turn, so drift \
+             spreads over all of them. Absolute numbers on a shared machine drift: read the ratios.\n",
+            m.date, self.minutes, self.plan.rounds
+        );
+        let _ = writeln!(md, "## Machine\n");
+        let _ = writeln!(md, "- CPU: {} ({} cores online)", m.cpu, m.cores);
+        let _ = writeln!(md, "- memory: {}; kernel {}; {}", m.memory, m.kernel, m.os);
+        let _ = writeln!(
+            md,
+            "- load average at start: {}; at the end: {}",
+            m.load_start, self.load_end
+        );
+        let _ = writeln!(md, "- tools: {}\n", m.tools);
+        let _ = writeln!(md, "## Scenarios\n\n| scenario | path |\n| --- | --- |");
+        for r in self.results {
+            let _ = writeln!(
+                md,
+                "| {} | {} |",
+                r.scenario.name(),
+                r.scenario.description()
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nThroughput: iperf3 ({s} s per run). Round trips: the test app's closed loop on one \
+             connection, 1 byte and 1 KB, {rt} each per run. New connections: connect, 1 KB each way, \
+             close, one after another, {c} per run. HTTP: open-loop HTTP/1.1 client at a fixed {rate} \
+             requests/s for {hs} s on keep-alive connections, latency counted from each request's due time.\n",
+            s = self.plan.iperf_seconds,
+            rt = self.plan.round_trips,
+            c = self.plan.connections,
+            rate = self.plan.http_rate,
+            hs = self.plan.http_seconds,
+        );
+        let _ = writeln!(md, "## Results\n\n{}", self.results_table());
+        let _ = writeln!(
+            md,
+            "## Ratios\n\nRates as a fraction of direct; latencies as µs added to direct.\n\n{}",
+            self.ratios()
+        );
+        let _ = writeln!(md, "## Goals\n\n{}", self.goals());
+        let _ = writeln!(
+            md,
+            "## Proxy cost\n\nCPU: user + system time of the proxy processes on both nodes over the iperf3 runs, \
+             per GB received by iperf3. RSS: the larger of the two nodes' processes, idle before \
+             the first run (and its anonymous, private part: the rest is mostly code pages shared with every \
+             process running the same binary), peak during the throughput runs, and 2 s after the last run.\n\n{}",
+            self.cost_table()
+        );
+        let _ = writeln!(
+            md,
+            "## Charts\n\n![throughput](throughput.png)\n\n![round trips](latency.png)\n\n\
+             ![connections and HTTP](connections.png)\n\n![proxy cost](cost.png)\n"
+        );
+        let _ = writeln!(
+            md,
+            "## Where the time goes\n\nSee [profile.md](profile.md) for a profile of the agent on \
+             the connection path and the throughput path, and what would close the gaps."
+        );
+        md
+    }
+}

@@ -1,0 +1,164 @@
+//! What is measured: the scenarios (one way each of getting bytes from a client pod on
+//! node a to a server pod on node b) and the test bed that offers them all at once.
+//!
+//! Adding a scenario is one enum variant plus its entry in [`Bed::target`] (and
+//! [`Bed::proxy_pids`] if it runs proxies): e.g. `NodemeshL7` would send the client
+//! to a Service whose HTTPRoute picks the server.
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+
+use super::{
+    peers::{self, PeerPair},
+    servers,
+};
+use crate::sim::{host::sysctl_in, ClusterSpec, Process, SimCluster};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// No mesh: an unenrolled pod talks to an unenrolled pod (the physical limit).
+    Direct,
+    /// Enrolled pods: both node agents proxy, HBONE mTLS between them.
+    NodemeshL4,
+    /// An stunnel pair in the node namespaces: TLS 1.3, client certificate, verified.
+    Stunnel,
+    /// An haproxy pair in the node namespaces, configured like the stunnel pair.
+    Haproxy,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 4] = [
+        Scenario::Direct,
+        Scenario::NodemeshL4,
+        Scenario::Stunnel,
+        Scenario::Haproxy,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Direct => "direct",
+            Scenario::NodemeshL4 => "nodemesh-l4",
+            Scenario::Stunnel => "stunnel",
+            Scenario::Haproxy => "haproxy",
+        }
+    }
+
+    pub fn by_name(name: &str) -> Option<Scenario> {
+        Scenario::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            Scenario::Direct => "no mesh: unenrolled pod to unenrolled pod",
+            Scenario::NodemeshL4 => {
+                "enrolled pods; node agents on both sides, HBONE (HTTP/2 CONNECT over mTLS)"
+            }
+            Scenario::Stunnel => {
+                "stunnel4 pair in the node namespaces, TLS 1.3, ECDSA P-256 client certificate"
+            }
+            Scenario::Haproxy => {
+                "haproxy pair in the node namespaces (TCP mode), TLS 1.3, ECDSA P-256 client certificate"
+            }
+        }
+    }
+
+    /// A third-party proxy doing the same job (what "best peer" compares with).
+    pub fn is_peer(self) -> bool {
+        matches!(self, Scenario::Stunnel | Scenario::Haproxy)
+    }
+
+    /// The pod the client programs run in (node a).
+    pub fn client_pod(self) -> &'static str {
+        match self {
+            Scenario::NodemeshL4 => "client",
+            _ => "bystander",
+        }
+    }
+}
+
+/// The server programs each server pod runs, one port each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum App {
+    Iperf,
+    Echo,
+    Http,
+}
+
+impl App {
+    pub const ALL: [App; 3] = [App::Iperf, App::Echo, App::Http];
+
+    pub fn port(self) -> u16 {
+        match self {
+            App::Iperf => 5201,
+            App::Echo => 8080,
+            App::Http => 8081,
+        }
+    }
+}
+
+/// The simulated cluster with every server and peer proxy running.
+pub struct Bed {
+    pub cluster: SimCluster,
+    _servers: Vec<Process>,
+    stunnel: PeerPair,
+    haproxy: PeerPair,
+}
+
+impl Bed {
+    /// Two nodes with mTLS; servers in `server` (enrolled) and `outsider` (not), the
+    /// peer proxies on the nodes in front of `outsider`.
+    pub fn start(work_dir: &std::path::Path) -> Result<Bed> {
+        let cluster = SimCluster::create(ClusterSpec::two_nodes())?;
+        // Thousands of short connections per run leave TIME_WAIT sockets behind; Linux
+        // reuses their ports only for loopback by default (which the mesh's client,
+        // connecting to 15001, gets): give every scenario the same reuse.
+        for netns in cluster
+            .nodes
+            .iter()
+            .map(|n| &n.netns)
+            .chain(cluster.pods.iter().map(|p| &p.netns))
+        {
+            sysctl_in(netns, "/proc/sys/net/ipv4/tcp_tw_reuse", "1")?;
+        }
+        cluster.start_agents()?;
+        let mut servers = Vec::new();
+        for pod in ["server", "outsider"] {
+            servers.push(cluster.serve(pod, App::Echo.port())?);
+            servers.push(servers::iperf(&cluster, pod, App::Iperf.port())?);
+            servers.push(servers::http(&cluster, pod, App::Http.port())?);
+        }
+        let certs = peers::Certs::generate(&work_dir.join("peer-certs"), &cluster)?;
+        let stunnel = peers::start_stunnel(&cluster, &certs, 20000)?;
+        let haproxy = peers::start_haproxy(&cluster, &certs, 22000)?;
+        Ok(Bed {
+            cluster,
+            _servers: servers,
+            stunnel,
+            haproxy,
+        })
+    }
+
+    /// Where the scenario's client connects to reach `app` on the server.
+    pub fn target(&self, scenario: Scenario, app: App) -> SocketAddr {
+        match scenario {
+            Scenario::Direct => self.cluster.pod("outsider").addr4(app.port()),
+            Scenario::NodemeshL4 => self.cluster.pod("server").addr4(app.port()),
+            Scenario::Stunnel => self.stunnel.entry(app),
+            Scenario::Haproxy => self.haproxy.entry(app),
+        }
+    }
+
+    /// The proxy processes carrying the scenario's traffic, node a's first.
+    pub fn proxy_pids(&self, scenario: Scenario) -> Vec<u32> {
+        match scenario {
+            Scenario::Direct => Vec::new(),
+            Scenario::NodemeshL4 => ["a", "b"]
+                .iter()
+                .filter_map(|n| self.cluster.agent_pid(n))
+                .collect(),
+            Scenario::Stunnel => self.stunnel.pids(),
+            Scenario::Haproxy => self.haproxy.pids(),
+        }
+    }
+}
