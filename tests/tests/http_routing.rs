@@ -664,19 +664,36 @@ fn a_request_the_destinations_policy_denies_gets_403_and_allowed_ones_pass() {
     let policy = "apiVersion: security.nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: only-client, namespace: apps}\n\
         spec:\n  selector: {matchLabels: {app: echo-v1}}\n  action: ALLOW\n  rules:\n  - from: [{serviceAccounts: [apps/client]}]\n";
     let rules = "  - backendRefs: [{name: echo, port: 80}]\n";
+    let routed = route("echo", "echo", None, rules);
+    cluster.write_manifest("httproutes.yaml", &routed).unwrap();
+    let dst = vip(&cluster, "echo");
+    // Before the policy the intruder is served, which leaves a kept-alive backend
+    // connection in node a's pool.
+    let served = cluster.eventually(Duration::from_secs(5), || {
+        cluster
+            .http("intruder", dst, "echo", "/", &[])
+            .is_ok_and(|r| r.statuses.contains_key(&200))
+    });
+    assert!(
+        served.is_some(),
+        "the intruder was never served before the policy"
+    );
     cluster
         .write_manifest(
             "httproutes.yaml",
-            &[route("echo", "echo", None, rules), policy.to_string()].join("---\n"),
+            &[routed, policy.to_string()].join("---\n"),
         )
         .unwrap();
-    let dst = vip(&cluster, "echo");
+    // The tightened policy reaches the intruder's next requests, pooled connection or not.
+    let mut last = None;
     let denied = cluster.eventually(Duration::from_secs(5), || {
-        cluster
-            .http("intruder", dst, "echo", "/", &[])
-            .is_ok_and(|r| r.statuses.contains_key(&403))
+        let r = cluster.http("intruder", dst, "echo", "/", &[]);
+        let hit = r.as_ref().is_ok_and(|r| r.statuses.contains_key(&403));
+        last = Some(r);
+        hit
     });
-    assert!(denied.is_some(), "the intruder was never refused");
+    assert!(denied.is_some(), "the intruder was never refused: {last:?}");
+    eprintln!("the tightened policy applied after {denied:?}");
     let s = first(&cluster.http("intruder", dst, "echo", "/", &[]).unwrap());
     assert!(s.body.contains("authorization policy denies"), "{}", s.body);
     let ok = first(&request(&cluster, dst, "echo", "/", &[]));

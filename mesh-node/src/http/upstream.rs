@@ -7,7 +7,7 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -30,6 +30,8 @@ use crate::{
     hbone::{client::HboneError, io::H2Io},
     identity::Identity,
     outbound::meshed_identity,
+    policy::AuthorizationPolicy,
+    state::Objects,
 };
 
 /// Idle HTTP/1.1 connections kept per endpoint.
@@ -172,16 +174,27 @@ async fn open_transport(
     }
 }
 
+/// The authorization policies a connection was admitted under. The destination
+/// checks policy when a tunnel opens, so a kept-alive connection is reused only while
+/// the policies are the ones it was opened with: tightening a policy reaches new
+/// requests at once, not when pooled connections happen to close.
+type Policies = Objects<AuthorizationPolicy>;
+
+fn same(a: &Policies, b: &Policies) -> bool {
+    Arc::ptr_eq(a, b)
+}
+
 struct IdleHttp1 {
     sender: conn::http1::SendRequest<ProxyBody>,
     since: Instant,
+    policies: Policies,
 }
 
 /// One pod's reusable connections to backend endpoints.
 #[derive(Default)]
 pub struct UpstreamPool {
     http1: Mutex<HashMap<SocketAddr, Vec<IdleHttp1>>>,
-    http2: Mutex<HashMap<SocketAddr, conn::http2::SendRequest<ProxyBody>>>,
+    http2: Mutex<HashMap<SocketAddr, (conn::http2::SendRequest<ProxyBody>, Policies)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -189,17 +202,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl UpstreamPool {
-    fn idle_http1(&self, target: SocketAddr) -> Option<conn::http1::SendRequest<ProxyBody>> {
+    fn idle_http1(
+        &self,
+        target: SocketAddr,
+        policies: &Policies,
+    ) -> Option<conn::http1::SendRequest<ProxyBody>> {
         let mut pool = lock(&self.http1);
         let list = pool.get_mut(&target)?;
-        list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_EXPIRY);
+        list.retain(|c| {
+            !c.sender.is_closed() && c.since.elapsed() < IDLE_EXPIRY && same(&c.policies, policies)
+        });
         let ready = list.iter().position(|c| c.sender.is_ready())?;
         Some(list.swap_remove(ready).sender)
     }
 
     /// Puts a connection back once its response is under way: it turns ready again
     /// when that response has ended.
-    fn release_http1(&self, target: SocketAddr, sender: conn::http1::SendRequest<ProxyBody>) {
+    fn release_http1(
+        &self,
+        target: SocketAddr,
+        sender: conn::http1::SendRequest<ProxyBody>,
+        policies: Policies,
+    ) {
         let mut pool = lock(&self.http1);
         let list = pool.entry(target).or_default();
         list.retain(|c| !c.sender.is_closed());
@@ -207,6 +231,7 @@ impl UpstreamPool {
             list.push(IdleHttp1 {
                 sender,
                 since: Instant::now(),
+                policies,
             });
         }
     }
@@ -217,7 +242,7 @@ impl UpstreamPool {
             list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_EXPIRY);
             !list.is_empty()
         });
-        lock(&self.http2).retain(|_, s| !s.is_closed());
+        lock(&self.http2).retain(|_, (s, _)| !s.is_closed());
     }
 
     async fn new_http1(
@@ -242,9 +267,10 @@ impl UpstreamPool {
         ctx: &PodContext,
         target: SocketAddr,
         peer: &Peer,
+        policies: &Policies,
     ) -> Result<conn::http2::SendRequest<ProxyBody>, UpstreamError> {
-        if let Some(s) = lock(&self.http2).get(&target) {
-            if !s.is_closed() {
+        if let Some((s, admitted)) = lock(&self.http2).get(&target) {
+            if !s.is_closed() && same(admitted, policies) {
                 return Ok(s.clone());
             }
         }
@@ -258,7 +284,7 @@ impl UpstreamPool {
                 debug!(%target, error = %e, "upstream HTTP/2 connection ended");
             }
         });
-        lock(&self.http2).insert(target, sender.clone());
+        lock(&self.http2).insert(target, (sender.clone(), policies.clone()));
         Ok(sender)
     }
 
@@ -275,16 +301,17 @@ impl UpstreamPool {
         upgrade: bool,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let failed = |source| UpstreamError::Request { target, source };
+        let policies = ctx.state.borrow().authorization_policies.clone();
         if protocol == Protocol::Http2 {
-            let mut sender = self.http2(ctx, target, peer).await?;
+            let mut sender = self.http2(ctx, target, peer, &policies).await?;
             return sender.send_request(request).await.map_err(failed);
         }
         let mut request = request;
         if !upgrade {
-            while let Some(mut sender) = self.idle_http1(target) {
+            while let Some(mut sender) = self.idle_http1(target, &policies) {
                 match sender.try_send_request(request).await {
                     Ok(response) => {
-                        self.release_http1(target, sender);
+                        self.release_http1(target, sender, policies);
                         return Ok(response);
                     }
                     Err(mut e) => match e.take_message() {
@@ -298,7 +325,7 @@ impl UpstreamPool {
         let mut sender = Self::new_http1(ctx, target, peer).await?;
         let response = sender.send_request(request).await.map_err(failed)?;
         if !upgrade {
-            self.release_http1(target, sender);
+            self.release_http1(target, sender, policies);
         }
         Ok(response)
     }

@@ -152,7 +152,7 @@ impl KubeObject {
     }
 }
 
-type Objects<T> = Arc<BTreeMap<ObjectKey, Arc<T>>>;
+pub type Objects<T> = Arc<BTreeMap<ObjectKey, Arc<T>>>;
 
 #[derive(Debug, Clone, Default)]
 pub struct ClusterState {
