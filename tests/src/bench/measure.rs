@@ -188,7 +188,9 @@ pub fn run(
         .map(|&scenario| ScenarioResults {
             scenario,
             samples: BTreeMap::new(),
-            cost: (!bed.proxy_pids(scenario).is_empty()).then(ProxyCost::default),
+            // The L7 scenario shares nodemesh-l4's agents: their cost is reported there.
+            cost: (!bed.proxy_pids(scenario).is_empty() && !scenario.http_only())
+                .then(ProxyCost::default),
             cpu_ticks: 0,
             bytes: 0,
         })
@@ -203,6 +205,9 @@ pub fn run(
                 .fold(0.0, f64::max);
         }
         // Warm-up: pools, session caches and page cache, not counted.
+        if r.scenario.http_only() {
+            continue;
+        }
         let placement = bed.cluster.pod(r.scenario.client_pod()).placement();
         churn(
             bed,
@@ -258,6 +263,12 @@ fn brief(r: &ScenarioResults) -> String {
 fn one_round(bed: &Bed, r: &mut ScenarioResults, plan: Plan) -> Result<()> {
     let s = r.scenario;
     let placement = bed.cluster.pod(s.client_pod()).placement();
+    if s.http_only() {
+        let h = http_load(bed, &placement, bed.target(s, App::Http), plan)?;
+        r.push(Metric::HttpP50, h.p50_us);
+        r.push(Metric::HttpP99, h.p99_us);
+        return Ok(());
+    }
     let pids = bed.proxy_pids(s);
     for (streams, metric) in [(1, Metric::Stream1), (8, Metric::Stream8)] {
         let cpu_before = cpu_ticks(&pids);

@@ -13,7 +13,7 @@ use super::{
     peers::{self, PeerPair},
     servers,
 };
-use crate::sim::{host::sysctl_in, ClusterSpec, Process, SimCluster};
+use crate::sim::{host::sysctl_in, ClusterSpec, Process, ServiceSpec, SimCluster};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
@@ -21,6 +21,9 @@ pub enum Scenario {
     Direct,
     /// Enrolled pods: both node agents proxy, HBONE mTLS between them.
     NodemeshL4,
+    /// The same pods, through a Service whose HTTPRoute node a's proxy applies per
+    /// request (HTTP measurements only: the Service speaks HTTP).
+    NodemeshL7,
     /// An stunnel pair in the node namespaces: TLS 1.3, client certificate, verified.
     Stunnel,
     /// An haproxy pair in the node namespaces, configured like the stunnel pair.
@@ -28,9 +31,10 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 5] = [
         Scenario::Direct,
         Scenario::NodemeshL4,
+        Scenario::NodemeshL7,
         Scenario::Stunnel,
         Scenario::Haproxy,
     ];
@@ -39,6 +43,7 @@ impl Scenario {
         match self {
             Scenario::Direct => "direct",
             Scenario::NodemeshL4 => "nodemesh-l4",
+            Scenario::NodemeshL7 => "nodemesh-l7",
             Scenario::Stunnel => "stunnel",
             Scenario::Haproxy => "haproxy",
         }
@@ -54,6 +59,9 @@ impl Scenario {
             Scenario::NodemeshL4 => {
                 "enrolled pods; node agents on both sides, HBONE (HTTP/2 CONNECT over mTLS)"
             }
+            Scenario::NodemeshL7 => {
+                "as nodemesh-l4, through an HTTPRoute routed per request on node a (HTTP only)"
+            }
             Scenario::Stunnel => {
                 "stunnel4 pair in the node namespaces, TLS 1.3, ECDSA P-256 client certificate"
             }
@@ -68,10 +76,15 @@ impl Scenario {
         matches!(self, Scenario::Stunnel | Scenario::Haproxy)
     }
 
+    /// Only the HTTP figures apply (the route's Service speaks HTTP, not iperf/echo).
+    pub fn http_only(self) -> bool {
+        self == Scenario::NodemeshL7
+    }
+
     /// The pod the client programs run in (node a).
     pub fn client_pod(self) -> &'static str {
         match self {
-            Scenario::NodemeshL4 => "client",
+            Scenario::NodemeshL4 | Scenario::NodemeshL7 => "client",
             _ => "bystander",
         }
     }
@@ -97,6 +110,12 @@ impl App {
     }
 }
 
+/// The Service of the nodemesh-l7 scenario and the HTTPRoute that makes it L7.
+const HTTP_SERVICE: &str = "bench-http";
+const HTTP_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+    metadata: {name: bench-http, namespace: apps}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: bench-http, port: 80}]\n\
+    \x20 rules:\n  - matches: [{path: {type: PathPrefix, value: /}}]\n    backendRefs: [{name: bench-http, port: 80}]\n";
+
 /// The simulated cluster with every server and peer proxy running.
 pub struct Bed {
     pub cluster: SimCluster,
@@ -109,7 +128,16 @@ impl Bed {
     /// Two nodes with mTLS; servers in `server` (enrolled) and `outsider` (not), the
     /// peer proxies on the nodes in front of `outsider`.
     pub fn start(work_dir: &std::path::Path) -> Result<Bed> {
-        let cluster = SimCluster::create(ClusterSpec::two_nodes())?;
+        let mut spec = ClusterSpec::two_nodes();
+        spec.services = vec![ServiceSpec::new(
+            HTTP_SERVICE,
+            "apps",
+            80,
+            App::Http.port(),
+            &["server"],
+        )];
+        let cluster = SimCluster::create(spec)?;
+        cluster.write_manifest("bench-httproute.yaml", HTTP_ROUTE)?;
         // Thousands of short connections per run leave TIME_WAIT sockets behind; Linux
         // reuses their ports only for loopback by default (which the mesh's client,
         // connecting to 15001, gets): give every scenario the same reuse.
@@ -144,6 +172,7 @@ impl Bed {
         match scenario {
             Scenario::Direct => self.cluster.pod("outsider").addr4(app.port()),
             Scenario::NodemeshL4 => self.cluster.pod("server").addr4(app.port()),
+            Scenario::NodemeshL7 => self.cluster.service(HTTP_SERVICE).addr4(),
             Scenario::Stunnel => self.stunnel.entry(app),
             Scenario::Haproxy => self.haproxy.entry(app),
         }
@@ -153,7 +182,7 @@ impl Bed {
     pub fn proxy_pids(&self, scenario: Scenario) -> Vec<u32> {
         match scenario {
             Scenario::Direct => Vec::new(),
-            Scenario::NodemeshL4 => ["a", "b"]
+            Scenario::NodemeshL4 | Scenario::NodemeshL7 => ["a", "b"]
                 .iter()
                 .filter_map(|n| self.cluster.agent_pid(n))
                 .collect(),
