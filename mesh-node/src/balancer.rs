@@ -3,7 +3,7 @@
 //! evenly, never bunched), then an endpoint by round-robin or least-connections.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{Arc, Mutex},
 };
@@ -57,10 +57,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Picks per backend Service, per frontend (Service port): the observed shares.
+pub type PickCounts = BTreeMap<(ObjectKey, u16), BTreeMap<ObjectKey, u64>>;
+
 #[derive(Default)]
 pub struct Balancer {
     choices: Mutex<Choices>,
     active: Active,
+    picks: Mutex<PickCounts>,
+}
+
+/// The backends a pick chooses among: a positive weight and at least one ready
+/// endpoint. (The trace lists the same set as the candidates.)
+pub fn eligible(backends: &[Backend]) -> Vec<&Backend> {
+    backends
+        .iter()
+        .filter(|b| b.weight > 0 && !b.endpoints.is_empty())
+        .collect()
 }
 
 /// The chosen backend and endpoint; holding it counts the connection as active.
@@ -95,10 +108,7 @@ impl Balancer {
     /// Picks for a connection to `service:port`; None when no backend with a positive
     /// weight has a ready endpoint.
     pub fn pick(&self, service: &ObjectKey, port: u16, backends: &[Backend]) -> Option<Pick> {
-        let eligible: Vec<&Backend> = backends
-            .iter()
-            .filter(|b| b.weight > 0 && !b.endpoints.is_empty())
-            .collect();
+        let eligible = eligible(backends);
         if eligible.is_empty() {
             return None;
         }
@@ -130,6 +140,11 @@ impl Balancer {
         };
         *turn = turn.wrapping_add(1);
         *active.entry(endpoint).or_insert(0) += 1;
+        *lock(&self.picks)
+            .entry((service.clone(), port))
+            .or_default()
+            .entry(backend.service.clone())
+            .or_insert(0) += 1;
         Some(Pick {
             backend: backend.service.clone(),
             endpoint,
@@ -138,6 +153,11 @@ impl Balancer {
                 endpoint,
             },
         })
+    }
+
+    /// How often each backend was picked for each frontend since the agent started.
+    pub fn picks(&self) -> PickCounts {
+        lock(&self.picks).clone()
     }
 
     /// Connections in flight to `endpoint`.
@@ -182,6 +202,10 @@ mod tests {
         assert_eq!(counts["v1"], 900);
         assert_eq!(counts["v2"], 100);
         assert!(!counts.contains_key("v3"));
+        let picks = b.picks();
+        let web = &picks[&(ObjectKey::new("apps", "web"), 80)];
+        assert_eq!(web[&ObjectKey::new("apps", "v1")], 900);
+        assert_eq!(web[&ObjectKey::new("apps", "v2")], 100);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! pod's network namespace, and proxies the connections the kernel steers to them.
 
 pub mod admin;
+pub mod access_log;
 pub mod admin_client;
+pub mod admin_views;
 pub mod agent;
 pub mod authz;
 pub mod balancer;
@@ -15,6 +17,7 @@ pub mod connections;
 pub mod dataplane;
 pub mod files_source;
 pub mod forward;
+pub mod health;
 pub mod hbone;
 pub mod identity;
 pub mod inbound;
@@ -26,7 +29,9 @@ pub mod outbound;
 pub mod policy;
 pub mod preflight;
 pub mod relay;
+pub mod routes;
 pub mod sockets;
 pub mod state;
 pub mod tls;
+pub mod trace;
 pub mod workloads;

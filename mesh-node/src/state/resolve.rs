@@ -105,7 +105,7 @@ pub fn is_service_parent(group: Option<&str>, kind: Option<&str>) -> bool {
 }
 
 /// backendRefs default to core Services.
-fn is_service_backend(group: Option<&str>, kind: Option<&str>) -> bool {
+pub fn is_service_backend(group: Option<&str>, kind: Option<&str>) -> bool {
     matches!(kind, None | Some("Service")) && matches!(group, None | Some("") | Some("core"))
 }
 
