@@ -29,8 +29,8 @@ use crate::{
     config::AgentConfig,
     connections::ConnectionTable,
     dataplane::Dataplane,
-    kube_source::DiscoveryHealth,
     health,
+    kube_source::DiscoveryHealth,
     metrics::Metrics,
     state::{
         resolve::{resolve, IpCidr},

@@ -80,13 +80,12 @@ pub async fn request(
 ) -> Result<String, AdminClientError> {
     let name = addr.to_string();
     let exchange = async {
-        let stream =
-            TcpStream::connect(addr)
-                .await
-                .map_err(|e| AdminClientError::Unreachable {
-                    addr: name.clone(),
-                    reason: e.to_string(),
-                })?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| AdminClientError::Unreachable {
+                addr: name.clone(),
+                reason: e.to_string(),
+            })?;
         exchange(stream, &name, method, path_and_query).await
     };
     tokio::time::timeout(timeout, exchange)

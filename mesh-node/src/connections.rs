@@ -169,9 +169,7 @@ pub fn response_flags(result: &str) -> &'static str {
         ("open" | "completed", _) => "-",
         ("connect_failed" | "hbone_failed", _) => "UF",
         ("refused", "no_ready_endpoint") => "UH",
-        ("refused", "unknown_service" | "unknown_service_port" | "hbone_target_not_local") => {
-            "NR"
-        }
+        ("refused", "unknown_service" | "unknown_service_port" | "hbone_target_not_local") => "NR",
         ("refused", _) | ("denied", _) => "DENY",
         ("idle_timeout", _) => "SI",
         ("aborted", _) => "DC",

@@ -1,8 +1,8 @@
 //! Nodemesh node agent: loads the eBPF dataplane, opens listeners inside each enrolled
 //! pod's network namespace, and proxies the connections the kernel steers to them.
 
-pub mod admin;
 pub mod access_log;
+pub mod admin;
 pub mod admin_client;
 pub mod admin_views;
 pub mod agent;
@@ -17,8 +17,8 @@ pub mod connections;
 pub mod dataplane;
 pub mod files_source;
 pub mod forward;
-pub mod health;
 pub mod hbone;
+pub mod health;
 pub mod identity;
 pub mod inbound;
 pub mod kube_source;

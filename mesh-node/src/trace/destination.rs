@@ -44,6 +44,8 @@ pub fn parse_destination(
         .find(|ip| ip.is_ipv4())
         .or(ips.first())
         .copied()
-        .ok_or_else(|| format!("Service {key} has no cluster IP (headless?): trace a pod address instead"))?;
+        .ok_or_else(|| {
+            format!("Service {key} has no cluster IP (headless?): trace a pod address instead")
+        })?;
     Ok((SocketAddr::new(vip, port), Some(key)))
 }

@@ -194,7 +194,9 @@ fn source_step(
         (false, _, Err(r)) => (false, Some(not_enrolled_text(r)), None),
     };
     let identity = match (enrolled, inputs.trust_domain) {
-        (true, Some(td)) => Some(Identity::new(td, &key.namespace, service_account(pod)).to_string()),
+        (true, Some(td)) => {
+            Some(Identity::new(td, &key.namespace, service_account(pod)).to_string())
+        }
         _ => None,
     };
     SourceStep {
@@ -257,7 +259,8 @@ fn redirect_step(
     if ip.is_loopback_or_unspecified() {
         step.reason = "loopback and unspecified destinations are never redirected".into();
     } else if policy.excludes(&ip, dst.port()) {
-        step.reason = "excluded by the pod's nodemesh.io/exclude-outbound-ports or -cidrs annotation".into();
+        step.reason =
+            "excluded by the pod's nodemesh.io/exclude-outbound-ports or -cidrs annotation".into();
     } else {
         step.redirected = true;
         step.to = Some(if dst.is_ipv4() {
@@ -289,8 +292,7 @@ fn captured(
     if [HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT].contains(&ep.port()) {
         return Err(format!("port {} belongs to the mesh itself", ep.port()));
     }
-    let on_this_node =
-        pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(inputs.node);
+    let on_this_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(inputs.node);
     let ip = ip_key(ep.ip());
     let policy = if on_this_node {
         inputs.dataplane.inbound_policy(ip)
@@ -478,7 +480,14 @@ pub fn trace(
     } else if let Some((key, _)) = state.service_by_ip(dst.ip()) {
         notes.push("not redirected: a Service address is left to kube-proxy (or its replacement), which spreads over the Service's own ready endpoints".into());
         for ep in ready_endpoints(state, key, dst.port(), !canonical(dst.ip()).is_ipv4()) {
-            candidates.push(candidate(inputs, &source, src_ip, false, Some((key, 1)), ep));
+            candidates.push(candidate(
+                inputs,
+                &source,
+                src_ip,
+                false,
+                Some((key, 1)),
+                ep,
+            ));
         }
         if candidates.is_empty() {
             refusal = Some("the Service has no ready endpoint for this port");

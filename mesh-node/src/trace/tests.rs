@@ -236,7 +236,13 @@ fn refusals_before_any_endpoint_and_bad_input() {
         );
     }
     // Without a CA the same path is plaintext, checked by the captured 15006.
-    let t = trace(&inputs, &PodKey::new("apps", "server"), "10.2.0.3:9090", None).unwrap();
+    let t = trace(
+        &inputs,
+        &PodKey::new("apps", "server"),
+        "10.2.0.3:9090",
+        None,
+    )
+    .unwrap();
     assert!(t.notes.iter().any(|n| n.contains("runs on node b")));
     assert_eq!(t.candidates[0].transport, Transport::Plaintext);
 }

@@ -128,9 +128,9 @@ async fn through_api_server(
     let mut forwarder = pods.portforward(&pod, &[port]).await.map_err(|e| {
         format!("node {node}: port-forward to {namespace}/{pod}:{port} failed ({e}); check your RBAC (create pods/portforward)")
     })?;
-    let stream = forwarder
-        .take_stream(port)
-        .ok_or_else(|| format!("node {node}: the port-forward to {namespace}/{pod} gave no stream for port {port}"))?;
+    let stream = forwarder.take_stream(port).ok_or_else(|| {
+        format!("node {node}: the port-forward to {namespace}/{pod} gave no stream for port {port}")
+    })?;
     let name = format!("{namespace}/{pod}:{port}");
     let answer = admin_client::exchange(stream, &name, method, path).await;
     forwarder.abort();

@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 
-use comfy_table::{presets, ContentArrangement, Table};
+use comfy_table::{presets, ColumnConstraint, ContentArrangement, Table, Width};
 use serde_json::Value;
 
 /// Width tables wrap to when stdout is not a terminal.
@@ -21,7 +21,27 @@ pub fn table(header: &[&str]) -> Table {
         DEFAULT_WIDTH
     };
     t.set_width(width);
+    // kubectl's look: no left margin, two spaces between columns.
+    for column in t.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
     t
+}
+
+/// Keeps a column wide enough for a whole SPIFFE ID of `width` characters (plus the
+/// column gap), so identities are not broken across lines.
+pub fn keep_whole(t: &mut Table, column: usize, width: u16) {
+    if let Some(c) = t.column_mut(column) {
+        c.set_constraint(ColumnConstraint::LowerBoundary(Width::Fixed(width + 2)));
+    }
+}
+
+/// The table's text without the padding comfy-table adds at the end of each line.
+pub fn finish(t: &Table) -> String {
+    t.lines()
+        .map(|l| l.trim_end().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A string field, or `-`.

@@ -39,7 +39,11 @@ struct NodeArgs {
     #[arg(long, global = true, default_value = "nodemesh-system")]
     agent_namespace: String,
     /// Label selector of the mesh-node pods (with --node).
-    #[arg(long, global = true, default_value = "app.kubernetes.io/name=mesh-node")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "app.kubernetes.io/name=mesh-node"
+    )]
     agent_selector: String,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]

@@ -4,7 +4,9 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-use crate::format::{age, bytes, identity, key, now_unix, s, table, utc};
+use comfy_table::Table;
+
+use crate::format::{age, bytes, finish, identity, key, now_unix, s, table, utc};
 
 pub struct Filter {
     pub namespace: Option<String>,
@@ -77,7 +79,10 @@ pub fn route_key(r: &Value) -> RowKey {
 pub fn cert_key(r: &Value) -> RowKey {
     // spiffe://<td>/ns/<ns>/sa/<sa>
     let id = text(&r["identity"]);
-    let ns = id.split("/ns/").nth(1).and_then(|rest| rest.split('/').next());
+    let ns = id
+        .split("/ns/")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next());
     RowKey {
         namespaces: vec![ns.unwrap_or_default().to_string()],
         pods: None,
@@ -107,11 +112,12 @@ fn rows(v: &Value) -> impl Iterator<Item = &Value> {
     v.as_array().into_iter().flatten()
 }
 
-fn or_none(text: String, what: &str) -> String {
-    if text.trim().is_empty() {
+/// The table, or a line saying there is nothing to show.
+fn or_none(t: &Table, what: &str) -> String {
+    if t.row_iter().next().is_none() {
         format!("(no {what})")
     } else {
-        text
+        finish(t)
     }
 }
 
@@ -179,7 +185,7 @@ pub fn status(v: &Value) -> String {
     ] {
         t.add_row(vec![field.to_string(), value]);
     }
-    t.to_string()
+    finish(&t)
 }
 
 /// In-pod listener ports, e.g. `15001 15006 15008`.
@@ -195,10 +201,10 @@ pub fn workloads(v: &Value) -> String {
         "NAMESPACE",
         "POD",
         "IPS",
-        "SERVICE ACCOUNT",
+        "ACCOUNT",
         "ENROLLED",
         "LISTENERS",
-        "NETNS COOKIE / REASON",
+        "COOKIE / REASON",
     ]);
     for w in rows(v) {
         let ips: Vec<String> = rows(&w["ips"]).map(s).collect();
@@ -217,7 +223,7 @@ pub fn workloads(v: &Value) -> String {
             },
         ]);
     }
-    or_none(t.to_string(), "pods on this node")
+    or_none(&t, "pods on this node")
 }
 
 fn backend_line(b: &Value) -> String {
@@ -252,7 +258,7 @@ pub fn services(v: &Value) -> String {
             },
         ]);
     }
-    or_none(t.to_string(), "Services")
+    or_none(&t, "Services")
 }
 
 fn percent(v: &Value) -> String {
@@ -262,27 +268,32 @@ fn percent(v: &Value) -> String {
 }
 
 pub fn routes(v: &Value) -> String {
-    let mut t = table(&[
-        "KIND", "ROUTE", "PARENTS", "RULE", "MATCHES", "BACKEND", "WEIGHT", "SHARE", "PICKS",
-        "READY",
-    ]);
+    let mut t = table(&["ROUTE", "RULE", "BACKEND", "WEIGHT", "OBSERVED", "READY"]);
     for r in rows(v) {
         let parents: Vec<String> = rows(&r["parents"])
             .map(|p| match p["port"].as_u64() {
-                Some(port) => format!("{}:{port}", key(&p["service"])),
-                None => key(&p["service"]),
+                Some(port) => format!("on {}:{port}", key(&p["service"])),
+                None => format!("on {}", key(&p["service"])),
             })
             .collect();
+        // The route's name once, above its rules and backends.
+        let mut route = Some(format!(
+            "{}\n{}\n{}",
+            key(&r["route"]),
+            s(&r["kind"]),
+            parents.join("\n")
+        ));
         for rule in rows(&r["rules"]) {
             let total: u64 = rows(&rule["backends"])
                 .map(|b| b["weight"].as_u64().unwrap_or(0))
                 .sum();
             let matches: Vec<String> = rows(&rule["matches"]).map(s).collect();
             let matches = match (r["kind"].as_str(), matches.is_empty()) {
-                (Some("TCPRoute"), _) => "(per connection)".to_string(),
+                (Some("TCPRoute"), _) => "per connection".to_string(),
                 (_, true) => "any request".to_string(),
                 (_, false) => matches.join("\n"),
             };
+            let mut rule_cell = Some(format!("#{} {matches}", rule["index"]));
             for b in rows(&rule["backends"]) {
                 let weight = b["weight"].as_u64().unwrap_or(0);
                 let configured = if total > 0 {
@@ -291,39 +302,33 @@ pub fn routes(v: &Value) -> String {
                     weight.to_string()
                 };
                 t.add_row(vec![
-                    s(&r["kind"]),
-                    key(&r["route"]),
-                    parents.join("\n"),
-                    s(&rule["index"]),
-                    matches.clone(),
+                    route.take().unwrap_or_default(),
+                    rule_cell.take().unwrap_or_default(),
                     key(&b["service"]),
                     configured,
-                    percent(&b["observed_share"]),
-                    s(&b["picks"]),
+                    format!("{} ({})", percent(&b["observed_share"]), s(&b["picks"])),
                     s(&b["ready_endpoints"]),
                 ]);
             }
         }
     }
-    or_none(t.to_string(), "TCPRoutes or HTTPRoutes")
+    or_none(&t, "TCPRoutes or HTTPRoutes")
 }
 
 pub fn certs(v: &Value) -> String {
-    let mut t = table(&[
-        "IDENTITY",
-        "STATE",
-        "SERIAL",
-        "NOT BEFORE",
-        "NOT AFTER",
-        "EXPIRES IN",
-    ]);
+    let mut t = table(&["IDENTITY", "STATE", "SERIAL", "VALID (UTC)", "EXPIRES IN"]);
     let now = now_unix();
     let mut errors = Vec::new();
     for c in rows(v) {
-        let time = |f: &str| c[f].as_i64().map(utc).unwrap_or_else(|| "-".into());
+        // Minutes are enough to read validity; JSON output has the exact seconds.
+        let time = |f: &str| {
+            c[f].as_i64()
+                .map(|t| utc(t).chars().take(16).collect::<String>())
+                .unwrap_or_else(|| "-".into())
+        };
         let serial = s(&c["serial"]);
-        let serial = if serial.chars().count() > 16 {
-            format!("{}…", serial.chars().take(16).collect::<String>())
+        let serial = if serial.chars().count() > 12 {
+            format!("{}…", serial.chars().take(11).collect::<String>())
         } else {
             serial
         };
@@ -331,8 +336,11 @@ pub fn certs(v: &Value) -> String {
             identity(&c["identity"]),
             s(&c["state"]),
             serial,
-            time("not_before_unix"),
-            time("not_after_unix"),
+            format!(
+                "from {}\nto   {}",
+                time("not_before_unix"),
+                time("not_after_unix")
+            ),
             c["not_after_unix"]
                 .as_i64()
                 .map(|t| age(t - now))
@@ -342,7 +350,7 @@ pub fn certs(v: &Value) -> String {
             errors.push(format!("{}: last CA error: {e}", s(&c["identity"])));
         }
     }
-    let mut out = or_none(t.to_string(), "certificates (no CA configured, or no enrolled pods)");
+    let mut out = or_none(&t, "certificates (no CA configured, or no enrolled pods)");
     for e in errors {
         out += &format!("\n{e}");
     }
@@ -424,22 +432,19 @@ pub fn policies(v: &Value) -> String {
     }
     format!(
         "{}\n\n{}",
-        or_none(modes.to_string(), "namespaces"),
-        or_none(t.to_string(), "authorization policies")
+        or_none(&modes, "namespaces"),
+        or_none(&t, "authorization policies")
     )
 }
 
 pub fn connections(v: &Value) -> String {
+    // Two lines per connection keep both identities whole within 100 columns.
     let mut t = table(&[
-        "ID",
-        "DIR",
-        "POD",
-        "SOURCE / ORIGINAL DST",
-        "PEER",
-        "IDENTITIES (SOURCE / DEST)",
-        "BYTES UP / DOWN",
-        "AGE",
-        "RESULT",
+        "POD / PEER",
+        "SRC / ORIG DST",
+        "IDENTITIES (SRC / DST)",
+        "UP / DOWN",
+        "STATE",
     ]);
     for c in rows(v) {
         let dir = match c["direction"].as_str() {
@@ -460,38 +465,39 @@ pub fn connections(v: &Value) -> String {
             .as_str()
             .map(|svc| format!("\nvia {svc}"))
             .unwrap_or_default();
+        let peer = if c["peer"].is_null() {
+            "-".to_string()
+        } else {
+            key(&c["peer"])
+        };
         t.add_row(vec![
-            s(&c["id"]),
-            dir.to_string(),
-            key(&c["pod"]),
+            format!("{dir} {}\n-> {peer}", key(&c["pod"])),
             format!("{}\n{}{service}", s(&c["src"]), s(&c["original_dst"])),
-            if c["peer"].is_null() {
-                "-".to_string()
-            } else {
-                key(&c["peer"])
-            },
             ids,
             format!(
                 "{}\n{}",
                 bytes(c["bytes_to_server"].as_u64().unwrap_or(0)),
                 bytes(c["bytes_to_client"].as_u64().unwrap_or(0))
             ),
-            age((c["duration_ms"].as_u64().unwrap_or(0) / 1000) as i64),
-            s(&c["result"]),
+            format!(
+                "{}\n{} #{}",
+                s(&c["result"]),
+                age((c["duration_ms"].as_u64().unwrap_or(0) / 1000) as i64),
+                s(&c["id"])
+            ),
         ]);
     }
-    or_none(t.to_string(), "connections")
+    or_none(&t, "connections")
 }
 
 pub fn bpf(v: &Value) -> String {
-    let mut programs = table(&["PROGRAM", "ATTACH", "PROG ID", "LINK ID", "PIN"]);
+    let mut programs = table(&["PROGRAM", "ATTACH", "PROG ID", "LINK ID"]);
     for p in rows(&v["programs"]) {
         programs.add_row(vec![
             s(&p["name"]),
             s(&p["attach"]),
             s(&p["program_id"]),
             s(&p["link_id"]),
-            s(&p["pin"]),
         ]);
     }
     let mut maps = table(&["MAP", "ID", "ENTRIES", "MAX", "USED", "PINNED"]);
@@ -518,7 +524,9 @@ pub fn bpf(v: &Value) -> String {
     }
     let cookies: Vec<String> = rows(&v["enrolled_netns_cookies"]).map(s).collect();
     format!(
-        "{programs}\n\n{maps}\n\npin dir: {}{}\nenrolled netns cookies: {}",
+        "{}\n\n{}\n\npin dir: {} (links under links/, maps under maps/){}\nenrolled netns cookies: {}",
+        or_none(&programs, "attached programs"),
+        or_none(&maps, "maps"),
         s(&v["pin_dir"]),
         if v["reused_pins"].as_bool() == Some(true) {
             " (maps reused from a previous run)"

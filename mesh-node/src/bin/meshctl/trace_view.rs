@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::format::{key, s, table, DEFAULT_WIDTH};
+use crate::format::{finish, keep_whole, key, s, table, DEFAULT_WIDTH};
 
 fn rows(v: &Value) -> impl Iterator<Item = &Value> {
     v.as_array().into_iter().flatten()
@@ -142,14 +142,17 @@ fn http_routes(out: &mut String, routes: &Value) {
 
 fn decision(c: &Value) -> String {
     let inbound = &c["inbound"];
+    let mode = inbound["mode"]
+        .as_str()
+        .map(|m| format!(" ({m})"))
+        .unwrap_or_else(|| " (not meshed)".into());
     match inbound["admission"]["admission"].as_str() {
-        Some("allow") => format!("allow ({})", s(&inbound["note"])),
         Some("refuse") => format!(
-            "DENY {}: {}",
+            "DENY{mode}\n{}: {}",
             s(&inbound["admission"]["reason"]),
             s(&inbound["note"])
         ),
-        _ => format!("allow, unchecked: {}", s(&inbound["note"])),
+        _ => format!("ALLOW{mode}\n{}", s(&inbound["note"])),
     }
 }
 
@@ -173,42 +176,41 @@ pub fn render(v: &Value) -> String {
     }
     http_routes(&mut out, &v["http_routes"]);
     let mut t = table(&[
+        "ENDPOINT / POD",
         "BACKEND",
-        "ENDPOINT",
-        "POD (NODE)",
-        "TRANSPORT",
-        "EXPECTED IDENTITY",
-        "MODE",
+        "TRANSPORT / EXPECTS",
         "DECISION",
     ]);
+    let longest = rows(&v["candidates"])
+        .map(|c| s(&c["expected_identity"]).chars().count())
+        .max()
+        .unwrap_or(0);
+    keep_whole(&mut t, 2, longest.min(60) as u16);
     for c in rows(&v["candidates"]) {
         let backend = match (c["backend"].is_null(), c["weight"].as_u64()) {
             (true, _) => "-".to_string(),
-            (false, Some(w)) => format!("{} ({w})", key(&c["backend"])),
+            (false, Some(w)) => format!("{}\nweight {w}", key(&c["backend"])),
             (false, None) => key(&c["backend"]),
         };
         let pod = if c["pod"].is_null() {
             "(not a pod)".to_string()
         } else {
-            format!("{} ({})", key(&c["pod"]), s(&c["node"]))
+            format!("{} on {}", key(&c["pod"]), s(&c["node"]))
         };
         let transport = match c["transport"].as_str() {
-            Some("hbone_mtls") => "HBONE mTLS",
-            _ => "plaintext",
+            Some("hbone_mtls") => format!("HBONE mTLS, expects\n{}", s(&c["expected_identity"])),
+            _ => "plaintext".to_string(),
         };
         t.add_row(vec![
+            format!("{}\n{pod}", s(&c["endpoint"])),
             backend,
-            s(&c["endpoint"]),
-            pod,
-            transport.to_string(),
-            s(&c["expected_identity"]),
-            s(&c["inbound"]["mode"]),
+            transport,
             decision(c),
         ]);
     }
     out.push_str("\nCANDIDATES\n");
     if v["candidates"].as_array().is_some_and(|c| !c.is_empty()) {
-        out.push_str(&t.to_string());
+        out.push_str(&finish(&t));
         out.push('\n');
     } else {
         out.push_str("(none)\n");
