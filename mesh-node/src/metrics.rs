@@ -1,7 +1,8 @@
 //! Prometheus metrics (`nodemesh_` prefix, Istio's standard label names).
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    core::Collector, Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Labels of the TCP metrics (Istio's names). Every value is bounded by the pods,
@@ -74,21 +75,13 @@ fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Ga
     g
 }
 
-fn int_gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels)
-        .unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
+/// Registers a health metric; a malformed or doubly registered one is a bug.
+fn register<M: Collector + Clone + 'static>(registry: &Registry, made: prometheus::Result<M>) -> M {
+    let m = made.unwrap_or_else(|e| panic!("a health metric is malformed: {e}"));
     registry
-        .register(Box::new(g.clone()))
-        .unwrap_or_else(|e| panic!("metric {name} registered twice: {e}"));
-    g
-}
-
-fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
-    let g = Gauge::new(name, help).unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
-    registry
-        .register(Box::new(g.clone()))
-        .unwrap_or_else(|e| panic!("metric {name} registered twice: {e}"));
-    g
+        .register(Box::new(m.clone()))
+        .unwrap_or_else(|e| panic!("a health metric is registered twice: {e}"));
+    m
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -188,45 +181,69 @@ impl Metrics {
                 "nodemesh_hbone_handshakes_total",
                 "TLS handshakes of outbound HBONE connections.",
             ),
-            bpf_map_entries: int_gauge_vec(
+            bpf_map_entries: register(
                 &r,
-                "nodemesh_bpf_map_entries",
-                "Entries in each eBPF map.",
-                &["map"],
+                IntGaugeVec::new(
+                    Opts::new(
+                        "nodemesh_bpf_map_entries",
+                        "Entries in each eBPF map.",
+                    ),
+                    &["map"],
+                ),
             ),
-            bpf_map_capacity: int_gauge_vec(
+            bpf_map_capacity: register(
                 &r,
-                "nodemesh_bpf_map_capacity",
-                "max_entries of each eBPF map.",
-                &["map"],
+                IntGaugeVec::new(
+                    Opts::new(
+                        "nodemesh_bpf_map_capacity",
+                        "max_entries of each eBPF map.",
+                    ),
+                    &["map"],
+                ),
             ),
-            certificate_expiry_seconds: gauge_vec(
+            certificate_expiry_seconds: register(
                 &r,
-                "nodemesh_certificate_expiry_seconds",
-                "Seconds until each workload certificate on this node expires (negative: expired).",
-                &["identity"],
+                GaugeVec::new(
+                    Opts::new(
+                        "nodemesh_certificate_expiry_seconds",
+                        "Seconds until each workload certificate on this node expires (negative: expired).",
+                    ),
+                    &["identity"],
+                ),
             ),
-            workloads: int_gauge_vec(
+            workloads: register(
                 &r,
-                "nodemesh_workloads",
-                "Pods on this node, enrolled or not.",
-                &["state"],
+                IntGaugeVec::new(
+                    Opts::new(
+                        "nodemesh_workloads",
+                        "Pods on this node, enrolled or not.",
+                    ),
+                    &["state"],
+                ),
             ),
-            connections_active: int_gauge_vec(
+            connections_active: register(
                 &r,
-                "nodemesh_connections_active",
-                "Proxied connections open now.",
-                &["direction"],
+                IntGaugeVec::new(
+                    Opts::new(
+                        "nodemesh_connections_active",
+                        "Proxied connections open now.",
+                    ),
+                    &["direction"],
+                ),
             ),
-            state_last_update: gauge(
+            state_last_update: register(
                 &r,
-                "nodemesh_state_last_update_timestamp_seconds",
-                "Unix time the agent last applied a new cluster state.",
+                Gauge::new(
+                    "nodemesh_state_last_update_timestamp_seconds",
+                    "Unix time the agent last applied a new cluster state.",
+                ),
             ),
-            state_age_seconds: gauge(
+            state_age_seconds: register(
                 &r,
-                "nodemesh_state_age_seconds",
-                "Seconds since the agent last applied a new cluster state.",
+                Gauge::new(
+                    "nodemesh_state_age_seconds",
+                    "Seconds since the agent last applied a new cluster state.",
+                ),
             ),
             registry: r,
         }

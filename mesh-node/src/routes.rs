@@ -163,58 +163,94 @@ pub fn describe_match(m: &Value) -> String {
     }
 }
 
+/// The two route kinds spell parentRefs and backendRefs alike, in different types.
+macro_rules! parent_ref {
+    ($p:expr) => {
+        ParentRef {
+            group: $p.group.as_deref(),
+            kind: $p.kind.as_deref(),
+            namespace: $p.namespace.as_deref(),
+            name: &$p.name,
+            port: $p.port,
+        }
+    };
+}
+
+macro_rules! backend_ref {
+    ($b:expr) => {
+        BackendRef {
+            group: $b.group.as_deref(),
+            kind: $b.kind.as_deref(),
+            namespace: $b.namespace.as_deref(),
+            name: &$b.name,
+            port: $b.port,
+            weight: $b.weight,
+        }
+    };
+}
+
+/// One rule of either kind: its name, matches (JSON) and backendRefs.
+struct Rule<'a> {
+    name: Option<String>,
+    matches: Vec<String>,
+    backends: Vec<BackendRef<'a>>,
+}
+
+fn view(
+    state: &ClusterState,
+    picks: &PickCounts,
+    kind: &'static str,
+    key: &ObjectKey,
+    parent_refs: &[ParentRef],
+    rules: Vec<Rule>,
+) -> RouteView {
+    let parents = parents(&key.namespace, parent_refs);
+    let rules = rules
+        .into_iter()
+        .enumerate()
+        .map(|(index, rule)| RuleView {
+            index,
+            name: rule.name,
+            matches: rule.matches,
+            backends: backends(state, &key.namespace, &parents, &rule.backends, picks),
+        })
+        .collect();
+    RouteView {
+        kind,
+        route: key.clone(),
+        parents,
+        chosen: if kind == "TCPRoute" {
+            "per_connection"
+        } else {
+            "per_request"
+        },
+        rules,
+    }
+}
+
 fn tcp_routes(state: &ClusterState, picks: &PickCounts) -> Vec<RouteView> {
     state
         .tcp_routes
         .iter()
         .map(|(key, route)| {
-            let refs: Vec<ParentRef> = route
+            let parents: Vec<ParentRef> = route
                 .spec
                 .parent_refs
                 .iter()
                 .flatten()
-                .map(|p| ParentRef {
-                    group: p.group.as_deref(),
-                    kind: p.kind.as_deref(),
-                    namespace: p.namespace.as_deref(),
-                    name: &p.name,
-                    port: p.port,
-                })
+                .map(|p| parent_ref!(p))
                 .collect();
-            let parents = parents(&key.namespace, &refs);
             let rules = route
                 .spec
                 .rules
                 .iter()
-                .enumerate()
-                .map(|(index, rule)| {
-                    let refs: Vec<BackendRef> = rule
-                        .backend_refs
-                        .iter()
-                        .map(|b| BackendRef {
-                            group: b.group.as_deref(),
-                            kind: b.kind.as_deref(),
-                            namespace: b.namespace.as_deref(),
-                            name: &b.name,
-                            port: b.port,
-                            weight: b.weight,
-                        })
-                        .collect();
-                    RuleView {
-                        index,
-                        name: rule.name.clone(),
-                        matches: Vec::new(),
-                        backends: backends(state, &key.namespace, &parents, &refs, picks),
-                    }
+                .map(|rule| Rule {
+                    name: rule.name.clone(),
+                    matches: Vec::new(),
+                    backends: rule.backend_refs.iter().map(|b| backend_ref!(b)).collect(),
                 })
                 .collect();
-            RouteView {
-                kind: "TCPRoute",
-                route: key.clone(),
-                parents,
-                chosen: "per_connection",
-                rules,
-            }
+            view(state, picks, "TCPRoute", key, &parents, rules)
         })
         .collect()
 }
@@ -224,61 +260,40 @@ fn http_routes(state: &ClusterState, picks: &PickCounts) -> Vec<RouteView> {
         .http_routes
         .iter()
         .map(|(key, route)| {
-            let refs: Vec<ParentRef> = route
+            let parents: Vec<ParentRef> = route
                 .spec
                 .parent_refs
                 .iter()
                 .flatten()
-                .map(|p| ParentRef {
-                    group: p.group.as_deref(),
-                    kind: p.kind.as_deref(),
-                    namespace: p.namespace.as_deref(),
-                    name: &p.name,
-                    port: p.port,
-                })
+                .map(|p| parent_ref!(p))
                 .collect();
-            let parents = parents(&key.namespace, &refs);
             let rules = route
                 .spec
                 .rules
                 .iter()
                 .flatten()
-                .enumerate()
-                .map(|(index, rule)| {
-                    let refs: Vec<BackendRef> = rule
-                        .backend_refs
-                        .iter()
-                        .flatten()
-                        .map(|b| BackendRef {
-                            group: b.group.as_deref(),
-                            kind: b.kind.as_deref(),
-                            namespace: b.namespace.as_deref(),
-                            name: &b.name,
-                            port: b.port,
-                            weight: b.weight,
-                        })
-                        .collect();
-                    let matches = serde_json::to_value(&rule.matches)
-                        .ok()
-                        .and_then(|v| v.as_array().cloned())
-                        .unwrap_or_default();
-                    RuleView {
-                        index,
-                        name: serde_json::to_value(rule)
-                            .ok()
-                            .and_then(|v| v["name"].as_str().map(String::from)),
-                        matches: matches.iter().map(describe_match).collect(),
-                        backends: backends(state, &key.namespace, &parents, &refs, picks),
+                .map(|rule| {
+                    // Read through JSON so this does not depend on which Gateway API
+                    // channel's types the state carries.
+                    let json = serde_json::to_value(rule).unwrap_or_default();
+                    Rule {
+                        name: json["name"].as_str().map(String::from),
+                        matches: json["matches"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(describe_match)
+                            .collect(),
+                        backends: rule
+                            .backend_refs
+                            .iter()
+                            .flatten()
+                            .map(|b| backend_ref!(b))
+                            .collect(),
                     }
                 })
                 .collect();
-            RouteView {
-                kind: "HTTPRoute",
-                route: key.clone(),
-                parents,
-                chosen: "per_request",
-                rules,
-            }
+            view(state, picks, "HTTPRoute", key, &parents, rules)
         })
         .collect()
 }
