@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::{
     admin::{self, AdminState, LogLevel},
     balancer::Balancer,
-    ca::client::CaClient,
+    ca::client::{CaClient, Credential},
     certificates::CertificateStore,
     cgroup::{self, MountError},
     config::{AgentConfig, NetnsLocatorKind, Source},
@@ -103,16 +103,20 @@ fn mesh(config: &AgentConfig, metrics: &Arc<Metrics>) -> Result<Option<Arc<Mesh>
         warn!("no --ca-addr: traffic between meshed pods is proxied but NOT encrypted");
         return Ok(None);
     };
-    let read = |what: &str, path: &Option<std::path::PathBuf>| -> Result<String, AgentError> {
+    let read = |what: &str, path: &Option<PathBuf>| -> Result<(PathBuf, String), AgentError> {
         let path = path
             .as_ref()
             .ok_or_else(|| AgentError::Mesh(format!("--ca-addr needs --{what}")))?;
         std::fs::read_to_string(path)
+            .map(|text| (path.clone(), text))
             .map_err(|e| AgentError::Mesh(format!("--{what} {}: {e}", path.display())))
     };
-    let root = read("ca-root", &config.ca_root)?;
-    let token = read("ca-token-file", &config.ca_token_file)?;
-    let client = CaClient::new(addr, config.ca_server_name.as_deref(), &root, &token)
+    let (_, root) = read("ca-root", &config.ca_root)?;
+    // Read now to fail early; the client rereads it for every request, as the kubelet
+    // renews projected tokens before they expire.
+    let (token_file, _) = read("ca-token-file", &config.ca_token_file)?;
+    let credential = Credential::TokenFile(token_file);
+    let client = CaClient::new(addr, config.ca_server_name.as_deref(), &root, credential)
         .map_err(|e| AgentError::Mesh(e.to_string()))?;
     let certificates = CertificateStore::new(Arc::new(client), metrics.clone());
     let trust = TrustBundle::from_pem(&root).map_err(AgentError::Mesh)?;
@@ -132,7 +136,7 @@ fn mesh(config: &AgentConfig, metrics: &Arc<Metrics>) -> Result<Option<Arc<Mesh>
 /// Runs the agent until SIGTERM or SIGINT. Pinned maps and links stay in place on
 /// exit, so redirection state survives a restart.
 pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentError> {
-    preflight::check_privileges()?;
+    preflight::check_privileges(config.netns_locator == NetnsLocatorKind::Kubepods)?;
     cgroup::ensure_on_bpffs(&config.pin_dir)?;
     let cgroup_root = cgroup::resolve_cgroup_root(&config.cgroup_root)?;
     let home = Arc::new(Netns::current_thread()?);
@@ -224,6 +228,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             balancer,
             mesh: mesh.clone(),
             trust_domain: config.trust_domain.clone(),
+            http_routes: Arc::default(),
         },
         home,
         dataplane.clone(),

@@ -106,29 +106,60 @@ impl Balancer {
     }
 
     /// Picks for a connection to `service:port`; None when no backend with a positive
-    /// weight has a ready endpoint.
+    /// weight has a ready endpoint (L4: a backend without endpoints gives its share to
+    /// the others, so connections keep flowing).
     pub fn pick(&self, service: &ObjectKey, port: u16, backends: &[Backend]) -> Option<Pick> {
         let eligible = eligible(backends);
-        if eligible.is_empty() {
+        let i = self.choose_backend(service, port, &eligible)?;
+        self.pick_endpoint(eligible[i])
+    }
+
+    /// Index into `backends` of the next weighted choice for `frontend:port`, by smooth
+    /// weighted round-robin over those with a positive weight; None if there is none.
+    pub fn choose_backend(
+        &self,
+        frontend: &ObjectKey,
+        port: u16,
+        backends: &[&Backend],
+    ) -> Option<usize> {
+        let positive: Vec<usize> = (0..backends.len())
+            .filter(|&i| backends[i].weight > 0)
+            .collect();
+        let chosen = match positive.len() {
+            0 => None,
+            1 => Some(positive[0]),
+            _ => {
+                let eligible: Vec<&Backend> = positive.iter().map(|&i| backends[i]).collect();
+                let mut choices = lock(&self.choices);
+                let k = choices
+                    .frontends
+                    .entry((frontend.clone(), port))
+                    .or_default()
+                    .next(&eligible);
+                Some(positive[k])
+            }
+        }?;
+        // Observed shares: the weighted choice, per connection (L4) or request (L7).
+        *lock(&self.picks)
+            .entry((frontend.clone(), port))
+            .or_default()
+            .entry(backends[chosen].service.clone())
+            .or_insert(0) += 1;
+        Some(chosen)
+    }
+
+    /// An endpoint of `backend` by round-robin or least-connections; None without any.
+    pub fn pick_endpoint(&self, backend: &Backend) -> Option<Pick> {
+        let n = backend.endpoints.len();
+        if n == 0 {
             return None;
         }
         let mut choices = lock(&self.choices);
-        let backend = if eligible.len() == 1 {
-            eligible[0]
-        } else {
-            let i = choices
-                .frontends
-                .entry((service.clone(), port))
-                .or_default()
-                .next(&eligible);
-            eligible[i]
-        };
         let turn = choices
             .round_robin
             .entry((backend.service.clone(), backend.port))
             .or_insert(0);
         let mut active = lock(&self.active);
-        let n = backend.endpoints.len();
         let endpoint = if backend.least_connections {
             // Fewest in flight; ties broken in round-robin order.
             (0..n)
@@ -140,11 +171,6 @@ impl Balancer {
         };
         *turn = turn.wrapping_add(1);
         *active.entry(endpoint).or_insert(0) += 1;
-        *lock(&self.picks)
-            .entry((service.clone(), port))
-            .or_default()
-            .entry(backend.service.clone())
-            .or_insert(0) += 1;
         Some(Pick {
             backend: backend.service.clone(),
             endpoint,

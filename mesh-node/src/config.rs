@@ -140,25 +140,41 @@ pub enum LogFormat {
     Json,
 }
 
-/// Parses `250ms`, `5s`, `10m`, `1h`.
+/// Parses `250ms`, `5s`, `10m`, `1h`, and sums of them such as `1h30m` (the Gateway
+/// API's duration format, GEP-2257, is this grammar).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{text}` has no unit: use ms, s, m or h (e.g. 5s)"))?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` does not start with a whole number (e.g. 5s)"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        other => Err(format!(
-            "unknown unit `{other}` in `{text}`: use ms, s, m or h"
-        )),
+    if text.is_empty() {
+        return Err("empty duration: write e.g. 5s, 250ms or 1h30m".into());
     }
+    let mut rest = text;
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("`{text}` has no unit: use ms, s, m or h (e.g. 5s)"))?;
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("`{text}` does not start with a whole number (e.g. 5s)"))?;
+        let after = &rest[digits..];
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(after.len());
+        let part = match &after[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            other => {
+                return Err(format!(
+                    "unknown unit `{other}` in `{text}`: use ms, s, m or h"
+                ))
+            }
+        };
+        total = total.saturating_add(part);
+        rest = &after[unit_len..];
+    }
+    Ok(total)
 }
 
 mod duration_text {
@@ -179,6 +195,10 @@ mod tests {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1s500ms"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("5x").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("5").unwrap_err().contains("no unit"));
         assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("s").is_err());

@@ -46,7 +46,7 @@ pub enum Security {
 }
 
 impl Security {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Security::None => "none",
             Security::MutualTls => "mutual_tls",
@@ -348,6 +348,11 @@ pub struct OpenConnection {
 impl OpenConnection {
     pub fn counters(&self) -> &ByteCounters {
         &self.counters
+    }
+
+    /// The counters, for I/O wrappers that outlive a borrow (upgraded connections).
+    pub fn shared_counters(&self) -> Arc<ByteCounters> {
+        self.counters.clone()
     }
 
     pub fn close(mut self, result: impl Into<String>) {

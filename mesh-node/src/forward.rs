@@ -22,6 +22,7 @@ use crate::{
     dataplane::Dataplane,
     hbone::stream::{relay_stream, TcpSide},
     hbone::{client::HboneClient, tls::TrustBundle},
+    http::{routes::RouteCache, upstream::UpstreamPool},
     identity::Identity,
     metrics::Metrics,
     relay::relay,
@@ -61,6 +62,10 @@ pub struct PodContext {
     pub service_cidrs: Arc<Vec<IpCidr>>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Compiled HTTPRoutes, shared by the node's pods.
+    pub http_routes: Arc<RouteCache>,
+    /// This pod's kept-alive HTTP connections to backends.
+    pub http_upstreams: UpstreamPool,
 }
 
 /// Accepts forever, one task per connection. Errors such as EMFILE are logged and

@@ -16,7 +16,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use gateway_api::apis::{experimental::tcproutes::TcpRoute, standard::httproutes::HttpRoute};
+use gateway_api::apis::experimental::{httproutes::HttpRoute, tcproutes::TcpRoute};
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,

@@ -1,8 +1,8 @@
 //! Prometheus metrics (`nodemesh_` prefix, Istio's standard label names).
 
 use prometheus::{
-    core::Collector, Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    core::Collector, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Labels of the TCP metrics (Istio's names). Every value is bounded by the pods,
@@ -24,8 +24,36 @@ pub const TCP_LABELS: [&str; 13] = [
     "connection_security_policy",
 ];
 
+/// Labels of the HTTP request metrics (L7 routes), as Istio names them; every value
+/// is bounded by the pods, Services and status codes of the cluster.
+pub const REQUEST_LABELS: [&str; 13] = [
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "response_code",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// Request duration buckets in milliseconds.
+const DURATION_BUCKETS_MS: [f64; 14] = [
+    0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
+
 pub struct Metrics {
     registry: Registry,
+    /// HTTP requests on L7 routes.
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    /// Retries of HTTP requests on L7 routes (by destination service).
+    pub request_retries: IntCounterVec,
     pub tcp_opened: IntCounterVec,
     pub tcp_closed: IntCounterVec,
     pub tcp_sent_bytes: IntCounterVec,
@@ -102,7 +130,31 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "nodemesh_request_duration_milliseconds",
+                "Duration of HTTP requests on L7 routes, until the response ends.",
+            )
+            .buckets(DURATION_BUCKETS_MS.to_vec()),
+            &REQUEST_LABELS,
+        )
+        .unwrap_or_else(|e| panic!("request duration histogram is malformed: {e}"));
+        r.register(Box::new(request_duration.clone()))
+            .unwrap_or_else(|e| panic!("request duration histogram registered twice: {e}"));
         Metrics {
+            requests: counter_vec(
+                &r,
+                "nodemesh_requests_total",
+                "HTTP requests on L7 routes.",
+                &REQUEST_LABELS,
+            ),
+            request_duration,
+            request_retries: counter_vec(
+                &r,
+                "nodemesh_request_retries_total",
+                "Retried attempts of HTTP requests on L7 routes.",
+                &["destination_service"],
+            ),
             tcp_opened: counter_vec(
                 &r,
                 "nodemesh_tcp_connections_opened_total",

@@ -14,6 +14,11 @@ use tracing::{debug, warn};
 use crate::{
     connections::{ConnectionInfo, Direction},
     forward::{accept_loop, forward, forward_hbone, refuse, reset, Mesh, PodContext},
+    http::{
+        downstream,
+        proxy::Frontend,
+        routes::{declares_http2, is_http_routed},
+    },
     identity::Identity,
     state::{
         canonical, ip_from_key, ip_key,
@@ -63,6 +68,16 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             ..
         } => {
             info.service = Some(format!("{service}:{port}"));
+            if is_http_routed(&state, &service, port) {
+                let frontend = Frontend {
+                    backend_http2: declares_http2(&state, &service, port),
+                    service,
+                    port,
+                    want_v6: canonical(dst.ip()).is_ipv6(),
+                    src: peer,
+                };
+                return downstream::serve(stream, info, frontend, ctx).await;
+            }
             let Some(pick) = ctx.balancer.pick(&service, port, &backends) else {
                 return refuse(stream, info, "no_ready_endpoint", &ctx);
             };
@@ -81,7 +96,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
 
 /// The identity to expect at `ip` when it is an enrolled pod (its traffic must then
 /// cross the network as mutual TLS).
-fn meshed_identity(state: &ClusterState, mesh: &Mesh, ip: IpAddr) -> Option<Identity> {
+pub fn meshed_identity(state: &ClusterState, mesh: &Mesh, ip: IpAddr) -> Option<Identity> {
     let (key, pod) = state.meshed_pod(ip)?;
     Some(mesh.identity_of(&key.namespace, service_account(pod)))
 }

@@ -7,12 +7,13 @@ use thiserror::Error;
 
 /// Capability bits (linux/capability.h).
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
 
 #[derive(Debug, Error)]
 pub enum PreflightError {
-    #[error("mesh-node must run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (missing: {missing}); run it with sudo or grant those capabilities")]
+    #[error("mesh-node must run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN, plus CAP_SYS_PTRACE with --netns-locator kubepods (missing: {missing}); run it with sudo or grant those capabilities")]
     Privileges { missing: String },
     #[error("cannot read /proc/self/status to check capabilities: {0}")]
     Status(std::io::Error),
@@ -29,7 +30,9 @@ fn effective_caps() -> Result<u64, PreflightError> {
     Ok(u64::from_str_radix(hex, 16).unwrap_or(0))
 }
 
-pub fn missing_capabilities(caps: u64) -> Vec<&'static str> {
+/// `opens_other_processes`: the kubepods locator opens `/proc/<pid>/ns/net` of pod
+/// processes, which run as other users; the kernel allows that only with CAP_SYS_PTRACE.
+pub fn missing_capabilities(caps: u64, opens_other_processes: bool) -> Vec<&'static str> {
     let has = |bit: u32| caps & (1u64 << bit) != 0;
     let mut missing = Vec::new();
     // CAP_SYS_ADMIN also grants BPF on kernels before 5.8 and is needed for setns anyway.
@@ -42,11 +45,14 @@ pub fn missing_capabilities(caps: u64) -> Vec<&'static str> {
     if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
         missing.push("CAP_BPF");
     }
+    if opens_other_processes && !has(CAP_SYS_PTRACE) {
+        missing.push("CAP_SYS_PTRACE");
+    }
     missing
 }
 
-pub fn check_privileges() -> Result<(), PreflightError> {
-    let missing = missing_capabilities(effective_caps()?);
+pub fn check_privileges(opens_other_processes: bool) -> Result<(), PreflightError> {
+    let missing = missing_capabilities(effective_caps()?, opens_other_processes);
     if missing.is_empty() {
         Ok(())
     } else {
@@ -82,12 +88,16 @@ mod tests {
 
     #[test]
     fn root_has_everything_and_nobody_has_nothing() {
-        assert!(missing_capabilities(u64::MAX).is_empty());
+        assert!(missing_capabilities(u64::MAX, true).is_empty());
         assert_eq!(
-            missing_capabilities(0),
+            missing_capabilities(0, false),
             vec!["CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_BPF"]
         );
         let sys_admin_and_net = (1 << CAP_SYS_ADMIN) | (1 << CAP_NET_ADMIN);
-        assert!(missing_capabilities(sys_admin_and_net).is_empty());
+        assert!(missing_capabilities(sys_admin_and_net, false).is_empty());
+        assert_eq!(
+            missing_capabilities(sys_admin_and_net, true),
+            vec!["CAP_SYS_PTRACE"]
+        );
     }
 }

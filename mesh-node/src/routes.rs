@@ -88,6 +88,7 @@ fn backends(
     parents: &[ParentView],
     refs: &[BackendRef],
     picks: &PickCounts,
+    rule_frontend: Option<&ObjectKey>,
 ) -> Vec<BackendView> {
     let mut out: Vec<BackendView> = refs
         .iter()
@@ -102,13 +103,14 @@ fn backends(
                     v4.max(ready_endpoints(state, &service, port, true).len())
                 })
                 .unwrap_or(0);
-            // Picks are counted per frontend (Service port): sum over this route's parents.
+            // Picks are counted per frontend: the Service port (L4), or the rule (L7).
             let picked = picks
                 .iter()
                 .filter(|((svc, port), _)| {
-                    parents
-                        .iter()
-                        .any(|p| p.service == *svc && p.port.is_none_or(|pp| pp == *port))
+                    Some(svc) == rule_frontend
+                        || parents
+                            .iter()
+                            .any(|p| p.service == *svc && p.port.is_none_or(|pp| pp == *port))
                 })
                 .filter_map(|(_, by_backend)| by_backend.get(&service))
                 .sum();
@@ -212,7 +214,17 @@ fn view(
             index,
             name: rule.name,
             matches: rule.matches,
-            backends: backends(state, &key.namespace, &parents, &rule.backends, picks),
+            backends: backends(
+                state,
+                &key.namespace,
+                &parents,
+                &rule.backends,
+                picks,
+                // The L7 proxy's balancer key of a rule (http::routes::Rule::frontend).
+                (kind == "HTTPRoute")
+                    .then(|| ObjectKey::new(&key.namespace, &format!("{}#{index}", key.name)))
+                    .as_ref(),
+            ),
         })
         .collect();
     RouteView {

@@ -72,6 +72,7 @@ pub struct ProxySettings {
     /// Mutual TLS (absent when no CA is configured).
     pub mesh: Option<Arc<Mesh>>,
     pub trust_domain: String,
+    pub http_routes: Arc<crate::http::routes::RouteCache>,
 }
 
 struct RunningPod {
@@ -382,6 +383,8 @@ impl Workloads {
             service_cidrs: self.settings.service_cidrs.clone(),
             connect_timeout: self.settings.connect_timeout,
             idle_timeout: self.settings.idle_timeout,
+            http_routes: self.settings.http_routes.clone(),
+            http_upstreams: Default::default(),
         });
         let mut listeners = Vec::new();
         let mut tasks = Vec::new();

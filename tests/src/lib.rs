@@ -1,5 +1,7 @@
 //! The Nodemesh simulated cluster, shared by the end-to-end tests, the demo and the
 //! benchmarks, and the report types of its test app.
 
+pub mod demo;
+pub mod httpapp;
 pub mod report;
 pub mod sim;

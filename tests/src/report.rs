@@ -1,5 +1,7 @@
 //! What the test app prints (one JSON line) and the harness reads back.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -31,5 +33,45 @@ pub struct RttReport {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
+    pub error: Option<String>,
+}
+
+/// One HTTP response as the client saw it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HttpSample {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+impl HttpSample {
+    /// The echo server's report of what it received (pod, path, host, headers).
+    pub fn echo(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A run of HTTP requests: answers by status and by the pod that served them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HttpReport {
+    pub requests: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub statuses: BTreeMap<u16, u64>,
+    /// By `x-served-by` (the echo server's pod; `-` when absent).
+    pub pods: BTreeMap<String, u64>,
+    /// The first few responses in full.
+    pub samples: Vec<HttpSample>,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WebsocketReport {
+    pub status: u16,
+    /// The server's Sec-WebSocket-Accept matched the key sent.
+    pub accept_ok: bool,
+    pub echoed: String,
     pub error: Option<String>,
 }

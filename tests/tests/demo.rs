@@ -1,9 +1,10 @@
-//! The README's demo command runs end to end and shows what it promises.
+//! The README's demo command runs the example app of deploy/examples/ end to end and
+//! shows what it promises: the 90/10 split, mTLS identities, the denial, meshctl.
 
 use mesh_tests::sim::host::target_bin;
 
 #[test]
-fn the_demo_shows_redirection_mtls_identities_the_split_and_cleans_up() {
+fn the_demo_shows_the_split_identities_the_denial_and_meshctl() {
     let out = std::process::Command::new(target_bin("mesh-sim").unwrap())
         .arg("demo")
         .output()
@@ -15,12 +16,17 @@ fn the_demo_shows_redirection_mtls_identities_the_split_and_cleans_up() {
         String::from_utf8_lossy(&out.stderr)
     );
     for expected in [
-        "the client's socket was connected to 127.0.0.1:15001",
-        "security mutual_tls: spiffe://cluster.local/ns/apps/sa/client -> spiffe://cluster.local/ns/apps/sa/server",
-        "web-v1 got 900, web-v2 got 100",
-        "node b captured it on 15006",
-        "probe ok=true",
+        "pod web-v2     ns demo  sa web        node b",
+        " failed, median latency",
+        "(90.0 %)",
+        "(10.0 %)",
+        "mutual_tls spiffe://cluster.local/ns/demo/sa/client -> spiffe://cluster.local/ns/demo/sa/web",
+        "HTTP 403: nodemesh:",
+        "node b refused the tunnel from spiffe://cluster.local/ns/demo/sa/forbidden: denied",
+        "==> meshctl node workloads, on node b",
+        "Done: tearing the cluster down",
     ] {
         assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
     }
+    assert!(text.contains(" 0 failed,"), "requests failed:\n{text}");
 }

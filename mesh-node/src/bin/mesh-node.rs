@@ -2,30 +2,13 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use mesh_node::{
     admin::LogLevel,
-    ca::server::CaConfig,
-    config::{AgentConfig, LogArgs, LogFormat},
+    cli::{Cli, Command},
+    config::{LogArgs, LogFormat},
 };
 use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Layer};
-
-#[derive(Parser)]
-#[command(name = "mesh-node", version, about = "Nodemesh node agent")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the node agent: eBPF redirection, in-pod listeners, proxy.
-    Agent(Box<AgentConfig>),
-    /// Run the mesh certificate authority.
-    Ca(Box<CaConfig>),
-    /// Print the CustomResourceDefinitions Nodemesh defines, as YAML.
-    Crds,
-}
 
 fn init_logging(config: &LogArgs) -> anyhow::Result<LogLevel> {
     let filter = EnvFilter::try_new(&config.log_level)

@@ -1,11 +1,12 @@
 //! Who is asking the CA: a node agent, identified by a bearer token. In the embedded
 //! mode each node has a static token; in a cluster the token is the agent's
 //! service-account token, checked with a TokenReview, and the node name comes from
-//! the bound token's `authentication.kubernetes.io/node-name` claim.
+//! the bound token's `authentication.kubernetes.io/node-name` claim. Tokens are minted
+//! for the CA's own audience, so one sent to the CA is no credential for the API server.
 
 use std::collections::HashMap;
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::{api::PostParams, Api, Client};
 use thiserror::Error;
 
@@ -17,6 +18,8 @@ pub enum AuthError {
     Unknown,
     #[error("the token does not belong to the agent's service account ({0})")]
     WrongAccount(String),
+    #[error("the token is not for audience `{0}`: mint it with that audience (a projected serviceAccountToken volume)")]
+    WrongAudience(String),
     #[error(
         "the token carries no node name: use a bound service-account token (Kubernetes >= 1.30)"
     )]
@@ -34,6 +37,8 @@ pub enum NodeAuthenticator {
         client: Client,
         /// `system:serviceaccount:<namespace>:<name>` of the agents.
         agent_user: String,
+        /// The audience agents' tokens must be minted for.
+        audience: String,
     },
 }
 
@@ -71,11 +76,15 @@ impl NodeAuthenticator {
             NodeAuthenticator::StaticTokens(tokens) => {
                 tokens.get(token).cloned().ok_or(AuthError::Unknown)
             }
-            NodeAuthenticator::TokenReview { client, agent_user } => {
+            NodeAuthenticator::TokenReview {
+                client,
+                agent_user,
+                audience,
+            } => {
                 let review = TokenReview {
                     spec: TokenReviewSpec {
                         token: token.to_string(),
-                        ..Default::default()
+                        audiences: Some(vec![audience.clone()]),
                     },
                     ..Default::default()
                 };
@@ -86,21 +95,40 @@ impl NodeAuthenticator {
                     .map_err(AuthError::Review)?
                     .status
                     .unwrap_or_default();
-                if status.authenticated != Some(true) {
-                    return Err(AuthError::Unknown);
-                }
-                let user = status.user.unwrap_or_default();
-                let name = user.username.unwrap_or_default();
-                if &name != agent_user {
-                    return Err(AuthError::WrongAccount(name));
-                }
-                user.extra
-                    .and_then(|mut e| e.remove(NODE_CLAIM))
-                    .and_then(|v| v.into_iter().next())
-                    .ok_or(AuthError::NoNode)
+                node_of_review(status, agent_user, audience)
             }
         }
     }
+}
+
+/// The node of an agent from the API server's verdict on its token: authenticated,
+/// for `audience` (an audience-aware server echoes it), of `agent_user`, bound to a pod
+/// and so carrying the node's name.
+pub fn node_of_review(
+    status: TokenReviewStatus,
+    agent_user: &str,
+    audience: &str,
+) -> Result<String, AuthError> {
+    if status.authenticated != Some(true) {
+        return Err(AuthError::Unknown);
+    }
+    if !status
+        .audiences
+        .unwrap_or_default()
+        .iter()
+        .any(|a| a == audience)
+    {
+        return Err(AuthError::WrongAudience(audience.to_string()));
+    }
+    let user = status.user.unwrap_or_default();
+    let name = user.username.unwrap_or_default();
+    if name != agent_user {
+        return Err(AuthError::WrongAccount(name));
+    }
+    user.extra
+        .and_then(|mut e| e.remove(NODE_CLAIM))
+        .and_then(|v| v.into_iter().next())
+        .ok_or(AuthError::NoNode)
 }
 
 #[cfg(test)]
@@ -135,5 +163,57 @@ mod tests {
             Err(AuthError::Missing)
         ));
         assert!(NodeAuthenticator::parse_tokens("a=short").is_err());
+    }
+
+    fn review(audiences: &[&str], user: &str, node: Option<&str>) -> TokenReviewStatus {
+        use k8s_openapi::api::authentication::v1::UserInfo;
+        TokenReviewStatus {
+            authenticated: Some(true),
+            audiences: Some(audiences.iter().map(|a| a.to_string()).collect()),
+            user: Some(UserInfo {
+                username: Some(user.into()),
+                extra: node.map(|n| [(NODE_CLAIM.to_string(), vec![n.to_string()])].into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_reviewed_token_names_its_node_only_for_the_agent_and_the_audience() {
+        const AGENT: &str = "system:serviceaccount:nodemesh-system:mesh-node";
+        let ok = node_of_review(
+            review(&["nodemesh-ca"], AGENT, Some("n1")),
+            AGENT,
+            "nodemesh-ca",
+        );
+        assert_eq!(ok.unwrap(), "n1");
+        let api_audience = review(&["https://kubernetes.default.svc"], AGENT, Some("n1"));
+        assert!(matches!(
+            node_of_review(api_audience, AGENT, "nodemesh-ca"),
+            Err(AuthError::WrongAudience(_))
+        ));
+        let other = review(
+            &["nodemesh-ca"],
+            "system:serviceaccount:apps:client",
+            Some("n1"),
+        );
+        assert!(matches!(
+            node_of_review(other, AGENT, "nodemesh-ca"),
+            Err(AuthError::WrongAccount(_))
+        ));
+        let unbound = review(&["nodemesh-ca"], AGENT, None);
+        assert!(matches!(
+            node_of_review(unbound, AGENT, "nodemesh-ca"),
+            Err(AuthError::NoNode)
+        ));
+        let rejected = TokenReviewStatus {
+            authenticated: Some(false),
+            ..review(&["nodemesh-ca"], AGENT, Some("n1"))
+        };
+        assert!(matches!(
+            node_of_review(rejected, AGENT, "nodemesh-ca"),
+            Err(AuthError::Unknown)
+        ));
     }
 }

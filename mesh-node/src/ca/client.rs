@@ -1,6 +1,6 @@
 //! The agent's side of the CA: POST a CSR over HTTPS with the node's token.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -24,13 +24,55 @@ pub enum CaClientError {
     Refused { status: u16, error: String },
     #[error("the CA answered something unexpected: {0}")]
     Protocol(String),
+    #[error("cannot read the CA token {path}: {source} (it is the agent's projected service-account token; check the DaemonSet's ca-token volume)")]
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the agent shows the CA.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// A fixed token (the embedded mode's per-node token).
+    Token(String),
+    /// A token file read afresh for every request: a projected service-account token,
+    /// which the kubelet replaces before it expires.
+    TokenFile(PathBuf),
+}
+
+impl From<&str> for Credential {
+    fn from(token: &str) -> Credential {
+        Credential::Token(token.trim().to_string())
+    }
+}
+
+impl From<&String> for Credential {
+    fn from(token: &String) -> Credential {
+        Credential::from(token.as_str())
+    }
+}
+
+impl Credential {
+    async fn token(&self) -> Result<String, CaClientError> {
+        match self {
+            Credential::Token(t) => Ok(t.clone()),
+            Credential::TokenFile(path) => tokio::fs::read_to_string(path)
+                .await
+                .map(|t| t.trim().to_string())
+                .map_err(|source| CaClientError::Token {
+                    path: path.clone(),
+                    source,
+                }),
+        }
+    }
 }
 
 pub struct CaClient {
     addr: SocketAddr,
     server_name: ServerName<'static>,
     tls: TlsConnector,
-    token: String,
+    credential: Credential,
     timeout: Duration,
 }
 
@@ -40,7 +82,7 @@ impl CaClient {
         addr: SocketAddr,
         server_name: Option<&str>,
         root_pem: &str,
-        token: &str,
+        credential: impl Into<Credential>,
     ) -> Result<CaClient, CaClientError> {
         let server_name = match server_name {
             Some(n) => ServerName::try_from(n.to_string())
@@ -51,7 +93,7 @@ impl CaClient {
             addr,
             server_name,
             tls: TlsConnector::from(tls::client_config(root_pem).map_err(CaClientError::Setup)?),
-            token: token.trim().to_string(),
+            credential: credential.into(),
             timeout: Duration::from_secs(10),
         })
     }
@@ -71,6 +113,7 @@ impl CaClient {
             csr: csr.to_string(),
         })
         .map_err(|e| CaClientError::Protocol(e.to_string()))?;
+        let token = self.credential.token().await?;
         let exchange = async {
             let tcp = TcpStream::connect(self.addr)
                 .await
@@ -88,10 +131,7 @@ impl CaClient {
                 .method(Method::POST)
                 .uri(SIGN_PATH)
                 .header(hyper::header::HOST, self.addr.to_string())
-                .header(
-                    hyper::header::AUTHORIZATION,
-                    format!("Bearer {}", self.token),
-                )
+                .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
                 .header(hyper::header::CONTENT_TYPE, "application/json")
                 .body(Full::new(Bytes::from(body)))
                 .map_err(|e| CaClientError::Protocol(e.to_string()))?;
@@ -127,3 +167,22 @@ impl CaClient {
 
 /// Shared handle.
 pub type SharedCaClient = Arc<CaClient>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_token_file_is_read_again_for_every_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first-token\n").unwrap();
+        let credential = Credential::TokenFile(path.clone());
+        assert_eq!(credential.token().await.unwrap(), "first-token");
+        std::fs::write(&path, "renewed-token").unwrap();
+        assert_eq!(credential.token().await.unwrap(), "renewed-token");
+        std::fs::remove_file(&path).unwrap();
+        let err = credential.token().await.unwrap_err().to_string();
+        assert!(err.contains("projected service-account token"), "{err}");
+    }
+}

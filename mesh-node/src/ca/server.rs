@@ -82,6 +82,11 @@ pub struct CaConfig {
     )]
     pub agent_user: String,
 
+    /// With TokenReview: the audience agents' tokens must be minted for (the projected
+    /// serviceAccountToken's `audience`), so they are no credential for the API server.
+    #[arg(long, default_value = "nodemesh-ca")]
+    pub token_audience: String,
+
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -252,6 +257,7 @@ pub async fn run(config: CaConfig) -> Result<(), CaServerError> {
                     .await
                     .map_err(CaServerError::Kube)?,
                 agent_user: config.agent_user.clone(),
+                audience: config.token_audience.clone(),
             },
         };
     match (config.source, &config.manifests) {

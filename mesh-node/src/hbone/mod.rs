@@ -2,6 +2,7 @@
 //! framing), between node proxies, on each pod's port 15008.
 
 pub mod client;
+pub mod io;
 pub mod server;
 pub mod stream;
 pub mod tls;

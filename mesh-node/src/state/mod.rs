@@ -13,7 +13,7 @@ use std::{
     sync::Arc,
 };
 
-use gateway_api::apis::{experimental::tcproutes::TcpRoute, standard::httproutes::HttpRoute};
+use gateway_api::apis::experimental::{httproutes::HttpRoute, tcproutes::TcpRoute};
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, Pod, Service},
@@ -167,6 +167,107 @@ pub struct ClusterState {
     services_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
     slices_by_service: Arc<HashMap<ObjectKey, BTreeSet<ObjectKey>>>,
     tcp_routes_by_service: Arc<HashMap<ObjectKey, Vec<ObjectKey>>>,
+    http_routes_by_service: Arc<HashMap<ObjectKey, Vec<ObjectKey>>>,
+}
+
+/// A route's `parentRefs` that name a Service (GAMMA), as (Service, port) pairs; `None`
+/// means every port.
+pub trait ServiceParents {
+    fn service_parents(&self, own_namespace: &str) -> Vec<(ObjectKey, Option<u16>)>;
+}
+
+fn service_parent(
+    group: Option<&str>,
+    kind: Option<&str>,
+    name: &str,
+    namespace: Option<&str>,
+    port: Option<i32>,
+    own_namespace: &str,
+) -> Option<(ObjectKey, Option<u16>)> {
+    if !resolve::is_service_parent(group, kind) {
+        return None;
+    }
+    let key = ObjectKey::new(namespace.unwrap_or(own_namespace), name);
+    Some((key, port.and_then(|p| u16::try_from(p).ok())))
+}
+
+impl ServiceParents for TcpRoute {
+    fn service_parents(&self, own_namespace: &str) -> Vec<(ObjectKey, Option<u16>)> {
+        self.spec
+            .parent_refs
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                service_parent(
+                    p.group.as_deref(),
+                    p.kind.as_deref(),
+                    &p.name,
+                    p.namespace.as_deref(),
+                    p.port,
+                    own_namespace,
+                )
+            })
+            .collect()
+    }
+}
+
+impl ServiceParents for HttpRoute {
+    fn service_parents(&self, own_namespace: &str) -> Vec<(ObjectKey, Option<u16>)> {
+        self.spec
+            .parent_refs
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                service_parent(
+                    p.group.as_deref(),
+                    p.kind.as_deref(),
+                    &p.name,
+                    p.namespace.as_deref(),
+                    p.port,
+                    own_namespace,
+                )
+            })
+            .collect()
+    }
+}
+
+fn route_index<T: ServiceParents>(routes: &Objects<T>) -> HashMap<ObjectKey, Vec<ObjectKey>> {
+    let mut index: HashMap<ObjectKey, Vec<ObjectKey>> = HashMap::new();
+    for (key, route) in routes.iter() {
+        for (service, _) in route.service_parents(&key.namespace) {
+            let entry = index.entry(service).or_default();
+            if !entry.contains(key) {
+                entry.push(key.clone());
+            }
+        }
+    }
+    index
+}
+
+/// Routes of `index` attached to `service` on `port`, by Gateway API precedence:
+/// oldest first, then by namespace/name.
+fn routes_for<'a, T: ServiceParents + kube::Resource>(
+    index: &HashMap<ObjectKey, Vec<ObjectKey>>,
+    routes: &'a Objects<T>,
+    service: &ObjectKey,
+    port: u16,
+) -> Vec<(&'a ObjectKey, &'a T)> {
+    let mut out: Vec<(&ObjectKey, &T)> = index
+        .get(service)
+        .into_iter()
+        .flatten()
+        .filter_map(|k| routes.get_key_value(k).map(|(k, r)| (k, &**r)))
+        .filter(|(k, r)| {
+            r.service_parents(&k.namespace)
+                .iter()
+                .any(|(s, p)| s == service && p.is_none_or(|p| p == port))
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        let created = |r: &T| r.meta().creation_timestamp.as_ref().map(|t| t.0);
+        created(a.1).cmp(&created(b.1)).then_with(|| a.0.cmp(b.0))
+    });
+    out
 }
 
 /// IPv4-mapped IPv6 becomes IPv4, so lookups compare like with like.
@@ -320,10 +421,11 @@ impl ClusterState {
             }
             KubeObject::HttpRoute(o) => {
                 upsert(&mut self.http_routes, key, *o);
+                self.http_routes_by_service = Arc::new(route_index(&self.http_routes));
             }
             KubeObject::TcpRoute(o) => {
                 upsert(&mut self.tcp_routes, key, *o);
-                self.reindex_tcp_routes();
+                self.tcp_routes_by_service = Arc::new(route_index(&self.tcp_routes));
             }
             KubeObject::AuthorizationPolicy(o) => {
                 upsert(&mut self.authorization_policies, key, *o);
@@ -360,11 +462,13 @@ impl ClusterState {
                 }
             }
             Kind::HttpRoute => {
-                take(&mut self.http_routes, key);
+                if take(&mut self.http_routes, key).is_some() {
+                    self.http_routes_by_service = Arc::new(route_index(&self.http_routes));
+                }
             }
             Kind::TcpRoute => {
                 if take(&mut self.tcp_routes, key).is_some() {
-                    self.reindex_tcp_routes();
+                    self.tcp_routes_by_service = Arc::new(route_index(&self.tcp_routes));
                 }
             }
             Kind::AuthorizationPolicy => {
@@ -411,25 +515,6 @@ impl ClusterState {
         }
     }
 
-    fn reindex_tcp_routes(&mut self) {
-        let mut index: HashMap<ObjectKey, Vec<ObjectKey>> = HashMap::new();
-        for (key, route) in self.tcp_routes.iter() {
-            for parent in route.spec.parent_refs.iter().flatten() {
-                if resolve::is_service_parent(parent.group.as_deref(), parent.kind.as_deref()) {
-                    let ns = parent
-                        .namespace
-                        .clone()
-                        .unwrap_or_else(|| key.namespace.clone());
-                    index
-                        .entry(ObjectKey::new(&ns, &parent.name))
-                        .or_default()
-                        .push(key.clone());
-                }
-            }
-        }
-        self.tcp_routes_by_service = Arc::new(index);
-    }
-
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {
         self.namespaces.get(&ObjectKey::new("", name)).map(|n| &**n)
     }
@@ -468,21 +553,19 @@ impl ClusterState {
             .filter_map(|k| self.endpoint_slices.get(k).map(|s| &**s))
     }
 
-    /// TCPRoutes attached to a Service, by Gateway API precedence: oldest first, then
-    /// by namespace/name.
-    pub fn tcp_routes_for(&self, service: &ObjectKey) -> Vec<(&ObjectKey, &TcpRoute)> {
-        let mut routes: Vec<(&ObjectKey, &TcpRoute)> = self
-            .tcp_routes_by_service
-            .get(service)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| self.tcp_routes.get(k).map(|r| (k, &**r)))
-            .collect();
-        routes.sort_by(|a, b| {
-            let created = |r: &TcpRoute| r.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            created(a.1).cmp(&created(b.1)).then_with(|| a.0.cmp(b.0))
-        });
-        routes
+    /// TCPRoutes attached to a Service port, by Gateway API precedence (oldest first).
+    pub fn tcp_routes_for(&self, service: &ObjectKey, port: u16) -> Vec<(&ObjectKey, &TcpRoute)> {
+        routes_for(&self.tcp_routes_by_service, &self.tcp_routes, service, port)
+    }
+
+    /// HTTPRoutes attached to a Service port, by Gateway API precedence (oldest first).
+    pub fn http_routes_for(&self, service: &ObjectKey, port: u16) -> Vec<(&ObjectKey, &HttpRoute)> {
+        routes_for(
+            &self.http_routes_by_service,
+            &self.http_routes,
+            service,
+            port,
+        )
     }
 
     /// Object counts by kind, for logs and the admin API.

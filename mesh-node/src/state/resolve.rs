@@ -109,7 +109,7 @@ pub fn is_service_backend(group: Option<&str>, kind: Option<&str>) -> bool {
     matches!(kind, None | Some("Service")) && matches!(group, None | Some("") | Some("core"))
 }
 
-fn service_port(service: &Service, port: u16) -> Option<&ServicePort> {
+pub fn service_port(service: &Service, port: u16) -> Option<&ServicePort> {
     service
         .spec
         .as_ref()?
@@ -166,7 +166,7 @@ pub fn ready_endpoints(
     out
 }
 
-fn backend(
+pub fn backend(
     state: &ClusterState,
     service: ObjectKey,
     port: u16,
@@ -209,17 +209,7 @@ pub fn resolve(state: &ClusterState, dst: SocketAddr, service_cidrs: &[IpCidr]) 
             port,
         };
     }
-    let route = state
-        .tcp_routes_for(key)
-        .into_iter()
-        .find(|(route_key, route)| {
-            route.spec.parent_refs.iter().flatten().any(|p| {
-                is_service_parent(p.group.as_deref(), p.kind.as_deref())
-                    && p.name == key.name
-                    && p.namespace.as_deref().unwrap_or(&route_key.namespace) == key.namespace
-                    && p.port.is_none_or(|p| p == i32::from(port))
-            })
-        });
+    let route = state.tcp_routes_for(key, port).into_iter().next();
     let (route, backends) = match route {
         Some((route_key, route)) => {
             // TCP has nothing to match on: the first rule carries the backends.

@@ -20,11 +20,12 @@ use crate::{
     authz::{admit, Admission},
     balancer::{eligible, PickCounts},
     dataplane::{Dataplane, ProgramStatus},
+    http::routes::{is_http_routed, RouteTable},
     identity::Identity,
     routes::{http_routes_for, RouteView},
     state::{
         canonical, ip_key, plan,
-        resolve::{ready_endpoints, resolve, IpCidr, Resolution},
+        resolve::{ready_endpoints, resolve, Backend, IpCidr, Resolution},
         service_account, ClusterState, ObjectKey, PodKey,
     },
     workloads::WorkloadStatus,
@@ -402,6 +403,20 @@ fn mode(state: &ClusterState, namespace: &str) -> &'static str {
     }
 }
 
+/// The request the attributes describe, for the L7 matcher (None when none given).
+fn request_parts(http: &HttpAttributes) -> Option<http::request::Parts> {
+    if http.is_empty() {
+        return None;
+    }
+    let mut builder = http::Request::builder()
+        .method(http.method.as_deref().unwrap_or("GET"))
+        .uri(http.path.as_deref().unwrap_or("/"));
+    for (k, v) in &http.headers {
+        builder = builder.header(k, v);
+    }
+    builder.body(()).ok().map(|r| r.into_parts().0)
+}
+
 /// Traces a connection from `pod` to `destination` (`ip:port` or `service[.ns]:port`).
 pub fn trace(
     inputs: &TraceInputs,
@@ -452,9 +467,42 @@ pub fn trace(
                 ..
             } => {
                 http_routes = http_routes_for(state, service, *port, inputs.picks);
-                let chosen = eligible(backends);
+                let l7 = is_http_routed(state, service, *port);
+                // HTTP-routed: the L7 proxy's own table; its rule is chosen per request
+                // (by the request's method, path and headers when they are given).
+                let rule_backends: Vec<Backend> = if l7 {
+                    let table = RouteTable::build(state, service, *port, !dst.is_ipv4());
+                    let rules = match http.as_ref().and_then(request_parts) {
+                        Some(parts) => table
+                            .select(&parts)
+                            .map(|(_, r)| vec![r])
+                            .unwrap_or_default(),
+                        None => table.rules(),
+                    };
+                    if let (Some(parts), Some(rule)) =
+                        (http.as_ref().and_then(request_parts), rules.first())
+                    {
+                        notes.push(format!(
+                            "{} {} selects rule {}",
+                            parts.method,
+                            parts.uri,
+                            rule.describe()
+                        ));
+                    }
+                    rules
+                        .iter()
+                        .flat_map(|r| r.backends.iter().map(|t| t.backend.clone()))
+                        .collect()
+                } else {
+                    backends.clone()
+                };
+                let chosen = eligible(&rule_backends);
                 if chosen.is_empty() {
-                    refusal = Some("no backend has a ready endpoint (no_ready_endpoint)");
+                    refusal = Some(if l7 {
+                        "no HTTPRoute rule with a ready backend for this request (HTTP 404/503)"
+                    } else {
+                        "no backend has a ready endpoint (no_ready_endpoint)"
+                    });
                 }
                 for b in chosen {
                     for ep in &b.endpoints {
@@ -495,8 +543,8 @@ pub fn trace(
     } else {
         candidates.push(candidate(inputs, &source, src_ip, false, None, dst));
     }
-    if !http_routes.is_empty() {
-        notes.push("HTTPRoute rules are matched per request; the candidates are the endpoints a connection can reach".into());
+    if !http_routes.is_empty() && http.as_ref().and_then(request_parts).is_none() {
+        notes.push("HTTP-routed: the rule is chosen per request; the candidates are the backends of every rule (pass method/path/header to select one)".into());
     }
     let allowed = candidates.iter().filter(|c| c.allowed).count();
     let outcome = match refusal {

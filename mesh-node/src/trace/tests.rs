@@ -246,3 +246,79 @@ fn refusals_before_any_endpoint_and_bad_input() {
     assert!(t.notes.iter().any(|n| n.contains("runs on node b")));
     assert_eq!(t.candidates[0].transport, Transport::Plaintext);
 }
+
+const HTTP_ROUTED: &str = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web-b, namespace: apps}
+spec: {clusterIP: 10.96.0.11, ports: [{name: tcp, port: 80, targetPort: 9090}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-b-v4, namespace: apps, labels: {kubernetes.io/service-name: web-b}}
+addressType: IPv4
+ports: [{name: tcp, port: 9090}]
+endpoints: [{addresses: [10.2.0.3]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web-http, namespace: apps}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /b}}]
+    backendRefs: [{name: web-b, port: 80}]
+  - backendRefs: [{name: web, port: 80}]
+"#;
+
+#[test]
+fn http_routed_services_use_the_l7_table_and_a_request_selects_the_rule() {
+    let s = state(HTTP_ROUTED);
+    let t = run(&s, ("apps", "client"), "web:80");
+    assert_eq!(t.http_routes.len(), 1);
+    assert_eq!(t.http_routes[0].rules[0].matches, vec!["PathPrefix /b"]);
+    let all: Vec<String> = t
+        .candidates
+        .iter()
+        .map(|c| c.endpoint.to_string())
+        .collect();
+    assert_eq!(all.len(), 2, "every rule's backends: {all:?}");
+    let workloads = [workload("client", "apps", true, 1)];
+    let picks = PickCounts::new();
+    let inputs = TraceInputs {
+        state: &s,
+        node: "a",
+        workloads: &workloads,
+        dataplane: &Maps,
+        service_cidrs: &[],
+        trust_domain: Some("cluster.local"),
+        node_ips: &[],
+        picks: &picks,
+    };
+    let request = HttpAttributes {
+        method: Some("GET".into()),
+        path: Some("/b/x".into()),
+        headers: Vec::new(),
+    };
+    let t = trace(
+        &inputs,
+        &PodKey::new("apps", "client"),
+        "web:80",
+        Some(request),
+    )
+    .unwrap();
+    let picked: Vec<String> = t
+        .candidates
+        .iter()
+        .map(|c| c.endpoint.to_string())
+        .collect();
+    assert_eq!(picked, ["10.2.0.3:9090"]);
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.contains("selects rule apps/web-http#0")),
+        "{:?}",
+        t.notes
+    );
+}

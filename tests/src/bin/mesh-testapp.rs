@@ -10,7 +10,10 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use mesh_tests::report::{ChurnReport, RttReport, TransferReport};
+use mesh_tests::{
+    httpapp,
+    report::{ChurnReport, RttReport, TransferReport},
+};
 
 #[derive(Parser)]
 struct Cli {
@@ -57,6 +60,52 @@ enum Cmd {
     },
     /// Do nothing until killed: the pod's pause process, which the agent finds by cgroup.
     Pause,
+    /// HTTP echo server (HTTP/1.1 and HTTP/2 prior knowledge); prints `ready`.
+    HttpServe {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+        /// Reported in `x-served-by` and the JSON body.
+        #[arg(long)]
+        name: String,
+    },
+    /// COUNT HTTP requests on one kept-alive connection; prints a summary.
+    Http {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Host header (HTTP/1.1) or :authority (HTTP/2).
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// `name: value`, repeatable.
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// HTTP/2 prior knowledge instead of HTTP/1.1.
+        #[arg(long)]
+        http2: bool,
+        /// Give each request `x-request-id: <prefix>-<n>`.
+        #[arg(long)]
+        request_ids: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        body_bytes: usize,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// Upgrade to WebSocket and check that a message comes back.
+    Websocket {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "/ws")]
+        path: String,
+        #[arg(long)]
+        message: String,
+    },
     /// Open N short connections one after another (8 bytes each way).
     Churn {
         #[arg(long)]
@@ -314,6 +363,50 @@ fn main() {
         Cmd::Pause => loop {
             thread::sleep(Duration::from_secs(3600));
         },
+        Cmd::HttpServe { listen, name } => httpapp::serve(listen, name),
+        Cmd::Http {
+            connect,
+            path,
+            host,
+            method,
+            headers,
+            count,
+            http2,
+            request_ids,
+            body_bytes,
+            timeout_ms,
+        } => {
+            let method = http::Method::from_bytes(method.as_bytes()).unwrap_or(http::Method::GET);
+            let headers = headers
+                .iter()
+                .filter_map(|h| h.split_once(':'))
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .collect();
+            let r = httpapp::client(httpapp::ClientOptions {
+                connect,
+                path,
+                host,
+                method,
+                headers,
+                count,
+                http2,
+                request_ids,
+                body_bytes,
+                timeout: Duration::from_millis(timeout_ms),
+            });
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            std::process::exit(if r.errors == 0 { 0 } else { 1 });
+        }
+        Cmd::Websocket {
+            connect,
+            host,
+            path,
+            message,
+        } => {
+            let r = httpapp::websocket(connect, &host, &path, &message);
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            std::process::exit(if r.error.is_none() { 0 } else { 1 });
+        }
         Cmd::Churn { connect, count } => {
             let r = churn(connect, count);
             println!("{}", serde_json::to_string(&r).unwrap_or_default());

@@ -13,18 +13,31 @@ use super::{
     host::{ip, Placement},
     Process, SimCluster,
 };
-use crate::report::{ChurnReport, RttReport, TransferReport};
+use crate::report::{ChurnReport, HttpReport, RttReport, TransferReport, WebsocketReport};
 
 impl SimCluster {
     /// Starts an echo server in `pod` on `port` and waits until it listens. Like most
     /// real servers it binds one dual-stack socket (`[::]`), taking IPv4 and IPv6.
     pub fn serve(&self, pod: &str, port: u16) -> Result<Process> {
+        self.start_server(pod, &["serve", "--listen", &format!("[::]:{port}")])
+    }
+
+    /// Starts the HTTP echo server in `pod` on each of `ports` (dual-stack); it answers
+    /// with `x-served-by: <pod>` and a JSON report of the request.
+    pub fn http_serve(&self, pod: &str, ports: &[u16]) -> Result<Process> {
+        let mut args = vec!["http-serve".to_string(), "--name".into(), pod.into()];
+        for p in ports {
+            args.extend(["--listen".to_string(), format!("[::]:{p}")]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.start_server(pod, &args)
+    }
+
+    fn start_server(&self, pod: &str, args: &[&str]) -> Result<Process> {
         let p = self.pod(pod);
         let mut cmd = p.placement().command(&self.testapp)?;
-        cmd.args(["serve", "--listen", &format!("[::]:{port}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("starting the echo server")?;
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("starting a server")?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line)?;
@@ -33,9 +46,47 @@ impl SimCluster {
             if let Some(mut e) = child.stderr.take() {
                 let _ = e.read_to_string(&mut err);
             }
-            bail!("echo server in {pod} did not start: {err}");
+            bail!("{} server in {pod} did not start: {err}", args[0]);
         }
         Ok(Process(child))
+    }
+
+    /// Runs HTTP requests from `pod` (see `mesh-testapp http --help` for `extra`).
+    pub fn http(
+        &self,
+        pod: &str,
+        dst: SocketAddr,
+        host: &str,
+        path: &str,
+        extra: &[&str],
+    ) -> Result<HttpReport> {
+        let (dst, mut args) = (dst.to_string(), Vec::new());
+        args.extend(["http", "--connect", &dst, "--host", host, "--path", path]);
+        args.extend(extra);
+        self.run_report(&self.pod(pod).placement(), &args)
+    }
+
+    /// A WebSocket upgrade from `pod` to `dst`, then one echoed message.
+    pub fn websocket(
+        &self,
+        pod: &str,
+        dst: SocketAddr,
+        host: &str,
+        message: &str,
+    ) -> Result<WebsocketReport> {
+        let dst = dst.to_string();
+        self.run_report(
+            &self.pod(pod).placement(),
+            &[
+                "websocket",
+                "--connect",
+                &dst,
+                "--host",
+                host,
+                "--message",
+                message,
+            ],
+        )
     }
 
     fn run_testapp(&self, placement: &Placement, args: &[String]) -> Result<String> {

@@ -4,6 +4,7 @@ mod admin;
 mod apps;
 pub mod capture;
 pub mod cluster;
+pub mod examples;
 pub mod host;
 mod manifests;
 mod network;

@@ -21,6 +21,8 @@ pub struct ServiceSpec {
     /// Pods backing the Service.
     pub pods: Vec<String>,
     pub annotations: Vec<(String, String)>,
+    /// A second port (`alt`): service port → target port.
+    pub alt_port: Option<(u16, u16)>,
 }
 
 impl ServiceSpec {
@@ -38,6 +40,7 @@ impl ServiceSpec {
             target_port,
             pods: pods.iter().map(|p| p.to_string()).collect(),
             annotations: Vec::new(),
+            alt_port: None,
         }
     }
 }
@@ -116,9 +119,13 @@ fn slice_yaml(svc: &SimService, pods: &[SimPod], v6: bool) -> String {
     } else {
         endpoints
     };
+    let alt = s
+        .alt_port
+        .map(|(_, target)| format!("- name: alt\n  port: {target}\n  protocol: TCP\n"))
+        .unwrap_or_default();
     format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {}-{}\n  namespace: {}\n  labels:\n    kubernetes.io/service-name: {}\n\
-         addressType: {family}\nports:\n- name: tcp\n  port: {}\n  protocol: TCP\nendpoints:{endpoints}\n",
+         addressType: {family}\nports:\n- name: tcp\n  port: {}\n  protocol: TCP\n{alt}endpoints:{endpoints}\n",
         s.name,
         family.to_lowercase(),
         s.namespace,
@@ -132,9 +139,13 @@ pub fn services_yaml(services: &[SimService], pods: &[SimPod]) -> String {
         .iter()
         .flat_map(|svc| {
             let s = &svc.spec;
+            let alt = s
+                .alt_port
+                .map(|(port, target)| format!("  - name: alt\n    port: {port}\n    targetPort: {target}\n"))
+                .unwrap_or_default();
             let service = format!(
                 "apiVersion: v1\nkind: Service\nmetadata:\n  name: {}\n  namespace: {}{}\n\
-                 spec:\n  clusterIP: {}\n  clusterIPs: [\"{}\", \"{}\"]\n  ipFamilies: [IPv4, IPv6]\n  ports:\n  - name: tcp\n    port: {}\n    targetPort: {}\n",
+                 spec:\n  clusterIP: {}\n  clusterIPs: [\"{}\", \"{}\"]\n  ipFamilies: [IPv4, IPv6]\n  ports:\n  - name: tcp\n    port: {}\n    targetPort: {}\n{alt}",
                 s.name,
                 s.namespace,
                 annotations_yaml(&s.annotations),

@@ -96,6 +96,15 @@ enum NodeCommand {
         pod: String,
         /// `ip:port`, `[v6]:port` or `service[.namespace]:port`.
         destination: String,
+        /// HTTP-routed Services: the request's method, to select the HTTPRoute rule.
+        #[arg(long)]
+        method: Option<String>,
+        /// HTTP-routed Services: the request's path (and query).
+        #[arg(long)]
+        path: Option<String>,
+        /// HTTP-routed Services: a request header `name:value` (repeatable).
+        #[arg(long)]
+        header: Vec<String>,
     },
     /// Show or set the log filter (tracing EnvFilter syntax, e.g. debug or info,nodemesh=debug).
     LogLevel { level: Option<String> },
@@ -128,16 +137,29 @@ fn request_of(args: &NodeArgs) -> (Method, String) {
         NodeCommand::Policies => (Method::GET, "/policies".into()),
         NodeCommand::Connections { .. } => (Method::GET, "/connections".into()),
         NodeCommand::Bpf => (Method::GET, "/bpf".into()),
-        NodeCommand::Trace { pod, destination } => {
+        NodeCommand::Trace {
+            pod,
+            destination,
+            method,
+            path,
+            header,
+        } => {
             let pod = match (pod.contains('/'), &args.namespace) {
                 (true, _) => pod.clone(),
                 (false, Some(ns)) => format!("{ns}/{pod}"),
                 (false, None) => format!("default/{pod}"),
             };
-            (
-                Method::GET,
-                format!("/trace?pod={}&to={}", encode(&pod), encode(destination)),
-            )
+            let mut query = format!("/trace?pod={}&to={}", encode(&pod), encode(destination));
+            if let Some(m) = method {
+                query += &format!("&method={}", encode(m));
+            }
+            if let Some(p) = path {
+                query += &format!("&path={}", encode(p));
+            }
+            for h in header {
+                query += &format!("&header={}", encode(h));
+            }
+            (Method::GET, query)
         }
         NodeCommand::LogLevel { level: None } => (Method::GET, "/logging".into()),
         NodeCommand::LogLevel { level: Some(l) } => {
