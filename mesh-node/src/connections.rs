@@ -161,7 +161,7 @@ pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Envoy-style response flags from a connection's result: a fixed, small set.
 /// `-` none, `UF` upstream connect failure, `UH` no ready endpoint, `NR` no such
-/// Service (port) or a misdirected tunnel, `DENY` policy or STRICT refusal, `SI` idle
+/// Service (port) or a misdirected tunnel, `RBAC` policy or STRICT refusal, `SI` idle
 /// timeout, `UC` relay error, `DC` cut short (pod removed, agent stopping).
 pub fn response_flags(result: &str) -> &'static str {
     let (kind, detail) = result.split_once(':').unwrap_or((result, ""));
@@ -170,7 +170,7 @@ pub fn response_flags(result: &str) -> &'static str {
         ("connect_failed" | "hbone_failed", _) => "UF",
         ("refused", "no_ready_endpoint") => "UH",
         ("refused", "unknown_service" | "unknown_service_port" | "hbone_target_not_local") => "NR",
-        ("refused", _) | ("denied", _) => "DENY",
+        ("refused", _) | ("denied", _) => "RBAC",
         ("idle_timeout", _) => "SI",
         ("aborted", _) => "DC",
         _ => "UC",
@@ -420,9 +420,9 @@ mod tests {
             ("hbone_failed: handshake", "UF"),
             ("refused: no_ready_endpoint", "UH"),
             ("refused: unknown_service_port", "NR"),
-            ("refused: policy_denied", "DENY"),
-            ("refused: strict_mtls_plaintext", "DENY"),
-            ("denied: apps/deny-all", "DENY"),
+            ("refused: policy_denied", "RBAC"),
+            ("refused: strict_mtls_plaintext", "RBAC"),
+            ("denied: apps/deny-all", "RBAC"),
             ("idle_timeout", "SI"),
             ("aborted", "DC"),
             ("error: broken pipe", "UC"),
@@ -438,11 +438,11 @@ mod tests {
         conn.counters().to_server.fetch_add(5, Ordering::Relaxed);
         conn.close("refused: policy_denied");
         let record = &table.closed()[0];
-        let entry = access_entry(record, &record.info.labels("DENY"));
+        let entry = access_entry(record, &record.info.labels("RBAC"));
         for label in TCP_LABELS {
             assert!(entry.get(label).is_some(), "{label} missing: {entry}");
         }
-        assert_eq!(entry["response_flags"], "DENY");
+        assert_eq!(entry["response_flags"], "RBAC");
         assert_eq!(entry["sent_bytes"], 5);
         assert_eq!(entry["destination_service_name"], "web");
         let line = serde_json::to_string(&entry).unwrap();

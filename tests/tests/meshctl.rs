@@ -547,7 +547,7 @@ fn metrics_and_access_log_count_a_known_mtls_transfer() {
                 &s,
                 "nodemesh_tcp_connections_closed_total",
                 &[
-                    ("response_flags", "DENY"),
+                    ("response_flags", "RBAC"),
                     (
                         "source_principal",
                         "spiffe://cluster.local/ns/apps/sa/intruder",
