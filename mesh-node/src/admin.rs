@@ -23,16 +23,20 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, warn};
 
 use crate::{
+    admin_views,
+    balancer::Balancer,
     certificates::CertificateStore,
     config::AgentConfig,
     connections::ConnectionTable,
     dataplane::Dataplane,
+    health,
     kube_source::DiscoveryHealth,
     metrics::Metrics,
     state::{
         resolve::{resolve, IpCidr},
         service_ips, ClusterState,
     },
+    trace::{HttpAttributes, TraceError},
     workloads::WorkloadStatus,
 };
 
@@ -83,6 +87,8 @@ pub struct AdminState {
     pub state: watch::Receiver<Arc<ClusterState>>,
     pub certificates: Option<Arc<CertificateStore>>,
     pub log_level: LogLevel,
+    pub balancer: Arc<Balancer>,
+    pub started: Instant,
 }
 
 /// Every Service port with what a connection to it would resolve to right now.
@@ -130,25 +136,95 @@ fn error(status: StatusCode, message: &str) -> HttpResponse {
     respond(status, "application/json", body)
 }
 
-fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
-    query?
+/// Decodes `%XX` and `+` in a query component.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = |b: u8| (b as char).to_digit(16);
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query_params(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .unwrap_or("")
         .split('&')
         .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == name)
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+        .collect()
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query_params(query)
+        .into_iter()
+        .find(|(k, _)| k == name)
         .map(|(_, v)| v)
 }
 
-const ENDPOINTS: [&str; 10] = [
-    "/certs",
-    "/discovery",
-    "/services",
+fn trace_response(state: &AdminState, query: Option<&str>) -> HttpResponse {
+    let params = query_params(query);
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let (Some(pod), Some(to)) = (get("pod"), get("to")) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "pass ?pod=<namespace>/<name>&to=<host>:<port>",
+        );
+    };
+    let http = HttpAttributes {
+        method: get("method"),
+        path: get("path"),
+        headers: params
+            .iter()
+            .filter(|(k, _)| k == "header")
+            .filter_map(|(_, v)| v.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect(),
+    };
+    match admin_views::run_trace(state, &pod, &to, http) {
+        Ok(trace) => json_response(&trace),
+        Err(e @ TraceError::UnknownPod(_)) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
+}
+
+const ENDPOINTS: [&str; 15] = [
+    "/status",
     "/workloads",
+    "/services",
+    "/routes",
+    "/certs",
+    "/policies",
     "/connections",
     "/bpf",
+    "/trace?pod=<ns>/<name>&to=<host>:<port>",
+    "/discovery",
     "/config_dump",
     "/logging",
     "/healthz/ready",
     "/stats/prometheus",
+    "/",
 ];
 
 pub fn admin_route(
@@ -159,6 +235,10 @@ pub fn admin_route(
 ) -> HttpResponse {
     match (method, path) {
         (&Method::GET, "/") => json_response(&json!({ "endpoints": ENDPOINTS })),
+        (&Method::GET, "/status") => json_response(&admin_views::status(state)),
+        (&Method::GET, "/routes") => json_response(&admin_views::routes(state)),
+        (&Method::GET, "/policies") => json_response(&admin_views::policies(state)),
+        (&Method::GET, "/trace") => trace_response(state, query),
         (&Method::GET, "/workloads") => json_response(&**state.workloads.borrow()),
         (&Method::GET, "/connections") => json_response(&json!({
             "live": state.connections.live(),
@@ -174,7 +254,7 @@ pub fn admin_route(
         (&Method::GET, "/config_dump") => json_response(&state.config),
         (&Method::GET, "/logging") => json_response(&json!({ "level": state.log_level.get() })),
         (&Method::POST, "/logging") => match query_param(query, "level") {
-            Some(level) => match state.log_level.set(level) {
+            Some(level) => match state.log_level.set(&level) {
                 Ok(()) => json_response(&json!({ "level": level })),
                 Err(e) => error(
                     StatusCode::BAD_REQUEST,
@@ -199,7 +279,10 @@ pub fn admin_route(
             &state.state.borrow(),
             &state.config.service_cidrs,
         )),
-        (&Method::GET, "/stats/prometheus") => metrics_response(&state.metrics),
+        (&Method::GET, "/stats/prometheus") => {
+            health::refresh(state);
+            metrics_response(&state.metrics)
+        }
         _ => error(
             StatusCode::NOT_FOUND,
             &format!("no such endpoint; try one of {ENDPOINTS:?}"),
@@ -207,20 +290,23 @@ pub fn admin_route(
     }
 }
 
-pub fn readiness(ready: &AtomicBool, discovery: &DiscoveryHealth) -> HttpResponse {
+/// Why the agent is not ready (None: ready).
+pub fn unready_reason(ready: &AtomicBool, discovery: &DiscoveryHealth) -> Option<String> {
     if !ready.load(Ordering::Relaxed) {
-        return respond(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not ready: eBPF or first reconcile pending\n",
-        );
+        return Some("eBPF or first reconcile pending".into());
     }
-    match discovery.unready_reason(Instant::now()) {
+    discovery
+        .unready_reason(Instant::now())
+        .map(|why| format!("discovery: {why}"))
+}
+
+pub fn readiness(ready: &AtomicBool, discovery: &DiscoveryHealth) -> HttpResponse {
+    match unready_reason(ready, discovery) {
         None => respond(StatusCode::OK, "text/plain", "ready\n"),
         Some(why) => respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
-            format!("not ready: discovery: {why}\n"),
+            format!("not ready: {why}\n"),
         ),
     }
 }

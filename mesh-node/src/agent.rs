@@ -190,6 +190,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         }
     }
 
+    let balancer = Arc::new(Balancer::new());
     let admin_state = Arc::new(AdminState {
         config: config.clone(),
         dataplane: dataplane.clone(),
@@ -201,13 +202,16 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         state: state_rx.clone(),
         certificates: mesh.as_ref().map(|m| m.certificates.clone()),
         log_level,
+        balancer: balancer.clone(),
+        started: std::time::Instant::now(),
     });
+    let scraped = admin_state.clone();
     tokio::spawn(admin::serve(admin_listener, move |m, p, q| {
         admin::admin_route(&admin_state, m, p, q)
     }));
-    let m = metrics.clone();
     tokio::spawn(admin::serve(metrics_listener, move |_, _, _| {
-        admin::metrics_response(&m)
+        crate::health::refresh(&scraped);
+        admin::metrics_response(&scraped.metrics)
     }));
     let (r, d) = (ready.clone(), discovery.clone());
     tokio::spawn(admin::serve(ready_listener, move |_, _, _| {
@@ -221,7 +225,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
             service_cidrs: Arc::new(config.service_cidrs.clone()),
-            balancer: Arc::new(Balancer::new()),
+            balancer,
             mesh: mesh.clone(),
             trust_domain: config.trust_domain.clone(),
             http_routes: Arc::default(),
@@ -246,10 +250,17 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
     if state_rx.changed().await.is_err() {
         warn!("discovery stopped before its first scan");
     }
+    let mut applied = Arc::new(ClusterState::default());
     let mut recheck = tokio::time::interval(RECHECK);
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     loop {
         let state = state_rx.borrow_and_update().clone();
+        if !Arc::ptr_eq(&state, &applied) {
+            metrics
+                .state_last_update
+                .set(crate::admin_views::unix_now());
+            applied = state.clone();
+        }
         workloads.reconcile(&state);
         status_tx.send_replace(Arc::new(workloads.status(&state)));
         if !ready.swap(true, Ordering::Relaxed) {

@@ -31,7 +31,8 @@ impl Verdict {
     }
 }
 
-fn selects(policy: &AuthorizationPolicy, pod: &Pod) -> bool {
+/// Whether the policy's selector picks `pod` (same namespace assumed).
+pub fn selects(policy: &AuthorizationPolicy, pod: &Pod) -> bool {
     let labels = pod.metadata.labels.clone().unwrap_or_default();
     policy
         .spec
@@ -121,6 +122,47 @@ pub fn authorize(
     }
 }
 
+/// What the inbound side of a pod does with a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "admission", rename_all = "snake_case")]
+pub enum Admission {
+    Allow {
+        policy: Option<String>,
+    },
+    Refuse {
+        /// The `reason` label of `nodemesh_connections_refused_total`.
+        reason: &'static str,
+        policy: Option<String>,
+        detail: String,
+    },
+}
+
+/// The inbound decision for a connection to `port` of the pod `dest` from `peer`
+/// (None: plaintext, captured on 15006). A STRICT namespace refuses plaintext before
+/// any policy is consulted. The listeners and `meshctl node trace` both ask this.
+pub fn admit(
+    state: &ClusterState,
+    dest: &ObjectKey,
+    port: u16,
+    peer: Option<&Identity>,
+) -> Admission {
+    if peer.is_none() && state.strict_mtls(&dest.namespace) {
+        return Admission::Refuse {
+            reason: "strict_mtls_plaintext",
+            policy: None,
+            detail: format!("namespace {} is STRICT: plaintext refused", dest.namespace),
+        };
+    }
+    match authorize(state, dest, port, peer) {
+        Verdict::Allow { policy } => Admission::Allow { policy },
+        Verdict::Deny { policy, reason } => Admission::Refuse {
+            reason: "policy_denied",
+            policy,
+            detail: reason,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +232,32 @@ mod tests {
                 reason: "a DENY rule matched".into()
             }
         );
+    }
+
+    #[test]
+    fn strict_namespaces_refuse_plaintext_before_policy() {
+        let strict = "apiVersion: v1\nkind: Namespace\nmetadata: {name: apps, labels: {nodemesh.io/mtls: strict}}\n";
+        let s = state(strict);
+        let server = ObjectKey::new("apps", "server");
+        assert!(matches!(
+            admit(&s, &server, 8080, None),
+            Admission::Refuse {
+                reason: "strict_mtls_plaintext",
+                ..
+            }
+        ));
+        assert_eq!(
+            admit(&s, &server, 8080, Some(&id("apps", "client"))),
+            Admission::Allow { policy: None }
+        );
+        let s = state(ALLOW_CLIENT);
+        assert!(matches!(
+            admit(&s, &server, 8080, None),
+            Admission::Refuse {
+                reason: "policy_denied",
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! evenly, never bunched), then an endpoint by round-robin or least-connections.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{Arc, Mutex},
 };
@@ -57,10 +57,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Picks per backend Service, per frontend (Service port): the observed shares.
+pub type PickCounts = BTreeMap<(ObjectKey, u16), BTreeMap<ObjectKey, u64>>;
+
 #[derive(Default)]
 pub struct Balancer {
     choices: Mutex<Choices>,
     active: Active,
+    picks: Mutex<PickCounts>,
+}
+
+/// The backends a pick chooses among: a positive weight and at least one ready
+/// endpoint. (The trace lists the same set as the candidates.)
+pub fn eligible(backends: &[Backend]) -> Vec<&Backend> {
+    backends
+        .iter()
+        .filter(|b| b.weight > 0 && !b.endpoints.is_empty())
+        .collect()
 }
 
 /// The chosen backend and endpoint; holding it counts the connection as active.
@@ -96,10 +109,7 @@ impl Balancer {
     /// weight has a ready endpoint (L4: a backend without endpoints gives its share to
     /// the others, so connections keep flowing).
     pub fn pick(&self, service: &ObjectKey, port: u16, backends: &[Backend]) -> Option<Pick> {
-        let eligible: Vec<&Backend> = backends
-            .iter()
-            .filter(|b| b.weight > 0 && !b.endpoints.is_empty())
-            .collect();
+        let eligible = eligible(backends);
         let i = self.choose_backend(service, port, &eligible)?;
         self.pick_endpoint(eligible[i])
     }
@@ -115,7 +125,7 @@ impl Balancer {
         let positive: Vec<usize> = (0..backends.len())
             .filter(|&i| backends[i].weight > 0)
             .collect();
-        match positive.len() {
+        let chosen = match positive.len() {
             0 => None,
             1 => Some(positive[0]),
             _ => {
@@ -128,7 +138,14 @@ impl Balancer {
                     .next(&eligible);
                 Some(positive[k])
             }
-        }
+        }?;
+        // Observed shares: the weighted choice, per connection (L4) or request (L7).
+        *lock(&self.picks)
+            .entry((frontend.clone(), port))
+            .or_default()
+            .entry(backends[chosen].service.clone())
+            .or_insert(0) += 1;
+        Some(chosen)
     }
 
     /// An endpoint of `backend` by round-robin or least-connections; None without any.
@@ -162,6 +179,11 @@ impl Balancer {
                 endpoint,
             },
         })
+    }
+
+    /// How often each backend was picked for each frontend since the agent started.
+    pub fn picks(&self) -> PickCounts {
+        lock(&self.picks).clone()
     }
 
     /// Connections in flight to `endpoint`.
@@ -206,6 +228,10 @@ mod tests {
         assert_eq!(counts["v1"], 900);
         assert_eq!(counts["v2"], 100);
         assert!(!counts.contains_key("v3"));
+        let picks = b.picks();
+        let web = &picks[&(ObjectKey::new("apps", "web"), 80)];
+        assert_eq!(web[&ObjectKey::new("apps", "v1")], 900);
+        assert_eq!(web[&ObjectKey::new("apps", "v2")], 100);
     }
 
     #[test]

@@ -12,9 +12,13 @@ use std::{
 };
 
 use serde::Serialize;
-use tracing::info;
 
-use crate::{metrics::Metrics, relay::ByteCounters, state::PodKey};
+use crate::{
+    access_log,
+    metrics::{Metrics, TCP_LABELS},
+    relay::ByteCounters,
+    state::PodKey,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -137,22 +141,67 @@ fn label_of(key: &Option<PodKey>) -> (&str, &str) {
         .unwrap_or(("unknown", "unknown"))
 }
 
+/// Istio's `destination_service`, `_name` and `_namespace` from `ns/name:port`.
+fn service_labels(service: Option<&str>) -> [String; 3] {
+    let parsed = service
+        .and_then(|s| s.rsplit_once(':'))
+        .and_then(|(key, _port)| key.split_once('/'));
+    match parsed {
+        Some((ns, name)) => [
+            format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}"),
+            name.to_string(),
+            ns.to_string(),
+        ],
+        None => ["unknown".into(), "unknown".into(), "unknown".into()],
+    }
+}
+
+/// The cluster DNS domain in `destination_service` host names.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Envoy-style response flags from a connection's result: a fixed, small set.
+/// `-` none, `UF` upstream connect failure, `UH` no ready endpoint, `NR` no such
+/// Service (port) or a misdirected tunnel, `RBAC` policy or STRICT refusal, `SI` idle
+/// timeout, `UC` relay error, `DC` cut short (pod removed, agent stopping).
+pub fn response_flags(result: &str) -> &'static str {
+    let (kind, detail) = result.split_once(':').unwrap_or((result, ""));
+    match (kind, detail.trim()) {
+        ("open" | "completed", _) => "-",
+        ("connect_failed" | "hbone_failed", _) => "UF",
+        ("refused", "no_ready_endpoint") => "UH",
+        ("refused", "unknown_service" | "unknown_service_port" | "hbone_target_not_local") => "NR",
+        ("refused", _) | ("denied", _) => "RBAC",
+        ("idle_timeout", _) => "SI",
+        ("aborted", _) => "DC",
+        _ => "UC",
+    }
+}
+
 impl ConnectionInfo {
-    /// TCP metric label values: source and destination from this connection's view.
-    fn labels(&self) -> [&str; 6] {
+    /// TCP metric label values ([`TCP_LABELS`]) from this connection's view.
+    fn labels(&self, flags: &str) -> [String; 13] {
         let me = (self.pod.name.as_str(), self.pod.namespace.as_str());
         let peer = label_of(&self.peer);
         let (src, dst) = match self.direction {
             Direction::Outbound => (me, peer),
             Direction::Inbound => (peer, me),
         };
+        let principal = |id: &Option<String>| id.clone().unwrap_or_else(|| "unknown".into());
+        let [svc, svc_name, svc_ns] = service_labels(self.service.as_deref());
         [
-            self.direction.reporter(),
-            src.0,
-            src.1,
-            dst.0,
-            dst.1,
-            "none",
+            self.direction.reporter().into(),
+            src.0.into(),
+            src.1.into(),
+            principal(&self.source_identity),
+            dst.0.into(),
+            dst.1.into(),
+            principal(&self.destination_identity),
+            svc,
+            svc_name,
+            svc_ns,
+            "tcp".into(),
+            flags.into(),
+            self.security.label().into(),
         ]
     }
 }
@@ -170,9 +219,10 @@ impl ConnectionTable {
     /// Registers a connection; finish it with [`OpenConnection::close`].
     pub fn open(self: &Arc<Self>, info: ConnectionInfo) -> OpenConnection {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Opened is counted as the connection starts, before its outcome is known.
         self.metrics
             .tcp_opened
-            .with_label_values(&info.labels())
+            .with_label_values(&info.labels("-"))
             .inc();
         let counters = Arc::new(ByteCounters::default());
         let started_unix_ms = SystemTime::now()
@@ -213,7 +263,7 @@ impl ConnectionTable {
             return;
         };
         let record = Self::record(id, &live, result);
-        let labels = record.info.labels();
+        let labels = record.info.labels(response_flags(&record.result));
         self.metrics.tcp_closed.with_label_values(&labels).inc();
         self.metrics
             .tcp_sent_bytes
@@ -223,26 +273,7 @@ impl ConnectionTable {
             .tcp_received_bytes
             .with_label_values(&labels)
             .inc_by(record.bytes_to_client);
-        info!(
-            target: "nodemesh::access",
-            id = record.id,
-            direction = ?record.info.direction,
-            pod = %record.info.pod,
-            src = %record.info.src,
-            original_dst = %record.info.original_dst,
-            service = record.info.service.as_deref().unwrap_or(""),
-            backend = record.info.backend.as_deref().unwrap_or(""),
-            upstream = record.info.upstream.map(|u| u.to_string()).unwrap_or_default(),
-            connection_security_policy = record.info.security.label(),
-            source_principal = record.info.source_identity.as_deref().unwrap_or(""),
-            destination_principal = record.info.destination_identity.as_deref().unwrap_or(""),
-            peer = record.info.peer.as_ref().map(|p| p.to_string()).unwrap_or_default(),
-            bytes_to_server = record.bytes_to_server,
-            bytes_to_client = record.bytes_to_client,
-            duration_ms = record.duration_ms,
-            result = %record.result,
-            "connection closed"
-        );
+        access_log::write(&access_entry(&record, &labels));
         let mut closed = lock(&self.closed);
         if closed.len() == CLOSED_HISTORY {
             closed.pop_front();
@@ -263,6 +294,47 @@ impl ConnectionTable {
     pub fn closed(&self) -> Vec<ConnectionRecord> {
         lock(&self.closed).iter().cloned().collect()
     }
+
+    /// Open connections by direction (for the health gauges).
+    pub fn live_counts(&self) -> (usize, usize) {
+        let live = lock(&self.live);
+        let outbound = live
+            .values()
+            .filter(|l| l.info.direction == Direction::Outbound)
+            .count();
+        (outbound, live.len() - outbound)
+    }
+}
+
+/// The access-log line of a closed connection: the metric labels under the same
+/// names, plus what is per connection (addresses, bytes, duration, result).
+fn access_entry(record: &ConnectionRecord, labels: &[String; 13]) -> serde_json::Value {
+    let mut entry = serde_json::Map::new();
+    entry.insert("log".into(), "access".into());
+    entry.insert("kind".into(), "tcp".into());
+    entry.insert("id".into(), record.id.into());
+    entry.insert("start_unix_ms".into(), record.started_unix_ms.into());
+    for (name, value) in TCP_LABELS.iter().zip(labels) {
+        entry.insert((*name).into(), value.as_str().into());
+    }
+    let info = &record.info;
+    let text = |v: Option<String>| v.map(serde_json::Value::from).unwrap_or_default();
+    entry.insert("pod".into(), info.pod.to_string().into());
+    entry.insert("source_address".into(), info.src.to_string().into());
+    entry.insert(
+        "destination_address".into(),
+        info.original_dst.to_string().into(),
+    );
+    entry.insert(
+        "upstream_address".into(),
+        text(info.upstream.map(|u| u.to_string())),
+    );
+    entry.insert("upstream_backend".into(), text(info.backend.clone()));
+    entry.insert("sent_bytes".into(), record.bytes_to_server.into());
+    entry.insert("received_bytes".into(), record.bytes_to_client.into());
+    entry.insert("duration_ms".into(), record.duration_ms.into());
+    entry.insert("result".into(), record.result.as_str().into());
+    serde_json::Value::Object(entry)
 }
 
 /// A registered connection; closing it (or dropping it) writes its record.
@@ -305,6 +377,7 @@ mod tests {
     fn info(direction: Direction) -> ConnectionInfo {
         ConnectionInfo {
             peer: Some(PodKey::new("apps", "server")),
+            service: Some("apps/web:80".into()),
             ..ConnectionInfo::new(
                 direction,
                 PodKey::new("apps", "client"),
@@ -329,7 +402,7 @@ mod tests {
         assert_eq!(closed[0].result, "completed");
         assert_eq!(closed[0].info.original_dst.to_string(), "10.0.2.2:8080");
         let text = metrics.encode();
-        assert!(text.contains("nodemesh_tcp_sent_bytes_total{connection_security_policy=\"none\",destination_workload=\"server\",destination_workload_namespace=\"apps\",reporter=\"source\",source_workload=\"client\",source_workload_namespace=\"apps\"} 10"), "{text}");
+        assert!(text.contains("nodemesh_tcp_sent_bytes_total{connection_security_policy=\"none\",destination_principal=\"unknown\",destination_service=\"web.apps.svc.cluster.local\",destination_service_name=\"web\",destination_service_namespace=\"apps\",destination_workload=\"server\",destination_workload_namespace=\"apps\",reporter=\"source\",request_protocol=\"tcp\",response_flags=\"-\",source_principal=\"unknown\",source_workload=\"client\",source_workload_namespace=\"apps\"} 10"), "{text}");
     }
 
     #[test]
@@ -337,5 +410,42 @@ mod tests {
         let table = ConnectionTable::new(Arc::new(Metrics::new()));
         drop(table.open(info(Direction::Inbound)));
         assert_eq!(table.closed()[0].result, "aborted");
+    }
+
+    #[test]
+    fn results_map_to_a_fixed_set_of_response_flags() {
+        for (result, flags) in [
+            ("completed", "-"),
+            ("connect_failed: connection refused", "UF"),
+            ("hbone_failed: handshake", "UF"),
+            ("refused: no_ready_endpoint", "UH"),
+            ("refused: unknown_service_port", "NR"),
+            ("refused: policy_denied", "RBAC"),
+            ("refused: strict_mtls_plaintext", "RBAC"),
+            ("denied: apps/deny-all", "RBAC"),
+            ("idle_timeout", "SI"),
+            ("aborted", "DC"),
+            ("error: broken pipe", "UC"),
+        ] {
+            assert_eq!(response_flags(result), flags, "{result}");
+        }
+    }
+
+    #[test]
+    fn the_access_entry_uses_the_metric_label_names() {
+        let table = ConnectionTable::new(Arc::new(Metrics::new()));
+        let conn = table.open(info(Direction::Outbound));
+        conn.counters().to_server.fetch_add(5, Ordering::Relaxed);
+        conn.close("refused: policy_denied");
+        let record = &table.closed()[0];
+        let entry = access_entry(record, &record.info.labels("RBAC"));
+        for label in TCP_LABELS {
+            assert!(entry.get(label).is_some(), "{label} missing: {entry}");
+        }
+        assert_eq!(entry["response_flags"], "RBAC");
+        assert_eq!(entry["sent_bytes"], 5);
+        assert_eq!(entry["destination_service_name"], "web");
+        let line = serde_json::to_string(&entry).unwrap();
+        assert!(!line.contains('\n'));
     }
 }

@@ -327,6 +327,16 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The outbound policy the connect hooks apply in a netns (None: not enrolled).
+    pub fn enrolled_policy(&self, netns_cookie: u64) -> Option<OutboundPolicy> {
+        lock(&self.enrolled).get(&netns_cookie, 0).ok()
+    }
+
+    /// The inbound policy sk_lookup applies to a pod address (None: not captured).
+    pub fn inbound_policy(&self, ip: Ip) -> Option<InboundPolicy> {
+        lock(&self.inbound_pods).get(&ip, 0).ok()
+    }
+
     pub fn enrolled_cookies(&self) -> Vec<u64> {
         lock(&self.enrolled).keys().filter_map(Result::ok).collect()
     }

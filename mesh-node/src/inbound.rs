@@ -7,7 +7,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::{
-    authz::authorize,
+    authz::{admit, Admission},
     connections::{ConnectionInfo, Direction},
     forward::{accept_loop, forward, refuse, reset, PodContext},
     state::canonical,
@@ -35,11 +35,8 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         destination_identity: Some(ctx.identity.to_string()),
         ..ConnectionInfo::new(Direction::Inbound, ctx.pod.clone(), peer, dst)
     };
-    if state.strict_mtls(&ctx.pod.namespace) {
-        return refuse(stream, info, "strict_mtls_plaintext", &ctx);
-    }
-    if !authorize(&state, &ctx.pod, dst.port(), None).allowed() {
-        return refuse(stream, info, "policy_denied", &ctx);
+    if let Admission::Refuse { reason, .. } = admit(&state, &ctx.pod, dst.port(), None) {
+        return refuse(stream, info, reason, &ctx);
     }
     forward(stream, dst, info, &ctx).await;
 }

@@ -1,8 +1,10 @@
 //! Nodemesh node agent: loads the eBPF dataplane, opens listeners inside each enrolled
 //! pod's network namespace, and proxies the connections the kernel steers to them.
 
+pub mod access_log;
 pub mod admin;
 pub mod admin_client;
+pub mod admin_views;
 pub mod agent;
 pub mod authz;
 pub mod balancer;
@@ -17,6 +19,7 @@ pub mod dataplane;
 pub mod files_source;
 pub mod forward;
 pub mod hbone;
+pub mod health;
 pub mod http;
 pub mod identity;
 pub mod inbound;
@@ -28,7 +31,9 @@ pub mod outbound;
 pub mod policy;
 pub mod preflight;
 pub mod relay;
+pub mod routes;
 pub mod sockets;
 pub mod state;
 pub mod tls;
+pub mod trace;
 pub mod workloads;

@@ -1,17 +1,26 @@
 //! Prometheus metrics (`nodemesh_` prefix, Istio's standard label names).
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    core::Collector, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Labels of the TCP metrics; every value is bounded by the pods of the cluster.
-pub const TCP_LABELS: [&str; 6] = [
+/// Labels of the TCP metrics (Istio's names). Every value is bounded by the pods,
+/// service accounts and Services of the cluster and a fixed set of flags: nothing
+/// per connection (no addresses or ports).
+pub const TCP_LABELS: [&str; 13] = [
     "reporter",
     "source_workload",
     "source_workload_namespace",
+    "source_principal",
     "destination_workload",
     "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "response_flags",
     "connection_security_policy",
 ];
 
@@ -65,6 +74,15 @@ pub struct Metrics {
     pub certificate_errors: IntCounter,
     /// TLS handshakes of outbound HBONE connections (pooling keeps this low).
     pub hbone_handshakes: IntCounter,
+    // Agent health, refreshed when scraped (see `health.rs`).
+    pub bpf_map_entries: IntGaugeVec,
+    pub bpf_map_capacity: IntGaugeVec,
+    pub certificate_expiry_seconds: GaugeVec,
+    pub workloads: IntGaugeVec,
+    pub connections_active: IntGaugeVec,
+    /// Unix time of the last cluster state the agent applied.
+    pub state_last_update: Gauge,
+    pub state_age_seconds: Gauge,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -83,6 +101,15 @@ fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Ga
         .register(Box::new(g.clone()))
         .unwrap_or_else(|e| panic!("metric {name} registered twice: {e}"));
     g
+}
+
+/// Registers a health metric; a malformed or doubly registered one is a bug.
+fn register<M: Collector + Clone + 'static>(registry: &Registry, made: prometheus::Result<M>) -> M {
+    let m = made.unwrap_or_else(|e| panic!("a health metric is malformed: {e}"));
+    registry
+        .register(Box::new(m.clone()))
+        .unwrap_or_else(|e| panic!("a health metric is registered twice: {e}"));
+    m
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -205,6 +232,70 @@ impl Metrics {
                 &r,
                 "nodemesh_hbone_handshakes_total",
                 "TLS handshakes of outbound HBONE connections.",
+            ),
+            bpf_map_entries: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "nodemesh_bpf_map_entries",
+                        "Entries in each eBPF map.",
+                    ),
+                    &["map"],
+                ),
+            ),
+            bpf_map_capacity: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "nodemesh_bpf_map_capacity",
+                        "max_entries of each eBPF map.",
+                    ),
+                    &["map"],
+                ),
+            ),
+            certificate_expiry_seconds: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "nodemesh_certificate_expiry_seconds",
+                        "Seconds until each workload certificate on this node expires (negative: expired).",
+                    ),
+                    &["identity"],
+                ),
+            ),
+            workloads: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "nodemesh_workloads",
+                        "Pods on this node, enrolled or not.",
+                    ),
+                    &["state"],
+                ),
+            ),
+            connections_active: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "nodemesh_connections_active",
+                        "Proxied connections open now.",
+                    ),
+                    &["direction"],
+                ),
+            ),
+            state_last_update: register(
+                &r,
+                Gauge::new(
+                    "nodemesh_state_last_update_timestamp_seconds",
+                    "Unix time the agent last applied a new cluster state.",
+                ),
+            ),
+            state_age_seconds: register(
+                &r,
+                Gauge::new(
+                    "nodemesh_state_age_seconds",
+                    "Seconds since the agent last applied a new cluster state.",
+                ),
             ),
             registry: r,
         }

@@ -97,9 +97,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
 /// The identity to expect at `ip` when it is an enrolled pod (its traffic must then
 /// cross the network as mutual TLS).
 pub fn meshed_identity(state: &ClusterState, mesh: &Mesh, ip: IpAddr) -> Option<Identity> {
-    let key = state.pod_by_ip(ip)?;
-    let pod = state.pods.get(key)?;
-    state.enrollment(key, pod).ok()?;
+    let (key, pod) = state.meshed_pod(ip)?;
     Some(mesh.identity_of(&key.namespace, service_account(pod)))
 }
 

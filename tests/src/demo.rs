@@ -40,7 +40,7 @@ fn request_logs(cluster: &SimCluster, node: &str) -> Vec<Value> {
         .agent_log(node)
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["target"] == "nodemesh::access" && v["kind"] == "request")
+        .filter(|v| v["log"] == "access" && v["kind"] == "request")
         .collect()
 }
 
@@ -157,7 +157,7 @@ pub fn run(stop: &AtomicBool) -> Result<()> {
         last["method"].as_str().unwrap_or("?"),
         last["path"].as_str().unwrap_or("?"),
         last["backend"].as_str().unwrap_or("?"),
-        last["upstream"].as_str().unwrap_or("?"),
+        last["upstream_address"].as_str().unwrap_or("?"),
         last["connection_security_policy"].as_str().unwrap_or("?"),
         last["source_principal"].as_str().unwrap_or("?"),
         last["destination_principal"].as_str().unwrap_or("?"),

@@ -109,7 +109,7 @@ fn request_logs(cluster: &SimCluster, node: &str) -> Vec<Value> {
         .agent_log(node)
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["target"] == "nodemesh::access" && v["kind"] == "request")
+        .filter(|v| v["log"] == "access" && v["kind"] == "request")
         .collect()
 }
 

@@ -18,7 +18,7 @@ use super::{
     tls::spiffe_id,
 };
 use crate::{
-    authz::{authorize, Verdict},
+    authz::{admit, Admission},
     connections::{ConnectionInfo, Direction, Security},
     forward::{accept_loop, connect_in_pod, PodContext},
     identity::Identity,
@@ -166,17 +166,19 @@ async fn tunnel(
             .close("refused: hbone_target_not_local");
         return;
     }
-    let verdict = authorize(
+    let admission = admit(
         &ctx.state.borrow(),
         &ctx.pod,
         target.port(),
         Some(&identity),
     );
-    if let Verdict::Deny { policy, reason } = verdict {
-        ctx.metrics
-            .refused
-            .with_label_values(&["policy_denied"])
-            .inc();
+    if let Admission::Refuse {
+        reason: code,
+        policy,
+        detail: reason,
+    } = admission
+    {
+        ctx.metrics.refused.with_label_values(&[code]).inc();
         warn!(pod = %ctx.pod, %target, %identity, policy = policy.as_deref().unwrap_or(""), %reason, "denied by authorization policy");
         reply(&mut respond, StatusCode::FORBIDDEN);
         ctx.connections

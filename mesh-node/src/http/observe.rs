@@ -12,12 +12,12 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tracing::info;
 
 use super::ProxyBody;
 use crate::{
+    access_log,
     connections::Security,
-    metrics::Metrics,
+    metrics::{Metrics, REQUEST_LABELS},
     state::{ObjectKey, PodKey},
 };
 
@@ -102,36 +102,43 @@ impl RequestLog {
             .request_duration
             .with_label_values(&labels)
             .observe(elapsed.as_secs_f64() * 1000.0);
-        info!(
-            target: "nodemesh::access",
-            kind = "request",
-            pod = %self.pod,
-            src = %self.src,
-            method = %self.method,
-            path = %self.path,
-            authority = %self.authority,
-            protocol = self.protocol,
-            response_code = status,
-            response_flags = flags,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            bytes_to_client = bytes_out,
-            service = %self.service,
-            route = %self.rule,
-            source_workload = %self.pod.name,
-            source_workload_namespace = %self.pod.namespace,
-            destination_workload = dst_name,
-            destination_workload_namespace = dst_ns,
-            destination_service = %host,
-            backend = %self.backend.as_ref().map(|b| b.to_string()).unwrap_or_default(),
-            upstream = %self.upstream.map(|u| u.to_string()).unwrap_or_default(),
-            source_principal = %self.source_principal,
-            destination_principal = %self.destination_principal.as_deref().unwrap_or(""),
-            connection_security_policy = self.security.label(),
-            retries = self.retries,
-            trace_id = %self.trace_id,
-            detail = %self.detail,
-            "request"
-        );
+        let mut entry = serde_json::Map::new();
+        entry.insert("log".into(), "access".into());
+        entry.insert("kind".into(), "request".into());
+        for (name, value) in REQUEST_LABELS.iter().zip(labels) {
+            entry.insert((*name).into(), value.into());
+        }
+        let text = |v: Option<String>| v.map(serde_json::Value::from).unwrap_or_default();
+        let fields: [(&str, serde_json::Value); 15] = [
+            ("response_code", status.into()),
+            ("pod", self.pod.to_string().into()),
+            ("source_address", self.src.to_string().into()),
+            ("method", self.method.as_str().into()),
+            ("path", self.path.as_str().into()),
+            ("authority", self.authority.as_str().into()),
+            ("request_protocol", self.protocol.into()),
+            ("duration_ms", (elapsed.as_secs_f64() * 1000.0).into()),
+            ("received_bytes", bytes_out.into()),
+            ("service", self.service.to_string().into()),
+            ("route", self.rule.as_str().into()),
+            (
+                "backend",
+                text(self.backend.as_ref().map(|b| b.to_string())),
+            ),
+            (
+                "upstream_address",
+                text(self.upstream.map(|u| u.to_string())),
+            ),
+            ("retries", self.retries.into()),
+            ("trace_id", self.trace_id.as_str().into()),
+        ];
+        for (k, v) in fields {
+            entry.insert(k.into(), v);
+        }
+        if !self.detail.is_empty() {
+            entry.insert("detail".into(), self.detail.as_str().into());
+        }
+        access_log::write(&serde_json::Value::Object(entry));
     }
 }
 

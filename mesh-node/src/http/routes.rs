@@ -350,6 +350,17 @@ impl RouteTable {
         }
     }
 
+    /// Every rule of the table, once each, in precedence order (for `trace`).
+    pub fn rules(&self) -> Vec<&Arc<Rule>> {
+        let mut out: Vec<&Arc<Rule>> = Vec::new();
+        for (_, rule) in &self.entries {
+            if !out.iter().any(|r| Arc::ptr_eq(r, rule)) {
+                out.push(rule);
+            }
+        }
+        out
+    }
+
     /// The most specific match for this request, with its rule.
     pub fn select(&self, request: &Parts) -> Option<(&RequestMatch, &Arc<Rule>)> {
         self.entries

@@ -81,6 +81,14 @@ impl ClusterState {
         Ok(())
     }
 
+    /// The enrolled pod that owns `ip`: the proxy sends traffic for it over HBONE.
+    pub fn meshed_pod(&self, ip: IpAddr) -> Option<(&PodKey, &Pod)> {
+        let key = self.pod_by_ip(ip)?;
+        let pod = self.pods.get(key)?;
+        self.enrollment(key, pod).ok()?;
+        Some((key, &**pod))
+    }
+
     /// Whether plaintext inbound is refused for pods of `namespace`.
     pub fn strict_mtls(&self, namespace: &str) -> bool {
         self.namespace(namespace)

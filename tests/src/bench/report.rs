@@ -99,9 +99,8 @@ impl Report<'_> {
                 self.versus_direct(mesh, m)
             );
         }
-        let l7 = |m| {
-            Some(self.median(Scenario::NodemeshL7, m)? - self.median(Scenario::NodemeshL4, m)?)
-        };
+        let l7 =
+            |m| Some(self.median(Scenario::NodemeshL7, m)? - self.median(Scenario::NodemeshL4, m)?);
         if let (Some(p50), Some(p99)) = (l7(Metric::HttpP50), l7(Metric::HttpP99)) {
             let _ = writeln!(
                 t,

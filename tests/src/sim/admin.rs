@@ -16,10 +16,53 @@ use super::{host, SimCluster};
 impl SimCluster {
     /// One HTTP/1.1 request to the node agent's admin API (127.0.0.1:15000 in the node).
     pub fn admin_raw(&self, node: &str, method: &str, path: &str) -> Result<(u16, String)> {
+        self.http_in_node(node, "127.0.0.1:15000".parse()?, method, path)
+    }
+
+    /// The node agent's Prometheus endpoint (:15020/metrics), as a scraper reads it.
+    pub fn scrape_metrics(&self, node: &str) -> Result<String> {
+        let (status, body) =
+            self.http_in_node(node, "127.0.0.1:15020".parse()?, "GET", "/metrics")?;
+        if status != 200 {
+            bail!("metrics on {node}: HTTP {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// Runs `meshctl node <args>` inside the node, as an operator on it would.
+    pub fn meshctl(&self, node: &str, args: &[&str]) -> Result<std::process::Output> {
+        let meshctl = host::target_bin("meshctl")?;
+        Ok(self
+            .node_placement(node)
+            .command(&meshctl)?
+            .arg("node")
+            .args(args)
+            .output()?)
+    }
+
+    /// `meshctl node <args> -o json`, which must succeed, parsed.
+    pub fn meshctl_json(&self, node: &str, args: &[&str]) -> Result<Value> {
+        let out = self.meshctl(node, &[args, &["-o", "json"]].concat())?;
+        if !out.status.success() {
+            bail!(
+                "meshctl node {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("meshctl node {args:?}: not JSON"))
+    }
+
+    fn http_in_node(
+        &self,
+        node: &str,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+    ) -> Result<(u16, String)> {
         let request =
             format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
         host::in_netns(&self.node(node).netns, move || {
-            let addr: SocketAddr = "127.0.0.1:15000".parse()?;
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
             s.write_all(request.as_bytes())?;
