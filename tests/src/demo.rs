@@ -206,8 +206,11 @@ pub fn run(stop: &AtomicBool) -> Result<()> {
         step(&format!("meshctl node workloads, on node {node}"));
         print!("{}", indent(&meshctl(&cluster, node, &["workloads"])?));
     }
-    step("meshctl node services, on node a");
-    print!("{}", indent(&meshctl(&cluster, "a", &["services"])?));
+    step("meshctl node routes, on node a (weights and the shares picked so far)");
+    print!("{}", indent(&meshctl(&cluster, "a", &["routes"])?));
+    let target = format!("{web}");
+    step(&format!("meshctl node trace demo/forbidden {target}, on node a (no traffic sent)"));
+    print!("{}", indent(&meshctl(&cluster, "a", &["trace", "demo/forbidden", &target])?));
     drop(servers);
     step("Done: tearing the cluster down (namespaces, cgroups, pins, processes)");
     Ok(())
