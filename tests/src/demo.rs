@@ -209,8 +209,17 @@ pub fn run(stop: &AtomicBool) -> Result<()> {
     step("meshctl node routes, on node a (weights and the shares picked so far)");
     print!("{}", indent(&meshctl(&cluster, "a", &["routes"])?));
     let target = format!("{web}");
-    step(&format!("meshctl node trace demo/forbidden {target}, on node a (no traffic sent)"));
-    print!("{}", indent(&meshctl(&cluster, "a", &["trace", "demo/forbidden", &target])?));
+    step(&format!(
+        "meshctl node trace demo/forbidden {target}, on node a (no traffic sent)"
+    ));
+    print!(
+        "{}",
+        indent(&meshctl(
+            &cluster,
+            "a",
+            &["trace", "demo/forbidden", &target]
+        )?)
+    );
     drop(servers);
     step("Done: tearing the cluster down (namespaces, cgroups, pins, processes)");
     Ok(())

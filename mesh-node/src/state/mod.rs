@@ -191,45 +191,32 @@ fn service_parent(
     Some((key, port.and_then(|p| u16::try_from(p).ok())))
 }
 
-impl ServiceParents for TcpRoute {
-    fn service_parents(&self, own_namespace: &str) -> Vec<(ObjectKey, Option<u16>)> {
-        self.spec
-            .parent_refs
-            .iter()
-            .flatten()
-            .filter_map(|p| {
-                service_parent(
-                    p.group.as_deref(),
-                    p.kind.as_deref(),
-                    &p.name,
-                    p.namespace.as_deref(),
-                    p.port,
-                    own_namespace,
-                )
-            })
-            .collect()
-    }
+/// The route kinds' parentRef types differ only in name (generated per CRD).
+macro_rules! service_parents_of {
+    ($($route:ty),*) => {$(
+        impl ServiceParents for $route {
+            fn service_parents(&self, own_namespace: &str) -> Vec<(ObjectKey, Option<u16>)> {
+                self.spec
+                    .parent_refs
+                    .iter()
+                    .flatten()
+                    .filter_map(|p| {
+                        service_parent(
+                            p.group.as_deref(),
+                            p.kind.as_deref(),
+                            &p.name,
+                            p.namespace.as_deref(),
+                            p.port,
+                            own_namespace,
+                        )
+                    })
+                    .collect()
+            }
+        }
+    )*};
 }
 
-impl ServiceParents for HttpRoute {
-    fn service_parents(&self, own_namespace: &str) -> Vec<(ObjectKey, Option<u16>)> {
-        self.spec
-            .parent_refs
-            .iter()
-            .flatten()
-            .filter_map(|p| {
-                service_parent(
-                    p.group.as_deref(),
-                    p.kind.as_deref(),
-                    &p.name,
-                    p.namespace.as_deref(),
-                    p.port,
-                    own_namespace,
-                )
-            })
-            .collect()
-    }
-}
+service_parents_of!(TcpRoute, HttpRoute);
 
 fn route_index<T: ServiceParents>(routes: &Objects<T>) -> HashMap<ObjectKey, Vec<ObjectKey>> {
     let mut index: HashMap<ObjectKey, Vec<ObjectKey>> = HashMap::new();
