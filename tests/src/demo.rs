@@ -10,7 +10,6 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
 
 use crate::sim::{examples, host::target_bin, Process, SimCluster};
 
@@ -32,16 +31,6 @@ fn check(stop: &AtomicBool) -> Result<()> {
 pub fn examples_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
     dir.canonicalize().unwrap_or(dir)
-}
-
-/// The request access-log lines of a node's agent.
-fn request_logs(cluster: &SimCluster, node: &str) -> Vec<Value> {
-    cluster
-        .agent_log(node)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["log"] == "access" && v["kind"] == "request")
-        .collect()
 }
 
 fn meshctl(cluster: &SimCluster, node: &str, args: &[&str]) -> Result<String> {
@@ -150,7 +139,7 @@ pub fn run(stop: &AtomicBool) -> Result<()> {
     println!("    (the HTTPRoute asks for 90/10; every request is routed on its own)");
 
     step("Who talked to whom: mutual TLS with SPIFFE identities");
-    let logs = request_logs(&cluster, "a");
+    let logs = cluster.request_logs("a");
     let last = logs.last().context("node a logged no request")?;
     println!(
         "    node a, request log: {} {} → {} via {}: {} {} -> {}",

@@ -103,16 +103,6 @@ fn header<'a>(s: &'a HttpSample, name: &str) -> Option<&'a str> {
     s.headers.get(name).map(String::as_str)
 }
 
-/// Request access-log lines of node `node` (JSON), newest last.
-fn request_logs(cluster: &SimCluster, node: &str) -> Vec<Value> {
-    cluster
-        .agent_log(node)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["log"] == "access" && v["kind"] == "request")
-        .collect()
-}
-
 #[test]
 fn mesh_routes_apply_by_service_address_and_port_not_by_host_or_pod_ip() {
     let (cluster, _servers) = cluster();
@@ -264,16 +254,18 @@ fn requests_match_on_path_headers_query_and_method_in_the_specs_order() {
     }
     // Named rules show in the access log, with the request's facts.
     let logs = cluster.eventually(Duration::from_secs(3), || {
-        request_logs(&cluster, "a")
+        cluster
+            .request_logs("a")
             .iter()
             .any(|l| l["route"] == "apps/split#exact")
     });
     assert!(
         logs.is_some(),
         "no access-log line names the rule: {:?}",
-        request_logs(&cluster, "a").last()
+        cluster.request_logs("a").last()
     );
-    let line = request_logs(&cluster, "a")
+    let line = cluster
+        .request_logs("a")
         .into_iter()
         .find(|l| l["route"] == "apps/split#patch")
         .expect("a PATCH line");
@@ -497,7 +489,7 @@ fn timeouts_retries_and_missing_backends_answer_in_time_with_clear_errors() {
         &["-H", "x-fail-attempts: 5", "--request-ids", "many"],
     );
     assert_eq!(first(&r).status, 503, "{r:?}");
-    let logs = request_logs(&cluster, "a");
+    let logs = cluster.request_logs("a");
     let exhausted = logs
         .iter()
         .rev()
@@ -605,7 +597,8 @@ fn http2_websocket_trace_context_and_request_metrics() {
     );
     let trace_id = &started[3..35];
     let logged = cluster.eventually(Duration::from_secs(3), || {
-        request_logs(&cluster, "a")
+        cluster
+            .request_logs("a")
             .iter()
             .any(|l| l["trace_id"] == trace_id && l["path"] == "/untraced")
     });
@@ -698,7 +691,8 @@ fn a_request_the_destinations_policy_denies_gets_403_and_allowed_ones_pass() {
     assert!(s.body.contains("authorization policy denies"), "{}", s.body);
     let ok = first(&request(&cluster, dst, "echo", "/", &[]));
     assert_eq!((ok.status, served_by(&ok)), (200, "echo-v1"));
-    let line = request_logs(&cluster, "a")
+    let line = cluster
+        .request_logs("a")
         .into_iter()
         .rev()
         .find(|l| l["response_code"] == 403)

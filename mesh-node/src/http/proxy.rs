@@ -25,7 +25,11 @@ use super::{
     upstream::{peer_of, Protocol, UpstreamError},
     ProxyBody,
 };
-use crate::{connections::Security, forward::PodContext, state::ObjectKey};
+use crate::{
+    connections::Security,
+    forward::PodContext,
+    state::{ClusterState, ObjectKey},
+};
 
 /// Request bodies up to this size are kept so a retry can resend them.
 const MAX_REPLAY_BODY: u64 = 64 * 1024;
@@ -241,15 +245,29 @@ struct Attempt {
 }
 
 /// Sends one attempt to the next weighted backend of `rule`.
-async fn attempt(
-    ctx: &PodContext,
-    frontend: &Frontend,
-    rule: &Rule,
-    parts: &Parts,
-    body: &mut RequestBody,
+/// What every attempt of one request shares: routed once, against one snapshot.
+struct Exchange<'a> {
+    ctx: &'a PodContext,
+    frontend: &'a Frontend,
+    state: &'a ClusterState,
+    rule: &'a Rule,
+    parts: &'a Parts,
     upgrade: bool,
+}
+
+async fn attempt(
+    x: &Exchange<'_>,
+    body: &mut RequestBody,
     log: &mut RequestLog,
 ) -> Result<Attempt, Failure> {
+    let Exchange {
+        ctx,
+        frontend,
+        state,
+        rule,
+        parts,
+        upgrade,
+    } = *x;
     let refs: Vec<_> = rule.backends.iter().map(|b| &b.backend).collect();
     let index = ctx
         .balancer
@@ -269,9 +287,9 @@ async fn attempt(
         .balancer
         .pick_endpoint(&target.backend)
         .ok_or_else(|| Failure::NoEndpoint(target.backend.service.clone()))?;
-    let peer = peer_of(ctx, pick.endpoint);
+    let peer = peer_of(ctx, state, pick.endpoint);
     log.upstream = Some(pick.endpoint);
-    log.destination_workload = ctx.state.borrow().pod_by_ip(pick.endpoint.ip()).cloned();
+    log.destination_workload = state.pod_by_ip(pick.endpoint.ip()).cloned();
     log.destination_principal = peer.identity.as_ref().map(|i| i.to_string());
     log.security = peer.security;
     let protocol = if parts.version == Version::HTTP_2 || frontend.backend_http2 {
@@ -305,21 +323,25 @@ async fn attempt(
 
 /// Attempts until one succeeds, the retry policy is spent, or a failure is final.
 async fn attempts(
-    ctx: &PodContext,
-    frontend: &Frontend,
-    rule: &Rule,
-    parts: &Parts,
+    x: &Exchange<'_>,
     mut body: RequestBody,
-    upgrade: bool,
     log: &mut RequestLog,
 ) -> Result<Attempt, Failure> {
+    let Exchange {
+        ctx,
+        frontend,
+        rule,
+        parts,
+        upgrade,
+        ..
+    } = *x;
     let replayable = matches!(body, RequestBody::Replayable(_));
     let idempotent = is_idempotent(&parts.method);
     let policy = rule.retry.as_ref().filter(|_| !upgrade);
     let mut retries_left = policy.map(|p| p.attempts).unwrap_or(0);
     let mut backoff = policy.map(|p| p.backoff).unwrap_or_default();
     loop {
-        let result = attempt(ctx, frontend, rule, parts, &mut body, upgrade, log).await;
+        let result = attempt(x, &mut body, log).await;
         let retry = match (&result, policy) {
             (_, None) => false,
             (Ok(a), Some(p)) => replayable && p.codes.contains(&a.response.status().as_u16()),
@@ -499,7 +521,15 @@ pub async fn handle(
             ))
         }
     };
-    let run = attempts(&ctx, &frontend, &rule, &parts, body, upgrade, &mut log);
+    let exchange = Exchange {
+        ctx: &ctx,
+        frontend: &frontend,
+        state: &state,
+        rule: &rule,
+        parts: &parts,
+        upgrade,
+    };
+    let run = attempts(&exchange, body, &mut log);
     let result = match rule.request_timeout {
         Some(t) => tokio::time::timeout_at(Instant::now() + t, run)
             .await

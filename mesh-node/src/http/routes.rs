@@ -4,7 +4,6 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     sync::{Arc, Mutex, Weak},
     time::Duration,
 };
@@ -420,15 +419,6 @@ pub fn declares_http2(state: &ClusterState, service: &ObjectKey, port: u16) -> b
         .and_then(|s| service_port(s, port))
         .and_then(|p| p.app_protocol.as_deref())
         .is_some_and(|a| matches!(a, "kubernetes.io/h2c" | "h2c" | "grpc"))
-}
-
-/// Endpoints of a backend, for logs: `ip:port` list.
-pub fn endpoints_text(endpoints: &[SocketAddr]) -> String {
-    endpoints
-        .iter()
-        .map(|e| e.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use crate::{
     identity::Identity,
     outbound::meshed_identity,
     policy::AuthorizationPolicy,
-    state::Objects,
+    state::{ClusterState, Objects},
 };
 
 /// Idle HTTP/1.1 connections kept per endpoint.
@@ -125,15 +125,16 @@ impl AsyncWrite for Transport {
 pub struct Peer {
     pub security: Security,
     pub identity: Option<Identity>,
+    /// The authorization policies of the snapshot this was judged from.
+    policies: Policies,
 }
 
-/// The security the connection to `target` will have.
-pub fn peer_of(ctx: &PodContext, target: SocketAddr) -> Peer {
-    let state = ctx.state.borrow().clone();
+/// The security the connection to `target` will have, judged from `state`.
+pub fn peer_of(ctx: &PodContext, state: &ClusterState, target: SocketAddr) -> Peer {
     let identity = ctx
         .mesh
         .as_ref()
-        .and_then(|mesh| meshed_identity(&state, mesh, target.ip()));
+        .and_then(|mesh| meshed_identity(state, mesh, target.ip()));
     Peer {
         security: if identity.is_some() {
             Security::MutualTls
@@ -141,6 +142,7 @@ pub fn peer_of(ctx: &PodContext, target: SocketAddr) -> Peer {
             Security::None
         },
         identity,
+        policies: state.authorization_policies.clone(),
     }
 }
 
@@ -301,7 +303,7 @@ impl UpstreamPool {
         upgrade: bool,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let failed = |source| UpstreamError::Request { target, source };
-        let policies = ctx.state.borrow().authorization_policies.clone();
+        let policies = peer.policies.clone();
         if protocol == Protocol::Http2 {
             let mut sender = self.http2(ctx, target, peer, &policies).await?;
             return sender.send_request(request).await.map_err(failed);

@@ -104,4 +104,13 @@ impl SimCluster {
             .filter_map(|m| Some((m["name"].as_str()?.to_string(), m["entries"].as_u64()?)))
             .collect())
     }
+
+    /// The HTTP request lines of the node agent's access log (JSON on stdout), oldest first.
+    pub fn request_logs(&self, node: &str) -> Vec<Value> {
+        self.agent_log(node)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["log"] == "access" && v["kind"] == "request")
+            .collect()
+    }
 }
