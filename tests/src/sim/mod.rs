@@ -10,6 +10,7 @@ mod manifests;
 pub mod network;
 pub mod registry;
 pub mod services;
+pub mod usage;
 
 pub use cluster::{ClusterSpec, PodSpec, Process, SimCluster, SimNode, SimPod};
 pub use services::{RouteSpec, ServiceSpec, SimService};
