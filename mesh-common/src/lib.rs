@@ -14,6 +14,14 @@ pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// In-pod HBONE (mTLS) listener; never captured by sk_lookup.
 pub const HBONE_PORT: u16 = 15008;
 
+/// Whether `port` is one of the mesh's own in-pod ports. Nothing the mesh forwards may
+/// target one of them: that would be the mesh connecting to itself (a loop), and they are
+/// never an application's ports in an enrolled pod.
+#[inline(always)]
+pub const fn is_mesh_pod_port(port: u16) -> bool {
+    port == OUTBOUND_PORT || port == INBOUND_PLAINTEXT_PORT || port == HBONE_PORT
+}
+
 /// Excluded ports per direction and pod; a zero slot is unused.
 pub const MAX_EXCLUDED_PORTS: usize = 8;
 /// Excluded outbound CIDRs per pod.

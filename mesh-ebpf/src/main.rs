@@ -26,8 +26,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use mesh_common::{
-    ConnKey, InboundPolicy, Ip, NodeConfig, OrigDst, OutboundPolicy, AF_INET, AF_INET6, HBONE_PORT,
-    INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT,
+    is_mesh_pod_port, ConnKey, InboundPolicy, Ip, NodeConfig, OrigDst, OutboundPolicy, AF_INET,
+    AF_INET6, OUTBOUND_PORT,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -232,11 +232,9 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
     // SAFETY: the kernel hands sk_lookup programs a valid context.
     let (protocol, family, port) = unsafe { ((*l).protocol, (*l).family, (*l).local_port as u16) };
-    if protocol != IPPROTO_TCP
-        || port == HBONE_PORT
-        || port == INBOUND_PLAINTEXT_PORT
-        || port == OUTBOUND_PORT
-    {
+    // The mesh's own ports are never captured: nothing can be steered into a listener
+    // with one of them as its "original destination".
+    if protocol != IPPROTO_TCP || is_mesh_pod_port(port) {
         return SK_PASS;
     }
     // SAFETY: as above; both families are read unconditionally (see mesh_sockops).

@@ -5,7 +5,6 @@
 use std::io::Write;
 
 use serde::Serialize;
-use tracing::warn;
 
 /// Writes `entry` as one line. The line is built first and written with one call, so
 /// lines from concurrent connections never interleave.
@@ -13,13 +12,13 @@ pub fn write(entry: &impl Serialize) {
     let mut line = match serde_json::to_vec(entry) {
         Ok(l) => l,
         Err(e) => {
-            warn!(error = %e, "cannot encode an access log entry");
+            crate::warn_limited!(error = %e, "cannot encode an access log entry");
             return;
         }
     };
     line.push(b'\n');
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
-        warn!(error = %e, "cannot write the access log");
+        crate::warn_limited!(error = %e, "cannot write the access log");
     }
 }

@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::{
     admin_views,
@@ -329,7 +329,7 @@ where
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
-                warn!(error = %e, "admin accept failed");
+                crate::warn_limited!(error = %e, "admin accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }

@@ -13,7 +13,6 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
-use tracing::warn;
 
 use crate::{
     balancer::Balancer,
@@ -82,7 +81,7 @@ where
                 tokio::spawn(handler(stream, peer, ctx.clone()));
             }
             Err(e) => {
-                warn!(pod = %ctx.pod, error = %e, "accept failed; retrying");
+                crate::warn_limited!(pod = %ctx.pod, error = %e, "accept failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -92,7 +91,7 @@ where
 /// Records a connection the proxy refuses, and resets it.
 pub fn refuse(client: TcpStream, info: ConnectionInfo, reason: &'static str, ctx: &PodContext) {
     ctx.metrics.refused.with_label_values(&[reason]).inc();
-    warn!(pod = %info.pod, src = %info.src, dst = %info.original_dst, reason, "connection refused");
+    crate::warn_limited!(pod = %info.pod, src = %info.src, dst = %info.original_dst, reason, "connection refused");
     reset(client);
     ctx.connections
         .open(info)
@@ -132,7 +131,7 @@ pub async fn forward_hbone(
                 .refused
                 .with_label_values(&["hbone_failed"])
                 .inc();
-            warn!(pod = %ctx.pod, %target, error = %e, "HBONE tunnel failed");
+            crate::warn_limited!(pod = %ctx.pod, %target, error = %e, "HBONE tunnel failed");
             reset(client);
             conn.close(format!("hbone_failed: {e}"));
             return;

@@ -3,8 +3,9 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+use mesh_common::is_mesh_pod_port;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::{
     authz::{admit, Admission},
@@ -24,7 +25,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let dst = match stream.local_addr() {
         Ok(a) => SocketAddr::new(canonical(a.ip()), a.port()),
         Err(e) => {
-            warn!(pod = %ctx.pod, src = %peer, error = %e, "inbound socket has no local address");
+            crate::warn_limited!(pod = %ctx.pod, src = %peer, error = %e, "inbound socket has no local address");
             return;
         }
     };
@@ -35,6 +36,15 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         destination_identity: Some(ctx.identity.to_string()),
         ..ConnectionInfo::new(Direction::Inbound, ctx.pod.clone(), peer, dst)
     };
+    // sk_lookup only steers the pod's addresses and never the mesh's ports; anything else
+    // reached the loopback listener from inside the pod, and forwarding it would make
+    // the agent connect to itself.
+    if is_mesh_pod_port(dst.port()) {
+        return refuse(stream, info, "inbound_target_mesh_port", &ctx);
+    }
+    if !ctx.ips.contains(&dst.ip()) {
+        return refuse(stream, info, "inbound_target_not_local", &ctx);
+    }
     if let Admission::Refuse { reason, .. } = admit(&state, &ctx.pod, dst.port(), None) {
         return refuse(stream, info, reason, &ctx);
     }

@@ -9,7 +9,7 @@ use std::{
 
 use mesh_common::ConnKey;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::{
     connections::{ConnectionInfo, Direction},
@@ -48,7 +48,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             .refused
             .with_label_values(&["no_original_destination"])
             .inc();
-        warn!(pod = %ctx.pod, src = %peer, "outbound connection without an original destination; closing");
+        crate::warn_limited!(pod = %ctx.pod, src = %peer, "outbound connection without an original destination; closing");
         reset(stream);
         return;
     };

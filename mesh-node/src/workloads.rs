@@ -332,8 +332,11 @@ impl Workloads {
             listen(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT)?,
             listen(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT)?,
         ];
-        let inbound4 = listen(any4, INBOUND_PLAINTEXT_PORT)?;
-        let inbound6 = listen(any6, INBOUND_PLAINTEXT_PORT)?;
+        // The plaintext inbound listener is reachable only through sk_lookup, which never
+        // steers the mesh's own ports: bound to loopback, no peer can connect to it by
+        // its own address and make it the "original destination" of itself.
+        let inbound4 = listen(IpAddr::V4(Ipv4Addr::LOCALHOST), INBOUND_PLAINTEXT_PORT)?;
+        let inbound6 = listen(IpAddr::V6(Ipv6Addr::LOCALHOST), INBOUND_PLAINTEXT_PORT)?;
         let hbone = [listen(any4, HBONE_PORT)?, listen(any6, HBONE_PORT)?];
 
         let sk_lookup = self

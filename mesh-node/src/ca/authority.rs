@@ -17,7 +17,7 @@ use rcgen::{
 use thiserror::Error;
 use time::OffsetDateTime;
 
-use crate::identity::Identity;
+use crate::{identity::Identity, log_limit::clip};
 
 /// Workload certificates start this far in the past, for clock skew between nodes.
 const BACKDATE: Duration = Duration::from_secs(300);
@@ -29,8 +29,13 @@ pub enum CaError {
     Crypto(#[from] rcgen::Error),
     #[error("the CSR does not parse or its signature is invalid: {0}")]
     Csr(String),
-    #[error("the CSR asks for SANs {found:?}, but the request is for exactly {asked}")]
-    SanMismatch { asked: String, found: Vec<String> },
+    /// `first` is clipped: a CSR is the requester's input and this text is echoed.
+    #[error("the CSR asks for {count} SAN(s) (first: {first}), but the request is for exactly {asked}: put exactly that SPIFFE ID, and nothing else, in the CSR")]
+    SanMismatch {
+        asked: String,
+        count: usize,
+        first: String,
+    },
     #[error("identity {asked} is outside this CA's trust domain {trust_domain}")]
     TrustDomain { asked: String, trust_domain: String },
     #[error("{path}: {source}")]
@@ -184,7 +189,7 @@ impl CertificateAuthority {
             });
         }
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| CaError::Csr(e.to_string()))?;
+            .map_err(|e| CaError::Csr(clip(&e.to_string()).into_owned()))?;
         let asked = identity.to_string();
         let found: Vec<String> = csr
             .params
@@ -196,7 +201,14 @@ impl CertificateAuthority {
             })
             .collect();
         if found != [asked.clone()] {
-            return Err(CaError::SanMismatch { asked, found });
+            return Err(CaError::SanMismatch {
+                asked,
+                count: found.len(),
+                first: found
+                    .first()
+                    .map(|f| clip(f).into_owned())
+                    .unwrap_or_else(|| "none".into()),
+            });
         }
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -285,6 +297,38 @@ mod tests {
             cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(lifetime, 3600 + BACKDATE.as_secs() as i64);
         assert!(!cert.is_ca());
+    }
+
+    #[test]
+    fn a_refusal_does_not_echo_a_huge_csr_back() {
+        let ca =
+            CertificateAuthority::generate("cluster.local", Duration::from_secs(3600)).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = (0..2000)
+            .map(|i| {
+                SanType::DnsName(
+                    format!("san-{i:04}-{}.example", "x".repeat(20))
+                        .try_into()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        assert!(csr.len() > 60_000, "a big CSR: {} bytes", csr.len());
+        let err = ca
+            .sign(&csr, &Identity::new("cluster.local", "apps", "client"))
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, CaError::SanMismatch { count: 2000, .. }),
+            "{text}"
+        );
+        assert!(
+            text.len() < 512,
+            "the answer echoes {} bytes: {text}",
+            text.len()
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::{
     auth::NodeAuthenticator,
@@ -165,7 +165,7 @@ impl CaService {
         let node = match self.authenticator.node_of(authorization.as_deref()).await {
             Ok(n) => n,
             Err(e) => {
-                warn!(error = %e, "CA request refused: not authenticated");
+                crate::warn_limited!(error = %e, "CA request refused: not authenticated");
                 return refuse(StatusCode::UNAUTHORIZED, e.to_string());
             }
         };
@@ -183,7 +183,10 @@ impl CaService {
             Err(e) => {
                 return refuse(
                     StatusCode::BAD_REQUEST,
-                    format!("expected {{\"identity\", \"csr\"}} JSON: {e}"),
+                    format!(
+                        "expected {{\"identity\", \"csr\"}} JSON: {}",
+                        crate::log_limit::clip(&e.to_string())
+                    ),
                 )
             }
         };
@@ -196,7 +199,7 @@ impl CaService {
             key.namespace == identity.namespace && service_account(pod) == identity.service_account
         });
         if !scheduled {
-            warn!(%node, %identity, "CA request refused: no pod of that identity on the node");
+            crate::warn_limited!(%node, %identity, "CA request refused: no pod of that identity on the node");
             return refuse(
                 StatusCode::FORBIDDEN,
                 format!("no pod with identity {identity} is scheduled on node {node}"),
@@ -214,7 +217,7 @@ impl CaService {
                 )
             }
             Err(e) => {
-                warn!(%node, %identity, error = %e, "CA request refused: bad CSR");
+                crate::warn_limited!(%node, %identity, error = %e, "CA request refused: bad CSR");
                 refuse(StatusCode::BAD_REQUEST, e.to_string())
             }
         }
@@ -297,7 +300,7 @@ pub async fn run(config: CaConfig) -> Result<(), CaServerError> {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
-                warn!(error = %e, "CA accept failed");
+                crate::warn_limited!(error = %e, "CA accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

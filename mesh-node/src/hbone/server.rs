@@ -8,9 +8,10 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
+use mesh_common::is_mesh_pod_port;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{
     client::{CONNECTION_WINDOW, STREAM_WINDOW},
@@ -37,7 +38,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>, acceptor: TlsAcc
 
 fn refuse_connection(ctx: &PodContext, peer: SocketAddr, reason: &'static str, detail: &str) {
     ctx.metrics.refused.with_label_values(&[reason]).inc();
-    warn!(pod = %ctx.pod, src = %peer, reason, detail, "HBONE connection refused");
+    crate::warn_limited!(pod = %ctx.pod, src = %peer, reason, detail, "HBONE connection refused");
 }
 
 async fn connection(
@@ -154,16 +155,22 @@ async fn tunnel(
         destination_identity: Some(ctx.identity.to_string()),
         ..ConnectionInfo::new(Direction::Inbound, ctx.pod.clone(), peer, target)
     };
-    if !ctx.ips.contains(&target.ip()) {
-        ctx.metrics
-            .refused
-            .with_label_values(&["hbone_target_not_local"])
-            .inc();
-        warn!(pod = %ctx.pod, %target, %identity, "HBONE target is not this pod");
+    // A tunnel ends at one of this pod's application ports: never at another address,
+    // never at the mesh's own ports (a tunnel into 15008 would nest, into 15006 loop).
+    let refusal = if !ctx.ips.contains(&target.ip()) {
+        Some("hbone_target_not_local")
+    } else if is_mesh_pod_port(target.port()) {
+        Some("hbone_target_mesh_port")
+    } else {
+        None
+    };
+    if let Some(reason) = refusal {
+        ctx.metrics.refused.with_label_values(&[reason]).inc();
+        crate::warn_limited!(pod = %ctx.pod, %target, %identity, reason, "HBONE target refused");
         reply(&mut respond, StatusCode::FORBIDDEN);
         ctx.connections
             .open(info)
-            .close("refused: hbone_target_not_local");
+            .close(format!("refused: {reason}"));
         return;
     }
     let admission = admit(
@@ -179,7 +186,7 @@ async fn tunnel(
     } = admission
     {
         ctx.metrics.refused.with_label_values(&[code]).inc();
-        warn!(pod = %ctx.pod, %target, %identity, policy = policy.as_deref().unwrap_or(""), %reason, "denied by authorization policy");
+        crate::warn_limited!(pod = %ctx.pod, %target, %identity, policy = policy.as_deref().unwrap_or(""), %reason, "denied by authorization policy");
         reply(&mut respond, StatusCode::FORBIDDEN);
         ctx.connections
             .open(info)

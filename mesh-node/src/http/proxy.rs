@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{
     box_body,
@@ -186,7 +186,7 @@ fn reply(
     text: String,
 ) -> Response<ProxyBody> {
     if status.is_server_error() {
-        warn!(pod = %log.pod, service = %log.service, route = %log.rule, %status, reason = %text, "request answered by the proxy");
+        crate::warn_limited!(pod = %log.pod, service = %log.service, route = %log.rule, %status, reason = %text, "request answered by the proxy");
     }
     log.flags = flag;
     log.detail = text.clone();
@@ -395,7 +395,7 @@ fn splice_upgrade(
                     debug!(%pod, error = %e, "upgraded connection ended");
                 }
             }
-            Err(e) => warn!(%pod, error = %e, "protocol upgrade failed"),
+            Err(e) => crate::warn_limited!(%pod, error = %e, "protocol upgrade failed"),
         }
     });
 }

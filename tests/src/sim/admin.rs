@@ -29,6 +29,17 @@ impl SimCluster {
         Ok(body)
     }
 
+    /// `nodemesh_connections_refused_total{reason}` on a node (0 when never counted).
+    pub fn refused_count(&self, node: &str, reason: &str) -> Result<u64> {
+        let (_, text) = self.admin_raw(node, "GET", "/stats/prometheus")?;
+        let prefix = format!("nodemesh_connections_refused_total{{reason=\"{reason}\"}} ");
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64))
+    }
+
     /// Runs `meshctl node <args>` inside the node, as an operator on it would.
     pub fn meshctl(&self, node: &str, args: &[&str]) -> Result<std::process::Output> {
         let meshctl = host::target_bin("meshctl")?;
