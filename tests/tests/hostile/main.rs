@@ -5,4 +5,5 @@
 //!
 //! One module per attack surface.
 
+mod log_flood;
 mod self_loop;
