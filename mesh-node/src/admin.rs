@@ -266,7 +266,9 @@ pub fn admin_route(
                 "pass the new filter as ?level=debug",
             ),
         },
-        (&Method::GET, "/healthz/ready") => readiness(&state.ready, &state.discovery, &state.dataplane),
+        (&Method::GET, "/healthz/ready") => {
+            readiness(&state.ready, &state.discovery, &state.dataplane)
+        }
         (&Method::GET, "/discovery") => json_response(&state.discovery.snapshot()),
         (&Method::GET, "/certs") => json_response(
             &state

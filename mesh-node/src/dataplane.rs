@@ -16,8 +16,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
-    map_names, program_names, ConnKey, EbpfRefusal, InboundPolicy, Ip, NodeConfig, OrigDst,
-    OutboundPolicy,
+    map_names, program_names, ConnKey, InboundPolicy, Ip, NodeConfig, OrigDst, OutboundPolicy,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -135,11 +134,6 @@ const CGROUP_PROGRAMS: [CgroupProgram; 3] = [
 /// Removing a link's last pin detaches its program.
 const RETIRED_PINS: [&str; 2] = ["maps/NM_PENDING_DST", "links/mesh_sock_release"];
 
-/// A capacity map at least this full makes the agent unready.
-const FULL_PERCENT: usize = 90;
-/// How long a computed map fill is reused (counting entries walks the whole map).
-const FILL_CACHE: Duration = Duration::from_secs(1);
-
 /// Key and value sizes of the pinned maps; a pin left by an incompatible build is
 /// replaced instead of being silently misread.
 fn expected_layout(name: &str) -> Option<(u32, u32)> {
@@ -162,8 +156,9 @@ pub struct Dataplane {
     /// A second handle on `NM_ORIG_DST` for counting, so that walking the map never
     /// holds up the proxy's lookups.
     orig_dst_stats: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
-    refused: Mutex<PerCpuArray<MapData, u64>>,
-    fill: Mutex<Option<(Instant, Vec<MapStatus>)>>,
+    pub(crate) refused: Mutex<PerCpuArray<MapData, u64>>,
+    /// The last count of every map's entries, for readiness (see `map_pressure`).
+    pub(crate) fill: Mutex<Option<(Instant, Vec<MapStatus>)>>,
     inbound_pods: Mutex<HashMap<MapData, Ip, InboundPolicy>>,
     inbound_listeners: Mutex<SockHash<MapData, Ip>>,
     pin_dir: PathBuf,
@@ -452,36 +447,6 @@ impl Dataplane {
         ]
     }
 
-    /// How many connects the eBPF side refused so far, per reason (summed over CPUs).
-    pub fn ebpf_refusals(&self) -> Vec<(EbpfRefusal, u64)> {
-        let counters = lock(&self.refused);
-        EbpfRefusal::ALL
-            .iter()
-            .map(|&reason| {
-                let total = counters
-                    .get(&(reason as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
-                (reason, total)
-            })
-            .collect()
-    }
-
-    /// Why the dataplane cannot take more connections or pods: a map with a capacity is
-    /// at least [`FULL_PERCENT`] full (None: all have room). Recounted at most once per
-    /// [`FILL_CACHE`].
-    pub fn pressure_reason(&self) -> Option<String> {
-        let mut cache = lock(&self.fill);
-        let fresh = cache.as_ref().is_some_and(|(at, _)| at.elapsed() < FILL_CACHE);
-        if !fresh {
-            *cache = Some((Instant::now(), self.map_status()));
-        }
-        let maps = cache.as_ref().map(|(_, maps)| maps.as_slice()).unwrap_or(&[]);
-        maps.iter()
-            .find(|m| m.max_entries > 0 && m.entries * 100 >= m.max_entries as usize * FULL_PERCENT)
-            .map(full_map_advice)
-    }
-
     /// Attaches the inbound sk_lookup program to a pod's namespace; the returned link
     /// detaches on drop.
     pub fn attach_sk_lookup(
@@ -501,30 +466,6 @@ impl Dataplane {
         let id = program.attach(netns.file()).map_err(attach_err)?;
         program.take_link(id).map_err(attach_err)
     }
-}
-
-/// What a (nearly) full map means and what to do about it.
-fn full_map_advice(map: &MapStatus) -> String {
-    let what = match map.name {
-        map_names::ORIG_DST => {
-            "redirected connections waiting for the agent to accept them; when it is full, new \
-             connections of enrolled pods are reset. The agent is not accepting fast enough: \
-             check its log for accept errors (file-descriptor limit) and `meshctl node \
-             connections` for a pod opening connections in bulk"
-        }
-        map_names::ENROLLED | map_names::INBOUND_PODS | map_names::INBOUND_LISTENERS => {
-            "enrolled pods of this node; pods beyond it cannot be enrolled. Schedule fewer \
-             pods on this node"
-        }
-        _ => "",
-    };
-    format!(
-        "eBPF map {} is {}% full ({} of {} entries): it holds {what}",
-        map.name,
-        map.entries * 100 / (map.max_entries.max(1) as usize),
-        map.entries,
-        map.max_entries
-    )
 }
 
 /// Another handle on the same kernel map (for reading it without taking the lock of
@@ -551,7 +492,7 @@ fn remove_retired_pins(pin_dir: &Path) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding a map lock leaves the map itself consistent (the kernel
     // owns it), so a poisoned lock is safe to keep using.
     m.lock().unwrap_or_else(|p| p.into_inner())

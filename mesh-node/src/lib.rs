@@ -25,6 +25,7 @@ pub mod identity;
 pub mod inbound;
 pub mod kube_source;
 pub mod locator;
+pub mod map_pressure;
 pub mod metrics;
 pub mod netns;
 pub mod outbound;

@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     io::{BufRead, BufReader},
     net::{SocketAddr, SocketAddrV6},
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -40,6 +40,18 @@ fn refused(cluster: &SimCluster, node: &str, reason: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&prefix))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
+/// The machine's unreclaimable kernel slab (sockets and their BPF storage live there),
+/// for the figures only: it is machine-wide.
+fn kernel_slab_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("SUnreclaim:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
 
@@ -79,6 +91,47 @@ fn start_flood(
     (process, report)
 }
 
+/// What `NM_PARKED` holds for a few of `pid`'s sockets (None: no entry), read through
+/// copies of its descriptors (a socket-storage map is looked up by socket fd).
+fn parked_of(map: &OwnedFd, pid: u32, sample: usize) -> Vec<Option<[u8; 40]>> {
+    // SAFETY: pidfd_open(2) on a live child; the fd is owned right below.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh descriptor nobody else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let sockets: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+        })
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .take(sample)
+        .collect();
+    sockets
+        .into_iter()
+        .map(|fd| {
+            // SAFETY: pidfd_getfd(2) duplicates the child's descriptor into ours.
+            let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+            assert!(
+                copy >= 0,
+                "pidfd_getfd: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: a fresh descriptor nobody else owns.
+            let copy = unsafe { OwnedFd::from_raw_fd(copy as i32) };
+            let mut value = [0u8; 40];
+            map_lookup(map, &copy.as_raw_fd().to_ne_bytes(), &mut value)
+                .ok()
+                .map(|()| value)
+        })
+        .collect()
+}
+
 #[test]
 fn a_pod_parking_66000_connects_does_not_take_other_pods_out_of_the_mesh() {
     let cluster = SimCluster::create(spec()).unwrap();
@@ -92,6 +145,7 @@ fn a_pod_parking_66000_connects_does_not_take_other_pods_out_of_the_mesh() {
     assert_eq!(warmup.peer.as_deref(), Some(OUTBOUND_V4));
     let maps_before = cluster.map_entries("a").unwrap();
     let usage_before = cluster.agent_usage("a").unwrap();
+    let slab_before = kernel_slab_kib();
 
     let capture = capture::Capture::start(&cluster.fabric).unwrap();
     let mapped = SocketAddrV6::new(server.ipv4.to_ipv6_mapped(), 8080, 0, 0);
@@ -113,7 +167,15 @@ fn a_pod_parking_66000_connects_does_not_take_other_pods_out_of_the_mesh() {
         "the attacker could not open its sockets"
     );
     let maps_during = cluster.map_entries("a").unwrap();
+    // Every attacking socket did get its own parked entry (the attack exercises the
+    // path), holding the destination it asked for.
+    let parked_map = bpf_sys::obj_get(&cluster.node("a").pin_dir.join("maps/NM_PARKED")).unwrap();
+    let parked: Vec<Option<[u8; 40]>> = attack
+        .iter()
+        .flat_map(|p| parked_of(&parked_map, p.0.id(), 8))
+        .collect();
     let usage_during = cluster.agent_usage("a").unwrap();
+    let slab_during = kernel_slab_kib();
 
     // Other enrolled pods of the node, while the attacker holds its sockets.
     let victims = 40;
@@ -137,6 +199,12 @@ fn a_pod_parking_66000_connects_does_not_take_other_pods_out_of_the_mesh() {
         cluster.map_entries("a").ok().as_ref() == Some(&maps_before)
     });
     let usage_after = cluster.agent_usage("a").unwrap();
+    eprintln!(
+        "kernel slab: {} MiB before, {} MiB during, {} MiB after",
+        slab_before / 1024,
+        slab_during / 1024,
+        kernel_slab_kib() / 1024
+    );
     eprintln!(
         "maps before {maps_before:?}\n     during {maps_during:?}\n      after {:?} ({:?} after the attacker closed)\n\
          agent before {usage_before}, during {usage_during}, after {usage_after}\n\
@@ -188,6 +256,16 @@ fn a_pod_parking_66000_connects_does_not_take_other_pods_out_of_the_mesh() {
         usage_after.fds <= usage_before.fds + 16,
         "agent fds: {usage_before} -> {usage_after}"
     );
+    assert_eq!(parked.len(), 8 * ATTACK_PROCESSES as usize);
+    for value in &parked {
+        let value = value.expect("an attacking socket without a parked entry");
+        assert_eq!(&value[..16], &mapped.ip().octets(), "parked address");
+        assert_eq!(
+            u16::from_ne_bytes([value[16], value[17]]),
+            8080,
+            "parked port"
+        );
+    }
 }
 
 /// The pod's own sockets cannot get parking space (its per-socket memory allowance is
@@ -270,17 +348,12 @@ struct MapElemAttr {
     flags: u64,
 }
 
-fn bpf_elem(
-    cmd: libc::c_long,
-    map: &OwnedFd,
-    key: &[u8],
-    value: Option<&[u8]>,
-) -> std::io::Result<()> {
+fn bpf_elem(cmd: libc::c_long, map: &OwnedFd, key: &[u8], value: u64) -> std::io::Result<()> {
     let attr = MapElemAttr {
         map_fd: map.as_raw_fd() as u32,
         _pad: 0,
         key: key.as_ptr() as u64,
-        value: value.map(|v| v.as_ptr() as u64).unwrap_or(0),
+        value,
         flags: 0,
     };
     // SAFETY: bpf(2) with an attribute block that points at live buffers of the map's
@@ -299,14 +372,19 @@ fn bpf_elem(
     Ok(())
 }
 
+fn map_lookup(map: &OwnedFd, key: &[u8], value: &mut [u8]) -> std::io::Result<()> {
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    bpf_elem(BPF_MAP_LOOKUP_ELEM, map, key, value.as_mut_ptr() as u64)
+}
+
 fn map_update(map: &OwnedFd, key: &[u8], value: &[u8]) -> std::io::Result<()> {
     const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-    bpf_elem(BPF_MAP_UPDATE_ELEM, map, key, Some(value))
+    bpf_elem(BPF_MAP_UPDATE_ELEM, map, key, value.as_ptr() as u64)
 }
 
 fn map_delete(map: &OwnedFd, key: &[u8]) -> std::io::Result<()> {
     const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-    bpf_elem(BPF_MAP_DELETE_ELEM, map, key, None)
+    bpf_elem(BPF_MAP_DELETE_ELEM, map, key, 0)
 }
 
 /// With the table of re-keyed destinations full, a redirected connection cannot be
@@ -357,7 +435,11 @@ fn a_full_original_destination_map_resets_connections_and_makes_the_agent_unread
         last.0 == 503
     });
     assert!(unready.is_some(), "still ready with the map full: {last:?}");
-    assert!(last.1.contains("NM_ORIG_DST"), "readiness names the map: {}", last.1);
+    assert!(
+        last.1.contains("NM_ORIG_DST"),
+        "readiness names the map: {}",
+        last.1
+    );
     eprintln!("readiness: {}", last.1.trim());
 
     unfill_orig_dst(&map, added);
