@@ -33,10 +33,13 @@ pub const MAX_NODE_ADDRS: usize = 4;
 pub mod map_names {
     pub const CONFIG: &str = "NM_CONFIG";
     pub const ENROLLED: &str = "NM_ENROLLED";
-    pub const PENDING_DST: &str = "NM_PENDING_DST";
+    /// Per-socket storage (`BPF_MAP_TYPE_SK_STORAGE`): the parked original destination.
+    pub const PARKED: &str = "NM_PARKED";
     pub const ORIG_DST: &str = "NM_ORIG_DST";
     pub const INBOUND_PODS: &str = "NM_INBOUND_PODS";
     pub const INBOUND_LISTENERS: &str = "NM_INBOUND_LISTENERS";
+    /// Per-CPU counters of connects the eBPF side refused, indexed by [`super::EbpfRefusal`].
+    pub const REFUSED: &str = "NM_REFUSED";
 }
 
 /// Names of the program functions in the eBPF object.
@@ -44,8 +47,34 @@ pub mod program_names {
     pub const CONNECT4: &str = "mesh_connect4";
     pub const CONNECT6: &str = "mesh_connect6";
     pub const SOCK_OPS: &str = "mesh_sockops";
-    pub const SOCK_RELEASE: &str = "mesh_sock_release";
     pub const SK_LOOKUP: &str = "mesh_sk_lookup";
+}
+
+/// Why the eBPF programs refused (or could not complete) the redirect of an enrolled
+/// pod's connection: the index of its counter in `NM_REFUSED`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EbpfRefusal {
+    /// connect4/6: no per-socket storage for the original destination (the kernel could
+    /// not allocate it); the connect fails with EPERM instead of bypassing the mesh.
+    ParkFailed = 0,
+    /// sock_ops: `NM_ORIG_DST` refused the re-keyed entry (full); the outbound proxy
+    /// then resets the connection (`no_original_destination`).
+    OrigDstFull = 1,
+}
+
+impl EbpfRefusal {
+    pub const ALL: [EbpfRefusal; 2] = [EbpfRefusal::ParkFailed, EbpfRefusal::OrigDstFull];
+    /// Slots in `NM_REFUSED` (room for reasons added later without a layout change).
+    pub const SLOTS: u32 = 8;
+
+    /// The `reason` label of its counter.
+    pub const fn name(self) -> &'static str {
+        match self {
+            EbpfRefusal::ParkFailed => "ebpf_park_failed",
+            EbpfRefusal::OrigDstFull => "ebpf_orig_dst_full",
+        }
+    }
 }
 
 pub const AF_INET: u16 = 2;
@@ -264,8 +293,8 @@ pub struct ConnKey {
     pub _pad: [u16; 3],
 }
 
-/// Value of `NM_PENDING_DST` (keyed by socket cookie) and `NM_ORIG_DST`: where the
-/// application wanted to go.
+/// Value of `NM_PARKED` (per-socket storage of the connecting socket) and `NM_ORIG_DST`:
+/// where the application wanted to go.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct OrigDst {

@@ -2,38 +2,40 @@
 //!
 //! - `mesh_connect4` / `mesh_connect6` (cgroup/connect4, cgroup/connect6): a TCP connect
 //!   from an enrolled network namespace is rewritten to the in-pod outbound listener on
-//!   loopback; the original destination is parked under the socket cookie.
+//!   loopback; the original destination is parked in the connecting socket's own storage
+//!   (`NM_PARKED`). When it cannot be parked the connect fails (EPERM): an enrolled
+//!   pod's connection never leaves the mesh.
 //! - `mesh_sockops` (sock_ops): once the redirected connection is established, the
 //!   original destination is re-keyed by (netns cookie, client address, client port),
 //!   which is what the proxy sees on the accepted socket.
-//! - `mesh_sock_release` (cgroup/sock_release): a socket that never got established
-//!   takes its parked entry with it.
 //! - `mesh_sk_lookup` (sk_lookup, attached per pod netns): inbound TCP to a pod goes to
 //!   the pod's plaintext inbound listener; the original port stays the local address.
 #![no_std]
 #![no_main]
 
-use core::ptr::read_volatile;
+use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_ktime_get_ns, bpf_sk_storage_delete,
+        bpf_sk_storage_get,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{Array, HashMap, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, PerCpuArray, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use mesh_common::{
-    is_mesh_pod_port, ConnKey, InboundPolicy, Ip, NodeConfig, OrigDst, OutboundPolicy, AF_INET,
-    AF_INET6, OUTBOUND_PORT,
+    is_mesh_pod_port, ConnKey, EbpfRefusal, InboundPolicy, Ip, NodeConfig, OrigDst, OutboundPolicy,
+    AF_INET, AF_INET6, OUTBOUND_PORT,
 };
 
 const IPPROTO_TCP: u32 = 6;
 const SK_PASS: u32 = 1;
-/// cgroup sock_addr / sock programs: 1 lets the operation proceed.
+/// cgroup sock_addr / sock programs: 1 lets the operation proceed, 0 fails it (EPERM).
 const ALLOW: i32 = 1;
+const DENY: i32 = 0;
 
 #[map(name = "NM_CONFIG")]
 static NM_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
@@ -42,11 +44,76 @@ static NM_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 #[map(name = "NM_ENROLLED")]
 static NM_ENROLLED: HashMap<u64, OutboundPolicy> = HashMap::pinned(16384, 0);
 
-/// socket cookie -> original destination, from connect until ESTABLISHED.
-#[map(name = "NM_PENDING_DST")]
-static NM_PENDING_DST: HashMap<u64, OrigDst> = HashMap::pinned(65536, 0);
+/// The original destination of a redirected socket, from connect until ESTABLISHED,
+/// kept in that socket's own storage (`BPF_MAP_TYPE_SK_STORAGE`).
+///
+/// Why per-socket storage and not a node-wide hash: a socket can sit between connect and
+/// ESTABLISHED for as long as its owner keeps it open (a connect the kernel refuses after
+/// this hook ran, e.g. an IPv6-only socket to a v4-mapped address, never gets there), so
+/// any shared table can be filled by one pod, and then every other pod's connects would
+/// have nowhere to park. Here each socket carries its own entry and the kernel frees it
+/// with the socket: there is no capacity to run out of, and a pod can only spend its
+/// own sockets. (If the kernel cannot allocate an entry, that one connect fails closed.)
+///
+/// Defined the BTF way (libbpf's `.maps` convention) because the kernel creates sk
+/// storage maps only with BTF ids for key and value, which the legacy `maps` section
+/// of aya-ebpf 0.1 cannot carry; aya 0.13 loads both kinds from one object.
+#[no_mangle]
+#[link_section = ".maps"]
+static NM_PARKED: ParkedMap = ParkedMap {
+    r#type: core::ptr::null(),
+    map_flags: core::ptr::null(),
+    key: core::ptr::null(),
+    value: core::ptr::null(),
+    pinning: core::ptr::null(),
+};
+
+/// BPF_MAP_TYPE_SK_STORAGE
+const MAP_TYPE_SK_STORAGE: usize = 24;
+/// BPF_F_NO_PREALLOC: required for sk storage.
+const MAP_F_NO_PREALLOC: usize = 1;
+/// LIBBPF_PIN_BY_NAME: pinned under the agent's pin directory like the other maps.
+const PIN_BY_NAME: usize = 1;
+const SK_STORAGE_GET_F_CREATE: u64 = 1;
+
+/// The BTF map definition: only the types of its fields matter (array lengths carry the
+/// numbers), which is what a loader reads from the object's BTF.
+#[repr(C)]
+pub struct ParkedMap {
+    r#type: *const [i32; MAP_TYPE_SK_STORAGE],
+    map_flags: *const [i32; MAP_F_NO_PREALLOC],
+    key: *const i32,
+    value: *const OrigDst,
+    pinning: *const [i32; PIN_BY_NAME],
+}
+
+// SAFETY: never dereferenced; the pointers only describe types to the loader.
+unsafe impl Sync for ParkedMap {}
+
+#[inline(always)]
+fn parked_map() -> *mut c_void {
+    &NM_PARKED as *const ParkedMap as *mut c_void
+}
+
+/// Connects the eBPF side refused, per CPU, indexed by [`EbpfRefusal`]; the agent sums
+/// them into `nodemesh_connections_refused_total`.
+#[map(name = "NM_REFUSED")]
+static NM_REFUSED: PerCpuArray<u64> = PerCpuArray::with_max_entries(EbpfRefusal::SLOTS, 0);
+
+#[inline(always)]
+fn count_refusal(reason: EbpfRefusal) {
+    if let Some(slot) = NM_REFUSED.get_ptr_mut(reason as u32) {
+        // SAFETY: a per-CPU slot; programs do not migrate CPUs while running.
+        unsafe { *slot += 1 };
+    }
+}
 
 /// client end (netns, addr, port) -> original destination, until the proxy takes it.
+///
+/// Node-wide, but an entry only exists between a redirected connection's ESTABLISHED and
+/// the agent's accept (which removes it), so a pod holds at most about its 15001 accept
+/// backlog here. Full anyway: the connection gets no entry and the proxy resets it
+/// (counted as `ebpf_orig_dst_full` and `no_original_destination`): closed, never open.
 #[map(name = "NM_ORIG_DST")]
 static NM_ORIG_DST: HashMap<ConnKey, OrigDst> = HashMap::pinned(65536, 0);
 
@@ -78,24 +145,35 @@ fn node_config() -> Option<&'static NodeConfig> {
     NM_CONFIG.get(0)
 }
 
+/// What a connect hook does with a connect.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Not ours: leave the destination alone.
+    Pass,
+    /// Parked: rewrite the destination to the outbound listener.
+    Redirect,
+    /// Ours, but the original destination could not be parked: fail the connect.
+    Refuse,
+}
+
 /// Shared by connect4 and connect6: decides whether to redirect and parks the
-/// original destination. Returns true when the caller must rewrite the address.
+/// original destination.
 #[inline(always)]
-fn should_redirect(ctx: &SockAddrContext, dst: &Ip, port: u16) -> bool {
+fn verdict(ctx: &SockAddrContext, dst: &Ip, port: u16) -> Verdict {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: the kernel hands sock_addr programs a valid context.
     let (protocol, sk) = unsafe { ((*sa).protocol, (*sa).__bindgen_anon_1.sk) };
     if protocol != IPPROTO_TCP || dst.is_loopback_or_unspecified() {
-        return false;
+        return Verdict::Pass;
     }
     let Some(config) = node_config() else {
-        return false;
+        return Verdict::Pass;
     };
     if !sk.is_null() {
         // SAFETY: non-null socket pointer from the context.
         let mark = unsafe { (*sk).mark };
         if config.socket_mark != 0 && mark == config.socket_mark {
-            return false;
+            return Verdict::Pass;
         }
     }
     // SAFETY: plain helper calls.
@@ -106,33 +184,50 @@ fn should_redirect(ctx: &SockAddrContext, dst: &Ip, port: u16) -> bool {
         )
     };
     if config.agent_cgroup_id != 0 && cgroup == config.agent_cgroup_id {
-        return false;
+        return Verdict::Pass;
     }
     // SAFETY: the value is only read.
     let Some(policy) = (unsafe { NM_ENROLLED.get(&netns) }) else {
-        return false;
+        return Verdict::Pass;
     };
     if policy.excludes(dst, port) {
-        return false;
+        return Verdict::Pass;
     }
     let family = if dst.is_v4_mapped() {
         AF_INET
     } else {
         AF_INET6
     };
-    let orig = OrigDst {
-        addr: *dst,
-        port,
-        family,
-        _pad: 0,
-        // SAFETY: plain helper call.
-        created_ns: unsafe { bpf_ktime_get_ns() },
-    };
-    // SAFETY: plain helper call.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // No room to remember the destination: leave the connection alone rather than
-    // redirect it to a proxy that cannot know where it was going.
-    NM_PENDING_DST.insert(&cookie, &orig, 0).is_ok()
+    if sk.is_null() {
+        count_refusal(EbpfRefusal::ParkFailed);
+        return Verdict::Refuse;
+    }
+    // SAFETY: sk is the context's socket; the map is the sk storage map above.
+    let slot = unsafe {
+        bpf_sk_storage_get(
+            parked_map(),
+            sk as *mut c_void,
+            core::ptr::null_mut(),
+            SK_STORAGE_GET_F_CREATE,
+        )
+    } as *mut OrigDst;
+    if slot.is_null() {
+        // No room to remember the destination: the connect fails. Letting it through
+        // unredirected would take an enrolled pod's traffic past the mesh.
+        count_refusal(EbpfRefusal::ParkFailed);
+        return Verdict::Refuse;
+    }
+    // SAFETY: the helper returned this socket's value, sized for OrigDst.
+    unsafe {
+        *slot = OrigDst {
+            addr: *dst,
+            port,
+            family,
+            _pad: 0,
+            created_ns: bpf_ktime_get_ns(),
+        };
+    }
+    Verdict::Redirect
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -140,14 +235,18 @@ pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: valid context; user_ip4/user_port are in network order.
     let (ip, port) = unsafe { ((*sa).user_ip4, u16::from_be((*sa).user_port as u16)) };
-    if should_redirect(&ctx, &Ip::from_v4_be(ip), port) {
-        // SAFETY: connect4 may rewrite the destination.
-        unsafe {
-            (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
-            (*sa).user_port = OUTBOUND_PORT.to_be() as u32;
+    match verdict(&ctx, &Ip::from_v4_be(ip), port) {
+        Verdict::Pass => ALLOW,
+        Verdict::Refuse => DENY,
+        Verdict::Redirect => {
+            // SAFETY: connect4 may rewrite the destination.
+            unsafe {
+                (*sa).user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+                (*sa).user_port = OUTBOUND_PORT.to_be() as u32;
+            }
+            ALLOW
         }
     }
-    ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -161,21 +260,24 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
         )
     };
     let dst = Ip::from_v6_words(words);
-    if should_redirect(&ctx, &dst, port) {
-        // A v4-mapped destination travels as IPv4: send it to the IPv4 listener.
-        let target = if dst.is_v4_mapped() {
-            Ip::from_v4_be(u32::from_ne_bytes([127, 0, 0, 1]))
-        } else {
-            Ip::from_v6_words([0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])])
-        };
-        // SAFETY: connect6 may rewrite the destination, one 32-bit word at a time.
-        unsafe {
-            (*sa).user_ip6[0] = target.words[0];
-            (*sa).user_ip6[1] = target.words[1];
-            (*sa).user_ip6[2] = target.words[2];
-            (*sa).user_ip6[3] = target.words[3];
-            (*sa).user_port = OUTBOUND_PORT.to_be() as u32;
-        }
+    match verdict(&ctx, &dst, port) {
+        Verdict::Pass => return ALLOW,
+        Verdict::Refuse => return DENY,
+        Verdict::Redirect => {}
+    }
+    // A v4-mapped destination travels as IPv4: send it to the IPv4 listener.
+    let target = if dst.is_v4_mapped() {
+        Ip::from_v4_be(u32::from_ne_bytes([127, 0, 0, 1]))
+    } else {
+        Ip::from_v6_words([0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])])
+    };
+    // SAFETY: connect6 may rewrite the destination, one 32-bit word at a time.
+    unsafe {
+        (*sa).user_ip6[0] = target.words[0];
+        (*sa).user_ip6[1] = target.words[1];
+        (*sa).user_ip6[2] = target.words[2];
+        (*sa).user_ip6[3] = target.words[3];
+        (*sa).user_port = OUTBOUND_PORT.to_be() as u32;
     }
     ALLOW
 }
@@ -185,13 +287,27 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return 0;
     }
-    // SAFETY: plain helper call.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied out before the entry is removed.
-    let Some(orig) = (unsafe { NM_PENDING_DST.get(&cookie) }).copied() else {
-        return 0;
-    };
     let ops = ctx.ops;
+    // SAFETY: valid context; the socket pointer may be null and is checked.
+    let sk = unsafe { read_volatile(&(*ops).__bindgen_anon_2.sk) };
+    if sk.is_null() {
+        return 0;
+    }
+    // SAFETY: sk comes from the context; no creation, only a lookup.
+    let slot = unsafe { bpf_sk_storage_get(parked_map(), sk as *mut c_void, core::ptr::null_mut(), 0) }
+        as *const OrigDst;
+    if slot.is_null() {
+        return 0;
+    }
+    // SAFETY: the helper returned this socket's value; copied before it is freed.
+    let orig = unsafe { *slot };
+    // SAFETY: as above; the entry's work is done either way.
+    unsafe { bpf_sk_storage_delete(parked_map(), sk as *mut c_void) };
+    // Only a connection that went to the outbound listener is the proxy's to claim (the
+    // socket may have been parked, refused by the kernel, then connected elsewhere).
+    if u32::from_be(ctx.remote_port()) as u16 != OUTBOUND_PORT {
+        return 0;
+    }
     // Both families are read unconditionally: a load whose context offset depends on a
     // branch is rejected by the verifier ("dereference of modified ctx ptr").
     // SAFETY: valid context; volatile keeps each load at its own constant offset.
@@ -214,17 +330,11 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         port: ctx.local_port() as u16,
         _pad: [0; 3],
     };
-    let _ = NM_ORIG_DST.insert(&key, &orig, 0);
-    let _ = NM_PENDING_DST.remove(&cookie);
+    if NM_ORIG_DST.insert(&key, &orig, 0).is_err() {
+        // The proxy will find nothing for this connection and reset it.
+        count_refusal(EbpfRefusal::OrigDstFull);
+    }
     0
-}
-
-#[cgroup_sock(sock_release)]
-pub fn mesh_sock_release(ctx: SockContext) -> i32 {
-    // SAFETY: plain helper call.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = NM_PENDING_DST.remove(&cookie);
-    ALLOW
 }
 
 #[sk_lookup]

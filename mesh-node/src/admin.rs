@@ -266,7 +266,9 @@ pub fn admin_route(
                 "pass the new filter as ?level=debug",
             ),
         },
-        (&Method::GET, "/healthz/ready") => readiness(&state.ready, &state.discovery),
+        (&Method::GET, "/healthz/ready") => {
+            readiness(&state.ready, &state.discovery, &state.dataplane)
+        }
         (&Method::GET, "/discovery") => json_response(&state.discovery.snapshot()),
         (&Method::GET, "/certs") => json_response(
             &state
@@ -291,17 +293,26 @@ pub fn admin_route(
 }
 
 /// Why the agent is not ready (None: ready).
-pub fn unready_reason(ready: &AtomicBool, discovery: &DiscoveryHealth) -> Option<String> {
+pub fn unready_reason(
+    ready: &AtomicBool,
+    discovery: &DiscoveryHealth,
+    dataplane: &Dataplane,
+) -> Option<String> {
     if !ready.load(Ordering::Relaxed) {
         return Some("eBPF or first reconcile pending".into());
     }
     discovery
         .unready_reason(Instant::now())
         .map(|why| format!("discovery: {why}"))
+        .or_else(|| dataplane.pressure_reason())
 }
 
-pub fn readiness(ready: &AtomicBool, discovery: &DiscoveryHealth) -> HttpResponse {
-    match unready_reason(ready, discovery) {
+pub fn readiness(
+    ready: &AtomicBool,
+    discovery: &DiscoveryHealth,
+    dataplane: &Dataplane,
+) -> HttpResponse {
+    match unready_reason(ready, discovery, dataplane) {
         None => respond(StatusCode::OK, "text/plain", "ready\n"),
         Some(why) => respond(
             StatusCode::SERVICE_UNAVAILABLE,

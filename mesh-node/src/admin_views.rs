@@ -35,8 +35,8 @@ pub fn status(state: &AdminState) -> Value {
     json!({
         "node": state.config.node_name,
         "version": env!("CARGO_PKG_VERSION"),
-        "ready": crate::admin::unready_reason(&state.ready, &state.discovery).is_none(),
-        "not_ready_reason": crate::admin::unready_reason(&state.ready, &state.discovery),
+        "ready": crate::admin::unready_reason(&state.ready, &state.discovery, &state.dataplane).is_none(),
+        "not_ready_reason": crate::admin::unready_reason(&state.ready, &state.discovery, &state.dataplane),
         "uptime_seconds": state.started.elapsed().as_secs(),
         "mtls": state.certificates.is_some(),
         "trust_domain": state.config.trust_domain,

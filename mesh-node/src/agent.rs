@@ -213,9 +213,9 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         crate::health::refresh(&scraped);
         admin::metrics_response(&scraped.metrics)
     }));
-    let (r, d) = (ready.clone(), discovery.clone());
+    let (r, d, dp) = (ready.clone(), discovery.clone(), dataplane.clone());
     tokio::spawn(admin::serve(ready_listener, move |_, _, _| {
-        admin::readiness(&r, &d)
+        admin::readiness(&r, &d, &dp)
     }));
 
     let mut workloads = Workloads::new(

@@ -7,11 +7,11 @@ use std::{
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::Mutex,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::{
-    maps::{Array, HashMap, IterableMap, MapData, MapError, SockHash},
+    maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, SockHash},
     programs::{Program, SkLookup},
     Ebpf, EbpfLoader,
 };
@@ -111,7 +111,7 @@ struct CgroupProgram {
     attach_name: &'static str,
 }
 
-const CGROUP_PROGRAMS: [CgroupProgram; 4] = [
+const CGROUP_PROGRAMS: [CgroupProgram; 3] = [
     CgroupProgram {
         name: program_names::CONNECT4,
         attach: CgroupAttachType::Inet4Connect,
@@ -127,12 +127,12 @@ const CGROUP_PROGRAMS: [CgroupProgram; 4] = [
         attach: CgroupAttachType::SockOps,
         attach_name: "sock_ops",
     },
-    CgroupProgram {
-        name: program_names::SOCK_RELEASE,
-        attach: CgroupAttachType::InetSockRelease,
-        attach_name: "cgroup/sock_release",
-    },
 ];
+
+/// Pins earlier builds left that this one no longer uses: the node-wide parking hash
+/// (replaced by per-socket storage) and the sock_release program that emptied it.
+/// Removing a link's last pin detaches its program.
+const RETIRED_PINS: [&str; 2] = ["maps/NM_PENDING_DST", "links/mesh_sock_release"];
 
 /// Key and value sizes of the pinned maps; a pin left by an incompatible build is
 /// replaced instead of being silently misread.
@@ -141,7 +141,7 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
     let sizes = match name {
         map_names::CONFIG => (4, size_of::<NodeConfig>()),
         map_names::ENROLLED => (8, size_of::<OutboundPolicy>()),
-        map_names::PENDING_DST => (8, size_of::<OrigDst>()),
+        map_names::PARKED => (4, size_of::<OrigDst>()),
         map_names::ORIG_DST => (size_of::<ConnKey>(), size_of::<OrigDst>()),
         map_names::INBOUND_PODS => (size_of::<Ip>(), size_of::<InboundPolicy>()),
         _ => return None,
@@ -152,8 +152,13 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
 pub struct Dataplane {
     ebpf: Mutex<Ebpf>,
     enrolled: Mutex<HashMap<MapData, u64, OutboundPolicy>>,
-    pending: Mutex<HashMap<MapData, u64, OrigDst>>,
     orig_dst: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
+    /// A second handle on `NM_ORIG_DST` for counting, so that walking the map never
+    /// holds up the proxy's lookups.
+    orig_dst_stats: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
+    pub(crate) refused: Mutex<PerCpuArray<MapData, u64>>,
+    /// The last count of every map's entries, for readiness (see `map_pressure`).
+    pub(crate) fill: Mutex<Option<(Instant, Vec<MapStatus>)>>,
     inbound_pods: Mutex<HashMap<MapData, Ip, InboundPolicy>>,
     inbound_listeners: Mutex<SockHash<MapData, Ip>>,
     pin_dir: PathBuf,
@@ -210,10 +215,14 @@ impl Dataplane {
                 source,
             })?;
         }
+        remove_retired_pins(pin_dir)?;
         let reused_pins = drop_incompatible_pins(&map_dir)?;
         let object = AlignedObject::read(object)?;
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(&map_dir)
+            // NM_PARKED is per-socket storage, a map type aya has no wrapper for; only
+            // the programs use it.
+            .allow_unsupported_maps()
             .load(object.bytes())
             .map_err(|e| DataplaneError::Load(Box::new(e)))?;
 
@@ -222,7 +231,6 @@ impl Dataplane {
             program_names::CONNECT4,
             program_names::CONNECT6,
             program_names::SOCK_OPS,
-            program_names::SOCK_RELEASE,
             program_names::SK_LOOKUP,
         ] {
             let program = ebpf
@@ -274,10 +282,15 @@ impl Dataplane {
             .set(0, config, 0)
             .map_err(map_err(map_names::CONFIG))?;
 
+        let orig_dst: HashMap<MapData, ConnKey, OrigDst> =
+            take_map(&mut ebpf, map_names::ORIG_DST)?;
+        let orig_dst_stats = second_handle(&orig_dst, map_names::ORIG_DST)?;
         let dataplane = Dataplane {
             enrolled: Mutex::new(take_map(&mut ebpf, map_names::ENROLLED)?),
-            pending: Mutex::new(take_map(&mut ebpf, map_names::PENDING_DST)?),
-            orig_dst: Mutex::new(take_map(&mut ebpf, map_names::ORIG_DST)?),
+            orig_dst: Mutex::new(orig_dst),
+            orig_dst_stats: Mutex::new(orig_dst_stats),
+            refused: Mutex::new(take_map(&mut ebpf, map_names::REFUSED)?),
+            fill: Mutex::new(None),
             inbound_pods: Mutex::new(take_map(&mut ebpf, map_names::INBOUND_PODS)?),
             inbound_listeners: Mutex::new(take_map(&mut ebpf, map_names::INBOUND_LISTENERS)?),
             ebpf: Mutex::new(ebpf),
@@ -379,33 +392,25 @@ impl Dataplane {
         Some(value)
     }
 
-    /// Removes parked destinations older than `max_age` that no proxy claimed (their
-    /// listener went away before accepting). Returns how many were removed.
+    /// Removes re-keyed destinations older than `max_age` that no proxy claimed (their
+    /// listener went away before accepting). Returns how many were removed. (Parked
+    /// ones live in their socket's storage and go with the socket.)
     pub fn sweep_stale(&self, max_age: Duration) -> usize {
         let now = monotonic_ns();
         let cutoff = now.saturating_sub(max_age.as_nanos() as u64);
-        let mut removed = 0;
-        {
-            let mut orig = lock(&self.orig_dst);
-            let stale: Vec<ConnKey> = orig
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, v)| v.created_ns < cutoff)
-                .map(|(k, _)| k)
-                .collect();
-            for k in stale {
-                removed += usize::from(orig.remove(&k).is_ok());
-            }
-        }
-        let mut pending = lock(&self.pending);
-        let stale: Vec<u64> = pending
+        let stale: Vec<ConnKey> = lock(&self.orig_dst_stats)
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, v)| v.created_ns < cutoff)
             .map(|(k, _)| k)
             .collect();
-        for k in stale {
-            removed += usize::from(pending.remove(&k).is_ok());
+        let mut orig = lock(&self.orig_dst);
+        // Checked again under the lock: the key may have been claimed and reused since.
+        let mut removed = 0;
+        for k in &stale {
+            if orig.get(k, 0).is_ok_and(|v| v.created_ns < cutoff) && orig.remove(k).is_ok() {
+                removed += 1;
+            }
         }
         removed
     }
@@ -430,8 +435,7 @@ impl Dataplane {
         let listeners_info = map_info(IterableMap::map(&*listeners));
         vec![
             status(map_names::ENROLLED, &self.enrolled),
-            status(map_names::PENDING_DST, &self.pending),
-            status(map_names::ORIG_DST, &self.orig_dst),
+            status(map_names::ORIG_DST, &self.orig_dst_stats),
             status(map_names::INBOUND_PODS, &self.inbound_pods),
             MapStatus {
                 name: map_names::INBOUND_LISTENERS,
@@ -464,7 +468,31 @@ impl Dataplane {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Another handle on the same kernel map (for reading it without taking the lock of
+/// the handle the hot path uses).
+fn second_handle(
+    map: &HashMap<MapData, ConnKey, OrigDst>,
+    name: &'static str,
+) -> Result<HashMap<MapData, ConnKey, OrigDst>, DataplaneError> {
+    let (id, _) = map_info(IterableMap::map(map));
+    let data = MapData::from_id(id).map_err(map_err(name))?;
+    HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(name))
+}
+
+/// Removes the pins of [`RETIRED_PINS`] that an earlier build left behind.
+fn remove_retired_pins(pin_dir: &Path) -> Result<(), DataplaneError> {
+    for retired in RETIRED_PINS {
+        let path = pin_dir.join(retired);
+        match fs::remove_file(&path) {
+            Ok(()) => info!(pin = %path.display(), "removed a pin this version no longer uses"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DataplaneError::Pin { path, source }),
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding a map lock leaves the map itself consistent (the kernel
     // owns it), so a poisoned lock is safe to keep using.
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -13,6 +13,11 @@ pub fn refresh(state: &AdminState) {
             .with_label_values(&[map.name])
             .set(i64::from(map.max_entries));
     }
+    // The eBPF side counts in the kernel; bring the counters up to its totals.
+    for (reason, total) in state.dataplane.ebpf_refusals() {
+        let counter = m.refused.with_label_values(&[reason.name()]);
+        counter.inc_by(total.saturating_sub(counter.get()));
+    }
     let now = unix_now();
     // Identities come and go with pods: drop the series of those that left.
     m.certificate_expiry_seconds.reset();

@@ -26,6 +26,7 @@ pub mod inbound;
 pub mod kube_source;
 pub mod locator;
 pub mod log_limit;
+pub mod map_pressure;
 pub mod metrics;
 pub mod netns;
 pub mod outbound;

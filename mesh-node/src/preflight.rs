@@ -73,10 +73,9 @@ pub fn kernel_release() -> String {
 pub fn kernel_requirement(program: &str) -> &'static str {
     match program {
         "mesh_connect4" | "mesh_connect6" => {
-            "cgroup/connect4 and connect6 with bpf_get_netns_cookie (Linux >= 5.7)"
+            "cgroup/connect4 and connect6 with bpf_get_netns_cookie and socket storage (Linux >= 5.8)"
         }
-        "mesh_sockops" => "sock_ops with bpf_get_netns_cookie (Linux >= 5.15)",
-        "mesh_sock_release" => "cgroup/sock_release (Linux >= 5.9)",
+        "mesh_sockops" => "sock_ops with bpf_get_netns_cookie and socket storage (Linux >= 5.15)",
         "mesh_sk_lookup" => "sk_lookup programs and BPF links on network namespaces (Linux >= 5.9)",
         _ => "Linux >= 5.15",
     }

@@ -57,7 +57,7 @@ fn a_killed_agent_restarts_on_its_pinned_state_with_one_attachment_per_program()
     let dst = cluster.pod("server").addr4(8080);
     assert!(cluster.transfer("client", dst, 1024).unwrap().ok);
 
-    let maps_before: Vec<u32> = ["NM_ENROLLED", "NM_ORIG_DST", "NM_PENDING_DST"]
+    let maps_before: Vec<u32> = ["NM_ENROLLED", "NM_ORIG_DST", "NM_PARKED"]
         .iter()
         .map(|m| pinned_map_id(&node.pin_dir, m))
         .collect();
@@ -85,7 +85,7 @@ fn a_killed_agent_restarts_on_its_pinned_state_with_one_attachment_per_program()
     let report = cluster.transfer("client", dst, 1024).unwrap();
     assert_eq!(report.peer.as_deref(), Some(OUTBOUND_LISTENER));
 
-    let maps_after: Vec<u32> = ["NM_ENROLLED", "NM_ORIG_DST", "NM_PENDING_DST"]
+    let maps_after: Vec<u32> = ["NM_ENROLLED", "NM_ORIG_DST", "NM_PARKED"]
         .iter()
         .map(|m| pinned_map_id(&node.pin_dir, m))
         .collect();

@@ -115,6 +115,16 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         size: usize,
     },
+    /// Hostile: open COUNT IPv6-only sockets, connect each to CONNECT (a v4-mapped
+    /// address), print a report once all are open, and hold them for HOLD seconds.
+    ParkFlood {
+        #[arg(long)]
+        connect: std::net::SocketAddrV6,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 120)]
+        hold_seconds: u64,
+    },
     /// Open-loop HTTP/1.1 load at a fixed rate; prints latency percentiles.
     HttpLoad {
         #[arg(long)]
@@ -380,6 +390,16 @@ fn main() {
             let r = mesh_tests::bench::http::load(connect, rate, seconds);
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             std::process::exit(if r.failed == 0 { 0 } else { 1 });
+        }
+        Cmd::ParkFlood {
+            connect,
+            count,
+            hold_seconds,
+        } => {
+            let (r, held) = mesh_tests::flood::park_flood(connect, count);
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            thread::sleep(Duration::from_secs(hold_seconds));
+            drop(held);
         }
         Cmd::Pause => loop {
             thread::sleep(Duration::from_secs(3600));

@@ -33,7 +33,8 @@ impl Capture {
             let fd = unsafe {
                 libc::socket(
                     libc::AF_PACKET,
-                    libc::SOCK_RAW,
+                    // Not inherited by the programs the test starts meanwhile.
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
                     (libc::ETH_P_ALL as u16).to_be() as i32,
                 )
             };

@@ -6,4 +6,5 @@
 //! One module per attack surface.
 
 mod log_flood;
+mod map_fill;
 mod self_loop;
