@@ -266,7 +266,11 @@ pub fn admin_route(
                 "pass the new filter as ?level=debug",
             ),
         },
-        (&Method::GET, "/healthz/ready") => readiness(&state.ready, &state.discovery),
+        (&Method::GET, "/healthz/ready") => readiness(
+            &state.ready,
+            &state.discovery,
+            state.certificates.as_deref(),
+        ),
         (&Method::GET, "/discovery") => json_response(&state.discovery.snapshot()),
         (&Method::GET, "/certs") => json_response(
             &state
@@ -291,17 +295,26 @@ pub fn admin_route(
 }
 
 /// Why the agent is not ready (None: ready).
-pub fn unready_reason(ready: &AtomicBool, discovery: &DiscoveryHealth) -> Option<String> {
+pub fn unready_reason(
+    ready: &AtomicBool,
+    discovery: &DiscoveryHealth,
+    certificates: Option<&CertificateStore>,
+) -> Option<String> {
     if !ready.load(Ordering::Relaxed) {
         return Some("eBPF or first reconcile pending".into());
     }
     discovery
         .unready_reason(Instant::now())
         .map(|why| format!("discovery: {why}"))
+        .or_else(|| certificates.and_then(CertificateStore::unready_reason))
 }
 
-pub fn readiness(ready: &AtomicBool, discovery: &DiscoveryHealth) -> HttpResponse {
-    match unready_reason(ready, discovery) {
+pub fn readiness(
+    ready: &AtomicBool,
+    discovery: &DiscoveryHealth,
+    certificates: Option<&CertificateStore>,
+) -> HttpResponse {
+    match unready_reason(ready, discovery, certificates) {
         None => respond(StatusCode::OK, "text/plain", "ready\n"),
         Some(why) => respond(
             StatusCode::SERVICE_UNAVAILABLE,
