@@ -66,7 +66,12 @@ fn fs_type(dir: &Path) -> Result<i64, CertCacheError> {
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
     nix::sys::statfs::statfs(existing)
-        .map(|s| s.filesystem_type().0 as i64)
+        // The type's width differs between platforms.
+        .map(|s| {
+            #[allow(clippy::unnecessary_cast)]
+            let t = s.filesystem_type().0 as i64;
+            t
+        })
         .map_err(|e| CertCacheError::Io {
             dir: dir.to_path_buf(),
             source: io::Error::from(e),

@@ -197,16 +197,14 @@ impl Workloads {
                 continue;
             }
             if let Some(draining) = self.draining.remove(&key) {
-                match self.revive(&plan, draining.pod) {
-                    Ok(running) => {
-                        info!(pod = %key, "pod enrolled again; its draining listeners serve on");
-                        self.failures.remove(&key);
-                        self.running.insert(key, running);
-                        self.prune_due = true;
-                        continue;
-                    }
-                    Err(old) => self.finish_drain(&key, old),
+                if self.revive(&plan, &draining.pod) {
+                    info!(pod = %key, "pod enrolled again; its draining listeners serve on");
+                    self.failures.remove(&key);
+                    self.running.insert(key, draining.pod);
+                    self.prune_due = true;
+                    continue;
                 }
+                self.finish_drain(&key, draining.pod);
             }
             for w in &plan.warnings {
                 warn!(pod = %key, warning = %w, "pod annotation ignored");
@@ -350,19 +348,19 @@ impl Workloads {
 
     /// Takes a draining pod back into the mesh when nothing about it changed (same
     /// plan, same namespace): its listeners never closed, so only redirection and
-    /// capture come back. Otherwise hands it back, to be closed.
-    fn revive(&self, plan: &PodPlan, pod: RunningPod) -> Result<RunningPod, RunningPod> {
+    /// capture come back. False: it is to be closed and enrolled anew.
+    fn revive(&self, plan: &PodPlan, pod: &RunningPod) -> bool {
         let same_netns = Netns::open(&pod.netns_path).is_ok_and(|ns| ns.id() == pod.netns_id);
         if pod.plan != *plan || !same_netns {
-            return Err(pod);
+            return false;
         }
         let inbound =
             [pod.inbound[0].as_ref(), pod.inbound[1].as_ref()].map(|f| f.map(|f| f.as_fd()));
         match self.capture(plan, pod.cookie, inbound) {
-            Ok(()) => Ok(pod),
+            Ok(()) => true,
             Err(e) => {
                 warn!(pod = %plan.key, error = %e, "cannot take a draining pod back; enrolling it anew");
-                Err(pod)
+                false
             }
         }
     }
