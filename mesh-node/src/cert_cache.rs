@@ -12,12 +12,18 @@ use std::{
     io::{self, Write},
     os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
+    time::SystemTime,
 };
 
+use rcgen::KeyPair;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::identity::Identity;
+use crate::{
+    certificates::{certified, WorkloadCertificate},
+    hbone::tls::{spiffe_id, TrustBundle},
+    identity::Identity,
+};
 
 /// `statfs` magic numbers of the memory-backed filesystems.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -51,6 +57,38 @@ pub struct CachedCertificate {
     pub key: String,
     /// The certificate chain the CA issued, PEM.
     pub chain: String,
+}
+
+impl CachedCertificate {
+    /// The key and certificate, if they are still what peers would accept: the
+    /// identity's own, valid at `now`, chained to the current root, the key matching.
+    pub fn usable(
+        &self,
+        identity: &Identity,
+        trust: &TrustBundle,
+        now: SystemTime,
+    ) -> Result<(KeyPair, WorkloadCertificate), String> {
+        if self.identity != identity.to_string() {
+            return Err(format!("the file is for {}", self.identity));
+        }
+        let key = KeyPair::from_pem(&self.key).map_err(|e| format!("private key: {e}"))?;
+        let cert = certified(identity, &key, &self.chain)?;
+        let leaf = cert.certified.cert.first().ok_or("no certificate")?;
+        let named = spiffe_id(leaf)?;
+        if &named != identity {
+            return Err(format!("the certificate names {named}"));
+        }
+        trust
+            .verify_workload(&cert.certified.cert)
+            .map_err(|e| format!("not accepted under the current root: {e}"))?;
+        cert.certified
+            .keys_match()
+            .map_err(|e| format!("key and certificate differ: {e}"))?;
+        if !cert.is_valid(now) {
+            return Err("expired".into());
+        }
+        Ok((key, cert))
+    }
 }
 
 #[derive(Debug)]
@@ -208,7 +246,59 @@ impl CertCache {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::ca::authority::{new_csr, CertificateAuthority};
+
+    fn kept(ca: &CertificateAuthority, id: &Identity) -> CachedCertificate {
+        let (key, csr) = new_csr(id).unwrap();
+        CachedCertificate {
+            identity: id.to_string(),
+            key: key.serialize_pem(),
+            chain: ca.sign(&csr, id).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_kept_certificate_is_used_only_when_peers_would_accept_it() {
+        let ca = CertificateAuthority::generate("cluster.local", Duration::from_secs(60)).unwrap();
+        let trust = TrustBundle::from_pem(ca.root_pem()).unwrap();
+        let id = Identity::new("cluster.local", "apps", "client");
+        let other = Identity::new("cluster.local", "apps", "admin");
+        let now = SystemTime::now();
+        let good = kept(&ca, &id);
+        let (_, cert) = good.usable(&id, &trust, now).unwrap();
+        assert!(cert.is_valid(now));
+
+        let err = |entry: &CachedCertificate, at: SystemTime| {
+            entry.usable(&id, &trust, at).map(|_| ()).unwrap_err()
+        };
+        // Expired.
+        assert!(err(&good, now + Duration::from_secs(120)).contains("expired"));
+        // Another identity's file or certificate.
+        assert!(err(&kept(&ca, &other), now).contains("admin"));
+        let renamed = CachedCertificate {
+            identity: id.to_string(),
+            ..kept(&ca, &other)
+        };
+        assert!(err(&renamed, now).contains("names"));
+        // Signed under another root (the mesh root was replaced).
+        let old = CertificateAuthority::generate("cluster.local", Duration::from_secs(60)).unwrap();
+        assert!(err(&kept(&old, &id), now).contains("current root"));
+        // A key that is not the certificate's.
+        let swapped = CachedCertificate {
+            key: kept(&ca, &id).key,
+            ..good.clone()
+        };
+        assert!(err(&swapped, now).contains("differ"));
+        // Garbage.
+        let garbage = CachedCertificate {
+            key: "nonsense".into(),
+            ..good
+        };
+        assert!(err(&garbage, now).contains("private key"));
+    }
 
     fn id(sa: &str) -> Identity {
         Identity::new("cluster.local", "apps", sa)

@@ -24,7 +24,7 @@ use x509_parser::pem::parse_x509_pem;
 use crate::{
     ca::{authority::new_csr_with_key, client::CaClient},
     cert_cache::{CachedCertificate, CertCache},
-    hbone::tls::{spiffe_id, TrustBundle},
+    hbone::tls::TrustBundle,
     identity::Identity,
     metrics::Metrics,
     tls,
@@ -135,7 +135,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Builds the rustls key and reads validity and serial from the issued PEM.
-fn certified(
+pub(crate) fn certified(
     identity: &Identity,
     key: &KeyPair,
     cert_pem: &str,
@@ -169,36 +169,6 @@ fn refresh_delay(cert: &WorkloadCertificate, now: SystemTime) -> Duration {
     remaining / 2 - jitter
 }
 
-/// A kept key and certificate, if they are still what peers would accept: the
-/// identity's own, valid now, chained to the current root, the key matching.
-fn usable(
-    identity: &Identity,
-    entry: &CachedCertificate,
-    trust: &TrustBundle,
-    now: SystemTime,
-) -> Result<(KeyPair, WorkloadCertificate), String> {
-    if entry.identity != identity.to_string() {
-        return Err(format!("the file is for {}", entry.identity));
-    }
-    let key = KeyPair::from_pem(&entry.key).map_err(|e| format!("private key: {e}"))?;
-    let cert = certified(identity, &key, &entry.chain)?;
-    let leaf = cert.certified.cert.first().ok_or("no certificate")?;
-    let named = spiffe_id(leaf)?;
-    if &named != identity {
-        return Err(format!("the certificate names {named}"));
-    }
-    trust
-        .verify_workload(&cert.certified.cert)
-        .map_err(|e| format!("not accepted under the current root: {e}"))?;
-    cert.certified
-        .keys_match()
-        .map_err(|e| format!("key and certificate differ: {e}"))?;
-    if !cert.is_valid(now) {
-        return Err("expired".into());
-    }
-    Ok((key, cert))
-}
-
 /// One identity's certificate upkeep.
 struct Upkeep {
     identity: Identity,
@@ -217,7 +187,7 @@ impl Upkeep {
         let cache = self.cache.as_ref()?;
         let identity = &self.identity;
         let found = cache.load(identity).and_then(|e| {
-            e.map(|e| usable(identity, &e, &self.trust, SystemTime::now()))
+            e.map(|e| e.usable(identity, &self.trust, SystemTime::now()))
                 .transpose()
         });
         match found {
@@ -532,55 +502,6 @@ mod tests {
         );
         assert!(cert.is_valid(SystemTime::now()));
         assert!(!cert.is_valid(SystemTime::now() + Duration::from_secs(21)));
-    }
-
-    fn kept(ca: &CertificateAuthority, id: &Identity) -> CachedCertificate {
-        let (key, csr) = new_csr(id).unwrap();
-        CachedCertificate {
-            identity: id.to_string(),
-            key: key.serialize_pem(),
-            chain: ca.sign(&csr, id).unwrap(),
-        }
-    }
-
-    #[test]
-    fn a_kept_certificate_is_used_only_when_peers_would_accept_it() {
-        let ca = CertificateAuthority::generate("cluster.local", Duration::from_secs(60)).unwrap();
-        let trust = TrustBundle::from_pem(ca.root_pem()).unwrap();
-        let id = Identity::new("cluster.local", "apps", "client");
-        let other = Identity::new("cluster.local", "apps", "admin");
-        let now = SystemTime::now();
-        let good = kept(&ca, &id);
-        let (_, cert) = usable(&id, &good, &trust, now).unwrap();
-        assert!(cert.is_valid(now));
-
-        let err = |entry: &CachedCertificate, at: SystemTime| {
-            usable(&id, entry, &trust, at).map(|_| ()).unwrap_err()
-        };
-        // Expired.
-        assert!(err(&good, now + Duration::from_secs(120)).contains("expired"));
-        // Another identity's file or certificate.
-        assert!(err(&kept(&ca, &other), now).contains("admin"));
-        let renamed = CachedCertificate {
-            identity: id.to_string(),
-            ..kept(&ca, &other)
-        };
-        assert!(err(&renamed, now).contains("names"));
-        // Signed under another root (the mesh root was replaced).
-        let old = CertificateAuthority::generate("cluster.local", Duration::from_secs(60)).unwrap();
-        assert!(err(&kept(&old, &id), now).contains("current root"));
-        // A key that is not the certificate's.
-        let swapped = CachedCertificate {
-            key: kept(&ca, &id).key,
-            ..good.clone()
-        };
-        assert!(err(&swapped, now).contains("differ"));
-        // Garbage.
-        let garbage = CachedCertificate {
-            key: "nonsense".into(),
-            ..good
-        };
-        assert!(err(&garbage, now).contains("private key"));
     }
 
     #[tokio::test]
