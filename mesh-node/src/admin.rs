@@ -266,9 +266,12 @@ pub fn admin_route(
                 "pass the new filter as ?level=debug",
             ),
         },
-        (&Method::GET, "/healthz/ready") => {
-            readiness(&state.ready, &state.discovery, &state.dataplane)
-        }
+        (&Method::GET, "/healthz/ready") => readiness(
+            &state.ready,
+            &state.discovery,
+            &state.dataplane,
+            state.certificates.as_deref(),
+        ),
         (&Method::GET, "/discovery") => json_response(&state.discovery.snapshot()),
         (&Method::GET, "/certs") => json_response(
             &state
@@ -297,6 +300,7 @@ pub fn unready_reason(
     ready: &AtomicBool,
     discovery: &DiscoveryHealth,
     dataplane: &Dataplane,
+    certificates: Option<&CertificateStore>,
 ) -> Option<String> {
     if !ready.load(Ordering::Relaxed) {
         return Some("eBPF or first reconcile pending".into());
@@ -305,14 +309,16 @@ pub fn unready_reason(
         .unready_reason(Instant::now())
         .map(|why| format!("discovery: {why}"))
         .or_else(|| dataplane.pressure_reason())
+        .or_else(|| certificates.and_then(CertificateStore::unready_reason))
 }
 
 pub fn readiness(
     ready: &AtomicBool,
     discovery: &DiscoveryHealth,
     dataplane: &Dataplane,
+    certificates: Option<&CertificateStore>,
 ) -> HttpResponse {
-    match unready_reason(ready, discovery, dataplane) {
+    match unready_reason(ready, discovery, dataplane, certificates) {
         None => respond(StatusCode::OK, "text/plain", "ready\n"),
         Some(why) => respond(
             StatusCode::SERVICE_UNAVAILABLE,

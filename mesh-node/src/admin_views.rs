@@ -32,11 +32,17 @@ pub fn status(state: &AdminState) -> Value {
         .unwrap_or_default();
     let (live_out, live_in) = state.connections.live_counts();
     let last_update = state.metrics.state_last_update.get();
+    let unready = crate::admin::unready_reason(
+        &state.ready,
+        &state.discovery,
+        &state.dataplane,
+        state.certificates.as_deref(),
+    );
     json!({
         "node": state.config.node_name,
         "version": env!("CARGO_PKG_VERSION"),
-        "ready": crate::admin::unready_reason(&state.ready, &state.discovery, &state.dataplane).is_none(),
-        "not_ready_reason": crate::admin::unready_reason(&state.ready, &state.discovery, &state.dataplane),
+        "ready": unready.is_none(),
+        "not_ready_reason": unready,
         "uptime_seconds": state.started.elapsed().as_secs(),
         "mtls": state.certificates.is_some(),
         "trust_domain": state.config.trust_domain,

@@ -20,6 +20,7 @@ use crate::{
     admin::{self, AdminState, LogLevel},
     balancer::Balancer,
     ca::client::{CaClient, Credential},
+    cert_cache::CertCache,
     certificates::CertificateStore,
     cgroup::{self, MountError},
     config::{AgentConfig, NetnsLocatorKind, Source},
@@ -118,8 +119,13 @@ fn mesh(config: &AgentConfig, metrics: &Arc<Metrics>) -> Result<Option<Arc<Mesh>
     let credential = Credential::TokenFile(token_file);
     let client = CaClient::new(addr, config.ca_server_name.as_deref(), &root, credential)
         .map_err(|e| AgentError::Mesh(e.to_string()))?;
-    let certificates = CertificateStore::new(Arc::new(client), metrics.clone());
     let trust = TrustBundle::from_pem(&root).map_err(AgentError::Mesh)?;
+    let certificates = CertificateStore::new(
+        Arc::new(client),
+        metrics.clone(),
+        trust.clone(),
+        cert_cache(&config.cert_cache_dir),
+    );
     Ok(Some(Arc::new(Mesh {
         hbone: HboneClient::new(
             certificates.clone(),
@@ -131,6 +137,24 @@ fn mesh(config: &AgentConfig, metrics: &Arc<Metrics>) -> Result<Option<Arc<Mesh>
         trust,
         trust_domain: config.trust_domain.clone(),
     })))
+}
+
+/// The directory keeping keys and certificates across restarts, when usable.
+fn cert_cache(dir: &std::path::Path) -> Option<CertCache> {
+    if dir.as_os_str().is_empty() {
+        info!("--cert-cache-dir is empty: workload keys live in memory only; a restart while the CA is down leaves pods without certificates");
+        return None;
+    }
+    match CertCache::open(dir) {
+        Ok(cache) => {
+            info!(dir = %dir.display(), "workload keys and certificates are kept here across restarts");
+            Some(cache)
+        }
+        Err(e) => {
+            warn!(error = %e, "workload keys live in memory only; a restart while the CA is down leaves pods without certificates");
+            None
+        }
+    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Pinned maps and links stay in place on
@@ -214,8 +238,9 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         admin::metrics_response(&scraped.metrics)
     }));
     let (r, d, dp) = (ready.clone(), discovery.clone(), dataplane.clone());
+    let certs = mesh.as_ref().map(|m| m.certificates.clone());
     tokio::spawn(admin::serve(ready_listener, move |_, _, _| {
-        admin::readiness(&r, &d, &dp)
+        admin::readiness(&r, &d, &dp, certs.as_deref())
     }));
 
     let mut workloads = Workloads::new(

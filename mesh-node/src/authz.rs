@@ -163,6 +163,40 @@ pub fn admit(
     }
 }
 
+/// Why a tunnel admitted earlier is no longer allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    pub policy: Option<String>,
+    pub detail: String,
+}
+
+/// Resolves when the destination's current state no longer admits a mutual-TLS tunnel
+/// from `peer` to `port` of the local pod `dest`: the decision is taken again on the
+/// latest state now and after every change, so a tunnel admitted under an older,
+/// looser policy (or before this node noticed the new one) does not outlive it.
+/// Never resolves while the tunnel stays allowed, nor once the pod left the state
+/// (its connections are left alone, like those of a pod leaving the mesh).
+pub async fn revoked(
+    mut state: tokio::sync::watch::Receiver<std::sync::Arc<ClusterState>>,
+    dest: ObjectKey,
+    port: u16,
+    peer: Identity,
+) -> Revocation {
+    loop {
+        let snapshot = state.borrow_and_update().clone();
+        if snapshot.pods.contains_key(&dest) {
+            if let Admission::Refuse { policy, detail, .. } =
+                admit(&snapshot, &dest, port, Some(&peer))
+            {
+                return Revocation { policy, detail };
+            }
+        }
+        if state.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,5 +307,42 @@ mod tests {
         let s = state(&sa);
         assert!(verdict(&s, 1, Some(&id("apps", "client"))));
         assert!(!verdict(&s, 1, Some(&id("apps", "other"))));
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_is_revoked_when_a_policy_stops_allowing_it() {
+        let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(state("")));
+        let dest = ObjectKey::new("apps", "server");
+        let revoked = |peer| {
+            let rx = rx.clone();
+            let dest = dest.clone();
+            tokio::spawn(async move { revoked(rx, dest, 8080, peer).await })
+        };
+        let client = revoked(id("apps", "client"));
+        let other = revoked(id("apps", "other"));
+        tokio::task::yield_now().await;
+        assert!(!client.is_finished() && !other.is_finished());
+        // A change that keeps both allowed revokes nothing; the ALLOW policy revokes
+        // the tunnel it does not allow, at once.
+        tx.send_replace(std::sync::Arc::new(state("")));
+        tokio::task::yield_now().await;
+        assert!(!other.is_finished());
+        tx.send_replace(std::sync::Arc::new(state(ALLOW_CLIENT)));
+        let why = tokio::time::timeout(std::time::Duration::from_secs(5), other)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(why.detail.contains("none matched"), "{why:?}");
+        tokio::task::yield_now().await;
+        assert!(!client.is_finished(), "the allowed tunnel stays");
+        // A pod gone from the state: its tunnels are left alone.
+        let gone = revoked(id("apps", "other"));
+        tx.send_replace(std::sync::Arc::new(ClusterState::from_objects(
+            parse_manifest(ALLOW_CLIENT).unwrap(),
+        )));
+        tokio::task::yield_now().await;
+        assert!(!gone.is_finished());
+        client.abort();
+        gone.abort();
     }
 }

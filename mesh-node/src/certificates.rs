@@ -1,7 +1,9 @@
 //! Workload certificates of the identities with pods on this node. One key per
-//! identity, in memory only; a CSR to the CA; refresh at half-life (with jitter);
-//! exponential backoff while the CA is unreachable, the current certificate serving
-//! until it expires; forgotten when the identity's last pod leaves.
+//! identity, in memory (and, when configured, in a private memory-backed cache that
+//! survives agent restarts); a CSR to the CA; refresh at half-life (with jitter); a
+//! short, jittered backoff while the CA is unreachable, the current certificate serving
+//! until it expires. An identity is forgotten only when its last pod has left the node
+//! and nothing uses it any more: a connection that started under it holds a lease.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -21,6 +23,8 @@ use x509_parser::pem::parse_x509_pem;
 
 use crate::{
     ca::{authority::new_csr_with_key, client::CaClient},
+    cert_cache::{CachedCertificate, CertCache},
+    hbone::tls::TrustBundle,
     identity::Identity,
     metrics::Metrics,
     tls,
@@ -56,7 +60,14 @@ pub struct CertificateStatus {
 struct Slot {
     current: watch::Sender<Option<Arc<WorkloadCertificate>>>,
     last_error: Arc<Mutex<Option<String>>>,
+    /// Set (under its lock) when the identity is forgotten, so that a renewal
+    /// finishing at that moment does not write its files back.
+    retired: Arc<Mutex<bool>>,
     task: JoinHandle<()>,
+    /// A pod of this identity is on the node.
+    wanted: bool,
+    /// Pods and connections using the identity now (see [`IdentityLease`]).
+    leases: usize,
 }
 
 impl Drop for Slot {
@@ -68,7 +79,12 @@ impl Drop for Slot {
 pub struct CertificateStore {
     ca: Arc<CaClient>,
     metrics: Arc<Metrics>,
+    trust: TrustBundle,
+    cache: Option<Arc<CertCache>>,
     slots: Mutex<HashMap<Identity, Slot>>,
+    /// Whether the cache was cleared of identities no pod of this node has (done once,
+    /// at the first reconcile after a start).
+    cache_pruned: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for CertificateStore {
@@ -79,8 +95,34 @@ impl std::fmt::Debug for CertificateStore {
     }
 }
 
+/// Keeps an identity's key and certificate while held: a pod's listeners and every
+/// connection they accepted hold one, so a pod that leaves the mesh lets its
+/// connections finish under the identity they started with.
+pub struct IdentityLease {
+    store: Arc<CertificateStore>,
+    identity: Identity,
+}
+
+impl std::fmt::Debug for IdentityLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IdentityLease({})", self.identity)
+    }
+}
+
+impl Drop for IdentityLease {
+    fn drop(&mut self) {
+        self.store.release(&self.identity);
+    }
+}
+
 const BACKOFF_START: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Low, so that a CA that answers again is noticed within seconds.
+const BACKOFF_MAX: Duration = Duration::from_secs(4);
+
+/// Half to all of `backoff`, so a node's identities (and nodes) do not retry in step.
+fn jittered(backoff: Duration) -> Duration {
+    backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+}
 
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -93,7 +135,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Builds the rustls key and reads validity and serial from the issued PEM.
-fn certified(
+pub(crate) fn certified(
     identity: &Identity,
     key: &KeyPair,
     cert_pem: &str,
@@ -127,98 +169,261 @@ fn refresh_delay(cert: &WorkloadCertificate, now: SystemTime) -> Duration {
     remaining / 2 - jitter
 }
 
-async fn maintain(
+/// One identity's certificate upkeep.
+struct Upkeep {
     identity: Identity,
     ca: Arc<CaClient>,
     metrics: Arc<Metrics>,
+    trust: TrustBundle,
+    cache: Option<Arc<CertCache>>,
     current: watch::Sender<Option<Arc<WorkloadCertificate>>>,
     last_error: Arc<Mutex<Option<String>>>,
-) {
-    let key = match KeyPair::generate() {
-        Ok(k) => k,
-        Err(e) => {
-            *lock(&last_error) = Some(format!("cannot generate a key: {e}"));
+    retired: Arc<Mutex<bool>>,
+}
+
+impl Upkeep {
+    /// The key and certificate kept from before a restart, when still usable.
+    fn kept(&self) -> Option<(KeyPair, WorkloadCertificate)> {
+        let cache = self.cache.as_ref()?;
+        let identity = &self.identity;
+        let found = cache.load(identity).and_then(|e| {
+            e.map(|e| e.usable(identity, &self.trust, SystemTime::now()))
+                .transpose()
+        });
+        match found {
+            Ok(kept) => kept,
+            Err(reason) => {
+                warn!(%identity, %reason, "kept workload certificate not used; asking the CA for a new one");
+                cache.remove(identity);
+                None
+            }
+        }
+    }
+
+    fn keep(&self, key: &KeyPair, chain: &str) {
+        let Some(cache) = &self.cache else { return };
+        let retired = lock(&self.retired);
+        if *retired {
             return;
         }
-    };
-    let mut backoff = BACKOFF_START;
-    loop {
-        let issued = match new_csr_with_key(&identity, &key) {
-            Ok(csr) => ca.sign(&identity, &csr).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        let entry = CachedCertificate {
+            identity: self.identity.to_string(),
+            key: key.serialize_pem(),
+            chain: chain.to_string(),
+        };
+        if let Err(e) = cache.store(&self.identity, &entry) {
+            warn!(identity = %self.identity, dir = %cache.dir().display(), error = %e, "cannot keep the workload certificate for restarts");
         }
-        .and_then(|(pem, _root)| certified(&identity, &key, &pem));
-        match issued {
-            Ok(cert) => {
-                info!(%identity, serial = %cert.serial, not_after = unix(cert.not_after), "workload certificate issued");
-                metrics.certificates_issued.inc();
+    }
+
+    async fn run(self) {
+        let identity = self.identity.clone();
+        let (key, mut delay) = match self.kept() {
+            Some((key, cert)) => {
+                info!(%identity, serial = %cert.serial, not_after = unix(cert.not_after), "workload certificate kept from before the restart serves");
                 let delay = refresh_delay(&cert, SystemTime::now());
-                current.send_replace(Some(Arc::new(cert)));
-                *lock(&last_error) = None;
-                backoff = BACKOFF_START;
-                tokio::time::sleep(delay).await;
+                self.current.send_replace(Some(Arc::new(cert)));
+                (key, delay)
             }
-            Err(e) => {
-                metrics.certificate_errors.inc();
-                warn!(%identity, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot get a workload certificate; the current one (if any) keeps serving");
-                *lock(&last_error) = Some(e);
-                // An expired certificate must not be offered any more.
-                let expired = current
-                    .borrow()
-                    .as_ref()
-                    .is_some_and(|c| !c.is_valid(SystemTime::now()));
-                if expired {
-                    current.send_replace(None);
+            None => match KeyPair::generate() {
+                Ok(k) => (k, Duration::ZERO),
+                Err(e) => {
+                    *lock(&self.last_error) = Some(format!("cannot generate a key: {e}"));
+                    return;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+            },
+        };
+        let mut backoff = BACKOFF_START;
+        loop {
+            tokio::time::sleep(delay).await;
+            let issued = match new_csr_with_key(&identity, &key) {
+                Ok(csr) => self
+                    .ca
+                    .sign(&identity, &csr)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+            .and_then(|(pem, _root)| certified(&identity, &key, &pem).map(|c| (c, pem)));
+            match issued {
+                Ok((cert, pem)) => {
+                    info!(%identity, serial = %cert.serial, not_after = unix(cert.not_after), "workload certificate issued");
+                    self.metrics.certificates_issued.inc();
+                    delay = refresh_delay(&cert, SystemTime::now());
+                    self.current.send_replace(Some(Arc::new(cert)));
+                    *lock(&self.last_error) = None;
+                    self.keep(&key, &pem);
+                    backoff = BACKOFF_START;
+                }
+                Err(e) => {
+                    self.metrics.certificate_errors.inc();
+                    delay = jittered(backoff);
+                    warn!(%identity, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot get a workload certificate; the current one (if any) keeps serving");
+                    *lock(&self.last_error) = Some(e);
+                    // An expired certificate must not be offered any more.
+                    let expired = self
+                        .current
+                        .borrow()
+                        .as_ref()
+                        .is_some_and(|c| !c.is_valid(SystemTime::now()));
+                    if expired {
+                        self.current.send_replace(None);
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
             }
         }
     }
 }
 
 impl CertificateStore {
-    pub fn new(ca: Arc<CaClient>, metrics: Arc<Metrics>) -> Arc<CertificateStore> {
+    /// `cache`: where keys and certificates are kept across restarts (None: memory
+    /// only); what is found there is used only if `trust` accepts it.
+    pub fn new(
+        ca: Arc<CaClient>,
+        metrics: Arc<Metrics>,
+        trust: TrustBundle,
+        cache: Option<CertCache>,
+    ) -> Arc<CertificateStore> {
         Arc::new(CertificateStore {
             ca,
             metrics,
+            trust,
+            cache: cache.map(Arc::new),
             slots: Mutex::new(HashMap::new()),
+            cache_pruned: Default::default(),
         })
     }
 
+    fn new_slot(&self, identity: &Identity) -> Slot {
+        let (current, _) = watch::channel(None);
+        let last_error = Arc::new(Mutex::new(None));
+        let retired = Arc::new(Mutex::new(false));
+        let task = tokio::spawn(
+            Upkeep {
+                identity: identity.clone(),
+                ca: self.ca.clone(),
+                metrics: self.metrics.clone(),
+                trust: self.trust.clone(),
+                cache: self.cache.clone(),
+                current: current.clone(),
+                last_error: last_error.clone(),
+                retired: retired.clone(),
+            }
+            .run(),
+        );
+        Slot {
+            current,
+            last_error,
+            retired,
+            task,
+            wanted: false,
+            leases: 0,
+        }
+    }
+
+    /// Drops a slot nothing uses: its task stops, its kept files go.
+    fn forget(&self, identity: &Identity, slot: Slot) {
+        info!(%identity, "no pod of this identity is left and nothing uses it; forgetting its key and certificate");
+        let mut retired = lock(&slot.retired);
+        *retired = true;
+        if let Some(cache) = &self.cache {
+            cache.remove(identity);
+        }
+        drop(retired);
+        drop(slot);
+    }
+
     /// Fetches certificates for new identities (prefetch as pods land) and forgets
-    /// those no pod on the node has any more.
+    /// those no pod on the node has any more, once nothing uses them.
     pub fn set_identities(&self, wanted: &BTreeSet<Identity>) {
         let mut slots = lock(&self.slots);
-        slots.retain(|id, _| {
-            let keep = wanted.contains(id);
-            if !keep {
-                info!(identity = %id, "last pod of this identity left; forgetting its key and certificate");
-            }
-            keep
-        });
-        for id in wanted {
-            if slots.contains_key(id) {
-                continue;
-            }
-            let (current, _) = watch::channel(None);
-            let last_error = Arc::new(Mutex::new(None));
-            let task = tokio::spawn(maintain(
-                id.clone(),
-                self.ca.clone(),
-                self.metrics.clone(),
-                current.clone(),
-                last_error.clone(),
-            ));
-            slots.insert(
-                id.clone(),
-                Slot {
-                    current,
-                    last_error,
-                    task,
-                },
-            );
+        for (id, slot) in slots.iter_mut() {
+            slot.wanted = wanted.contains(id);
         }
+        let unused: Vec<Identity> = slots
+            .iter()
+            .filter(|(_, s)| !s.wanted && s.leases == 0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in unused {
+            if let Some(slot) = slots.remove(&id) {
+                self.forget(&id, slot);
+            }
+        }
+        for id in wanted {
+            if !slots.contains_key(id) {
+                let mut slot = self.new_slot(id);
+                slot.wanted = true;
+                slots.insert(id.clone(), slot);
+            }
+        }
+        if !self
+            .cache_pruned
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            if let Some(cache) = &self.cache {
+                cache.retain(slots.keys());
+            }
+        }
+    }
+
+    /// Holds `identity` (starting its upkeep if no pod asked for it yet) until the
+    /// lease is dropped.
+    pub fn lease(self: &Arc<Self>, identity: &Identity) -> IdentityLease {
+        let mut slots = lock(&self.slots);
+        if !slots.contains_key(identity) {
+            let slot = self.new_slot(identity);
+            slots.insert(identity.clone(), slot);
+        }
+        if let Some(slot) = slots.get_mut(identity) {
+            slot.leases += 1;
+        }
+        IdentityLease {
+            store: self.clone(),
+            identity: identity.clone(),
+        }
+    }
+
+    fn release(&self, identity: &Identity) {
+        let mut slots = lock(&self.slots);
+        let Some(slot) = slots.get_mut(identity) else {
+            return;
+        };
+        slot.leases = slot.leases.saturating_sub(1);
+        if slot.leases == 0 && !slot.wanted {
+            if let Some(slot) = slots.remove(identity) {
+                self.forget(identity, slot);
+            }
+        }
+    }
+
+    /// Identities of this node's pods without a valid certificate now.
+    pub fn pending(&self) -> Vec<Identity> {
+        let now = SystemTime::now();
+        let slots = lock(&self.slots);
+        let mut out: Vec<Identity> = slots
+            .iter()
+            .filter(|(_, s)| s.wanted)
+            .filter(|(_, s)| !s.current.borrow().as_ref().is_some_and(|c| c.is_valid(now)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Why the node cannot serve all its pods yet: the identities still waiting for a
+    /// certificate (None: every local identity has one).
+    pub fn unready_reason(&self) -> Option<String> {
+        let pending = self.pending();
+        if pending.is_empty() {
+            return None;
+        }
+        let names: Vec<String> = pending.iter().map(Identity::to_string).collect();
+        Some(format!(
+            "no certificate yet for {} (is the CA reachable? see /certs)",
+            names.join(", ")
+        ))
     }
 
     /// The valid certificate of `identity`, if there is one now.
@@ -297,5 +502,39 @@ mod tests {
         );
         assert!(cert.is_valid(SystemTime::now()));
         assert!(!cert.is_valid(SystemTime::now() + Duration::from_secs(21)));
+    }
+
+    #[tokio::test]
+    async fn an_identity_stays_while_leased_after_its_last_pod_left() {
+        let ca = CertificateAuthority::generate("cluster.local", Duration::from_secs(60)).unwrap();
+        let client =
+            CaClient::new("127.0.0.1:9".parse().unwrap(), None, ca.root_pem(), "token").unwrap();
+        let trust = TrustBundle::from_pem(ca.root_pem()).unwrap();
+        let store = CertificateStore::new(Arc::new(client), Arc::new(Metrics::new()), trust, None);
+        let id = Identity::new("cluster.local", "apps", "client");
+        let known = |s: &CertificateStore| s.status().iter().any(|c| c.identity == id);
+
+        store.set_identities(&BTreeSet::from([id.clone()]));
+        assert_eq!(store.pending(), vec![id.clone()], "no CA: pending");
+        let first = store.lease(&id);
+        let second = store.lease(&id);
+        store.set_identities(&BTreeSet::new());
+        assert!(known(&store), "kept while connections use it");
+        assert!(store.pending().is_empty(), "no pod of it: not pending");
+        drop(first);
+        assert!(known(&store));
+        drop(second);
+        assert!(!known(&store), "forgotten once nothing uses it");
+
+        // A lease without a pod starts the upkeep and ends it.
+        let lease = store.lease(&id);
+        assert!(known(&store));
+        drop(lease);
+        assert!(!known(&store));
+        // The pod's own lease does not keep it past the pod when released.
+        store.set_identities(&BTreeSet::from([id.clone()]));
+        let pods = store.lease(&id);
+        drop(pods);
+        assert!(known(&store), "its pod is still on the node");
     }
 }

@@ -77,6 +77,15 @@ pub struct AgentConfig {
     #[arg(long)]
     pub ca_server_name: Option<String>,
 
+    /// Where the current key and certificate of each local identity are kept, so that
+    /// an agent restarted while the CA is down still serves its pods. Must be on tmpfs
+    /// or ramfs (keys never touch a disk) and the agent's alone (created 0700 if
+    /// missing; files 0600); otherwise it is not used and keys live in memory only.
+    /// Root on the node can read it, as it can read the agent's memory; a reboot clears
+    /// it. An empty value turns keeping off.
+    #[arg(long, default_value = "/run/nodemesh/certs")]
+    pub cert_cache_dir: PathBuf,
+
     /// Trust domain of workload identities.
     #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,

@@ -321,6 +321,16 @@ impl Dataplane {
             .map_err(map_err(map_names::ENROLLED))
     }
 
+    /// Stops redirecting a pod's new connections; destinations already parked for
+    /// connections still in its listener's accept queue stay until [`Self::unenroll`].
+    pub fn stop_redirecting(&self, netns_cookie: u64) -> Result<(), DataplaneError> {
+        remove_if_present(
+            &mut lock(&self.enrolled),
+            &netns_cookie,
+            map_names::ENROLLED,
+        )
+    }
+
     /// Removes a pod's enrollment and every original destination still parked for it.
     pub fn unenroll(&self, netns_cookie: u64) -> Result<(), DataplaneError> {
         remove_if_present(

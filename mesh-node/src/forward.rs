@@ -16,7 +16,7 @@ use tokio::{
 
 use crate::{
     balancer::Balancer,
-    certificates::CertificateStore,
+    certificates::{CertificateStore, IdentityLease},
     connections::{ConnectionInfo, ConnectionTable, Security},
     dataplane::Dataplane,
     hbone::stream::{relay_stream, TcpSide},
@@ -49,6 +49,9 @@ impl Mesh {
 pub struct PodContext {
     pub pod: PodKey,
     pub identity: Identity,
+    /// Keeps the identity's certificate while the pod's listeners or any connection
+    /// they accepted live (None without a CA).
+    pub identity_lease: Option<IdentityLease>,
     pub ips: Vec<IpAddr>,
     pub mesh: Option<Arc<Mesh>>,
     pub netns_cookie: u64,

@@ -10,6 +10,7 @@ pub mod authz;
 pub mod balancer;
 pub mod bpf_sys;
 pub mod ca;
+pub mod cert_cache;
 pub mod certificates;
 pub mod cgroup;
 pub mod cli;

@@ -5,9 +5,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::PathBuf,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use mesh_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
@@ -61,6 +62,13 @@ impl EnrollError {
 
 const VANISHED: &str = "network namespace vanished";
 
+/// How long a pod that left the mesh keeps its listeners once nothing is redirected or
+/// captured to them any more: connections the kernel steered to them just before (still
+/// in an accept queue, their original destinations still parked) and tunnels that peers
+/// with a slightly older view of the cluster open to its HBONE port are served instead
+/// of reset. A pod enrolled again meanwhile takes its listeners back.
+const DRAIN: Duration = Duration::from_secs(10);
+
 /// Settings every pod's listeners share.
 pub struct ProxySettings {
     pub node: String,
@@ -81,8 +89,17 @@ struct RunningPod {
     netns_id: NetnsId,
     cookie: u64,
     listeners: Vec<SocketAddr>,
+    /// The plaintext inbound listeners (IPv4, IPv6), to capture to them again when a
+    /// draining pod is enrolled again.
+    inbound: [Option<OwnedFd>; 2],
     tasks: Vec<JoinHandle<()>>,
     _sk_lookup: SkLookupLink,
+}
+
+/// A pod that left the mesh, its listeners still serving until `until`.
+struct Draining {
+    pod: RunningPod,
+    until: Instant,
 }
 
 impl Drop for RunningPod {
@@ -119,6 +136,7 @@ pub struct Workloads {
     metrics: Arc<Metrics>,
     state: watch::Receiver<Arc<ClusterState>>,
     running: BTreeMap<PodKey, RunningPod>,
+    draining: BTreeMap<PodKey, Draining>,
     failures: BTreeMap<PodKey, String>,
     /// Pods came or went since the maps were last pruned (true at start, for the
     /// leftovers of a previous run).
@@ -145,6 +163,7 @@ impl Workloads {
             metrics,
             state,
             running: BTreeMap::new(),
+            draining: BTreeMap::new(),
             failures: BTreeMap::new(),
             prune_due: true,
         }
@@ -166,6 +185,7 @@ impl Workloads {
         for key in leaving {
             self.remove(&key, "no longer enrolled on this node");
         }
+        self.end_drains(Instant::now());
         self.failures.retain(|k, _| desired.contains_key(k));
         if let Some(mesh) = &self.settings.mesh {
             // Prefetch certificates as pods land; forget identities whose last pod left.
@@ -175,6 +195,16 @@ impl Workloads {
         for (key, plan) in desired {
             if self.running.contains_key(&key) {
                 continue;
+            }
+            if let Some(draining) = self.draining.remove(&key) {
+                if self.revive(&plan, &draining.pod) {
+                    info!(pod = %key, "pod enrolled again; its draining listeners serve on");
+                    self.failures.remove(&key);
+                    self.running.insert(key, draining.pod);
+                    self.prune_due = true;
+                    continue;
+                }
+                self.finish_drain(&key, draining.pod);
             }
             for w in &plan.warnings {
                 warn!(pod = %key, warning = %w, "pod annotation ignored");
@@ -257,17 +287,22 @@ impl Workloads {
             self.metrics.netns_vanished.inc();
             warn!(pod = %key, reason = %why, "pod network namespace vanished; removing its listeners and map entries");
             self.remove(&key, VANISHED);
+            // Nothing can arrive through a namespace that is gone: no drain.
+            if let Some(d) = self.draining.remove(&key) {
+                self.finish_drain(&key, d.pod);
+            }
             self.failures.insert(key, format!("{VANISHED}: {why}"));
         }
     }
 
+    /// Stops redirecting and capturing the pod's connections at once; its listeners
+    /// drain (see [`DRAIN`]) before they close.
     fn remove(&mut self, key: &PodKey, why: &str) {
         let Some(pod) = self.running.remove(key) else {
             return;
         };
         self.prune_due = true;
-        // Stop redirecting first, so no new connection is sent to a closing listener.
-        if let Err(e) = self.dataplane.unenroll(pod.cookie) {
+        if let Err(e) = self.dataplane.stop_redirecting(pod.cookie) {
             warn!(pod = %key, error = %e, "cannot remove enrollment entry");
         }
         for ip in &pod.plan.ips {
@@ -275,7 +310,91 @@ impl Workloads {
                 warn!(pod = %key, error = %e, "cannot remove inbound entry");
             }
         }
-        info!(pod = %key, reason = why, "pod removed from the mesh");
+        info!(pod = %key, reason = why, drain_ms = DRAIN.as_millis() as u64, "pod removed from the mesh; its listeners drain");
+        let until = Instant::now() + DRAIN;
+        if let Some(old) = self.draining.insert(key.clone(), Draining { pod, until }) {
+            self.finish_drain(key, old.pod);
+        }
+    }
+
+    /// Closes the listeners of pods whose drain is over.
+    fn end_drains(&mut self, now: Instant) {
+        let over: Vec<PodKey> = self
+            .draining
+            .iter()
+            .filter(|(_, d)| d.until <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in over {
+            if let Some(d) = self.draining.remove(&key) {
+                self.finish_drain(&key, d.pod);
+            }
+        }
+    }
+
+    /// Closes a drained pod's listeners (connections already accepted run on) and
+    /// forgets destinations still parked for it.
+    fn finish_drain(&mut self, key: &PodKey, pod: RunningPod) {
+        let cookie = pod.cookie;
+        drop(pod);
+        if !self.running.values().any(|r| r.cookie == cookie) {
+            if let Err(e) = self.dataplane.unenroll(cookie) {
+                warn!(pod = %key, error = %e, "cannot remove parked destinations");
+            }
+        }
+        self.prune_due = true;
+        info!(pod = %key, "drained pod's listeners closed");
+    }
+
+    /// Takes a draining pod back into the mesh when nothing about it changed (same
+    /// plan, same namespace): its listeners never closed, so only redirection and
+    /// capture come back. False: it is to be closed and enrolled anew.
+    fn revive(&self, plan: &PodPlan, pod: &RunningPod) -> bool {
+        let same_netns = Netns::open(&pod.netns_path).is_ok_and(|ns| ns.id() == pod.netns_id);
+        if pod.plan != *plan || !same_netns {
+            return false;
+        }
+        let inbound =
+            [pod.inbound[0].as_ref(), pod.inbound[1].as_ref()].map(|f| f.map(|f| f.as_fd()));
+        match self.capture(plan, pod.cookie, inbound) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(pod = %plan.key, error = %e, "cannot take a draining pod back; enrolling it anew");
+                false
+            }
+        }
+    }
+
+    /// Captures the pod's inbound addresses into its plaintext listeners (IPv4, IPv6)
+    /// and, last, starts redirecting its outbound connections. Undone on failure.
+    fn capture(
+        &self,
+        plan: &PodPlan,
+        cookie: u64,
+        inbound: [Option<BorrowedFd<'_>>; 2],
+    ) -> Result<(), DataplaneError> {
+        let attempt = || -> Result<(), DataplaneError> {
+            for ip in &plan.ips {
+                let listener = if ip.is_ipv4() {
+                    &inbound[0]
+                } else {
+                    &inbound[1]
+                };
+                if let Some(l) = listener {
+                    self.dataplane
+                        .capture_inbound(ip_key(*ip), &plan.inbound, l)?;
+                }
+            }
+            // Last: outbound redirection starts only once everything is listening.
+            self.dataplane.enroll(cookie, &plan.outbound)
+        };
+        let result = attempt();
+        if result.is_err() {
+            for ip in &plan.ips {
+                let _ = self.dataplane.release_inbound(ip_key(*ip));
+            }
+        }
+        result
     }
 
     /// Removes map entries no running pod owns: leftovers of a previous agent run, or
@@ -342,23 +461,21 @@ impl Workloads {
         let sk_lookup = self
             .dataplane
             .attach_sk_lookup(&netns, &plan.key.to_string())?;
-        let capture = || -> Result<(), DataplaneError> {
-            for ip in &plan.ips {
-                let listener = if ip.is_ipv4() { &inbound4 } else { &inbound6 };
-                if let Some(l) = listener {
-                    self.dataplane
-                        .capture_inbound(ip_key(*ip), &plan.inbound, l)?;
-                }
-            }
-            // Last: outbound redirection starts only once everything is listening.
-            self.dataplane.enroll(cookie, &plan.outbound)
+        let dup = |l: &Option<TcpListener>| -> Result<Option<OwnedFd>, EnrollError> {
+            l.as_ref()
+                .map(|l| l.as_fd().try_clone_to_owned())
+                .transpose()
+                .map_err(|source| EnrollError::Io {
+                    what: "keeping the inbound listener".into(),
+                    source,
+                })
         };
-        if let Err(e) = capture() {
-            for ip in &plan.ips {
-                let _ = self.dataplane.release_inbound(ip_key(*ip));
-            }
-            return Err(e.into());
-        }
+        let inbound_fds = [dup(&inbound4)?, dup(&inbound6)?];
+        self.capture(
+            &plan,
+            cookie,
+            [inbound4.as_ref(), inbound6.as_ref()].map(|l| l.map(|l| l.as_fd())),
+        )?;
 
         let identity = self.identity(&plan);
         let hbone_tls = match &self.settings.mesh {
@@ -371,9 +488,15 @@ impl Workloads {
             )),
             None => None,
         };
+        let identity_lease = self
+            .settings
+            .mesh
+            .as_ref()
+            .map(|mesh| mesh.certificates.lease(&identity));
         let ctx = Arc::new(PodContext {
             pod: plan.key.clone(),
             identity,
+            identity_lease,
             ips: plan.ips.clone(),
             mesh: self.settings.mesh.clone(),
             netns_cookie: cookie,
@@ -418,6 +541,7 @@ impl Workloads {
             netns_path,
             cookie,
             listeners,
+            inbound: inbound_fds,
             tasks,
             plan,
             _sk_lookup: sk_lookup,

@@ -383,6 +383,11 @@ fn the_daemon_set_mounts_what_the_agent_opens() {
     let (cgroup, below) = volume_for(spec, &config.cgroup_root);
     assert_eq!(host_path(cgroup), Some("/sys/fs/cgroup"));
     assert_eq!(below, PathBuf::new(), "attach at the host's cgroup2 root");
+    // Kept keys outlive the pod (an upgrade, a crash) but not the node: the host's /run,
+    // a tmpfs; the agent creates its private directory below the mount.
+    let (cache, below) = volume_for(spec, &config.cert_cache_dir);
+    assert_eq!(host_path(cache), Some("/run/nodemesh"));
+    assert_ne!(below, PathBuf::new(), "the agent's own 0700 directory");
     // The kubepods locator reads /proc/<pid>/cgroup and /proc/<pid>/ns/net of pods.
     assert_eq!(config.netns_locator, NetnsLocatorKind::Kubepods);
     assert_eq!(spec.host_pid, Some(true));

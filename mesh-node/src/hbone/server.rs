@@ -19,7 +19,7 @@ use super::{
     tls::spiffe_id,
 };
 use crate::{
-    authz::{admit, Admission},
+    authz::{self, admit, Admission},
     connections::{ConnectionInfo, Direction, Security},
     forward::{accept_loop, connect_in_pod, PodContext},
     identity::Identity,
@@ -209,14 +209,29 @@ async fn tunnel(
         Ok(s) => s,
         Err(e) => return conn.close(format!("error: {e}")),
     };
-    let end = relay_stream(
+    let relay = relay_stream(
         upstream,
         send,
         request.into_body(),
         TcpSide::Server,
         ctx.idle_timeout,
         conn.counters(),
-    )
-    .await;
-    conn.close(end.describe());
+    );
+    // This node's policy decides for as long as the tunnel lives, whatever the source
+    // node knows: a policy that stops allowing it ends it (the stream is reset).
+    let revoked = authz::revoked(
+        ctx.state.clone(),
+        ctx.pod.clone(),
+        target.port(),
+        identity.clone(),
+    );
+    let end = tokio::select! {
+        end = relay => end.describe(),
+        why = revoked => {
+            ctx.metrics.refused.with_label_values(&["policy_revoked"]).inc();
+            crate::warn_limited!(pod = %ctx.pod, %target, %identity, policy = why.policy.as_deref().unwrap_or(""), reason = %why.detail, "tunnel closed: the authorization policy no longer allows it");
+            format!("revoked: {}", why.policy.unwrap_or(why.detail))
+        }
+    };
+    conn.close(end);
 }

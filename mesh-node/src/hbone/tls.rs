@@ -174,6 +174,31 @@ impl TrustBundle {
         let anchors = roots.roots.clone();
         Ok(TrustBundle { roots, anchors })
     }
+
+    /// Whether a workload certificate chain is one peers would accept now: it chains
+    /// to this root and is valid for both ends of mutual TLS.
+    pub fn verify_workload(&self, chain: &[CertificateDer<'_>]) -> Result<(), String> {
+        let (leaf, intermediates) = chain.split_first().ok_or("empty certificate chain")?;
+        let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| e.to_string())?;
+        let provider = tls::provider();
+        let now = UnixTime::now();
+        for usage in [
+            webpki::KeyUsage::server_auth(),
+            webpki::KeyUsage::client_auth(),
+        ] {
+            cert.verify_for_usage(
+                provider.signature_verification_algorithms.all,
+                &self.anchors,
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
 }
 
 /// Server side of one pod's 15008 listener: its own certificate, client certificates

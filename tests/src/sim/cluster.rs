@@ -211,6 +211,7 @@ impl SimCluster {
             cgroup_root: Some(cgroup_root.clone()),
             pin_root: Some(pin_root.clone()),
             work_dir: Some(work_dir.clone()),
+            mounts: vec![work_dir.join("certs")],
         };
         // Recorded before anything exists, so a crash half-way is still swept.
         registry::record(&id, &resources)?;
@@ -255,6 +256,7 @@ impl SimCluster {
         pin_root: &Path,
     ) -> Result<()> {
         fs::create_dir_all(&self.manifests)?;
+        self.mount_cert_cache()?;
         fs::create_dir_all(&self.cgroup_root).context("creating the cluster cgroup")?;
         network::create_fabric(fabric)?;
         for (i, name) in spec.nodes.iter().enumerate() {
@@ -278,6 +280,7 @@ impl SimCluster {
             for other in self.nodes.iter().filter(|o| o.index != node.index) {
                 network::route_to_node(&node_ns(&node.name), other.index)?;
             }
+            self.point_view(&node.name, &self.manifests)?;
         }
         let mut hosts_per_node: HashMap<String, u8> = HashMap::new();
         for p in &spec.pods {
@@ -357,6 +360,42 @@ impl SimCluster {
         fs::write(&tmp, text)?;
         fs::rename(&tmp, self.manifests.join(file))?;
         Ok(())
+    }
+
+    /// The manifest directory as node `node`'s agent reads it: a link to the shared
+    /// one, or to a copy while the node's view is frozen.
+    pub fn manifest_view(&self, node: &str) -> PathBuf {
+        self.work_dir.join(format!("manifests-seen-by-{node}"))
+    }
+
+    fn point_view(&self, node: &str, target: &Path) -> Result<()> {
+        let link = self.manifest_view(node);
+        let tmp = self.work_dir.join(format!(".manifests-seen-by-{node}.tmp"));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp)?;
+        fs::rename(&tmp, &link)?;
+        Ok(())
+    }
+
+    /// Freezes what node `node`'s agent knows of the cluster: until
+    /// [`Self::thaw_manifests`] it keeps reading the manifests as they are now,
+    /// whatever is written meanwhile (an agent that learns of changes late).
+    pub fn freeze_manifests(&self, node: &str) -> Result<()> {
+        let copy = self.work_dir.join(format!("manifests-frozen-for-{node}"));
+        let _ = fs::remove_dir_all(&copy);
+        fs::create_dir_all(&copy)?;
+        for e in fs::read_dir(&self.manifests)?.flatten() {
+            if e.file_type()?.is_file() {
+                fs::copy(e.path(), copy.join(e.file_name()))?;
+            }
+        }
+        self.point_view(node, &copy)
+    }
+
+    /// Lets node `node`'s agent see the shared manifests again; it notices at its next
+    /// periodic rescan (within 2 s), nothing else being told.
+    pub fn thaw_manifests(&self, node: &str) -> Result<()> {
+        self.point_view(node, &self.manifests)
     }
 
     /// Labels or unlabels a namespace by editing its manifest, as `kubectl label` would.
@@ -536,11 +575,46 @@ impl SimCluster {
         Ok(())
     }
 
+    /// Where the node's agent keeps its workload keys and certificates across
+    /// restarts (on a tmpfs the cluster mounts in its work dir).
+    pub fn cert_cache_dir(&self, node: &str) -> PathBuf {
+        self.work_dir.join("certs").join(node)
+    }
+
+    /// A small private tmpfs for the agents' kept keys (they refuse a disk), removed
+    /// with the cluster.
+    fn mount_cert_cache(&self) -> Result<()> {
+        let dir = self.work_dir.join("certs");
+        fs::create_dir_all(&dir)?;
+        nix::mount::mount(
+            Some("tmpfs"),
+            &dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC,
+            Some("size=4m,mode=0700"),
+        )
+        .map_err(|e| anyhow!("mounting a tmpfs at {}: {e}", dir.display()))
+    }
+
+    /// Forgets what the node's agent kept across restarts, as a reboot would.
+    pub fn clear_cert_cache(&self, node: &str) -> Result<()> {
+        let dir = self.cert_cache_dir(node);
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                fs::remove_file(e.path())
+                    .with_context(|| format!("removing {}", e.path().display()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The agent's full command line for `node`.
     pub fn agent_command(&self, node: &SimNode) -> Result<Command> {
         let mut cmd = self.mesh_node_command(node, &["agent", "--node-name", &node.name])?;
         cmd.arg("--manifests")
-            .arg(&self.manifests)
+            .arg(self.manifest_view(&node.name))
             .args([
                 "--service-cidr",
                 SERVICE_CIDRS[0],
@@ -557,7 +631,9 @@ impl SimCluster {
                 "--node-ip",
                 &node.ipv6.to_string(),
             ])
-            .args(["--log-format", "json", "--log-level", "info"]);
+            .args(["--log-format", "json", "--log-level", "info"])
+            .arg("--cert-cache-dir")
+            .arg(self.cert_cache_dir(&node.name));
         if self.mtls {
             cmd.args(["--ca-addr", &self.ca_addr().to_string()])
                 .arg("--ca-root")
@@ -574,6 +650,13 @@ impl SimCluster {
         if self.mtls && self.ca.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
             self.start_ca()?;
         }
+        self.spawn_agent(node)?;
+        self.wait_ready(node, Duration::from_secs(20))
+    }
+
+    /// Starts the node's agent and returns at once: nothing else is started and
+    /// nothing is awaited (e.g. to watch an agent that cannot become ready).
+    pub fn spawn_agent(&self, node: &str) -> Result<()> {
         let node = self.node(node).clone();
         let log = fs::OpenOptions::new()
             .create(true)
@@ -589,7 +672,7 @@ impl SimCluster {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(node.name.clone(), child);
-        self.wait_ready(&node.name, Duration::from_secs(20))
+        Ok(())
     }
 
     /// Starts every node's agent (and the CA first, when mTLS is on).

@@ -21,6 +21,9 @@ pub struct Resources {
     pub cgroup_root: Option<PathBuf>,
     pub pin_root: Option<PathBuf>,
     pub work_dir: Option<PathBuf>,
+    /// Filesystems mounted inside the work dir (unmounted before it is removed).
+    #[serde(default)]
+    pub mounts: Vec<PathBuf>,
 }
 
 fn entry(id: &str) -> PathBuf {
@@ -60,6 +63,10 @@ pub fn release(id: &str, resources: &Resources) -> Result<()> {
                     .with_context(|| format!("removing pins {}", pins.display())),
             );
         }
+    }
+    for mount in &resources.mounts {
+        // Detached even if busy; not mounted (yet, or any more) is fine.
+        let _ = nix::mount::umount2(mount, nix::mount::MntFlags::MNT_DETACH);
     }
     if let Some(dir) = &resources.work_dir {
         if dir.exists() {

@@ -4,7 +4,7 @@
 //! bypasses the mesh, and the refusal is counted under its own reason.
 //!
 //! One module per attack surface.
-
+mod identity;
 mod log_flood;
 mod map_fill;
 mod self_loop;
