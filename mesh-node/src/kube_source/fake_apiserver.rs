@@ -76,6 +76,8 @@ struct Cluster {
     page_size: usize,
     /// The next list continuation gets 410 Expired.
     expire_continue: bool,
+    /// Collections whose list and watch answer 404 while discovery still lists them.
+    unserved: BTreeSet<Gr>,
 }
 
 pub(crate) struct FakeApiServer {
@@ -368,7 +370,10 @@ impl Cluster {
             ["apis", group, version, plural] => (gr(group, plural), version.to_string()),
             _ => return self.not_found(),
         };
-        let Some(kind) = self.kind_of(&gr, &version) else {
+        let Some(kind) = self
+            .kind_of(&gr, &version)
+            .filter(|_| !self.unserved.contains(&gr))
+        else {
             return self.not_found();
         };
         if q.get("watch").map(String::as_str) == Some("true") {
@@ -430,6 +435,7 @@ impl FakeApiServer {
                 not_found: NotFoundBody::Status,
                 page_size: 0,
                 expire_continue: false,
+                unserved: BTreeSet::new(),
             })),
             tasks: Mutex::new(None),
         };
@@ -484,6 +490,16 @@ impl FakeApiServer {
         }
         c.watches.retain(|w| w.gr != gr);
         c.crds.remove(&gr);
+        c.unserved.remove(&gr);
+    }
+
+    /// Lists and watches of a CRD's objects answer 404 (their watches end) while
+    /// discovery still lists it: the moment a CRD is being deleted.
+    pub(crate) fn stop_serving(&self, group: &str, plural: &str) {
+        let mut c = self.cluster();
+        let gr = gr(group, plural);
+        c.watches.retain(|w| w.gr != gr);
+        c.unserved.insert(gr);
     }
 
     /// Creates or updates an object (a JSON/YAML-shaped value with metadata).

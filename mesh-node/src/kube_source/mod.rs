@@ -1,33 +1,31 @@
-//! The `kube` discovery source: one kube-rs watcher per kind, all feeding the same
-//! [`ClusterState`] the `files` source builds. The event handling ([`KubeState`]) is
-//! plain code over `watcher::Event`s, tested without an API server; the glue that
-//! opens the watches is thin.
+//! The `kube` discovery source: one list-and-watch loop per kind ([`watch`]), all
+//! feeding the same [`ClusterState`] the `files` source builds. The event handling
+//! ([`KubeState`]) is plain code over events, tested without an API server; the loops
+//! talk to the API server through kube-rs's `Client`, and are tested against a
+//! scripted one that answers as the real API server does.
 //!
-//! Outages: watchers retry with backoff (kube-rs `default_backoff`); a relist after
-//! "410 Gone" arrives as Init/InitApply/InitDone and replaces that kind wholesale;
-//! meanwhile the last good state keeps serving and [`DiscoveryHealth`] reports which
-//! kinds are stale, for readiness and metrics.
+//! Outages: requests retry with a short jittered backoff; a relist after "410 Gone"
+//! arrives as Init/InitApply/InitDone and replaces that kind wholesale; meanwhile the
+//! last good state keeps serving and [`DiscoveryHealth`] reports which kinds are
+//! stale, for readiness and metrics. CRD kinds are read at the version API discovery
+//! says is served; a CRD that is not installed (or is deleted) counts as empty.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    fmt::Debug,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+mod health;
+pub mod watch;
 
-use futures::StreamExt;
+use std::{collections::HashMap, sync::Arc, time::Instant};
+
 use gateway_api::apis::experimental::{httproutes::HttpRoute, tcproutes::TcpRoute};
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
 };
-use kube::{
-    runtime::{watcher, WatchStreamExt},
-    Api, Client, Resource,
-};
-use serde::{de::DeserializeOwned, Serialize};
-use tokio::sync::{mpsc, watch};
+use kube::{runtime::watcher, Client};
+use tokio::sync::{mpsc, watch as channel};
 use tracing::{info, warn};
+
+pub use health::{DiscoveryHealth, KindHealth, STALE_AFTER};
+use watch::{watch_kind, KindSpec};
 
 use crate::{
     metrics::Metrics,
@@ -35,112 +33,94 @@ use crate::{
     state::{ClusterState, Kind, KubeObject},
 };
 
-/// Verbs the watchers use (kube-rs watcher: an initial list, then watch).
+/// Verbs the watchers use: an initial list, then watch. (API discovery needs no
+/// grant: every authenticated user may read it.)
 pub const WATCH_VERBS: [&str; 2] = ["list", "watch"];
+
+const GATEWAY_API: &str = "gateway.networking.k8s.io";
+
+/// What discovery reads, kind by kind (keep in step with [`run`]).
+pub static KINDS: [KindSpec; 7] = [
+    KindSpec {
+        kind: Kind::Namespace,
+        group: "",
+        plural: "namespaces",
+        versions: &["v1"],
+        crd: false,
+    },
+    KindSpec {
+        kind: Kind::Pod,
+        group: "",
+        plural: "pods",
+        versions: &["v1"],
+        crd: false,
+    },
+    KindSpec {
+        kind: Kind::Service,
+        group: "",
+        plural: "services",
+        versions: &["v1"],
+        crd: false,
+    },
+    KindSpec {
+        kind: Kind::EndpointSlice,
+        group: "discovery.k8s.io",
+        plural: "endpointslices",
+        versions: &["v1"],
+        crd: false,
+    },
+    // The same schema at each version we list.
+    KindSpec {
+        kind: Kind::HttpRoute,
+        group: GATEWAY_API,
+        plural: "httproutes",
+        versions: &["v1", "v1beta1"],
+        crd: true,
+    },
+    // Gateway API >= 1.5 serves TCPRoute as v1 in the standard channel; older
+    // experimental channels as v1alpha2 only.
+    KindSpec {
+        kind: Kind::TcpRoute,
+        group: GATEWAY_API,
+        plural: "tcproutes",
+        versions: &["v1", "v1alpha2"],
+        crd: true,
+    },
+    KindSpec {
+        kind: Kind::AuthorizationPolicy,
+        group: "security.nodemesh.io",
+        plural: "authorizationpolicies",
+        versions: &["v1alpha1"],
+        crd: true,
+    },
+];
+
+fn spec(kind: Kind) -> &'static KindSpec {
+    KINDS
+        .iter()
+        .find(|s| s.kind == kind)
+        .unwrap_or_else(|| unreachable!("KINDS lists every Kind"))
+}
 
 /// (API group, resource) of everything [`run`] watches; `deploy/` grants exactly these.
 pub fn watched_resources() -> Vec<(String, String)> {
-    fn resource<K: Resource<DynamicType = ()>>() -> (String, String) {
-        (K::group(&()).into_owned(), K::plural(&()).into_owned())
-    }
-    vec![
-        resource::<Namespace>(),
-        resource::<Pod>(),
-        resource::<Service>(),
-        resource::<EndpointSlice>(),
-        resource::<HttpRoute>(),
-        resource::<TcpRoute>(),
-        resource::<AuthorizationPolicy>(),
-    ]
+    KINDS
+        .iter()
+        .map(|s| (s.group.to_string(), s.plural.to_string()))
+        .collect()
 }
-
-/// A kind failing for longer than this makes the agent unready.
-pub const STALE_AFTER: Duration = Duration::from_secs(60);
 
 /// A watch event with the object already wrapped; errors reduced to what we act on.
 #[derive(Debug)]
 pub enum SourceEvent {
     Event(watcher::Event<KubeObject>),
+    /// The API server answered a list or watch of the kind, served at `version`.
+    Answered {
+        version: &'static str,
+    },
     /// The kind is not served (its CRD is not installed): treat it as empty.
     NotInstalled(String),
     Error(String),
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct KindHealth {
-    pub synced: bool,
-    #[serde(skip)]
-    pub failing_since: Option<Instant>,
-    pub last_error: Option<String>,
-}
-
-/// Per-kind sync state of discovery, shared with readiness and the admin API.
-#[derive(Debug, Default)]
-pub struct DiscoveryHealth {
-    kinds: Mutex<BTreeMap<Kind, KindHealth>>,
-}
-
-impl DiscoveryHealth {
-    fn update(&self, kind: Kind, f: impl FnOnce(&mut KindHealth)) {
-        let mut kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
-        f(kinds.entry(kind).or_default());
-    }
-
-    /// Marks every kind synced (the `files` source has no partial state).
-    pub fn all_synced(&self) {
-        for kind in Kind::ALL {
-            self.update(kind, |h| h.synced = true);
-        }
-    }
-
-    /// Whether every kind has completed an initial list at least once.
-    pub fn every_kind_synced(&self) -> bool {
-        let kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
-        Kind::ALL
-            .iter()
-            .all(|k| kinds.get(k).is_some_and(|h| h.synced))
-    }
-
-    /// Why the state should not be trusted, or None.
-    pub fn unready_reason(&self, now: Instant) -> Option<String> {
-        let kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
-        for kind in Kind::ALL {
-            let h = kinds.get(&kind);
-            if !h.is_some_and(|h| h.synced) {
-                return Some(format!("{} not synced yet", kind.name()));
-            }
-            if let Some(since) = h.and_then(|h| h.failing_since) {
-                if now.duration_since(since) > STALE_AFTER {
-                    return Some(format!(
-                        "{} watch failing for {}s: {}",
-                        kind.name(),
-                        now.duration_since(since).as_secs(),
-                        h.and_then(|h| h.last_error.clone()).unwrap_or_default()
-                    ));
-                }
-            }
-        }
-        None
-    }
-
-    /// Seconds each kind has been failing (0 when healthy).
-    pub fn staleness(&self, now: Instant) -> Vec<(Kind, f64)> {
-        let kinds = self.kinds.lock().unwrap_or_else(|p| p.into_inner());
-        Kind::ALL
-            .iter()
-            .map(|k| {
-                let since = kinds.get(k).and_then(|h| h.failing_since);
-                (
-                    *k,
-                    since.map_or(0.0, |s| now.duration_since(s).as_secs_f64()),
-                )
-            })
-            .collect()
-    }
-
-    pub fn snapshot(&self) -> BTreeMap<Kind, KindHealth> {
-        self.kinds.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
 }
 
 /// Applies watcher events of every kind to one state.
@@ -192,18 +172,30 @@ impl KubeState {
                 health.update(kind, ok);
                 true
             }
-            SourceEvent::NotInstalled(reason) => {
-                let mut first = false;
+            SourceEvent::Answered { version } => {
                 health.update(kind, |h| {
-                    first = !h.synced;
+                    ok(h);
+                    h.version = Some(version);
+                    h.not_installed = None;
+                });
+                false
+            }
+            SourceEvent::NotInstalled(reason) => {
+                self.relisting.remove(&kind);
+                let first = health.update(kind, |h| {
+                    let first = !h.synced || h.not_installed.is_none();
                     h.synced = true;
-                    h.last_error = Some(reason.clone());
+                    ok(h);
+                    h.version = None;
+                    h.not_installed = Some(reason.clone());
+                    first
                 });
                 if first {
                     warn!(kind = kind.name(), %reason, "kind not served by the API server (CRD not installed?); treating it as empty");
-                    self.state.replace_kind(kind, Vec::new());
                 }
-                first
+                let had = self.state.counts().get(kind.name()).copied().unwrap_or(0) > 0;
+                self.state.replace_kind(kind, Vec::new());
+                first || had
             }
             SourceEvent::Error(reason) => {
                 health.update(kind, |h| {
@@ -216,113 +208,72 @@ impl KubeState {
     }
 }
 
-fn map_event<K>(event: watcher::Event<K>, wrap: fn(K) -> KubeObject) -> watcher::Event<KubeObject> {
-    match event {
-        watcher::Event::Apply(o) => watcher::Event::Apply(wrap(o)),
-        watcher::Event::Delete(o) => watcher::Event::Delete(wrap(o)),
-        watcher::Event::Init => watcher::Event::Init,
-        watcher::Event::InitApply(o) => watcher::Event::InitApply(wrap(o)),
-        watcher::Event::InitDone => watcher::Event::InitDone,
-    }
-}
-
-fn is_not_found(e: &watcher::Error) -> bool {
-    let api = match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s,
-        _ => return false,
-    };
-    api.code == 404
-}
-
-async fn watch_kind<K>(
-    api: Api<K>,
-    kind: Kind,
-    wrap: fn(K) -> KubeObject,
-    tx: mpsc::Sender<(Kind, SourceEvent)>,
-) where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-    K::DynamicType: Default,
-{
-    let mut stream = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    while let Some(item) = stream.next().await {
-        let event = match item {
-            Ok(e) => SourceEvent::Event(map_event(e, wrap)),
-            Err(e) if is_not_found(&e) => SourceEvent::NotInstalled(e.to_string()),
-            Err(e) => SourceEvent::Error(e.to_string()),
-        };
-        if tx.send((kind, event)).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Watches every kind (keep in step with [`watched_resources`]) and publishes a new state after each batch of events, once all
-/// kinds have synced (a partial first state would unenroll pods).
+/// Watches every kind of [`KINDS`] and publishes a new state after each batch of
+/// events, once all kinds have synced (a partial first state would unenroll pods).
 pub async fn run(
     client: Client,
-    tx: watch::Sender<Arc<ClusterState>>,
+    tx: channel::Sender<Arc<ClusterState>>,
     metrics: Arc<Metrics>,
     health: Arc<DiscoveryHealth>,
 ) {
     let (ev_tx, mut ev_rx) = mpsc::channel(4096);
-    tokio::spawn(watch_kind(
-        Api::<Namespace>::all(client.clone()),
-        Kind::Namespace,
+    tokio::spawn(watch_kind::<Namespace>(
+        client.clone(),
+        spec(Kind::Namespace),
         |o| KubeObject::Namespace(Box::new(o)),
         ev_tx.clone(),
     ));
-    tokio::spawn(watch_kind(
-        Api::<Pod>::all(client.clone()),
-        Kind::Pod,
+    tokio::spawn(watch_kind::<Pod>(
+        client.clone(),
+        spec(Kind::Pod),
         |o| KubeObject::Pod(Box::new(o)),
         ev_tx.clone(),
     ));
-    tokio::spawn(watch_kind(
-        Api::<Service>::all(client.clone()),
-        Kind::Service,
+    tokio::spawn(watch_kind::<Service>(
+        client.clone(),
+        spec(Kind::Service),
         |o| KubeObject::Service(Box::new(o)),
         ev_tx.clone(),
     ));
-    tokio::spawn(watch_kind(
-        Api::<EndpointSlice>::all(client.clone()),
-        Kind::EndpointSlice,
+    tokio::spawn(watch_kind::<EndpointSlice>(
+        client.clone(),
+        spec(Kind::EndpointSlice),
         |o| KubeObject::EndpointSlice(Box::new(o)),
         ev_tx.clone(),
     ));
-    tokio::spawn(watch_kind(
-        Api::<HttpRoute>::all(client.clone()),
-        Kind::HttpRoute,
+    tokio::spawn(watch_kind::<HttpRoute>(
+        client.clone(),
+        spec(Kind::HttpRoute),
         |o| KubeObject::HttpRoute(Box::new(o)),
         ev_tx.clone(),
     ));
-    tokio::spawn(watch_kind(
-        Api::<TcpRoute>::all(client.clone()),
-        Kind::TcpRoute,
+    tokio::spawn(watch_kind::<TcpRoute>(
+        client.clone(),
+        spec(Kind::TcpRoute),
         |o| KubeObject::TcpRoute(Box::new(o)),
         ev_tx.clone(),
     ));
-    tokio::spawn(watch_kind(
-        Api::<AuthorizationPolicy>::all(client),
-        Kind::AuthorizationPolicy,
+    tokio::spawn(watch_kind::<AuthorizationPolicy>(
+        client,
+        spec(Kind::AuthorizationPolicy),
         |o| KubeObject::AuthorizationPolicy(Box::new(o)),
         ev_tx,
     ));
     let mut kube = KubeState::default();
     let mut published = false;
     while let Some((kind, event)) = ev_rx.recv().await {
-        if let SourceEvent::Error(e) = &event {
-            metrics
-                .discovery_errors
-                .with_label_values(&[kind.name()])
-                .inc();
-            warn!(kind = kind.name(), error = %e, "watch failed; retrying with backoff, the last state keeps serving");
-        }
-        let mut changed = kube.handle(kind, event, &health);
-        while let Ok((kind, event)) = ev_rx.try_recv() {
+        let mut changed = false;
+        let mut next = Some((kind, event));
+        while let Some((kind, event)) = next {
+            if let SourceEvent::Error(e) = &event {
+                metrics
+                    .discovery_errors
+                    .with_label_values(&[kind.name()])
+                    .inc();
+                crate::warn_limited!(kind = kind.name(), error = %e, "watch failed; retrying, the last state keeps serving");
+            }
             changed |= kube.handle(kind, event, &health);
+            next = ev_rx.try_recv().ok();
         }
         // Stale kinds still publish (the last good objects keep serving); only the
         // first, partial sync is held back.

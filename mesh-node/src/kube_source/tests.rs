@@ -1,3 +1,8 @@
+use std::{collections::BTreeMap, time::Instant};
+
+use kube::Resource;
+use serde::Serialize;
+
 use super::*;
 use crate::{files_source::parse_manifest, state::ObjectKey};
 
@@ -182,4 +187,110 @@ fn a_kind_without_its_crd_counts_as_synced_and_empty() {
     );
     assert_eq!(health.unready_reason(Instant::now()), None);
     assert!(kube.state().tcp_routes.is_empty());
+}
+
+#[test]
+fn a_crd_deleted_after_sync_empties_its_kind_and_stays_healthy() {
+    let health = DiscoveryHealth::default();
+    let mut kube = KubeState::default();
+    initial_sync(&mut kube, &health, objects());
+    assert_eq!(kube.state().tcp_routes.len(), 1);
+    // The re-watch was refused (404) before discovery confirmed the CRD is gone.
+    kube.handle(Kind::TcpRoute, SourceEvent::Error("404".into()), &health);
+    assert!(kube.handle(
+        Kind::TcpRoute,
+        SourceEvent::NotInstalled("not served".into()),
+        &health
+    ));
+    assert!(kube.state().tcp_routes.is_empty());
+    assert_eq!(
+        health.unready_reason(Instant::now() + STALE_AFTER * 2),
+        None
+    );
+    assert_eq!(
+        health.snapshot()[&Kind::TcpRoute].not_installed.as_deref(),
+        Some("not served")
+    );
+    // Rechecks that find it still absent change nothing.
+    assert!(!kube.handle(
+        Kind::TcpRoute,
+        SourceEvent::NotInstalled("not served".into()),
+        &health
+    ));
+}
+
+#[test]
+fn an_answer_of_the_api_server_clears_a_failure_without_any_object_event() {
+    let health = DiscoveryHealth::default();
+    let mut kube = KubeState::default();
+    initial_sync(&mut kube, &health, objects());
+    kube.handle(
+        Kind::Namespace,
+        SourceEvent::Error("connection refused".into()),
+        &health,
+    );
+    let later = Instant::now() + STALE_AFTER * 2;
+    assert!(health.unready_reason(later).is_some());
+    assert!(health.staleness(later)[0].1 > 0.0);
+    // A re-watch that succeeds and stays silent.
+    assert!(!kube.handle(
+        Kind::Namespace,
+        SourceEvent::Answered { version: "v1" },
+        &health
+    ));
+    assert_eq!(health.unready_reason(later), None);
+    assert!(health.staleness(later).iter().all(|(_, s)| *s == 0.0));
+    assert_eq!(health.snapshot()[&Kind::Namespace].version, Some("v1"));
+}
+
+#[test]
+fn the_kinds_read_agree_with_the_rust_types() {
+    fn check<K: Resource<DynamicType = ()>>(kind: Kind) {
+        let spec = super::spec(kind);
+        assert_eq!(spec.group, K::group(&()), "{kind:?}");
+        assert_eq!(spec.plural, K::plural(&()), "{kind:?}");
+        assert!(
+            spec.versions.contains(&&*K::version(&())),
+            "{kind:?}: the type's own version is read"
+        );
+    }
+    check::<k8s_openapi::api::core::v1::Namespace>(Kind::Namespace);
+    check::<k8s_openapi::api::core::v1::Pod>(Kind::Pod);
+    check::<k8s_openapi::api::core::v1::Service>(Kind::Service);
+    check::<k8s_openapi::api::discovery::v1::EndpointSlice>(Kind::EndpointSlice);
+    check::<gateway_api::apis::experimental::httproutes::HttpRoute>(Kind::HttpRoute);
+    check::<gateway_api::apis::experimental::tcproutes::TcpRoute>(Kind::TcpRoute);
+    check::<crate::policy::AuthorizationPolicy>(Kind::AuthorizationPolicy);
+    assert_eq!(KINDS.len(), Kind::ALL.len());
+    // Built-in kinds are never "not installed".
+    assert!(KINDS
+        .iter()
+        .filter(|s| s.group.is_empty() || s.group == "discovery.k8s.io")
+        .all(|s| !s.crd));
+}
+
+#[test]
+fn the_preferred_served_version_is_chosen() {
+    let tcp = super::spec(Kind::TcpRoute);
+    assert_eq!(tcp.choose_version(|v| v == "v1"), Some("v1"));
+    assert_eq!(tcp.choose_version(|v| v == "v1alpha2"), Some("v1alpha2"));
+    assert_eq!(
+        tcp.choose_version(|v| v == "v1" || v == "v1alpha2"),
+        Some("v1")
+    );
+    assert_eq!(tcp.choose_version(|v| v == "v1beta1"), None);
+}
+
+#[test]
+fn a_v1_tcproute_decodes_into_the_type_read() {
+    let v1 = OBJECTS.replace(
+        "gateway.networking.k8s.io/v1alpha2",
+        "gateway.networking.k8s.io/v1",
+    );
+    let routes: Vec<KubeObject> = parse_manifest(&v1)
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.kind() == Kind::TcpRoute)
+        .collect();
+    assert_eq!(routes.len(), 1);
 }

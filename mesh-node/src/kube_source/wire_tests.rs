@@ -250,6 +250,8 @@ async fn a_crd_deleted_while_watched_counts_as_empty_and_the_agent_stays_ready()
         let health = agent.health.snapshot();
         let tcp = &health[&Kind::TcpRoute];
         assert!(tcp.synced);
+        assert!(tcp.not_installed.is_some(), "{tcp:?}");
+        assert_eq!(tcp.version, None);
         assert_eq!(agent.readiness(), None);
         assert!(
             agent.failing_kinds().is_empty(),
@@ -274,6 +276,35 @@ async fn a_crd_deleted_while_watched_counts_as_empty_and_the_agent_stays_ready()
         )
         .await;
         assert!(agent.stays_ready());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_404_that_discovery_does_not_confirm_deletes_nothing() {
+    let server = cluster(&["v1"]).await;
+    let agent = start(&server);
+    synced(&agent, &manifest_objects()).await;
+    // The watch and the list are refused, discovery still lists TCPRoute.
+    server.stop_serving(GATEWAY, "tcproutes");
+    eventually("TCPRoute to report its failure", PROMPTLY, || {
+        agent.failing_kinds() == vec![Kind::TcpRoute]
+    })
+    .await;
+    assert_eq!(
+        agent.state().tcp_routes.len(),
+        1,
+        "the last good state serves"
+    );
+    assert!(agent.errors(Kind::TcpRoute) > 0);
+    assert!(
+        !agent.stays_ready(),
+        "a failure that lasts makes the agent unready"
+    );
+    // Discovery catches up: the CRD is gone after all.
+    server.delete_crd(GATEWAY, "tcproutes");
+    eventually("TCPRoute to count as not installed", PROMPTLY, || {
+        agent.state().tcp_routes.is_empty() && agent.stays_ready()
     })
     .await;
 }
@@ -467,6 +498,10 @@ async fn tcproute_is_watched_at_the_version_the_api_server_serves() {
             "TCPRoute served at {served:?}: {:#?}",
             server.requests()
         );
+        assert_eq!(
+            agent.health.snapshot()[&Kind::TcpRoute].version,
+            Some(chosen)
+        );
         println!(
             "served {served:?}: discovery requests {:?}",
             server.discovery_requests()
@@ -491,4 +526,5 @@ async fn a_crd_that_stops_serving_the_watched_version_is_followed_to_the_new_one
     .await;
     assert_eq!(agent.state().tcp_routes.len(), 1);
     assert!(agent.stays_ready());
+    assert_eq!(agent.health.snapshot()[&Kind::TcpRoute].version, Some("v1"));
 }
