@@ -3,6 +3,8 @@
 mod connect;
 mod format;
 mod render;
+#[cfg(test)]
+mod render_tests;
 mod trace_view;
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
