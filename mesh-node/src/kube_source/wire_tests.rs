@@ -136,6 +136,11 @@ impl Agent {
             .collect()
     }
 
+    /// `nodemesh_state_updates_total`: snapshots published.
+    fn updates(&self) -> u64 {
+        self.metrics.state_updates.get()
+    }
+
     fn errors(&self, kind: Kind) -> u64 {
         self.metrics
             .discovery_errors
@@ -343,6 +348,7 @@ async fn a_silent_rewatch_after_an_api_server_restart_is_healthy_within_5s() {
     let agent = start(&server);
     synced(&agent, &manifest_objects()).await;
     let before = keys(&agent.state());
+    let updates_before = agent.updates();
     let lists_before = server
         .requests()
         .iter()
@@ -368,6 +374,11 @@ async fn a_silent_rewatch_after_an_api_server_restart_is_healthy_within_5s() {
         lists_after, lists_before,
         "resumed from the resourceVersion, no relist"
     );
+    assert_eq!(
+        agent.updates(),
+        updates_before,
+        "nothing changed, nothing published"
+    );
     for kind in Kind::ALL {
         assert!(
             agent.errors(kind) > 0,
@@ -383,6 +394,7 @@ async fn a_restart_without_the_watch_cache_relists_after_410_within_5s() {
     let agent = start(&server);
     let mut objects = manifest_objects();
     synced(&agent, &objects).await;
+    let updates_before = agent.updates();
 
     server.stop();
     eventually("every kind to notice the outage", PROMPTLY, || {
@@ -419,6 +431,10 @@ async fn a_restart_without_the_watch_cache_relists_after_410_within_5s() {
     assert!(agent.stays_ready());
     assert!(agent.state().pods.is_empty());
     assert_eq!(agent.state().services.len(), 2);
+    assert!(
+        agent.updates() > updates_before,
+        "the relisted state was published"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
