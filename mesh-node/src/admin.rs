@@ -91,8 +91,13 @@ pub struct AdminState {
     pub started: Instant,
 }
 
-/// Every Service port with what a connection to it would resolve to right now.
-fn services_view(state: &ClusterState, cidrs: &[IpCidr]) -> Vec<serde_json::Value> {
+/// Every Service port with what a connection to it would resolve to right now; an
+/// HTTP-routed port also with its HTTPRoutes (their rules choose per request).
+pub(crate) fn services_view(
+    state: &ClusterState,
+    cidrs: &[IpCidr],
+    picks: &crate::balancer::PickCounts,
+) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     for (key, svc) in state.services.iter() {
         let vips = service_ips(svc);
@@ -106,6 +111,7 @@ fn services_view(state: &ClusterState, cidrs: &[IpCidr]) -> Vec<serde_json::Valu
                 "vips": vips,
                 "port": port,
                 "resolution": resolution,
+                "http_routes": crate::routes::http_routes_for(state, key, port, picks),
             }));
         }
     }
@@ -283,6 +289,7 @@ pub fn admin_route(
         (&Method::GET, "/services") => json_response(&services_view(
             &state.state.borrow(),
             &state.config.service_cidrs,
+            &state.balancer.picks(),
         )),
         (&Method::GET, "/stats/prometheus") => {
             health::refresh(state);

@@ -140,3 +140,36 @@ pub fn run_trace(
     };
     trace(&inputs, &key, to, Some(http))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{admin::services_view, balancer::PickCounts, files_source::parse_manifest};
+
+    const SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\n\
+        spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n---\n\
+        apiVersion: v1\nkind: Service\nmetadata: {name: web-v1, namespace: demo}\n\
+        spec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}\n---\n\
+        apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: split, namespace: demo}\n\
+        spec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]\n  \
+        rules: [{backendRefs: [{name: web-v1, port: 80, weight: 90}]}]\n";
+
+    #[test]
+    fn an_http_routed_service_port_shows_its_httproute_and_backends() {
+        let state = ClusterState::from_objects(parse_manifest(SERVICES).unwrap());
+        let view = services_view(&state, &[], &PickCounts::new());
+        let web = view.iter().find(|v| v["service"]["name"] == "web").unwrap();
+        let routes = web["http_routes"].as_array().unwrap();
+        assert_eq!(routes.len(), 1, "{web:#}");
+        assert_eq!(routes[0]["route"]["name"], "split");
+        assert_eq!(routes[0]["kind"], "HTTPRoute");
+        let backend = &routes[0]["rules"][0]["backends"][0];
+        assert_eq!(backend["service"]["name"], "web-v1");
+        assert_eq!(backend["weight"], 90);
+        let plain = view
+            .iter()
+            .find(|v| v["service"]["name"] == "web-v1")
+            .unwrap();
+        assert!(plain["http_routes"].as_array().unwrap().is_empty());
+    }
+}

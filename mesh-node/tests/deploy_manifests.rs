@@ -552,3 +552,44 @@ fn an_update_never_runs_two_agents_on_a_node_and_they_never_enroll_themselves() 
         );
     }
 }
+
+/// Whether a `curl` invocation fails on an HTTP error status (`-f`/`--fail`).
+fn curl_fails_on_http_errors(line: &str) -> bool {
+    line.split("curl ").skip(1).all(|call| {
+        call.split_whitespace()
+            .take_while(|w| w.starts_with('-'))
+            .any(|w| w == "--fail" || (!w.starts_with("--") && w.contains('f')))
+    })
+}
+
+#[test]
+fn the_example_clients_say_request_failed_when_the_policy_refuses_them() {
+    // The README: `forbidden` logs "request failed". Its refusal is an HTTP 403 (the
+    // route is HTTP), on which curl exits 0 unless it is told to fail.
+    let mut loops = 0;
+    for doc in documents(&deploy_dir().join("examples")) {
+        let Object::Deployment(d) = &doc.object else {
+            continue;
+        };
+        let template = &d.spec.as_ref().expect("a Deployment has a spec").template;
+        for c in &pod_spec(template).containers {
+            let line = [c.command.clone(), c.args.clone()]
+                .into_iter()
+                .flatten()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" ");
+            if line.contains("request failed") {
+                loops += 1;
+                assert!(
+                    curl_fails_on_http_errors(&line),
+                    "{}: {line}",
+                    doc.file.display()
+                );
+            }
+        }
+    }
+    assert_eq!(loops, 2, "client and forbidden");
+    assert!(!curl_fails_on_http_errors("curl -sS http://web/ || echo x"));
+    assert!(curl_fails_on_http_errors("curl -fsS http://web/"));
+}

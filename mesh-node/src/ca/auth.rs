@@ -10,16 +10,25 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenRe
 use kube::{api::PostParams, Api, Client};
 use thiserror::Error;
 
+use crate::log_limit::clip;
+
 #[derive(Debug, Error)]
 pub enum AuthError {
     #[error("no bearer token: send `Authorization: Bearer <node token>`")]
     Missing,
     #[error("the token is not valid for any node")]
     Unknown,
+    /// The TokenReview's own reason (clipped), e.g. the API server's list of audiences.
+    #[error("the API server rejected the token: {0}")]
+    Rejected(String),
     #[error("the token does not belong to the agent's service account ({0})")]
     WrongAccount(String),
-    #[error("the token is not for audience `{0}`: mint it with that audience (a projected serviceAccountToken volume)")]
-    WrongAudience(String),
+    #[error("the token is not for audience `{audience}`{review}: mint it with that audience (a projected serviceAccountToken volume)")]
+    WrongAudience {
+        audience: String,
+        /// ` (TokenReview: <its error>)` when the review said why, else empty.
+        review: String,
+    },
     #[error(
         "the token carries no node name: use a bound service-account token (Kubernetes >= 1.30)"
     )]
@@ -110,7 +119,19 @@ pub fn node_of_review(
     audience: &str,
 ) -> Result<String, AuthError> {
     if status.authenticated != Some(true) {
-        return Err(AuthError::Unknown);
+        // The review's error names the cause; an audience mismatch is the one a
+        // deployment gets wrong, and its text names both sides' audiences.
+        let error = status.error.as_deref().map(str::trim).unwrap_or_default();
+        return Err(if error.is_empty() {
+            AuthError::Unknown
+        } else if error.contains("audience") {
+            AuthError::WrongAudience {
+                audience: audience.to_string(),
+                review: format!(" (TokenReview: {})", clip(error)),
+            }
+        } else {
+            AuthError::Rejected(clip(error).into_owned())
+        });
     }
     if !status
         .audiences
@@ -118,7 +139,10 @@ pub fn node_of_review(
         .iter()
         .any(|a| a == audience)
     {
-        return Err(AuthError::WrongAudience(audience.to_string()));
+        return Err(AuthError::WrongAudience {
+            audience: audience.to_string(),
+            review: String::new(),
+        });
     }
     let user = status.user.unwrap_or_default();
     let name = user.username.unwrap_or_default();
@@ -191,7 +215,7 @@ mod tests {
         let api_audience = review(&["https://kubernetes.default.svc"], AGENT, Some("n1"));
         assert!(matches!(
             node_of_review(api_audience, AGENT, "nodemesh-ca"),
-            Err(AuthError::WrongAudience(_))
+            Err(AuthError::WrongAudience { .. })
         ));
         let other = review(
             &["nodemesh-ca"],
@@ -213,6 +237,56 @@ mod tests {
         };
         assert!(matches!(
             node_of_review(rejected, AGENT, "nodemesh-ca"),
+            Err(AuthError::Unknown)
+        ));
+    }
+
+    /// An audience-aware API server refuses a token minted for another audience with
+    /// `authenticated: false` and an error naming both: the CA must pass that on.
+    #[test]
+    fn a_rejected_review_reports_its_own_error() {
+        const AGENT: &str = "system:serviceaccount:nodemesh-system:mesh-node";
+        let mismatch = TokenReviewStatus {
+            authenticated: Some(false),
+            error: Some(
+                "[invalid bearer token, token audiences [\"https://kubernetes.default.svc.cluster.local\"] \
+                 is invalid for the target audiences [\"nodemesh-ca\"], unknown]"
+                    .into(),
+            ),
+            ..Default::default()
+        };
+        let e = node_of_review(mismatch, AGENT, "nodemesh-ca").unwrap_err();
+        assert!(matches!(e, AuthError::WrongAudience { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with("the token is not for audience `nodemesh-ca`"),
+            "the README's troubleshooting row: {text}"
+        );
+        assert!(
+            text.contains("https://kubernetes.default.svc.cluster.local"),
+            "names the token's audiences: {text}"
+        );
+        let expired = TokenReviewStatus {
+            authenticated: Some(false),
+            error: Some("[invalid bearer token, service account token has expired]".into()),
+            ..Default::default()
+        };
+        let e = node_of_review(expired, AGENT, "nodemesh-ca").unwrap_err();
+        assert!(matches!(e, AuthError::Rejected(_)), "{e:?}");
+        assert!(e.to_string().contains("has expired"), "{e}");
+        let long = TokenReviewStatus {
+            authenticated: Some(false),
+            error: Some("x".repeat(100_000)),
+            ..Default::default()
+        };
+        let e = node_of_review(long, AGENT, "nodemesh-ca").unwrap_err();
+        assert!(e.to_string().len() < 2_000, "clipped");
+        let silent = TokenReviewStatus {
+            authenticated: Some(false),
+            ..Default::default()
+        };
+        assert!(matches!(
+            node_of_review(silent, AGENT, "nodemesh-ca"),
             Err(AuthError::Unknown)
         ));
     }

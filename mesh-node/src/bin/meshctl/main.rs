@@ -3,6 +3,8 @@
 mod connect;
 mod format;
 mod render;
+#[cfg(test)]
+mod render_tests;
 mod trace_view;
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
@@ -170,13 +172,24 @@ fn request_of(args: &NodeArgs) -> (Method, String) {
     }
 }
 
+/// Writes `text` and a newline to stdout. A reader that went away (`meshctl ... |
+/// head`) ends the output quietly, as other command-line tools do.
+fn print_out(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{}", text.trim_end()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(format!("cannot write the output: {e}")),
+    }
+}
+
 fn print_structured(value: &Value, output: Output) -> Result<(), String> {
     let text = match output {
         Output::Yaml => serde_yaml::to_string(value).map_err(|e| e.to_string())?,
         _ => serde_json::to_string_pretty(value).map_err(|e| e.to_string())?,
     };
-    println!("{}", text.trim_end());
-    Ok(())
+    print_out(&text)
 }
 
 fn run(args: NodeArgs) -> Result<(), String> {
@@ -244,8 +257,7 @@ fn run(args: NodeArgs) -> Result<(), String> {
             return print_structured(&value, Output::Yaml);
         }
     };
-    println!("{}", text.trim_end());
-    Ok(())
+    print_out(&text)
 }
 
 fn main() -> ExitCode {

@@ -236,26 +236,70 @@ fn backend_line(b: &Value) -> String {
     )
 }
 
+/// A backend of an HTTPRoute rule (the routes view's shape).
+fn rule_backend_line(b: &Value) -> String {
+    let port = match b["port"].as_u64() {
+        Some(p) => format!(" :{p}"),
+        None => String::new(),
+    };
+    format!(
+        "{}{port} weight {} ({} ready)",
+        key(&b["service"]),
+        b["weight"],
+        s(&b["ready_endpoints"])
+    )
+}
+
+/// ROUTE and BACKENDS of an HTTP-routed port: each HTTPRoute, and each rule's
+/// backends (the rule is chosen per request).
+fn http_route_cells(routes: &Value) -> (String, String) {
+    let names: Vec<String> = rows(routes)
+        .map(|r| format!("{} {}", s(&r["kind"]), key(&r["route"])))
+        .collect();
+    let mut backends = Vec::new();
+    for r in rows(routes) {
+        for rule in rows(&r["rules"]) {
+            let matches: Vec<String> = rows(&rule["matches"]).map(s).collect();
+            let label = if matches.is_empty() {
+                "any request".to_string()
+            } else {
+                matches.join("; ")
+            };
+            backends.push(format!("#{} {label}:", rule["index"]));
+            backends.extend(rows(&rule["backends"]).map(|b| format!("  {}", rule_backend_line(b))));
+        }
+    }
+    (names.join("\n"), backends.join("\n"))
+}
+
 pub fn services(v: &Value) -> String {
     let mut t = table(&["SERVICE", "VIPS", "PORT", "ROUTE", "BACKENDS"]);
     for svc in rows(v) {
         let r = &svc["resolution"];
         let vips: Vec<String> = rows(&svc["vips"]).map(s).collect();
         let backends: Vec<String> = rows(&r["backends"]).map(backend_line).collect();
+        let (route, backends) = if rows(&svc["http_routes"]).next().is_some() {
+            http_route_cells(&svc["http_routes"])
+        } else {
+            (
+                if r["route"].is_null() {
+                    "-".into()
+                } else {
+                    key(&r["route"])
+                },
+                if backends.is_empty() {
+                    s(&r["kind"])
+                } else {
+                    backends.join("\n")
+                },
+            )
+        };
         t.add_row(vec![
             key(&svc["service"]),
             vips.join("\n"),
             s(&svc["port"]),
-            if r["route"].is_null() {
-                "-".into()
-            } else {
-                key(&r["route"])
-            },
-            if backends.is_empty() {
-                s(&r["kind"])
-            } else {
-                backends.join("\n")
-            },
+            route,
+            backends,
         ]);
     }
     or_none(&t, "Services")
