@@ -7,7 +7,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 use super::{
     client::{CONNECTION_WINDOW, STREAM_WINDOW},
     stream::{relay_stream, TcpSide},
+    target::connect_target,
     tls::spiffe_id,
 };
 use crate::{
@@ -22,7 +23,6 @@ use crate::{
     connections::{ConnectionInfo, Direction, Security},
     forward::{accept_loop, connect_in_pod, PodContext},
     identity::Identity,
-    state::canonical,
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -131,22 +131,7 @@ async fn tunnel(
     identity: Identity,
     ctx: Arc<PodContext>,
 ) {
-    if request.method() != Method::CONNECT {
-        return reply(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
-    }
-    let target = request
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        .map(|t| SocketAddr::new(canonical(t.ip()), t.port()));
-    let Some(target) = target else {
-        ctx.metrics
-            .refused
-            .with_label_values(&["hbone_bad_authority"])
-            .inc();
-        return reply(&mut respond, StatusCode::BAD_REQUEST);
-    };
-    let info = ConnectionInfo {
+    let info = |target| ConnectionInfo {
         peer: ctx.state.borrow().pod_by_ip(peer.ip()).cloned(),
         upstream: Some(target),
         security: Security::MutualTls,
@@ -154,18 +139,24 @@ async fn tunnel(
         destination_identity: Some(ctx.identity.to_string()),
         ..ConnectionInfo::new(Direction::Inbound, ctx.pod.clone(), peer, target)
     };
-    if !ctx.ips.contains(&target.ip()) {
-        ctx.metrics
-            .refused
-            .with_label_values(&["hbone_target_not_local"])
-            .inc();
-        warn!(pod = %ctx.pod, %target, %identity, "HBONE target is not this pod");
-        reply(&mut respond, StatusCode::FORBIDDEN);
-        ctx.connections
-            .open(info)
-            .close("refused: hbone_target_not_local");
-        return;
-    }
+    let target = match connect_target(&request, &ctx.ips) {
+        Ok(target) => target,
+        Err(refusal) => {
+            ctx.metrics
+                .refused
+                .with_label_values(&[refusal.reason()])
+                .inc();
+            warn!(pod = %ctx.pod, src = %peer, %identity, reason = refusal.reason(), %refusal, "HBONE CONNECT refused");
+            reply(&mut respond, refusal.status());
+            if let Some(target) = refusal.target() {
+                ctx.connections
+                    .open(info(target))
+                    .close(format!("refused: {}", refusal.reason()));
+            }
+            return;
+        }
+    };
+    let info = info(target);
     let admission = admit(
         &ctx.state.borrow(),
         &ctx.pod,
