@@ -104,7 +104,7 @@ pub struct Summary {
 pub fn summary(line: &str) -> Option<Summary> {
     let rest = line.strip_prefix('#')?;
     let mut words = rest.split_whitespace();
-    let execs = words.next()?.parse().ok();
+    let execs = Some(words.next()?.parse().ok()?);
     let mut s = Summary {
         execs,
         ..Summary::default()
@@ -152,14 +152,14 @@ fn run_target(paths: &Paths, target: &str, seconds: u64) -> Result<Vec<PathBuf>>
     if let Some(err) = child.stderr.take() {
         for line in BufReader::new(err).lines().map_while(Result::ok) {
             eprintln!("{line}");
-            if line.starts_with('#') {
-                last = Some(line);
+            if let Some(s) = summary(&line) {
+                last = Some(s);
             }
         }
     }
     let status = child.wait()?;
     let found: Vec<PathBuf> = files_in(&artifacts).difference(&before).cloned().collect();
-    let stats = last.as_deref().and_then(summary).unwrap_or_default();
+    let stats = last.unwrap_or_default();
     println!(
         "xtask: fuzz {target}: {}s, {} execs ({} exec/s), corpus {}, cov {} ft {}, {}",
         started.elapsed().as_secs(),
@@ -207,14 +207,20 @@ pub fn fuzz(targets: &[String], seconds: u64) -> Result<()> {
     let mut findings = Vec::new();
     for target in selected {
         eprintln!("xtask: fuzzing {target} for {seconds}s");
-        findings.extend(run_target(&paths, target, seconds)?);
+        for input in run_target(&paths, target, seconds)? {
+            findings.push((target, input));
+        }
     }
     if !findings.is_empty() {
-        for f in &findings {
-            println!("xtask: fuzzing found {}", f.display());
+        for (target, input) in &findings {
+            println!(
+                "xtask: fuzzing {target} found {}; reproduce with `cargo +nightly fuzz run --fuzz-dir mesh-node/fuzz --target-dir target/fuzz {target} {}`",
+                input.display(),
+                input.display()
+            );
         }
         bail!(
-            "fuzzing found {} failing input(s); reproduce one with `cargo +nightly fuzz run --fuzz-dir mesh-node/fuzz --target-dir target/fuzz <target> <input>`",
+            "fuzzing found {} failing input(s): fix each at its root and add a unit test",
             findings.len()
         );
     }
@@ -240,5 +246,9 @@ mod tests {
             })
         );
         assert_eq!(summary("INFO: Seed: 42"), None);
+        assert_eq!(
+            summary("###### End of recommended dictionary. ######"),
+            None
+        );
     }
 }

@@ -15,6 +15,7 @@ use mesh_node::{
     http::{filters::authority, routes::RouteTable},
     state::{ClusterState, KubeObject, ObjectKey},
 };
+use serde::Serialize;
 use serde_json::{json, Value};
 
 const SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: apps}\n\
@@ -24,6 +25,84 @@ const SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, na
     apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
     metadata: {name: echo-v1-a, namespace: apps, labels: {kubernetes.io/service-name: echo-v1}}\n\
     addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.1.0.2]}]\n";
+
+/// A string that is usually meaningful to the routing code (a path, a known name), so
+/// the fuzzer reaches matches and filters, not only their compile errors.
+#[derive(Debug, Arbitrary)]
+enum Text {
+    Word(u8),
+    Path(Vec<u8>),
+    Raw(String),
+}
+
+const WORDS: [&str; 16] = [
+    "",
+    "/",
+    "x-mesh",
+    "version",
+    "q",
+    "echo",
+    "echo.apps:8080",
+    "[fd00::1]:81",
+    "a+b%41",
+    "[a-z]+",
+    ".*",
+    "/v[0-9]+",
+    "2",
+    "https",
+    "host",
+    "x.example",
+];
+const SEGMENTS: [&str; 8] = ["", "a", "api", "v1", "v2", "%2F", "..", "a.b"];
+
+impl Text {
+    fn string(&self) -> String {
+        match self {
+            Text::Word(i) => WORDS[*i as usize % WORDS.len()].to_string(),
+            Text::Path(segments) if segments.is_empty() => "/".to_string(),
+            Text::Path(segments) => segments
+                .iter()
+                .map(|i| format!("/{}", SEGMENTS[*i as usize % SEGMENTS.len()]))
+                .collect(),
+            Text::Raw(s) => s.clone(),
+        }
+    }
+}
+
+impl Serialize for Text {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.string())
+    }
+}
+
+#[derive(Debug, Arbitrary)]
+enum Unit {
+    Ms,
+    S,
+    M,
+    H,
+}
+
+/// A Gateway API duration (`5s`, `1h30m`), or any text.
+#[derive(Debug, Arbitrary)]
+enum DurationIn {
+    Valid(Vec<(u64, Unit)>),
+    Raw(String),
+}
+
+impl Serialize for DurationIn {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DurationIn::Valid(parts) => s.serialize_str(
+                &parts
+                    .iter()
+                    .map(|(n, u)| format!("{n}{}", format!("{u:?}").to_lowercase()))
+                    .collect::<String>(),
+            ),
+            DurationIn::Raw(text) => s.serialize_str(text),
+        }
+    }
+}
 
 #[derive(Debug, Arbitrary)]
 enum PathType {
@@ -49,13 +128,13 @@ enum MatchMethod {
 #[derive(Debug, Arbitrary)]
 struct ValueMatch {
     regex: bool,
-    name: String,
-    value: String,
+    name: Text,
+    value: Text,
 }
 
 #[derive(Debug, Arbitrary)]
 struct MatchIn {
-    path: Option<(PathType, Option<String>)>,
+    path: Option<(PathType, Option<Text>)>,
     method: Option<MatchMethod>,
     headers: Vec<ValueMatch>,
     query: Vec<ValueMatch>,
@@ -63,15 +142,15 @@ struct MatchIn {
 
 #[derive(Debug, Arbitrary)]
 struct HeaderModifierIn {
-    set: Vec<(String, String)>,
-    add: Vec<(String, String)>,
-    remove: Vec<String>,
+    set: Vec<(Text, Text)>,
+    add: Vec<(Text, Text)>,
+    remove: Vec<Text>,
 }
 
 #[derive(Debug, Arbitrary)]
 enum PathModifierIn {
-    Full(String),
-    Prefix(String),
+    Full(Text),
+    Prefix(Text),
 }
 
 #[derive(Debug, Arbitrary)]
@@ -79,12 +158,12 @@ enum FilterIn {
     RequestHeaders(HeaderModifierIn),
     ResponseHeaders(HeaderModifierIn),
     Rewrite {
-        hostname: Option<String>,
+        hostname: Option<Text>,
         path: Option<PathModifierIn>,
     },
     Redirect {
         https: Option<bool>,
-        hostname: Option<String>,
+        hostname: Option<Text>,
         port: Option<i32>,
         path: Option<PathModifierIn>,
         status: Option<i64>,
@@ -103,21 +182,32 @@ struct BackendIn {
 
 #[derive(Debug, Arbitrary)]
 struct RuleIn {
-    name: Option<String>,
+    name: Option<Text>,
     matches: Vec<MatchIn>,
     filters: Vec<FilterIn>,
     backends: Vec<BackendIn>,
-    request_timeout: Option<String>,
-    backend_timeout: Option<String>,
-    retry: Option<(Option<i64>, Option<String>, Vec<i64>)>,
+    request_timeout: Option<DurationIn>,
+    backend_timeout: Option<DurationIn>,
+    retry: Option<(Option<i64>, Option<DurationIn>, Vec<i64>)>,
+}
+
+#[derive(Debug, Arbitrary)]
+enum MethodIn {
+    Get,
+    Post,
+    Head,
+    Raw(String),
 }
 
 #[derive(Debug, Arbitrary)]
 struct RequestIn {
-    method: String,
-    uri: String,
-    host: Option<String>,
-    headers: Vec<(String, String)>,
+    method: MethodIn,
+    /// An absolute-form target's authority (as HTTP/2 requests have).
+    authority: Option<Text>,
+    path: Text,
+    query: Vec<(Text, Text)>,
+    host: Option<Text>,
+    headers: Vec<(Text, Text)>,
 }
 
 #[derive(Debug, Arbitrary)]
@@ -128,7 +218,7 @@ struct Input {
 }
 
 fn header_modifier(m: &HeaderModifierIn) -> Value {
-    let pairs = |list: &[(String, String)]| -> Vec<Value> {
+    let pairs = |list: &[(Text, Text)]| -> Vec<Value> {
         list.iter()
             .map(|(n, v)| json!({"name": n, "value": v}))
             .collect()
@@ -282,16 +372,28 @@ fn rule(r: &RuleIn) -> Value {
 }
 
 fn request(r: &RequestIn) -> Option<Parts> {
-    let mut b = Request::builder()
-        .method(Method::from_bytes(r.method.as_bytes()).ok()?)
-        .uri(r.uri.as_str());
+    let method = match &r.method {
+        MethodIn::Get => Method::GET,
+        MethodIn::Post => Method::POST,
+        MethodIn::Head => Method::HEAD,
+        MethodIn::Raw(m) => Method::from_bytes(m.as_bytes()).ok()?,
+    };
+    let mut uri = r.path.string();
+    for (i, (k, v)) in r.query.iter().enumerate() {
+        uri.push(if i == 0 { '?' } else { '&' });
+        uri.push_str(&format!("{}={}", k.string(), v.string()));
+    }
+    if let Some(a) = &r.authority {
+        uri = format!("http://{}{uri}", a.string());
+    }
+    let mut b = Request::builder().method(method).uri(uri);
     if let Some(h) = &r.host {
-        b = b.header(http::header::HOST, HeaderValue::try_from(h.as_str()).ok()?);
+        b = b.header(http::header::HOST, HeaderValue::try_from(h.string()).ok()?);
     }
     for (n, v) in &r.headers {
         b = b.header(
-            HeaderName::try_from(n.as_str()).ok()?,
-            HeaderValue::try_from(v.as_str()).ok()?,
+            HeaderName::try_from(n.string()).ok()?,
+            HeaderValue::try_from(v.string()).ok()?,
         );
     }
     Some(b.body(()).ok()?.into_parts().0)
