@@ -149,8 +149,13 @@ pub enum LogFormat {
     Json,
 }
 
+/// The longest duration [`parse_duration`] accepts: far more than any timeout or
+/// certificate lifetime needs (the Gateway API's format cannot write 12 years), and
+/// short enough that a deadline or expiry that far from now can always be computed.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Parses `250ms`, `5s`, `10m`, `1h`, and sums of them such as `1h30m` (the Gateway
-/// API's duration format, GEP-2257, is this grammar).
+/// API's duration format, GEP-2257, is this grammar), up to [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text.is_empty() {
@@ -183,6 +188,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         total = total.saturating_add(part);
         rest = &after[unit_len..];
     }
+    if total > MAX_DURATION {
+        return Err(format!(
+            "`{text}` is longer than 100 years: write a shorter duration"
+        ));
+    }
     Ok(total)
 }
 
@@ -211,5 +221,12 @@ mod tests {
         assert!(parse_duration("5").unwrap_err().contains("no unit"));
         assert!(parse_duration("5d").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("s").is_err());
+        // Nothing past what a deadline or a certificate's expiry can hold.
+        assert!(parse_duration("99999999999999999h")
+            .unwrap_err()
+            .contains("longer than 100 years"));
+        assert!(parse_duration("18446744073709551615s").is_err());
+        assert_eq!(parse_duration("876000h"), Ok(MAX_DURATION));
+        assert!(parse_duration("876000h1ms").is_err());
     }
 }

@@ -11,6 +11,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
+
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
 #[derive(Parser)]
@@ -24,7 +26,8 @@ struct Cli {
 enum Task {
     /// Build the eBPF object and every binary (release).
     Build,
-    /// Build, then run every test: unit tests and the eBPF end-to-end tests (root).
+    /// Build, then run every test: unit tests and the eBPF end-to-end tests (root), then
+    /// every fuzz target for 30 s (not when a test filter is given).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
@@ -32,6 +35,14 @@ enum Task {
     },
     /// Build, then run the demo on the embedded simulated cluster (root).
     Demo,
+    /// Build the fuzz targets (cargo fuzz, nightly) and run each for a bounded time.
+    Fuzz {
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+        /// How long each target runs.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
     /// Build, then run benchmarks: `cluster` (default; the data path on the simulated
     /// cluster, root) or `state` (discovery state at scale, no root needed).
     Bench {
@@ -215,8 +226,17 @@ fn test(extra: &[String]) -> Result<()> {
     if !status.success() {
         bail!("cargo test failed ({status})");
     }
-    swept
+    swept?;
+    if extra.is_empty() {
+        fuzz::fuzz(&[], FUZZ_SECONDS)
+    } else {
+        eprintln!("xtask: fuzzing skipped (a test filter was given); `cargo xtask fuzz` runs it");
+        Ok(())
+    }
 }
+
+/// How long `cargo xtask test` runs each fuzz target.
+const FUZZ_SECONDS: u64 = 30;
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
@@ -225,6 +245,7 @@ fn main() -> ExitCode {
         Task::Demo => require_root("cargo xtask demo")
             .and_then(|_| build())
             .and_then(|_| sim(&["demo"])),
+        Task::Fuzz { targets, seconds } => fuzz::fuzz(&targets, seconds),
         Task::Bench {
             kind: BenchKind::Cluster,
         } => require_root("cargo xtask bench")

@@ -20,15 +20,16 @@ use tracing::{debug, info};
 use super::{
     auth::NodeAuthenticator,
     authority::{CaError, CertificateAuthority},
-    protocol::{ErrorResponse, SignRequest, SignResponse, SIGN_PATH},
+    protocol::{ErrorResponse, SIGN_PATH},
+    sign::{answer, SignRefusal},
 };
 use crate::{
     config::{parse_duration, LogArgs, Source},
     files_source,
-    identity::{Identity, DEFAULT_TRUST_DOMAIN},
+    identity::DEFAULT_TRUST_DOMAIN,
     kube_source::{self, DiscoveryHealth},
     metrics::Metrics,
-    state::{service_account, ClusterState},
+    state::ClusterState,
     tls,
 };
 
@@ -178,47 +179,19 @@ impl CaService {
                 )
             }
         };
-        let request: SignRequest = match serde_json::from_slice(&body) {
-            Ok(r) => r,
-            Err(e) => {
-                return refuse(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "expected {{\"identity\", \"csr\"}} JSON: {}",
-                        crate::log_limit::clip(&e.to_string())
-                    ),
-                )
-            }
-        };
-        let identity: Identity = match request.identity.parse() {
-            Ok(i) => i,
-            Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
-        };
         let state = self.state.borrow().clone();
-        let scheduled = state.pods_on_node(&node).any(|(key, pod)| {
-            key.namespace == identity.namespace && service_account(pod) == identity.service_account
-        });
-        if !scheduled {
-            crate::warn_limited!(%node, %identity, "CA request refused: no pod of that identity on the node");
-            return refuse(
-                StatusCode::FORBIDDEN,
-                format!("no pod with identity {identity} is scheduled on node {node}"),
-            );
-        }
-        match self.authority.sign(&request.csr, &identity) {
-            Ok(certificate) => {
+        match answer(&self.authority, &state, &node, &body) {
+            Ok((identity, response)) => {
                 info!(%node, %identity, "certificate issued");
-                json(
-                    StatusCode::OK,
-                    &SignResponse {
-                        certificate,
-                        root: self.authority.root_pem().to_string(),
-                    },
-                )
+                json(StatusCode::OK, &response)
             }
-            Err(e) => {
-                crate::warn_limited!(%node, %identity, error = %e, "CA request refused: bad CSR");
-                refuse(StatusCode::BAD_REQUEST, e.to_string())
+            Err(refusal @ (SignRefusal::Malformed(_) | SignRefusal::BadIdentity(_))) => {
+                debug!(%node, error = %crate::log_limit::clip(&refusal.to_string()), "CA request refused: malformed");
+                refuse(refusal.status(), crate::log_limit::clip(&refusal.to_string()))
+            }
+            Err(refusal) => {
+                crate::warn_limited!(%node, error = %crate::log_limit::clip(&refusal.to_string()), "CA request refused");
+                refuse(refusal.status(), crate::log_limit::clip(&refusal.to_string()))
             }
         }
     }

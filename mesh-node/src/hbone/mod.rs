@@ -5,6 +5,7 @@ pub mod client;
 pub mod io;
 pub mod server;
 pub mod stream;
+pub mod target;
 pub mod tls;
 
 use tokio::{io::BufReader, net::TcpStream};

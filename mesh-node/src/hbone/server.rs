@@ -7,8 +7,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
-use mesh_common::is_mesh_pod_port;
+use http::{Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
@@ -16,6 +15,7 @@ use tracing::debug;
 use super::{
     client::{CONNECTION_WINDOW, STREAM_WINDOW},
     stream::{relay_stream, TcpSide},
+    target::connect_target,
     tls::spiffe_id,
 };
 use crate::{
@@ -23,7 +23,6 @@ use crate::{
     connections::{ConnectionInfo, Direction, Security},
     forward::{accept_loop, connect_in_pod, PodContext},
     identity::Identity,
-    state::canonical,
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -132,22 +131,7 @@ async fn tunnel(
     identity: Identity,
     ctx: Arc<PodContext>,
 ) {
-    if request.method() != Method::CONNECT {
-        return reply(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
-    }
-    let target = request
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        .map(|t| SocketAddr::new(canonical(t.ip()), t.port()));
-    let Some(target) = target else {
-        ctx.metrics
-            .refused
-            .with_label_values(&["hbone_bad_authority"])
-            .inc();
-        return reply(&mut respond, StatusCode::BAD_REQUEST);
-    };
-    let info = ConnectionInfo {
+    let info = |target| ConnectionInfo {
         peer: ctx.state.borrow().pod_by_ip(peer.ip()).cloned(),
         upstream: Some(target),
         security: Security::MutualTls,
@@ -155,24 +139,24 @@ async fn tunnel(
         destination_identity: Some(ctx.identity.to_string()),
         ..ConnectionInfo::new(Direction::Inbound, ctx.pod.clone(), peer, target)
     };
-    // A tunnel ends at one of this pod's application ports: never at another address,
-    // never at the mesh's own ports (a tunnel into 15008 would nest, into 15006 loop).
-    let refusal = if !ctx.ips.contains(&target.ip()) {
-        Some("hbone_target_not_local")
-    } else if is_mesh_pod_port(target.port()) {
-        Some("hbone_target_mesh_port")
-    } else {
-        None
+    let target = match connect_target(&request, &ctx.ips) {
+        Ok(target) => target,
+        Err(refusal) => {
+            ctx.metrics
+                .refused
+                .with_label_values(&[refusal.reason()])
+                .inc();
+            crate::warn_limited!(pod = %ctx.pod, src = %peer, %identity, reason = refusal.reason(), %refusal, "HBONE CONNECT refused");
+            reply(&mut respond, refusal.status());
+            if let Some(target) = refusal.target() {
+                ctx.connections
+                    .open(info(target))
+                    .close(format!("refused: {}", refusal.reason()));
+            }
+            return;
+        }
     };
-    if let Some(reason) = refusal {
-        ctx.metrics.refused.with_label_values(&[reason]).inc();
-        crate::warn_limited!(pod = %ctx.pod, %target, %identity, reason, "HBONE target refused");
-        reply(&mut respond, StatusCode::FORBIDDEN);
-        ctx.connections
-            .open(info)
-            .close(format!("refused: {reason}"));
-        return;
-    }
+    let info = info(target);
     let admission = admit(
         &ctx.state.borrow(),
         &ctx.pod,

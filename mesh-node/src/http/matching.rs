@@ -95,8 +95,15 @@ fn decode_query_component(text: &str) -> String {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                // Two hex digits exactly: `from_str_radix` alone would also take `+1`.
+                let hex = &bytes[i + 1..i + 3];
+                let value = hex
+                    .iter()
+                    .all(u8::is_ascii_hexdigit)
+                    .then(|| std::str::from_utf8(hex).ok())
+                    .flatten()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match value {
                     Some(b) => {
                         out.push(b);
                         i += 2;
@@ -223,6 +230,9 @@ mod tests {
             Some("%zz%")
         );
         assert_eq!(query_param(None, "a"), None);
+        // A sign is not a hex digit: `%+1` is malformed and stays as it is.
+        assert_eq!(query_param(Some("a=%+1"), "a").as_deref(), Some("% 1"));
+        assert_eq!(query_param(Some("a=%+1x"), "a").as_deref(), Some("% 1x"));
     }
 
     #[test]

@@ -528,6 +528,36 @@ mod tests {
     }
 
     #[test]
+    fn a_duration_no_timer_can_hold_makes_the_rule_invalid() {
+        // The proxy arms `timeouts.request` as a deadline from now; one past the end of
+        // time made every request of the rule panic instead of answering.
+        let t = table(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: a, namespace: apps}\n\
+             spec:\n  parentRefs: [{kind: Service, name: echo}]\n  rules:\n\
+             \x20 - matches: [{path: {value: /request}}]\n    timeouts: {request: 99999999999999999h}\n    backendRefs: [{name: echo-v1, port: 80}]\n\
+             \x20 - matches: [{path: {value: /backend}}]\n    timeouts: {backendRequest: 18446744073709551615s}\n    backendRefs: [{name: echo-v1, port: 80}]\n\
+             \x20 - matches: [{path: {value: /backoff}}]\n    retry: {backoff: 99999999999999999m}\n    backendRefs: [{name: echo-v1, port: 80}]\n\
+             \x20 - matches: [{path: {value: /longest}}]\n    timeouts: {request: 99999h99999m99999s99999ms}\n    backendRefs: [{name: echo-v1, port: 80}]\n",
+        );
+        for path in ["/request", "/backend", "/backoff"] {
+            let rule = t.select(&request("GET", path)).unwrap().1.clone();
+            let reason = rule.invalid.as_deref().unwrap_or_default();
+            assert!(reason.contains("longer than"), "{path}: {reason:?}");
+            for d in [rule.request_timeout, rule.backend_timeout]
+                .into_iter()
+                .flatten()
+            {
+                assert!(tokio::time::Instant::now().checked_add(d).is_some());
+            }
+        }
+        // The longest duration the Gateway API's format can write is fine.
+        let longest = t.select(&request("GET", "/longest")).unwrap().1.clone();
+        assert!(longest.invalid.is_none(), "{:?}", longest.invalid);
+        let deadline = longest.request_timeout.unwrap();
+        assert!(tokio::time::Instant::now().checked_add(deadline).is_some());
+    }
+
+    #[test]
     fn the_cache_rebuilds_only_for_a_new_snapshot() {
         let state = Arc::new(ClusterState::from_objects(parse_manifest(BASE).unwrap()));
         let cache = RouteCache::default();
