@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod flood;
 pub mod httpapp;
 pub mod report;
 pub mod sim;

@@ -53,7 +53,9 @@ mod tests {
     #[test]
     fn reads_this_process() {
         let before = process_usage(std::process::id()).unwrap();
-        let files: Vec<_> = (0..8).map(|_| std::fs::File::open("/proc/self/status").unwrap()).collect();
+        let files: Vec<_> = (0..8)
+            .map(|_| std::fs::File::open("/proc/self/status").unwrap())
+            .collect();
         let during = process_usage(std::process::id()).unwrap();
         assert!(during.fds >= before.fds + 8, "{before} -> {during}");
         assert!(during.rss_kib > 0);

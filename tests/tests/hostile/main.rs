@@ -4,3 +4,5 @@
 //! bypasses the mesh, and the refusal is counted under its own reason.
 //!
 //! One module per attack surface.
+
+mod listeners;
