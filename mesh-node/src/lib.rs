@@ -24,6 +24,7 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod kube_source;
+pub mod limits;
 pub mod locator;
 pub mod metrics;
 pub mod netns;
