@@ -280,20 +280,21 @@ mod tests {
             #[command(flatten)]
             agent: AgentConfig,
         }
-        let f = Flags::try_parse_from(["x", "--node-name", "n", "--manifests", "/m"]).unwrap();
-        assert_eq!(f.agent.header_timeout, Duration::from_secs(10));
-        assert_eq!(f.agent.max_connections_per_pod, 4096);
-        assert_eq!(f.agent.pod_limits().max_streams(), 4096);
-        assert_eq!(f.agent.http_limits().max_per_source, 32);
-        let zero = [
+        let base = [
             "x",
             "--node-name",
             "n",
             "--manifests",
             "/m",
-            "--max-connections-per-pod",
-            "0",
+            "--cgroup-root",
+            "/c",
         ];
+        let f = Flags::try_parse_from(base).unwrap();
+        assert_eq!(f.agent.header_timeout, Duration::from_secs(10));
+        assert_eq!(f.agent.max_connections_per_pod, 4096);
+        assert_eq!(f.agent.pod_limits().max_streams(), 4096);
+        assert_eq!(f.agent.http_limits().max_per_source, 32);
+        let zero = [&base[..], &["--max-connections-per-pod", "0"]].concat();
         assert!(Flags::try_parse_from(zero).is_err());
     }
 }

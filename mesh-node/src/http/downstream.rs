@@ -2,6 +2,7 @@
 //! prior knowledge, told apart by the first bytes, each request handed to the router.
 
 use std::{
+    convert::Infallible,
     io,
     pin::Pin,
     sync::{
@@ -11,7 +12,11 @@ use std::{
     task::{Context, Poll},
 };
 
-use hyper::service::service_fn;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
@@ -23,11 +28,15 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::proxy::{handle, Frontend};
+use super::{
+    box_body,
+    proxy::{handle, Frontend},
+    BoxError, ProxyBody,
+};
 use crate::{
     connections::ConnectionInfo,
     forward::PodContext,
-    limits::{self, Listener, Stage},
+    limits::{self, Listener, PodSlot, Refusal, Stage},
     relay::ByteCounters,
 };
 
@@ -77,6 +86,50 @@ impl AsyncWrite for Counted {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
+}
+
+/// A response body that keeps its request's budget slot until it ends.
+struct Held {
+    body: ProxyBody,
+    _slot: PodSlot,
+}
+
+impl Body for Held {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// 503 for a request past the pod's bound, counted as `pod_connection_limit`.
+fn over_budget(ctx: &PodContext) -> Response<ProxyBody> {
+    let reason = Refusal::PodConnectionLimit;
+    ctx.metrics
+        .refused
+        .with_label_values(&[reason.name()])
+        .inc();
+    limits::count_refusal(&ctx.metrics, Listener::Http, reason);
+    debug!(pod = %ctx.pod, limit = ctx.limits.max_connections, "HTTP/2 request refused: the pod is at its connection bound");
+    let text = format!(
+        "nodemesh: this pod has {} connections and requests in flight, its bound (--max-connections-per-pod)\n",
+        ctx.limits.max_connections
+    );
+    let mut response = Response::new(box_body(Full::new(Bytes::from(text))));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    response
 }
 
 /// The largest request header block on the L7 proxy (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE).
@@ -132,13 +185,27 @@ pub async fn serve(
     });
     let service = {
         let (ctx, activity) = (ctx.clone(), activity.clone());
-        service_fn(move |request| {
+        service_fn(move |request: Request<Incoming>| {
             let in_flight = activity.begin();
-            let answer = handle(request, ctx.clone(), frontend.clone());
+            let (ctx, frontend) = (ctx.clone(), frontend.clone());
             async move {
-                let response = answer.await;
+                // An HTTP/2 connection carries many requests at once, each of which
+                // may hold an upstream connection: each takes a slot of the pod's
+                // outbound budget until its response ends. (An HTTP/1.1 connection's
+                // one request is covered by the connection's own slot.)
+                let slot = match request.version() {
+                    Version::HTTP_2 => match ctx.budget.admit(Listener::Http) {
+                        Some(slot) => Some(slot),
+                        None => return Ok(over_budget(&ctx)),
+                    },
+                    _ => None,
+                };
+                let response = handle(request, ctx, frontend).await?;
                 drop(in_flight);
-                response
+                Ok::<_, Infallible>(match slot {
+                    Some(slot) => response.map(|body| box_body(Held { body, _slot: slot })),
+                    None => response,
+                })
             }
         })
     };
