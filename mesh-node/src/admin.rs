@@ -13,10 +13,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{
-    body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
-};
-use hyper_util::rt::TokioIo;
+use hyper::{body::Incoming, service::service_fn, Method, Request, Response, StatusCode};
 use serde::Serialize;
 use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
@@ -31,6 +28,7 @@ use crate::{
     dataplane::Dataplane,
     health,
     kube_source::DiscoveryHealth,
+    limits::{self, Gate},
     metrics::Metrics,
     state::{
         resolve::{resolve, IpCidr},
@@ -295,11 +293,22 @@ pub fn admin_route(
             health::refresh(state);
             metrics_response(&state.metrics)
         }
-        _ => error(
-            StatusCode::NOT_FOUND,
-            &format!("no such endpoint; try one of {ENDPOINTS:?}"),
-        ),
+        (_, path) => admin_method_not_allowed(path).unwrap_or_else(|| {
+            error(
+                StatusCode::NOT_FOUND,
+                &format!("no such endpoint; try one of {ENDPOINTS:?}"),
+            )
+        }),
     }
+}
+
+/// 405 for a known admin path asked with a method it does not answer.
+fn admin_method_not_allowed(path: &str) -> Option<HttpResponse> {
+    let known = ENDPOINTS.iter().any(|e| e.split('?').next() == Some(path));
+    known.then(|| match path {
+        "/logging" => method_not_allowed("GET, POST"),
+        _ => method_not_allowed("GET"),
+    })
 }
 
 /// Why the agent is not ready (None: ready).
@@ -311,6 +320,9 @@ pub fn unready_reason(
 ) -> Option<String> {
     if !ready.load(Ordering::Relaxed) {
         return Some("eBPF or first reconcile pending".into());
+    }
+    if let Some(why) = crate::limits::fd_exhaustion() {
+        return Some(why);
     }
     discovery
         .unready_reason(Instant::now())
@@ -343,35 +355,124 @@ pub fn metrics_response(metrics: &Metrics) -> HttpResponse {
     )
 }
 
-/// Serves HTTP/1.1 on `listener`, answering every request with `route`.
-pub async fn serve<F>(listener: TcpListener, route: F)
+/// Serves HTTP/1.1 on `listener`, answering every request with `route`, under the
+/// gate's limits: over its caps a connection is accepted and closed at once.
+pub async fn serve<F>(listener: TcpListener, gate: Arc<Gate>, route: F)
 where
     F: Fn(&Method, &str, Option<&str>) -> HttpResponse + Send + Sync + 'static,
 {
     let route = Arc::new(route);
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                crate::warn_limited!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let (stream, peer) = limits::accept(&listener, gate.listener(), gate.metrics()).await;
+        let admitted = match gate.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(refusal) => {
+                debug!(listener = gate.listener().name(), %peer, reason = refusal.name(), "connection refused at the cap");
+                drop(stream);
                 continue;
             }
         };
-        let route = route.clone();
+        let (route, gate) = (route.clone(), gate.clone());
         tokio::spawn(async move {
+            let _admitted = admitted;
             let service = service_fn(move |req: Request<Incoming>| {
                 let route = route.clone();
                 async move {
                     Ok::<_, Infallible>(route(req.method(), req.uri().path(), req.uri().query()))
                 }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            if let Err(e) = limits::http::serve_http1(stream, service, &gate).await {
                 debug!(%peer, error = %e, "admin connection ended with an error");
             }
         });
+    }
+}
+
+/// The metrics listener's routes: `GET /metrics` (and `/stats/prometheus`) only.
+pub fn metrics_route(
+    method: &Method,
+    path: &str,
+    scrape: impl FnOnce() -> HttpResponse,
+) -> HttpResponse {
+    match path {
+        "/metrics" | "/stats/prometheus" if is_read(method) => scrape(),
+        "/metrics" | "/stats/prometheus" => method_not_allowed("GET"),
+        _ => error(StatusCode::NOT_FOUND, "metrics are at GET /metrics"),
+    }
+}
+
+/// The readiness listener's route: `GET /healthz/ready` only.
+pub fn readiness_route(
+    method: &Method,
+    path: &str,
+    ready: impl FnOnce() -> HttpResponse,
+) -> HttpResponse {
+    match path {
+        "/healthz/ready" if is_read(method) => ready(),
+        "/healthz/ready" => method_not_allowed("GET"),
+        _ => error(StatusCode::NOT_FOUND, "readiness is at GET /healthz/ready"),
+    }
+}
+
+fn is_read(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
+}
+
+fn method_not_allowed(allow: &'static str) -> HttpResponse {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("this endpoint answers {allow} only"),
+    );
+    r.headers_mut().insert(
+        hyper::header::ALLOW,
+        hyper::header::HeaderValue::from_static(allow),
+    );
+    r
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+
+    fn ok() -> HttpResponse {
+        respond(StatusCode::OK, "text/plain", "ok")
+    }
+
+    #[test]
+    fn metrics_and_readiness_answer_only_their_method_and_path() {
+        assert_eq!(metrics_route(&Method::GET, "/metrics", ok).status(), 200);
+        assert_eq!(
+            metrics_route(&Method::GET, "/stats/prometheus", ok).status(),
+            200
+        );
+        assert_eq!(metrics_route(&Method::POST, "/metrics", ok).status(), 405);
+        assert_eq!(
+            metrics_route(&Method::GET, "/healthz/ready", ok).status(),
+            404
+        );
+        assert_eq!(
+            readiness_route(&Method::GET, "/healthz/ready", ok).status(),
+            200
+        );
+        assert_eq!(
+            readiness_route(&Method::HEAD, "/healthz/ready", ok).status(),
+            200
+        );
+        assert_eq!(
+            readiness_route(&Method::DELETE, "/healthz/ready", ok).status(),
+            405
+        );
+        assert_eq!(readiness_route(&Method::GET, "/metrics", ok).status(), 404);
+        assert_eq!(readiness_route(&Method::GET, "/", ok).status(), 404);
+    }
+
+    #[test]
+    fn admin_paths_refuse_other_methods() {
+        assert_eq!(
+            admin_method_not_allowed("/status").map(|r| r.status()),
+            Some(StatusCode::METHOD_NOT_ALLOWED)
+        );
+        assert!(admin_method_not_allowed("/logging").is_some());
+        assert!(admin_method_not_allowed("/nope").is_none());
     }
 }

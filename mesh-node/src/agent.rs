@@ -30,6 +30,7 @@ use crate::{
     forward::Mesh,
     hbone::{client::HboneClient, tls::TrustBundle},
     kube_source::{self, DiscoveryHealth},
+    limits::{self, Gate, Listener},
     locator::{KubepodsLocator, NetnsDirectory, NetnsLocator},
     metrics::Metrics,
     netns::{Netns, NetnsError},
@@ -161,6 +162,9 @@ fn cert_cache(dir: &std::path::Path) -> Option<CertCache> {
 /// exit, so redirection state survives a restart.
 pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentError> {
     preflight::check_privileges(config.netns_locator == NetnsLocatorKind::Kubepods)?;
+    if let Err(e) = limits::raise_fd_limit() {
+        warn!(error = %e, "cannot raise the descriptor limit (RLIMIT_NOFILE); keeping the inherited one");
+    }
     cgroup::ensure_on_bpffs(&config.pin_dir)?;
     let cgroup_root = cgroup::resolve_cgroup_root(&config.cgroup_root)?;
     let home = Arc::new(Netns::current_thread()?);
@@ -184,6 +188,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
 
     let metrics = Arc::new(Metrics::new());
+    limits::init_metrics(&metrics);
     let mesh = mesh(&config, &metrics)?;
     let connections = ConnectionTable::new(metrics.clone());
     let ready = Arc::new(AtomicBool::new(false));
@@ -230,18 +235,31 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         started: std::time::Instant::now(),
     });
     let scraped = admin_state.clone();
-    tokio::spawn(admin::serve(admin_listener, move |m, p, q| {
-        admin::admin_route(&admin_state, m, p, q)
-    }));
-    tokio::spawn(admin::serve(metrics_listener, move |_, _, _| {
-        crate::health::refresh(&scraped);
-        admin::metrics_response(&scraped.metrics)
-    }));
+    let gate = |which| Gate::new(which, config.http_limits(), metrics.clone());
+    tokio::spawn(admin::serve(
+        admin_listener,
+        gate(Listener::Admin),
+        move |m, p, q| admin::admin_route(&admin_state, m, p, q),
+    ));
+    tokio::spawn(admin::serve(
+        metrics_listener,
+        gate(Listener::Metrics),
+        move |m, p, _| {
+            admin::metrics_route(m, p, || {
+                crate::health::refresh(&scraped);
+                admin::metrics_response(&scraped.metrics)
+            })
+        },
+    ));
     let (r, d, dp) = (ready.clone(), discovery.clone(), dataplane.clone());
     let certs = mesh.as_ref().map(|m| m.certificates.clone());
-    tokio::spawn(admin::serve(ready_listener, move |_, _, _| {
-        admin::readiness(&r, &d, &dp, certs.as_deref())
-    }));
+    tokio::spawn(admin::serve(
+        ready_listener,
+        gate(Listener::Readiness),
+        move |m, p, _| {
+            admin::readiness_route(m, p, || admin::readiness(&r, &d, &dp, certs.as_deref()))
+        },
+    ));
 
     let mut workloads = Workloads::new(
         ProxySettings {
@@ -254,6 +272,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             mesh: mesh.clone(),
             trust_domain: config.trust_domain.clone(),
             http_routes: Arc::default(),
+            limits: config.pod_limits(),
         },
         home,
         dataplane.clone(),

@@ -112,8 +112,67 @@ pub struct AgentConfig {
     #[serde(with = "duration_text")]
     pub idle_timeout: Duration,
 
+    /// Time a client of the admin, metrics and readiness listeners, of a pod's HBONE
+    /// port (TLS and the HTTP/2 preface) and of the L7 proxy has to finish its handshake
+    /// and send a complete request head; a kept-alive HTTP/1.1 connection waiting this
+    /// long for its next request is closed too.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    #[serde(with = "duration_text")]
+    pub header_timeout: Duration,
+
+    /// A connection to the admin, metrics or readiness listener with no bytes either
+    /// way for this long, or an L7 (HTTP-routed) connection with no request in flight
+    /// for this long, is closed.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    #[serde(with = "duration_text")]
+    pub http_idle_timeout: Duration,
+
+    /// Connections open at once on each of the admin, metrics and readiness listeners;
+    /// more are accepted and closed at once.
+    #[arg(long, value_parser = at_least_one, default_value_t = 256)]
+    pub max_http_connections: usize,
+
+    /// Connections open at once from one address on each of the admin, metrics and
+    /// readiness listeners, so that one pod cannot lock out the kubelet or the scraper.
+    #[arg(long, value_parser = at_least_one, default_value_t = 32)]
+    pub max_http_connections_per_source: usize,
+
+    /// Proxied connections one pod may have open at once, per direction: outbound
+    /// (its own connections, L7 ones included) and inbound (plaintext and HBONE
+    /// streams). More are refused (`pod_connection_limit`). Also the HTTP/2 stream
+    /// limit of HBONE and L7 connections.
+    #[arg(long, value_parser = at_least_one, default_value_t = 4096)]
+    pub max_connections_per_pod: usize,
+
+    /// HBONE connections (TLS sessions, each carrying many streams) one pod's 15008
+    /// accepts at once; peers pool theirs, so this is far above what they need.
+    #[arg(long, value_parser = at_least_one, default_value_t = 1024)]
+    pub max_hbone_connections_per_pod: usize,
+
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+impl AgentConfig {
+    /// The limits of the admin, metrics and readiness listeners.
+    pub fn http_limits(&self) -> crate::limits::ListenerLimits {
+        crate::limits::ListenerLimits {
+            header_timeout: self.header_timeout,
+            idle_timeout: self.http_idle_timeout,
+            max_connections: self.max_http_connections,
+            max_per_source: self.max_http_connections_per_source,
+        }
+    }
+
+    /// What bounds each enrolled pod's proxying.
+    pub fn pod_limits(&self) -> crate::limits::PodLimits {
+        crate::limits::PodLimits {
+            header_timeout: self.header_timeout,
+            http_idle_timeout: self.http_idle_timeout,
+            max_connections: self.max_connections_per_pod,
+            max_hbone_connections: self.max_hbone_connections_per_pod,
+        }
+    }
 }
 
 /// Logging flags of every mesh-node subcommand.
@@ -196,6 +255,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
+/// A count that must allow something: a limit of 0 would refuse every connection.
+pub fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{text}` is not a whole number")),
+    }
+}
+
 mod duration_text {
     use std::time::Duration;
 
@@ -228,5 +296,31 @@ mod tests {
         assert!(parse_duration("18446744073709551615s").is_err());
         assert_eq!(parse_duration("876000h"), Ok(MAX_DURATION));
         assert!(parse_duration("876000h1ms").is_err());
+    }
+
+    #[test]
+    fn limits_have_defaults_and_refuse_zero() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            agent: AgentConfig,
+        }
+        let base = [
+            "x",
+            "--node-name",
+            "n",
+            "--manifests",
+            "/m",
+            "--cgroup-root",
+            "/c",
+        ];
+        let f = Flags::try_parse_from(base).unwrap();
+        assert_eq!(f.agent.header_timeout, Duration::from_secs(10));
+        assert_eq!(f.agent.max_connections_per_pod, 4096);
+        assert_eq!(f.agent.pod_limits().max_streams(), 4096);
+        assert_eq!(f.agent.http_limits().max_per_source, 32);
+        let zero = [&base[..], &["--max-connections-per-pod", "0"]].concat();
+        assert!(Flags::try_parse_from(zero).is_err());
     }
 }

@@ -13,6 +13,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
+use tracing::debug;
 
 use crate::{
     balancer::Balancer,
@@ -23,6 +24,7 @@ use crate::{
     hbone::{client::HboneClient, tls::TrustBundle},
     http::{routes::RouteCache, upstream::UpstreamPool},
     identity::Identity,
+    limits::{self, Listener, PodBudget, PodLimits, Refusal},
     metrics::Metrics,
     relay::relay,
     sockets::PodSockets,
@@ -68,27 +70,54 @@ pub struct PodContext {
     pub http_routes: Arc<RouteCache>,
     /// This pod's kept-alive HTTP connections to backends.
     pub http_upstreams: UpstreamPool,
+    /// This pod's share of the node's proxying: connections (and HBONE streams) beyond
+    /// it are refused.
+    pub budget: PodBudget,
+    pub limits: PodLimits,
 }
 
-/// Accepts forever, one task per connection. Errors such as EMFILE are logged and
-/// retried after a pause instead of ending the listener.
+/// Accepts forever, one task per connection, each holding a slot of the pod's budget
+/// for its listener (the listener's port says which: outbound, inbound or HBONE). A
+/// connection beyond the budget is reset at once and counted as `pod_connection_limit`.
+/// Errors such as EMFILE are counted and retried after a pause instead of ending the
+/// listener.
 pub async fn accept_loop<F, Fut>(listener: TcpListener, ctx: Arc<PodContext>, handler: F)
 where
     F: Fn(TcpStream, SocketAddr, Arc<PodContext>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let which = listener
+        .local_addr()
+        .map_or(Listener::Inbound, |a| Listener::in_pod(a.port()));
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(handler(stream, peer, ctx.clone()));
-            }
-            Err(e) => {
-                crate::warn_limited!(pod = %ctx.pod, error = %e, "accept failed; retrying");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+        let (stream, peer) = limits::accept(&listener, which, &ctx.metrics).await;
+        let Some(slot) = ctx.budget.admit(which) else {
+            refuse_over_budget(stream, peer, which, &ctx);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let task = handler(stream, peer, ctx.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            task.await
+        });
     }
+}
+
+/// The pod is at its bound for `which`: the connection is reset (the application sees
+/// a refused connection), counted, and its parked original destination dropped.
+fn refuse_over_budget(stream: TcpStream, peer: SocketAddr, which: Listener, ctx: &PodContext) {
+    if which == Listener::Outbound {
+        crate::outbound::forget_original_destination(ctx, peer);
+    }
+    let reason = Refusal::PodConnectionLimit;
+    ctx.metrics
+        .refused
+        .with_label_values(&[reason.name()])
+        .inc();
+    limits::count_refusal(&ctx.metrics, which, reason);
+    debug!(pod = %ctx.pod, src = %peer, listener = which.name(), limit = ctx.limits.max_connections, "connection refused: the pod is at its connection bound");
+    reset(stream);
 }
 
 /// Records a connection the proxy refuses, and resets it.

@@ -25,6 +25,7 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod kube_source;
+pub mod limits;
 pub mod locator;
 pub mod log_limit;
 pub mod map_pressure;

@@ -74,6 +74,15 @@ pub struct Metrics {
     pub certificate_errors: IntCounter,
     /// TLS handshakes of outbound HBONE connections (pooling keeps this low).
     pub hbone_handshakes: IntCounter,
+    /// Connections refused at a listener's cap, by listener and reason (`limits.rs`).
+    pub listener_refused: IntCounterVec,
+    /// Connections cut for being slow or idle, by listener and stage.
+    pub listener_timeouts: IntCounterVec,
+    /// Failed accepts, by listener and error (`emfile`, `enfile`, `other`).
+    pub accept_errors: IntCounterVec,
+    /// Connections open now on each listener (in-pod ones summed over pods; `inbound`
+    /// includes HBONE streams).
+    pub listener_connections: IntGaugeVec,
     // Agent health, refreshed when scraped (see `health.rs`).
     pub bpf_map_entries: IntGaugeVec,
     pub bpf_map_capacity: IntGaugeVec,
@@ -232,6 +241,34 @@ impl Metrics {
                 &r,
                 "nodemesh_hbone_handshakes_total",
                 "TLS handshakes of outbound HBONE connections.",
+            ),
+            listener_refused: counter_vec(
+                &r,
+                "nodemesh_listener_refused_total",
+                "Connections accepted and closed at once because a cap was reached, by listener and reason.",
+                &["listener", "reason"],
+            ),
+            listener_timeouts: counter_vec(
+                &r,
+                "nodemesh_listener_timeouts_total",
+                "Connections closed for not finishing a handshake or request head in time, or for idling, by listener and stage.",
+                &["listener", "stage"],
+            ),
+            accept_errors: counter_vec(
+                &r,
+                "nodemesh_accept_errors_total",
+                "Failed accepts, by listener and error (emfile: the agent is at its descriptor limit).",
+                &["listener", "error"],
+            ),
+            listener_connections: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "nodemesh_listener_connections",
+                        "Connections open now on each listener (in-pod listeners summed over pods).",
+                    ),
+                    &["listener"],
+                ),
             ),
             bpf_map_entries: register(
                 &r,

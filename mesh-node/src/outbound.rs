@@ -34,6 +34,18 @@ pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
     .await
 }
 
+/// Drops the parked original destination of a connection refused before it was
+/// handled (the pod at its bound), so that refusals leave nothing behind in the map.
+pub fn forget_original_destination(ctx: &PodContext, peer: SocketAddr) {
+    let key = ConnKey {
+        netns_cookie: ctx.netns_cookie,
+        addr: ip_key(peer.ip()),
+        port: peer.port(),
+        _pad: [0; 3],
+    };
+    let _ = ctx.dataplane.take_orig_dst(&key);
+}
+
 async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let key = ConnKey {
         netns_cookie: ctx.netns_cookie,

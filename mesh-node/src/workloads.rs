@@ -81,6 +81,8 @@ pub struct ProxySettings {
     pub mesh: Option<Arc<Mesh>>,
     pub trust_domain: String,
     pub http_routes: Arc<crate::http::routes::RouteCache>,
+    /// Bounds of each pod's proxying.
+    pub limits: crate::limits::PodLimits,
 }
 
 struct RunningPod {
@@ -511,6 +513,8 @@ impl Workloads {
             idle_timeout: self.settings.idle_timeout,
             http_routes: self.settings.http_routes.clone(),
             http_upstreams: Default::default(),
+            budget: crate::limits::PodBudget::new(&self.settings.limits, &self.metrics),
+            limits: self.settings.limits,
         });
         let mut listeners = Vec::new();
         let mut tasks = Vec::new();

@@ -75,3 +75,24 @@ pub struct WebsocketReport {
     pub echoed: String,
     pub error: Option<String>,
 }
+
+/// Many connections held open at once (`mesh-testapp flood`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FloodReport {
+    /// Connections open after their first step (connect, and the echo or hello).
+    pub opened: u64,
+    pub connect_failed: u64,
+    /// Echo mode: round trips that came back, and those that did not.
+    pub echo_ok: u64,
+    pub echo_failed: u64,
+    pub first_error: Option<String>,
+    /// Time to open them all.
+    pub open_ms: u64,
+    /// Open connections the peer then closed, and those still open at the end.
+    pub closed_by_peer: u64,
+    pub still_open: u64,
+    /// When, after its opening, the first and last of them were closed.
+    pub closed_after_ms_min: Option<u64>,
+    pub closed_after_ms_max: Option<u64>,
+    pub elapsed_ms: u64,
+}

@@ -7,15 +7,12 @@ use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::
 use bytes::Bytes;
 use clap::Args;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::{
-    body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
-};
-use hyper_util::rt::TokioIo;
+use hyper::{body::Incoming, service::service_fn, Method, Request, Response, StatusCode};
 use serde::Serialize;
 use thiserror::Error;
 use tokio::{net::TcpListener, sync::watch};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{
     auth::NodeAuthenticator,
@@ -24,10 +21,11 @@ use super::{
     sign::{answer, SignRefusal},
 };
 use crate::{
-    config::{parse_duration, LogArgs, Source},
+    config::{at_least_one, parse_duration, LogArgs, Source},
     files_source,
     identity::DEFAULT_TRUST_DOMAIN,
     kube_source::{self, DiscoveryHealth},
+    limits::{self, Gate, Listener, ListenerLimits, Stage},
     metrics::Metrics,
     state::ClusterState,
     tls,
@@ -87,6 +85,26 @@ pub struct CaConfig {
     /// serviceAccountToken's `audience`), so they are no credential for the API server.
     #[arg(long, default_value = "nodemesh-ca")]
     pub token_audience: String,
+
+    /// Time a client has to finish the TLS handshake and send its request head.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    #[serde(skip)]
+    pub handshake_timeout: Duration,
+
+    /// A connection with no bytes either way for this long is closed; and none lives
+    /// longer than this in all (agents send one request per connection).
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    #[serde(skip)]
+    pub idle_timeout: Duration,
+
+    /// Connections open at once; more are accepted and closed at once.
+    #[arg(long, value_parser = at_least_one, default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Connections open at once from one address (each agent needs one at a time),
+    /// so that a flood from one pod cannot lock the agents out.
+    #[arg(long, value_parser = at_least_one, default_value_t = 64)]
+    pub max_connections_per_source: usize,
 
     #[command(flatten)]
     pub log: LogArgs,
@@ -187,11 +205,17 @@ impl CaService {
             }
             Err(refusal @ (SignRefusal::Malformed(_) | SignRefusal::BadIdentity(_))) => {
                 debug!(%node, error = %crate::log_limit::clip(&refusal.to_string()), "CA request refused: malformed");
-                refuse(refusal.status(), crate::log_limit::clip(&refusal.to_string()))
+                refuse(
+                    refusal.status(),
+                    crate::log_limit::clip(&refusal.to_string()).into_owned(),
+                )
             }
             Err(refusal) => {
                 crate::warn_limited!(%node, error = %crate::log_limit::clip(&refusal.to_string()), "CA request refused");
-                refuse(refusal.status(), crate::log_limit::clip(&refusal.to_string()))
+                refuse(
+                    refusal.status(),
+                    crate::log_limit::clip(&refusal.to_string()).into_owned(),
+                )
             }
         }
     }
@@ -216,6 +240,9 @@ fn authority(config: &CaConfig) -> Result<CertificateAuthority, CaServerError> {
 
 /// Runs the CA until the process is stopped.
 pub async fn run(config: CaConfig) -> Result<(), CaServerError> {
+    if let Err(e) = limits::raise_fd_limit() {
+        warn!(error = %e, "cannot raise the descriptor limit (RLIMIT_NOFILE); keeping the inherited one");
+    }
     let authority = authority(&config)?;
     let (cert, key) = authority.issue_server_certificate(&config.server_names)?;
     let acceptor = TlsAcceptor::from(tls::server_config(&cert, &key).map_err(CaServerError::Tls)?);
@@ -241,7 +268,7 @@ pub async fn run(config: CaConfig) -> Result<(), CaServerError> {
             tokio::spawn(files_source::watch_directory(
                 dir.clone(),
                 state_tx,
-                metrics,
+                metrics.clone(),
             ));
         }
         _ => {
@@ -251,7 +278,7 @@ pub async fn run(config: CaConfig) -> Result<(), CaServerError> {
             tokio::spawn(kube_source::run(
                 client,
                 state_tx,
-                metrics,
+                metrics.clone(),
                 Arc::new(DiscoveryHealth::default()),
             ));
         }
@@ -269,33 +296,54 @@ pub async fn run(config: CaConfig) -> Result<(), CaServerError> {
         state: state_rx,
     });
     info!(listen = %config.listen, trust_domain = %config.trust_domain, ttl_s = config.ttl.as_secs(), "CA serving");
+    let gate = Gate::new(
+        Listener::Ca,
+        ListenerLimits {
+            header_timeout: config.handshake_timeout,
+            idle_timeout: config.idle_timeout,
+            max_connections: config.max_connections,
+            max_per_source: config.max_connections_per_source,
+        },
+        metrics,
+    );
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                crate::warn_limited!(error = %e, "CA accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        let (stream, peer) = limits::accept(&listener, Listener::Ca, gate.metrics()).await;
+        let admitted = match gate.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(refusal) => {
+                debug!(%peer, reason = refusal.name(), "CA connection refused at the cap");
                 continue;
             }
         };
-        let (acceptor, service) = (acceptor.clone(), service.clone());
+        let (acceptor, service, gate) = (acceptor.clone(), service.clone(), gate.clone());
         tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(t) => t,
-                Err(e) => {
-                    debug!(%peer, error = %e, "CA TLS handshake failed");
-                    return;
-                }
-            };
+            let _admitted = admitted;
+            let bounds = *gate.limits();
+            let tls =
+                match tokio::time::timeout(bounds.header_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "CA TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        limits::count_timeout(gate.metrics(), Listener::Ca, Stage::Handshake);
+                        debug!(%peer, "CA TLS handshake timed out");
+                        return;
+                    }
+                };
             let svc = service_fn(move |req| {
                 let service = service.clone();
                 async move { Ok::<_, Infallible>(service.handle(req).await) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), svc)
-                .await
-            {
-                debug!(%peer, error = %e, "CA connection ended with an error");
+            let served = limits::http::serve_http1(tls, svc, &gate);
+            match tokio::time::timeout(bounds.idle_timeout, served).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, error = %e, "CA connection ended with an error"),
+                Err(_) => {
+                    limits::count_timeout(gate.metrics(), Listener::Ca, Stage::Idle);
+                    debug!(%peer, "CA connection outlived its idle timeout; closed");
+                }
             }
         });
     }

@@ -23,9 +23,13 @@ use crate::{
     connections::{ConnectionInfo, Direction, Security},
     forward::{accept_loop, connect_in_pod, PodContext},
     identity::Identity,
+    limits::{self, Listener, Refusal, Stage},
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest CONNECT header block accepted (SETTINGS_MAX_HEADER_LIST_SIZE): a CONNECT
+/// carries an authority and a few headers, nothing near this.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>, acceptor: TlsAcceptor) {
     accept_loop(listener, ctx, move |stream, peer, ctx| {
@@ -59,15 +63,19 @@ async fn connection(
     {
         return refuse_connection(&ctx, peer, "no_certificate", &ctx.identity.to_string());
     }
+    // TLS and the HTTP/2 preface must both be done by the header timeout.
+    let deadline = tokio::time::Instant::now() + ctx.limits.header_timeout;
+    let handshake_timed_out = || {
+        limits::count_timeout(&ctx.metrics, Listener::Hbone, Stage::Handshake);
+        refuse_connection(&ctx, peer, "hbone_handshake_failed", "timed out")
+    };
     let tls =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(super::buffered(stream)))
-            .await
-        {
+        match tokio::time::timeout_at(deadline, acceptor.accept(super::buffered(stream))).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 return refuse_connection(&ctx, peer, "hbone_handshake_failed", &e.to_string())
             }
-            Err(_) => return refuse_connection(&ctx, peer, "hbone_handshake_failed", "timed out"),
+            Err(_) => return handshake_timed_out(),
         };
     let identity = match tls
         .get_ref()
@@ -90,30 +98,64 @@ async fn connection(
             &identity.to_string(),
         );
     }
-    let mut h2 = match h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .handshake(tls)
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => return refuse_connection(&ctx, peer, "hbone_h2_failed", &e.to_string()),
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_concurrent_streams(ctx.limits.max_streams())
+        .handshake(tls);
+    let mut h2 = match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return refuse_connection(&ctx, peer, "hbone_h2_failed", &e.to_string()),
+        Err(_) => return handshake_timed_out(),
     };
-    while let Some(next) = h2.accept().await {
-        match next {
-            Ok((request, respond)) => {
-                tokio::spawn(tunnel(
-                    request,
-                    respond,
-                    peer,
-                    identity.clone(),
-                    ctx.clone(),
-                ));
+    // Each stream holds a slot of the pod's inbound budget; `streams` counts the live
+    // ones (its clones), so a connection without streams for the idle timeout closes.
+    let streams = Arc::new(());
+    let mut idle_since = tokio::time::Instant::now();
+    let mut closing = false;
+    loop {
+        let idle_check = idle_since + ctx.idle_timeout;
+        let next = tokio::select! {
+            next = h2.accept() => next,
+            _ = tokio::time::sleep_until(idle_check), if !closing => {
+                if Arc::strong_count(&streams) == 1 {
+                    limits::count_timeout(&ctx.metrics, Listener::Hbone, Stage::Idle);
+                    debug!(pod = %ctx.pod, src = %peer, "HBONE connection idle; closing it");
+                    h2.graceful_shutdown();
+                    closing = true;
+                } else {
+                    idle_since = tokio::time::Instant::now();
+                }
+                continue;
             }
-            Err(e) => {
+        };
+        match next {
+            Some(Ok((request, mut respond))) => {
+                idle_since = tokio::time::Instant::now();
+                let Some(slot) = ctx.budget.admit_stream() else {
+                    let reason = Refusal::PodConnectionLimit;
+                    ctx.metrics
+                        .refused
+                        .with_label_values(&[reason.name()])
+                        .inc();
+                    limits::count_refusal(&ctx.metrics, Listener::Hbone, reason);
+                    debug!(pod = %ctx.pod, src = %peer, limit = ctx.limits.max_connections, "HBONE stream refused: the pod is at its connection bound");
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    continue;
+                };
+                let live = streams.clone();
+                let tunnel = tunnel(request, respond, peer, identity.clone(), ctx.clone());
+                tokio::spawn(async move {
+                    let _held = (slot, live);
+                    tunnel.await
+                });
+            }
+            Some(Err(e)) => {
                 debug!(pod = %ctx.pod, src = %peer, error = %e, "HBONE connection ended");
                 return;
             }
+            None => return,
         }
     }
 }

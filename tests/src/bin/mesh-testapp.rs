@@ -11,6 +11,8 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use mesh_tests::{
+    conn_flood::{Flood, FloodMode},
+    flood::raise_nofile,
     httpapp,
     report::{ChurnReport, RttReport, TransferReport},
 };
@@ -124,6 +126,21 @@ enum Cmd {
         count: u64,
         #[arg(long, default_value_t = 120)]
         hold_seconds: u64,
+    },
+    /// Open COUNT connections and hold them: prints a JSON report once they are open,
+    /// and another when the peer closed them all or SECONDS passed.
+    Flood {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, value_enum)]
+        mode: FloodMode,
+        #[arg(long)]
+        seconds: u64,
+        /// Slowloris: one byte per interval.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
     },
     /// Open-loop HTTP/1.1 load at a fixed rate; prints latency percentiles.
     HttpLoad {
@@ -400,6 +417,31 @@ fn main() {
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             thread::sleep(Duration::from_secs(hold_seconds));
             drop(held);
+        }
+        Cmd::Flood {
+            connect,
+            count,
+            mode,
+            seconds,
+            interval_ms,
+        } => {
+            if let Err(e) = raise_nofile(count as u64 + 1024) {
+                eprintln!("mesh-testapp: cannot raise the descriptor limit: {e}");
+            }
+            let mut flood = Flood::open(connect, count, mode);
+            println!(
+                "{}",
+                serde_json::to_string(&flood.report()).unwrap_or_default()
+            );
+            let _ = std::io::stdout().flush();
+            flood.hold(
+                Duration::from_secs(seconds),
+                Duration::from_millis(interval_ms),
+            );
+            println!(
+                "{}",
+                serde_json::to_string(&flood.report()).unwrap_or_default()
+            );
         }
         Cmd::Pause => loop {
             thread::sleep(Duration::from_secs(3600));

@@ -40,6 +40,12 @@ impl SimCluster {
             .map_or(0, |v| v as u64))
     }
 
+    /// A request to the node agent's readiness listener (:15021) from the node, as
+    /// the kubelet probes it.
+    pub fn readiness_probe(&self, node: &str, method: &str, path: &str) -> Result<(u16, String)> {
+        self.http_in_node(node, "127.0.0.1:15021".parse()?, method, path)
+    }
+
     /// Runs `meshctl node <args>` inside the node, as an operator on it would.
     pub fn meshctl(&self, node: &str, args: &[&str]) -> Result<std::process::Output> {
         let meshctl = host::target_bin("meshctl")?;

@@ -13,7 +13,33 @@ use super::{
     host::{ip, Placement},
     Process, SimCluster,
 };
-use crate::report::{ChurnReport, HttpReport, RttReport, TransferReport, WebsocketReport};
+use crate::{
+    conn_flood::FloodMode,
+    report::{ChurnReport, FloodReport, HttpReport, RttReport, TransferReport, WebsocketReport},
+};
+
+/// A flood running in a pod (`mesh-testapp flood`): its connections are open.
+pub struct FloodRun {
+    process: Process,
+    stdout: BufReader<std::process::ChildStdout>,
+    /// The report once every connection was opened.
+    pub opened: FloodReport,
+}
+
+impl FloodRun {
+    /// Waits until the flood ends (its peer closed everything, or its time is up).
+    pub fn finish(mut self) -> Result<FloodReport> {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        let _ = self.process.0.wait();
+        serde_json::from_str(line.trim()).with_context(|| format!("flood report `{line}`"))
+    }
+
+    /// The attacker leaves: its process (and every connection) is gone when this returns.
+    pub fn stop(self) {
+        drop(self.process);
+    }
+}
 
 impl SimCluster {
     /// Starts an echo server in `pod` on `port` and waits until it listens. Like most
@@ -115,6 +141,77 @@ impl SimCluster {
         Ok(serde_json::from_str(
             self.run_testapp(placement, &args)?.trim(),
         )?)
+    }
+
+    /// Opens `count` connections from `placement` to `dst` and keeps them for up to
+    /// `seconds`; returns once they are open.
+    pub fn flood_from(
+        &self,
+        placement: &Placement,
+        dst: SocketAddr,
+        count: usize,
+        mode: FloodMode,
+        seconds: u64,
+    ) -> Result<FloodRun> {
+        let mut runs = self.floods(&[(placement.clone(), dst, count, mode, seconds)])?;
+        runs.pop().ok_or_else(|| anyhow!("no flood"))
+    }
+
+    /// Several floods at once: all start, then this returns once each has opened its
+    /// connections. (Started from this thread: a flood dies with the thread that
+    /// started it.)
+    pub fn floods(
+        &self,
+        floods: &[(Placement, SocketAddr, usize, FloodMode, u64)],
+    ) -> Result<Vec<FloodRun>> {
+        let mut started = Vec::new();
+        for (placement, dst, count, mode, seconds) in floods {
+            let mode = match mode {
+                FloodMode::Idle => "idle",
+                FloodMode::Echo => "echo",
+                FloodMode::Slowloris => "slowloris",
+                FloodMode::TlsHello => "tls-hello",
+            };
+            let mut child = placement
+                .command(&self.testapp)?
+                .args(["flood", "--connect", &dst.to_string(), "--mode", mode])
+                .args([
+                    "--count",
+                    &count.to_string(),
+                    "--seconds",
+                    &seconds.to_string(),
+                ])
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting mesh-testapp flood")?;
+            let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+            started.push((Process(child), BufReader::new(stdout)));
+        }
+        let mut runs = Vec::new();
+        for (process, mut stdout) in started {
+            let mut line = String::new();
+            stdout.read_line(&mut line)?;
+            let opened = serde_json::from_str(line.trim())
+                .with_context(|| format!("flood did not start: `{line}`"))?;
+            runs.push(FloodRun {
+                process,
+                stdout,
+                opened,
+            });
+        }
+        Ok(runs)
+    }
+
+    /// [`Self::flood_from`] in `pod`.
+    pub fn flood(
+        &self,
+        pod: &str,
+        dst: SocketAddr,
+        count: usize,
+        mode: FloodMode,
+        seconds: u64,
+    ) -> Result<FloodRun> {
+        self.flood_from(&self.pod(pod).placement(), dst, count, mode, seconds)
     }
 
     /// Sends `bytes` random bytes from `pod` to `dst` and checks the echo.

@@ -59,6 +59,8 @@ pub struct ClusterSpec {
     pub cert_ttl: Option<String>,
     /// Run the CA and give agents mTLS (true unless a test compares without it).
     pub mtls: bool,
+    /// More flags for every agent (e.g. tighter limits for a test).
+    pub agent_args: Vec<String>,
 }
 
 impl ClusterSpec {
@@ -78,6 +80,7 @@ impl ClusterSpec {
             routes: Vec::new(),
             cert_ttl: None,
             mtls: true,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -151,6 +154,7 @@ pub struct SimCluster {
     ca: Mutex<Option<Child>>,
     cert_ttl: String,
     mtls: bool,
+    agent_args: Vec<String>,
     /// One pause process per pod, as a container runtime keeps: the agent finds a pod's
     /// namespace through it.
     pauses: Vec<Process>,
@@ -237,6 +241,7 @@ impl SimCluster {
             ca: Mutex::new(None),
             cert_ttl: spec.cert_ttl.clone().unwrap_or_else(|| "24h".into()),
             mtls: spec.mtls,
+            agent_args: spec.agent_args.clone(),
             pauses: Vec::new(),
             resources,
             mesh_node: target_bin("mesh-node")?,
@@ -641,6 +646,7 @@ impl SimCluster {
                 .arg("--ca-token-file")
                 .arg(self.node_token_file(&node.name)?);
         }
+        cmd.args(&self.agent_args);
         Ok(cmd)
     }
 
@@ -724,6 +730,15 @@ impl SimCluster {
             c.wait()?;
         }
         Ok(())
+    }
+
+    /// The CA's process, while it runs.
+    pub fn ca_pid(&self) -> Option<u32> {
+        self.ca
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Child::id)
     }
 
     pub fn agent_pid(&self, node: &str) -> Option<u32> {

@@ -12,5 +12,6 @@ pub mod registry;
 pub mod services;
 pub mod usage;
 
+pub use apps::FloodRun;
 pub use cluster::{ClusterSpec, PodSpec, Process, SimCluster, SimNode, SimPod};
 pub use services::{RouteSpec, ServiceSpec, SimService};

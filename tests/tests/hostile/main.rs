@@ -5,6 +5,7 @@
 //!
 //! One module per attack surface.
 mod identity;
+mod listeners;
 mod log_flood;
 mod map_fill;
 mod self_loop;
