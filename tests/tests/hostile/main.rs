@@ -7,4 +7,5 @@
 
 mod log_flood;
 mod map_fill;
+mod node_origin;
 mod self_loop;
