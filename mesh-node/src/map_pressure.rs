@@ -6,11 +6,15 @@
 //! with a node-wide capacity (`NM_ORIG_DST`, the enrollment maps) is watched here: one
 //! that is nearly full makes the agent unready, naming the map and what to do.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
+use aya::maps::{HashMap, IterableMap, MapData};
 use mesh_common::{map_names, EbpfRefusal};
 
-use crate::dataplane::{lock, Dataplane, MapStatus};
+use crate::dataplane::{lock, map_info, Dataplane, MapStatus};
 
 /// A capacity map at least this full makes the agent unready.
 pub(crate) const FULL_PERCENT: usize = 90;
@@ -18,6 +22,40 @@ pub(crate) const FULL_PERCENT: usize = 90;
 const FILL_CACHE: Duration = Duration::from_secs(1);
 
 impl Dataplane {
+    /// Entry counts of every map, for the admin API and the churn test.
+    pub fn map_status(&self) -> Vec<MapStatus> {
+        fn status<K: aya::Pod, V: aya::Pod>(
+            name: &'static str,
+            map: &Mutex<HashMap<MapData, K, V>>,
+        ) -> MapStatus {
+            let map = lock(map);
+            let info = map_info(IterableMap::map(&*map));
+            MapStatus {
+                name,
+                id: info.0,
+                max_entries: info.1,
+                entries: map.keys().filter(Result::is_ok).count(),
+                pinned: true,
+            }
+        }
+        let listeners = lock(&self.inbound_listeners);
+        let listeners_info = map_info(IterableMap::map(&*listeners));
+        vec![
+            status(map_names::ENROLLED, &self.enrolled),
+            status(map_names::ORIG_DST, &self.orig_dst_stats),
+            status(map_names::INBOUND_PODS, &self.inbound_pods),
+            status(map_names::NODE_FLOWS, &self.node_flows),
+            status(map_names::HELD, &self.held),
+            MapStatus {
+                name: map_names::INBOUND_LISTENERS,
+                id: listeners_info.0,
+                max_entries: listeners_info.1,
+                entries: listeners.keys().filter(Result::is_ok).count(),
+                pinned: false,
+            },
+        ]
+    }
+
     /// How many connects the eBPF side refused so far, per reason (summed over CPUs).
     pub fn ebpf_refusals(&self) -> Vec<(EbpfRefusal, u64)> {
         let counters = lock(&self.refused);
