@@ -26,8 +26,10 @@ pub const fn is_mesh_pod_port(port: u16) -> bool {
 pub const MAX_EXCLUDED_PORTS: usize = 8;
 /// Excluded outbound CIDRs per pod.
 pub const MAX_EXCLUDED_CIDRS: usize = 4;
-/// Node addresses whose inbound connections (kubelet probes) bypass capture.
-pub const MAX_NODE_ADDRS: usize = 4;
+/// cgroup levels the connect hooks walk up from the caller's cgroup, looking for a held
+/// pod (kubelet's pod cgroups sit at level 2 or 3 below the root; deeper roots, such as
+/// the simulated cluster's, add a few).
+pub const MAX_CGROUP_LEVELS: i32 = 12;
 
 /// Names of the maps, as the eBPF object defines them and bpffs pins them.
 pub mod map_names {
@@ -40,6 +42,12 @@ pub mod map_names {
     pub const INBOUND_LISTENERS: &str = "NM_INBOUND_LISTENERS";
     /// Per-CPU counters of connects the eBPF side refused, indexed by [`super::EbpfRefusal`].
     pub const REFUSED: &str = "NM_REFUSED";
+    /// Connections the node itself is opening to a captured pod, from connect until
+    /// established: sk_lookup leaves exactly these to the normal lookup.
+    pub const NODE_FLOWS: &str = "NM_NODE_FLOWS";
+    /// cgroup id of a pod of an enrolled namespace that is not enrolled yet -> its
+    /// outbound policy: its connects are refused until it is.
+    pub const HELD: &str = "NM_HELD";
 }
 
 /// Names of the program functions in the eBPF object.
@@ -61,10 +69,23 @@ pub enum EbpfRefusal {
     /// sock_ops: `NM_ORIG_DST` refused the re-keyed entry (full); the outbound proxy
     /// then resets the connection (`no_original_destination`).
     OrigDstFull = 1,
+    /// sock_ops: a connection of the node's own to a captured pod (a kubelet probe)
+    /// could not be recorded in `NM_NODE_FLOWS` (full); the pod's inbound capture then
+    /// takes it like any other plaintext connection (STRICT or a policy may refuse it).
+    NodeFlowsFull = 2,
+    /// connect4/6: a connect from a pod of an enrolled namespace that the agent has not
+    /// enrolled yet (its network namespace is not set up yet); refused (EPERM) until it
+    /// is, so the pod's first connections never leave the mesh.
+    PodNotEnrolled = 3,
 }
 
 impl EbpfRefusal {
-    pub const ALL: [EbpfRefusal; 2] = [EbpfRefusal::ParkFailed, EbpfRefusal::OrigDstFull];
+    pub const ALL: [EbpfRefusal; 4] = [
+        EbpfRefusal::ParkFailed,
+        EbpfRefusal::OrigDstFull,
+        EbpfRefusal::NodeFlowsFull,
+        EbpfRefusal::PodNotEnrolled,
+    ];
     /// Slots in `NM_REFUSED` (room for reasons added later without a layout change).
     pub const SLOTS: u32 = 8;
 
@@ -73,6 +94,8 @@ impl EbpfRefusal {
         match self {
             EbpfRefusal::ParkFailed => "ebpf_park_failed",
             EbpfRefusal::OrigDstFull => "ebpf_orig_dst_full",
+            EbpfRefusal::NodeFlowsFull => "ebpf_node_flows_full",
+            EbpfRefusal::PodNotEnrolled => "ebpf_pod_not_enrolled",
         }
     }
 }
@@ -262,23 +285,26 @@ pub struct NodeConfig {
     pub _pad: u32,
     /// cgroup v2 id of the agent; connects from it are never redirected (0 = unset).
     pub agent_cgroup_id: u64,
-    /// Node addresses: inbound from them (kubelet probes) is not captured.
-    pub node_addrs: [Ip; MAX_NODE_ADDRS],
+    /// Cookie of the node's own network namespace (where the agent runs). TCP
+    /// connections that sockets of this namespace open to a captured pod (kubelet
+    /// probes) are recorded in `NM_NODE_FLOWS` and not captured; 0 = none are.
+    pub node_netns_cookie: u64,
 }
 
-impl NodeConfig {
-    #[inline(always)]
-    pub fn is_node_addr(&self, ip: &Ip) -> bool {
-        let mut i = 0;
-        while i < MAX_NODE_ADDRS {
-            let a = &self.node_addrs[i];
-            if !a.is_zero() && a.words == ip.words {
-                return true;
-            }
-            i += 1;
-        }
-        false
-    }
+/// Key of `NM_NODE_FLOWS`: one TCP connection between a socket of the node and a pod
+/// of this node, as both ends see it (the pod's sk_lookup and the node's sock_ops).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NodeFlow {
+    /// The pod's address (the connection's destination).
+    pub pod: Ip,
+    /// The node socket's address, whichever it left from (the bridge's, the uplink's).
+    pub peer: Ip,
+    /// Host byte order.
+    pub pod_port: u16,
+    /// Host byte order.
+    pub peer_port: u16,
+    pub _pad: u32,
 }
 
 /// Key of `NM_ORIG_DST`: the client end of a redirected connection, as the proxy sees
@@ -318,6 +344,7 @@ mod user {
     unsafe impl aya::Pod for InboundPolicy {}
     unsafe impl aya::Pod for NodeConfig {}
     unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for NodeFlow {}
     unsafe impl aya::Pod for OrigDst {}
 }
 

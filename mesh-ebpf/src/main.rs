@@ -5,21 +5,30 @@
 //!   loopback; the original destination is parked in the connecting socket's own storage
 //!   (`NM_PARKED`). When it cannot be parked the connect fails (EPERM): an enrolled
 //!   pod's connection never leaves the mesh.
+//!   A connect from a pod the agent holds (an enrolled namespace's pod that is not
+//!   enrolled yet, found by its cgroup) fails too (EPERM) until the pod is enrolled.
 //! - `mesh_sockops` (sock_ops): once the redirected connection is established, the
 //!   original destination is re-keyed by (netns cookie, client address, client port),
-//!   which is what the proxy sees on the accepted socket.
+//!   which is what the proxy sees on the accepted socket. It also records the TCP
+//!   connections the node's own sockets open to a captured pod (kubelet probes), from
+//!   the moment the SYN is about to leave until ESTABLISHED or close (`NM_NODE_FLOWS`).
 //! - `mesh_sk_lookup` (sk_lookup, attached per pod netns): inbound TCP to a pod goes to
 //!   the pod's plaintext inbound listener; the original port stays the local address.
+//!   Only the node's own connections (exactly their 4-tuples) are left alone: never a
+//!   source address, which forwarded traffic (NodePort, hostPort) is NATed to as well.
 #![no_std]
 #![no_main]
 
 use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
+    bindings::{
+        bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+    },
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_ktime_get_ns, bpf_sk_storage_delete,
-        bpf_sk_storage_get,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+        bpf_ktime_get_ns, bpf_sk_storage_delete, bpf_sk_storage_get,
     },
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, PerCpuArray, SockHash},
@@ -27,8 +36,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use mesh_common::{
-    is_mesh_pod_port, ConnKey, EbpfRefusal, InboundPolicy, Ip, NodeConfig, OrigDst, OutboundPolicy,
-    AF_INET, AF_INET6, OUTBOUND_PORT,
+    is_mesh_pod_port, ConnKey, EbpfRefusal, InboundPolicy, Ip, NodeConfig, NodeFlow, OrigDst,
+    OutboundPolicy, AF_INET, AF_INET6, MAX_CGROUP_LEVELS, OUTBOUND_PORT,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -121,6 +130,21 @@ static NM_ORIG_DST: HashMap<ConnKey, OrigDst> = HashMap::pinned(65536, 0);
 #[map(name = "NM_INBOUND_PODS")]
 static NM_INBOUND_PODS: HashMap<Ip, InboundPolicy> = HashMap::pinned(16384, 0);
 
+/// The node's own connections to captured pods (kubelet probes), keyed by their
+/// 4-tuple, value: when recorded. An entry lives from the SYN (sock_ops
+/// TCP_CONNECT_CB, local port chosen) until ESTABLISHED or close (sock_ops), so SYN
+/// retransmits find it too; only sockets of the node's network namespace, seen by the
+/// cgroup programs at the node's cgroup root, add entries. Full: that connection is
+/// captured like any other (fail closed: STRICT or a policy may refuse it), counted.
+#[map(name = "NM_NODE_FLOWS")]
+static NM_NODE_FLOWS: HashMap<NodeFlow, u64> = HashMap::pinned(16384, 0);
+
+/// cgroup id of a pod the agent holds -> its outbound policy. A pod of an enrolled
+/// namespace is held from the moment its cgroup exists until it is enrolled: its
+/// connects fail (EPERM) rather than leave the mesh unredirected.
+#[map(name = "NM_HELD")]
+static NM_HELD: HashMap<u64, OutboundPolicy> = HashMap::pinned(16384, 0);
+
 /// pod IP -> that pod's plaintext inbound listener (same address family). Not pinned:
 /// the sockets belong to the running agent and vanish with it.
 #[map(name = "NM_INBOUND_LISTENERS")]
@@ -188,7 +212,13 @@ fn verdict(ctx: &SockAddrContext, dst: &Ip, port: u16) -> Verdict {
     }
     // SAFETY: the value is only read.
     let Some(policy) = (unsafe { NM_ENROLLED.get(&netns) }) else {
-        return Verdict::Pass;
+        return match held_policy() {
+            Some(held) if !held.excludes(dst, port) => {
+                count_refusal(EbpfRefusal::PodNotEnrolled);
+                Verdict::Refuse
+            }
+            _ => Verdict::Pass,
+        };
     };
     if policy.excludes(dst, port) {
         return Verdict::Pass;
@@ -228,6 +258,26 @@ fn verdict(ctx: &SockAddrContext, dst: &Ip, port: u16) -> Verdict {
         };
     }
     Verdict::Redirect
+}
+
+/// The outbound policy of the held pod whose cgroup contains the caller (its own
+/// cgroup or an ancestor: kubelet puts each container in a cgroup below the pod's).
+#[inline(always)]
+fn held_policy() -> Option<&'static OutboundPolicy> {
+    let mut level = 1;
+    while level <= MAX_CGROUP_LEVELS {
+        // SAFETY: plain helper call; 0 means the caller's cgroup is not that deep.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return None;
+        }
+        // SAFETY: the value is only read.
+        if let Some(policy) = unsafe { NM_HELD.get(&id) } {
+            return Some(policy);
+        }
+        level += 1;
+    }
+    None
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -282,66 +332,166 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// The socket's own and its peer's address and port, as sock_ops sees them. A
+/// dual-stack socket talking IPv4 (v4-mapped) reports the IPv4 fields, which the
+/// kernel fills for it, so both ends of a connection produce the same [`Ip`]s.
+#[inline(always)]
+fn sock_ops_tuple(ctx: &SockOpsContext) -> (Ip, u16, Ip, u16) {
+    let ops = ctx.ops;
+    // Every field is read unconditionally: a load whose context offset depends on a
+    // branch is rejected by the verifier ("dereference of modified ctx ptr").
+    // SAFETY: valid context; volatile keeps each load at its own constant offset.
+    let (family, local4, remote4, local6, remote6, local_port, remote_port) = unsafe {
+        (
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).local_ip4),
+            read_volatile(&(*ops).remote_ip4),
+            read_ip6(&(*ops).local_ip6),
+            read_ip6(&(*ops).remote_ip6),
+            read_volatile(&(*ops).local_port),
+            read_volatile(&(*ops).remote_port),
+        )
+    };
+    let remote6 = Ip::from_v6_words(remote6);
+    let (local, remote) = if family == AF_INET as u32 || remote6.is_v4_mapped() {
+        (Ip::from_v4_be(local4), Ip::from_v4_be(remote4))
+    } else {
+        (Ip::from_v6_words(local6), remote6)
+    };
+    // local_port is in host order; remote_port in network order in the upper half.
+    (
+        local,
+        local_port as u16,
+        remote,
+        u32::from_be(remote_port) as u16,
+    )
+}
+
+/// TCP_CONNECT_CB (the SYN is about to leave, the local port is chosen): a socket of
+/// the node's own namespace connecting to a captured pod records the connection, so
+/// the pod's sk_lookup leaves exactly this 4-tuple alone (kubelet probes).
+#[inline(always)]
+fn record_node_flow(ctx: &SockOpsContext) {
+    let Some(config) = node_config() else {
+        return;
+    };
+    // SAFETY: plain helper call.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if config.node_netns_cookie == 0 || netns != config.node_netns_cookie {
+        return;
+    }
+    let (local, local_port, remote, remote_port) = sock_ops_tuple(ctx);
+    // SAFETY: the value is only read.
+    if unsafe { NM_INBOUND_PODS.get(&remote) }.is_none() {
+        return;
+    }
+    let key = NodeFlow {
+        pod: remote,
+        peer: local,
+        pod_port: remote_port,
+        peer_port: local_port,
+        _pad: 0,
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if NM_NODE_FLOWS.insert(&key, &now, 0).is_err() {
+        // Full: the pod's inbound capture takes this connection like any other.
+        count_refusal(EbpfRefusal::NodeFlowsFull);
+        return;
+    }
+    // Tell us when it closes, should it never get established.
+    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+    let _ = ctx.set_cb_flags(flags as i32);
+}
+
+/// ESTABLISHED or closed: the pod's side has looked the connection up for good, or it
+/// never will; the entry goes (and with it the state callback this socket asked for).
+#[inline(always)]
+fn forget_node_flow(ctx: &SockOpsContext) {
+    if ctx.cb_flags() & BPF_SOCK_OPS_STATE_CB_FLAG == 0 {
+        return;
+    }
+    let (local, local_port, remote, remote_port) = sock_ops_tuple(ctx);
+    let key = NodeFlow {
+        pod: remote,
+        peer: local,
+        pod_port: remote_port,
+        peer_port: local_port,
+        _pad: 0,
+    };
+    if NM_NODE_FLOWS.remove(&key).is_ok() {
+        let flags = ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG;
+        let _ = ctx.set_cb_flags(flags as i32);
+    }
+}
+
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        return 0;
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => record_node_flow(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            forget_node_flow(&ctx);
+            rekey_parked(&ctx);
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => forget_node_flow(&ctx),
+        _ => {}
     }
+    0
+}
+
+/// ESTABLISHED: a redirected connection's parked original destination is re-keyed by
+/// what the proxy sees on the accepted socket.
+#[inline(always)]
+fn rekey_parked(ctx: &SockOpsContext) {
     let ops = ctx.ops;
     // SAFETY: valid context; the socket pointer may be null and is checked.
     let sk = unsafe { read_volatile(&(*ops).__bindgen_anon_2.sk) };
     if sk.is_null() {
-        return 0;
+        return;
     }
     // SAFETY: sk comes from the context; no creation, only a lookup.
-    let slot = unsafe { bpf_sk_storage_get(parked_map(), sk as *mut c_void, core::ptr::null_mut(), 0) }
-        as *const OrigDst;
+    let slot =
+        unsafe { bpf_sk_storage_get(parked_map(), sk as *mut c_void, core::ptr::null_mut(), 0) }
+            as *const OrigDst;
     if slot.is_null() {
-        return 0;
+        return;
     }
     // SAFETY: the helper returned this socket's value; copied before it is freed.
     let orig = unsafe { *slot };
     // SAFETY: as above; the entry's work is done either way.
     unsafe { bpf_sk_storage_delete(parked_map(), sk as *mut c_void) };
+    let (addr, local_port, _, remote_port) = sock_ops_tuple(ctx);
     // Only a connection that went to the outbound listener is the proxy's to claim (the
     // socket may have been parked, refused by the kernel, then connected elsewhere).
-    if u32::from_be(ctx.remote_port()) as u16 != OUTBOUND_PORT {
-        return 0;
+    if remote_port != OUTBOUND_PORT {
+        return;
     }
-    // Both families are read unconditionally: a load whose context offset depends on a
-    // branch is rejected by the verifier ("dereference of modified ctx ptr").
-    // SAFETY: valid context; volatile keeps each load at its own constant offset.
-    let (family, ip4, ip6) = unsafe {
-        (
-            read_volatile(&(*ops).family),
-            read_volatile(&(*ops).local_ip4),
-            read_ip6(&(*ops).local_ip6),
-        )
-    };
-    let addr = if family == AF_INET as u32 {
-        Ip::from_v4_be(ip4)
-    } else {
-        Ip::from_v6_words(ip6)
-    };
     let key = ConnKey {
         // SAFETY: plain helper call.
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         addr,
-        port: ctx.local_port() as u16,
+        port: local_port,
         _pad: [0; 3],
     };
     if NM_ORIG_DST.insert(&key, &orig, 0).is_err() {
         // The proxy will find nothing for this connection and reset it.
         count_refusal(EbpfRefusal::OrigDstFull);
     }
-    0
 }
 
 #[sk_lookup]
 pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
-    // SAFETY: the kernel hands sk_lookup programs a valid context.
-    let (protocol, family, port) = unsafe { ((*l).protocol, (*l).family, (*l).local_port as u16) };
+    // SAFETY: the kernel hands sk_lookup programs a valid context; remote_port is a
+    // 16-bit field in network order.
+    let (protocol, family, port, remote_port) = unsafe {
+        (
+            (*l).protocol,
+            (*l).family,
+            (*l).local_port as u16,
+            u16::from_be(read_volatile(&(*l).remote_port)),
+        )
+    };
     // The mesh's own ports are never captured: nothing can be steered into a listener
     // with one of them as its "original destination".
     if protocol != IPPROTO_TCP || is_mesh_pod_port(port) {
@@ -362,18 +512,28 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         (Ip::from_v6_words(local6), Ip::from_v6_words(remote6))
     };
     // Traffic from inside the pod (the agent's own connections to the app included,
-    // which come from the pod's address) and from the node (kubelet probes) is left
-    // to the normal socket lookup.
+    // which come from the pod's address) is left to the normal socket lookup.
     if remote.is_loopback_or_unspecified() || remote == local {
-        return SK_PASS;
-    }
-    if node_config().is_some_and(|c| c.is_node_addr(&remote)) {
         return SK_PASS;
     }
     // SAFETY: the value is only read.
     match unsafe { NM_INBOUND_PODS.get(&local) } {
         Some(policy) if !policy.excludes(port) => {}
         _ => return SK_PASS,
+    }
+    // So is a connection the node's own sockets opened (kubelet probes): recognised by
+    // its exact 4-tuple, recorded on the node's side, whatever address it left from.
+    // Forwarded traffic NATed to a node address (NodePort, hostPort) has no entry.
+    let flow = NodeFlow {
+        pod: local,
+        peer: remote,
+        pod_port: port,
+        peer_port: remote_port,
+        _pad: 0,
+    };
+    // SAFETY: the value is only read.
+    if unsafe { NM_NODE_FLOWS.get(&flow) }.is_some() {
+        return SK_PASS;
     }
     // No listener (agent restarting): fall back to the normal lookup.
     // SAFETY: the map is only touched through this call in this program.

@@ -135,7 +135,6 @@ pub fn run_trace(
             .certificates
             .is_some()
             .then_some(state.config.trust_domain.as_str()),
-        node_ips: &state.config.node_ips,
         picks: &picks,
     };
     trace(&inputs, &key, to, Some(http))

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::{NodeConfig, MAX_NODE_ADDRS};
+use mesh_common::NodeConfig;
 use thiserror::Error;
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tracing::{info, warn};
@@ -33,9 +33,10 @@ use crate::{
     limits::{self, Gate, Listener},
     locator::{KubepodsLocator, NetnsDirectory, NetnsLocator},
     metrics::Metrics,
-    netns::{Netns, NetnsError},
+    netns::{Netns, NetnsError, NetnsId},
     preflight::{self, PreflightError},
-    state::{ip_key, ClusterState},
+    sockets::PodSockets,
+    state::ClusterState,
     workloads::{ProxySettings, Workloads},
 };
 
@@ -49,8 +50,11 @@ pub enum AgentError {
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
     Netns(#[from] NetnsError),
-    #[error("too many --node-ip values ({0}); at most {MAX_NODE_ADDRS} are supported")]
-    TooManyNodeIps(usize),
+    #[error("cannot read the cookie of the node's network namespace {path}: {source}; run the agent with hostPID (the default --node-netns is the host's, /proc/1/ns/net) or pass the node's namespace as --node-netns")]
+    NodeNetns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr} for the {what}: {source}; is another mesh-node running in this network namespace?")]
     Bind {
         what: &'static str,
@@ -69,28 +73,44 @@ pub enum AgentError {
 
 /// How often pods are re-checked (retries, vanished namespaces).
 const RECHECK: Duration = Duration::from_millis(500);
+/// How often pods that are starting (no IP in their status yet) are looked for: the
+/// sooner one is enrolled, the shorter its connections are held.
+const STARTING_RECHECK: Duration = Duration::from_millis(50);
 /// How often unclaimed eBPF map entries are swept, and how old they must be.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 const SWEEP_AGE: Duration = Duration::from_secs(60);
+/// A node connection's entry older than this outlived any TCP handshake (SYN retries
+/// give up after about two minutes by default).
+const NODE_FLOW_AGE: Duration = Duration::from_secs(300);
 
 fn default_object() -> Result<PathBuf, AgentError> {
     let exe = std::env::current_exe().map_err(AgentError::NoObject)?;
     Ok(exe.with_file_name("mesh-ebpf.o"))
 }
 
-fn node_config(config: &AgentConfig) -> Result<NodeConfig, AgentError> {
-    if config.node_ips.len() > MAX_NODE_ADDRS {
-        return Err(AgentError::TooManyNodeIps(config.node_ips.len()));
-    }
-    let mut node = NodeConfig {
+/// The eBPF side's node settings, and the identity of the node's network namespace.
+fn node_config(
+    config: &AgentConfig,
+    home: &Arc<Netns>,
+) -> Result<(NodeConfig, NetnsId), AgentError> {
+    let node_netns_err = |source| AgentError::NodeNetns {
+        path: config.node_netns.clone(),
+        source,
+    };
+    let node_netns =
+        Netns::open(&config.node_netns).map_err(|e| node_netns_err(std::io::Error::other(e)))?;
+    let node_netns_id = node_netns.id();
+    let node_netns_cookie = PodSockets::new(Arc::new(node_netns), home.clone(), 0)
+        .netns_cookie()
+        .map_err(node_netns_err)?;
+    info!(node_netns = %config.node_netns.display(), node_netns_cookie, "the node's own connections to pods (kubelet probes) are recognised by this namespace");
+    let node = NodeConfig {
         socket_mark: config.socket_mark,
         agent_cgroup_id: cgroup::own_cgroup_id()?,
+        node_netns_cookie,
         ..NodeConfig::default()
     };
-    for (slot, ip) in node.node_addrs.iter_mut().zip(&config.node_ips) {
-        *slot = ip_key(*ip);
-    }
-    Ok(node)
+    Ok((node, node_netns_id))
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
@@ -172,11 +192,12 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         Some(p) => p.clone(),
         None => default_object()?,
     };
+    let (node, node_netns) = node_config(&config, &home)?;
     let dataplane = Arc::new(Dataplane::load(
         &object,
         &config.pin_dir,
         &cgroup_root,
-        node_config(&config)?,
+        node,
     )?);
 
     let admin_listener = bind("admin API", config.admin_addr).await?;
@@ -274,12 +295,14 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             http_routes: Arc::default(),
             limits: config.pod_limits(),
         },
-        home,
+        home.clone(),
         dataplane.clone(),
         match config.netns_locator {
-            NetnsLocatorKind::Kubepods => {
-                Box::new(KubepodsLocator::default()) as Box<dyn NetnsLocator>
-            }
+            NetnsLocatorKind::Kubepods => Box::new(KubepodsLocator {
+                cgroup_root: Some(cgroup_root.clone()),
+                not_pods: vec![home.id(), node_netns],
+                ..KubepodsLocator::default()
+            }) as Box<dyn NetnsLocator>,
             NetnsLocatorKind::NetnsDir => Box::new(NetnsDirectory {
                 dir: config.netns_dir.clone(),
             }),
@@ -317,6 +340,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
                     recheck.tick().await;
                 }
             }
+            _ = tokio::time::sleep(STARTING_RECHECK), if workloads.starting() => {}
             _ = recheck.tick() => {
                 workloads.check_netns();
                 for (kind, stale) in discovery.staleness(std::time::Instant::now()) {
@@ -327,6 +351,10 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
                 let removed = dataplane.sweep_stale(SWEEP_AGE);
                 if removed > 0 {
                     info!(removed, "swept unclaimed original-destination entries");
+                }
+                let removed = dataplane.sweep_node_flows(NODE_FLOW_AGE);
+                if removed > 0 {
+                    info!(removed, "swept node-connection entries that outlived their handshake");
                 }
             }
             _ = terminate.recv() => break,

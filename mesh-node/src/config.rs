@@ -1,7 +1,7 @@
 //! The agent's one typed configuration: command-line flags with documented defaults,
 //! also dumped as JSON by the admin API.
 
-use std::{net::IpAddr, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, ValueEnum};
 use serde::Serialize;
@@ -51,10 +51,13 @@ pub struct AgentConfig {
     #[arg(long)]
     pub ebpf_object: Option<PathBuf>,
 
-    /// Addresses of this node; inbound connections from them (kubelet probes) bypass
-    /// the proxy. At most 4.
-    #[arg(long = "node-ip")]
-    pub node_ips: Vec<IpAddr>,
+    /// The node's own network namespace (where kubelet runs). TCP connections that
+    /// sockets of this namespace open straight to an enrolled pod's address (kubelet
+    /// probes) reach the pod without the proxy, whatever address they leave from; all
+    /// other inbound traffic is captured, also when NAT made its source a node address
+    /// (NodePort, hostPort). The default is the host's, as seen with hostPID.
+    #[arg(long, default_value = "/proc/1/ns/net")]
+    pub node_netns: PathBuf,
 
     /// SO_MARK on the agent's own sockets, so the eBPF programs never redirect them.
     #[arg(long, default_value_t = 0x6e6d)]

@@ -16,7 +16,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
-    map_names, program_names, ConnKey, InboundPolicy, Ip, NodeConfig, OrigDst, OutboundPolicy,
+    map_names, program_names, ConnKey, InboundPolicy, Ip, NodeConfig, NodeFlow, OrigDst,
+    OutboundPolicy,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -78,7 +79,7 @@ pub enum DataplaneError {
     },
 }
 
-fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+pub(crate) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map {
         name,
         source: Box::new(source),
@@ -144,6 +145,8 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
         map_names::PARKED => (4, size_of::<OrigDst>()),
         map_names::ORIG_DST => (size_of::<ConnKey>(), size_of::<OrigDst>()),
         map_names::INBOUND_PODS => (size_of::<Ip>(), size_of::<InboundPolicy>()),
+        map_names::NODE_FLOWS => (size_of::<NodeFlow>(), 8),
+        map_names::HELD => (8, size_of::<OutboundPolicy>()),
         _ => return None,
     };
     Some((sizes.0 as u32, sizes.1 as u32))
@@ -151,16 +154,20 @@ fn expected_layout(name: &str) -> Option<(u32, u32)> {
 
 pub struct Dataplane {
     ebpf: Mutex<Ebpf>,
-    enrolled: Mutex<HashMap<MapData, u64, OutboundPolicy>>,
+    pub(crate) enrolled: Mutex<HashMap<MapData, u64, OutboundPolicy>>,
     orig_dst: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
     /// A second handle on `NM_ORIG_DST` for counting, so that walking the map never
     /// holds up the proxy's lookups.
-    orig_dst_stats: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
+    pub(crate) orig_dst_stats: Mutex<HashMap<MapData, ConnKey, OrigDst>>,
     pub(crate) refused: Mutex<PerCpuArray<MapData, u64>>,
     /// The last count of every map's entries, for readiness (see `map_pressure`).
     pub(crate) fill: Mutex<Option<(Instant, Vec<MapStatus>)>>,
-    inbound_pods: Mutex<HashMap<MapData, Ip, InboundPolicy>>,
-    inbound_listeners: Mutex<SockHash<MapData, Ip>>,
+    pub(crate) inbound_pods: Mutex<HashMap<MapData, Ip, InboundPolicy>>,
+    pub(crate) inbound_listeners: Mutex<SockHash<MapData, Ip>>,
+    /// The node's own connections to pods, being set up (see `pod_holds`).
+    pub(crate) node_flows: Mutex<HashMap<MapData, NodeFlow, u64>>,
+    /// Pods held until they are enrolled, by cgroup id (see `pod_holds`).
+    pub(crate) held: Mutex<HashMap<MapData, u64, OutboundPolicy>>,
     pin_dir: PathBuf,
     programs: Vec<ProgramStatus>,
     /// True when the maps were found pinned by an earlier run and reused.
@@ -293,6 +300,8 @@ impl Dataplane {
             fill: Mutex::new(None),
             inbound_pods: Mutex::new(take_map(&mut ebpf, map_names::INBOUND_PODS)?),
             inbound_listeners: Mutex::new(take_map(&mut ebpf, map_names::INBOUND_LISTENERS)?),
+            node_flows: Mutex::new(take_map(&mut ebpf, map_names::NODE_FLOWS)?),
+            held: Mutex::new(take_map(&mut ebpf, map_names::HELD)?),
             ebpf: Mutex::new(ebpf),
             pin_dir: pin_dir.to_path_buf(),
             programs,
@@ -425,38 +434,6 @@ impl Dataplane {
         removed
     }
 
-    /// Entry counts of every map, for the admin API and the churn test.
-    pub fn map_status(&self) -> Vec<MapStatus> {
-        fn status<K: aya::Pod, V: aya::Pod>(
-            name: &'static str,
-            map: &Mutex<HashMap<MapData, K, V>>,
-        ) -> MapStatus {
-            let map = lock(map);
-            let info = map_info(IterableMap::map(&*map));
-            MapStatus {
-                name,
-                id: info.0,
-                max_entries: info.1,
-                entries: map.keys().filter(Result::is_ok).count(),
-                pinned: true,
-            }
-        }
-        let listeners = lock(&self.inbound_listeners);
-        let listeners_info = map_info(IterableMap::map(&*listeners));
-        vec![
-            status(map_names::ENROLLED, &self.enrolled),
-            status(map_names::ORIG_DST, &self.orig_dst_stats),
-            status(map_names::INBOUND_PODS, &self.inbound_pods),
-            MapStatus {
-                name: map_names::INBOUND_LISTENERS,
-                id: listeners_info.0,
-                max_entries: listeners_info.1,
-                entries: listeners.keys().filter(Result::is_ok).count(),
-                pinned: false,
-            },
-        ]
-    }
-
     /// Attaches the inbound sk_lookup program to a pod's namespace; the returned link
     /// detaches on drop.
     pub fn attach_sk_lookup(
@@ -508,13 +485,13 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn map_info(data: &MapData) -> (u32, u32) {
+pub(crate) fn map_info(data: &MapData) -> (u32, u32) {
     data.info()
         .map(|i| (i.id(), i.max_entries()))
         .unwrap_or((0, 0))
 }
 
-fn remove_if_present<K: aya::Pod, V: aya::Pod>(
+pub(crate) fn remove_if_present<K: aya::Pod, V: aya::Pod>(
     map: &mut HashMap<MapData, K, V>,
     key: &K,
     name: &'static str,

@@ -21,6 +21,7 @@ pub mod files_source;
 pub mod forward;
 pub mod hbone;
 pub mod health;
+pub(crate) mod holds;
 pub mod http;
 pub mod identity;
 pub mod inbound;

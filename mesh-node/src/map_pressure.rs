@@ -6,11 +6,15 @@
 //! with a node-wide capacity (`NM_ORIG_DST`, the enrollment maps) is watched here: one
 //! that is nearly full makes the agent unready, naming the map and what to do.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
+use aya::maps::{HashMap, IterableMap, MapData};
 use mesh_common::{map_names, EbpfRefusal};
 
-use crate::dataplane::{lock, Dataplane, MapStatus};
+use crate::dataplane::{lock, map_info, Dataplane, MapStatus};
 
 /// A capacity map at least this full makes the agent unready.
 pub(crate) const FULL_PERCENT: usize = 90;
@@ -18,6 +22,40 @@ pub(crate) const FULL_PERCENT: usize = 90;
 const FILL_CACHE: Duration = Duration::from_secs(1);
 
 impl Dataplane {
+    /// Entry counts of every map, for the admin API and the churn test.
+    pub fn map_status(&self) -> Vec<MapStatus> {
+        fn status<K: aya::Pod, V: aya::Pod>(
+            name: &'static str,
+            map: &Mutex<HashMap<MapData, K, V>>,
+        ) -> MapStatus {
+            let map = lock(map);
+            let info = map_info(IterableMap::map(&*map));
+            MapStatus {
+                name,
+                id: info.0,
+                max_entries: info.1,
+                entries: map.keys().filter(Result::is_ok).count(),
+                pinned: true,
+            }
+        }
+        let listeners = lock(&self.inbound_listeners);
+        let listeners_info = map_info(IterableMap::map(&*listeners));
+        vec![
+            status(map_names::ENROLLED, &self.enrolled),
+            status(map_names::ORIG_DST, &self.orig_dst_stats),
+            status(map_names::INBOUND_PODS, &self.inbound_pods),
+            status(map_names::NODE_FLOWS, &self.node_flows),
+            status(map_names::HELD, &self.held),
+            MapStatus {
+                name: map_names::INBOUND_LISTENERS,
+                id: listeners_info.0,
+                max_entries: listeners_info.1,
+                entries: listeners.keys().filter(Result::is_ok).count(),
+                pinned: false,
+            },
+        ]
+    }
+
     /// How many connects the eBPF side refused so far, per reason (summed over CPUs).
     pub fn ebpf_refusals(&self) -> Vec<(EbpfRefusal, u64)> {
         let counters = lock(&self.refused);
@@ -63,6 +101,16 @@ fn full_map_advice(map: &MapStatus) -> String {
              connections of enrolled pods are reset. The agent is not accepting fast enough: \
              check its log for accept errors (file-descriptor limit) and `meshctl node \
              connections` for a pod opening connections in bulk"
+        }
+        map_names::NODE_FLOWS => {
+            "connections the node itself is opening to its pods (kubelet probes); when it is \
+             full, such connections are captured like outside traffic (STRICT or an ALLOW \
+             policy refuses them). Find what on the node opens connections to pods in bulk \
+             (`ss -tn state syn-sent`)"
+        }
+        map_names::HELD => {
+            "pods of enrolled namespaces that are starting (held until enrolled). Schedule \
+             fewer pods on this node"
         }
         _ => {
             "enrolled pods of this node; pods beyond it cannot be enrolled. Schedule fewer \
@@ -116,6 +164,11 @@ mod tests {
         let text = full_map_advice(&map(map_names::ENROLLED, 15_000, 16_384));
         assert!(
             text.contains("91% full") && text.contains("Schedule fewer pods"),
+            "{text}"
+        );
+        let text = full_map_advice(&map(map_names::NODE_FLOWS, 16_000, 16_384));
+        assert!(
+            text.contains("kubelet probes") && text.contains("syn-sent"),
             "{text}"
         );
     }

@@ -4,6 +4,7 @@
 
 use std::{
     fs::File,
+    net::IpAddr,
     os::fd::AsFd,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -104,6 +105,42 @@ impl Netns {
     }
 }
 
+/// Whether an interface address can be a pod's address: not loopback, link-local,
+/// multicast or unspecified.
+pub fn is_pod_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_link_local() || v4.is_unspecified()),
+        IpAddr::V6(v6) => {
+            let link_local = v6.segments()[0] & 0xffc0 == 0xfe80;
+            !(v6.is_loopback() || v6.is_unspecified() || v6.is_multicast() || link_local)
+        }
+    }
+}
+
+impl Netns {
+    /// The pod addresses of this namespace's interfaces ([`is_pod_address`]), IPv4
+    /// first: what a pod has before its status says so.
+    pub fn addresses(&self, home: &Netns) -> Result<Vec<IpAddr>, NetnsError> {
+        let found = self.run(home, nix::ifaddrs::getifaddrs)?;
+        let mut ips: Vec<IpAddr> = found
+            .map_err(|source| NetnsError::Enter {
+                id: self.id,
+                source,
+            })?
+            .filter_map(|a| {
+                let addr = a.address?;
+                addr.as_sockaddr_in()
+                    .map(|s| IpAddr::V4(s.ip()))
+                    .or_else(|| addr.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+            })
+            .filter(|ip| is_pod_address(*ip))
+            .collect();
+        ips.sort_by_key(|ip| (ip.is_ipv6(), *ip));
+        ips.dedup();
+        Ok(ips)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +187,25 @@ mod tests {
         assert!(made_in_pod.connect(&addr.into()).is_err());
         let made_at_home = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
         assert!(made_at_home.connect(&addr.into()).is_ok());
+    }
+
+    #[test]
+    fn a_namespace_reports_its_own_pod_addresses_only() {
+        let home = Netns::current_thread().unwrap();
+        let pod = new_namespace();
+        assert_eq!(pod.addresses(&home).unwrap(), Vec::<IpAddr>::new());
+        assert!(is_pod_address("10.1.2.3".parse().unwrap()));
+        assert!(is_pod_address("fd00::5".parse().unwrap()));
+        for not in [
+            "127.0.0.1",
+            "169.254.1.1",
+            "::1",
+            "fe80::1",
+            "ff02::1",
+            "0.0.0.0",
+        ] {
+            assert!(!is_pod_address(not.parse().unwrap()), "{not}");
+        }
     }
 
     #[test]

@@ -73,9 +73,11 @@ pub fn kernel_release() -> String {
 pub fn kernel_requirement(program: &str) -> &'static str {
     match program {
         "mesh_connect4" | "mesh_connect6" => {
-            "cgroup/connect4 and connect6 with bpf_get_netns_cookie and socket storage (Linux >= 5.8)"
+            "cgroup/connect4 and connect6 with bpf_get_netns_cookie, bpf_get_current_ancestor_cgroup_id (5.7) and socket storage (Linux >= 5.8)"
         }
-        "mesh_sockops" => "sock_ops with bpf_get_netns_cookie and socket storage (Linux >= 5.15)",
+        "mesh_sockops" => {
+            "sock_ops with bpf_get_netns_cookie (5.15), socket storage, TCP_CONNECT_CB and bpf_sock_ops_cb_flags_set (Linux >= 5.15)"
+        }
         "mesh_sk_lookup" => "sk_lookup programs and BPF links on network namespaces (Linux >= 5.9)",
         _ => "Linux >= 5.15",
     }

@@ -25,6 +25,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError, SkLookupLink},
     forward::{Mesh, PodContext},
     hbone,
+    holds::Holds,
     identity::Identity,
     inbound,
     locator::NetnsLocator,
@@ -48,15 +49,29 @@ pub enum EnrollError {
     },
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    #[error("the pod's network namespace {0} has no address yet")]
+    NoAddress(String),
 }
 
 impl EnrollError {
     fn reason(&self) -> &'static str {
         match self {
-            EnrollError::Locate(_) | EnrollError::Netns(_) => "netns_unavailable",
+            EnrollError::Locate(_) | EnrollError::Netns(_) | EnrollError::NoAddress(_) => {
+                "netns_unavailable"
+            }
             EnrollError::Io { .. } => "listener_failed",
             EnrollError::Dataplane(_) => "dataplane_failed",
         }
+    }
+}
+
+impl EnrollError {
+    /// The pod has no namespace (or no address in it) yet: normal while it starts.
+    fn not_started(&self) -> bool {
+        matches!(
+            self,
+            EnrollError::Locate(_) | EnrollError::Netns(_) | EnrollError::NoAddress(_)
+        )
     }
 }
 
@@ -127,6 +142,8 @@ pub struct WorkloadStatus {
     pub netns: Option<String>,
     pub netns_cookie: Option<u64>,
     pub listeners: Vec<SocketAddr>,
+    /// Not enrolled yet, and its connects are refused until it is (its cgroup is held).
+    pub held: bool,
 }
 
 pub struct Workloads {
@@ -140,6 +157,9 @@ pub struct Workloads {
     running: BTreeMap<PodKey, RunningPod>,
     draining: BTreeMap<PodKey, Draining>,
     failures: BTreeMap<PodKey, String>,
+    holds: Holds,
+    /// Pods without an IP in their status that are not enrolled yet (starting).
+    starting: usize,
     /// Pods came or went since the maps were last pruned (true at start, for the
     /// leftovers of a previous run).
     prune_due: bool,
@@ -167,6 +187,8 @@ impl Workloads {
             running: BTreeMap::new(),
             draining: BTreeMap::new(),
             failures: BTreeMap::new(),
+            holds: Holds::default(),
+            starting: 0,
             prune_due: true,
         }
     }
@@ -181,10 +203,15 @@ impl Workloads {
         let leaving: Vec<PodKey> = self
             .running
             .iter()
-            .filter(|(k, r)| desired.get(*k) != Some(&r.plan))
+            .filter(|(k, r)| !desired.get(*k).is_some_and(|d| r.plan.same_enrollment(d)))
             .map(|(k, _)| k.clone())
             .collect();
         for key in leaving {
+            if let Some(plan) = desired.get(&key) {
+                // Enrolled again below with its new plan: held meanwhile, so that not
+                // one of its connects leaves unredirected.
+                self.holds.hold(&self.dataplane, &*self.locator, plan);
+            }
             self.remove(&key, "no longer enrolled on this node");
         }
         self.end_drains(Instant::now());
@@ -194,12 +221,14 @@ impl Workloads {
             let identities = desired.values().map(|p| self.identity(p)).collect();
             mesh.certificates.set_identities(&identities);
         }
-        for (key, plan) in desired {
-            if self.running.contains_key(&key) {
+        self.starting = 0;
+        for (key, plan) in &desired {
+            if self.running.contains_key(key) {
                 continue;
             }
+            let key = key.clone();
             if let Some(draining) = self.draining.remove(&key) {
-                if self.revive(&plan, &draining.pod) {
+                if self.revive(plan, &draining.pod) {
                     info!(pod = %key, "pod enrolled again; its draining listeners serve on");
                     self.failures.remove(&key);
                     self.running.insert(key, draining.pod);
@@ -208,22 +237,38 @@ impl Workloads {
                 }
                 self.finish_drain(&key, draining.pod);
             }
-            for w in &plan.warnings {
-                warn!(pod = %key, warning = %w, "pod annotation ignored");
+            if !self.failures.contains_key(&key) {
+                for w in &plan.warnings {
+                    warn!(pod = %key, warning = %w, "pod annotation ignored");
+                }
             }
-            match self.enroll(plan) {
+            match self.enroll(plan.clone()) {
                 Ok(running) => {
                     info!(
                         pod = %key,
                         netns = %running.netns_path.display(),
                         netns_cookie = running.cookie,
+                        ips = ?running.plan.ips,
                         "pod enrolled"
                     );
+                    self.holds.release(&self.dataplane, &key);
                     self.failures.remove(&key);
                     self.running.insert(key, running);
                     self.prune_due = true;
                 }
+                Err(e) if plan.ips.is_empty() && e.not_started() => {
+                    // Normal while a pod starts: no namespace (or address) yet.
+                    self.starting += 1;
+                    let held = self.holds.hold(&self.dataplane, &*self.locator, plan);
+                    let text = if held {
+                        format!("starting: connections held until enrolled ({e})")
+                    } else {
+                        format!("starting: no cgroup yet ({e})")
+                    };
+                    self.failures.insert(key, text);
+                }
                 Err(e) => {
+                    self.holds.hold(&self.dataplane, &*self.locator, plan);
                     let vanished = self
                         .failures
                         .get(&key)
@@ -245,9 +290,19 @@ impl Workloads {
                 }
             }
         }
+        let running = &self.running;
+        self.holds.prune(&self.dataplane, |k| {
+            desired.contains_key(k) && !running.contains_key(k)
+        });
         if std::mem::take(&mut self.prune_due) {
             self.prune_maps();
         }
+    }
+
+    /// Whether pods are starting (no IP in their status, not enrolled yet): the agent
+    /// then looks for them more often than every recheck.
+    pub fn starting(&self) -> bool {
+        self.starting > 0
     }
 
     fn identity(&self, plan: &PodPlan) -> Identity {
@@ -286,6 +341,10 @@ impl Workloads {
             }
         }
         for (key, why) in vanished {
+            if let Some(r) = self.running.get(&key) {
+                // Still scheduled here: held until it is enrolled in its new namespace.
+                self.holds.hold(&self.dataplane, &*self.locator, &r.plan);
+            }
             self.metrics.netns_vanished.inc();
             warn!(pod = %key, reason = %why, "pod network namespace vanished; removing its listeners and map entries");
             self.remove(&key, VANISHED);
@@ -426,9 +485,17 @@ impl Workloads {
         }
     }
 
-    fn enroll(&self, plan: PodPlan) -> Result<RunningPod, EnrollError> {
+    fn enroll(&self, mut plan: PodPlan) -> Result<RunningPod, EnrollError> {
         let netns_path = self.locator.locate(&plan).map_err(EnrollError::Locate)?;
         let netns = Arc::new(Netns::open(&netns_path)?);
+        if plan.ips.is_empty() {
+            // Its status has no IP yet (the kubelet publishes it only once the
+            // containers run): its namespace already has its addresses.
+            plan.ips = netns.addresses(&self.home)?;
+            if plan.ips.is_empty() {
+                return Err(EnrollError::NoAddress(netns_path.display().to_string()));
+            }
+        }
         let sockets = PodSockets::new(netns.clone(), self.home.clone(), self.settings.socket_mark);
         let cookie = sockets.netns_cookie().map_err(|source| EnrollError::Io {
             what: "reading the namespace cookie".into(),
@@ -559,7 +626,7 @@ impl Workloads {
             .map(|(key, pod)| {
                 let plan = crate::state::plan(key, pod);
                 let running = self.running.get(key);
-                let reason = match (running, state.enrollment(key, pod)) {
+                let reason = match (running, state.mesh_rules(key, pod)) {
                     (Some(_), _) => None,
                     (None, Err(rule)) => Some(
                         serde_json::to_value(rule)
@@ -577,13 +644,14 @@ impl Workloads {
                 WorkloadStatus {
                     pod: key.clone(),
                     uid: plan.uid,
-                    ips: plan.ips,
+                    ips: running.map_or(plan.ips, |r| r.plan.ips.clone()),
                     service_account: plan.service_account,
                     enrolled: running.is_some(),
                     reason,
                     netns: running.map(|r| r.netns_path.display().to_string()),
                     netns_cookie: running.map(|r| r.cookie),
                     listeners: running.map(|r| r.listeners.clone()).unwrap_or_default(),
+                    held: running.is_none() && self.holds.is_held(key),
                 }
             })
             .collect()

@@ -343,12 +343,12 @@ fn the_daemon_set_runs_the_agent_on_the_kube_source_with_this_nodes_identity() {
     let config = agent_config(&docs);
     assert_eq!(config.source, Source::Kube);
     assert_eq!(config.node_name, NODE_NAME);
-    assert_eq!(
-        config.node_ips,
-        vec![NODE_IP.parse::<std::net::IpAddr>().unwrap()]
-    );
     let ds = daemon_set(&docs);
     let spec = pod_spec(&ds.spec.as_ref().unwrap().template);
+    // kubelet's probes are recognised by the node's own namespace, the host's: the
+    // agent reaches it through /proc/1 of the host's PID namespace.
+    assert_eq!(config.node_netns, std::path::Path::new("/proc/1/ns/net"));
+    assert_eq!(spec.host_pid, Some(true));
     // Its own account, the one the agent ClusterRole and the CA's --agent-user name.
     let account = (
         ds.metadata.namespace.clone().unwrap(),

@@ -56,6 +56,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 async fn echo(
     request: Request<Incoming>,
+    peer: SocketAddr,
     pod: Arc<String>,
     attempts: Attempts,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -130,6 +131,8 @@ async fn echo(
         "proto": format!("{:?}", parts.version),
         "headers": headers,
         "body_bytes": body_bytes,
+        // Who the connection came from, as the server's socket sees it.
+        "peer": SocketAddr::new(peer.ip().to_canonical(), peer.port()).to_string(),
     });
     let mut r = text(status, report.to_string());
     r.headers_mut().insert("x-served-by", header_value(&pod));
@@ -193,10 +196,10 @@ pub fn serve(listen: Vec<SocketAddr>, pod: String) -> ! {
         for listener in listeners {
             let (pod, attempts) = (pod.clone(), attempts.clone());
             tasks.push(tokio::spawn(async move {
-                while let Ok((stream, _)) = listener.accept().await {
+                while let Ok((stream, peer)) = listener.accept().await {
                     let (pod, attempts) = (pod.clone(), attempts.clone());
                     tokio::spawn(async move {
-                        let svc = service_fn(move |r| echo(r, pod.clone(), attempts.clone()));
+                        let svc = service_fn(move |r| echo(r, peer, pod.clone(), attempts.clone()));
                         let _ = auto::Builder::new(TokioExecutor::new())
                             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                             .await;

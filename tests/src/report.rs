@@ -18,6 +18,15 @@ pub struct TransferReport {
     pub error: Option<String>,
 }
 
+/// A starting app's connection attempts, one fresh connection each, in order.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FirstConnectReport {
+    /// Each attempt, with `elapsed_us` counted from the app's start to the attempt's end.
+    pub attempts: Vec<TransferReport>,
+    /// Milliseconds from the app's start to its first successful transfer.
+    pub first_ok_ms: Option<u64>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ChurnReport {
     pub succeeded: u64,

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use mesh_tests::sim::{ClusterSpec, PodSpec, SimCluster};
+use mesh_tests::sim::{
+    capture::{contains, Capture},
+    ClusterSpec, PodSpec, SimCluster,
+};
 
 const OUTBOUND_LISTENER: &str = "127.0.0.1:15001";
 const WITHIN: Duration = Duration::from_secs(1);
@@ -180,4 +183,196 @@ fn pod_namespaces_are_found_by_kubelet_style_cgroup_paths() {
             .unwrap();
         assert_eq!(found, expected, "{pod}: the located namespace is the pod's");
     }
+}
+
+// ---- a pod's first connections ------------------------------------------------------
+
+const MARKER: &str = "first-connection-must-not-leave-the-mesh";
+
+/// The workload row of `pod` on `node`'s agent.
+fn workload(cluster: &SimCluster, node: &str, pod: &str) -> serde_json::Value {
+    cluster
+        .admin(node, "/workloads")
+        .unwrap()
+        .as_array()
+        .and_then(|rows| rows.iter().find(|w| w["name"] == pod).cloned())
+        .unwrap_or_default()
+}
+
+/// Whether `node`'s agent has learnt that `ip` is `pod`'s (it traces to the pod).
+fn state_knows_ip(cluster: &SimCluster, node: &str, ip: std::net::Ipv4Addr, pod: &str) -> bool {
+    let path = format!("/trace?pod=apps/client&to={ip}:8080");
+    cluster.admin(node, &path).is_ok_and(|t| {
+        t["candidates"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["pod"]["name"] == pod))
+    })
+}
+
+/// The app of a starting pod: connections from its very first instant (the process is
+/// the pod's first when it has no sandbox yet), each carrying MARKER; then what the
+/// fabric saw and what the server's agent recorded.
+fn first_connections(
+    cluster: &SimCluster,
+    pod: &str,
+) -> (
+    mesh_tests::report::FirstConnectReport,
+    bool,
+    Vec<serde_json::Value>,
+) {
+    let dst = cluster.pod("server").addr4(8080).to_string();
+    let capture = Capture::start(&cluster.fabric).unwrap();
+    let report: mesh_tests::report::FirstConnectReport = cluster
+        .testapp_report(
+            &cluster.pod(pod).placement(),
+            &[
+                "first-connect",
+                "--connect",
+                &dst,
+                "--marker",
+                MARKER,
+                "--after",
+                "5",
+            ],
+        )
+        .unwrap();
+    let frames = capture.finish().unwrap();
+    let src = cluster.pod(pod).ipv4.to_string();
+    let inbound: Vec<serde_json::Value> = cluster
+        .closed_connections("b")
+        .unwrap()
+        .into_iter()
+        .filter(|c| {
+            c["direction"] == "inbound"
+                && c["src"]
+                    .as_str()
+                    .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                    .is_some_and(|a| a.ip().to_string() == src)
+        })
+        .collect();
+    (report, contains(&frames, MARKER.as_bytes()), inbound)
+}
+
+/// Every attempt was either refused at connect (held) or meshed; none went out plain.
+fn assert_meshed_or_refused(
+    report: &mesh_tests::report::FirstConnectReport,
+    on_wire: bool,
+    inbound: &[serde_json::Value],
+) -> usize {
+    assert!(report.first_ok_ms.is_some(), "never connected: {report:#?}");
+    let mut refused = 0;
+    for (i, a) in report.attempts.iter().enumerate() {
+        if a.ok {
+            assert_eq!(
+                a.peer.as_deref(),
+                Some(OUTBOUND_LISTENER),
+                "attempt {i} left the mesh: {a:?}"
+            );
+        } else {
+            assert!(
+                a.error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("Operation not permitted")),
+                "attempt {i} failed otherwise than being held: {a:?}"
+            );
+            refused += 1;
+        }
+    }
+    assert!(!on_wire, "the marker crossed the fabric in plaintext");
+    assert!(!inbound.is_empty(), "the server's agent saw none of them");
+    for rec in inbound {
+        assert_eq!(rec["security"], "mutual_tls", "{rec:#}");
+    }
+    refused
+}
+
+#[test]
+fn a_pod_without_an_ip_in_its_status_is_enrolled_from_its_namespace_and_its_first_connect_is_meshed(
+) {
+    let mut spec = ClusterSpec::two_nodes();
+    let mut newcomer = PodSpec::new("newcomer", "apps", "a");
+    newcomer.ip_published = false;
+    spec.pods.push(newcomer);
+    let cluster = SimCluster::create(spec).unwrap();
+    cluster.start_agents().unwrap();
+    let _server = cluster.serve("server", 8080).unwrap();
+    let pod = cluster.pod("newcomer").clone();
+
+    // The sandbox runs, the status has no IP: enrolled with the namespace's addresses.
+    let row = workload(&cluster, "a", "newcomer");
+    assert_eq!(row["enrolled"], true, "{row:#}");
+    let ips: Vec<&str> = row["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(ips, [pod.ipv4.to_string(), pod.ipv6.to_string()], "{row:#}");
+    let cookie = row["netns_cookie"].clone();
+
+    let (report, on_wire, inbound) = first_connections(&cluster, "newcomer");
+    let refused = assert_meshed_or_refused(&report, on_wire, &inbound);
+    eprintln!(
+        "sandbox up, no IP published: {} connections, {refused} refused, first meshed after {:?} ms, {} seen by the server as mutual_tls",
+        report.attempts.len(),
+        report.first_ok_ms,
+        inbound.len()
+    );
+    assert_eq!(
+        refused, 0,
+        "enrolled before the app started: nothing to hold"
+    );
+
+    // The kubelet publishes the IP: the same enrollment carries on.
+    cluster.publish_pod_ip("newcomer").unwrap();
+    let learnt = cluster.eventually(Duration::from_secs(3), || {
+        state_knows_ip(&cluster, "a", pod.ipv4, "newcomer")
+    });
+    assert!(learnt.is_some(), "the agent never saw the published IP");
+    assert!(redirected(&cluster, "newcomer"));
+    let row = workload(&cluster, "a", "newcomer");
+    assert_eq!(row["netns_cookie"], cookie, "not enrolled again: {row:#}");
+    let enrollments = cluster
+        .agent_log("a")
+        .lines()
+        .filter(|l| l.contains("pod enrolled") && l.contains("newcomer"))
+        .count();
+    assert_eq!(enrollments, 1);
+}
+
+#[test]
+fn a_pod_whose_app_connects_before_its_sandbox_is_found_is_held_never_plaintext() {
+    let mut spec = ClusterSpec::two_nodes();
+    let mut latecomer = PodSpec::new("latecomer", "apps", "a");
+    latecomer.sandbox = false;
+    latecomer.ip_published = false;
+    spec.pods.push(latecomer);
+    let cluster = SimCluster::create(spec).unwrap();
+    cluster.start_agents().unwrap();
+    let _server = cluster.serve("server", 8080).unwrap();
+
+    // kubelet has made its cgroup; no process, no IP yet: held.
+    let held = cluster.eventually(Duration::from_secs(3), || {
+        workload(&cluster, "a", "latecomer")["held"] == true
+    });
+    let row = workload(&cluster, "a", "latecomer");
+    let before = cluster.refused_count("a", "ebpf_pod_not_enrolled").unwrap();
+
+    // The app is the pod's first process, and connects at once.
+    let (report, on_wire, inbound) = first_connections(&cluster, "latecomer");
+    let refused = assert_meshed_or_refused(&report, on_wire, &inbound);
+    assert!(held.is_some(), "never held: {row:#}");
+    let counted = cluster.refused_count("a", "ebpf_pod_not_enrolled").unwrap() - before;
+    eprintln!(
+        "no sandbox, no IP: {} connections, {refused} refused while held (counted {counted}), first meshed after {:?} ms, {} seen by the server as mutual_tls",
+        report.attempts.len(),
+        report.first_ok_ms,
+        inbound.len()
+    );
+    assert!(counted >= refused as u64, "every refusal counted");
+    // (Its only process has exited since, so the pod may be held again by now.)
+    assert!(cluster
+        .agent_log("a")
+        .lines()
+        .any(|l| l.contains("pod enrolled") && l.contains("latecomer")));
 }

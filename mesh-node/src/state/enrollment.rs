@@ -49,6 +49,30 @@ pub struct PodPlan {
     pub warnings: Vec<String>,
 }
 
+impl PodPlan {
+    /// Whether `desired` asks for exactly what this enrolled plan does. An empty
+    /// `desired.ips` (status has no IP yet) matches the addresses the pod was enrolled
+    /// with; otherwise the addresses must be the same set.
+    pub fn same_enrollment(&self, desired: &PodPlan) -> bool {
+        let mut mine = self.ips.clone();
+        let mut wanted = if desired.ips.is_empty() {
+            mine.clone()
+        } else {
+            desired.ips.clone()
+        };
+        mine.sort();
+        wanted.sort();
+        mine == wanted
+            && PodPlan {
+                ips: Vec::new(),
+                ..self.clone()
+            } == PodPlan {
+                ips: Vec::new(),
+                ..desired.clone()
+            }
+    }
+}
+
 fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
     meta.labels.as_ref()?.get(key).map(String::as_str)
 }
@@ -56,6 +80,17 @@ fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
 impl ClusterState {
     /// Whether a pod is enrolled, and if not, why.
     pub fn enrollment(&self, key: &PodKey, pod: &Pod) -> Result<(), NotEnrolled> {
+        self.mesh_rules(key, pod)?;
+        if pod_ips(pod).is_empty() {
+            return Err(NotEnrolled::NoPodIp);
+        }
+        Ok(())
+    }
+
+    /// The enrollment rules, without the pod's address: a pod that passes them is in
+    /// the mesh from the start, before its status has an IP (its node's agent reads
+    /// the addresses from the pod's namespace, and holds its connections until then).
+    pub fn mesh_rules(&self, key: &PodKey, pod: &Pod) -> Result<(), NotEnrolled> {
         let Some(ns) = self.namespace(&key.namespace) else {
             return Err(NotEnrolled::NamespaceUnknown);
         };
@@ -75,9 +110,6 @@ impl ClusterState {
         if matches!(phase, Some("Succeeded") | Some("Failed")) {
             return Err(NotEnrolled::Finished);
         }
-        if pod_ips(pod).is_empty() {
-            return Err(NotEnrolled::NoPodIp);
-        }
         Ok(())
     }
 
@@ -95,10 +127,11 @@ impl ClusterState {
             .is_some_and(|ns| label(&ns.metadata, MTLS_LABEL) == Some("strict"))
     }
 
-    /// Plans for every enrolled pod on `node`.
+    /// Plans for every pod on `node` the rules enroll, including pods whose status has
+    /// no IP yet (their plan's `ips` is empty).
     pub fn enrolled_on_node(&self, node: &str) -> Vec<PodPlan> {
         self.pods_on_node(node)
-            .filter(|(key, pod)| self.enrollment(key, pod).is_ok())
+            .filter(|(key, pod)| self.mesh_rules(key, pod).is_ok())
             .map(|(key, pod)| plan(key, pod))
             .collect()
     }
@@ -288,9 +321,11 @@ spec: {nodeName: node-a, containers: [{name: c, image: x}]}
         assert_eq!(reason(&s, "host"), Err(NotEnrolled::HostNetwork));
         assert_eq!(reason(&s, "other"), Err(NotEnrolled::NamespaceNotEnrolled));
         assert_eq!(reason(&s, "pending"), Err(NotEnrolled::NoPodIp));
+        // A pod without an IP yet is still the agent's to enroll (from its namespace).
         let plans = s.enrolled_on_node("node-a");
-        assert_eq!(plans.len(), 1);
-        assert_eq!(plans[0].key.name, "web");
+        let names: Vec<&str> = plans.iter().map(|p| p.key.name.as_str()).collect();
+        assert_eq!(names, ["pending", "web"]);
+        assert!(plans[0].ips.is_empty());
         assert!(s.enrolled_on_node("node-c").is_empty());
         assert_eq!(s.enrolled_on_node("node-b")[0].key.name, "remote");
     }
@@ -298,7 +333,7 @@ spec: {nodeName: node-a, containers: [{name: c, image: x}]}
     #[test]
     fn plan_reads_ips_and_exclusions_and_reports_bad_values() {
         let s = state(BASE);
-        let p = &s.enrolled_on_node("node-a")[0];
+        let p = &s.enrolled_on_node("node-a")[1];
         assert_eq!(p.uid, "uid-web");
         assert_eq!(p.service_account, "web");
         assert_eq!(
@@ -319,6 +354,26 @@ spec: {nodeName: node-a, containers: [{name: c, image: x}]}
         assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
         assert!(p.warnings.iter().any(|w| w.contains("`nope`")));
         assert!(p.warnings.iter().any(|w| w.contains("`bad/99`")));
+    }
+
+    #[test]
+    fn an_ip_appearing_in_status_does_not_change_an_enrollment() {
+        let s = state(BASE);
+        let web = s.enrolled_on_node("node-a")[1].clone();
+        let pending = PodPlan {
+            ips: Vec::new(),
+            ..web.clone()
+        };
+        assert!(web.same_enrollment(&pending), "no IP in status yet");
+        let mut reversed = web.clone();
+        reversed.ips.reverse();
+        assert!(web.same_enrollment(&reversed), "the order does not matter");
+        let mut moved = web.clone();
+        moved.ips = vec!["10.1.0.9".parse().unwrap()];
+        assert!(!web.same_enrollment(&moved));
+        let mut annotated = pending.clone();
+        annotated.inbound.excluded_ports[0] = 1;
+        assert!(!web.same_enrollment(&annotated));
     }
 
     #[test]

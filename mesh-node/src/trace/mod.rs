@@ -82,7 +82,6 @@ pub struct TraceInputs<'a> {
     pub service_cidrs: &'a [IpCidr],
     /// None: no CA configured, so no mutual TLS.
     pub trust_domain: Option<&'a str>,
-    pub node_ips: &'a [IpAddr],
     pub picks: &'a PickCounts,
 }
 
@@ -97,6 +96,8 @@ pub struct SourceStep {
     pub netns_cookie: Option<u64>,
     /// The identity the source presents over mutual TLS.
     pub identity: Option<String>,
+    /// A hostNetwork pod: its sockets are the node's own.
+    pub host_network: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -208,6 +209,7 @@ fn source_step(
         reason,
         netns_cookie: cookie,
         identity,
+        host_network: pod.spec.as_ref().and_then(|s| s.host_network) == Some(true),
     }
 }
 
@@ -275,12 +277,14 @@ fn redirect_step(
 }
 
 /// Whether sk_lookup on the destination's node steers a plaintext connection from
-/// `src_ip` to `ep` into the pod's 15006 listener; Err says why not.
+/// `src_ip` to `ep` into the pod's 15006 listener; Err says why not. `node_socket`:
+/// the connection is the destination node's own, straight to the pod's address.
 fn captured(
     inputs: &TraceInputs,
     dest: &PodKey,
     src_ip: Option<IpAddr>,
     ep: SocketAddr,
+    node_socket: bool,
 ) -> Result<(), String> {
     let state = inputs.state;
     let pod = state.pods.get(dest).ok_or("unknown pod")?;
@@ -311,10 +315,12 @@ fn captured(
         if src == canonical(ep.ip()) {
             return Err("a pod connecting to itself is not captured".into());
         }
-        // Only this node's addresses are known here; the other node's are its agent's.
-        if inputs.node_ips.iter().any(|n| canonical(*n) == src) {
-            return Err("from a node address (kubelet probes bypass capture)".into());
-        }
+    }
+    if node_socket {
+        return Err(
+            "from the node's own socket straight to the pod (kubelet probes are not captured)"
+                .into(),
+        );
     }
     Ok(())
 }
@@ -333,6 +339,9 @@ fn candidate(
         .as_ref()
         .and_then(|k| state.pods.get(k))
         .and_then(|p| p.spec.as_ref()?.node_name.clone());
+    // A hostNetwork pod's socket is the node's: recognised when it connects straight to
+    // a pod of its own node (not through a Service address).
+    let node_socket = source.host_network && backend.is_none() && node == source.node;
     // The outbound proxy's choice (outbound.rs): HBONE to meshed pods when a CA is set.
     let expected = match (redirected, inputs.trust_domain) {
         (true, Some(td)) => state
@@ -357,7 +366,7 @@ fn candidate(
             inbound.mode = Some(mode(state, &d.namespace));
             inbound.admission = Some(admit(state, d, ep.port(), Some(peer)));
         }
-        (Some(d), None) => match captured(inputs, d, src_ip, ep) {
+        (Some(d), None) => match captured(inputs, d, src_ip, ep, node_socket) {
             Ok(()) => {
                 inbound.handled_by_mesh = true;
                 inbound.listener = Some(INBOUND_PLAINTEXT_PORT);
@@ -433,14 +442,10 @@ pub fn trace(
         .map_err(TraceError::BadDestination)?;
     let source = source_step(inputs, pod_key, pod);
     let redirect = redirect_step(inputs, &source, pod, dst);
-    let host_network = pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
-    let src_ip = if host_network {
-        inputs.node_ips.first().copied()
-    } else {
-        crate::state::pod_ips(pod)
-            .into_iter()
-            .find(|ip| ip.is_ipv4() == canonical(dst.ip()).is_ipv4())
-    };
+    // (A hostNetwork pod's status.podIP is its node's address.)
+    let src_ip = crate::state::pod_ips(pod)
+        .into_iter()
+        .find(|ip| ip.is_ipv4() == canonical(dst.ip()).is_ipv4());
     let mut notes = Vec::new();
     if !source.on_this_node {
         notes.push(format!(

@@ -95,6 +95,7 @@ fn workload(name: &str, ns: &str, enrolled: bool, cookie: u64) -> WorkloadStatus
         netns: None,
         netns_cookie: enrolled.then_some(cookie),
         listeners: Vec::new(),
+        held: false,
     }
 }
 
@@ -113,7 +114,6 @@ fn run(state: &ClusterState, from: (&str, &str), to: &str) -> Trace {
         dataplane: &Maps,
         service_cidrs: &cidrs,
         trust_domain: Some("cluster.local"),
-        node_ips: &["192.168.0.1".parse().unwrap()],
         picks: &picks,
     };
     trace(&inputs, &PodKey::new(from.0, from.1), to, None).unwrap()
@@ -219,7 +219,6 @@ fn refusals_before_any_endpoint_and_bad_input() {
         dataplane: &Maps,
         service_cidrs: &[],
         trust_domain: None,
-        node_ips: &[],
         picks: &picks,
     };
     assert_eq!(
@@ -293,7 +292,6 @@ fn http_routed_services_use_the_l7_table_and_a_request_selects_the_rule() {
         dataplane: &Maps,
         service_cidrs: &[],
         trust_domain: Some("cluster.local"),
-        node_ips: &[],
         picks: &picks,
     };
     let request = HttpAttributes {
@@ -321,4 +319,30 @@ fn http_routed_services_use_the_l7_table_and_a_request_selects_the_rule() {
         "{:?}",
         t.notes
     );
+}
+
+#[test]
+fn the_nodes_own_sockets_reach_a_pod_directly_but_not_through_a_service() {
+    let host = r#"
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: kubelet-like, namespace: plain}
+spec: {nodeName: b, hostNetwork: true, containers: [{name: c, image: x}]}
+status: {podIP: 192.168.0.2}
+"#;
+    let s = state(host);
+    let direct = run(&s, ("plain", "kubelet-like"), "10.2.0.2:8080");
+    let c = &direct.candidates[0];
+    assert!(!c.inbound.handled_by_mesh, "{:?}", c.inbound);
+    assert!(
+        c.inbound.note.contains("node's own socket"),
+        "{}",
+        c.inbound.note
+    );
+    // Through a Service address (DNATed on the way) it is outside traffic to the pod.
+    let via_service = run(&s, ("plain", "kubelet-like"), "web.apps:80");
+    let c = &via_service.candidates[0];
+    assert!(c.inbound.handled_by_mesh, "{:?}", c.inbound);
+    assert_eq!(c.inbound.listener, Some(INBOUND_PLAINTEXT_PORT));
 }

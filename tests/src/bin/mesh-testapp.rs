@@ -14,7 +14,7 @@ use mesh_tests::{
     conn_flood::{Flood, FloodMode},
     flood::raise_nofile,
     httpapp,
-    report::{ChurnReport, RttReport, TransferReport},
+    report::{ChurnReport, FirstConnectReport, RttReport, TransferReport},
 };
 
 #[derive(Parser)]
@@ -107,6 +107,23 @@ enum Cmd {
         path: String,
         #[arg(long)]
         message: String,
+    },
+    /// A starting app: from its first instant, one fresh connection (a MARKER-filled
+    /// transfer) every INTERVAL until one succeeds and AFTER more have been made, or
+    /// TIMEOUT passes; reports every attempt.
+    FirstConnect {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        marker: String,
+        #[arg(long, default_value_t = 4096)]
+        bytes: u64,
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 3)]
+        after: u64,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
     },
     /// Open N short connections one after another (SIZE bytes each way).
     Churn {
@@ -332,6 +349,36 @@ fn rtt(addr: SocketAddr, size: usize, count: u64) -> RttReport {
     }
 }
 
+fn first_connect(
+    addr: SocketAddr,
+    marker: &str,
+    bytes: u64,
+    interval: Duration,
+    after: u64,
+    timeout: Duration,
+) -> FirstConnectReport {
+    let started = Instant::now();
+    let mut report = FirstConnectReport::default();
+    let mut left_after = after;
+    while started.elapsed() < timeout {
+        let mut attempt = transfer(addr, bytes, Duration::from_secs(5), Some(marker));
+        attempt.elapsed_us = started.elapsed().as_micros() as u64;
+        let ok = attempt.ok;
+        report.attempts.push(attempt);
+        if ok && report.first_ok_ms.is_none() {
+            report.first_ok_ms = Some(started.elapsed().as_millis() as u64);
+        }
+        if report.first_ok_ms.is_some() {
+            if left_after == 0 {
+                break;
+            }
+            left_after -= 1;
+        }
+        thread::sleep(interval);
+    }
+    report
+}
+
 /// One long-lived connection: a ping/echo every `interval` for `duration`.
 fn hold(addr: SocketAddr, duration: Duration, interval: Duration) -> ChurnReport {
     let started = Instant::now();
@@ -489,6 +536,24 @@ fn main() {
             let r = httpapp::websocket(connect, &host, &path, &message);
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             std::process::exit(if r.error.is_none() { 0 } else { 1 });
+        }
+        Cmd::FirstConnect {
+            connect,
+            marker,
+            bytes,
+            interval_ms,
+            after,
+            timeout_ms,
+        } => {
+            let r = first_connect(
+                connect,
+                &marker,
+                bytes,
+                Duration::from_millis(interval_ms),
+                after,
+                Duration::from_millis(timeout_ms),
+            );
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
         }
         Cmd::Churn {
             connect,

@@ -32,6 +32,14 @@ pub struct PodSpec {
     pub service_account: String,
     pub labels: Vec<(String, String)>,
     pub annotations: Vec<(String, String)>,
+    /// Its sandbox runs (a pause process holds its namespace) when the cluster is
+    /// created. False: the pod's cgroup and namespace exist, but no process yet, as
+    /// while kubelet is still creating the sandbox; the pod's first process starts it.
+    pub sandbox: bool,
+    /// Its IP is in its status when the cluster is created. False: the manifests show
+    /// it without one (as until the kubelet publishes it) until
+    /// [`SimCluster::publish_pod_ip`].
+    pub ip_published: bool,
 }
 
 impl PodSpec {
@@ -43,6 +51,8 @@ impl PodSpec {
             service_account: name.into(),
             labels: vec![("app".into(), name.into())],
             annotations: Vec::new(),
+            sandbox: true,
+            ip_published: true,
         }
     }
 }
@@ -92,9 +102,14 @@ pub struct SimNode {
     pub netns: PathBuf,
     /// The node's cgroup: the agent attaches its cgroup programs here.
     pub cgroup: PathBuf,
-    /// The node's address on its pod bridge: the source of kubelet-style probes.
+    /// The node's address on its pod bridge: the source of the node's own connections to
+    /// its pods (kubelet probes), as with bridge CNIs, and of traffic masqueraded to them.
     pub ipv4: Ipv4Addr,
     pub ipv6: Ipv6Addr,
+    /// The node's own address (its `status.hostIP`, on the fabric): distinct from the
+    /// bridge's, as on a real node.
+    pub host_ipv4: Ipv4Addr,
+    pub host_ipv6: Ipv6Addr,
     pub pin_dir: PathBuf,
 }
 
@@ -146,6 +161,8 @@ pub struct SimCluster {
     namespaces: Mutex<Vec<(String, bool)>>,
     /// Namespaces labelled `nodemesh.io/mtls: strict`.
     strict: Mutex<Vec<String>>,
+    /// Pods whose IP the manifests do not show yet.
+    unpublished: Mutex<Vec<String>>,
     /// The fabric namespace, where node-to-node traffic crosses.
     pub fabric: PathBuf,
     services: Mutex<Vec<SimService>>,
@@ -228,6 +245,13 @@ impl SimCluster {
             pods: Vec::new(),
             namespaces: Mutex::new(spec.namespaces.clone()),
             strict: Mutex::new(Vec::new()),
+            unpublished: Mutex::new(
+                spec.pods
+                    .iter()
+                    .filter(|p| !p.ip_published)
+                    .map(|p| p.name.clone())
+                    .collect(),
+            ),
             fabric: netns_path(&fabric),
             services: Mutex::new(
                 spec.services
@@ -267,6 +291,7 @@ impl SimCluster {
         for (i, name) in spec.nodes.iter().enumerate() {
             let index = i as u8;
             let (ipv4, ipv6) = network::create_node(fabric, &node_ns(name), index)?;
+            let (host_ipv4, host_ipv6) = network::underlay(index);
             let cgroup = self.cgroup_root.join(name);
             for sub in ["agent", "system"] {
                 fs::create_dir_all(cgroup.join(sub))?;
@@ -278,6 +303,8 @@ impl SimCluster {
                 cgroup,
                 ipv4,
                 ipv6,
+                host_ipv4,
+                host_ipv6,
                 pin_dir: pin_root.join(name),
             });
         }
@@ -310,7 +337,7 @@ impl SimCluster {
                 ipv6,
             });
         }
-        for pod in &self.pods {
+        for pod in self.pods.iter().filter(|p| p.spec.sandbox) {
             let pause = pod
                 .placement()
                 .command(&self.testapp)?
@@ -319,7 +346,7 @@ impl SimCluster {
             self.pauses.push(Process(pause));
         }
         self.write_manifest("namespaces.yaml", &self.namespaces_yaml())?;
-        self.write_manifest("pods.yaml", &manifests::pods_yaml(&self.pods))?;
+        self.write_pods()?;
         self.write_services()?;
         self.write_routes()
     }
@@ -357,6 +384,20 @@ impl SimCluster {
             }
         }
         self.write_manifest("namespaces.yaml", &self.namespaces_yaml())
+    }
+
+    fn write_pods(&self) -> Result<()> {
+        let unpublished = self.unpublished.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_manifest("pods.yaml", &manifests::pods_yaml(&self.pods, &unpublished))
+    }
+
+    /// Puts the pod's IP in its status, as the kubelet does once its containers run.
+    pub fn publish_pod_ip(&self, pod: &str) -> Result<()> {
+        self.unpublished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|p| p != pod);
+        self.write_pods()
     }
 
     /// Writes a manifest file atomically (the agent never sees half a file).
@@ -630,12 +671,9 @@ impl SimCluster {
             .arg(&node.cgroup)
             .arg("--pin-dir")
             .arg(&node.pin_dir)
-            .args([
-                "--node-ip",
-                &node.ipv4.to_string(),
-                "--node-ip",
-                &node.ipv6.to_string(),
-            ])
+            // The node's processes (`node_placement`) live in this namespace.
+            .arg("--node-netns")
+            .arg(&node.netns)
             .args(["--log-format", "json", "--log-level", "info"])
             .arg("--cert-cache-dir")
             .arg(self.cert_cache_dir(&node.name));

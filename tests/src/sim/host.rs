@@ -118,8 +118,12 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// A command that starts inside this placement: joins the cgroup first (so the
-    /// cgroup programs see its sockets), then the namespace, and dies with its parent.
+    /// A command that starts inside this placement: enters the namespace, then joins
+    /// the cgroup (so the cgroup programs see its sockets), and dies with its parent.
+    /// In that order, no process is ever seen in a pod's cgroup while still in the
+    /// harness's own namespace (on a node, a container runtime's processes that join a
+    /// pod's cgroup before its namespace are in the node's namespace, which the agent
+    /// knows is not a pod's).
     pub fn command(&self, program: &Path) -> Result<Command> {
         let netns = fs::File::open(&self.netns)
             .with_context(|| format!("opening {}", self.netns.display()))?;
@@ -136,6 +140,9 @@ impl Placement {
         // CString and the namespace file are prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
+                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                 if fd < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -144,9 +151,6 @@ impl Placement {
                 let written = libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
                 libc::close(fd);
                 if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);

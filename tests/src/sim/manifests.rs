@@ -32,10 +32,20 @@ fn yaml_map(items: &[(String, String)]) -> String {
         .collect()
 }
 
-pub fn pods_yaml(pods: &[SimPod]) -> String {
+/// The pods; those named in `unpublished` without an IP in their status (Pending, as
+/// before the kubelet reports one).
+pub fn pods_yaml(pods: &[SimPod], unpublished: &[String]) -> String {
     pods.iter()
         .map(|p| {
             let s = &p.spec;
+            let status = if unpublished.contains(&s.name) {
+                "status:\n  phase: Pending\n".to_string()
+            } else {
+                format!(
+                    "status:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: \"{}\"\n",
+                    p.ipv4, p.ipv4, p.ipv6
+                )
+            };
             let annotations = if s.annotations.is_empty() {
                 String::new()
             } else {
@@ -43,17 +53,13 @@ pub fn pods_yaml(pods: &[SimPod]) -> String {
             };
             format!(
                 "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n  labels:{}{annotations}\n\
-                 spec:\n  nodeName: {}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: mesh-testapp\n\
-                 status:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: \"{}\"\n",
+                 spec:\n  nodeName: {}\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: mesh-testapp\n{status}",
                 s.name,
                 s.namespace,
                 p.uid,
                 yaml_map(&s.labels),
                 s.node,
                 s.service_account,
-                p.ipv4,
-                p.ipv4,
-                p.ipv6
             )
         })
         .collect::<Vec<_>>()

@@ -3,9 +3,13 @@
 //! the fabric is 192.168.77.0/24 and fd77::/64. Addresses only exist inside the
 //! namespaces the harness creates, so clusters never collide with each other.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    io::Write,
+    net::{Ipv4Addr, Ipv6Addr},
+    process::{Command, Stdio},
+};
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 
 use super::host::{ip, netns_path, sysctl_in};
 
@@ -124,6 +128,139 @@ pub fn create_pod(node_ns: &str, pod_ns: &str, node: u8, k: u8) -> Result<(Ipv4A
         &["-6", "route", "add", "default", "via", &gw6.to_string()],
     )?;
     Ok((v4, v6))
+}
+
+/// Installs `nft` (Debian's `nftables`) when it is missing, saying so.
+fn ensure_nft() -> Result<()> {
+    let present = |p: &str| std::path::Path::new(p).exists();
+    if ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .iter()
+        .any(|p| present(p))
+    {
+        return Ok(());
+    }
+    eprintln!("mesh-sim: installing nftables from Debian's packages (NodePort-style NAT)");
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let install = ["install", "-y", "--no-install-recommends", "nftables"];
+    if !(apt(&install) || (apt(&["update"]) && apt(&install))) {
+        bail!("cannot install nftables: install it with apt-get (the NodePort tests need `nft`)");
+    }
+    Ok(())
+}
+
+/// NodePort-style NAT in node namespace `ns`, as kube-proxy sets it up: TCP to the
+/// node's own address `host` on `node_port` is DNATed to the pod's `port` and
+/// masqueraded, so it reaches the pod from the node's address on the pod bridge, the
+/// same address the node's own connections leave from. These packets are forwarded,
+/// never a socket of the node.
+pub fn node_port(
+    ns: &str,
+    host: (Ipv4Addr, Ipv6Addr),
+    node_port: u16,
+    pod: (Ipv4Addr, Ipv6Addr),
+    port: u16,
+) -> Result<()> {
+    ensure_nft()?;
+    let (h4, h6) = host;
+    let (p4, p6) = pod;
+    let rules = format!(
+        "table inet nodemesh_sim_nodeport {{\n\
+         \tchain prerouting {{\n\
+         \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+         \t\tip daddr {h4} tcp dport {node_port} dnat ip to {p4}:{port}\n\
+         \t\tip6 daddr {h6} tcp dport {node_port} dnat ip6 to [{p6}]:{port}\n\
+         \t}}\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tct status dnat ip daddr {p4} tcp dport {port} masquerade\n\
+         \t\tct status dnat ip6 daddr {p6} tcp dport {port} masquerade\n\
+         \t}}\n\
+         }}\n"
+    );
+    nft(ns, &rules)
+}
+
+/// Loads an nft ruleset into namespace `ns`.
+fn nft(ns: &str, rules: &str) -> Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft in {ns} failed: {}\n{rules}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Drops the first SYN of every connection to `port` in namespace `ns` (the SYN's
+/// retransmit gets through), as a lossy network would.
+pub fn drop_first_syn(ns: &str, port: u16) -> Result<()> {
+    ensure_nft()?;
+    let rules = format!(
+        "table inet nodemesh_sim_lossy {{\n\
+         \tset seen4 {{ type ipv4_addr . inet_service; flags dynamic; }}\n\
+         \tset seen6 {{ type ipv6_addr . inet_service; flags dynamic; }}\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter; policy accept;\n\
+         \t\ttcp dport {port} tcp flags & (syn | ack) == syn ip saddr . tcp sport @seen4 accept\n\
+         \t\ttcp dport {port} tcp flags & (syn | ack) == syn ip6 saddr . tcp sport @seen6 accept\n\
+         \t\ttcp dport {port} tcp flags & (syn | ack) == syn meta nfproto ipv4 add @seen4 {{ ip saddr . tcp sport }} drop\n\
+         \t\ttcp dport {port} tcp flags & (syn | ack) == syn meta nfproto ipv6 add @seen6 {{ ip6 saddr . tcp sport }} drop\n\
+         \t}}\n\
+         }}\n"
+    );
+    nft(ns, &rules)
+}
+
+impl super::SimCluster {
+    /// The first SYN of each connection to `pod`'s `port` is lost (see [`drop_first_syn`]).
+    pub fn drop_first_syn(&self, pod: &str, port: u16) -> Result<()> {
+        let ns = self
+            .pod(pod)
+            .netns
+            .file_name()
+            .and_then(|f| f.to_str())
+            .context("pod namespace name")?
+            .to_string();
+        drop_first_syn(&ns, port)
+    }
+
+    /// A NodePort on `node`: its own address (`host_ipv4`/`host_ipv6`) at `node_port`
+    /// leads to `pod`'s `port`, DNATed and masqueraded as kube-proxy does.
+    pub fn node_port(&self, node: &str, node_port: u16, pod: &str, port: u16) -> Result<()> {
+        let n = self.node(node);
+        let p = self.pod(pod);
+        let ns = n
+            .netns
+            .file_name()
+            .and_then(|f| f.to_str())
+            .context("node namespace name")?;
+        self::node_port(
+            ns,
+            (n.host_ipv4, n.host_ipv6),
+            node_port,
+            (p.ipv4, p.ipv6),
+            port,
+        )
+    }
 }
 
 #[cfg(test)]

@@ -8,4 +8,5 @@ mod identity;
 mod listeners;
 mod log_flood;
 mod map_fill;
+mod node_origin;
 mod self_loop;
