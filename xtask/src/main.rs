@@ -11,6 +11,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
 #[derive(Parser)]
@@ -24,9 +26,17 @@ struct Cli {
 enum Task {
     /// Build the eBPF object and every binary (release).
     Build,
-    /// Build, then run every test: unit tests and the eBPF end-to-end tests (root).
+    /// Build, then run every test: unit tests and the eBPF end-to-end tests (root), and
+    /// the eBPF end-to-end tests again in a VM on Debian bookworm's kernel (6.1).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run only the VM stage of `test`: the eBPF end-to-end tests on Debian
+    /// bookworm's kernel (6.1) in a qemu VM (root; installs qemu and debootstrap).
+    Vm {
+        /// Extra arguments for the test executables in the VM, e.g. a test name filter.
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -211,17 +221,34 @@ fn test(extra: &[String]) -> Result<()> {
     let status = child.wait()?;
     // Whatever happened, leave no simulated cluster behind.
     let swept = sim(&["sweep"]);
+    let in_vm = vm::stage(extra);
+    if let Ok(o) = &in_vm {
+        (passed, failed) = (passed + o.passed, failed + o.failed);
+    }
     println!("xtask: {passed} passed, {failed} failed");
     if !status.success() {
         bail!("cargo test failed ({status})");
     }
+    in_vm?.check()?;
     swept
+}
+
+fn vm_only(filter: &[String]) -> Result<()> {
+    require_root("cargo xtask vm")?;
+    build()?;
+    let outcome = vm::run_tests(filter)?;
+    println!(
+        "xtask: {} passed, {} failed",
+        outcome.passed, outcome.failed
+    );
+    outcome.check()
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Task::Build => build(),
         Task::Test { args } => test(&args),
+        Task::Vm { args } => vm_only(&args),
         Task::Demo => require_root("cargo xtask demo")
             .and_then(|_| build())
             .and_then(|_| sim(&["demo"])),
