@@ -156,6 +156,7 @@ pub(crate) fn run_tests(filter: &[String]) -> Result<Outcome> {
         image::SUITE
     );
     let t = Instant::now();
+    with_sbin_on_path();
     ensure_host_packages()?;
     step_done("host packages", t);
     let image = image::ensure(&vm_dir)?;
@@ -166,6 +167,20 @@ pub(crate) fn run_tests(filter: &[String]) -> Result<Outcome> {
     let outcome = boot_and_run(&vm_dir, &image, &payload, &settings);
     step_done("VM stage", started);
     outcome
+}
+
+/// debootstrap, mkfs.ext4 and what debootstrap runs (chroot) live in sbin, which a
+/// non-login shell's PATH may lack.
+fn with_sbin_on_path() {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let missing: Vec<&str> = ["/usr/sbin", "/sbin"]
+        .into_iter()
+        .filter(|d| !path.split(':').any(|p| p == *d))
+        .collect();
+    if !missing.is_empty() {
+        // Set before any thread of ours reads the environment concurrently.
+        std::env::set_var("PATH", format!("{path}:{}", missing.join(":")));
+    }
 }
 
 /// qemu and debootstrap from Debian's packages, installed when missing.
