@@ -419,7 +419,10 @@ fn certificates_rotate_while_a_connection_stays_up_and_new_ones_keep_working() {
     let out = hold.wait_with_output().unwrap();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["failed"], 0, "the long connection broke: {report}");
-    assert!(report["succeeded"].as_u64().unwrap() >= 100, "{report}");
+    // A ping every 500 ms plus its round trip: at least 100 in 60 s, fewer where the
+    // machine is slower (NODEMESH_TIME_SCALE).
+    let pings = (100.0 / mesh_tests::sim::host::time_scale()) as u64;
+    assert!(report["succeeded"].as_u64().unwrap() >= pings, "{report}");
     assert!(
         serials.len() >= 4,
         "certificates rotated {} times in 60 s with a 20 s TTL",

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod fuzz;
+mod vm;
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
@@ -26,10 +27,18 @@ struct Cli {
 enum Task {
     /// Build the eBPF object and every binary (release).
     Build,
-    /// Build, then run every test: unit tests and the eBPF end-to-end tests (root), then
-    /// every fuzz target for 30 s (not when a test filter is given).
+    /// Build, then run every test: unit tests and the eBPF end-to-end tests (root), the
+    /// eBPF end-to-end tests again in a VM on Debian bookworm's kernel (6.1), then every
+    /// fuzz target for 30 s (the VM and the fuzzing not when a test filter is given).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run only the VM stage of `test`: the eBPF end-to-end tests on Debian
+    /// bookworm's kernel (6.1) in a qemu VM (root; installs qemu and debootstrap).
+    Vm {
+        /// Extra arguments for the test executables in the VM, e.g. a test name filter.
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -222,10 +231,15 @@ fn test(extra: &[String]) -> Result<()> {
     let status = child.wait()?;
     // Whatever happened, leave no simulated cluster behind.
     let swept = sim(&["sweep"]);
+    let in_vm = vm::stage(extra);
+    if let Ok(o) = &in_vm {
+        (passed, failed) = (passed + o.passed, failed + o.failed);
+    }
     println!("xtask: {passed} passed, {failed} failed");
     if !status.success() {
         bail!("cargo test failed ({status})");
     }
+    in_vm?.check()?;
     swept?;
     if extra.is_empty() {
         fuzz::fuzz(&[], FUZZ_SECONDS)
@@ -238,10 +252,22 @@ fn test(extra: &[String]) -> Result<()> {
 /// How long `cargo xtask test` runs each fuzz target.
 const FUZZ_SECONDS: u64 = 30;
 
+fn vm_only(filter: &[String]) -> Result<()> {
+    require_root("cargo xtask vm")?;
+    build()?;
+    let outcome = vm::run_tests(filter)?;
+    println!(
+        "xtask: {} passed, {} failed",
+        outcome.passed, outcome.failed
+    );
+    outcome.check()
+}
+
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Task::Build => build(),
         Task::Test { args } => test(&args),
+        Task::Vm { args } => vm_only(&args),
         Task::Demo => require_root("cargo xtask demo")
             .and_then(|_| build())
             .and_then(|_| sim(&["demo"])),

@@ -80,8 +80,8 @@ impl SimCluster {
         let request =
             format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
         host::in_netns(&self.node(node).netns, move || {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut s = TcpStream::connect_timeout(&addr, host::scaled(Duration::from_secs(2)))?;
+            s.set_read_timeout(Some(host::scaled(Duration::from_secs(5))))?;
             s.write_all(request.as_bytes())?;
             let mut text = String::new();
             s.read_to_string(&mut text)?;

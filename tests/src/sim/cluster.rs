@@ -728,6 +728,7 @@ impl SimCluster {
     }
 
     pub fn wait_ready(&self, node: &str, timeout: Duration) -> Result<()> {
+        let timeout = host::scaled(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.agent_exit_status(node) {
@@ -787,7 +788,9 @@ impl SimCluster {
             .map(Child::id)
     }
 
-    /// Waits until `check` holds, polling every 20 ms; returns how long it took.
+    /// Waits until `check` holds, polling every 20 ms, for at most `timeout` times the
+    /// machine's [`host::time_scale`]; returns how long it took (unscaled: compare it
+    /// with a [`host::scaled`] bound).
     pub fn eventually(
         &self,
         timeout: Duration,
@@ -809,6 +812,19 @@ fn rand_u64() -> u64 {
 
 impl Drop for SimCluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The work dir goes with the cluster: show what the agents said before the
+            // failure (the test harness prints it with the failing test).
+            for n in &self.nodes {
+                let log = self.agent_log(&n.name);
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                eprintln!(
+                    "--- last lines of the agent log of node {}:\n{tail}",
+                    n.name
+                );
+            }
+        }
         let _ = self.stop_ca();
         let names: Vec<String> = self
             .agents

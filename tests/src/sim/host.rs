@@ -85,7 +85,7 @@ pub fn remove_cgroup_tree(root: &Path) -> Result<()> {
     }
     // cgroup.kill (Linux >= 5.14) kills the whole subtree at once.
     let _ = fs::write(root.join("cgroup.kill"), "1");
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + scaled(Duration::from_secs(5));
     loop {
         match remove_dirs(root) {
             Ok(()) => return Ok(()),
@@ -179,9 +179,28 @@ pub fn target_bin(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Polls `check` every 20 ms until it returns Some or `timeout` passes.
+/// How many times slower than a normal machine this one runs the cluster:
+/// `NODEMESH_TIME_SCALE` (set by `cargo xtask vm`, whose VM emulates its CPU), 1 when
+/// unset. Timing bounds are multiplied by it, never dropped.
+pub fn time_scale() -> f64 {
+    static SCALE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *SCALE.get_or_init(|| {
+        std::env::var("NODEMESH_TIME_SCALE")
+            .ok()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && (1.0..=1000.0).contains(s))
+            .unwrap_or(1.0)
+    })
+}
+
+/// A timing bound as it applies on this machine: `d` times [`time_scale`].
+pub fn scaled(d: Duration) -> Duration {
+    d.mul_f64(time_scale())
+}
+
+/// Polls `check` every 20 ms until it returns Some or `timeout` (scaled) passes.
 pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + scaled(timeout);
     loop {
         if let Some(v) = check() {
             return Some(v);

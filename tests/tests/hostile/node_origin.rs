@@ -171,10 +171,21 @@ fn kubelet_probes_from_the_bridge_address_are_answered_in_strict_and_under_an_al
     let abandoned = cluster
         .testapp_report::<TransferReport>(
             &cluster.node_placement("b"),
-            &["transfer", "--connect", &dst.to_string(), "--bytes", "8", "--timeout-ms", "300"],
+            &[
+                "transfer",
+                "--connect",
+                &dst.to_string(),
+                "--bytes",
+                "8",
+                "--timeout-ms",
+                "300",
+            ],
         )
         .unwrap();
-    assert!(!abandoned.ok, "the handshake was meant to be cut short: {abandoned:?}");
+    assert!(
+        !abandoned.ok,
+        "the handshake was meant to be cut short: {abandoned:?}"
+    );
     let cleared = cluster.eventually(Duration::from_secs(2), || {
         cluster.map_entries("b").unwrap()["NM_NODE_FLOWS"] == 0
     });
