@@ -311,6 +311,13 @@ fn admin_method_not_allowed(path: &str) -> Option<HttpResponse> {
     })
 }
 
+/// The discovery part of readiness: a kind whose list or watch has failed too long.
+pub fn discovery_unready_reason(discovery: &DiscoveryHealth) -> Option<String> {
+    discovery
+        .unready_reason(Instant::now())
+        .map(|why| format!("discovery: {why}"))
+}
+
 /// Why the agent is not ready (None: ready).
 pub fn unready_reason(
     ready: &AtomicBool,
@@ -324,9 +331,7 @@ pub fn unready_reason(
     if let Some(why) = crate::limits::fd_exhaustion() {
         return Some(why);
     }
-    discovery
-        .unready_reason(Instant::now())
-        .map(|why| format!("discovery: {why}"))
+    discovery_unready_reason(discovery)
         .or_else(|| dataplane.pressure_reason())
         .or_else(|| certificates.and_then(CertificateStore::unready_reason))
 }

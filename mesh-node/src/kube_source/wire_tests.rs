@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeSet,
     future::Future,
-    sync::{atomic::AtomicBool, Arc},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -110,9 +110,9 @@ impl Agent {
         self.state.borrow().clone()
     }
 
-    /// Readiness as `/healthz/ready` computes it (eBPF and reconcile done).
+    /// Readiness's discovery part, as `/healthz/ready` computes it.
     fn readiness(&self) -> Option<String> {
-        crate::admin::unready_reason(&AtomicBool::new(true), &self.health)
+        crate::admin::discovery_unready_reason(&self.health)
     }
 
     /// Whether readiness would still hold after the stale limit has passed: no kind
