@@ -243,17 +243,27 @@ mod tests {
     #[test]
     fn finds_a_process_by_its_cgroup_in_a_proc_tree() {
         let dir = tempfile::tempdir().unwrap();
+        let in_pod = format!("0::/kubepods/besteffort/pod{UID}/c\n");
+        // pid 40 is in the pod's cgroup but still in the node's namespace (a runtime
+        // setting the container up): not the pod's process.
         for (pid, cg) in [
             ("1", "0::/init.scope\n"),
-            ("42", &format!("0::/kubepods/besteffort/pod{UID}/c\n")),
+            ("40", in_pod.as_str()),
+            ("42", in_pod.as_str()),
             ("7", "0::/other\n"),
         ] {
-            fs::create_dir_all(dir.path().join(pid)).unwrap();
+            fs::create_dir_all(dir.path().join(pid).join("ns")).unwrap();
             fs::write(dir.path().join(pid).join("cgroup"), cg).unwrap();
+            fs::write(dir.path().join(pid).join("ns/net"), pid).unwrap();
         }
         fs::create_dir_all(dir.path().join("self")).unwrap();
+        let node_netns = fs::metadata(dir.path().join("40/ns/net")).unwrap();
         let locator = KubepodsLocator {
             proc_root: dir.path().to_path_buf(),
+            not_pods: vec![NetnsId {
+                dev: node_netns.dev(),
+                ino: node_netns.ino(),
+            }],
             ..KubepodsLocator::default()
         };
         assert_eq!(locator.find_pid(UID), Some(42));

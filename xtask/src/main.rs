@@ -215,6 +215,8 @@ fn test(extra: &[String]) -> Result<()> {
             "--lib",
             "--bins",
             "--tests",
+            // Every test binary runs even when one fails: the count covers them all.
+            "--no-fail-fast",
             "--",
         ])
         .args(extra)
