@@ -119,6 +119,7 @@ fn failing_start(cluster: &SimCluster, overrides: &[(&str, &str)], as_nobody: bo
         ),
         ("--cgroup-root", node.cgroup.to_string_lossy().into_owned()),
         ("--pin-dir", node.pin_dir.to_string_lossy().into_owned()),
+        ("--node-netns", node.netns.to_string_lossy().into_owned()),
     ];
     for (flag, value) in overrides {
         flags.retain(|(f, _)| f != flag);

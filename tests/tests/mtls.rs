@@ -95,11 +95,11 @@ fn cross_node_traffic_between_meshed_pods_is_encrypted_on_the_wire() {
         "the capture works"
     );
 
-    let inbound = cluster.closed_connections("b").unwrap();
-    let rec = inbound
-        .iter()
-        .find(|c| c["original_dst"] == cluster.pod("server").addr4(8080).to_string())
+    let dst = cluster.pod("server").addr4(8080).to_string();
+    let inbound = cluster
+        .closed_connections_with("b", |c| c["original_dst"] == dst)
         .unwrap();
+    let rec = inbound.iter().find(|c| c["original_dst"] == dst).unwrap();
     assert_eq!(rec["source_identity"], id("apps", "client").to_string());
     assert_eq!(rec["security"], "mutual_tls");
 }

@@ -1,7 +1,7 @@
 //! End-to-end: the eBPF redirection path on a two-node simulated cluster, with real
 //! agents, real clients and servers in pod network namespaces.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use mesh_tests::sim::{ClusterSpec, PodSpec, SimCluster};
 use serde_json::Value;
@@ -13,6 +13,21 @@ fn find<'a>(records: &'a [Value], direction: &str, dst: SocketAddr) -> Option<&'
     records
         .iter()
         .find(|c| c["direction"] == direction && c["original_dst"] == dst.to_string())
+}
+
+/// Waits (up to 2 s, scaled) until `node` has recorded the closed connection: the
+/// agent records it once both of its sides are closed, just after the client is done.
+fn await_record(cluster: &SimCluster, node: &str, direction: &str, dst: SocketAddr) {
+    let recorded = cluster.eventually(Duration::from_secs(2), || {
+        cluster
+            .closed_connections(node)
+            .is_ok_and(|records| find(&records, direction, dst).is_some())
+    });
+    assert!(
+        recorded.is_some(),
+        "node {node} recorded no {direction} connection to {dst}: {:#?}",
+        cluster.closed_connections(node)
+    );
 }
 
 fn ip_of(addr: &Value) -> String {
@@ -44,6 +59,7 @@ fn enrolled_pod_to_pod_on_another_node_goes_through_both_proxies() {
         "{report:?}"
     );
 
+    await_record(&cluster, "a", "outbound", dst);
     let out = cluster.closed_connections("a").unwrap();
     let rec = find(&out, "outbound", dst)
         .unwrap_or_else(|| panic!("node a recorded no outbound connection to {dst}: {out:#?}"));
@@ -67,6 +83,7 @@ fn enrolled_pod_to_pod_on_another_node_goes_through_both_proxies() {
         "spiffe://cluster.local/ns/apps/sa/server"
     );
 
+    await_record(&cluster, "b", "inbound", dst);
     let inbound = cluster.closed_connections("b").unwrap();
     let rec = find(&inbound, "inbound", dst)
         .unwrap_or_else(|| panic!("node b recorded no inbound connection: {inbound:#?}"));
@@ -96,9 +113,11 @@ fn ipv6_and_v4_mapped_destinations_are_redirected() {
     let report = cluster.transfer("client", v6, MIB).unwrap();
     assert!(report.ok, "{report:?}");
     assert_eq!(report.peer.as_deref(), Some("[::1]:15001"), "{report:?}");
+    await_record(&cluster, "a", "outbound", v6);
     let rec = find(&cluster.closed_connections("a").unwrap(), "outbound", v6).cloned();
     let rec = rec.unwrap_or_else(|| panic!("no IPv6 outbound record on node a"));
     assert_eq!(rec["bytes_to_server"], MIB);
+    await_record(&cluster, "b", "inbound", v6);
     let inbound = cluster.closed_connections("b").unwrap();
     let rec = find(&inbound, "inbound", v6)
         .unwrap_or_else(|| panic!("no IPv6 inbound record: {inbound:#?}"));
@@ -114,6 +133,7 @@ fn ipv6_and_v4_mapped_destinations_are_redirected() {
         "{report:?}"
     );
     let v4 = server.addr4(8080);
+    await_record(&cluster, "a", "outbound", v4);
     let rec = find(&cluster.closed_connections("a").unwrap(), "outbound", v4).cloned();
     assert!(
         rec.is_some(),
@@ -145,6 +165,7 @@ fn pods_outside_the_mesh_are_not_redirected_but_their_inbound_to_meshed_pods_is(
         .count();
     assert_eq!(by_bystander, 0, "node a must not proxy a non-enrolled pod");
     // ...but the server is meshed: its inbound side passes 15006 in PERMISSIVE mode.
+    await_record(&cluster, "b", "inbound", dst);
     let inbound = cluster.closed_connections("b").unwrap();
     let rec =
         find(&inbound, "inbound", dst).unwrap_or_else(|| panic!("no inbound record: {inbound:#?}"));
@@ -158,6 +179,7 @@ fn pods_outside_the_mesh_are_not_redirected_but_their_inbound_to_meshed_pods_is(
     let plain_dst = cluster.pod("outsider").addr4(9090);
     let report = cluster.transfer("client", plain_dst, 4096).unwrap();
     assert!(report.ok, "{report:?}");
+    await_record(&cluster, "a", "outbound", plain_dst);
     assert!(find(
         &cluster.closed_connections("a").unwrap(),
         "outbound",
@@ -182,6 +204,7 @@ fn plaintext_inbound_on_the_same_node_passes_15006_and_probes_from_the_node_bypa
     // outsider is on the same node as the server, not in the mesh.
     let report = cluster.transfer("outsider", dst, 128 * 1024).unwrap();
     assert!(report.ok, "{report:?}");
+    await_record(&cluster, "b", "inbound", dst);
     let inbound = cluster.closed_connections("b").unwrap();
     let rec =
         find(&inbound, "inbound", dst).unwrap_or_else(|| panic!("no inbound record: {inbound:#?}"));
@@ -231,6 +254,7 @@ fn excluded_outbound_ports_and_inbound_ports_are_left_alone() {
         "excluded port not redirected"
     );
     // The destination's inbound capture still applies to 5432.
+    await_record(&cluster, "b", "inbound", db);
     assert!(find(&cluster.closed_connections("b").unwrap(), "inbound", db).is_some());
 
     // The inbound exclusion stops capture of plaintext: a non-meshed scraper reaches
@@ -246,6 +270,7 @@ fn excluded_outbound_ports_and_inbound_ports_are_left_alone() {
     );
     let report = cluster.transfer("client", scrape, 1024).unwrap();
     assert!(report.ok, "{report:?}");
+    await_record(&cluster, "b", "inbound", scrape);
     let rec = find(&cluster.closed_connections("b").unwrap(), "inbound", scrape).cloned();
     assert_eq!(
         rec.map(|r| r["security"].clone()),

@@ -219,7 +219,9 @@ fn a_removed_service_is_refused_quickly_and_pod_ips_never_take_a_route() {
         1,
         "pod IP reached that pod"
     );
-    let out = cluster.closed_connections("a").unwrap();
+    let out = cluster
+        .closed_connections_with("a", |c| c["original_dst"] == direct.to_string())
+        .unwrap();
     let rec = out
         .iter()
         .rev()

@@ -111,6 +111,28 @@ impl SimCluster {
         Ok(v["closed"].as_array().cloned().unwrap_or_default())
     }
 
+    /// The node's closed connections once one of them satisfies `wanted` (polled for up
+    /// to 2 s, scaled): the agent records a connection when both of its sides are closed,
+    /// a moment after the client is done.
+    pub fn closed_connections_with(
+        &self,
+        node: &str,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> Result<Vec<Value>> {
+        let found = super::host::wait_for(std::time::Duration::from_secs(2), || {
+            self.closed_connections(node)
+                .ok()
+                .filter(|records| records.iter().any(&wanted))
+        });
+        match found {
+            Some(records) => Ok(records),
+            None => bail!(
+                "node {node} recorded no such closed connection: {:#?}",
+                self.closed_connections(node)?
+            ),
+        }
+    }
+
     /// The entry count of each eBPF map of the node's agent.
     pub fn map_entries(&self, node: &str) -> Result<HashMap<String, u64>> {
         let v = self.admin(node, "/bpf")?;
