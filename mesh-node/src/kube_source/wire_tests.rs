@@ -246,10 +246,16 @@ async fn a_crd_deleted_while_watched_counts_as_empty_and_the_agent_stays_ready()
         .await;
         // The watch is refused with 404 from now on; the kind must count as empty and
         // healthy, not as a failing watch that makes the agent unready after 60 s.
+        // (Healthy before the 404 is seen too: wait for the verdict itself.)
         eventually(
             &format!("TCPRoute to count as not installed ({body:?} 404)"),
             PROMPTLY,
-            || agent.stays_ready(),
+            || {
+                agent.health.snapshot()[&Kind::TcpRoute]
+                    .not_installed
+                    .is_some()
+                    && agent.stays_ready()
+            },
         )
         .await;
         let health = agent.health.snapshot();
