@@ -453,7 +453,11 @@ fuzz_target!(|input: Input| {
         if let Some(redirect) = &rule.filters.redirect {
             let location = redirect.location(&parts, &matched);
             assert!(redirect.status.is_redirection());
-            let _ = HeaderValue::try_from(location.as_str());
+            // A valid rule's redirect always carries its Location.
+            assert!(
+                HeaderValue::try_from(location.as_str()).is_ok(),
+                "Location {location:?} cannot be sent"
+            );
         } else {
             for m in &rule.filters.request_headers {
                 m.apply(&mut parts.headers);

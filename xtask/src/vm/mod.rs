@@ -397,9 +397,11 @@ fn boot_and_run(
         .arg(&image.kernel)
         .arg("-initrd")
         .arg(&image.initrd)
+        // no_timer_check: under emulation on a loaded host the kernel's IO-APIC timer
+        // check can miss its ticks and panic the boot ("IO-APIC + timer doesn't work").
         .arg("-append")
         .arg(format!(
-            "root=/dev/vda rw console=ttyS0 panic=-1 quiet init={}",
+            "root=/dev/vda rw console=ttyS0 panic=-1 quiet no_timer_check init={}",
             image.init
         ))
         // The cached image is never written: the guest's writes go to a snapshot.
