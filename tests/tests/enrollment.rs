@@ -247,17 +247,19 @@ fn first_connections(
         .unwrap();
     let frames = capture.finish().unwrap();
     let src = cluster.pod(pod).ipv4.to_string();
+    let from_pod = |c: &serde_json::Value| {
+        c["direction"] == "inbound"
+            && c["src"]
+                .as_str()
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                .is_some_and(|a| a.ip().to_string() == src)
+    };
+    // Node b records a connection a moment after the client is done with it.
     let inbound: Vec<serde_json::Value> = cluster
-        .closed_connections("b")
-        .unwrap()
+        .closed_connections_with("b", from_pod)
+        .unwrap_or_default()
         .into_iter()
-        .filter(|c| {
-            c["direction"] == "inbound"
-                && c["src"]
-                    .as_str()
-                    .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-                    .is_some_and(|a| a.ip().to_string() == src)
-        })
+        .filter(from_pod)
         .collect();
     (report, contains(&frames, MARKER.as_bytes()), inbound)
 }

@@ -349,12 +349,13 @@ fn authorization_policy_allows_the_named_principal_denies_others_and_deny_wins()
         "plaintext cannot match a principal"
     );
     assert!(refused(&cluster, "b", "policy_denied") >= 2.0);
+    let intruder = id("apps", "intruder").to_string();
     let rec = cluster
-        .closed_connections("b")
+        .closed_connections_with("b", |c| c["source_identity"] == intruder)
         .unwrap()
         .into_iter()
         .rev()
-        .find(|c| c["source_identity"] == id("apps", "intruder").to_string())
+        .find(|c| c["source_identity"] == intruder)
         .unwrap();
     assert_eq!(
         rec["result"],

@@ -218,6 +218,7 @@ fn unenrolling_a_namespace_while_fifty_clients_connect_cuts_none() {
     let _server = cluster.serve("server", 8080).unwrap();
     let dst = cluster.pod("server").addr4(8080);
     assert!(cluster.transfer("client", dst, 1024).unwrap().ok);
+    let before = ["a", "b"].map(|n| cluster.agent_usage(n).unwrap());
 
     let stop = AtomicBool::new(false);
     let done = AtomicUsize::new(0);
@@ -293,6 +294,25 @@ fn unenrolling_a_namespace_while_fifty_clients_connect_cuts_none() {
         meshed > 0 && meshed < reports.len(),
         "the transfers must span the unenrollment: {meshed} of {} meshed",
         reports.len()
+    );
+    // The drained listeners close: each agent ends below where it started (the pods'
+    // listeners are gone), nothing left behind by the storm.
+    let during = ["a", "b"].map(|n| cluster.agent_usage(n).unwrap());
+    let back = cluster.eventually(Duration::from_secs(20), || {
+        ["a", "b"]
+            .iter()
+            .zip(&before)
+            .all(|(n, b)| cluster.agent_usage(n).is_ok_and(|u| u.fds < b.fds))
+    });
+    let after = ["a", "b"].map(|n| cluster.agent_usage(n).unwrap());
+    eprintln!(
+        "agent a: {} before, {} just after, {} after the drain; agent b: {} / {} / {} \
+         (back below the baseline after {back:?})",
+        before[0], during[0], after[0], before[1], during[1], after[1]
+    );
+    assert!(
+        back.is_some(),
+        "the drained listeners never closed: {after:?} vs {before:?}"
     );
 }
 
