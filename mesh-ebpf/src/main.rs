@@ -380,18 +380,11 @@ fn record_node_flow(ctx: &SockOpsContext) {
     if config.node_netns_cookie == 0 || netns != config.node_netns_cookie {
         return;
     }
-    let (local, local_port, remote, remote_port) = sock_ops_tuple(ctx);
+    let key = node_flow(ctx);
     // SAFETY: the value is only read.
-    if unsafe { NM_INBOUND_PODS.get(&remote) }.is_none() {
+    if unsafe { NM_INBOUND_PODS.get(&key.pod) }.is_none() {
         return;
     }
-    let key = NodeFlow {
-        pod: remote,
-        peer: local,
-        pod_port: remote_port,
-        peer_port: local_port,
-        _pad: 0,
-    };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     if NM_NODE_FLOWS.insert(&key, &now, 0).is_err() {
@@ -404,6 +397,19 @@ fn record_node_flow(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags(flags as i32);
 }
 
+/// The `NM_NODE_FLOWS` key of a socket of the node connecting to a pod (the remote end).
+#[inline(always)]
+fn node_flow(ctx: &SockOpsContext) -> NodeFlow {
+    let (local, local_port, remote, remote_port) = sock_ops_tuple(ctx);
+    NodeFlow {
+        pod: remote,
+        peer: local,
+        pod_port: remote_port,
+        peer_port: local_port,
+        _pad: 0,
+    }
+}
+
 /// ESTABLISHED or closed: the pod's side has looked the connection up for good, or it
 /// never will; the entry goes (and with it the state callback this socket asked for).
 #[inline(always)]
@@ -411,15 +417,7 @@ fn forget_node_flow(ctx: &SockOpsContext) {
     if ctx.cb_flags() & BPF_SOCK_OPS_STATE_CB_FLAG == 0 {
         return;
     }
-    let (local, local_port, remote, remote_port) = sock_ops_tuple(ctx);
-    let key = NodeFlow {
-        pod: remote,
-        peer: local,
-        pod_port: remote_port,
-        peer_port: local_port,
-        _pad: 0,
-    };
-    if NM_NODE_FLOWS.remove(&key).is_ok() {
+    if NM_NODE_FLOWS.remove(&node_flow(ctx)).is_ok() {
         let flags = ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG;
         let _ = ctx.set_cb_flags(flags as i32);
     }
