@@ -8,10 +8,8 @@ use std::{
 };
 
 use mesh_node::{
-    ca::authority::{new_csr, CertificateAuthority},
-    hbone::tls::{static_client_config, TrustBundle},
-    identity::Identity,
-    tls,
+    hbone::tls::static_client_config, hbone::tls::TrustBundle, identity::ca::authority::new_csr,
+    identity::ca::authority::CertificateAuthority, identity::pem, identity::Identity,
 };
 use rustls::{pki_types::ServerName, server::WebPkiClientVerifier, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
@@ -31,17 +29,17 @@ fn main() {
     let trust = TrustBundle::from_pem(ca.root_pem()).unwrap();
     let client =
         static_client_config(Some((&client_cert, &client_key)), &trust, server_id).unwrap();
-    let roots = tls::roots_from_pem(ca.root_pem()).unwrap();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, tls::provider())
+    let roots = pem::roots_from_pem(ca.root_pem()).unwrap();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, pem::provider())
         .build()
         .unwrap();
-    let mut server = ServerConfig::builder_with_provider(tls::provider())
+    let mut server = ServerConfig::builder_with_provider(pem::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_client_cert_verifier(verifier)
         .with_single_cert(
-            tls::certs_from_pem(&server_cert).unwrap(),
-            tls::key_from_pem(&server_key).unwrap(),
+            pem::certs_from_pem(&server_cert).unwrap(),
+            pem::key_from_pem(&server_key).unwrap(),
         )
         .unwrap();
     server.alpn_protocols = vec![b"h2".to_vec()];

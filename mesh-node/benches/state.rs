@@ -22,11 +22,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use mesh_node::{
-    balancer::Balancer,
-    state::{
-        resolve::{resolve, Resolution},
-        ClusterState, KubeObject,
-    },
+    discovery::cluster::ClusterState, discovery::cluster::KubeObject, routing::balancer::Balancer,
+    routing::resolve::resolve, routing::resolve::Resolution,
 };
 
 const SERVICES: u32 = 10_000;

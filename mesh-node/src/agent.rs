@@ -17,27 +17,19 @@ use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tracing::{info, warn};
 
 use crate::{
-    admin::{self, AdminState, LogLevel},
-    balancer::Balancer,
-    ca::client::{CaClient, Credential},
-    cert_cache::CertCache,
-    certificates::CertificateStore,
-    cgroup::{self, MountError},
-    config::{AgentConfig, NetnsLocatorKind, Source},
-    connections::ConnectionTable,
-    dataplane::{Dataplane, DataplaneError},
-    files_source,
-    forward::Mesh,
-    hbone::{client::HboneClient, tls::TrustBundle},
-    kube_source::{self, DiscoveryHealth},
-    limits::{self, Gate, Listener},
-    locator::{KubepodsLocator, NetnsDirectory, NetnsLocator},
-    metrics::Metrics,
-    netns::{Netns, NetnsError, NetnsId},
-    preflight::{self, PreflightError},
-    sockets::PodSockets,
-    state::ClusterState,
-    workloads::{ProxySettings, Workloads},
+    admin::server, admin::server::AdminState, admin::server::LogLevel, capture::cgroup,
+    capture::cgroup::MountError, capture::dataplane::Dataplane, capture::dataplane::DataplaneError,
+    capture::locator::KubepodsLocator, capture::locator::NetnsDirectory,
+    capture::locator::NetnsLocator, capture::netns::Netns, capture::netns::NetnsError,
+    capture::netns::NetnsId, capture::preflight, capture::preflight::PreflightError,
+    capture::sockets::PodSockets, config::AgentConfig, config::NetnsLocatorKind, config::Source,
+    discovery::apiserver, discovery::apiserver::DiscoveryHealth, discovery::cluster::ClusterState,
+    discovery::files, hbone::client::HboneClient, hbone::tls::TrustBundle,
+    identity::ca::client::CaClient, identity::ca::client::Credential,
+    identity::cert_cache::CertCache, identity::certificates::CertificateStore, limits,
+    limits::Gate, limits::Listener, proxy::pod::Mesh, routing::balancer::Balancer,
+    telemetry::connections::ConnectionTable, telemetry::metrics::Metrics, workloads::ProxySettings,
+    workloads::Workloads,
 };
 
 #[derive(Debug, Error)]
@@ -220,7 +212,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
     match (config.source, &config.manifests) {
         (Source::Files, Some(dir)) => {
             discovery.all_synced();
-            tokio::spawn(files_source::watch_directory(
+            tokio::spawn(files::watch_directory(
                 dir.clone(),
                 state_tx,
                 metrics.clone(),
@@ -231,7 +223,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             let client = kube::Client::try_default()
                 .await
                 .map_err(AgentError::Kube)?;
-            tokio::spawn(kube_source::run(
+            tokio::spawn(apiserver::run(
                 client,
                 state_tx,
                 metrics.clone(),
@@ -257,28 +249,28 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
     });
     let scraped = admin_state.clone();
     let gate = |which| Gate::new(which, config.http_limits(), metrics.clone());
-    tokio::spawn(admin::serve(
+    tokio::spawn(server::serve(
         admin_listener,
         gate(Listener::Admin),
-        move |m, p, q| admin::admin_route(&admin_state, m, p, q),
+        move |m, p, q| server::admin_route(&admin_state, m, p, q),
     ));
-    tokio::spawn(admin::serve(
+    tokio::spawn(server::serve(
         metrics_listener,
         gate(Listener::Metrics),
         move |m, p, _| {
-            admin::metrics_route(m, p, || {
-                crate::health::refresh(&scraped);
-                admin::metrics_response(&scraped.metrics)
+            server::metrics_route(m, p, || {
+                crate::admin::health::refresh(&scraped);
+                server::metrics_response(&scraped.metrics)
             })
         },
     ));
     let (r, d, dp) = (ready.clone(), discovery.clone(), dataplane.clone());
     let certs = mesh.as_ref().map(|m| m.certificates.clone());
-    tokio::spawn(admin::serve(
+    tokio::spawn(server::serve(
         ready_listener,
         gate(Listener::Readiness),
         move |m, p, _| {
-            admin::readiness_route(m, p, || admin::readiness(&r, &d, &dp, certs.as_deref()))
+            server::readiness_route(m, p, || server::readiness(&r, &d, &dp, certs.as_deref()))
         },
     ));
 
@@ -325,7 +317,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         if !Arc::ptr_eq(&state, &applied) {
             metrics
                 .state_last_update
-                .set(crate::admin_views::unix_now());
+                .set(crate::admin::views::unix_now());
             applied = state.clone();
         }
         workloads.reconcile(&state);

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-use crate::state::resolve::IpCidr;
+use crate::routing::resolve::IpCidr;
 
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct AgentConfig {

@@ -1,44 +1,20 @@
 //! Nodemesh node agent: loads the eBPF dataplane, opens listeners inside each enrolled
 //! pod's network namespace, and proxies the connections the kernel steers to them.
+//!
+//! The rooms, and which may import which, are described in ARCHITECTURE.md at the
+//! repository root.
 
-pub mod access_log;
 pub mod admin;
-pub mod admin_client;
-pub mod admin_views;
 pub mod agent;
-pub mod authz;
-pub mod balancer;
-pub mod bpf_sys;
-pub mod ca;
-pub mod cert_cache;
-pub mod certificates;
-pub mod cgroup;
+pub mod capture;
 pub mod cli;
 pub mod config;
-pub mod connections;
-pub mod dataplane;
-pub mod files_source;
-pub mod forward;
+pub mod discovery;
 pub mod hbone;
-pub mod health;
-pub(crate) mod holds;
-pub mod http;
 pub mod identity;
-pub mod inbound;
-pub mod kube_source;
 pub mod limits;
-pub mod locator;
-pub mod log_limit;
-pub mod map_pressure;
-pub mod metrics;
-pub mod netns;
-pub mod outbound;
-pub mod policy;
-pub mod preflight;
+pub mod proxy;
 pub mod relay;
-pub mod routes;
-pub mod sockets;
-pub mod state;
-pub mod tls;
-pub mod trace;
+pub mod routing;
+pub mod telemetry;
 pub mod workloads;

@@ -20,20 +20,14 @@ use tracing::{info, warn};
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    balancer::Balancer,
-    connections::ConnectionTable,
-    dataplane::{Dataplane, DataplaneError, SkLookupLink},
-    forward::{Mesh, PodContext},
-    hbone,
-    holds::Holds,
-    identity::Identity,
-    inbound,
-    locator::NetnsLocator,
-    metrics::Metrics,
-    netns::{Netns, NetnsError, NetnsId},
-    outbound,
-    sockets::PodSockets,
-    state::{ip_key, resolve::IpCidr, ClusterState, PodKey, PodPlan},
+    capture::dataplane::Dataplane, capture::dataplane::DataplaneError,
+    capture::dataplane::SkLookupLink, capture::holds::Holds, capture::locator::NetnsLocator,
+    capture::netns::Netns, capture::netns::NetnsError, capture::netns::NetnsId,
+    capture::sockets::PodSockets, discovery::cluster::ip_key, discovery::cluster::ClusterState,
+    discovery::cluster::PodKey, discovery::cluster::PodPlan, hbone, identity::Identity,
+    proxy::inbound, proxy::outbound, proxy::pod::Mesh, proxy::pod::PodContext,
+    routing::balancer::Balancer, routing::resolve::IpCidr, telemetry::connections::ConnectionTable,
+    telemetry::metrics::Metrics,
 };
 
 #[derive(Debug, Error)]
@@ -95,7 +89,7 @@ pub struct ProxySettings {
     /// Mutual TLS (absent when no CA is configured).
     pub mesh: Option<Arc<Mesh>>,
     pub trust_domain: String,
-    pub http_routes: Arc<crate::http::routes::RouteCache>,
+    pub http_routes: Arc<crate::routing::http::routes::RouteCache>,
     /// Bounds of each pod's proxying.
     pub limits: crate::limits::PodLimits,
 }
@@ -624,7 +618,7 @@ impl Workloads {
         state
             .pods_on_node(&self.settings.node)
             .map(|(key, pod)| {
-                let plan = crate::state::plan(key, pod);
+                let plan = crate::discovery::cluster::plan(key, pod);
                 let running = self.running.get(key);
                 let reason = match (running, state.mesh_rules(key, pod)) {
                     (Some(_), _) => None,

@@ -19,12 +19,10 @@ use k8s_openapi::api::{
 };
 use kube::CustomResourceExt;
 use mesh_node::{
-    ca::server::CaConfig,
-    cli::{Cli, Command},
-    config::{AgentConfig, NetnsLocatorKind, Source},
-    kube_source::{watched_resources, WATCH_VERBS},
-    policy::AuthorizationPolicy,
-    preflight::missing_capabilities,
+    capture::preflight::missing_capabilities, cli::Cli, cli::Command, config::AgentConfig,
+    config::NetnsLocatorKind, config::Source, discovery::apiserver::watched_resources,
+    discovery::apiserver::WATCH_VERBS, discovery::policy::AuthorizationPolicy,
+    identity::ca::server::CaConfig,
 };
 use objects::{all, deploy_dir, documents, is_kustomization, the, yaml_files, Object};
 use serde::Deserialize;

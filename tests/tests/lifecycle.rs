@@ -2,7 +2,7 @@
 
 use std::{os::unix::process::CommandExt, path::Path, time::Duration};
 
-use mesh_node::{bpf_sys, dataplane::cgroup_attachments};
+use mesh_node::{capture::bpf_sys, capture::dataplane::cgroup_attachments};
 use mesh_tests::sim::{host::scaled, ClusterSpec, SimCluster};
 
 const OUTBOUND_LISTENER: &str = "127.0.0.1:15001";

@@ -7,12 +7,9 @@ use std::{
 
 use bytes::Bytes;
 use mesh_node::{
-    ca::{
-        authority::{new_csr, CertificateAuthority},
-        client::{CaClient, CaClientError},
-    },
-    hbone::tls::{static_client_config, TrustBundle},
-    identity::Identity,
+    hbone::tls::static_client_config, hbone::tls::TrustBundle, identity::ca::authority::new_csr,
+    identity::ca::authority::CertificateAuthority, identity::ca::client::CaClient,
+    identity::ca::client::CaClientError, identity::Identity,
 };
 use mesh_tests::sim::{capture, host, ClusterSpec, PodSpec, SimCluster};
 use rustls::pki_types::ServerName;

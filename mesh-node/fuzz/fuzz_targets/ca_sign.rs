@@ -11,14 +11,7 @@
 use std::{sync::LazyLock, time::Duration};
 
 use libfuzzer_sys::fuzz_target;
-use mesh_node::{
-    ca::{
-        authority::CertificateAuthority,
-        sign::{answer, SignRefusal},
-    },
-    files_source::parse_manifest,
-    state::ClusterState,
-};
+use mesh_node::{identity::ca::authority::CertificateAuthority, identity::ca::sign::answer, identity::ca::sign::SignRefusal, discovery::files::parse_manifest, discovery::cluster::ClusterState};
 
 const NODE: &str = "node-a";
 const IDENTITY: &str = "spiffe://cluster.local/ns/apps/sa/client";

@@ -6,15 +6,7 @@
 use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
-use mesh_node::{
-    authz::admit,
-    balancer::PickCounts,
-    files_source::parse_manifest,
-    http::routes::RouteTable,
-    identity::Identity,
-    routes::route_views,
-    state::{pod_ips, resolve::resolve, service_ips, ClusterState},
-};
+use mesh_node::{identity::authz::admit, routing::balancer::PickCounts, discovery::files::parse_manifest, routing::http::routes::RouteTable, identity::Identity, admin::routes::route_views, discovery::cluster::pod_ips, routing::resolve::resolve, discovery::cluster::service_ips, discovery::cluster::ClusterState};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -4,9 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use mesh_node::{
-    admin::LogLevel,
-    cli::{Cli, Command},
-    config::{LogArgs, LogFormat},
+    admin::server::LogLevel, cli::Cli, cli::Command, config::LogArgs, config::LogFormat,
 };
 use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Layer};
 
@@ -56,7 +54,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Crds => {
             use kube::CustomResourceExt;
-            match serde_yaml::to_string(&mesh_node::policy::AuthorizationPolicy::crd()) {
+            match serde_yaml::to_string(&mesh_node::discovery::policy::AuthorizationPolicy::crd()) {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS
@@ -72,7 +70,10 @@ fn main() -> ExitCode {
                 eprintln!("mesh-node: {e}");
                 return ExitCode::from(2);
             }
-            run_async("mesh-node ca", mesh_node::ca::server::run(*config))
+            run_async(
+                "mesh-node ca",
+                mesh_node::identity::ca::server::run(*config),
+            )
         }
         Command::Agent(config) => {
             let log_level = match init_logging(&config.log) {

@@ -17,10 +17,11 @@ use thiserror::Error;
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::tls::{client_config, TrustBundle, ALPN_H2};
 use crate::{
-    certificates::CertificateStore, identity::Identity, metrics::Metrics, sockets::PodSockets,
+    capture::sockets::PodSockets, identity::certificates::CertificateStore, identity::Identity,
+    telemetry::metrics::Metrics,
 };
+use crate::{hbone::tls::client_config, hbone::tls::TrustBundle, hbone::tls::ALPN_H2};
 
 /// HTTP/2 windows large enough for one stream to fill a fast link.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;

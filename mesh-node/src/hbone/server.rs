@@ -12,18 +12,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
-use super::{
-    client::{CONNECTION_WINDOW, STREAM_WINDOW},
-    stream::{relay_stream, TcpSide},
-    target::connect_target,
-    tls::spiffe_id,
+use crate::{
+    hbone::client::CONNECTION_WINDOW, hbone::client::STREAM_WINDOW, hbone::stream::relay_stream,
+    hbone::stream::TcpSide, hbone::target::connect_target, hbone::tls::spiffe_id,
 };
 use crate::{
-    authz::{self, admit, Admission},
-    connections::{ConnectionInfo, Direction, Security},
-    forward::{accept_loop, connect_in_pod, PodContext},
-    identity::Identity,
-    limits::{self, Listener, Refusal, Stage},
+    identity::authz, identity::authz::admit, identity::authz::Admission, identity::Identity,
+    limits, limits::Listener, limits::Refusal, limits::Stage, proxy::pod::accept_loop,
+    proxy::pod::connect_in_pod, proxy::pod::PodContext, telemetry::connections::ConnectionInfo,
+    telemetry::connections::Direction, telemetry::connections::Security,
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

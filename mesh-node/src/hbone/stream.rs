@@ -16,7 +16,7 @@ use tokio::{
     },
 };
 
-use crate::relay::{ByteCounters, RelayEnd};
+use crate::{relay::ByteCounters, relay::RelayEnd};
 
 const CHUNK: usize = 64 * 1024;
 

@@ -9,7 +9,7 @@ use http::{Method, Request, StatusCode};
 use mesh_common::is_mesh_pod_port;
 use thiserror::Error;
 
-use crate::state::canonical;
+use crate::discovery::cluster::canonical;
 
 /// Why a CONNECT request is refused before any connection is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]

@@ -19,7 +19,7 @@ use rustls::{
 };
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
-use crate::{certificates::CertificateStore, identity::Identity, tls};
+use crate::{identity::certificates::CertificateStore, identity::pem, identity::Identity};
 
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -170,7 +170,7 @@ pub struct TrustBundle {
 
 impl TrustBundle {
     pub fn from_pem(pem: &str) -> Result<TrustBundle, String> {
-        let roots = tls::roots_from_pem(pem)?;
+        let roots = pem::roots_from_pem(pem)?;
         let anchors = roots.roots.clone();
         Ok(TrustBundle { roots, anchors })
     }
@@ -180,7 +180,7 @@ impl TrustBundle {
     pub fn verify_workload(&self, chain: &[CertificateDer<'_>]) -> Result<(), String> {
         let (leaf, intermediates) = chain.split_first().ok_or("empty certificate chain")?;
         let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| e.to_string())?;
-        let provider = tls::provider();
+        let provider = pem::provider();
         let now = UnixTime::now();
         for usage in [
             webpki::KeyUsage::server_auth(),
@@ -209,10 +209,10 @@ pub fn server_config(
     trust: &TrustBundle,
 ) -> Result<Arc<ServerConfig>, String> {
     let verifier =
-        WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), tls::provider())
+        WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), pem::provider())
             .build()
             .map_err(|e| e.to_string())?;
-    let mut config = ServerConfig::builder_with_provider(tls::provider())
+    let mut config = ServerConfig::builder_with_provider(pem::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
@@ -231,9 +231,9 @@ pub fn client_config(
     let verifier = Arc::new(SpiffeServerVerifier {
         anchors: trust.anchors.clone(),
         expected,
-        provider: tls::provider(),
+        provider: pem::provider(),
     });
-    let mut config = ClientConfig::builder_with_provider(tls::provider())
+    let mut config = ClientConfig::builder_with_provider(pem::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .dangerous()
@@ -256,16 +256,16 @@ pub fn static_client_config(
     let verifier = Arc::new(SpiffeServerVerifier {
         anchors: trust.anchors.clone(),
         expected,
-        provider: tls::provider(),
+        provider: pem::provider(),
     });
-    let builder = ClientConfig::builder_with_provider(tls::provider())
+    let builder = ClientConfig::builder_with_provider(pem::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut config = match certificate {
         Some((cert, key)) => builder
-            .with_client_auth_cert(tls::certs_from_pem(cert)?, tls::key_from_pem(key)?)
+            .with_client_auth_cert(pem::certs_from_pem(cert)?, pem::key_from_pem(key)?)
             .map_err(|e| e.to_string())?,
         None => builder.with_no_client_auth(),
     };

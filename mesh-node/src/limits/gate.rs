@@ -10,8 +10,8 @@ use std::{
 
 use prometheus::IntGauge;
 
-use super::{count_refusal, Listener, ListenerLimits, Refusal};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
+use crate::{limits::count_refusal, limits::Listener, limits::ListenerLimits, limits::Refusal};
 
 #[derive(Default)]
 struct Open {

@@ -9,7 +9,7 @@ use hyper::{body::Incoming, server::conn::http1, service::HttpService};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{count_timeout, io::IdleIo, Gate, Stage};
+use crate::{limits::count_timeout, limits::io::IdleIo, limits::Gate, limits::Stage};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

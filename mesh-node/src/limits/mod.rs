@@ -26,7 +26,7 @@ use tokio::{
 };
 use tracing::info;
 
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 pub use gate::{Admitted, Gate};
 

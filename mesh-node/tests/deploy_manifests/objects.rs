@@ -13,7 +13,7 @@ use k8s_openapi::{
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
-use mesh_node::policy::AuthorizationPolicy;
+use mesh_node::discovery::policy::AuthorizationPolicy;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_yaml::Value;
 

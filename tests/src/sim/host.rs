@@ -58,13 +58,13 @@ pub fn sysctl_in(netns: &Path, key_path: &'static str, value: &'static str) -> R
 
 /// The cgroup2 mount, as the agent finds it.
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    mesh_node::cgroup::cgroup2_mount().map_err(|e| anyhow!("{e}"))
+    mesh_node::capture::cgroup::cgroup2_mount().map_err(|e| anyhow!("{e}"))
 }
 
 /// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (as systemd does on a node).
 pub fn ensure_bpffs() -> Result<()> {
     let target = Path::new("/sys/fs/bpf");
-    if mesh_node::cgroup::ensure_on_bpffs(&target.join("x")).is_ok() {
+    if mesh_node::capture::cgroup::ensure_on_bpffs(&target.join("x")).is_ok() {
         return Ok(());
     }
     fs::create_dir_all(target).ok();

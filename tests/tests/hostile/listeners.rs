@@ -15,11 +15,8 @@ use std::{
 };
 
 use mesh_node::{
-    ca::{
-        authority::{new_csr, CertificateAuthority},
-        client::CaClient,
-    },
-    hbone::tls::{static_client_config, TrustBundle},
+    hbone::tls::static_client_config, hbone::tls::TrustBundle, identity::ca::authority::new_csr,
+    identity::ca::authority::CertificateAuthority, identity::ca::client::CaClient,
     identity::Identity,
 };
 use mesh_tests::{

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_node::bpf_sys;
+use mesh_node::capture::bpf_sys;
 use mesh_tests::{
     flood::FloodReport,
     report::TransferReport,
@@ -311,7 +311,7 @@ fn a_connect_whose_destination_cannot_be_parked_fails_closed() {
 /// Fills the node's NM_ORIG_DST with entries of a netns that does not exist; returns
 /// how many were added.
 fn fill_orig_dst(map: &OwnedFd) -> u32 {
-    let now = mesh_node::dataplane::monotonic_ns();
+    let now = mesh_node::capture::dataplane::monotonic_ns();
     let mut added = 0u32;
     for i in 0..70_000u32 {
         // ConnKey: netns cookie, address, port + padding. OrigDst: address, port,

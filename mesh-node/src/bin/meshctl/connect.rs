@@ -7,7 +7,7 @@ use std::{fmt, net::SocketAddr, time::Duration};
 use hyper::Method;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
-use mesh_node::admin_client::{self, AdminClientError};
+use mesh_node::{admin::client, admin::client::AdminClientError};
 
 pub enum Target {
     Local(SocketAddr),
@@ -69,7 +69,7 @@ pub async fn fetch(
     timeout: Duration,
 ) -> Result<String, String> {
     let result = match target {
-        Target::Local(addr) => admin_client::request(*addr, method, path, timeout).await,
+        Target::Local(addr) => client::request(*addr, method, path, timeout).await,
         Target::Node {
             node,
             namespace,
@@ -132,7 +132,7 @@ async fn through_api_server(
         format!("node {node}: the port-forward to {namespace}/{pod} gave no stream for port {port}")
     })?;
     let name = format!("{namespace}/{pod}:{port}");
-    let answer = admin_client::exchange(stream, &name, method, path).await;
+    let answer = client::exchange(stream, &name, method, path).await;
     forwarder.abort();
     Ok(answer)
 }

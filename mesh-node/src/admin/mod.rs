@@ -1,0 +1,10 @@
+//! The operator's side of the agent: the admin API (localhost), its views, the health
+//! gauges read at scrape time, the trace of where a connection would go, and the client
+//! `meshctl` uses.
+
+pub mod client;
+pub mod health;
+pub mod routes;
+pub mod server;
+pub mod trace;
+pub mod views;

@@ -1,0 +1,639 @@
+//! The agent's view of the cluster: Kubernetes objects by kind, plus the indexes the
+//! proxy needs. Sources mutate a working copy and publish snapshots; a snapshot is
+//! cheap (each kind is an `Arc`'d map of `Arc`'d objects), and a change to one kind
+//! copies only that kind's map.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, Ipv6Addr},
+    str::FromStr,
+    sync::Arc,
+};
+
+use gateway_api::apis::experimental::{httproutes::HttpRoute, tcproutes::TcpRoute};
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use mesh_common::Ip;
+use serde::Serialize;
+
+pub use crate::{
+    discovery::enrollment::plan, discovery::enrollment::NotEnrolled,
+    discovery::enrollment::PodPlan, discovery::enrollment::EXCLUDE_INBOUND_PORTS,
+    discovery::enrollment::EXCLUDE_OUTBOUND_CIDRS, discovery::enrollment::EXCLUDE_OUTBOUND_PORTS,
+    discovery::enrollment::MESH_LABEL, discovery::enrollment::MTLS_LABEL,
+};
+
+use crate::discovery::policy::AuthorizationPolicy;
+
+/// Label EndpointSlices carry to name their Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Namespace and name of an object (namespace empty for cluster-scoped kinds).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+pub type PodKey = ObjectKey;
+
+impl ObjectKey {
+    pub fn new(namespace: &str, name: &str) -> ObjectKey {
+        ObjectKey {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    fn of(meta: &ObjectMeta) -> Option<ObjectKey> {
+        Some(ObjectKey {
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone()?,
+        })
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{}", self.name)
+        } else {
+            write!(f, "{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+/// The kinds the agent watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    Service,
+    EndpointSlice,
+    HttpRoute,
+    TcpRoute,
+    AuthorizationPolicy,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 7] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::HttpRoute,
+        Kind::TcpRoute,
+        Kind::AuthorizationPolicy,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::TcpRoute => "TCPRoute",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+        }
+    }
+}
+
+/// A Kubernetes object the agent understands.
+#[derive(Debug, Clone)]
+pub enum KubeObject {
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    HttpRoute(Box<HttpRoute>),
+    TcpRoute(Box<TcpRoute>),
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
+}
+
+impl KubeObject {
+    pub fn kind(&self) -> Kind {
+        match self {
+            KubeObject::Namespace(_) => Kind::Namespace,
+            KubeObject::Pod(_) => Kind::Pod,
+            KubeObject::Service(_) => Kind::Service,
+            KubeObject::EndpointSlice(_) => Kind::EndpointSlice,
+            KubeObject::HttpRoute(_) => Kind::HttpRoute,
+            KubeObject::TcpRoute(_) => Kind::TcpRoute,
+            KubeObject::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+        }
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        match self {
+            KubeObject::Namespace(o) => &o.metadata,
+            KubeObject::Pod(o) => &o.metadata,
+            KubeObject::Service(o) => &o.metadata,
+            KubeObject::EndpointSlice(o) => &o.metadata,
+            KubeObject::HttpRoute(o) => &o.metadata,
+            KubeObject::TcpRoute(o) => &o.metadata,
+            KubeObject::AuthorizationPolicy(o) => &o.metadata,
+        }
+    }
+
+    /// Namespaced objects without a namespace land in `default`, as kubectl does.
+    pub fn key(&self) -> Option<ObjectKey> {
+        let mut key = ObjectKey::of(self.meta())?;
+        if self.kind() != Kind::Namespace && key.namespace.is_empty() {
+            key.namespace = "default".into();
+        }
+        Some(key)
+    }
+}
+
+pub type Objects<T> = Arc<BTreeMap<ObjectKey, Arc<T>>>;
+
+#[derive(Debug, Clone, Default)]
+pub struct ClusterState {
+    pub namespaces: Objects<Namespace>,
+    pub pods: Objects<Pod>,
+    pub services: Objects<Service>,
+    pub endpoint_slices: Objects<EndpointSlice>,
+    pub http_routes: Objects<HttpRoute>,
+    pub tcp_routes: Objects<TcpRoute>,
+    pub authorization_policies: Objects<AuthorizationPolicy>,
+    pods_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
+    services_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
+    slices_by_service: Arc<HashMap<ObjectKey, BTreeSet<ObjectKey>>>,
+    tcp_routes_by_service: Arc<HashMap<ObjectKey, Vec<ObjectKey>>>,
+    http_routes_by_service: Arc<HashMap<ObjectKey, Vec<ObjectKey>>>,
+}
+
+/// A route's `parentRefs` that name a Service (GAMMA), as (Service, port) pairs; `None`
+/// means every port.
+pub trait ServiceParents {
+    fn service_parents(&self, own_namespace: &str) -> Vec<(ObjectKey, Option<u16>)>;
+}
+
+fn service_parent(
+    group: Option<&str>,
+    kind: Option<&str>,
+    name: &str,
+    namespace: Option<&str>,
+    port: Option<i32>,
+    own_namespace: &str,
+) -> Option<(ObjectKey, Option<u16>)> {
+    if !crate::routing::resolve::is_service_parent(group, kind) {
+        return None;
+    }
+    let key = ObjectKey::new(namespace.unwrap_or(own_namespace), name);
+    Some((key, port.and_then(|p| u16::try_from(p).ok())))
+}
+
+/// The route kinds' parentRef types differ only in name (generated per CRD).
+macro_rules! service_parents_of {
+    ($($route:ty),*) => {$(
+        impl ServiceParents for $route {
+            fn service_parents(&self, own_namespace: &str) -> Vec<(ObjectKey, Option<u16>)> {
+                self.spec
+                    .parent_refs
+                    .iter()
+                    .flatten()
+                    .filter_map(|p| {
+                        service_parent(
+                            p.group.as_deref(),
+                            p.kind.as_deref(),
+                            &p.name,
+                            p.namespace.as_deref(),
+                            p.port,
+                            own_namespace,
+                        )
+                    })
+                    .collect()
+            }
+        }
+    )*};
+}
+
+service_parents_of!(TcpRoute, HttpRoute);
+
+fn route_index<T: ServiceParents>(routes: &Objects<T>) -> HashMap<ObjectKey, Vec<ObjectKey>> {
+    let mut index: HashMap<ObjectKey, Vec<ObjectKey>> = HashMap::new();
+    for (key, route) in routes.iter() {
+        for (service, _) in route.service_parents(&key.namespace) {
+            let entry = index.entry(service).or_default();
+            if !entry.contains(key) {
+                entry.push(key.clone());
+            }
+        }
+    }
+    index
+}
+
+/// Routes of `index` attached to `service` on `port`, by Gateway API precedence:
+/// oldest first, then by namespace/name.
+fn routes_for<'a, T: ServiceParents + kube::Resource>(
+    index: &HashMap<ObjectKey, Vec<ObjectKey>>,
+    routes: &'a Objects<T>,
+    service: &ObjectKey,
+    port: u16,
+) -> Vec<(&'a ObjectKey, &'a T)> {
+    let mut out: Vec<(&ObjectKey, &T)> = index
+        .get(service)
+        .into_iter()
+        .flatten()
+        .filter_map(|k| routes.get_key_value(k).map(|(k, r)| (k, &**r)))
+        .filter(|(k, r)| {
+            r.service_parents(&k.namespace)
+                .iter()
+                .any(|(s, p)| s == service && p.is_none_or(|p| p == port))
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        let created = |r: &T| r.meta().creation_timestamp.as_ref().map(|t| t.0);
+        created(a.1).cmp(&created(b.1)).then_with(|| a.0.cmp(b.0))
+    });
+    out
+}
+
+/// IPv4-mapped IPv6 becomes IPv4, so lookups compare like with like.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+pub fn ip_key(ip: IpAddr) -> Ip {
+    let v6: Ipv6Addr = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    Ip::from_bytes(v6.octets())
+}
+
+pub fn ip_from_key(ip: &Ip) -> IpAddr {
+    canonical(IpAddr::V6(Ipv6Addr::from(ip.to_bytes())))
+}
+
+fn parse_ips<'a>(texts: impl Iterator<Item = &'a str>) -> Vec<IpAddr> {
+    let mut ips = Vec::new();
+    for t in texts {
+        if let Ok(ip) = IpAddr::from_str(t) {
+            let ip = canonical(ip);
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
+    ips
+}
+
+/// The pod's IPs: status.podIPs, falling back to status.podIP.
+pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let listed: Vec<&str> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .collect();
+    if listed.is_empty() {
+        parse_ips(status.pod_ip.as_deref().into_iter())
+    } else {
+        parse_ips(listed.into_iter())
+    }
+}
+
+/// The pod's service account (its identity); Kubernetes defaults it to `default`.
+pub fn service_account(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref())
+        .unwrap_or("default")
+}
+
+/// The Service's virtual IPs: spec.clusterIPs, falling back to spec.clusterIP.
+pub fn service_ips(service: &Service) -> Vec<IpAddr> {
+    let Some(spec) = service.spec.as_ref() else {
+        return Vec::new();
+    };
+    let listed: Vec<&str> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    if listed.is_empty() {
+        parse_ips(spec.cluster_ip.as_deref().into_iter())
+    } else {
+        parse_ips(listed.into_iter())
+    }
+}
+
+fn slice_service(slice: &EndpointSlice, key: &ObjectKey) -> Option<ObjectKey> {
+    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some(ObjectKey::new(&key.namespace, name))
+}
+
+/// Moves `key`'s entries in an IP index from `old` to `new` addresses.
+fn reindex_ips(
+    index: &mut Arc<HashMap<IpAddr, ObjectKey>>,
+    key: &ObjectKey,
+    old: &[IpAddr],
+    new: &[IpAddr],
+) {
+    if old == new {
+        return;
+    }
+    let index = Arc::make_mut(index);
+    for ip in old {
+        if index.get(ip) == Some(key) {
+            index.remove(ip);
+        }
+    }
+    for ip in new {
+        index.insert(*ip, key.clone());
+    }
+}
+
+fn upsert<T>(map: &mut Objects<T>, key: ObjectKey, value: T) -> Option<Arc<T>> {
+    Arc::make_mut(map).insert(key, Arc::new(value))
+}
+
+impl ClusterState {
+    pub fn from_objects(objects: impl IntoIterator<Item = KubeObject>) -> ClusterState {
+        let mut by_kind: BTreeMap<Kind, Vec<KubeObject>> = BTreeMap::new();
+        for o in objects {
+            by_kind.entry(o.kind()).or_default().push(o);
+        }
+        let mut state = ClusterState::default();
+        for (kind, objects) in by_kind {
+            state.replace_kind(kind, objects);
+        }
+        state
+    }
+
+    /// Adds or replaces one object.
+    pub fn apply(&mut self, object: KubeObject) {
+        let Some(key) = object.key() else {
+            return;
+        };
+        match object {
+            KubeObject::Namespace(o) => {
+                upsert(&mut self.namespaces, key, *o);
+            }
+            KubeObject::Pod(o) => {
+                let new = pod_ips(&o);
+                let old = upsert(&mut self.pods, key.clone(), *o)
+                    .map(|p| pod_ips(&p))
+                    .unwrap_or_default();
+                reindex_ips(&mut self.pods_by_ip, &key, &old, &new);
+            }
+            KubeObject::Service(o) => {
+                let new = service_ips(&o);
+                let old = upsert(&mut self.services, key.clone(), *o)
+                    .map(|s| service_ips(&s))
+                    .unwrap_or_default();
+                reindex_ips(&mut self.services_by_ip, &key, &old, &new);
+            }
+            KubeObject::EndpointSlice(o) => {
+                let new = slice_service(&o, &key);
+                let old = upsert(&mut self.endpoint_slices, key.clone(), *o)
+                    .and_then(|s| slice_service(&s, &key));
+                self.reindex_slice(&key, old, new);
+            }
+            KubeObject::HttpRoute(o) => {
+                upsert(&mut self.http_routes, key, *o);
+                self.http_routes_by_service = Arc::new(route_index(&self.http_routes));
+            }
+            KubeObject::TcpRoute(o) => {
+                upsert(&mut self.tcp_routes, key, *o);
+                self.tcp_routes_by_service = Arc::new(route_index(&self.tcp_routes));
+            }
+            KubeObject::AuthorizationPolicy(o) => {
+                upsert(&mut self.authorization_policies, key, *o);
+            }
+        }
+    }
+
+    /// Removes one object (absent objects are fine).
+    pub fn delete(&mut self, kind: Kind, key: &ObjectKey) {
+        fn take<T>(map: &mut Objects<T>, key: &ObjectKey) -> Option<Arc<T>> {
+            if map.contains_key(key) {
+                Arc::make_mut(map).remove(key)
+            } else {
+                None
+            }
+        }
+        match kind {
+            Kind::Namespace => {
+                take(&mut self.namespaces, key);
+            }
+            Kind::Pod => {
+                if let Some(old) = take(&mut self.pods, key) {
+                    reindex_ips(&mut self.pods_by_ip, key, &pod_ips(&old), &[]);
+                }
+            }
+            Kind::Service => {
+                if let Some(old) = take(&mut self.services, key) {
+                    reindex_ips(&mut self.services_by_ip, key, &service_ips(&old), &[]);
+                }
+            }
+            Kind::EndpointSlice => {
+                if let Some(old) = take(&mut self.endpoint_slices, key) {
+                    self.reindex_slice(key, slice_service(&old, key), None);
+                }
+            }
+            Kind::HttpRoute => {
+                if take(&mut self.http_routes, key).is_some() {
+                    self.http_routes_by_service = Arc::new(route_index(&self.http_routes));
+                }
+            }
+            Kind::TcpRoute => {
+                if take(&mut self.tcp_routes, key).is_some() {
+                    self.tcp_routes_by_service = Arc::new(route_index(&self.tcp_routes));
+                }
+            }
+            Kind::AuthorizationPolicy => {
+                take(&mut self.authorization_policies, key);
+            }
+        }
+    }
+
+    /// Replaces every object of `kind` (a full relist).
+    pub fn replace_kind(&mut self, kind: Kind, objects: Vec<KubeObject>) {
+        let keys: Vec<ObjectKey> = match kind {
+            Kind::Namespace => self.namespaces.keys().cloned().collect(),
+            Kind::Pod => self.pods.keys().cloned().collect(),
+            Kind::Service => self.services.keys().cloned().collect(),
+            Kind::EndpointSlice => self.endpoint_slices.keys().cloned().collect(),
+            Kind::HttpRoute => self.http_routes.keys().cloned().collect(),
+            Kind::TcpRoute => self.tcp_routes.keys().cloned().collect(),
+            Kind::AuthorizationPolicy => self.authorization_policies.keys().cloned().collect(),
+        };
+        let keep: BTreeSet<ObjectKey> = objects.iter().filter_map(KubeObject::key).collect();
+        for key in keys.iter().filter(|k| !keep.contains(*k)) {
+            self.delete(kind, key);
+        }
+        for object in objects.into_iter().filter(|o| o.kind() == kind) {
+            self.apply(object);
+        }
+    }
+
+    fn reindex_slice(&mut self, key: &ObjectKey, old: Option<ObjectKey>, new: Option<ObjectKey>) {
+        if old == new {
+            return;
+        }
+        let index = Arc::make_mut(&mut self.slices_by_service);
+        if let Some(old) = old {
+            if let Some(set) = index.get_mut(&old) {
+                set.remove(key);
+                if set.is_empty() {
+                    index.remove(&old);
+                }
+            }
+        }
+        if let Some(new) = new {
+            index.entry(new).or_default().insert(key.clone());
+        }
+    }
+
+    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
+        self.namespaces.get(&ObjectKey::new("", name)).map(|n| &**n)
+    }
+
+    pub fn pods_on_node<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = (&'a PodKey, &'a Pod)> + 'a {
+        self.pods
+            .iter()
+            .filter(move |(_, pod)| {
+                pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+            })
+            .map(|(k, p)| (k, &**p))
+    }
+
+    /// The pod that owns `ip`, if any.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&PodKey> {
+        self.pods_by_ip.get(&canonical(ip))
+    }
+
+    /// The Service whose virtual IP is `ip`, if any.
+    pub fn service_by_ip(&self, ip: IpAddr) -> Option<(&ObjectKey, &Service)> {
+        let key = self.services_by_ip.get(&canonical(ip))?;
+        Some((key, self.services.get(key)?))
+    }
+
+    pub fn endpoint_slices_of<'a>(
+        &'a self,
+        service: &ObjectKey,
+    ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
+        self.slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.endpoint_slices.get(k).map(|s| &**s))
+    }
+
+    /// TCPRoutes attached to a Service port, by Gateway API precedence (oldest first).
+    pub fn tcp_routes_for(&self, service: &ObjectKey, port: u16) -> Vec<(&ObjectKey, &TcpRoute)> {
+        routes_for(&self.tcp_routes_by_service, &self.tcp_routes, service, port)
+    }
+
+    /// HTTPRoutes attached to a Service port, by Gateway API precedence (oldest first).
+    pub fn http_routes_for(&self, service: &ObjectKey, port: u16) -> Vec<(&ObjectKey, &HttpRoute)> {
+        routes_for(
+            &self.http_routes_by_service,
+            &self.http_routes,
+            service,
+            port,
+        )
+    }
+
+    /// Object counts by kind, for logs and the admin API.
+    pub fn counts(&self) -> BTreeMap<&'static str, usize> {
+        BTreeMap::from([
+            (Kind::Namespace.name(), self.namespaces.len()),
+            (Kind::Pod.name(), self.pods.len()),
+            (Kind::Service.name(), self.services.len()),
+            (Kind::EndpointSlice.name(), self.endpoint_slices.len()),
+            (Kind::HttpRoute.name(), self.http_routes.len()),
+            (Kind::TcpRoute.name(), self.tcp_routes.len()),
+            (
+                Kind::AuthorizationPolicy.name(),
+                self.authorization_policies.len(),
+            ),
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::files::parse_manifest;
+
+    fn objects(yaml: &str) -> Vec<KubeObject> {
+        parse_manifest(yaml).expect("valid yaml")
+    }
+
+    const SVC: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: apps}
+spec: {clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, "fd00:96::a"], ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-abc, namespace: apps, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.1.0.2]}]
+"#;
+
+    #[test]
+    fn indexes_follow_applies_and_deletes() {
+        let mut s = ClusterState::from_objects(objects(SVC));
+        let web = ObjectKey::new("apps", "web");
+        assert_eq!(
+            s.service_by_ip("10.96.0.10".parse().unwrap()).map(|x| x.0),
+            Some(&web)
+        );
+        assert_eq!(
+            s.service_by_ip("fd00:96::a".parse().unwrap()).map(|x| x.0),
+            Some(&web)
+        );
+        assert_eq!(
+            s.service_by_ip("::ffff:10.96.0.10".parse().unwrap())
+                .map(|x| x.0),
+            Some(&web)
+        );
+        assert_eq!(s.endpoint_slices_of(&web).count(), 1);
+
+        let snapshot = s.clone();
+        s.delete(Kind::EndpointSlice, &ObjectKey::new("apps", "web-abc"));
+        assert_eq!(s.endpoint_slices_of(&web).count(), 0);
+        assert_eq!(
+            snapshot.endpoint_slices_of(&web).count(),
+            1,
+            "snapshots are immutable"
+        );
+
+        s.delete(Kind::Service, &web);
+        assert!(s.service_by_ip("10.96.0.10".parse().unwrap()).is_none());
+        assert!(snapshot
+            .service_by_ip("10.96.0.10".parse().unwrap())
+            .is_some());
+    }
+
+    #[test]
+    fn replace_kind_drops_what_the_relist_no_longer_has() {
+        let mut s = ClusterState::from_objects(objects(SVC));
+        s.replace_kind(Kind::EndpointSlice, Vec::new());
+        assert!(s.endpoint_slices.is_empty());
+        assert_eq!(s.services.len(), 1, "other kinds untouched");
+    }
+}

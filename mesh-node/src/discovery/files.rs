@@ -1,0 +1,303 @@
+//! The `files` discovery source: a directory of ordinary Kubernetes YAML, parsed into
+//! the same k8s-openapi types the `kube` source produces, and watched for changes.
+//! A file that fails to parse is reported and its last good contents keep serving.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use notify::{RecursiveMode, Watcher};
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::{
+    discovery::cluster::ClusterState, discovery::cluster::KubeObject, telemetry::metrics::Metrics,
+};
+
+/// Parses one manifest file (one or more YAML documents, `kind: List` included).
+/// Kinds the agent does not use are skipped; a broken document fails the whole file.
+pub fn parse_manifest(text: &str) -> Result<Vec<KubeObject>, String> {
+    let mut objects = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml::Value::deserialize(document)
+            .map_err(|e| format!("document {}: {e}", index + 1))?;
+        collect(value, index + 1, &mut objects)?;
+    }
+    Ok(objects)
+}
+
+fn collect(value: serde_yaml::Value, doc: usize, out: &mut Vec<KubeObject>) -> Result<(), String> {
+    if value.is_null() {
+        return Ok(());
+    }
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .ok_or_else(|| format!("document {doc}: no `kind` field"))?
+        .to_string();
+    let typed = |e: serde_yaml::Error| format!("document {doc} ({kind}): {e}");
+    let object = match kind.as_str() {
+        "Namespace" => {
+            KubeObject::Namespace(Box::new(serde_yaml::from_value(value).map_err(typed)?))
+        }
+        "Pod" => KubeObject::Pod(Box::new(serde_yaml::from_value(value).map_err(typed)?)),
+        "Service" => KubeObject::Service(Box::new(serde_yaml::from_value(value).map_err(typed)?)),
+        "EndpointSlice" => {
+            KubeObject::EndpointSlice(Box::new(serde_yaml::from_value(value).map_err(typed)?))
+        }
+        "HTTPRoute" => {
+            KubeObject::HttpRoute(Box::new(serde_yaml::from_value(value).map_err(typed)?))
+        }
+        "TCPRoute" => KubeObject::TcpRoute(Box::new(serde_yaml::from_value(value).map_err(typed)?)),
+        "AuthorizationPolicy" => {
+            KubeObject::AuthorizationPolicy(Box::new(serde_yaml::from_value(value).map_err(typed)?))
+        }
+        "List" => {
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_sequence())
+                .cloned()
+                .unwrap_or_default();
+            for item in items {
+                collect(item, doc, out)?;
+            }
+            return Ok(());
+        }
+        _ => return Ok(()),
+    };
+    if object.key().is_none() {
+        return Err(format!("document {doc} ({kind}): metadata.name is missing"));
+    }
+    out.push(object);
+    Ok(())
+}
+
+/// Identity of a file version: cheap to compare on every rescan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified_ns: i128,
+    len: u64,
+    ino: u64,
+}
+
+struct LoadedFile {
+    stamp: Stamp,
+    objects: Vec<KubeObject>,
+}
+
+/// A problem with one manifest file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestProblem {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+pub struct ManifestDirectory {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, LoadedFile>,
+}
+
+fn is_manifest(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
+impl ManifestDirectory {
+    pub fn new(dir: impl Into<PathBuf>) -> ManifestDirectory {
+        ManifestDirectory {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Re-reads changed files. Returns whether the set of objects changed, and the
+    /// problems found in files that changed.
+    pub fn rescan(&mut self) -> (bool, Vec<ManifestProblem>) {
+        let mut problems = Vec::new();
+        let mut seen = Vec::new();
+        let mut changed = false;
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) => {
+                problems.push(ManifestProblem {
+                    path: self.dir.clone(),
+                    reason: format!("cannot read the manifest directory: {e}"),
+                });
+                return (false, problems);
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !is_manifest(&path) {
+                continue;
+            }
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            seen.push(path.clone());
+            let stamp = Stamp {
+                modified_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+                len: meta.len(),
+                ino: meta.ino(),
+            };
+            if self.files.get(&path).is_some_and(|f| f.stamp == stamp) {
+                continue;
+            }
+            let parsed = fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read: {e}"))
+                .and_then(|text| parse_manifest(&text));
+            match parsed {
+                Ok(objects) => {
+                    self.files.insert(path, LoadedFile { stamp, objects });
+                    changed = true;
+                }
+                Err(reason) => {
+                    // Keep the last good version; remember the stamp so the same broken
+                    // file is reported once, not on every rescan.
+                    let objects = self
+                        .files
+                        .remove(&path)
+                        .map(|f| f.objects)
+                        .unwrap_or_default();
+                    self.files
+                        .insert(path.clone(), LoadedFile { stamp, objects });
+                    problems.push(ManifestProblem { path, reason });
+                }
+            }
+        }
+        let before = self.files.len();
+        self.files.retain(|path, _| seen.contains(path));
+        changed |= self.files.len() != before;
+        (changed, problems)
+    }
+
+    pub fn state(&self) -> ClusterState {
+        ClusterState::from_objects(self.files.values().flat_map(|f| f.objects.iter().cloned()))
+    }
+}
+
+/// How often the directory is rescanned even without a change notification.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(2);
+/// Rescan interval when inotify is unavailable.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// Editors write in several steps; wait this long after a notification.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// Watches `dir` and publishes a new state whenever it changes. The first scan
+/// happens before this returns, so the sender holds a state when the agent starts.
+pub async fn watch_directory(
+    dir: PathBuf,
+    tx: watch::Sender<Arc<ClusterState>>,
+    metrics: Arc<Metrics>,
+) {
+    let mut manifests = ManifestDirectory::new(dir.clone());
+    let (notify_tx, mut notify_rx) = mpsc::channel::<()>(1);
+    let watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
+        let _ = notify_tx.try_send(());
+    })
+    .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|_| w));
+    let interval = match &watcher {
+        Ok(_) => RESCAN_INTERVAL,
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e, "cannot watch the manifest directory; polling instead");
+            POLL_INTERVAL
+        }
+    };
+    let mut first = true;
+    loop {
+        let (changed, problems) = manifests.rescan();
+        for p in &problems {
+            metrics.manifest_errors.inc();
+            warn!(path = %p.path.display(), reason = %p.reason, "manifest skipped; the last good version stays in effect");
+        }
+        // The first scan is always published: the agent waits for it before reconciling.
+        if changed || std::mem::take(&mut first) {
+            let state = manifests.state();
+            info!(objects = ?state.counts(), "manifests changed");
+            metrics.state_updates.inc();
+            tx.send_replace(Arc::new(state));
+        }
+        tokio::select! {
+            _ = notify_rx.recv() => {
+                tokio::time::sleep(SETTLE).await;
+                while notify_rx.try_recv().is_ok() {}
+            }
+            _ = tokio::time::sleep(interval) => {}
+            _ = tx.closed() => {
+                debug!("state receivers gone; manifest watcher stops");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: apps, labels: {nodemesh.io/mesh: enabled}}\n";
+    const POD: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: apps}\nspec: {nodeName: a, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.0.0.2}\n";
+
+    #[test]
+    fn parses_multi_document_files_lists_and_ignores_other_kinds() {
+        let text = format!(
+            "{NS}---\n{POD}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: x}}\n---\n\
+             apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {{name: other}}\n"
+        );
+        let objects = parse_manifest(&text).unwrap();
+        let state = ClusterState::from_objects(objects);
+        assert_eq!(state.namespaces.len(), 2);
+        assert_eq!(state.pods.len(), 1);
+    }
+
+    #[test]
+    fn broken_documents_name_the_problem() {
+        let err = parse_manifest("kind: Pod\nmetadata: [not, a, map]\n").unwrap_err();
+        assert!(err.contains("document 1 (Pod)"), "{err}");
+        let err = parse_manifest("metadata: {name: x}\n").unwrap_err();
+        assert!(err.contains("no `kind`"), "{err}");
+        let err = parse_manifest("a: [unclosed\n").unwrap_err();
+        assert!(err.starts_with("document 1"), "{err}");
+    }
+
+    #[test]
+    fn a_broken_file_keeps_its_last_good_version_and_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("ns.yaml"), NS).unwrap();
+        fs::write(dir.path().join("pod.yaml"), POD).unwrap();
+        fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+        let mut m = ManifestDirectory::new(dir.path());
+        let (changed, problems) = m.rescan();
+        assert!(changed && problems.is_empty());
+        assert_eq!(m.state().pods.len(), 1);
+
+        fs::write(
+            dir.path().join("pod.yaml"),
+            "kind: Pod\nspec: {containers: 7}\n",
+        )
+        .unwrap();
+        let (changed, problems) = m.rescan();
+        assert!(!changed);
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].path.ends_with("pod.yaml"));
+        assert_eq!(m.state().pods.len(), 1, "last good pod stays");
+        assert!(m.rescan().1.is_empty(), "reported once");
+
+        fs::remove_file(dir.path().join("pod.yaml")).unwrap();
+        let (changed, _) = m.rescan();
+        assert!(changed);
+        assert!(m.state().pods.is_empty());
+        assert_eq!(m.state().namespaces.len(), 1);
+    }
+}

@@ -1,0 +1,9 @@
+//! Discovery: the agent's view of the cluster (`ClusterState` snapshots), the sources
+//! that fill it (the Kubernetes API, manifest files), the enrollment rules, and the
+//! policy objects it carries.
+
+pub mod apiserver;
+pub mod cluster;
+pub mod enrollment;
+pub mod files;
+pub mod policy;

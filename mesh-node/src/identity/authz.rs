@@ -1,0 +1,348 @@
+//! Authorization policy decisions for inbound connections to a local workload.
+//!
+//! DENY wins; a workload selected by any ALLOW policy denies everything no ALLOW rule
+//! matches; no policy means allow. A plaintext source has no identity, so only rules
+//! without `from` (any source) can match it. A policy with no rules matches nothing.
+
+use k8s_openapi::api::core::v1::Pod;
+use serde::Serialize;
+
+use crate::{
+    discovery::cluster::ClusterState, discovery::cluster::ObjectKey,
+    discovery::policy::AuthorizationPolicy, discovery::policy::PolicyAction,
+    discovery::policy::PolicyRule, discovery::policy::PolicySource, identity::Identity,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum Verdict {
+    Allow {
+        policy: Option<String>,
+    },
+    Deny {
+        policy: Option<String>,
+        reason: String,
+    },
+}
+
+impl Verdict {
+    pub fn allowed(&self) -> bool {
+        matches!(self, Verdict::Allow { .. })
+    }
+}
+
+/// Whether the policy's selector picks `pod` (same namespace assumed).
+pub fn selects(policy: &AuthorizationPolicy, pod: &Pod) -> bool {
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    policy
+        .spec
+        .selector
+        .match_labels
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn source_matches(source: &PolicySource, peer: Option<&Identity>) -> bool {
+    let any = source.principals.is_empty()
+        && source.namespaces.is_empty()
+        && source.service_accounts.is_empty();
+    if any {
+        return true;
+    }
+    let Some(id) = peer else {
+        return false;
+    };
+    source.principals.iter().any(|p| *p == id.to_string())
+        || source.namespaces.contains(&id.namespace)
+        || source
+            .service_accounts
+            .iter()
+            .any(|sa| *sa == format!("{}/{}", id.namespace, id.service_account))
+}
+
+fn rule_matches(rule: &PolicyRule, port: u16, peer: Option<&Identity>) -> bool {
+    let from = rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, peer));
+    let to = rule.to.is_empty() || rule.to.iter().any(|d| d.ports.contains(&port));
+    from && to
+}
+
+fn matches(policy: &AuthorizationPolicy, port: u16, peer: Option<&Identity>) -> bool {
+    policy
+        .spec
+        .rules
+        .iter()
+        .any(|r| rule_matches(r, port, peer))
+}
+
+fn name(key: &ObjectKey) -> Option<String> {
+    Some(key.to_string())
+}
+
+/// May `peer` (None: plaintext) connect to `port` of the local pod `dest`?
+pub fn authorize(
+    state: &ClusterState,
+    dest: &ObjectKey,
+    port: u16,
+    peer: Option<&Identity>,
+) -> Verdict {
+    let Some(pod) = state.pods.get(dest) else {
+        return Verdict::Deny {
+            policy: None,
+            reason: "destination pod unknown".into(),
+        };
+    };
+    let applicable: Vec<(&ObjectKey, &AuthorizationPolicy)> = state
+        .authorization_policies
+        .iter()
+        .filter(|(k, p)| k.namespace == dest.namespace && selects(p, pod))
+        .map(|(k, p)| (k, &**p))
+        .collect();
+    if let Some((key, _)) = applicable
+        .iter()
+        .find(|(_, p)| p.spec.action == PolicyAction::Deny && matches(p, port, peer))
+    {
+        return Verdict::Deny {
+            policy: name(key),
+            reason: "a DENY rule matched".into(),
+        };
+    }
+    let allows: Vec<&(&ObjectKey, &AuthorizationPolicy)> = applicable
+        .iter()
+        .filter(|(_, p)| p.spec.action == PolicyAction::Allow)
+        .collect();
+    if allows.is_empty() {
+        return Verdict::Allow { policy: None };
+    }
+    match allows.iter().find(|(_, p)| matches(p, port, peer)) {
+        Some((key, _)) => Verdict::Allow { policy: name(key) },
+        None => Verdict::Deny {
+            policy: None,
+            reason: "ALLOW policies select this workload and none matched".into(),
+        },
+    }
+}
+
+/// What the inbound side of a pod does with a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "admission", rename_all = "snake_case")]
+pub enum Admission {
+    Allow {
+        policy: Option<String>,
+    },
+    Refuse {
+        /// The `reason` label of `nodemesh_connections_refused_total`.
+        reason: &'static str,
+        policy: Option<String>,
+        detail: String,
+    },
+}
+
+/// The inbound decision for a connection to `port` of the pod `dest` from `peer`
+/// (None: plaintext, captured on 15006). A STRICT namespace refuses plaintext before
+/// any policy is consulted. The listeners and `meshctl node trace` both ask this.
+pub fn admit(
+    state: &ClusterState,
+    dest: &ObjectKey,
+    port: u16,
+    peer: Option<&Identity>,
+) -> Admission {
+    if peer.is_none() && state.strict_mtls(&dest.namespace) {
+        return Admission::Refuse {
+            reason: "strict_mtls_plaintext",
+            policy: None,
+            detail: format!("namespace {} is STRICT: plaintext refused", dest.namespace),
+        };
+    }
+    match authorize(state, dest, port, peer) {
+        Verdict::Allow { policy } => Admission::Allow { policy },
+        Verdict::Deny { policy, reason } => Admission::Refuse {
+            reason: "policy_denied",
+            policy,
+            detail: reason,
+        },
+    }
+}
+
+/// Why a tunnel admitted earlier is no longer allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    pub policy: Option<String>,
+    pub detail: String,
+}
+
+/// Resolves when the destination's current state no longer admits a mutual-TLS tunnel
+/// from `peer` to `port` of the local pod `dest`: the decision is taken again on the
+/// latest state now and after every change, so a tunnel admitted under an older,
+/// looser policy (or before this node noticed the new one) does not outlive it.
+/// Never resolves while the tunnel stays allowed, nor once the pod left the state
+/// (its connections are left alone, like those of a pod leaving the mesh).
+pub async fn revoked(
+    mut state: tokio::sync::watch::Receiver<std::sync::Arc<ClusterState>>,
+    dest: ObjectKey,
+    port: u16,
+    peer: Identity,
+) -> Revocation {
+    loop {
+        let snapshot = state.borrow_and_update().clone();
+        if snapshot.pods.contains_key(&dest) {
+            if let Admission::Refuse { policy, detail, .. } =
+                admit(&snapshot, &dest, port, Some(&peer))
+            {
+                return Revocation { policy, detail };
+            }
+        }
+        if state.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::files::parse_manifest;
+
+    const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: server, namespace: apps, labels: {app: server}}\nspec: {containers: [{name: c, image: x}]}\n";
+
+    fn state(policies: &str) -> ClusterState {
+        ClusterState::from_objects(parse_manifest(&format!("{PODS}---\n{policies}")).unwrap())
+    }
+
+    fn id(ns: &str, sa: &str) -> Identity {
+        Identity::new("cluster.local", ns, sa)
+    }
+
+    fn verdict(s: &ClusterState, port: u16, peer: Option<&Identity>) -> bool {
+        authorize(s, &ObjectKey::new("apps", "server"), port, peer).allowed()
+    }
+
+    const ALLOW_CLIENT: &str = "apiVersion: security.nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: allow-client, namespace: apps}\n\
+        spec: {selector: {matchLabels: {app: server}}, action: ALLOW, rules: [{from: [{principals: [\"spiffe://cluster.local/ns/apps/sa/client\"]}], to: [{ports: [8080]}]}]}\n";
+    const DENY_PLAIN_NS: &str = "apiVersion: security.nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: deny-plain, namespace: apps}\n\
+        spec: {action: DENY, rules: [{from: [{namespaces: [plain]}]}]}\n";
+
+    #[test]
+    fn no_policy_allows_everything() {
+        let s = state("");
+        assert!(verdict(&s, 8080, Some(&id("apps", "client"))));
+        assert!(verdict(&s, 8080, None));
+    }
+
+    #[test]
+    fn allow_policies_deny_everything_else() {
+        let s = state(ALLOW_CLIENT);
+        assert!(verdict(&s, 8080, Some(&id("apps", "client"))));
+        assert!(
+            !verdict(&s, 9090, Some(&id("apps", "client"))),
+            "other port"
+        );
+        assert!(
+            !verdict(&s, 8080, Some(&id("apps", "other"))),
+            "other principal"
+        );
+        assert!(
+            !verdict(&s, 8080, None),
+            "plaintext cannot match a principal"
+        );
+    }
+
+    #[test]
+    fn deny_wins_over_allow() {
+        let allow_all_ns = "apiVersion: security.nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: allow-plain, namespace: apps}\n\
+            spec: {action: ALLOW, rules: [{from: [{namespaces: [plain, apps]}]}]}\n";
+        let s = state(&format!("{allow_all_ns}---\n{DENY_PLAIN_NS}"));
+        assert!(!verdict(&s, 8080, Some(&id("plain", "x"))));
+        assert!(verdict(&s, 8080, Some(&id("apps", "x"))));
+        let v = authorize(
+            &s,
+            &ObjectKey::new("apps", "server"),
+            8080,
+            Some(&id("plain", "x")),
+        );
+        assert_eq!(
+            v,
+            Verdict::Deny {
+                policy: Some("apps/deny-plain".into()),
+                reason: "a DENY rule matched".into()
+            }
+        );
+    }
+
+    #[test]
+    fn strict_namespaces_refuse_plaintext_before_policy() {
+        let strict = "apiVersion: v1\nkind: Namespace\nmetadata: {name: apps, labels: {nodemesh.io/mtls: strict}}\n";
+        let s = state(strict);
+        let server = ObjectKey::new("apps", "server");
+        assert!(matches!(
+            admit(&s, &server, 8080, None),
+            Admission::Refuse {
+                reason: "strict_mtls_plaintext",
+                ..
+            }
+        ));
+        assert_eq!(
+            admit(&s, &server, 8080, Some(&id("apps", "client"))),
+            Admission::Allow { policy: None }
+        );
+        let s = state(ALLOW_CLIENT);
+        assert!(matches!(
+            admit(&s, &server, 8080, None),
+            Admission::Refuse {
+                reason: "policy_denied",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn selectors_and_service_accounts() {
+        let other = "apiVersion: security.nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: for-db, namespace: apps}\n\
+            spec: {selector: {matchLabels: {app: db}}, action: ALLOW, rules: [{from: [{serviceAccounts: [apps/client]}]}]}\n";
+        let s = state(other);
+        assert!(
+            verdict(&s, 8080, Some(&id("apps", "anyone"))),
+            "the policy selects another workload"
+        );
+        let sa = other.replace("app: db", "app: server");
+        let s = state(&sa);
+        assert!(verdict(&s, 1, Some(&id("apps", "client"))));
+        assert!(!verdict(&s, 1, Some(&id("apps", "other"))));
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_is_revoked_when_a_policy_stops_allowing_it() {
+        let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(state("")));
+        let dest = ObjectKey::new("apps", "server");
+        let revoked = |peer| {
+            let rx = rx.clone();
+            let dest = dest.clone();
+            tokio::spawn(async move { revoked(rx, dest, 8080, peer).await })
+        };
+        let client = revoked(id("apps", "client"));
+        let other = revoked(id("apps", "other"));
+        tokio::task::yield_now().await;
+        assert!(!client.is_finished() && !other.is_finished());
+        // A change that keeps both allowed revokes nothing; the ALLOW policy revokes
+        // the tunnel it does not allow, at once.
+        tx.send_replace(std::sync::Arc::new(state("")));
+        tokio::task::yield_now().await;
+        assert!(!other.is_finished());
+        tx.send_replace(std::sync::Arc::new(state(ALLOW_CLIENT)));
+        let why = tokio::time::timeout(std::time::Duration::from_secs(5), other)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(why.detail.contains("none matched"), "{why:?}");
+        tokio::task::yield_now().await;
+        assert!(!client.is_finished(), "the allowed tunnel stays");
+        // A pod gone from the state: its tunnels are left alone.
+        let gone = revoked(id("apps", "other"));
+        tx.send_replace(std::sync::Arc::new(ClusterState::from_objects(
+            parse_manifest(ALLOW_CLIENT).unwrap(),
+        )));
+        tokio::task::yield_now().await;
+        assert!(!gone.is_finished());
+        client.abort();
+        gone.abort();
+    }
+}

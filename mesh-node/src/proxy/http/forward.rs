@@ -1,0 +1,604 @@
+//! One HTTP request on an L7-routed Service: pick the rule, apply its filters, choose
+//! a backend by weight, send (with timeouts and retries), and shape the response.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{
+    header::{self, HeaderName, HeaderValue},
+    request::Parts,
+    HeaderMap, Method, Request, Response, StatusCode, Uri, Version,
+};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::{
+    discovery::cluster::ClusterState, discovery::cluster::ObjectKey, proxy::pod::PodContext,
+    telemetry::connections::Security,
+};
+use crate::{
+    proxy::http::box_body, proxy::http::upstream::peer_of, proxy::http::upstream::Protocol,
+    proxy::http::upstream::UpstreamError, proxy::http::ProxyBody,
+    routing::http::filters::authority, routing::http::filters::HeaderModifier,
+    routing::http::matching::PathMatch, routing::http::routes::BackendTarget,
+    routing::http::routes::Rule, telemetry::request::flags, telemetry::request::LoggedBody,
+    telemetry::request::RequestLog, telemetry::trace_context,
+};
+
+/// Request bodies up to this size are kept so a retry can resend them.
+const MAX_REPLAY_BODY: u64 = 64 * 1024;
+/// The longest wait between retries, whatever the backoff doubling reaches.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The Service port a downstream connection was sent to.
+#[derive(Debug, Clone)]
+pub struct Frontend {
+    pub service: ObjectKey,
+    pub port: u16,
+    pub want_v6: bool,
+    /// The Service port declares HTTP/2 cleartext (`appProtocol: kubernetes.io/h2c`).
+    pub backend_http2: bool,
+    pub src: SocketAddr,
+}
+
+enum Failure {
+    /// The chosen backend is invalid: 500.
+    Invalid(String),
+    /// The chosen backend has no ready endpoint: 503.
+    NoEndpoint(ObjectKey),
+    Upstream(UpstreamError),
+    Timeout,
+}
+
+impl Failure {
+    fn retriable(&self, replayable: bool, idempotent: bool) -> bool {
+        match self {
+            Failure::Invalid(_) | Failure::Upstream(UpstreamError::Denied { .. }) => false,
+            Failure::NoEndpoint(_) => true,
+            Failure::Upstream(e) => e.before_sending() || (replayable && idempotent),
+            Failure::Timeout => replayable && idempotent,
+        }
+    }
+
+    fn response(&self) -> (StatusCode, &'static str, String) {
+        match self {
+            Failure::Invalid(reason) => (StatusCode::INTERNAL_SERVER_ERROR, flags::LOCAL_REPLY, reason.clone()),
+            Failure::NoEndpoint(b) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                flags::NO_HEALTHY_UPSTREAM,
+                format!("backend Service {b} has no ready endpoint; check its pods' readiness and its EndpointSlices"),
+            ),
+            Failure::Upstream(e @ UpstreamError::Denied { .. }) => {
+                (StatusCode::FORBIDDEN, flags::DENIED, e.to_string())
+            }
+            Failure::Upstream(e) if e.before_sending() => {
+                (StatusCode::SERVICE_UNAVAILABLE, flags::UPSTREAM_CONNECT_FAILURE, e.to_string())
+            }
+            Failure::Upstream(e) => (StatusCode::BAD_GATEWAY, flags::UPSTREAM_CONNECT_FAILURE, e.to_string()),
+            Failure::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                flags::UPSTREAM_TIMEOUT,
+                "the backend did not answer within the route's timeout".into(),
+            ),
+        }
+    }
+}
+
+/// The request body, kept when it may be sent more than once.
+enum RequestBody {
+    Replayable(Bytes),
+    Streaming(Option<Incoming>),
+}
+
+impl RequestBody {
+    fn take(&mut self) -> ProxyBody {
+        match self {
+            RequestBody::Replayable(b) => box_body(Full::new(b.clone())),
+            RequestBody::Streaming(b) => match b.take() {
+                Some(b) => box_body(b),
+                None => box_body(Empty::new()),
+            },
+        }
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
+}
+
+/// Removes headers that describe one hop's connection (RFC 9110 §7.6.1); an upgrade
+/// keeps `Connection: upgrade` and `Upgrade` so the backend can accept it.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .filter(|n| !(keep_upgrade && *n == header::UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ] {
+        headers.remove(n);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn local_response(status: StatusCode, text: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(box_body(Full::new(Bytes::from(format!(
+        "nodemesh: {text}\n"
+    )))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn logged(
+    mut log: RequestLog,
+    ctx: &PodContext,
+    response: Response<ProxyBody>,
+) -> Response<ProxyBody> {
+    let status = response.status().as_u16();
+    if log.flags == flags::NONE && status >= 500 && log.detail.is_empty() {
+        log.detail = "backend answered with an error".into();
+    }
+    let (parts, body) = response.into_parts();
+    Response::from_parts(
+        parts,
+        box_body(LoggedBody::new(body, log, ctx.metrics.clone(), status)),
+    )
+}
+
+fn reply(
+    mut log: RequestLog,
+    ctx: &PodContext,
+    status: StatusCode,
+    flag: &'static str,
+    text: String,
+) -> Response<ProxyBody> {
+    if status.is_server_error() {
+        crate::warn_limited!(pod = %log.pod, service = %log.service, route = %log.rule, %status, reason = %text, "request answered by the proxy");
+    }
+    log.flags = flag;
+    log.detail = text.clone();
+    logged(log, ctx, local_response(status, &text))
+}
+
+/// The request as the backend receives it, for one attempt.
+fn upstream_request(
+    parts: &Parts,
+    body: ProxyBody,
+    protocol: Protocol,
+    backend_headers: &[HeaderModifier],
+) -> Result<Request<ProxyBody>, String> {
+    let authority = authority(parts).unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut headers = parts.headers.clone();
+    for m in backend_headers {
+        m.apply(&mut headers);
+    }
+    let (uri, version) = match protocol {
+        Protocol::Http1 => {
+            if !headers.contains_key(header::HOST) && !authority.is_empty() {
+                let host =
+                    HeaderValue::try_from(authority.as_str()).map_err(|_| "bad authority")?;
+                headers.insert(header::HOST, host);
+            }
+            (
+                path.parse::<Uri>().map_err(|e| e.to_string())?,
+                Version::HTTP_11,
+            )
+        }
+        Protocol::Http2 => {
+            headers.remove(header::HOST);
+            let uri = format!("http://{authority}{path}");
+            (
+                uri.parse::<Uri>().map_err(|e| format!("`{uri}`: {e}"))?,
+                Version::HTTP_2,
+            )
+        }
+    };
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+struct Attempt {
+    response: Response<Incoming>,
+    backend: BackendTarget,
+}
+
+/// Sends one attempt to the next weighted backend of `rule`.
+/// What every attempt of one request shares: routed once, against one snapshot.
+struct Exchange<'a> {
+    ctx: &'a PodContext,
+    frontend: &'a Frontend,
+    state: &'a ClusterState,
+    rule: &'a Rule,
+    parts: &'a Parts,
+    upgrade: bool,
+}
+
+async fn attempt(
+    x: &Exchange<'_>,
+    body: &mut RequestBody,
+    log: &mut RequestLog,
+) -> Result<Attempt, Failure> {
+    let Exchange {
+        ctx,
+        frontend,
+        state,
+        rule,
+        parts,
+        upgrade,
+    } = *x;
+    let refs: Vec<_> = rule.backends.iter().map(|b| &b.backend).collect();
+    let index = ctx
+        .balancer
+        .choose_backend(&rule.frontend(&frontend.service), frontend.port, &refs)
+        .ok_or_else(|| {
+            Failure::Invalid(format!(
+                "rule {} has no backend with a positive weight",
+                rule.describe()
+            ))
+        })?;
+    let target = &rule.backends[index];
+    log.backend = Some(target.backend.service.clone());
+    if let Some(reason) = &target.invalid {
+        return Err(Failure::Invalid(reason.clone()));
+    }
+    let pick = ctx
+        .balancer
+        .pick_endpoint(&target.backend)
+        .ok_or_else(|| Failure::NoEndpoint(target.backend.service.clone()))?;
+    let peer = peer_of(ctx, state, pick.endpoint);
+    log.upstream = Some(pick.endpoint);
+    log.destination_workload = state.pod_by_ip(pick.endpoint.ip()).cloned();
+    log.destination_principal = peer.identity.as_ref().map(|i| i.to_string());
+    log.security = peer.security;
+    let protocol = if parts.version == Version::HTTP_2 || frontend.backend_http2 {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    let request = upstream_request(
+        parts,
+        body.take(),
+        protocol,
+        &target.filters.request_headers,
+    )
+    .map_err(Failure::Invalid)?;
+    let send = ctx
+        .http_upstreams
+        .send(ctx, pick.endpoint, &peer, protocol, request, upgrade);
+    let response = match rule.backend_timeout {
+        Some(t) => tokio::time::timeout(t, send)
+            .await
+            .map_err(|_| Failure::Timeout)?,
+        None => send.await,
+    }
+    .map_err(Failure::Upstream)?;
+    drop(pick);
+    Ok(Attempt {
+        response,
+        backend: target.clone(),
+    })
+}
+
+/// Attempts until one succeeds, the retry policy is spent, or a failure is final.
+async fn attempts(
+    x: &Exchange<'_>,
+    mut body: RequestBody,
+    log: &mut RequestLog,
+) -> Result<Attempt, Failure> {
+    let Exchange {
+        ctx,
+        frontend,
+        rule,
+        parts,
+        upgrade,
+        ..
+    } = *x;
+    let replayable = matches!(body, RequestBody::Replayable(_));
+    let idempotent = is_idempotent(&parts.method);
+    let policy = rule.retry.as_ref().filter(|_| !upgrade);
+    let mut retries_left = policy.map(|p| p.attempts).unwrap_or(0);
+    let mut backoff = policy.map(|p| p.backoff).unwrap_or_default();
+    loop {
+        let result = attempt(x, &mut body, log).await;
+        let retry = match (&result, policy) {
+            (_, None) => false,
+            (Ok(a), Some(p)) => replayable && p.codes.contains(&a.response.status().as_u16()),
+            (Err(f), Some(_)) => f.retriable(replayable, idempotent),
+        };
+        if !retry || retries_left == 0 {
+            if retry {
+                log.flags = if result.is_ok() {
+                    flags::RETRY_LIMIT
+                } else {
+                    log.flags
+                };
+            }
+            return result;
+        }
+        if let Err(Failure::Upstream(e)) = &result {
+            debug!(pod = %log.pod, error = %e, "retrying");
+        }
+        retries_left -= 1;
+        log.retries += 1;
+        ctx.metrics
+            .request_retries
+            .with_label_values(&[&frontend.service.to_string()])
+            .inc();
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF.max(backoff));
+    }
+}
+
+fn apply_response_headers(headers: &mut HeaderMap, rule: &Rule, backend: Option<&BackendTarget>) {
+    let backend_filters = backend
+        .map(|b| b.filters.response_headers.as_slice())
+        .unwrap_or(&[]);
+    for m in rule.filters.response_headers.iter().chain(backend_filters) {
+        m.apply(headers);
+    }
+}
+
+/// Joins the two upgraded halves (e.g. a WebSocket) once both sides have switched.
+fn splice_upgrade(
+    downstream: hyper::upgrade::OnUpgrade,
+    response: &mut Response<Incoming>,
+    pod: String,
+) {
+    let upstream = hyper::upgrade::on(response);
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((down, up)) => {
+                let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                    debug!(%pod, error = %e, "upgraded connection ended");
+                }
+            }
+            Err(e) => crate::warn_limited!(%pod, error = %e, "protocol upgrade failed"),
+        }
+    });
+}
+
+async fn request_body(body: Incoming, parts: &Parts, retry: bool) -> Result<RequestBody, String> {
+    use http_body::Body as _;
+    let small = body.is_end_stream()
+        || body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= MAX_REPLAY_BODY);
+    if !(retry && small) {
+        return Ok(RequestBody::Streaming(Some(body)));
+    }
+    let collected = body.collect().await.map_err(|e| {
+        format!(
+            "reading the request body of {} {} failed: {e}",
+            parts.method,
+            parts.uri.path()
+        )
+    })?;
+    Ok(RequestBody::Replayable(collected.to_bytes()))
+}
+
+/// Serves one request of a downstream connection.
+pub async fn handle(
+    mut request: Request<Incoming>,
+    ctx: Arc<PodContext>,
+    frontend: Arc<Frontend>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let upgrade = is_upgrade(&request);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
+    let (mut parts, body) = request.into_parts();
+    let trace_id = trace_context::ensure(&mut parts.headers);
+    let mut log = RequestLog {
+        started: std::time::Instant::now(),
+        pod: ctx.pod.clone(),
+        src: frontend.src,
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        authority: authority(&parts).unwrap_or_default(),
+        protocol: if parts.version == Version::HTTP_2 {
+            "http/2"
+        } else {
+            "http/1.1"
+        },
+        trace_id,
+        service: frontend.service.clone(),
+        rule: String::new(),
+        backend: None,
+        upstream: None,
+        source_principal: ctx.identity.to_string(),
+        destination_principal: None,
+        destination_workload: None,
+        security: Security::None,
+        retries: 0,
+        flags: flags::NONE,
+        detail: String::new(),
+    };
+    let state = ctx.state.borrow().clone();
+    let table = ctx
+        .http_routes
+        .table(&state, &frontend.service, frontend.port, frontend.want_v6);
+    let Some((matched, rule)) = table.select(&parts) else {
+        let text = format!(
+            "no HTTPRoute rule for {}:{} matches {} {}; check the route's matches with `meshctl node routes`",
+            frontend.service, frontend.port, parts.method, parts.uri.path()
+        );
+        return Ok(reply(
+            log,
+            &ctx,
+            StatusCode::NOT_FOUND,
+            flags::NO_ROUTE,
+            text,
+        ));
+    };
+    let (matched, rule): (PathMatch, Arc<Rule>) = (matched.path.clone(), rule.clone());
+    log.rule = rule.describe();
+    if let Some(reason) = &rule.invalid {
+        let text = format!("rule {} is invalid: {reason}", rule.describe());
+        return Ok(reply(
+            log,
+            &ctx,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            flags::LOCAL_REPLY,
+            text,
+        ));
+    }
+    if let Some(redirect) = &rule.filters.redirect {
+        let location = redirect.location(&parts, &matched);
+        let mut response = local_response(redirect.status, &format!("redirecting to {location}"));
+        if let Ok(v) = HeaderValue::try_from(location.as_str()) {
+            response.headers_mut().insert(header::LOCATION, v);
+        }
+        apply_response_headers(response.headers_mut(), &rule, None);
+        log.flags = flags::LOCAL_REPLY;
+        return Ok(logged(log, &ctx, response));
+    }
+    for m in &rule.filters.request_headers {
+        m.apply(&mut parts.headers);
+    }
+    if let Some(rewrite) = &rule.filters.rewrite {
+        if let Err(e) = rewrite.apply(&mut parts, &matched) {
+            return Ok(reply(
+                log,
+                &ctx,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                flags::LOCAL_REPLY,
+                e,
+            ));
+        }
+    }
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let body = match request_body(body, &parts, rule.retry.is_some()).await {
+        Ok(b) => b,
+        Err(e) => {
+            return Ok(reply(
+                log,
+                &ctx,
+                StatusCode::BAD_REQUEST,
+                flags::DOWNSTREAM_CLOSED,
+                e,
+            ))
+        }
+    };
+    let exchange = Exchange {
+        ctx: &ctx,
+        frontend: &frontend,
+        state: &state,
+        rule: &rule,
+        parts: &parts,
+        upgrade,
+    };
+    let run = attempts(&exchange, body, &mut log);
+    let result = match rule.request_timeout {
+        Some(t) => tokio::time::timeout_at(Instant::now() + t, run)
+            .await
+            .unwrap_or(Err(Failure::Timeout)),
+        None => run.await,
+    };
+    match result {
+        Ok(Attempt {
+            mut response,
+            backend,
+        }) => {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(down) = downstream_upgrade {
+                    splice_upgrade(down, &mut response, ctx.pod.to_string());
+                }
+            } else {
+                strip_hop_by_hop(response.headers_mut(), false);
+            }
+            apply_response_headers(response.headers_mut(), &rule, Some(&backend));
+            let (parts, body) = response.into_parts();
+            Ok(logged(
+                log,
+                &ctx,
+                Response::from_parts(parts, box_body(body)),
+            ))
+        }
+        Err(failure) => {
+            let (status, flag, text) = failure.response();
+            Ok(reply(log, &ctx, status, flag, text))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_but_an_upgrade_keeps_its_own() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private, upgrade"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-app", HeaderValue::from_static("stays"));
+        let mut plain = h.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert_eq!(plain.len(), 1, "{plain:?}");
+        assert!(plain.contains_key("x-app"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+        assert!(!h.contains_key("x-private"));
+    }
+
+    #[test]
+    fn requests_keep_their_authority_in_both_protocols() {
+        let parts = Request::builder()
+            .uri("/a?b=1")
+            .header("host", "echo")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let h1 = upstream_request(&parts, box_body(Empty::new()), Protocol::Http1, &[]).unwrap();
+        assert_eq!(h1.uri(), "/a?b=1");
+        assert_eq!(h1.headers().get("host").unwrap(), "echo");
+        let h2 = upstream_request(&parts, box_body(Empty::new()), Protocol::Http2, &[]).unwrap();
+        assert_eq!(h2.uri(), "http://echo/a?b=1");
+        assert!(h2.headers().get("host").is_none());
+    }
+}

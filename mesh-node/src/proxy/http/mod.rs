@@ -1,0 +1,23 @@
+//! L7 routing on the node proxy: outbound connections to a Service that an HTTPRoute
+//! names (GAMMA) are served as HTTP/1.1 or HTTP/2 and routed per request, with no
+//! extra hop. Everything else stays L4.
+
+pub mod downstream;
+pub mod forward;
+pub mod upstream;
+
+use bytes::Bytes;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every body the proxy sends, whatever its source.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn box_body<B>(body: B) -> ProxyBody
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}

@@ -1,0 +1,66 @@
+//! The in-pod plaintext inbound listener (15006): connections sk_lookup steered here.
+//! The original destination is simply the accepted socket's local address.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use mesh_common::is_mesh_pod_port;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::debug;
+
+use crate::{
+    discovery::cluster::canonical, identity::authz::admit, identity::authz::Admission,
+    proxy::pod::accept_loop, proxy::pod::forward, proxy::pod::refuse, proxy::pod::reset,
+    proxy::pod::PodContext, telemetry::connections::ConnectionInfo,
+    telemetry::connections::Direction,
+};
+
+pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
+    accept_loop(listener, ctx, |stream, peer, ctx| async move {
+        handle(stream, peer, ctx).await
+    })
+    .await
+}
+
+async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
+    let dst = match stream.local_addr() {
+        Ok(a) => SocketAddr::new(canonical(a.ip()), a.port()),
+        Err(e) => {
+            crate::warn_limited!(pod = %ctx.pod, src = %peer, error = %e, "inbound socket has no local address");
+            return;
+        }
+    };
+    debug!(pod = %ctx.pod, src = %peer, dst = %dst, "inbound plaintext");
+    let state = ctx.state.borrow().clone();
+    let info = ConnectionInfo {
+        peer: state.pod_by_ip(canonical(peer.ip())).cloned(),
+        destination_identity: Some(ctx.identity.to_string()),
+        ..ConnectionInfo::new(Direction::Inbound, ctx.pod.clone(), peer, dst)
+    };
+    // sk_lookup only steers the pod's addresses and never the mesh's ports; anything else
+    // reached the loopback listener from inside the pod, and forwarding it would make
+    // the agent connect to itself.
+    if is_mesh_pod_port(dst.port()) {
+        return refuse(stream, info, "inbound_target_mesh_port", &ctx);
+    }
+    if !ctx.ips.contains(&dst.ip()) {
+        return refuse(stream, info, "inbound_target_not_local", &ctx);
+    }
+    if let Admission::Refuse { reason, .. } = admit(&state, &ctx.pod, dst.port(), None) {
+        return refuse(stream, info, reason, &ctx);
+    }
+    forward(stream, dst, info, &ctx).await;
+}
+
+/// Without a CA (`--ca-addr`) there is no mTLS: the HBONE port (15008) stays open so
+/// the mesh owns it, and connections to it are refused and counted.
+pub async fn serve_hbone_placeholder(listener: TcpListener, ctx: Arc<PodContext>) {
+    accept_loop(listener, ctx, |stream, peer, ctx| async move {
+        ctx.metrics
+            .refused
+            .with_label_values(&["hbone_unsupported"])
+            .inc();
+        debug!(pod = %ctx.pod, src = %peer, "HBONE needs a CA (--ca-addr); refusing");
+        reset(stream);
+    })
+    .await
+}

@@ -1,0 +1,7 @@
+//! The proxy: per-pod context and accept loop, the outbound and inbound in-pod
+//! listeners, the L4 relay step, and the HTTP downstream/upstream of the L7 path.
+
+pub mod http;
+pub mod inbound;
+pub mod outbound;
+pub mod pod;

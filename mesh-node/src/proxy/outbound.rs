@@ -1,0 +1,124 @@
+//! The in-pod outbound listener (15001): connections the connect hooks redirected.
+//! The original destination comes from the eBPF map, keyed by the accepted socket's
+//! peer; the upstream connection leaves from inside the pod.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use mesh_common::ConnKey;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::debug;
+
+use crate::{
+    discovery::cluster::canonical, discovery::cluster::ip_from_key, discovery::cluster::ip_key,
+    discovery::cluster::service_account, discovery::cluster::ClusterState, identity::Identity,
+    proxy::http::downstream, proxy::http::forward::Frontend, proxy::pod::accept_loop,
+    proxy::pod::forward, proxy::pod::forward_hbone, proxy::pod::refuse, proxy::pod::reset,
+    proxy::pod::Mesh, proxy::pod::PodContext, routing::http::routes::declares_http2,
+    routing::http::routes::is_http_routed, routing::resolve::resolve, routing::resolve::Resolution,
+    telemetry::connections::ConnectionInfo, telemetry::connections::Direction,
+};
+
+pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
+    accept_loop(listener, ctx, |stream, peer, ctx| async move {
+        handle(stream, peer, ctx).await
+    })
+    .await
+}
+
+/// Drops the parked original destination of a connection refused before it was
+/// handled (the pod at its bound), so that refusals leave nothing behind in the map.
+pub fn forget_original_destination(ctx: &PodContext, peer: SocketAddr) {
+    let key = ConnKey {
+        netns_cookie: ctx.netns_cookie,
+        addr: ip_key(peer.ip()),
+        port: peer.port(),
+        _pad: [0; 3],
+    };
+    let _ = ctx.dataplane.take_orig_dst(&key);
+}
+
+async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
+    let key = ConnKey {
+        netns_cookie: ctx.netns_cookie,
+        addr: ip_key(peer.ip()),
+        port: peer.port(),
+        _pad: [0; 3],
+    };
+    let Some(orig) = ctx.dataplane.take_orig_dst(&key) else {
+        // Someone connected to 15001 directly, or the entry was swept: we cannot know
+        // where this was going.
+        ctx.metrics
+            .refused
+            .with_label_values(&["no_original_destination"])
+            .inc();
+        crate::warn_limited!(pod = %ctx.pod, src = %peer, "outbound connection without an original destination; closing");
+        reset(stream);
+        return;
+    };
+    let dst = SocketAddr::new(ip_from_key(&orig.addr), orig.port);
+    debug!(pod = %ctx.pod, src = %peer, dst = %dst, "outbound");
+    let state = ctx.state.borrow().clone();
+    let mut info = ConnectionInfo::new(Direction::Outbound, ctx.pod.clone(), peer, dst);
+    match resolve(&state, dst, &ctx.service_cidrs) {
+        Resolution::Direct => {
+            info.peer = state.pod_by_ip(canonical(dst.ip())).cloned();
+            send(stream, dst, info, &ctx, &state).await;
+        }
+        Resolution::Service {
+            service,
+            port,
+            backends,
+            ..
+        } => {
+            info.service = Some(format!("{service}:{port}"));
+            if is_http_routed(&state, &service, port) {
+                let frontend = Frontend {
+                    backend_http2: declares_http2(&state, &service, port),
+                    service,
+                    port,
+                    want_v6: canonical(dst.ip()).is_ipv6(),
+                    src: peer,
+                };
+                return downstream::serve(stream, info, frontend, ctx).await;
+            }
+            let Some(pick) = ctx.balancer.pick(&service, port, &backends) else {
+                return refuse(stream, info, "no_ready_endpoint", &ctx);
+            };
+            info.backend = Some(pick.backend.to_string());
+            info.peer = state.pod_by_ip(pick.endpoint.ip()).cloned();
+            send(stream, pick.endpoint, info, &ctx, &state).await;
+            drop(pick);
+        }
+        Resolution::UnknownPort { service, port } => {
+            info.service = Some(format!("{service}:{port}"));
+            refuse(stream, info, "unknown_service_port", &ctx);
+        }
+        Resolution::UnknownService => refuse(stream, info, "unknown_service", &ctx),
+    }
+}
+
+/// The identity to expect at `ip` when it is an enrolled pod (its traffic must then
+/// cross the network as mutual TLS).
+pub fn meshed_identity(state: &ClusterState, mesh: &Mesh, ip: IpAddr) -> Option<Identity> {
+    let (key, pod) = state.meshed_pod(ip)?;
+    Some(mesh.identity_of(&key.namespace, service_account(pod)))
+}
+
+/// HBONE to meshed pods, plain TCP to everything else.
+async fn send(
+    stream: TcpStream,
+    target: SocketAddr,
+    info: ConnectionInfo,
+    ctx: &PodContext,
+    state: &ClusterState,
+) {
+    if let Some(mesh) = &ctx.mesh {
+        if let Some(destination) = meshed_identity(state, mesh, target.ip()) {
+            return forward_hbone(stream, target, destination, info, ctx, mesh).await;
+        }
+    }
+    forward(stream, target, info, ctx).await
+}

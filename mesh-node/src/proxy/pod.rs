@@ -1,0 +1,219 @@
+//! What the in-pod listeners share: the per-pod context, the accept loop, and the
+//! connect-relay-record step that ends every proxied connection.
+
+use std::{
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use mesh_common::HBONE_PORT;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tracing::debug;
+
+use crate::{
+    capture::dataplane::Dataplane, capture::sockets::PodSockets, discovery::cluster::ClusterState,
+    discovery::cluster::PodKey, hbone::client::HboneClient, hbone::stream::relay_stream,
+    hbone::stream::TcpSide, hbone::tls::TrustBundle, identity::certificates::CertificateStore,
+    identity::certificates::IdentityLease, identity::Identity, limits, limits::Listener,
+    limits::PodBudget, limits::PodLimits, limits::Refusal, proxy::http::upstream::UpstreamPool,
+    relay::relay, routing::balancer::Balancer, routing::http::routes::RouteCache,
+    routing::resolve::IpCidr, telemetry::connections::ConnectionInfo,
+    telemetry::connections::ConnectionTable, telemetry::connections::Security,
+    telemetry::metrics::Metrics,
+};
+
+/// What mutual TLS needs, shared by every pod of the node (absent without a CA).
+pub struct Mesh {
+    pub certificates: Arc<CertificateStore>,
+    pub hbone: HboneClient,
+    pub trust: TrustBundle,
+    pub trust_domain: String,
+}
+
+impl Mesh {
+    /// The identity of a pod's service account.
+    pub fn identity_of(&self, namespace: &str, service_account: &str) -> Identity {
+        Identity::new(&self.trust_domain, namespace, service_account)
+    }
+}
+
+/// Everything a listener of one enrolled pod needs.
+pub struct PodContext {
+    pub pod: PodKey,
+    pub identity: Identity,
+    /// Keeps the identity's certificate while the pod's listeners or any connection
+    /// they accepted live (None without a CA).
+    pub identity_lease: Option<IdentityLease>,
+    pub ips: Vec<IpAddr>,
+    pub mesh: Option<Arc<Mesh>>,
+    pub netns_cookie: u64,
+    pub sockets: PodSockets,
+    pub dataplane: Arc<Dataplane>,
+    pub connections: Arc<ConnectionTable>,
+    pub metrics: Arc<Metrics>,
+    pub state: watch::Receiver<Arc<ClusterState>>,
+    pub balancer: Arc<Balancer>,
+    pub service_cidrs: Arc<Vec<IpCidr>>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Compiled HTTPRoutes, shared by the node's pods.
+    pub http_routes: Arc<RouteCache>,
+    /// This pod's kept-alive HTTP connections to backends.
+    pub http_upstreams: UpstreamPool,
+    /// This pod's share of the node's proxying: connections (and HBONE streams) beyond
+    /// it are refused.
+    pub budget: PodBudget,
+    pub limits: PodLimits,
+}
+
+/// Accepts forever, one task per connection, each holding a slot of the pod's budget
+/// for its listener (the listener's port says which: outbound, inbound or HBONE). A
+/// connection beyond the budget is reset at once and counted as `pod_connection_limit`.
+/// Errors such as EMFILE are counted and retried after a pause instead of ending the
+/// listener.
+pub async fn accept_loop<F, Fut>(listener: TcpListener, ctx: Arc<PodContext>, handler: F)
+where
+    F: Fn(TcpStream, SocketAddr, Arc<PodContext>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let which = listener
+        .local_addr()
+        .map_or(Listener::Inbound, |a| Listener::in_pod(a.port()));
+    loop {
+        let (stream, peer) = limits::accept(&listener, which, &ctx.metrics).await;
+        let Some(slot) = ctx.budget.admit(which) else {
+            refuse_over_budget(stream, peer, which, &ctx);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let task = handler(stream, peer, ctx.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            task.await
+        });
+    }
+}
+
+/// The pod is at its bound for `which`: the connection is reset (the application sees
+/// a refused connection), counted, and its parked original destination dropped.
+fn refuse_over_budget(stream: TcpStream, peer: SocketAddr, which: Listener, ctx: &PodContext) {
+    if which == Listener::Outbound {
+        crate::proxy::outbound::forget_original_destination(ctx, peer);
+    }
+    let reason = Refusal::PodConnectionLimit;
+    ctx.metrics
+        .refused
+        .with_label_values(&[reason.name()])
+        .inc();
+    limits::count_refusal(&ctx.metrics, which, reason);
+    debug!(pod = %ctx.pod, src = %peer, listener = which.name(), limit = ctx.limits.max_connections, "connection refused: the pod is at its connection bound");
+    reset(stream);
+}
+
+/// Records a connection the proxy refuses, and resets it.
+pub fn refuse(client: TcpStream, info: ConnectionInfo, reason: &'static str, ctx: &PodContext) {
+    ctx.metrics.refused.with_label_values(&[reason]).inc();
+    crate::warn_limited!(pod = %info.pod, src = %info.src, dst = %info.original_dst, reason, "connection refused");
+    reset(client);
+    ctx.connections
+        .open(info)
+        .close(format!("refused: {reason}"));
+}
+
+/// Tunnels to `target` through the HBONE port of the meshed pod at `target.ip()`,
+/// as this pod's identity, expecting `destination`.
+pub async fn forward_hbone(
+    client: TcpStream,
+    target: SocketAddr,
+    destination: Identity,
+    mut info: ConnectionInfo,
+    ctx: &PodContext,
+    mesh: &Mesh,
+) {
+    info.upstream = Some(target);
+    info.security = Security::MutualTls;
+    info.source_identity = Some(ctx.identity.to_string());
+    info.destination_identity = Some(destination.to_string());
+    let conn = ctx.connections.open(info);
+    let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
+    let (send, recv) = match mesh
+        .hbone
+        .open(
+            &ctx.sockets,
+            &ctx.identity,
+            &destination,
+            hbone_addr,
+            target,
+        )
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.metrics
+                .refused
+                .with_label_values(&["hbone_failed"])
+                .inc();
+            crate::warn_limited!(pod = %ctx.pod, %target, error = %e, "HBONE tunnel failed");
+            reset(client);
+            conn.close(format!("hbone_failed: {e}"));
+            return;
+        }
+    };
+    let end = relay_stream(
+        client,
+        send,
+        recv,
+        TcpSide::Client,
+        ctx.idle_timeout,
+        conn.counters(),
+    )
+    .await;
+    conn.close(end.describe());
+}
+
+/// Connects to `target` from inside the pod; a failure is counted and returned as the
+/// connection's result text.
+pub async fn connect_in_pod(ctx: &PodContext, target: SocketAddr) -> Result<TcpStream, String> {
+    ctx.sockets
+        .connect(target, ctx.connect_timeout)
+        .await
+        .map_err(|e| {
+            ctx.metrics
+                .refused
+                .with_label_values(&["connect_failed"])
+                .inc();
+            format!("connect_failed: {e}")
+        })
+}
+
+/// Connects to `dst` from inside the pod and relays, recording the connection.
+pub async fn forward(
+    client: TcpStream,
+    dst: SocketAddr,
+    mut info: ConnectionInfo,
+    ctx: &PodContext,
+) {
+    info.upstream = Some(dst);
+    let conn = ctx.connections.open(info);
+    let upstream = match connect_in_pod(ctx, dst).await {
+        Ok(s) => s,
+        Err(result) => {
+            reset(client);
+            conn.close(result);
+            return;
+        }
+    };
+    let end = relay(client, upstream, ctx.idle_timeout, conn.counters()).await;
+    conn.close(end.describe());
+}
+
+/// Closes with RST so the application sees a refused/reset connection, not a clean EOF.
+pub fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}

@@ -1,0 +1,388 @@
+//! Outbound resolution (design.md step 3): original destination → Service (by VIP and
+//! port) → TCPRoute whose parentRefs name that Service (GAMMA) → weighted backend
+//! Services → ready endpoints. A destination that is not a Service VIP — a pod IP,
+//! or anything outside the cluster — goes where the application sent it.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    str::FromStr,
+};
+
+use k8s_openapi::api::core::v1::{Service, ServicePort};
+use serde::Serialize;
+
+use crate::{
+    discovery::cluster::canonical, discovery::cluster::ClusterState, discovery::cluster::ObjectKey,
+};
+
+/// Service annotation choosing least-connections instead of round-robin endpoints.
+pub const LOAD_BALANCING_ANNOTATION: &str = "nodemesh.io/load-balancing";
+pub const LEAST_CONNECTIONS: &str = "least-connections";
+
+/// A CIDR such as `10.96.0.0/12` (service address ranges).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpCidr {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl FromStr for IpCidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{text}` is not a CIDR like 10.96.0.0/12 or fd00:96::/108");
+        let (addr, len) = text.split_once('/').ok_or_else(bad)?;
+        let addr = canonical(IpAddr::from_str(addr).map_err(|_| bad())?);
+        let prefix_len: u8 = len.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix_len > max {
+            return Err(bad());
+        }
+        Ok(IpCidr { addr, prefix_len })
+    }
+}
+
+impl std::fmt::Display for IpCidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+impl serde::Serialize for IpCidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl IpCidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |ip: IpAddr| -> (u128, u32) {
+            match ip {
+                IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+                IpAddr::V6(v6) => (u128::from(v6), 128),
+            }
+        };
+        let (net, width) = bits(self.addr);
+        let (candidate, other_width) = bits(canonical(ip));
+        if width != other_width {
+            return false;
+        }
+        let shift = width - u32::from(self.prefix_len);
+        shift >= width || (net >> shift) == (candidate >> shift)
+    }
+}
+
+/// One weighted backend Service of a resolved destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Backend {
+    pub service: ObjectKey,
+    /// The backend Service's port.
+    pub port: u16,
+    pub weight: u32,
+    /// Ready endpoints, sorted.
+    pub endpoints: Vec<SocketAddr>,
+    pub least_connections: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Resolution {
+    /// Not a Service address: connect to the original destination.
+    Direct,
+    Service {
+        service: ObjectKey,
+        port: u16,
+        route: Option<ObjectKey>,
+        backends: Vec<Backend>,
+    },
+    /// A Service VIP, but not one of its ports.
+    UnknownPort { service: ObjectKey, port: u16 },
+    /// Inside a service address range, but no Service has this address.
+    UnknownService,
+}
+
+/// parentRefs default to Gateways; a mesh route names `kind: Service` (core group).
+pub fn is_service_parent(group: Option<&str>, kind: Option<&str>) -> bool {
+    kind == Some("Service") && matches!(group, None | Some("") | Some("core"))
+}
+
+/// backendRefs default to core Services.
+pub fn is_service_backend(group: Option<&str>, kind: Option<&str>) -> bool {
+    matches!(kind, None | Some("Service")) && matches!(group, None | Some("") | Some("core"))
+}
+
+pub fn service_port(service: &Service, port: u16) -> Option<&ServicePort> {
+    service
+        .spec
+        .as_ref()?
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.port == i32::from(port))
+}
+
+/// Ready endpoints of `service`'s `port`, in the address family of `dst`.
+pub fn ready_endpoints(
+    state: &ClusterState,
+    service: &ObjectKey,
+    port: u16,
+    want_v6: bool,
+) -> Vec<SocketAddr> {
+    let Some(svc) = state.services.get(service) else {
+        return Vec::new();
+    };
+    let Some(sp) = service_port(svc, port) else {
+        return Vec::new();
+    };
+    let port_name = sp.name.as_deref().unwrap_or("");
+    let family = if want_v6 { "IPv6" } else { "IPv4" };
+    let mut out = Vec::new();
+    for slice in state.endpoint_slices_of(service) {
+        if slice.address_type != family {
+            continue;
+        }
+        let slice_port = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref().unwrap_or("") == port_name)
+            .and_then(|p| p.port);
+        let Some(target) = slice_port.and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        for ep in slice.endpoints.iter().flatten() {
+            let conditions = ep.conditions.as_ref();
+            // An unset `ready` means ready; terminating endpoints take no new connections.
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            if !ready || terminating {
+                continue;
+            }
+            if let Some(ip) = ep.addresses.first().and_then(|a| IpAddr::from_str(a).ok()) {
+                out.push(SocketAddr::new(canonical(ip), target));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+pub fn backend(
+    state: &ClusterState,
+    service: ObjectKey,
+    port: u16,
+    weight: u32,
+    want_v6: bool,
+) -> Backend {
+    let least_connections = state
+        .services
+        .get(&service)
+        .and_then(|s| {
+            s.metadata
+                .annotations
+                .as_ref()?
+                .get(LOAD_BALANCING_ANNOTATION)
+                .cloned()
+        })
+        .is_some_and(|v| v == LEAST_CONNECTIONS);
+    Backend {
+        endpoints: ready_endpoints(state, &service, port, want_v6),
+        service,
+        port,
+        weight,
+        least_connections,
+    }
+}
+
+pub fn resolve(state: &ClusterState, dst: SocketAddr, service_cidrs: &[IpCidr]) -> Resolution {
+    let ip = canonical(dst.ip());
+    let want_v6 = ip.is_ipv6();
+    let Some((key, svc)) = state.service_by_ip(ip) else {
+        if service_cidrs.iter().any(|c| c.contains(ip)) {
+            return Resolution::UnknownService;
+        }
+        return Resolution::Direct;
+    };
+    let port = dst.port();
+    if service_port(svc, port).is_none() {
+        return Resolution::UnknownPort {
+            service: key.clone(),
+            port,
+        };
+    }
+    let route = state.tcp_routes_for(key, port).into_iter().next();
+    let (route, backends) = match route {
+        Some((route_key, route)) => {
+            // TCP has nothing to match on: the first rule carries the backends.
+            let refs = route
+                .spec
+                .rules
+                .first()
+                .map(|r| r.backend_refs.as_slice())
+                .unwrap_or(&[]);
+            let backends = refs
+                .iter()
+                .filter(|r| is_service_backend(r.group.as_deref(), r.kind.as_deref()))
+                .map(|r| {
+                    let ns = r
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| route_key.namespace.clone());
+                    let backend_port = r.port.and_then(|p| u16::try_from(p).ok()).unwrap_or(port);
+                    let weight = r.weight.unwrap_or(1).max(0) as u32;
+                    backend(
+                        state,
+                        ObjectKey::new(&ns, &r.name),
+                        backend_port,
+                        weight,
+                        want_v6,
+                    )
+                })
+                .collect();
+            (Some(route_key.clone()), backends)
+        }
+        None => (None, vec![backend(state, key.clone(), port, 1, want_v6)]),
+    };
+    Resolution::Service {
+        service: key.clone(),
+        port,
+        route,
+        backends,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::files::parse_manifest;
+
+    fn service(name: &str, ip: &str, annotations: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: apps{annotations}}}\n\
+             spec: {{clusterIP: {ip}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n"
+        )
+    }
+
+    fn slice(service: &str, endpoints: &[(&str, Option<bool>)]) -> String {
+        let eps: Vec<String> = endpoints
+            .iter()
+            .map(|(ip, ready)| match ready {
+                Some(r) => format!("{{addresses: [{ip}], conditions: {{ready: {r}}}}}"),
+                None => format!("{{addresses: [{ip}]}}"),
+            })
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-x, namespace: apps, \
+             labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+             endpoints: [{}]\n---\n",
+            eps.join(", ")
+        )
+    }
+
+    const ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: split, namespace: apps}\n\
+        spec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]\n  rules:\n  - backendRefs:\n    \
+        - {name: web-v1, port: 80, weight: 90}\n    - {name: web-v2, port: 80, weight: 10}\n";
+
+    fn state(yaml: &str) -> ClusterState {
+        ClusterState::from_objects(parse_manifest(yaml).expect("valid yaml"))
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_route_splits_a_service_into_weighted_backends() {
+        let yaml = [
+            service("web", "10.96.0.10", ""),
+            service("web-v1", "10.96.0.11", ""),
+            service(
+                "web-v2",
+                "10.96.0.12",
+                ", annotations: {nodemesh.io/load-balancing: least-connections}",
+            ),
+            slice("web-v1", &[("10.1.0.2", None), ("10.1.0.3", Some(false))]),
+            slice("web-v2", &[("10.2.0.2", Some(true))]),
+            ROUTE.to_string(),
+        ]
+        .concat();
+        let s = state(&yaml);
+        let Resolution::Service {
+            service,
+            route,
+            backends,
+            ..
+        } = resolve(&s, addr("10.96.0.10:80"), &[])
+        else {
+            panic!("not a service");
+        };
+        assert_eq!(service, ObjectKey::new("apps", "web"));
+        assert_eq!(route, Some(ObjectKey::new("apps", "split")));
+        assert_eq!(backends.len(), 2);
+        assert_eq!((backends[0].weight, backends[1].weight), (90, 10));
+        assert_eq!(
+            backends[0].endpoints,
+            vec![addr("10.1.0.2:8080")],
+            "unready endpoint left out"
+        );
+        assert!(!backends[0].least_connections && backends[1].least_connections);
+        // The backends themselves, addressed directly, resolve to their own endpoints.
+        let Resolution::Service {
+            route, backends, ..
+        } = resolve(&s, addr("10.96.0.12:80"), &[])
+        else {
+            panic!("not a service");
+        };
+        assert_eq!(route, None);
+        assert_eq!(backends[0].endpoints, vec![addr("10.2.0.2:8080")]);
+    }
+
+    #[test]
+    fn pod_ips_unknown_vips_and_ports_are_told_apart() {
+        let s = state(
+            &[
+                service("web", "10.96.0.10", ""),
+                slice("web", &[("10.1.0.2", None)]),
+            ]
+            .concat(),
+        );
+        let cidrs = ["10.96.0.0/16".parse::<IpCidr>().unwrap()];
+        assert_eq!(
+            resolve(&s, addr("10.1.0.2:8080"), &cidrs),
+            Resolution::Direct
+        );
+        assert_eq!(
+            resolve(&s, addr("93.184.216.34:443"), &cidrs),
+            Resolution::Direct
+        );
+        assert_eq!(
+            resolve(&s, addr("10.96.9.9:80"), &cidrs),
+            Resolution::UnknownService
+        );
+        assert_eq!(resolve(&s, addr("10.96.9.9:80"), &[]), Resolution::Direct);
+        assert!(matches!(
+            resolve(&s, addr("10.96.0.10:81"), &cidrs),
+            Resolution::UnknownPort { .. }
+        ));
+        assert!(matches!(
+            resolve(&s, addr("[::ffff:10.96.0.10]:80"), &cidrs),
+            Resolution::Service { .. }
+        ));
+    }
+
+    #[test]
+    fn cidrs_parse_and_match() {
+        let c: IpCidr = "10.96.0.0/12".parse().unwrap();
+        assert!(c.contains("10.96.0.1".parse().unwrap()));
+        assert!(c.contains("10.111.255.255".parse().unwrap()));
+        assert!(!c.contains("10.112.0.0".parse().unwrap()));
+        assert!(!c.contains("fd00::1".parse().unwrap()));
+        let v6: IpCidr = "fd00:96::/108".parse().unwrap();
+        assert!(v6.contains("fd00:96::a".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<IpCidr>().is_err());
+        assert!("nonsense".parse::<IpCidr>().is_err());
+        let all: IpCidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("1.2.3.4".parse().unwrap()));
+    }
+}

@@ -1,0 +1,449 @@
+//! Live and recently closed proxied connections: what the admin API lists, what the
+//! access log prints (one line per connection on close), and what the TCP metrics count.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+
+use crate::{
+    discovery::cluster::PodKey, relay::ByteCounters, telemetry::access_log,
+    telemetry::metrics::Metrics, telemetry::metrics::TCP_LABELS,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    /// Istio's `reporter` label: the source side reports outbound, the destination inbound.
+    fn reporter(self) -> &'static str {
+        match self {
+            Direction::Outbound => "source",
+            Direction::Inbound => "destination",
+        }
+    }
+}
+
+/// How the connection crossed the network (Istio's `connection_security_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Security {
+    None,
+    MutualTls,
+}
+
+impl Security {
+    pub fn label(self) -> &'static str {
+        match self {
+            Security::None => "none",
+            Security::MutualTls => "mutual_tls",
+        }
+    }
+}
+
+/// Who is talking to whom, fixed when the connection is accepted.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionInfo {
+    pub direction: Direction,
+    /// The enrolled pod on this node whose listener accepted the connection.
+    pub pod: PodKey,
+    pub src: SocketAddr,
+    pub original_dst: SocketAddr,
+    /// The peer workload, when the state knows the address.
+    pub peer: Option<PodKey>,
+    /// Outbound to a Service: the Service and port (`ns/name:port`).
+    pub service: Option<String>,
+    /// The backend Service the route chose (the Service itself without a route).
+    pub backend: Option<String>,
+    /// Where the proxy connected: the chosen endpoint, or the original destination.
+    pub upstream: Option<SocketAddr>,
+    pub security: Security,
+    /// SPIFFE IDs, when known (always, for mutual TLS).
+    pub source_identity: Option<String>,
+    pub destination_identity: Option<String>,
+}
+
+impl ConnectionInfo {
+    /// A plaintext connection with nothing resolved yet.
+    pub fn new(
+        direction: Direction,
+        pod: PodKey,
+        src: SocketAddr,
+        original_dst: SocketAddr,
+    ) -> ConnectionInfo {
+        ConnectionInfo {
+            direction,
+            pod,
+            src,
+            original_dst,
+            peer: None,
+            service: None,
+            backend: None,
+            upstream: None,
+            security: Security::None,
+            source_identity: None,
+            destination_identity: None,
+        }
+    }
+}
+
+/// One connection, as listed by the admin API and printed by the access log.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionRecord {
+    pub id: u64,
+    #[serde(flatten)]
+    pub info: ConnectionInfo,
+    pub started_unix_ms: u64,
+    pub duration_ms: u64,
+    pub bytes_to_server: u64,
+    pub bytes_to_client: u64,
+    /// `open` while live; then `completed`, `idle_timeout`, `connect_failed: ...`, ...
+    pub result: String,
+}
+
+struct Live {
+    info: ConnectionInfo,
+    started: Instant,
+    started_unix_ms: u64,
+    counters: Arc<ByteCounters>,
+}
+
+/// How many closed connections the admin API keeps for inspection.
+const CLOSED_HISTORY: usize = 4096;
+
+pub struct ConnectionTable {
+    next_id: AtomicU64,
+    live: Mutex<HashMap<u64, Live>>,
+    closed: Mutex<VecDeque<ConnectionRecord>>,
+    metrics: Arc<Metrics>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn label_of(key: &Option<PodKey>) -> (&str, &str) {
+    key.as_ref()
+        .map(|k| (k.name.as_str(), k.namespace.as_str()))
+        .unwrap_or(("unknown", "unknown"))
+}
+
+/// Istio's `destination_service`, `_name` and `_namespace` from `ns/name:port`.
+fn service_labels(service: Option<&str>) -> [String; 3] {
+    let parsed = service
+        .and_then(|s| s.rsplit_once(':'))
+        .and_then(|(key, _port)| key.split_once('/'));
+    match parsed {
+        Some((ns, name)) => [
+            format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}"),
+            name.to_string(),
+            ns.to_string(),
+        ],
+        None => ["unknown".into(), "unknown".into(), "unknown".into()],
+    }
+}
+
+/// The cluster DNS domain in `destination_service` host names.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Envoy-style response flags from a connection's result: a fixed, small set.
+/// `-` none, `UF` upstream connect failure, `UH` no ready endpoint, `NR` no such
+/// Service (port) or a misdirected tunnel, `RBAC` policy or STRICT refusal, `SI` idle
+/// timeout, `UC` relay error, `DC` cut short (pod removed, agent stopping).
+pub fn response_flags(result: &str) -> &'static str {
+    let (kind, detail) = result.split_once(':').unwrap_or((result, ""));
+    match (kind, detail.trim()) {
+        ("open" | "completed", _) => "-",
+        ("connect_failed" | "hbone_failed", _) => "UF",
+        ("refused", "no_ready_endpoint") => "UH",
+        ("refused", "unknown_service" | "unknown_service_port" | "hbone_target_not_local") => "NR",
+        ("refused", _) | ("denied", _) => "RBAC",
+        ("idle_timeout", _) => "SI",
+        ("aborted", _) => "DC",
+        _ => "UC",
+    }
+}
+
+impl ConnectionInfo {
+    /// TCP metric label values ([`TCP_LABELS`]) from this connection's view.
+    fn labels(&self, flags: &str) -> [String; 13] {
+        let me = (self.pod.name.as_str(), self.pod.namespace.as_str());
+        let peer = label_of(&self.peer);
+        let (src, dst) = match self.direction {
+            Direction::Outbound => (me, peer),
+            Direction::Inbound => (peer, me),
+        };
+        let principal = |id: &Option<String>| id.clone().unwrap_or_else(|| "unknown".into());
+        let [svc, svc_name, svc_ns] = service_labels(self.service.as_deref());
+        [
+            self.direction.reporter().into(),
+            src.0.into(),
+            src.1.into(),
+            principal(&self.source_identity),
+            dst.0.into(),
+            dst.1.into(),
+            principal(&self.destination_identity),
+            svc,
+            svc_name,
+            svc_ns,
+            "tcp".into(),
+            flags.into(),
+            self.security.label().into(),
+        ]
+    }
+}
+
+impl ConnectionTable {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<ConnectionTable> {
+        Arc::new(ConnectionTable {
+            next_id: AtomicU64::new(1),
+            live: Mutex::new(HashMap::new()),
+            closed: Mutex::new(VecDeque::with_capacity(CLOSED_HISTORY)),
+            metrics,
+        })
+    }
+
+    /// Registers a connection; finish it with [`OpenConnection::close`].
+    pub fn open(self: &Arc<Self>, info: ConnectionInfo) -> OpenConnection {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Opened is counted as the connection starts, before its outcome is known.
+        self.metrics
+            .tcp_opened
+            .with_label_values(&info.labels("-"))
+            .inc();
+        let counters = Arc::new(ByteCounters::default());
+        let started_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        lock(&self.live).insert(
+            id,
+            Live {
+                info,
+                started: Instant::now(),
+                started_unix_ms,
+                counters: counters.clone(),
+            },
+        );
+        OpenConnection {
+            table: self.clone(),
+            id,
+            counters,
+            closed: false,
+        }
+    }
+
+    fn record(id: u64, live: &Live, result: String) -> ConnectionRecord {
+        ConnectionRecord {
+            id,
+            info: live.info.clone(),
+            started_unix_ms: live.started_unix_ms,
+            duration_ms: live.started.elapsed().as_millis() as u64,
+            bytes_to_server: live.counters.to_server.load(Ordering::Relaxed),
+            bytes_to_client: live.counters.to_client.load(Ordering::Relaxed),
+            result,
+        }
+    }
+
+    fn finish(&self, id: u64, result: String) {
+        let Some(live) = lock(&self.live).remove(&id) else {
+            return;
+        };
+        let record = Self::record(id, &live, result);
+        let labels = record.info.labels(response_flags(&record.result));
+        self.metrics.tcp_closed.with_label_values(&labels).inc();
+        self.metrics
+            .tcp_sent_bytes
+            .with_label_values(&labels)
+            .inc_by(record.bytes_to_server);
+        self.metrics
+            .tcp_received_bytes
+            .with_label_values(&labels)
+            .inc_by(record.bytes_to_client);
+        access_log::write(&access_entry(&record, &labels));
+        let mut closed = lock(&self.closed);
+        if closed.len() == CLOSED_HISTORY {
+            closed.pop_front();
+        }
+        closed.push_back(record);
+    }
+
+    pub fn live(&self) -> Vec<ConnectionRecord> {
+        let live = lock(&self.live);
+        let mut out: Vec<_> = live
+            .iter()
+            .map(|(id, l)| Self::record(*id, l, "open".into()))
+            .collect();
+        out.sort_by_key(|r| r.id);
+        out
+    }
+
+    pub fn closed(&self) -> Vec<ConnectionRecord> {
+        lock(&self.closed).iter().cloned().collect()
+    }
+
+    /// Open connections by direction (for the health gauges).
+    pub fn live_counts(&self) -> (usize, usize) {
+        let live = lock(&self.live);
+        let outbound = live
+            .values()
+            .filter(|l| l.info.direction == Direction::Outbound)
+            .count();
+        (outbound, live.len() - outbound)
+    }
+}
+
+/// The access-log line of a closed connection: the metric labels under the same
+/// names, plus what is per connection (addresses, bytes, duration, result).
+fn access_entry(record: &ConnectionRecord, labels: &[String; 13]) -> serde_json::Value {
+    let mut entry = serde_json::Map::new();
+    entry.insert("log".into(), "access".into());
+    entry.insert("kind".into(), "tcp".into());
+    entry.insert("id".into(), record.id.into());
+    entry.insert("start_unix_ms".into(), record.started_unix_ms.into());
+    for (name, value) in TCP_LABELS.iter().zip(labels) {
+        entry.insert((*name).into(), value.as_str().into());
+    }
+    let info = &record.info;
+    let text = |v: Option<String>| v.map(serde_json::Value::from).unwrap_or_default();
+    entry.insert("pod".into(), info.pod.to_string().into());
+    entry.insert("source_address".into(), info.src.to_string().into());
+    entry.insert(
+        "destination_address".into(),
+        info.original_dst.to_string().into(),
+    );
+    entry.insert(
+        "upstream_address".into(),
+        text(info.upstream.map(|u| u.to_string())),
+    );
+    entry.insert("upstream_backend".into(), text(info.backend.clone()));
+    entry.insert("sent_bytes".into(), record.bytes_to_server.into());
+    entry.insert("received_bytes".into(), record.bytes_to_client.into());
+    entry.insert("duration_ms".into(), record.duration_ms.into());
+    entry.insert("result".into(), record.result.as_str().into());
+    serde_json::Value::Object(entry)
+}
+
+/// A registered connection; closing it (or dropping it) writes its record.
+pub struct OpenConnection {
+    table: Arc<ConnectionTable>,
+    id: u64,
+    counters: Arc<ByteCounters>,
+    closed: bool,
+}
+
+impl OpenConnection {
+    pub fn counters(&self) -> &ByteCounters {
+        &self.counters
+    }
+
+    /// The counters, for I/O wrappers that outlive a borrow (upgraded connections).
+    pub fn shared_counters(&self) -> Arc<ByteCounters> {
+        self.counters.clone()
+    }
+
+    pub fn close(mut self, result: impl Into<String>) {
+        self.closed = true;
+        self.table.finish(self.id, result.into());
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if !self.closed {
+            // The task was cancelled (pod removed, agent stopping).
+            self.table.finish(self.id, "aborted".into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(direction: Direction) -> ConnectionInfo {
+        ConnectionInfo {
+            peer: Some(PodKey::new("apps", "server")),
+            service: Some("apps/web:80".into()),
+            ..ConnectionInfo::new(
+                direction,
+                PodKey::new("apps", "client"),
+                "127.0.0.1:40000".parse().unwrap(),
+                "10.0.2.2:8080".parse().unwrap(),
+            )
+        }
+    }
+
+    #[test]
+    fn records_move_from_live_to_closed_with_their_bytes() {
+        let metrics = Arc::new(Metrics::new());
+        let table = ConnectionTable::new(metrics.clone());
+        let conn = table.open(info(Direction::Outbound));
+        conn.counters().to_server.fetch_add(10, Ordering::Relaxed);
+        assert_eq!(table.live().len(), 1);
+        assert_eq!(table.live()[0].bytes_to_server, 10);
+        conn.close("completed");
+        assert!(table.live().is_empty());
+        let closed = table.closed();
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].result, "completed");
+        assert_eq!(closed[0].info.original_dst.to_string(), "10.0.2.2:8080");
+        let text = metrics.encode();
+        assert!(text.contains("nodemesh_tcp_sent_bytes_total{connection_security_policy=\"none\",destination_principal=\"unknown\",destination_service=\"web.apps.svc.cluster.local\",destination_service_name=\"web\",destination_service_namespace=\"apps\",destination_workload=\"server\",destination_workload_namespace=\"apps\",reporter=\"source\",request_protocol=\"tcp\",response_flags=\"-\",source_principal=\"unknown\",source_workload=\"client\",source_workload_namespace=\"apps\"} 10"), "{text}");
+    }
+
+    #[test]
+    fn a_dropped_connection_is_recorded_as_aborted() {
+        let table = ConnectionTable::new(Arc::new(Metrics::new()));
+        drop(table.open(info(Direction::Inbound)));
+        assert_eq!(table.closed()[0].result, "aborted");
+    }
+
+    #[test]
+    fn results_map_to_a_fixed_set_of_response_flags() {
+        for (result, flags) in [
+            ("completed", "-"),
+            ("connect_failed: connection refused", "UF"),
+            ("hbone_failed: handshake", "UF"),
+            ("refused: no_ready_endpoint", "UH"),
+            ("refused: unknown_service_port", "NR"),
+            ("refused: policy_denied", "RBAC"),
+            ("refused: strict_mtls_plaintext", "RBAC"),
+            ("denied: apps/deny-all", "RBAC"),
+            ("idle_timeout", "SI"),
+            ("aborted", "DC"),
+            ("error: broken pipe", "UC"),
+        ] {
+            assert_eq!(response_flags(result), flags, "{result}");
+        }
+    }
+
+    #[test]
+    fn the_access_entry_uses_the_metric_label_names() {
+        let table = ConnectionTable::new(Arc::new(Metrics::new()));
+        let conn = table.open(info(Direction::Outbound));
+        conn.counters().to_server.fetch_add(5, Ordering::Relaxed);
+        conn.close("refused: policy_denied");
+        let record = &table.closed()[0];
+        let entry = access_entry(record, &record.info.labels("RBAC"));
+        for label in TCP_LABELS {
+            assert!(entry.get(label).is_some(), "{label} missing: {entry}");
+        }
+        assert_eq!(entry["response_flags"], "RBAC");
+        assert_eq!(entry["sent_bytes"], 5);
+        assert_eq!(entry["destination_service_name"], "web");
+        let line = serde_json::to_string(&entry).unwrap();
+        assert!(!line.contains('\n'));
+    }
+}

@@ -1,0 +1,207 @@
+//! What one HTTP request leaves behind: an access-log line and the request metrics,
+//! written when its response body ends (or is abandoned), so durations and byte
+//! counts cover the whole exchange.
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::proxy::http::ProxyBody;
+use crate::{
+    discovery::cluster::ObjectKey, discovery::cluster::PodKey, telemetry::access_log,
+    telemetry::connections::Security, telemetry::metrics::Metrics,
+    telemetry::metrics::REQUEST_LABELS,
+};
+
+/// Envoy-style response flags (Istio's `response_flags` label values).
+pub mod flags {
+    pub const NONE: &str = "-";
+    /// No route rule matched.
+    pub const NO_ROUTE: &str = "NR";
+    /// No healthy upstream: the chosen backend has no ready endpoint.
+    pub const NO_HEALTHY_UPSTREAM: &str = "UH";
+    /// Connecting to the upstream failed.
+    pub const UPSTREAM_CONNECT_FAILURE: &str = "UF";
+    /// The upstream did not answer in time.
+    pub const UPSTREAM_TIMEOUT: &str = "UT";
+    /// Retries exhausted on a retriable response.
+    pub const RETRY_LIMIT: &str = "URX";
+    /// Answered by the proxy itself (redirect, invalid rule).
+    pub const LOCAL_REPLY: &str = "LR";
+    /// The destination's authorization policy refused the tunnel.
+    pub const DENIED: &str = "RBAC";
+    /// The downstream went away before the response ended.
+    pub const DOWNSTREAM_CLOSED: &str = "DC";
+}
+
+/// The facts of one request, filled in as it is routed.
+#[derive(Debug, Clone)]
+pub struct RequestLog {
+    pub started: Instant,
+    pub pod: PodKey,
+    pub src: SocketAddr,
+    pub method: String,
+    pub path: String,
+    pub authority: String,
+    pub protocol: &'static str,
+    pub trace_id: String,
+    pub service: ObjectKey,
+    pub rule: String,
+    pub backend: Option<ObjectKey>,
+    pub upstream: Option<SocketAddr>,
+    pub source_principal: String,
+    pub destination_principal: Option<String>,
+    pub destination_workload: Option<PodKey>,
+    pub security: Security,
+    pub retries: u32,
+    pub flags: &'static str,
+    pub detail: String,
+}
+
+impl RequestLog {
+    fn finish(&self, metrics: &Metrics, status: u16, bytes_out: u64, aborted: bool) {
+        let flags = if aborted && self.flags == flags::NONE {
+            flags::DOWNSTREAM_CLOSED
+        } else {
+            self.flags
+        };
+        let code = status.to_string();
+        let (dst_name, dst_ns) = self
+            .destination_workload
+            .as_ref()
+            .map(|p| (p.name.as_str(), p.namespace.as_str()))
+            .unwrap_or(("unknown", "unknown"));
+        let backend = self.backend.as_ref().unwrap_or(&self.service);
+        let host = format!("{}.{}.svc.cluster.local", backend.name, backend.namespace);
+        let labels = [
+            "source",
+            self.pod.name.as_str(),
+            self.pod.namespace.as_str(),
+            self.source_principal.as_str(),
+            dst_name,
+            dst_ns,
+            self.destination_principal.as_deref().unwrap_or("unknown"),
+            host.as_str(),
+            backend.name.as_str(),
+            backend.namespace.as_str(),
+            code.as_str(),
+            flags,
+            self.security.label(),
+        ];
+        let elapsed = self.started.elapsed();
+        metrics.requests.with_label_values(&labels).inc();
+        metrics
+            .request_duration
+            .with_label_values(&labels)
+            .observe(elapsed.as_secs_f64() * 1000.0);
+        let mut entry = serde_json::Map::new();
+        entry.insert("log".into(), "access".into());
+        entry.insert("kind".into(), "request".into());
+        for (name, value) in REQUEST_LABELS.iter().zip(labels) {
+            entry.insert((*name).into(), value.into());
+        }
+        let text = |v: Option<String>| v.map(serde_json::Value::from).unwrap_or_default();
+        let fields: [(&str, serde_json::Value); 15] = [
+            ("response_code", status.into()),
+            ("pod", self.pod.to_string().into()),
+            ("source_address", self.src.to_string().into()),
+            ("method", self.method.as_str().into()),
+            ("path", self.path.as_str().into()),
+            ("authority", self.authority.as_str().into()),
+            ("request_protocol", self.protocol.into()),
+            ("duration_ms", (elapsed.as_secs_f64() * 1000.0).into()),
+            ("received_bytes", bytes_out.into()),
+            ("service", self.service.to_string().into()),
+            ("route", self.rule.as_str().into()),
+            (
+                "backend",
+                text(self.backend.as_ref().map(|b| b.to_string())),
+            ),
+            (
+                "upstream_address",
+                text(self.upstream.map(|u| u.to_string())),
+            ),
+            ("retries", self.retries.into()),
+            ("trace_id", self.trace_id.as_str().into()),
+        ];
+        for (k, v) in fields {
+            entry.insert(k.into(), v);
+        }
+        if !self.detail.is_empty() {
+            entry.insert("detail".into(), self.detail.as_str().into());
+        }
+        access_log::write(&serde_json::Value::Object(entry));
+    }
+}
+
+/// A response body that writes the request's log line and metrics when it ends.
+pub struct LoggedBody {
+    inner: ProxyBody,
+    log: Option<(RequestLog, Arc<Metrics>, u16)>,
+    bytes: u64,
+}
+
+impl LoggedBody {
+    pub fn new(inner: ProxyBody, log: RequestLog, metrics: Arc<Metrics>, status: u16) -> Self {
+        LoggedBody {
+            inner,
+            log: Some((log, metrics, status)),
+            bytes: 0,
+        }
+    }
+
+    fn done(&mut self, aborted: bool) {
+        if let Some((log, metrics, status)) = self.log.take() {
+            log.finish(&metrics, status, self.bytes, aborted);
+        }
+    }
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.done(false);
+                }
+            }
+            Poll::Ready(None) => self.done(false),
+            Poll::Ready(Some(Err(_))) => self.done(true),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        // hyper drops a body it never polled (HEAD, 204, 304) or one whose client left.
+        let aborted = !self.inner.is_end_stream();
+        self.done(aborted);
+    }
+}
