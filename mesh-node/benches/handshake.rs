@@ -8,8 +8,9 @@ use std::{
 };
 
 use mesh_node::{
-    hbone::tls::static_client_config, hbone::tls::TrustBundle, identity::ca::authority::new_csr,
-    identity::ca::authority::CertificateAuthority, identity::pem, identity::Identity,
+    hbone::tls::static_client_config, identity::ca::authority::new_csr,
+    identity::ca::authority::CertificateAuthority, identity::pem, identity::spiffe::TrustBundle,
+    identity::Identity,
 };
 use rustls::{pki_types::ServerName, server::WebPkiClientVerifier, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};

@@ -17,17 +17,17 @@ use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tracing::{info, warn};
 
 use crate::{
-    admin::server, admin::server::AdminState, admin::server::LogLevel, capture::cgroup,
+    admin::server, admin::state::AdminState, admin::state::LogLevel, capture::cgroup,
     capture::cgroup::MountError, capture::dataplane::Dataplane, capture::dataplane::DataplaneError,
     capture::locator::KubepodsLocator, capture::locator::NetnsDirectory,
     capture::locator::NetnsLocator, capture::netns::Netns, capture::netns::NetnsError,
     capture::netns::NetnsId, capture::preflight, capture::preflight::PreflightError,
     capture::sockets::PodSockets, config::AgentConfig, config::NetnsLocatorKind, config::Source,
     discovery::apiserver, discovery::apiserver::DiscoveryHealth, discovery::cluster::ClusterState,
-    discovery::files, hbone::client::HboneClient, hbone::tls::TrustBundle,
-    identity::ca::client::CaClient, identity::ca::client::Credential,
-    identity::cert_cache::CertCache, identity::certificates::CertificateStore, limits,
-    limits::Gate, limits::Listener, proxy::pod::Mesh, routing::balancer::Balancer,
+    discovery::files, hbone::client::HboneClient, identity::ca::client::CaClient,
+    identity::ca::client::Credential, identity::cert_cache::CertCache,
+    identity::certificates::CertificateStore, identity::spiffe::TrustBundle, limits, limits::Gate,
+    limits::Listener, proxy::pod::Mesh, routing::balancer::Balancer,
     telemetry::connections::ConnectionTable, telemetry::metrics::Metrics, workloads::ProxySettings,
     workloads::Workloads,
 };
@@ -317,7 +317,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         if !Arc::ptr_eq(&state, &applied) {
             metrics
                 .state_last_update
-                .set(crate::admin::views::unix_now());
+                .set(crate::admin::state::unix_now());
             applied = state.clone();
         }
         workloads.reconcile(&state);

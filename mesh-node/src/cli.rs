@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::{config::AgentConfig, identity::ca::server::CaConfig};
+use crate::{ca::server::CaConfig, config::AgentConfig};
 
 #[derive(Parser)]
 #[command(name = "mesh-node", version, about = "Nodemesh node agent")]

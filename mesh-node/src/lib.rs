@@ -6,12 +6,14 @@
 
 pub mod admin;
 pub mod agent;
+pub mod ca;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod discovery;
 pub mod hbone;
 pub mod identity;
+pub mod keys;
 pub mod limits;
 pub mod proxy;
 pub mod relay;

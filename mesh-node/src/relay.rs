@@ -12,28 +12,14 @@ use tokio::{
     net::TcpStream,
 };
 
+use crate::telemetry::connections::ByteCounters;
+
 const BUFFER: usize = 64 * 1024;
-
-/// Byte counts of a live connection, readable while it runs.
-#[derive(Debug, Default)]
-pub struct ByteCounters {
-    pub to_server: AtomicU64,
-    pub to_client: AtomicU64,
-    /// Milliseconds since `epoch` of the last byte either way.
-    last_activity_ms: AtomicU64,
-}
-
-impl ByteCounters {
-    /// Milliseconds (since the relay's start) of the last byte either way.
-    pub fn activity(&self) -> &AtomicU64 {
-        &self.last_activity_ms
-    }
-}
 
 /// Completes once nothing has moved for `idle` (activity measured from `epoch`).
 pub async fn idle_watchdog(counters: &ByteCounters, idle: Duration, epoch: Instant) {
     loop {
-        let last = Duration::from_millis(counters.last_activity_ms.load(Ordering::Relaxed));
+        let last = Duration::from_millis(counters.activity().load(Ordering::Relaxed));
         let deadline = last + idle;
         let now = epoch.elapsed();
         if now >= deadline {
@@ -103,14 +89,14 @@ pub async fn relay(
         client_read,
         server_write,
         &counters.to_server,
-        &counters.last_activity_ms,
+        counters.activity(),
         epoch,
     );
     let down = pump(
         server_read,
         client_write,
         &counters.to_client,
-        &counters.last_activity_ms,
+        counters.activity(),
         epoch,
     );
     let both = async { tokio::try_join!(up, down) };

@@ -24,10 +24,9 @@ use crate::{
     capture::dataplane::SkLookupLink, capture::holds::Holds, capture::locator::NetnsLocator,
     capture::netns::Netns, capture::netns::NetnsError, capture::netns::NetnsId,
     capture::sockets::PodSockets, discovery::cluster::ip_key, discovery::cluster::ClusterState,
-    discovery::cluster::PodKey, discovery::cluster::PodPlan, hbone, identity::Identity,
-    proxy::inbound, proxy::outbound, proxy::pod::Mesh, proxy::pod::PodContext,
-    routing::balancer::Balancer, routing::resolve::IpCidr, telemetry::connections::ConnectionTable,
-    telemetry::metrics::Metrics,
+    discovery::cluster::PodPlan, hbone, identity::Identity, keys::PodKey, proxy::inbound,
+    proxy::outbound, proxy::pod::Mesh, proxy::pod::PodContext, routing::balancer::Balancer,
+    routing::resolve::IpCidr, telemetry::connections::ConnectionTable, telemetry::metrics::Metrics,
 };
 
 #[derive(Debug, Error)]
@@ -595,9 +594,11 @@ impl Workloads {
         for l in hbone.into_iter().flatten() {
             note(&l);
             tasks.push(match &hbone_tls {
-                Some(acceptor) => {
-                    tokio::spawn(hbone::server::serve(l, ctx.clone(), acceptor.clone()))
-                }
+                Some(acceptor) => tokio::spawn(crate::proxy::inbound_hbone::serve(
+                    l,
+                    ctx.clone(),
+                    acceptor.clone(),
+                )),
                 None => tokio::spawn(inbound::serve_hbone_placeholder(l, ctx.clone())),
             });
         }

@@ -19,10 +19,10 @@ use k8s_openapi::api::{
 };
 use kube::CustomResourceExt;
 use mesh_node::{
-    capture::preflight::missing_capabilities, cli::Cli, cli::Command, config::AgentConfig,
-    config::NetnsLocatorKind, config::Source, discovery::apiserver::watched_resources,
-    discovery::apiserver::WATCH_VERBS, discovery::policy::AuthorizationPolicy,
-    identity::ca::server::CaConfig,
+    ca::server::CaConfig, capture::preflight::missing_capabilities, cli::Cli, cli::Command,
+    config::AgentConfig, config::NetnsLocatorKind, config::Source,
+    discovery::apiserver::watched_resources, discovery::apiserver::WATCH_VERBS,
+    discovery::policy::AuthorizationPolicy,
 };
 use objects::{all, deploy_dir, documents, is_kustomization, the, yaml_files, Object};
 use serde::Deserialize;

@@ -7,9 +7,9 @@ use std::{
 
 use bytes::Bytes;
 use mesh_node::{
-    hbone::tls::static_client_config, hbone::tls::TrustBundle, identity::ca::authority::new_csr,
+    hbone::tls::static_client_config, identity::ca::authority::new_csr,
     identity::ca::authority::CertificateAuthority, identity::ca::client::CaClient,
-    identity::ca::client::CaClientError, identity::Identity,
+    identity::ca::client::CaClientError, identity::spiffe::TrustBundle, identity::Identity,
 };
 use mesh_tests::sim::{capture, host, ClusterSpec, PodSpec, SimCluster};
 use rustls::pki_types::ServerName;

@@ -1,7 +1,7 @@
 //! Agent-health gauges, read from their sources when metrics are scraped (cheaper
 //! than keeping them current, and never stale).
 
-use crate::{admin::server::AdminState, admin::views::unix_now};
+use crate::{admin::state::unix_now, admin::state::AdminState};
 
 pub fn refresh(state: &AdminState) {
     let m = &state.metrics;

@@ -6,5 +6,6 @@ pub mod client;
 pub mod health;
 pub mod routes;
 pub mod server;
+pub mod state;
 pub mod trace;
 pub mod views;

@@ -6,8 +6,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
-    discovery::cluster::ClusterState, discovery::cluster::ObjectKey, routing::balancer::PickCounts,
-    routing::resolve::is_service_backend, routing::resolve::is_service_parent,
+    discovery::cluster::is_service_parent, discovery::cluster::ClusterState, keys::ObjectKey,
+    routing::balancer::PickCounts, routing::resolve::is_service_backend,
     routing::resolve::ready_endpoints,
 };
 

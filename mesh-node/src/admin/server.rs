@@ -3,12 +3,7 @@
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
-    time::Instant,
+    sync::{atomic::AtomicBool, Arc},
 };
 
 use bytes::Bytes;
@@ -16,95 +11,18 @@ use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn, Method, Request, Response, StatusCode};
 use serde::Serialize;
 use serde_json::json;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::{
-    admin::health, admin::trace::HttpAttributes, admin::trace::TraceError, admin::views,
-    capture::dataplane::Dataplane, config::AgentConfig, discovery::apiserver::DiscoveryHealth,
-    discovery::cluster::service_ips, discovery::cluster::ClusterState,
-    identity::certificates::CertificateStore, limits, limits::Gate, routing::balancer::Balancer,
-    routing::resolve::resolve, routing::resolve::IpCidr, telemetry::connections::ConnectionTable,
-    telemetry::metrics::Metrics, workloads::WorkloadStatus,
+    admin::health, admin::state::unready_reason, admin::state::AdminState,
+    admin::trace::HttpAttributes, admin::trace::TraceError, admin::views,
+    admin::views::services_view, capture::dataplane::Dataplane,
+    discovery::apiserver::DiscoveryHealth, identity::certificates::CertificateStore, limits,
+    limits::Gate, telemetry::metrics::Metrics,
 };
 
 pub type HttpResponse = Response<Full<Bytes>>;
-
-/// Installs a new log filter, or says why it is invalid.
-type ApplyFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
-
-/// Changes the log filter at runtime.
-pub struct LogLevel {
-    current: Mutex<String>,
-    apply: ApplyFilter,
-}
-
-impl LogLevel {
-    pub fn new(
-        initial: &str,
-        apply: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static,
-    ) -> LogLevel {
-        LogLevel {
-            current: Mutex::new(initial.to_string()),
-            apply: Box::new(apply),
-        }
-    }
-
-    pub fn get(&self) -> String {
-        self.current.lock().map(|c| c.clone()).unwrap_or_default()
-    }
-
-    pub fn set(&self, level: &str) -> Result<(), String> {
-        (self.apply)(level)?;
-        if let Ok(mut c) = self.current.lock() {
-            *c = level.to_string();
-        }
-        Ok(())
-    }
-}
-
-/// What the admin API reads.
-pub struct AdminState {
-    pub config: AgentConfig,
-    pub dataplane: Arc<Dataplane>,
-    pub connections: Arc<ConnectionTable>,
-    pub metrics: Arc<Metrics>,
-    pub workloads: watch::Receiver<Arc<Vec<WorkloadStatus>>>,
-    pub ready: Arc<AtomicBool>,
-    pub discovery: Arc<DiscoveryHealth>,
-    pub state: watch::Receiver<Arc<ClusterState>>,
-    pub certificates: Option<Arc<CertificateStore>>,
-    pub log_level: LogLevel,
-    pub balancer: Arc<Balancer>,
-    pub started: Instant,
-}
-
-/// Every Service port with what a connection to it would resolve to right now; an
-/// HTTP-routed port also with its HTTPRoutes (their rules choose per request).
-pub(crate) fn services_view(
-    state: &ClusterState,
-    cidrs: &[IpCidr],
-    picks: &crate::routing::balancer::PickCounts,
-) -> Vec<serde_json::Value> {
-    let mut out = Vec::new();
-    for (key, svc) in state.services.iter() {
-        let vips = service_ips(svc);
-        let ports = svc.spec.iter().flat_map(|s| s.ports.iter().flatten());
-        for port in ports.filter_map(|p| u16::try_from(p.port).ok()) {
-            let resolution = vips
-                .first()
-                .map(|vip| resolve(state, SocketAddr::new(*vip, port), cidrs));
-            out.push(json!({
-                "service": key,
-                "vips": vips,
-                "port": port,
-                "resolution": resolution,
-                "http_routes": crate::admin::routes::http_routes_for(state, key, port, picks),
-            }));
-        }
-    }
-    out
-}
 
 fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> HttpResponse {
     let mut r = Response::new(Full::new(body.into()));
@@ -299,31 +217,6 @@ fn admin_method_not_allowed(path: &str) -> Option<HttpResponse> {
         "/logging" => method_not_allowed("GET, POST"),
         _ => method_not_allowed("GET"),
     })
-}
-
-/// The discovery part of readiness: a kind whose list or watch has failed too long.
-pub fn discovery_unready_reason(discovery: &DiscoveryHealth) -> Option<String> {
-    discovery
-        .unready_reason(Instant::now())
-        .map(|why| format!("discovery: {why}"))
-}
-
-/// Why the agent is not ready (None: ready).
-pub fn unready_reason(
-    ready: &AtomicBool,
-    discovery: &DiscoveryHealth,
-    dataplane: &Dataplane,
-    certificates: Option<&CertificateStore>,
-) -> Option<String> {
-    if !ready.load(Ordering::Relaxed) {
-        return Some("eBPF or first reconcile pending".into());
-    }
-    if let Some(why) = crate::limits::fd_exhaustion() {
-        return Some(why);
-    }
-    discovery_unready_reason(discovery)
-        .or_else(|| dataplane.pressure_reason())
-        .or_else(|| certificates.and_then(CertificateStore::unready_reason))
 }
 
 pub fn readiness(

@@ -1,24 +1,18 @@
 //! The JSON views of the admin API that combine several parts of the agent: status,
 //! policies, routes and trace.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use serde_json::{json, Value};
 
-use crate::{
-    admin::routes::route_views, admin::server::AdminState, admin::trace::trace,
-    admin::trace::HttpAttributes, admin::trace::Trace, admin::trace::TraceError,
-    admin::trace::TraceInputs, discovery::cluster::ClusterState, discovery::cluster::ObjectKey,
-    discovery::cluster::PodKey, discovery::cluster::MESH_LABEL, discovery::policy::PolicyAction,
-    identity::authz::selects,
-};
+use std::net::SocketAddr;
 
-pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
+use crate::{
+    admin::routes::route_views, admin::state::unix_now, admin::state::AdminState,
+    admin::trace::trace, admin::trace::HttpAttributes, admin::trace::Trace,
+    admin::trace::TraceError, admin::trace::TraceInputs, discovery::cluster::service_ips,
+    discovery::cluster::ClusterState, discovery::cluster::MESH_LABEL,
+    discovery::policy::PolicyAction, identity::authz::selects, keys::ObjectKey, keys::PodKey,
+    routing::resolve::resolve, routing::resolve::IpCidr,
+};
 
 /// One view of the agent's health: readiness, state freshness, what it serves.
 pub fn status(state: &AdminState) -> Value {
@@ -31,7 +25,7 @@ pub fn status(state: &AdminState) -> Value {
         .unwrap_or_default();
     let (live_out, live_in) = state.connections.live_counts();
     let last_update = state.metrics.state_last_update.get();
-    let unready = crate::admin::server::unready_reason(
+    let unready = crate::admin::state::unready_reason(
         &state.ready,
         &state.discovery,
         &state.dataplane,
@@ -139,11 +133,38 @@ pub fn run_trace(
     trace(&inputs, &key, to, Some(http))
 }
 
+/// Every Service port with what a connection to it would resolve to right now; an
+/// HTTP-routed port also with its HTTPRoutes (their rules choose per request).
+pub(crate) fn services_view(
+    state: &ClusterState,
+    cidrs: &[IpCidr],
+    picks: &crate::routing::balancer::PickCounts,
+) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for (key, svc) in state.services.iter() {
+        let vips = service_ips(svc);
+        let ports = svc.spec.iter().flat_map(|s| s.ports.iter().flatten());
+        for port in ports.filter_map(|p| u16::try_from(p.port).ok()) {
+            let resolution = vips
+                .first()
+                .map(|vip| resolve(state, SocketAddr::new(*vip, port), cidrs));
+            out.push(json!({
+                "service": key,
+                "vips": vips,
+                "port": port,
+                "resolution": resolution,
+                "http_routes": crate::admin::routes::http_routes_for(state, key, port, picks),
+            }));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{
-        admin::server::services_view, discovery::files::parse_manifest,
+        admin::views::services_view, discovery::files::parse_manifest,
         routing::balancer::PickCounts,
     };
 

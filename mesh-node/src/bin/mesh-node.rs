@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use mesh_node::{
-    admin::server::LogLevel, cli::Cli, cli::Command, config::LogArgs, config::LogFormat,
+    admin::state::LogLevel, cli::Cli, cli::Command, config::LogArgs, config::LogFormat,
 };
 use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Layer};
 
@@ -70,10 +70,7 @@ fn main() -> ExitCode {
                 eprintln!("mesh-node: {e}");
                 return ExitCode::from(2);
             }
-            run_async(
-                "mesh-node ca",
-                mesh_node::identity::ca::server::run(*config),
-            )
+            run_async("mesh-node ca", mesh_node::ca::server::run(*config))
         }
         Command::Agent(config) => {
             let log_level = match init_logging(&config.log) {

@@ -19,8 +19,8 @@ use tracing::{info, warn};
 use crate::{
     capture::dataplane::lock, capture::dataplane::map_err, capture::dataplane::monotonic_ns,
     capture::dataplane::remove_if_present, capture::dataplane::Dataplane,
-    capture::dataplane::DataplaneError, capture::locator::NetnsLocator, discovery::cluster::PodKey,
-    discovery::cluster::PodPlan,
+    capture::dataplane::DataplaneError, capture::locator::NetnsLocator,
+    discovery::cluster::PodPlan, keys::PodKey,
 };
 
 impl Dataplane {

@@ -28,45 +28,10 @@ pub use crate::{
     discovery::enrollment::MESH_LABEL, discovery::enrollment::MTLS_LABEL,
 };
 
-use crate::discovery::policy::AuthorizationPolicy;
+use crate::{discovery::policy::AuthorizationPolicy, keys::ObjectKey, keys::PodKey};
 
 /// Label EndpointSlices carry to name their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-/// Namespace and name of an object (namespace empty for cluster-scoped kinds).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
-}
-
-pub type PodKey = ObjectKey;
-
-impl ObjectKey {
-    pub fn new(namespace: &str, name: &str) -> ObjectKey {
-        ObjectKey {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
-    }
-
-    fn of(meta: &ObjectMeta) -> Option<ObjectKey> {
-        Some(ObjectKey {
-            namespace: meta.namespace.clone().unwrap_or_default(),
-            name: meta.name.clone()?,
-        })
-    }
-}
-
-impl std::fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.namespace.is_empty() {
-            write!(f, "{}", self.name)
-        } else {
-            write!(f, "{}/{}", self.namespace, self.name)
-        }
-    }
-}
 
 /// The kinds the agent watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -175,6 +140,11 @@ pub trait ServiceParents {
     fn service_parents(&self, own_namespace: &str) -> Vec<(ObjectKey, Option<u16>)>;
 }
 
+/// parentRefs name a Service by kind `Service` in the core group.
+pub fn is_service_parent(group: Option<&str>, kind: Option<&str>) -> bool {
+    kind == Some("Service") && matches!(group, None | Some("") | Some("core"))
+}
+
 fn service_parent(
     group: Option<&str>,
     kind: Option<&str>,
@@ -183,7 +153,7 @@ fn service_parent(
     port: Option<i32>,
     own_namespace: &str,
 ) -> Option<(ObjectKey, Option<u16>)> {
-    if !crate::routing::resolve::is_service_parent(group, kind) {
+    if !is_service_parent(group, kind) {
         return None;
     }
     let key = ObjectKey::new(namespace.unwrap_or(own_namespace), name);

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::{
     discovery::cluster::ip_key, discovery::cluster::pod_ips, discovery::cluster::service_account,
-    discovery::cluster::ClusterState, discovery::cluster::PodKey,
+    discovery::cluster::ClusterState, keys::PodKey,
 };
 
 /// Namespace label that enrolls a namespace (`enabled`); on a pod, `disabled` opts out.

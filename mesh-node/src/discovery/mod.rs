@@ -4,6 +4,7 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod duration;
 pub mod enrollment;
 pub mod files;
 pub mod policy;

@@ -21,7 +21,7 @@ use crate::{
     capture::sockets::PodSockets, identity::certificates::CertificateStore, identity::Identity,
     telemetry::metrics::Metrics,
 };
-use crate::{hbone::tls::client_config, hbone::tls::TrustBundle, hbone::tls::ALPN_H2};
+use crate::{hbone::tls::client_config, hbone::tls::ALPN_H2, identity::spiffe::TrustBundle};
 
 /// HTTP/2 windows large enough for one stream to fill a fast link.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;

@@ -16,7 +16,7 @@ use tokio::{
     },
 };
 
-use crate::{relay::ByteCounters, relay::RelayEnd};
+use crate::{relay::RelayEnd, telemetry::connections::ByteCounters};
 
 const CHUNK: usize = 64 * 1024;
 

@@ -8,9 +8,9 @@ use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 
 use crate::{
-    discovery::cluster::ClusterState, discovery::cluster::ObjectKey,
-    discovery::policy::AuthorizationPolicy, discovery::policy::PolicyAction,
-    discovery::policy::PolicyRule, discovery::policy::PolicySource, identity::Identity,
+    discovery::cluster::ClusterState, discovery::policy::AuthorizationPolicy,
+    discovery::policy::PolicyAction, discovery::policy::PolicyRule,
+    discovery::policy::PolicySource, identity::Identity, keys::ObjectKey,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -20,8 +20,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    hbone::tls::spiffe_id, hbone::tls::TrustBundle, identity::certificates::certified,
-    identity::certificates::WorkloadCertificate, identity::Identity,
+    identity::spiffe::spiffe_id, identity::spiffe::TrustBundle,
+    identity::workload_certificate::certified, identity::workload_certificate::WorkloadCertificate,
+    identity::Identity,
 };
 
 /// `statfs` magic numbers of the memory-backed filesystems.

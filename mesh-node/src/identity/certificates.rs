@@ -12,37 +12,17 @@ use std::{
 };
 
 use rcgen::KeyPair;
-use rustls::{
-    pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
-    sign::CertifiedKey,
-};
 use serde::Serialize;
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
-use x509_parser::pem::parse_x509_pem;
 
 use crate::{
-    hbone::tls::TrustBundle, identity::ca::authority::new_csr_with_key,
-    identity::ca::client::CaClient, identity::cert_cache::CachedCertificate,
-    identity::cert_cache::CertCache, identity::pem, identity::Identity,
+    identity::ca::authority::new_csr_with_key, identity::ca::client::CaClient,
+    identity::cert_cache::CachedCertificate, identity::cert_cache::CertCache,
+    identity::spiffe::TrustBundle, identity::workload_certificate::certified,
+    identity::workload_certificate::WorkloadCertificate, identity::Identity,
     telemetry::metrics::Metrics,
 };
-
-/// A usable certificate of one identity.
-#[derive(Debug)]
-pub struct WorkloadCertificate {
-    pub identity: Identity,
-    pub certified: Arc<CertifiedKey>,
-    pub serial: String,
-    pub not_before: SystemTime,
-    pub not_after: SystemTime,
-}
-
-impl WorkloadCertificate {
-    pub fn is_valid(&self, now: SystemTime) -> bool {
-        self.not_before <= now && now < self.not_after
-    }
-}
 
 /// What the admin API shows about a certificate.
 #[derive(Debug, Clone, Serialize)]
@@ -130,32 +110,6 @@ fn unix(t: SystemTime) -> u64 {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Builds the rustls key and reads validity and serial from the issued PEM.
-pub(crate) fn certified(
-    identity: &Identity,
-    key: &KeyPair,
-    cert_pem: &str,
-) -> Result<WorkloadCertificate, String> {
-    let chain = pem::certs_from_pem(cert_pem)?;
-    let (_, pem) =
-        parse_x509_pem(cert_pem.as_bytes()).map_err(|e| format!("certificate PEM: {e}"))?;
-    let x509 = pem.parse_x509().map_err(|e| format!("certificate: {e}"))?;
-    let validity = x509.validity();
-    let at = |secs: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
-    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let signing = pem::provider()
-        .key_provider
-        .load_private_key(der)
-        .map_err(|e| format!("private key: {e}"))?;
-    Ok(WorkloadCertificate {
-        identity: identity.clone(),
-        certified: Arc::new(CertifiedKey::new(chain, signing)),
-        serial: x509.raw_serial_as_string(),
-        not_before: at(validity.not_before.timestamp()),
-        not_after: at(validity.not_after.timestamp()),
-    })
 }
 
 /// When to refresh: half-way through the remaining validity, minus up to 10 % jitter so

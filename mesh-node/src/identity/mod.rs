@@ -5,6 +5,8 @@ pub mod ca;
 pub mod cert_cache;
 pub mod certificates;
 pub mod pem;
+pub mod spiffe;
+pub mod workload_certificate;
 
 use std::{fmt, str::FromStr};
 

@@ -3,5 +3,6 @@
 
 pub mod http;
 pub mod inbound;
+pub mod inbound_hbone;
 pub mod outbound;
 pub mod pod;

@@ -2,10 +2,7 @@
 //! The original destination comes from the eBPF map, keyed by the accepted socket's
 //! peer; the upstream connection leaves from inside the pod.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use mesh_common::ConnKey;
 use tokio::net::{TcpListener, TcpStream};
@@ -13,12 +10,12 @@ use tracing::debug;
 
 use crate::{
     discovery::cluster::canonical, discovery::cluster::ip_from_key, discovery::cluster::ip_key,
-    discovery::cluster::service_account, discovery::cluster::ClusterState, identity::Identity,
-    proxy::http::downstream, proxy::http::forward::Frontend, proxy::pod::accept_loop,
-    proxy::pod::forward, proxy::pod::forward_hbone, proxy::pod::refuse, proxy::pod::reset,
-    proxy::pod::Mesh, proxy::pod::PodContext, routing::http::routes::declares_http2,
+    discovery::cluster::ClusterState, proxy::http::downstream, proxy::http::forward::Frontend,
+    proxy::pod::accept_loop, proxy::pod::forward, proxy::pod::forward_hbone, proxy::pod::refuse,
+    proxy::pod::reset, proxy::pod::PodContext, routing::http::routes::declares_http2,
     routing::http::routes::is_http_routed, routing::resolve::resolve, routing::resolve::Resolution,
-    telemetry::connections::ConnectionInfo, telemetry::connections::Direction,
+    routing::transport::meshed_identity, telemetry::connections::ConnectionInfo,
+    telemetry::connections::Direction,
 };
 
 pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
@@ -26,18 +23,6 @@ pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
         handle(stream, peer, ctx).await
     })
     .await
-}
-
-/// Drops the parked original destination of a connection refused before it was
-/// handled (the pod at its bound), so that refusals leave nothing behind in the map.
-pub fn forget_original_destination(ctx: &PodContext, peer: SocketAddr) {
-    let key = ConnKey {
-        netns_cookie: ctx.netns_cookie,
-        addr: ip_key(peer.ip()),
-        port: peer.port(),
-        _pad: [0; 3],
-    };
-    let _ = ctx.dataplane.take_orig_dst(&key);
 }
 
 async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
@@ -100,13 +85,6 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     }
 }
 
-/// The identity to expect at `ip` when it is an enrolled pod (its traffic must then
-/// cross the network as mutual TLS).
-pub fn meshed_identity(state: &ClusterState, mesh: &Mesh, ip: IpAddr) -> Option<Identity> {
-    let (key, pod) = state.meshed_pod(ip)?;
-    Some(mesh.identity_of(&key.namespace, service_account(pod)))
-}
-
 /// HBONE to meshed pods, plain TCP to everything else.
 async fn send(
     stream: TcpStream,
@@ -116,7 +94,7 @@ async fn send(
     state: &ClusterState,
 ) {
     if let Some(mesh) = &ctx.mesh {
-        if let Some(destination) = meshed_identity(state, mesh, target.ip()) {
+        if let Some(destination) = meshed_identity(state, &mesh.trust_domain, target.ip()) {
             return forward_hbone(stream, target, destination, info, ctx, mesh).await;
         }
     }

@@ -15,16 +15,18 @@ use tokio::{
 };
 use tracing::debug;
 
+use mesh_common::ConnKey;
+
 use crate::{
-    capture::dataplane::Dataplane, capture::sockets::PodSockets, discovery::cluster::ClusterState,
-    discovery::cluster::PodKey, hbone::client::HboneClient, hbone::stream::relay_stream,
-    hbone::stream::TcpSide, hbone::tls::TrustBundle, identity::certificates::CertificateStore,
-    identity::certificates::IdentityLease, identity::Identity, limits, limits::Listener,
-    limits::PodBudget, limits::PodLimits, limits::Refusal, proxy::http::upstream::UpstreamPool,
-    relay::relay, routing::balancer::Balancer, routing::http::routes::RouteCache,
-    routing::resolve::IpCidr, telemetry::connections::ConnectionInfo,
-    telemetry::connections::ConnectionTable, telemetry::connections::Security,
-    telemetry::metrics::Metrics,
+    capture::dataplane::Dataplane, capture::sockets::PodSockets, discovery::cluster::ip_key,
+    discovery::cluster::ClusterState, hbone::client::HboneClient, hbone::stream::relay_stream,
+    hbone::stream::TcpSide, identity::certificates::CertificateStore,
+    identity::certificates::IdentityLease, identity::spiffe::TrustBundle, identity::Identity,
+    keys::PodKey, limits, limits::Listener, limits::PodBudget, limits::PodLimits, limits::Refusal,
+    proxy::http::pool::UpstreamPool, relay::relay, routing::balancer::Balancer,
+    routing::http::routes::RouteCache, routing::resolve::IpCidr,
+    telemetry::connections::ConnectionInfo, telemetry::connections::ConnectionTable,
+    telemetry::connections::Security, telemetry::metrics::Metrics,
 };
 
 /// What mutual TLS needs, shared by every pod of the node (absent without a CA).
@@ -103,7 +105,7 @@ where
 /// a refused connection), counted, and its parked original destination dropped.
 fn refuse_over_budget(stream: TcpStream, peer: SocketAddr, which: Listener, ctx: &PodContext) {
     if which == Listener::Outbound {
-        crate::proxy::outbound::forget_original_destination(ctx, peer);
+        forget_original_destination(ctx, peer);
     }
     let reason = Refusal::PodConnectionLimit;
     ctx.metrics
@@ -216,4 +218,16 @@ pub async fn forward(
 pub fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
+}
+
+/// Drops the parked original destination of a connection refused before it was
+/// handled (the pod at its bound), so that refusals leave nothing behind in the map.
+pub(crate) fn forget_original_destination(ctx: &PodContext, peer: SocketAddr) {
+    let key = ConnKey {
+        netns_cookie: ctx.netns_cookie,
+        addr: ip_key(peer.ip()),
+        port: peer.port(),
+        _pad: [0; 3],
+    };
+    let _ = ctx.dataplane.take_orig_dst(&key);
 }

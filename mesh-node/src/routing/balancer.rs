@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::{discovery::cluster::ObjectKey, routing::resolve::Backend};
+use crate::{keys::ObjectKey, routing::resolve::Backend};
 
 type Frontend = (ObjectKey, u16);
 

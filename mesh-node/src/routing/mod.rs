@@ -4,3 +4,4 @@
 pub mod balancer;
 pub mod http;
 pub mod resolve;
+pub mod transport;

@@ -11,9 +11,7 @@ use std::{
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use serde::Serialize;
 
-use crate::{
-    discovery::cluster::canonical, discovery::cluster::ClusterState, discovery::cluster::ObjectKey,
-};
+use crate::{discovery::cluster::canonical, discovery::cluster::ClusterState, keys::ObjectKey};
 
 /// Service annotation choosing least-connections instead of round-robin endpoints.
 pub const LOAD_BALANCING_ANNOTATION: &str = "nodemesh.io/load-balancing";
@@ -99,11 +97,6 @@ pub enum Resolution {
     UnknownPort { service: ObjectKey, port: u16 },
     /// Inside a service address range, but no Service has this address.
     UnknownService,
-}
-
-/// parentRefs default to Gateways; a mesh route names `kind: Service` (core group).
-pub fn is_service_parent(group: Option<&str>, kind: Option<&str>) -> bool {
-    kind == Some("Service") && matches!(group, None | Some("") | Some("core"))
 }
 
 /// backendRefs default to core Services.

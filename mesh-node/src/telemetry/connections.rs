@@ -14,8 +14,8 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    discovery::cluster::PodKey, relay::ByteCounters, telemetry::access_log,
-    telemetry::metrics::Metrics, telemetry::metrics::TCP_LABELS,
+    keys::PodKey, telemetry::access_log, telemetry::metrics::Metrics,
+    telemetry::metrics::TCP_LABELS,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -445,5 +445,21 @@ mod tests {
         assert_eq!(entry["destination_service_name"], "web");
         let line = serde_json::to_string(&entry).unwrap();
         assert!(!line.contains('\n'));
+    }
+}
+
+/// Byte counts of a live connection, readable while it runs.
+#[derive(Debug, Default)]
+pub struct ByteCounters {
+    pub to_server: AtomicU64,
+    pub to_client: AtomicU64,
+    /// Milliseconds since `epoch` of the last byte either way.
+    last_activity_ms: AtomicU64,
+}
+
+impl ByteCounters {
+    /// Milliseconds (since the relay's start) of the last byte either way.
+    pub fn activity(&self) -> &AtomicU64 {
+        &self.last_activity_ms
     }
 }

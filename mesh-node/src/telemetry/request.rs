@@ -13,11 +13,9 @@ use std::{
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::proxy::http::ProxyBody;
 use crate::{
-    discovery::cluster::ObjectKey, discovery::cluster::PodKey, telemetry::access_log,
-    telemetry::connections::Security, telemetry::metrics::Metrics,
-    telemetry::metrics::REQUEST_LABELS,
+    keys::ObjectKey, keys::PodKey, telemetry::access_log, telemetry::connections::Security,
+    telemetry::metrics::Metrics, telemetry::metrics::REQUEST_LABELS,
 };
 
 /// Envoy-style response flags (Istio's `response_flags` label values).
@@ -142,14 +140,14 @@ impl RequestLog {
 }
 
 /// A response body that writes the request's log line and metrics when it ends.
-pub struct LoggedBody {
-    inner: ProxyBody,
+pub struct LoggedBody<B: Body<Data = Bytes> + Unpin> {
+    inner: B,
     log: Option<(RequestLog, Arc<Metrics>, u16)>,
     bytes: u64,
 }
 
-impl LoggedBody {
-    pub fn new(inner: ProxyBody, log: RequestLog, metrics: Arc<Metrics>, status: u16) -> Self {
+impl<B: Body<Data = Bytes> + Unpin> LoggedBody<B> {
+    pub fn new(inner: B, log: RequestLog, metrics: Arc<Metrics>, status: u16) -> Self {
         LoggedBody {
             inner,
             log: Some((log, metrics, status)),
@@ -164,9 +162,9 @@ impl LoggedBody {
     }
 }
 
-impl Body for LoggedBody {
+impl<B: Body<Data = Bytes> + Unpin> Body for LoggedBody<B> {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -198,7 +196,7 @@ impl Body for LoggedBody {
     }
 }
 
-impl Drop for LoggedBody {
+impl<B: Body<Data = Bytes> + Unpin> Drop for LoggedBody<B> {
     fn drop(&mut self) {
         // hyper drops a body it never polled (HEAD, 204, 304) or one whose client left.
         let aborted = !self.inner.is_end_stream();

@@ -15,9 +15,9 @@ use std::{
 };
 
 use mesh_node::{
-    hbone::tls::static_client_config, hbone::tls::TrustBundle, identity::ca::authority::new_csr,
+    hbone::tls::static_client_config, identity::ca::authority::new_csr,
     identity::ca::authority::CertificateAuthority, identity::ca::client::CaClient,
-    identity::Identity,
+    identity::spiffe::TrustBundle, identity::Identity,
 };
 use mesh_tests::{
     conn_flood::FloodMode,

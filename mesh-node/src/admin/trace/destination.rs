@@ -3,10 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::{
-    discovery::cluster::service_ips, discovery::cluster::ClusterState,
-    discovery::cluster::ObjectKey,
-};
+use crate::{discovery::cluster::service_ips, discovery::cluster::ClusterState, keys::ObjectKey};
 
 /// `ip:port`, `[v6]:port` or `service[.namespace[.svc[.domain]]]:port`; a bare
 /// Service name is looked up in `namespace` (the source pod's), as DNS search does.

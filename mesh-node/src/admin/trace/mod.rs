@@ -20,12 +20,12 @@ use crate::{
     admin::routes::http_routes_for, admin::routes::RouteView, capture::dataplane::Dataplane,
     capture::dataplane::ProgramStatus, discovery::cluster::canonical, discovery::cluster::ip_key,
     discovery::cluster::plan, discovery::cluster::service_account,
-    discovery::cluster::ClusterState, discovery::cluster::ObjectKey, discovery::cluster::PodKey,
-    identity::authz::admit, identity::authz::Admission, identity::Identity,
-    routing::balancer::eligible, routing::balancer::PickCounts,
-    routing::http::routes::is_http_routed, routing::http::routes::RouteTable,
-    routing::resolve::ready_endpoints, routing::resolve::resolve, routing::resolve::Backend,
-    routing::resolve::IpCidr, routing::resolve::Resolution, workloads::WorkloadStatus,
+    discovery::cluster::ClusterState, identity::authz::admit, identity::authz::Admission,
+    identity::Identity, keys::ObjectKey, keys::PodKey, routing::balancer::eligible,
+    routing::balancer::PickCounts, routing::http::routes::is_http_routed,
+    routing::http::routes::RouteTable, routing::resolve::ready_endpoints,
+    routing::resolve::resolve, routing::resolve::Backend, routing::resolve::IpCidr,
+    routing::resolve::Resolution, workloads::WorkloadStatus,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]

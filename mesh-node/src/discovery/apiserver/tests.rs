@@ -4,7 +4,7 @@ use kube::Resource;
 use serde::Serialize;
 
 use crate::discovery::apiserver::*;
-use crate::{discovery::cluster::ObjectKey, discovery::files::parse_manifest};
+use crate::{discovery::files::parse_manifest, keys::ObjectKey};
 
 pub(super) const OBJECTS: &str = r#"
 apiVersion: v1

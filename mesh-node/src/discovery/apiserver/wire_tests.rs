@@ -112,7 +112,7 @@ impl Agent {
 
     /// Readiness's discovery part, as `/healthz/ready` computes it.
     fn readiness(&self) -> Option<String> {
-        crate::admin::server::discovery_unready_reason(&self.health)
+        crate::admin::state::discovery_unready_reason(&self.health)
     }
 
     /// Whether readiness would still hold after the stale limit has passed: no kind

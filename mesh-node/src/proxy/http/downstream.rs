@@ -30,7 +30,8 @@ use tracing::debug;
 
 use crate::{
     limits, limits::Listener, limits::PodSlot, limits::Refusal, limits::Stage,
-    proxy::pod::PodContext, relay::ByteCounters, telemetry::connections::ConnectionInfo,
+    proxy::pod::PodContext, telemetry::connections::ByteCounters,
+    telemetry::connections::ConnectionInfo,
 };
 use crate::{
     proxy::http::box_body, proxy::http::forward::handle, proxy::http::forward::Frontend,

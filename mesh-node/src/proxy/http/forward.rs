@@ -16,12 +16,12 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::{
-    discovery::cluster::ClusterState, discovery::cluster::ObjectKey, proxy::pod::PodContext,
+    discovery::cluster::ClusterState, keys::ObjectKey, proxy::pod::PodContext,
     telemetry::connections::Security,
 };
 use crate::{
-    proxy::http::box_body, proxy::http::upstream::peer_of, proxy::http::upstream::Protocol,
-    proxy::http::upstream::UpstreamError, proxy::http::ProxyBody,
+    proxy::http::box_body, proxy::http::upstream, proxy::http::upstream::peer_of,
+    proxy::http::upstream::Protocol, proxy::http::upstream::UpstreamError, proxy::http::ProxyBody,
     routing::http::filters::authority, routing::http::filters::HeaderModifier,
     routing::http::matching::PathMatch, routing::http::routes::BackendTarget,
     routing::http::routes::Rule, telemetry::request::flags, telemetry::request::LoggedBody,
@@ -301,9 +301,7 @@ async fn attempt(
         &target.filters.request_headers,
     )
     .map_err(Failure::Invalid)?;
-    let send = ctx
-        .http_upstreams
-        .send(ctx, pick.endpoint, &peer, protocol, request, upgrade);
+    let send = upstream::send(ctx, pick.endpoint, &peer, protocol, request, upgrade);
     let response = match rule.backend_timeout {
         Some(t) => tokio::time::timeout(t, send)
             .await

@@ -4,6 +4,7 @@
 
 pub mod downstream;
 pub mod forward;
+pub mod pool;
 pub mod upstream;
 
 use bytes::Bytes;

@@ -3,13 +3,10 @@
 //! time per connection; HTTP/2: one shared connection per endpoint).
 
 use std::{
-    collections::HashMap,
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::{Duration, Instant},
 };
 
 use http::{Request, Response};
@@ -25,16 +22,10 @@ use tracing::debug;
 
 use crate::proxy::http::ProxyBody;
 use crate::{
-    discovery::cluster::ClusterState, discovery::cluster::Objects,
-    discovery::policy::AuthorizationPolicy, hbone::client::HboneError, hbone::io::H2Io,
-    identity::Identity, proxy::outbound::meshed_identity, proxy::pod::PodContext,
-    telemetry::connections::Security,
+    discovery::cluster::ClusterState, hbone::client::HboneError, hbone::io::H2Io,
+    identity::Identity, proxy::http::pool::Policies, proxy::pod::PodContext,
+    routing::transport::meshed_identity, telemetry::connections::Security,
 };
-
-/// Idle HTTP/1.1 connections kept per endpoint.
-const MAX_IDLE_PER_ENDPOINT: usize = 32;
-/// An idle connection older than this is closed rather than reused.
-const IDLE_EXPIRY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
@@ -131,7 +122,7 @@ pub fn peer_of(ctx: &PodContext, state: &ClusterState, target: SocketAddr) -> Pe
     let identity = ctx
         .mesh
         .as_ref()
-        .and_then(|mesh| meshed_identity(state, mesh, target.ip()));
+        .and_then(|mesh| meshed_identity(state, &mesh.trust_domain, target.ip()));
     Peer {
         security: if identity.is_some() {
             Security::MutualTls
@@ -173,159 +164,84 @@ async fn open_transport(
     }
 }
 
-/// The authorization policies a connection was admitted under. The destination
-/// checks policy when a tunnel opens, so a kept-alive connection is reused only while
-/// the policies are the ones it was opened with: tightening a policy reaches new
-/// requests at once, not when pooled connections happen to close.
-type Policies = Objects<AuthorizationPolicy>;
-
-fn same(a: &Policies, b: &Policies) -> bool {
-    Arc::ptr_eq(a, b)
-}
-
-struct IdleHttp1 {
-    sender: conn::http1::SendRequest<ProxyBody>,
-    since: Instant,
-    policies: Policies,
-}
-
-/// One pod's reusable connections to backend endpoints.
-#[derive(Default)]
-pub struct UpstreamPool {
-    http1: Mutex<HashMap<SocketAddr, Vec<IdleHttp1>>>,
-    http2: Mutex<HashMap<SocketAddr, (conn::http2::SendRequest<ProxyBody>, Policies)>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl UpstreamPool {
-    fn idle_http1(
-        &self,
-        target: SocketAddr,
-        policies: &Policies,
-    ) -> Option<conn::http1::SendRequest<ProxyBody>> {
-        let mut pool = lock(&self.http1);
-        let list = pool.get_mut(&target)?;
-        list.retain(|c| {
-            !c.sender.is_closed() && c.since.elapsed() < IDLE_EXPIRY && same(&c.policies, policies)
-        });
-        let ready = list.iter().position(|c| c.sender.is_ready())?;
-        Some(list.swap_remove(ready).sender)
-    }
-
-    /// Puts a connection back once its response is under way: it turns ready again
-    /// when that response has ended.
-    fn release_http1(
-        &self,
-        target: SocketAddr,
-        sender: conn::http1::SendRequest<ProxyBody>,
-        policies: Policies,
-    ) {
-        let mut pool = lock(&self.http1);
-        let list = pool.entry(target).or_default();
-        list.retain(|c| !c.sender.is_closed());
-        if list.len() < MAX_IDLE_PER_ENDPOINT {
-            list.push(IdleHttp1 {
-                sender,
-                since: Instant::now(),
-                policies,
-            });
+async fn new_http1(
+    ctx: &PodContext,
+    target: SocketAddr,
+    peer: &Peer,
+) -> Result<conn::http1::SendRequest<ProxyBody>, UpstreamError> {
+    let io = TokioIo::new(open_transport(ctx, target, peer).await?);
+    let (sender, connection) = conn::http1::handshake(io)
+        .await
+        .map_err(|source| UpstreamError::Handshake { target, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            debug!(%target, error = %e, "upstream HTTP/1.1 connection ended");
         }
-    }
+    });
+    Ok(sender)
+}
 
-    /// Forgets connections that closed, and endpoints left with none (pods come and go).
-    fn prune(&self) {
-        lock(&self.http1).retain(|_, list| {
-            list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_EXPIRY);
-            !list.is_empty()
-        });
-        lock(&self.http2).retain(|_, (s, _)| !s.is_closed());
+async fn http2(
+    ctx: &PodContext,
+    target: SocketAddr,
+    peer: &Peer,
+    policies: &Policies,
+) -> Result<conn::http2::SendRequest<ProxyBody>, UpstreamError> {
+    if let Some(sender) = ctx.http_upstreams.shared_http2(target, policies) {
+        return Ok(sender);
     }
-
-    async fn new_http1(
-        ctx: &PodContext,
-        target: SocketAddr,
-        peer: &Peer,
-    ) -> Result<conn::http1::SendRequest<ProxyBody>, UpstreamError> {
-        let io = TokioIo::new(open_transport(ctx, target, peer).await?);
-        let (sender, connection) = conn::http1::handshake(io)
-            .await
-            .map_err(|source| UpstreamError::Handshake { target, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                debug!(%target, error = %e, "upstream HTTP/1.1 connection ended");
-            }
-        });
-        Ok(sender)
-    }
-
-    async fn http2(
-        &self,
-        ctx: &PodContext,
-        target: SocketAddr,
-        peer: &Peer,
-        policies: &Policies,
-    ) -> Result<conn::http2::SendRequest<ProxyBody>, UpstreamError> {
-        if let Some((s, admitted)) = lock(&self.http2).get(&target) {
-            if !s.is_closed() && same(admitted, policies) {
-                return Ok(s.clone());
-            }
+    ctx.http_upstreams.prune();
+    let io = TokioIo::new(open_transport(ctx, target, peer).await?);
+    let (sender, connection) = conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .map_err(|source| UpstreamError::Handshake { target, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!(%target, error = %e, "upstream HTTP/2 connection ended");
         }
-        self.prune();
-        let io = TokioIo::new(open_transport(ctx, target, peer).await?);
-        let (sender, connection) = conn::http2::handshake(TokioExecutor::new(), io)
-            .await
-            .map_err(|source| UpstreamError::Handshake { target, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(%target, error = %e, "upstream HTTP/2 connection ended");
-            }
-        });
-        lock(&self.http2).insert(target, (sender.clone(), policies.clone()));
-        Ok(sender)
-    }
+    });
+    ctx.http_upstreams
+        .share_http2(target, sender.clone(), policies.clone());
+    Ok(sender)
+}
 
-    /// Sends `request` to `target`, reusing a connection when one is free. A request a
-    /// reused connection could not take (the backend closed it meanwhile) goes out once
-    /// more on a new connection. Upgrade requests always get their own connection.
-    pub async fn send(
-        &self,
-        ctx: &PodContext,
-        target: SocketAddr,
-        peer: &Peer,
-        protocol: Protocol,
-        request: Request<ProxyBody>,
-        upgrade: bool,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let failed = |source| UpstreamError::Request { target, source };
-        let policies = peer.policies.clone();
-        if protocol == Protocol::Http2 {
-            let mut sender = self.http2(ctx, target, peer, &policies).await?;
-            return sender.send_request(request).await.map_err(failed);
-        }
-        let mut request = request;
-        if !upgrade {
-            while let Some(mut sender) = self.idle_http1(target, &policies) {
-                match sender.try_send_request(request).await {
-                    Ok(response) => {
-                        self.release_http1(target, sender, policies);
-                        return Ok(response);
-                    }
-                    Err(mut e) => match e.take_message() {
-                        Some(unsent) => request = unsent,
-                        None => return Err(failed(e.into_error())),
-                    },
+/// Sends `request` to `target`, reusing a connection when one is free. A request a
+/// reused connection could not take (the backend closed it meanwhile) goes out once
+/// more on a new connection. Upgrade requests always get their own connection.
+pub async fn send(
+    ctx: &PodContext,
+    target: SocketAddr,
+    peer: &Peer,
+    protocol: Protocol,
+    request: Request<ProxyBody>,
+    upgrade: bool,
+) -> Result<Response<Incoming>, UpstreamError> {
+    let failed = |source| UpstreamError::Request { target, source };
+    let policies = peer.policies.clone();
+    if protocol == Protocol::Http2 {
+        let mut sender = http2(ctx, target, peer, &policies).await?;
+        return sender.send_request(request).await.map_err(failed);
+    }
+    let mut request = request;
+    if !upgrade {
+        while let Some(mut sender) = ctx.http_upstreams.idle_http1(target, &policies) {
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    ctx.http_upstreams.release_http1(target, sender, policies);
+                    return Ok(response);
                 }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => request = unsent,
+                    None => return Err(failed(e.into_error())),
+                },
             }
         }
-        self.prune();
-        let mut sender = Self::new_http1(ctx, target, peer).await?;
-        let response = sender.send_request(request).await.map_err(failed)?;
-        if !upgrade {
-            self.release_http1(target, sender, policies);
-        }
-        Ok(response)
     }
+    ctx.http_upstreams.prune();
+    let mut sender = new_http1(ctx, target, peer).await?;
+    let response = sender.send_request(request).await.map_err(failed)?;
+    if !upgrade {
+        ctx.http_upstreams.release_http1(target, sender, policies);
+    }
+    Ok(response)
 }

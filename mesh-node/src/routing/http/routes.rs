@@ -16,7 +16,7 @@ use http::{request::Parts, HeaderName, Method};
 use serde::Serialize;
 
 use crate::{
-    config::parse_duration, discovery::cluster::ClusterState, discovery::cluster::ObjectKey,
+    discovery::cluster::ClusterState, discovery::duration::parse_duration, keys::ObjectKey,
     routing::resolve::backend, routing::resolve::is_service_backend,
     routing::resolve::service_port, routing::resolve::Backend,
 };

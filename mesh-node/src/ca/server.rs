@@ -15,15 +15,16 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::at_least_one, config::parse_duration, config::LogArgs, config::Source,
-    discovery::apiserver, discovery::apiserver::DiscoveryHealth, discovery::cluster::ClusterState,
-    discovery::files, identity::pem, identity::DEFAULT_TRUST_DOMAIN, limits, limits::Gate,
-    limits::Listener, limits::ListenerLimits, limits::Stage, telemetry::metrics::Metrics,
+    ca::auth::NodeAuthenticator, ca::sign::answer, ca::sign::SignRefusal,
+    identity::ca::authority::CaError, identity::ca::authority::CertificateAuthority,
+    identity::ca::protocol::ErrorResponse, identity::ca::protocol::SIGN_PATH,
 };
 use crate::{
-    identity::ca::auth::NodeAuthenticator, identity::ca::authority::CaError,
-    identity::ca::authority::CertificateAuthority, identity::ca::protocol::ErrorResponse,
-    identity::ca::protocol::SIGN_PATH, identity::ca::sign::answer, identity::ca::sign::SignRefusal,
+    config::at_least_one, config::LogArgs, config::Source, discovery::apiserver,
+    discovery::apiserver::DiscoveryHealth, discovery::cluster::ClusterState,
+    discovery::duration::parse_duration, discovery::files, identity::pem,
+    identity::DEFAULT_TRUST_DOMAIN, limits, limits::Gate, limits::Listener, limits::ListenerLimits,
+    limits::Stage, telemetry::metrics::Metrics,
 };
 
 #[derive(Debug, Clone, Args, Serialize)]
