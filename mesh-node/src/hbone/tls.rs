@@ -12,7 +12,7 @@ use rustls::{
         ResolvesClientCert,
     },
     pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime},
-    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    server::{danger::ClientCertVerifier, ClientHello, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
     ClientConfig, DigitallySignedStruct, Error as TlsError, RootCertStore, ServerConfig,
     SignatureScheme,
@@ -201,6 +201,17 @@ impl TrustBundle {
     }
 }
 
+/// What a pod's 15008 listener asks of a client certificate: one is required, chained
+/// to the mesh root, valid now and usable for client authentication. The caller then
+/// reads and checks the peer's SPIFFE ID.
+pub(crate) fn client_cert_verifier(
+    trust: &TrustBundle,
+) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), tls::provider())
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 /// Server side of one pod's 15008 listener: its own certificate, client certificates
 /// required.
 pub fn server_config(
@@ -208,10 +219,7 @@ pub fn server_config(
     identity: Identity,
     trust: &TrustBundle,
 ) -> Result<Arc<ServerConfig>, String> {
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(trust.roots.clone(), tls::provider())
-            .build()
-            .map_err(|e| e.to_string())?;
+    let verifier = client_cert_verifier(trust)?;
     let mut config = ServerConfig::builder_with_provider(tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
@@ -272,3 +280,7 @@ pub fn static_client_config(
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
+
+#[cfg(test)]
+#[path = "tls_tests.rs"]
+mod tests;
