@@ -1,5 +1,13 @@
 //! Nodemesh node agent: loads the eBPF dataplane, opens listeners inside each enrolled
 //! pod's network namespace, and proxies the connections the kernel steers to them.
+// Library code returns errors and logs through tracing (the binaries print); see the
+// lints in the workspace's Cargo.toml.
+#![warn(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr
+)]
 
 pub mod access_log;
 pub mod admin;
