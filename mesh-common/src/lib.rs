@@ -6,6 +6,8 @@
 //! comparisons in the kernel, and IPv4, IPv6 and v4-mapped IPv6 sockets all produce the
 //! same keys.
 #![no_std]
+// See the lints in the workspace's Cargo.toml.
+#![warn(clippy::unwrap_used, clippy::expect_used)]
 
 /// In-pod outbound listener (loopback), where connect4/connect6 send enrolled traffic.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -340,11 +342,17 @@ mod user {
     // SAFETY: all of these are repr(C), Copy, with explicit padding fields and no
     // pointers, so any bit pattern of their size is a valid value.
     unsafe impl aya::Pod for Ip {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for OutboundPolicy {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for InboundPolicy {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for NodeConfig {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ConnKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for NodeFlow {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for OrigDst {}
 }
 

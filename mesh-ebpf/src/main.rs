@@ -156,12 +156,15 @@ static mut NM_INBOUND_LISTENERS: SockHash<Ip> = SockHash::with_max_entries(16384
 /// `field` must point into a valid program context.
 #[inline(always)]
 unsafe fn read_ip6(field: &[u32; 4]) -> [u32; 4] {
-    [
-        read_volatile(&field[0]),
-        read_volatile(&field[1]),
-        read_volatile(&field[2]),
-        read_volatile(&field[3]),
-    ]
+    // SAFETY: the caller guarantees `field` is in a valid program context.
+    unsafe {
+        [
+            read_volatile(&field[0]),
+            read_volatile(&field[1]),
+            read_volatile(&field[2]),
+            read_volatile(&field[3]),
+        ]
+    }
 }
 
 #[inline(always)]
@@ -542,6 +545,6 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
 
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     loop {}
 }

@@ -4,6 +4,15 @@
 //! The rooms, and which may import which, are described in ARCHITECTURE.md at the
 //! repository root.
 
+// Library code returns errors and logs through tracing (the binaries print); see the
+// lints in the workspace's Cargo.toml.
+#![warn(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::print_stdout,
+    clippy::print_stderr
+)]
+
 pub mod admin;
 pub mod agent;
 pub mod ca;

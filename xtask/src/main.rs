@@ -27,9 +27,10 @@ struct Cli {
 enum Task {
     /// Build the eBPF object and every binary (release).
     Build,
-    /// Build, then run every test: unit tests and the eBPF end-to-end tests (root), the
-    /// eBPF end-to-end tests again in a VM on Debian bookworm's kernel (6.1), then every
-    /// fuzz target for 30 s (the VM and the fuzzing not when a test filter is given).
+    /// Check formatting and clippy, build, then run every test: unit tests and the eBPF
+    /// end-to-end tests (root), the eBPF end-to-end tests again in a VM on Debian
+    /// bookworm's kernel (6.1), then every fuzz target for 30 s (the VM and the fuzzing
+    /// not when a test filter is given).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
@@ -202,8 +203,53 @@ fn tally(line: &str, passed: &mut u64, failed: &mut u64) {
     }
 }
 
+/// The checks of the lint stage (run from the workspace root), each with what to do
+/// when it fails.
+const LINT_CHECKS: &[(&str, &str)] = &[
+    ("cargo fmt --all -- --check", "run `cargo fmt --all`"),
+    // Workspaces of their own, which `--all` does not reach.
+    (
+        "cargo fmt --manifest-path mesh-ebpf/Cargo.toml -- --check",
+        "run `cargo fmt --manifest-path mesh-ebpf/Cargo.toml`",
+    ),
+    (
+        "cargo fmt --manifest-path mesh-node/fuzz/Cargo.toml -- --check",
+        "run `cargo fmt --manifest-path mesh-node/fuzz/Cargo.toml`",
+    ),
+    // Release, as the build is: clippy reuses its build scripts and proc macros.
+    (
+        "cargo clippy --release --all-targets -- -D warnings",
+        "fix what clippy reports above (`cargo clippy --release --all-targets --fix \
+         --allow-dirty` applies the suggestions it can)",
+    ),
+];
+
+/// The first stage of `test`: formatting and lints, a failure naming its fix.
+fn lint() -> Result<()> {
+    for (tool, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
+        if output_ok(Command::new("cargo").args([tool, "--version"])).is_none() {
+            eprintln!("xtask: adding {component} to the toolchain (the lint stage runs it)");
+            run(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
+    eprintln!("xtask: checking formatting (cargo fmt) and lints (cargo clippy)");
+    for (command, fix) in LINT_CHECKS {
+        let mut words = command.split_whitespace();
+        let status = Command::new(words.next().unwrap_or("cargo"))
+            .current_dir(workspace_root())
+            .args(words)
+            .status()
+            .with_context(|| format!("starting `{command}`"))?;
+        if !status.success() {
+            bail!("`{command}` failed ({status}): {fix}, then run the tests again");
+        }
+    }
+    Ok(())
+}
+
 fn test(extra: &[String]) -> Result<()> {
     require_root("cargo xtask test")?;
+    lint()?;
     build()?;
     eprintln!("xtask: running all tests (unit and eBPF end-to-end)");
     let mut child = Command::new("cargo")

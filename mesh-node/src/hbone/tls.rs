@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rustls::{
     client::ResolvesClientCert,
-    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    server::{danger::ClientCertVerifier, ClientHello, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
     ClientConfig, ServerConfig, SignatureScheme,
 };
@@ -47,6 +47,17 @@ impl ResolvesClientCert for IdentityCert {
     }
 }
 
+/// What a pod's 15008 listener asks of a client certificate: one is required, chained
+/// to the mesh root, valid now and usable for client authentication. The caller then
+/// reads and checks the peer's SPIFFE ID.
+pub(crate) fn client_cert_verifier(
+    trust: &TrustBundle,
+) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    WebPkiClientVerifier::builder_with_provider(trust.roots(), pem::provider())
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 /// Server side of one pod's 15008 listener: its own certificate, client certificates
 /// required.
 pub fn server_config(
@@ -54,9 +65,7 @@ pub fn server_config(
     identity: Identity,
     trust: &TrustBundle,
 ) -> Result<Arc<ServerConfig>, String> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(trust.roots(), pem::provider())
-        .build()
-        .map_err(|e| e.to_string())?;
+    let verifier = client_cert_verifier(trust)?;
     let mut config = ServerConfig::builder_with_provider(pem::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
@@ -109,3 +118,7 @@ pub fn static_client_config(
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
+
+#[cfg(test)]
+#[path = "tls_tests.rs"]
+mod tests;

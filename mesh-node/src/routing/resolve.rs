@@ -1,4 +1,4 @@
-//! Outbound resolution (design.md step 3): original destination → Service (by VIP and
+//! Outbound resolution (ARCHITECTURE.md, "One connection", step 3): original destination → Service (by VIP and
 //! port) → TCPRoute whose parentRefs name that Service (GAMMA) → weighted backend
 //! Services → ready endpoints. A destination that is not a Service VIP — a pod IP,
 //! or anything outside the cluster — goes where the application sent it.

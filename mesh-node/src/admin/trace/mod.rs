@@ -339,7 +339,7 @@ fn candidate(
     // A hostNetwork pod's socket is the node's: recognised when it connects straight to
     // a pod of its own node (not through a Service address).
     let node_socket = source.host_network && backend.is_none() && node == source.node;
-    // The outbound proxy's choice (outbound.rs): HBONE to meshed pods when a CA is set.
+    // The outbound proxy's choice (proxy/outbound.rs): HBONE to meshed pods when a CA is set.
     let expected = match (redirected, inputs.trust_domain) {
         (true, Some(td)) => state
             .meshed_pod(ep.ip())
