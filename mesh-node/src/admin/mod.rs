@@ -3,9 +3,9 @@
 //! `meshctl` uses.
 
 pub mod client;
-pub mod health;
-pub mod routes;
-pub mod server;
+pub(crate) mod health;
+pub(crate) mod routes;
+pub(crate) mod server;
 pub mod state;
-pub mod trace;
-pub mod views;
+pub(crate) mod trace;
+pub(crate) mod views;

@@ -2,6 +2,6 @@
 //! know which pods run on which node, authenticates the node agents that ask, and signs
 //! a workload certificate only for an identity that has a pod on the asking node.
 
-pub mod auth;
+pub(crate) mod auth;
 pub mod server;
-pub mod sign;
+pub(crate) mod sign;

@@ -44,10 +44,6 @@ impl PodSockets {
         PodSockets { netns, home, mark }
     }
 
-    pub fn netns(&self) -> &Netns {
-        &self.netns
-    }
-
     /// A listener bound inside the pod (IPv6 listeners are IPv6-only, so the IPv4 and
     /// IPv6 listeners of a port can coexist and feed the family-matching sk_lookup).
     pub fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {

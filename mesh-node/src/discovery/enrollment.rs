@@ -1,4 +1,5 @@
-//! Enrollment rules (which namespaces and pods join the mesh; see ARCHITECTURE.md) and what the proxy needs to enroll a pod.
+//! Enrollment rules (which namespaces and pods join the mesh) and what the proxy
+//! needs to enroll a pod.
 
 use std::{net::IpAddr, str::FromStr};
 

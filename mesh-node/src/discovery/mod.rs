@@ -4,7 +4,7 @@
 
 pub mod apiserver;
 pub mod cluster;
-pub mod duration;
-pub mod enrollment;
-pub mod files;
+pub(crate) mod duration;
+pub(crate) mod enrollment;
+pub(crate) mod files;
 pub mod policy;

@@ -26,6 +26,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    #[cfg(test)]
     pub fn allowed(&self) -> bool {
         matches!(self, Verdict::Allow { .. })
     }

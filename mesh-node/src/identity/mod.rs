@@ -1,12 +1,12 @@
 //! Workload identity: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 
-pub mod authz;
+pub(crate) mod authz;
 pub mod ca;
-pub mod cert_cache;
-pub mod certificates;
+pub(crate) mod cert_cache;
+pub(crate) mod certificates;
 pub mod pem;
 pub mod spiffe;
-pub mod workload_certificate;
+pub(crate) mod workload_certificate;
 
 use std::{fmt, str::FromStr};
 

@@ -28,7 +28,7 @@ use tracing::info;
 
 use crate::telemetry::metrics::Metrics;
 
-pub use gate::{Admitted, Gate};
+pub use gate::Gate;
 
 /// The listeners the limits apply to (the `listener` label of their metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -90,6 +90,7 @@ impl Listener {
 
 /// Why a connection was refused at a cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)] // each names the limit that refused
 pub enum Refusal {
     /// The listener has as many connections as it allows.
     ConnectionLimit,

@@ -37,19 +37,13 @@ pub struct Mesh {
     pub trust_domain: String,
 }
 
-impl Mesh {
-    /// The identity of a pod's service account.
-    pub fn identity_of(&self, namespace: &str, service_account: &str) -> Identity {
-        Identity::new(&self.trust_domain, namespace, service_account)
-    }
-}
-
 /// Everything a listener of one enrolled pod needs.
 pub struct PodContext {
     pub pod: PodKey,
     pub identity: Identity,
     /// Keeps the identity's certificate while the pod's listeners or any connection
-    /// they accepted live (None without a CA).
+    /// they accepted live (None without a CA). Held for its `Drop`, never read.
+    #[allow(dead_code)]
     pub identity_lease: Option<IdentityLease>,
     pub ips: Vec<IpAddr>,
     pub mesh: Option<Arc<Mesh>>,

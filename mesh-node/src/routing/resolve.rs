@@ -1,7 +1,8 @@
-//! Outbound resolution (ARCHITECTURE.md, "One connection", step 3): original destination → Service (by VIP and
-//! port) → TCPRoute whose parentRefs name that Service (GAMMA) → weighted backend
-//! Services → ready endpoints. A destination that is not a Service VIP — a pod IP,
-//! or anything outside the cluster — goes where the application sent it.
+//! Outbound resolution (ARCHITECTURE.md, "One connection", step 3): original
+//! destination → Service (by VIP and port) → TCPRoute whose parentRefs name that
+//! Service (GAMMA) → weighted backend Services → ready endpoints. A destination that
+//! is not a Service VIP — a pod IP, or anything outside the cluster — goes where the
+//! application sent it.
 
 use std::{
     net::{IpAddr, SocketAddr},

@@ -1,9 +1,9 @@
 //! Telemetry: metrics, the access log, the table of live and recent connections, what
 //! one HTTP request leaves behind, trace context, and rate-limited logging.
 
-pub mod access_log;
-pub mod connections;
-pub mod log_limit;
-pub mod metrics;
-pub mod request;
-pub mod trace_context;
+pub(crate) mod access_log;
+pub(crate) mod connections;
+pub(crate) mod log_limit;
+pub(crate) mod metrics;
+pub(crate) mod request;
+pub(crate) mod trace_context;

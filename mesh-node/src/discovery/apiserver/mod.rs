@@ -11,7 +11,7 @@
 //! says is served; a CRD that is not installed (or is deleted) counts as empty.
 
 mod health;
-pub mod watch;
+pub(crate) mod watch;
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 

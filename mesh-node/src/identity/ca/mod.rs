@@ -2,4 +2,4 @@
 
 pub mod authority;
 pub mod client;
-pub mod protocol;
+pub(crate) mod protocol;

@@ -2,10 +2,10 @@
 //! names (GAMMA) are served as HTTP/1.1 or HTTP/2 and routed per request, with no
 //! extra hop. Everything else stays L4.
 
-pub mod downstream;
-pub mod forward;
-pub mod pool;
-pub mod upstream;
+pub(crate) mod downstream;
+pub(crate) mod forward;
+pub(crate) mod pool;
+pub(crate) mod upstream;
 
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt};

@@ -1,5 +1,5 @@
 //! HTTPRoute rules: compiled route tables, request matching, and filters.
 
-pub mod filters;
-pub mod matching;
-pub mod routes;
+pub(crate) mod filters;
+pub(crate) mod matching;
+pub(crate) mod routes;
