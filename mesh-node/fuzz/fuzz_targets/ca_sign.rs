@@ -11,7 +11,10 @@
 use std::{sync::LazyLock, time::Duration};
 
 use libfuzzer_sys::fuzz_target;
-use mesh_node::{identity::ca::authority::CertificateAuthority, ca::sign::answer, ca::sign::SignRefusal, discovery::files::parse_manifest, discovery::cluster::ClusterState};
+use mesh_node::{
+    ca::sign::answer, ca::sign::SignRefusal, discovery::cluster::ClusterState,
+    discovery::files::parse_manifest, identity::ca::authority::CertificateAuthority,
+};
 
 const NODE: &str = "node-a";
 const IDENTITY: &str = "spiffe://cluster.local/ns/apps/sa/client";

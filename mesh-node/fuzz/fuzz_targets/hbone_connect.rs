@@ -6,7 +6,9 @@ use std::net::IpAddr;
 
 use http::{Method, Request, Uri};
 use libfuzzer_sys::fuzz_target;
-use mesh_node::{hbone::target::connect_target, hbone::target::TargetRefusal, discovery::cluster::canonical};
+use mesh_node::{
+    discovery::cluster::canonical, hbone::target::connect_target, hbone::target::TargetRefusal,
+};
 
 // The input is text, one item a line (so seeds are readable): the method, the request
 // target (`:authority` of a CONNECT), then the pod's addresses; lines that are not an

@@ -8,7 +8,9 @@ use std::{net::IpAddr, sync::LazyLock};
 
 use http::{Response, StatusCode};
 use libfuzzer_sys::fuzz_target;
-use mesh_node::{hbone::client::CONNECTION_WINDOW, hbone::client::STREAM_WINDOW, hbone::target::connect_target};
+use mesh_node::{
+    hbone::client::CONNECTION_WINDOW, hbone::client::STREAM_WINDOW, hbone::target::connect_target,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt, DuplexStream},
     runtime::Runtime,

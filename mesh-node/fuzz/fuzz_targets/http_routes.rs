@@ -10,7 +10,11 @@ use std::sync::LazyLock;
 use arbitrary::Arbitrary;
 use http::{request::Parts, HeaderMap, HeaderName, HeaderValue, Method, Request};
 use libfuzzer_sys::fuzz_target;
-use mesh_node::{discovery::files::parse_manifest, routing::http::filters::authority, routing::http::routes::RouteTable, discovery::cluster::ClusterState, discovery::cluster::KubeObject, keys::ObjectKey};
+use mesh_node::{
+    discovery::cluster::ClusterState, discovery::cluster::KubeObject,
+    discovery::files::parse_manifest, keys::ObjectKey, routing::http::filters::authority,
+    routing::http::routes::RouteTable,
+};
 use serde::Serialize;
 use serde_json::{json, Value};
 

@@ -6,7 +6,12 @@
 use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
-use mesh_node::{identity::authz::admit, routing::balancer::PickCounts, discovery::files::parse_manifest, routing::http::routes::RouteTable, identity::Identity, admin::routes::route_views, discovery::cluster::pod_ips, routing::resolve::resolve, discovery::cluster::service_ips, discovery::cluster::ClusterState};
+use mesh_node::{
+    admin::routes::route_views, discovery::cluster::pod_ips, discovery::cluster::service_ips,
+    discovery::cluster::ClusterState, discovery::files::parse_manifest, identity::authz::admit,
+    identity::Identity, routing::balancer::PickCounts, routing::http::routes::RouteTable,
+    routing::resolve::resolve,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
