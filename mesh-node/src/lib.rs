@@ -22,7 +22,7 @@ pub mod config;
 pub mod discovery;
 pub mod hbone;
 pub mod identity;
-pub(crate) mod keys;
+pub mod keys;
 pub(crate) mod limits;
 pub(crate) mod proxy;
 pub(crate) mod relay;

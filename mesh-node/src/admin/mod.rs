@@ -4,7 +4,7 @@
 
 pub mod client;
 pub(crate) mod health;
-pub(crate) mod routes;
+pub mod routes;
 pub(crate) mod server;
 pub mod state;
 pub(crate) mod trace;

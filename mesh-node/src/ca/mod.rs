@@ -4,4 +4,4 @@
 
 pub(crate) mod auth;
 pub mod server;
-pub(crate) mod sign;
+pub mod sign;

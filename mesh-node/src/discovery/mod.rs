@@ -6,5 +6,5 @@ pub mod apiserver;
 pub mod cluster;
 pub(crate) mod duration;
 pub(crate) mod enrollment;
-pub(crate) mod files;
+pub mod files;
 pub mod policy;

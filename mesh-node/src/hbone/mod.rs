@@ -1,11 +1,11 @@
 //! HBONE: TCP tunnelled through HTTP/2 CONNECT over mutual TLS (Istio-compatible
 //! framing), between node proxies, on each pod's port 15008.
 
-pub(crate) mod client;
+pub mod client;
 pub(crate) mod io;
 pub(crate) mod server;
 pub(crate) mod stream;
-pub(crate) mod target;
+pub mod target;
 pub mod tls;
 
 use tokio::{io::BufReader, net::TcpStream};

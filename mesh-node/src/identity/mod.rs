@@ -1,6 +1,6 @@
 //! Workload identity: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 
-pub(crate) mod authz;
+pub mod authz;
 pub mod ca;
 pub(crate) mod cert_cache;
 pub(crate) mod certificates;

@@ -2,6 +2,6 @@
 //! backend → endpoint → transport — and the balancers that pick among endpoints.
 
 pub mod balancer;
-pub(crate) mod http;
+pub mod http;
 pub mod resolve;
 pub(crate) mod transport;

@@ -1,5 +1,5 @@
 //! HTTPRoute rules: compiled route tables, request matching, and filters.
 
-pub(crate) mod filters;
+pub mod filters;
 pub(crate) mod matching;
-pub(crate) mod routes;
+pub mod routes;
