@@ -333,8 +333,11 @@ fn authorization_policy_allows_the_named_principal_denies_others_and_deny_wins()
             &policy("allow-client", "ALLOW", &id("apps", "client").to_string()),
         )
         .unwrap();
+    // A transfer that began just before the policy reached node b is revoked (counted
+    // as policy_revoked), not denied: wait for a connection the policy refused.
     let denied = cluster.eventually(Duration::from_secs(3), || {
         !cluster.transfer("intruder", dst, 16).unwrap().ok
+            && refused(&cluster, "b", "policy_denied") >= 1.0
     });
     assert!(denied.is_some(), "the intruder was never denied");
     assert!(
