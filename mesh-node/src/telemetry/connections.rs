@@ -410,23 +410,105 @@ mod tests {
         assert_eq!(table.closed()[0].result, "aborted");
     }
 
+    /// Every result text the proxy writes today (one per way a connection ends, as
+    /// formatted at its call site), with the response flags it maps to. The typed end
+    /// that replaces these strings must display exactly this text and give these flags.
+    const RESULTS: &[(&str, &str)] = &[
+        ("open", "-"),
+        // relay.rs / hbone/stream.rs: RelayEnd::describe()
+        ("completed", "-"),
+        ("idle_timeout", "SI"),
+        ("error: connection reset", "UC"),
+        ("error: broken pipe", "UC"),
+        ("error: stream closed by peer", "UC"),
+        // proxy::pod::refuse: format!("refused: {reason}")
+        ("refused: no_ready_endpoint", "UH"),
+        ("refused: unknown_service", "NR"),
+        ("refused: unknown_service_port", "NR"),
+        ("refused: inbound_target_mesh_port", "RBAC"),
+        ("refused: inbound_target_not_local", "RBAC"),
+        ("refused: strict_mtls_plaintext", "RBAC"),
+        ("refused: policy_denied", "RBAC"),
+        // inbound_hbone: format!("refused: {}", refusal.reason()) (only with a target)
+        ("refused: hbone_target_not_local", "NR"),
+        ("refused: hbone_target_mesh_port", "RBAC"),
+        // connect_in_pod: format!("connect_failed: {e}")
+        (
+            "connect_failed: connecting to 10.0.2.2:8080: connection refused",
+            "UF",
+        ),
+        // forward_hbone: format!("hbone_failed: {e}")
+        ("hbone_failed: handshake", "UF"),
+        // inbound_hbone: format!("denied: {}", policy.unwrap_or(reason))
+        ("denied: apps/deny-all", "RBAC"),
+        (
+            "denied: ALLOW policies select this workload and none matched",
+            "RBAC",
+        ),
+        // inbound_hbone: format!("revoked: {}", why.policy.unwrap_or(why.detail))
+        ("revoked: apps/deny-all", "UC"),
+        // inbound_hbone: format!("error: {e}") when the 200 cannot be sent
+        ("error: stream no longer needed", "UC"),
+        // http/downstream.rs
+        ("completed (http)", "UC"),
+        ("header_timeout", "UC"),
+        ("http_error: connection error", "UC"),
+        // OpenConnection dropped unclosed
+        ("aborted", "DC"),
+    ];
+
     #[test]
     fn results_map_to_a_fixed_set_of_response_flags() {
-        for (result, flags) in [
-            ("completed", "-"),
-            ("connect_failed: connection refused", "UF"),
-            ("hbone_failed: handshake", "UF"),
-            ("refused: no_ready_endpoint", "UH"),
-            ("refused: unknown_service_port", "NR"),
-            ("refused: policy_denied", "RBAC"),
-            ("refused: strict_mtls_plaintext", "RBAC"),
-            ("denied: apps/deny-all", "RBAC"),
-            ("idle_timeout", "SI"),
-            ("aborted", "DC"),
-            ("error: broken pipe", "UC"),
-        ] {
-            assert_eq!(response_flags(result), flags, "{result}");
+        for (result, flags) in RESULTS {
+            assert_eq!(response_flags(result), *flags, "{result}");
         }
+    }
+
+    /// Every TCP label with a value of its own, so a label paired with another's value
+    /// shows: the metric line and the access-log fields, exactly.
+    #[test]
+    fn each_tcp_label_carries_its_own_value() {
+        let metrics = Arc::new(Metrics::new());
+        let table = ConnectionTable::new(metrics.clone());
+        let conn = table.open(ConnectionInfo {
+            security: Security::MutualTls,
+            source_identity: Some("spiffe://cluster.local/ns/apps/sa/client".into()),
+            destination_identity: Some("spiffe://cluster.local/ns/shop/sa/server".into()),
+            peer: Some(PodKey::new("shop", "server")),
+            service: Some("shop/web:80".into()),
+            ..info(Direction::Outbound)
+        });
+        conn.close("refused: no_ready_endpoint");
+        let want = [
+            ("reporter", "source"),
+            ("source_workload", "client"),
+            ("source_workload_namespace", "apps"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/apps/sa/client",
+            ),
+            ("destination_workload", "server"),
+            ("destination_workload_namespace", "shop"),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/shop/sa/server",
+            ),
+            ("destination_service", "web.shop.svc.cluster.local"),
+            ("destination_service_name", "web"),
+            ("destination_service_namespace", "shop"),
+            ("request_protocol", "tcp"),
+            ("response_flags", "UH"),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        let text = metrics.encode();
+        let line = "nodemesh_tcp_connections_closed_total{connection_security_policy=\"mutual_tls\",destination_principal=\"spiffe://cluster.local/ns/shop/sa/server\",destination_service=\"web.shop.svc.cluster.local\",destination_service_name=\"web\",destination_service_namespace=\"shop\",destination_workload=\"server\",destination_workload_namespace=\"shop\",reporter=\"source\",request_protocol=\"tcp\",response_flags=\"UH\",source_principal=\"spiffe://cluster.local/ns/apps/sa/client\",source_workload=\"client\",source_workload_namespace=\"apps\"} 1\n";
+        assert!(text.contains(line), "{text}");
+        let record = &table.closed()[0];
+        let entry = access_entry(record, &record.info.labels("UH"));
+        for (name, value) in want {
+            assert_eq!(entry[name], value, "{name} in {entry}");
+        }
+        assert_eq!(entry["result"], "refused: no_ready_endpoint");
     }
 
     #[test]

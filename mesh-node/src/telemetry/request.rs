@@ -203,3 +203,81 @@ impl<B: Body<Data = Bytes> + Unpin> Drop for LoggedBody<B> {
         self.done(aborted);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every request label with a value of its own, so a label paired with another's
+    /// value shows in the metric line.
+    #[test]
+    fn each_request_label_carries_its_own_value() {
+        let metrics = Metrics::new();
+        let log = RequestLog {
+            started: Instant::now(),
+            pod: PodKey::new("apps", "client"),
+            src: "10.0.1.1:40000".parse().unwrap(),
+            method: "GET".into(),
+            path: "/".into(),
+            authority: "web".into(),
+            protocol: "HTTP/1.1",
+            trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+            service: ObjectKey::new("apps", "web"),
+            rule: "apps/web-route rule 0".into(),
+            backend: Some(ObjectKey::new("shop", "web-v2")),
+            upstream: Some("10.0.2.2:8080".parse().unwrap()),
+            source_principal: "spiffe://cluster.local/ns/apps/sa/client".into(),
+            destination_principal: Some("spiffe://cluster.local/ns/shop/sa/server".into()),
+            destination_workload: Some(PodKey::new("shop", "server")),
+            security: Security::MutualTls,
+            retries: 0,
+            flags: flags::UPSTREAM_TIMEOUT,
+            detail: String::new(),
+        };
+        log.finish(&metrics, 504, 0, false);
+        let text = metrics.encode();
+        let labels = "connection_security_policy=\"mutual_tls\",destination_principal=\"spiffe://cluster.local/ns/shop/sa/server\",destination_service=\"web-v2.shop.svc.cluster.local\",destination_service_name=\"web-v2\",destination_service_namespace=\"shop\",destination_workload=\"server\",destination_workload_namespace=\"shop\",reporter=\"source\",response_code=\"504\",response_flags=\"UT\",source_principal=\"spiffe://cluster.local/ns/apps/sa/client\",source_workload=\"client\",source_workload_namespace=\"apps\"";
+        assert!(
+            text.contains(&format!("nodemesh_requests_total{{{labels}}} 1\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "nodemesh_request_duration_milliseconds_count{{{labels}}} 1\n"
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_response_cut_short_is_flagged_downstream_closed() {
+        let metrics = Metrics::new();
+        let log = RequestLog {
+            started: Instant::now(),
+            pod: PodKey::new("apps", "client"),
+            src: "10.0.1.1:40000".parse().unwrap(),
+            method: "GET".into(),
+            path: "/".into(),
+            authority: "web".into(),
+            protocol: "HTTP/1.1",
+            trace_id: String::new(),
+            service: ObjectKey::new("apps", "web"),
+            rule: String::new(),
+            backend: None,
+            upstream: None,
+            source_principal: "unknown".into(),
+            destination_principal: None,
+            destination_workload: None,
+            security: Security::None,
+            retries: 0,
+            flags: flags::NONE,
+            detail: String::new(),
+        };
+        log.finish(&metrics, 200, 0, true);
+        let text = metrics.encode();
+        assert!(
+            text.contains("response_code=\"200\",response_flags=\"DC\""),
+            "{text}"
+        );
+    }
+}
