@@ -11,6 +11,7 @@ use crate::{
     discovery::cluster::ClusterState, discovery::policy::AuthorizationPolicy,
     discovery::policy::PolicyAction, discovery::policy::PolicyRule,
     discovery::policy::PolicySource, identity::Identity, keys::ObjectKey,
+    telemetry::outcome::RefusalReason,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -131,7 +132,7 @@ pub enum Admission {
     },
     Refuse {
         /// The `reason` label of `nodemesh_connections_refused_total`.
-        reason: &'static str,
+        reason: RefusalReason,
         policy: Option<String>,
         detail: String,
     },
@@ -148,7 +149,7 @@ pub fn admit(
 ) -> Admission {
     if peer.is_none() && state.strict_mtls(&dest.namespace) {
         return Admission::Refuse {
-            reason: "strict_mtls_plaintext",
+            reason: RefusalReason::StrictMtlsPlaintext,
             policy: None,
             detail: format!("namespace {} is STRICT: plaintext refused", dest.namespace),
         };
@@ -156,7 +157,7 @@ pub fn admit(
     match authorize(state, dest, port, peer) {
         Verdict::Allow { policy } => Admission::Allow { policy },
         Verdict::Deny { policy, reason } => Admission::Refuse {
-            reason: "policy_denied",
+            reason: RefusalReason::PolicyDenied,
             policy,
             detail: reason,
         },
@@ -276,7 +277,7 @@ mod tests {
         assert!(matches!(
             admit(&s, &server, 8080, None),
             Admission::Refuse {
-                reason: "strict_mtls_plaintext",
+                reason: RefusalReason::StrictMtlsPlaintext,
                 ..
             }
         ));
@@ -288,7 +289,7 @@ mod tests {
         assert!(matches!(
             admit(&s, &server, 8080, None),
             Admission::Refuse {
-                reason: "policy_denied",
+                reason: RefusalReason::PolicyDenied,
                 ..
             }
         ));

@@ -15,7 +15,8 @@ use serde::Serialize;
 
 use crate::{
     keys::PodKey, telemetry::access_log, telemetry::metrics::Metrics,
-    telemetry::metrics::TCP_LABELS,
+    telemetry::metrics::TCP_LABELS, telemetry::outcome::ConnectionEnd,
+    telemetry::outcome::ResponseFlags,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -108,8 +109,30 @@ pub struct ConnectionRecord {
     pub duration_ms: u64,
     pub bytes_to_server: u64,
     pub bytes_to_client: u64,
-    /// `open` while live; then `completed`, `idle_timeout`, `connect_failed: ...`, ...
-    pub result: String,
+    /// How it ended; `None` while live. Shown as `result`: `open` while live, then the
+    /// end's text (`completed`, `idle_timeout`, `connect_failed: ...`, ...).
+    #[serde(rename = "result", serialize_with = "serialize_result")]
+    pub end: Option<ConnectionEnd>,
+}
+
+impl ConnectionRecord {
+    /// The `result` text of the admin API and the access log.
+    pub fn result(&self) -> String {
+        match &self.end {
+            Some(end) => end.to_string(),
+            None => "open".into(),
+        }
+    }
+}
+
+fn serialize_result<S: serde::Serializer>(
+    end: &Option<ConnectionEnd>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match end {
+        Some(end) => s.collect_str(end),
+        None => s.serialize_str("open"),
+    }
 }
 
 struct Live {
@@ -157,27 +180,9 @@ fn service_labels(service: Option<&str>) -> [String; 3] {
 /// The cluster DNS domain in `destination_service` host names.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
-/// Envoy-style response flags from a connection's result: a fixed, small set.
-/// `-` none, `UF` upstream connect failure, `UH` no ready endpoint, `NR` no such
-/// Service (port) or a misdirected tunnel, `RBAC` policy or STRICT refusal, `SI` idle
-/// timeout, `UC` relay error, `DC` cut short (pod removed, agent stopping).
-pub fn response_flags(result: &str) -> &'static str {
-    let (kind, detail) = result.split_once(':').unwrap_or((result, ""));
-    match (kind, detail.trim()) {
-        ("open" | "completed", _) => "-",
-        ("connect_failed" | "hbone_failed", _) => "UF",
-        ("refused", "no_ready_endpoint") => "UH",
-        ("refused", "unknown_service" | "unknown_service_port" | "hbone_target_not_local") => "NR",
-        ("refused", _) | ("denied", _) => "RBAC",
-        ("idle_timeout", _) => "SI",
-        ("aborted", _) => "DC",
-        _ => "UC",
-    }
-}
-
 impl ConnectionInfo {
     /// TCP metric label values ([`TCP_LABELS`]) from this connection's view.
-    fn labels(&self, flags: &str) -> [String; 13] {
+    fn labels(&self, flags: ResponseFlags) -> [String; 13] {
         let me = (self.pod.name.as_str(), self.pod.namespace.as_str());
         let peer = label_of(&self.peer);
         let (src, dst) = match self.direction {
@@ -198,7 +203,7 @@ impl ConnectionInfo {
             svc_name,
             svc_ns,
             "tcp".into(),
-            flags.into(),
+            flags.as_str().into(),
             self.security.label().into(),
         ]
     }
@@ -220,7 +225,7 @@ impl ConnectionTable {
         // Opened is counted as the connection starts, before its outcome is known.
         self.metrics
             .tcp_opened
-            .with_label_values(&info.labels("-"))
+            .with_label_values(&info.labels(ResponseFlags::None))
             .inc();
         let counters = Arc::new(ByteCounters::default());
         let started_unix_ms = SystemTime::now()
@@ -244,7 +249,7 @@ impl ConnectionTable {
         }
     }
 
-    fn record(id: u64, live: &Live, result: String) -> ConnectionRecord {
+    fn record(id: u64, live: &Live, end: Option<ConnectionEnd>) -> ConnectionRecord {
         ConnectionRecord {
             id,
             info: live.info.clone(),
@@ -252,16 +257,16 @@ impl ConnectionTable {
             duration_ms: live.started.elapsed().as_millis() as u64,
             bytes_to_server: live.counters.to_server.load(Ordering::Relaxed),
             bytes_to_client: live.counters.to_client.load(Ordering::Relaxed),
-            result,
+            end,
         }
     }
 
-    fn finish(&self, id: u64, result: String) {
+    fn finish(&self, id: u64, end: ConnectionEnd) {
         let Some(live) = lock(&self.live).remove(&id) else {
             return;
         };
-        let record = Self::record(id, &live, result);
-        let labels = record.info.labels(response_flags(&record.result));
+        let labels = live.info.labels(end.response_flags());
+        let record = Self::record(id, &live, Some(end));
         self.metrics.tcp_closed.with_label_values(&labels).inc();
         self.metrics
             .tcp_sent_bytes
@@ -283,7 +288,7 @@ impl ConnectionTable {
         let live = lock(&self.live);
         let mut out: Vec<_> = live
             .iter()
-            .map(|(id, l)| Self::record(*id, l, "open".into()))
+            .map(|(id, l)| Self::record(*id, l, None))
             .collect();
         out.sort_by_key(|r| r.id);
         out
@@ -331,7 +336,7 @@ fn access_entry(record: &ConnectionRecord, labels: &[String; 13]) -> serde_json:
     entry.insert("sent_bytes".into(), record.bytes_to_server.into());
     entry.insert("received_bytes".into(), record.bytes_to_client.into());
     entry.insert("duration_ms".into(), record.duration_ms.into());
-    entry.insert("result".into(), record.result.as_str().into());
+    entry.insert("result".into(), record.result().into());
     serde_json::Value::Object(entry)
 }
 
@@ -353,9 +358,9 @@ impl OpenConnection {
         self.counters.clone()
     }
 
-    pub fn close(mut self, result: impl Into<String>) {
+    pub fn close(mut self, end: ConnectionEnd) {
         self.closed = true;
-        self.table.finish(self.id, result.into());
+        self.table.finish(self.id, end);
     }
 }
 
@@ -363,7 +368,7 @@ impl Drop for OpenConnection {
     fn drop(&mut self) {
         if !self.closed {
             // The task was cancelled (pod removed, agent stopping).
-            self.table.finish(self.id, "aborted".into());
+            self.table.finish(self.id, ConnectionEnd::Aborted);
         }
     }
 }
@@ -371,6 +376,7 @@ impl Drop for OpenConnection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::outcome::RefusalReason;
 
     fn info(direction: Direction) -> ConnectionInfo {
         ConnectionInfo {
@@ -393,75 +399,36 @@ mod tests {
         conn.counters().to_server.fetch_add(10, Ordering::Relaxed);
         assert_eq!(table.live().len(), 1);
         assert_eq!(table.live()[0].bytes_to_server, 10);
-        conn.close("completed");
+        conn.close(ConnectionEnd::Completed);
         assert!(table.live().is_empty());
         let closed = table.closed();
         assert_eq!(closed.len(), 1);
-        assert_eq!(closed[0].result, "completed");
+        assert_eq!(closed[0].result(), "completed");
         assert_eq!(closed[0].info.original_dst.to_string(), "10.0.2.2:8080");
         let text = metrics.encode();
         assert!(text.contains("nodemesh_tcp_sent_bytes_total{connection_security_policy=\"none\",destination_principal=\"unknown\",destination_service=\"web.apps.svc.cluster.local\",destination_service_name=\"web\",destination_service_namespace=\"apps\",destination_workload=\"server\",destination_workload_namespace=\"apps\",reporter=\"source\",request_protocol=\"tcp\",response_flags=\"-\",source_principal=\"unknown\",source_workload=\"client\",source_workload_namespace=\"apps\"} 10"), "{text}");
     }
 
     #[test]
+    fn the_admin_api_shows_open_then_the_text_of_the_end() {
+        let table = ConnectionTable::new(Arc::new(Metrics::new()));
+        let conn = table.open(info(Direction::Inbound));
+        let live = serde_json::to_value(&table.live()[0]).unwrap();
+        assert_eq!(live["result"], "open");
+        conn.close(ConnectionEnd::Denied {
+            policy: Some("apps/deny-intruder".into()),
+            detail: "a DENY rule matched".into(),
+        });
+        let closed = serde_json::to_value(&table.closed()[0]).unwrap();
+        assert_eq!(closed["result"], "denied: apps/deny-intruder");
+        assert!(closed.get("end").is_none(), "{closed}");
+    }
+
+    #[test]
     fn a_dropped_connection_is_recorded_as_aborted() {
         let table = ConnectionTable::new(Arc::new(Metrics::new()));
         drop(table.open(info(Direction::Inbound)));
-        assert_eq!(table.closed()[0].result, "aborted");
-    }
-
-    /// Every result text the proxy writes today (one per way a connection ends, as
-    /// formatted at its call site), with the response flags it maps to. The typed end
-    /// that replaces these strings must display exactly this text and give these flags.
-    const RESULTS: &[(&str, &str)] = &[
-        ("open", "-"),
-        // relay.rs / hbone/stream.rs: RelayEnd::describe()
-        ("completed", "-"),
-        ("idle_timeout", "SI"),
-        ("error: connection reset", "UC"),
-        ("error: broken pipe", "UC"),
-        ("error: stream closed by peer", "UC"),
-        // proxy::pod::refuse: format!("refused: {reason}")
-        ("refused: no_ready_endpoint", "UH"),
-        ("refused: unknown_service", "NR"),
-        ("refused: unknown_service_port", "NR"),
-        ("refused: inbound_target_mesh_port", "RBAC"),
-        ("refused: inbound_target_not_local", "RBAC"),
-        ("refused: strict_mtls_plaintext", "RBAC"),
-        ("refused: policy_denied", "RBAC"),
-        // inbound_hbone: format!("refused: {}", refusal.reason()) (only with a target)
-        ("refused: hbone_target_not_local", "NR"),
-        ("refused: hbone_target_mesh_port", "RBAC"),
-        // connect_in_pod: format!("connect_failed: {e}")
-        (
-            "connect_failed: connecting to 10.0.2.2:8080: connection refused",
-            "UF",
-        ),
-        // forward_hbone: format!("hbone_failed: {e}")
-        ("hbone_failed: handshake", "UF"),
-        // inbound_hbone: format!("denied: {}", policy.unwrap_or(reason))
-        ("denied: apps/deny-all", "RBAC"),
-        (
-            "denied: ALLOW policies select this workload and none matched",
-            "RBAC",
-        ),
-        // inbound_hbone: format!("revoked: {}", why.policy.unwrap_or(why.detail))
-        ("revoked: apps/deny-all", "UC"),
-        // inbound_hbone: format!("error: {e}") when the 200 cannot be sent
-        ("error: stream no longer needed", "UC"),
-        // http/downstream.rs
-        ("completed (http)", "UC"),
-        ("header_timeout", "UC"),
-        ("http_error: connection error", "UC"),
-        // OpenConnection dropped unclosed
-        ("aborted", "DC"),
-    ];
-
-    #[test]
-    fn results_map_to_a_fixed_set_of_response_flags() {
-        for (result, flags) in RESULTS {
-            assert_eq!(response_flags(result), *flags, "{result}");
-        }
+        assert_eq!(table.closed()[0].end, Some(ConnectionEnd::Aborted));
     }
 
     /// Every TCP label with a value of its own, so a label paired with another's value
@@ -478,7 +445,7 @@ mod tests {
             service: Some("shop/web:80".into()),
             ..info(Direction::Outbound)
         });
-        conn.close("refused: no_ready_endpoint");
+        conn.close(ConnectionEnd::Refused(RefusalReason::NoReadyEndpoint));
         let want = [
             ("reporter", "source"),
             ("source_workload", "client"),
@@ -504,7 +471,10 @@ mod tests {
         let line = "nodemesh_tcp_connections_closed_total{connection_security_policy=\"mutual_tls\",destination_principal=\"spiffe://cluster.local/ns/shop/sa/server\",destination_service=\"web.shop.svc.cluster.local\",destination_service_name=\"web\",destination_service_namespace=\"shop\",destination_workload=\"server\",destination_workload_namespace=\"shop\",reporter=\"source\",request_protocol=\"tcp\",response_flags=\"UH\",source_principal=\"spiffe://cluster.local/ns/apps/sa/client\",source_workload=\"client\",source_workload_namespace=\"apps\"} 1\n";
         assert!(text.contains(line), "{text}");
         let record = &table.closed()[0];
-        let entry = access_entry(record, &record.info.labels("UH"));
+        let entry = access_entry(
+            record,
+            &record.info.labels(ResponseFlags::NoHealthyUpstream),
+        );
         for (name, value) in want {
             assert_eq!(entry[name], value, "{name} in {entry}");
         }
@@ -516,9 +486,9 @@ mod tests {
         let table = ConnectionTable::new(Arc::new(Metrics::new()));
         let conn = table.open(info(Direction::Outbound));
         conn.counters().to_server.fetch_add(5, Ordering::Relaxed);
-        conn.close("refused: policy_denied");
+        conn.close(ConnectionEnd::Refused(RefusalReason::PolicyDenied));
         let record = &table.closed()[0];
-        let entry = access_entry(record, &record.info.labels("RBAC"));
+        let entry = access_entry(record, &record.info.labels(ResponseFlags::Denied));
         for label in TCP_LABELS {
             assert!(entry.get(label).is_some(), "{label} missing: {entry}");
         }
