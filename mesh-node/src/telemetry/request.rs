@@ -16,27 +16,30 @@ use http_body::{Body, Frame, SizeHint};
 use crate::{
     keys::ObjectKey, keys::PodKey, telemetry::access_log, telemetry::connections::Security,
     telemetry::metrics::Metrics, telemetry::metrics::REQUEST_LABELS,
+    telemetry::outcome::ResponseFlags,
 };
 
-/// Envoy-style response flags (Istio's `response_flags` label values).
+/// The response flags a request can end with, under the names the HTTP path uses.
 pub mod flags {
-    pub const NONE: &str = "-";
+    use crate::telemetry::outcome::ResponseFlags;
+
+    pub const NONE: ResponseFlags = ResponseFlags::None;
     /// No route rule matched.
-    pub const NO_ROUTE: &str = "NR";
+    pub const NO_ROUTE: ResponseFlags = ResponseFlags::NoRoute;
     /// No healthy upstream: the chosen backend has no ready endpoint.
-    pub const NO_HEALTHY_UPSTREAM: &str = "UH";
+    pub const NO_HEALTHY_UPSTREAM: ResponseFlags = ResponseFlags::NoHealthyUpstream;
     /// Connecting to the upstream failed.
-    pub const UPSTREAM_CONNECT_FAILURE: &str = "UF";
+    pub const UPSTREAM_CONNECT_FAILURE: ResponseFlags = ResponseFlags::UpstreamConnectFailure;
     /// The upstream did not answer in time.
-    pub const UPSTREAM_TIMEOUT: &str = "UT";
+    pub const UPSTREAM_TIMEOUT: ResponseFlags = ResponseFlags::UpstreamTimeout;
     /// Retries exhausted on a retriable response.
-    pub const RETRY_LIMIT: &str = "URX";
+    pub const RETRY_LIMIT: ResponseFlags = ResponseFlags::RetryLimit;
     /// Answered by the proxy itself (redirect, invalid rule).
-    pub const LOCAL_REPLY: &str = "LR";
+    pub const LOCAL_REPLY: ResponseFlags = ResponseFlags::LocalReply;
     /// The destination's authorization policy refused the tunnel.
-    pub const DENIED: &str = "RBAC";
+    pub const DENIED: ResponseFlags = ResponseFlags::Denied;
     /// The downstream went away before the response ended.
-    pub const DOWNSTREAM_CLOSED: &str = "DC";
+    pub const DOWNSTREAM_CLOSED: ResponseFlags = ResponseFlags::DownstreamClosed;
 }
 
 /// The facts of one request, filled in as it is routed.
@@ -59,7 +62,7 @@ pub struct RequestLog {
     pub destination_workload: Option<PodKey>,
     pub security: Security,
     pub retries: u32,
-    pub flags: &'static str,
+    pub flags: ResponseFlags,
     pub detail: String,
 }
 
@@ -90,7 +93,7 @@ impl RequestLog {
             backend.name.as_str(),
             backend.namespace.as_str(),
             code.as_str(),
-            flags,
+            flags.as_str(),
             self.security.label(),
         ];
         let elapsed = self.started.elapsed();
