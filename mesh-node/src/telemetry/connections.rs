@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::{
     keys::PodKey, telemetry::access_log, telemetry::metrics::Metrics,
-    telemetry::metrics::TCP_LABELS, telemetry::outcome::ConnectionEnd,
+    telemetry::metrics::TcpLabels, telemetry::outcome::ConnectionEnd,
     telemetry::outcome::ResponseFlags,
 };
 
@@ -163,49 +163,49 @@ fn label_of(key: &Option<PodKey>) -> (&str, &str) {
 }
 
 /// Istio's `destination_service`, `_name` and `_namespace` from `ns/name:port`.
-fn service_labels(service: Option<&str>) -> [String; 3] {
+fn service_labels(service: Option<&str>) -> (String, &str, &str) {
     let parsed = service
         .and_then(|s| s.rsplit_once(':'))
         .and_then(|(key, _port)| key.split_once('/'));
     match parsed {
-        Some((ns, name)) => [
-            format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}"),
-            name.to_string(),
-            ns.to_string(),
-        ],
-        None => ["unknown".into(), "unknown".into(), "unknown".into()],
+        Some((ns, name)) => (format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}"), name, ns),
+        None => ("unknown".into(), "unknown", "unknown"),
     }
+}
+
+/// A principal label: the SPIFFE ID, or `unknown`.
+fn principal(id: &Option<String>) -> &str {
+    id.as_deref().unwrap_or("unknown")
 }
 
 /// The cluster DNS domain in `destination_service` host names.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 impl ConnectionInfo {
-    /// TCP metric label values ([`TCP_LABELS`]) from this connection's view.
-    fn labels(&self, flags: ResponseFlags) -> [String; 13] {
+    /// The TCP metric labels from this connection's view.
+    fn labels(&self, flags: ResponseFlags) -> TcpLabels<'_> {
         let me = (self.pod.name.as_str(), self.pod.namespace.as_str());
         let peer = label_of(&self.peer);
         let (src, dst) = match self.direction {
             Direction::Outbound => (me, peer),
             Direction::Inbound => (peer, me),
         };
-        let principal = |id: &Option<String>| id.clone().unwrap_or_else(|| "unknown".into());
-        let [svc, svc_name, svc_ns] = service_labels(self.service.as_deref());
-        [
-            self.direction.reporter().into(),
-            src.0.into(),
-            src.1.into(),
-            principal(&self.source_identity),
-            dst.0.into(),
-            dst.1.into(),
-            principal(&self.destination_identity),
-            svc,
-            svc_name,
-            svc_ns,
-            "tcp".into(),
-            flags.as_str().into(),
-            self.security.label().into(),
-        ]
+        let (service, service_name, service_namespace) = service_labels(self.service.as_deref());
+        TcpLabels {
+            reporter: self.direction.reporter(),
+            source_workload: src.0,
+            source_workload_namespace: src.1,
+            source_principal: principal(&self.source_identity),
+            destination_workload: dst.0,
+            destination_workload_namespace: dst.1,
+            destination_principal: principal(&self.destination_identity),
+            destination_service: service,
+            destination_service_name: service_name,
+            destination_service_namespace: service_namespace,
+            request_protocol: "tcp",
+            response_flags: flags,
+            connection_security_policy: self.security.label(),
+        }
     }
 }
 
@@ -225,7 +225,7 @@ impl ConnectionTable {
         // Opened is counted as the connection starts, before its outcome is known.
         self.metrics
             .tcp_opened
-            .with_label_values(&info.labels(ResponseFlags::None))
+            .with_label_values(&info.labels(ResponseFlags::None).values())
             .inc();
         let counters = Arc::new(ByteCounters::default());
         let started_unix_ms = SystemTime::now()
@@ -267,14 +267,15 @@ impl ConnectionTable {
         };
         let labels = live.info.labels(end.response_flags());
         let record = Self::record(id, &live, Some(end));
-        self.metrics.tcp_closed.with_label_values(&labels).inc();
+        let values = labels.values();
+        self.metrics.tcp_closed.with_label_values(&values).inc();
         self.metrics
             .tcp_sent_bytes
-            .with_label_values(&labels)
+            .with_label_values(&values)
             .inc_by(record.bytes_to_server);
         self.metrics
             .tcp_received_bytes
-            .with_label_values(&labels)
+            .with_label_values(&values)
             .inc_by(record.bytes_to_client);
         access_log::write(&access_entry(&record, &labels));
         let mut closed = lock(&self.closed);
@@ -311,14 +312,14 @@ impl ConnectionTable {
 
 /// The access-log line of a closed connection: the metric labels under the same
 /// names, plus what is per connection (addresses, bytes, duration, result).
-fn access_entry(record: &ConnectionRecord, labels: &[String; 13]) -> serde_json::Value {
+fn access_entry(record: &ConnectionRecord, labels: &TcpLabels) -> serde_json::Value {
     let mut entry = serde_json::Map::new();
     entry.insert("log".into(), "access".into());
     entry.insert("kind".into(), "tcp".into());
     entry.insert("id".into(), record.id.into());
     entry.insert("start_unix_ms".into(), record.started_unix_ms.into());
-    for (name, value) in TCP_LABELS.iter().zip(labels) {
-        entry.insert((*name).into(), value.as_str().into());
+    for (name, value) in TcpLabels::NAMES.into_iter().zip(labels.values()) {
+        entry.insert(name.into(), value.into());
     }
     let info = &record.info;
     let text = |v: Option<String>| v.map(serde_json::Value::from).unwrap_or_default();
@@ -489,7 +490,7 @@ mod tests {
         conn.close(ConnectionEnd::Refused(RefusalReason::PolicyDenied));
         let record = &table.closed()[0];
         let entry = access_entry(record, &record.info.labels(ResponseFlags::Denied));
-        for label in TCP_LABELS {
+        for label in TcpLabels::NAMES {
             assert!(entry.get(label).is_some(), "{label} missing: {entry}");
         }
         assert_eq!(entry["response_flags"], "RBAC");

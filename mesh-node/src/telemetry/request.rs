@@ -15,7 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::{
     keys::ObjectKey, keys::PodKey, telemetry::access_log, telemetry::connections::Security,
-    telemetry::metrics::Metrics, telemetry::metrics::REQUEST_LABELS,
+    telemetry::metrics::Metrics, telemetry::metrics::RequestLabels,
     telemetry::outcome::ResponseFlags,
 };
 
@@ -80,33 +80,36 @@ impl RequestLog {
             .map(|p| (p.name.as_str(), p.namespace.as_str()))
             .unwrap_or(("unknown", "unknown"));
         let backend = self.backend.as_ref().unwrap_or(&self.service);
-        let host = format!("{}.{}.svc.cluster.local", backend.name, backend.namespace);
-        let labels = [
-            "source",
-            self.pod.name.as_str(),
-            self.pod.namespace.as_str(),
-            self.source_principal.as_str(),
-            dst_name,
-            dst_ns,
-            self.destination_principal.as_deref().unwrap_or("unknown"),
-            host.as_str(),
-            backend.name.as_str(),
-            backend.namespace.as_str(),
-            code.as_str(),
-            flags.as_str(),
-            self.security.label(),
-        ];
+        let labels = RequestLabels {
+            reporter: "source",
+            source_workload: &self.pod.name,
+            source_workload_namespace: &self.pod.namespace,
+            source_principal: &self.source_principal,
+            destination_workload: dst_name,
+            destination_workload_namespace: dst_ns,
+            destination_principal: self.destination_principal.as_deref().unwrap_or("unknown"),
+            destination_service: format!(
+                "{}.{}.svc.cluster.local",
+                backend.name, backend.namespace
+            ),
+            destination_service_name: &backend.name,
+            destination_service_namespace: &backend.namespace,
+            response_code: &code,
+            response_flags: flags,
+            connection_security_policy: self.security.label(),
+        };
+        let values = labels.values();
         let elapsed = self.started.elapsed();
-        metrics.requests.with_label_values(&labels).inc();
+        metrics.requests.with_label_values(&values).inc();
         metrics
             .request_duration
-            .with_label_values(&labels)
+            .with_label_values(&values)
             .observe(elapsed.as_secs_f64() * 1000.0);
         let mut entry = serde_json::Map::new();
         entry.insert("log".into(), "access".into());
         entry.insert("kind".into(), "request".into());
-        for (name, value) in REQUEST_LABELS.iter().zip(labels) {
-            entry.insert((*name).into(), value.into());
+        for (name, value) in RequestLabels::NAMES.into_iter().zip(values) {
+            entry.insert(name.into(), value.into());
         }
         let text = |v: Option<String>| v.map(serde_json::Value::from).unwrap_or_default();
         let fields: [(&str, serde_json::Value); 15] = [
