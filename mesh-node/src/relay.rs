@@ -12,7 +12,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::telemetry::connections::ByteCounters;
+use crate::telemetry::{connections::ByteCounters, outcome::ConnectionEnd, outcome::StreamError};
 
 const BUFFER: usize = 64 * 1024;
 
@@ -35,8 +35,18 @@ pub enum RelayEnd {
     Completed,
     /// Nothing moved for the idle timeout.
     IdleTimeout,
-    /// A read or write failed (reset, broken pipe, ...).
-    Error(String),
+    /// A read or write failed (reset by either side, broken pipe, a tunnel error).
+    Error(StreamError),
+}
+
+impl From<RelayEnd> for ConnectionEnd {
+    fn from(end: RelayEnd) -> ConnectionEnd {
+        match end {
+            RelayEnd::Completed => ConnectionEnd::Completed,
+            RelayEnd::IdleTimeout => ConnectionEnd::IdleTimeout,
+            RelayEnd::Error(e) => ConnectionEnd::Broken(e),
+        }
+    }
 }
 
 async fn pump<R, W>(
@@ -61,17 +71,6 @@ where
         to.write_all(&buf[..n]).await?;
         count.fetch_add(n as u64, Ordering::Relaxed);
         activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-}
-
-impl RelayEnd {
-    /// The connection's result as records and the access log show it.
-    pub fn describe(self) -> String {
-        match self {
-            RelayEnd::Completed => "completed".to_string(),
-            RelayEnd::IdleTimeout => "idle_timeout".to_string(),
-            RelayEnd::Error(e) => format!("error: {e}"),
-        }
     }
 }
 
@@ -103,7 +102,7 @@ pub async fn relay(
     tokio::select! {
         r = both => match r {
             Ok(_) => RelayEnd::Completed,
-            Err(e) => RelayEnd::Error(e.kind().to_string()),
+            Err(e) => RelayEnd::Error(e.into()),
         },
         _ = idle_watchdog(counters, idle, epoch) => RelayEnd::IdleTimeout,
     }

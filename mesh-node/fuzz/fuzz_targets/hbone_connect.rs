@@ -57,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(refusal) => {
             assert!(matches!(
-                refusal.reason(),
+                refusal.reason().name(),
                 "hbone_bad_method"
                     | "hbone_bad_authority"
                     | "hbone_target_not_local"

@@ -16,9 +16,16 @@ use tokio::{
     },
 };
 
-use crate::{relay::RelayEnd, telemetry::connections::ByteCounters};
+use crate::{
+    relay::RelayEnd, telemetry::connections::ByteCounters, telemetry::outcome::StreamError,
+};
 
 const CHUNK: usize = 64 * 1024;
+
+/// A failure of the HTTP/2 stream or its connection, as h2 describes it.
+fn tunnel(e: h2::Error) -> StreamError {
+    StreamError::Tunnel(e.to_string())
+}
 
 async fn tcp_to_stream(
     mut tcp: OwnedReadHalf,
@@ -26,13 +33,12 @@ async fn tcp_to_stream(
     count: &AtomicU64,
     activity: &AtomicU64,
     epoch: Instant,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     let mut buf = vec![0u8; CHUNK];
     loop {
-        let n = tcp.read(&mut buf).await.map_err(|e| e.kind().to_string())?;
+        let n = tcp.read(&mut buf).await?;
         if n == 0 {
-            send.send_data(Bytes::new(), true)
-                .map_err(|e| e.to_string())?;
+            send.send_data(Bytes::new(), true).map_err(tunnel)?;
             return Ok(());
         }
         let mut data = Bytes::copy_from_slice(&buf[..n]);
@@ -40,10 +46,10 @@ async fn tcp_to_stream(
             send.reserve_capacity(data.len());
             let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))
                 .await
-                .ok_or("stream closed by peer")?
-                .map_err(|e| e.to_string())?;
+                .ok_or(StreamError::TunnelClosed)?
+                .map_err(tunnel)?;
             let chunk = data.split_to(granted.min(data.len()));
-            send.send_data(chunk, false).map_err(|e| e.to_string())?;
+            send.send_data(chunk, false).map_err(tunnel)?;
         }
         count.fetch_add(n as u64, Ordering::Relaxed);
         activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -56,18 +62,16 @@ async fn stream_to_tcp(
     count: &AtomicU64,
     activity: &AtomicU64,
     epoch: Instant,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     while let Some(chunk) = recv.data().await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
+        let chunk = chunk.map_err(tunnel)?;
         let n = chunk.len();
-        tcp.write_all(&chunk)
-            .await
-            .map_err(|e| e.kind().to_string())?;
+        tcp.write_all(&chunk).await?;
         let _ = recv.flow_control().release_capacity(n);
         count.fetch_add(n as u64, Ordering::Relaxed);
         activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
-    tcp.shutdown().await.map_err(|e| e.kind().to_string())
+    Ok(tcp.shutdown().await?)
 }
 
 /// Which way is "to the server" for the byte counters.

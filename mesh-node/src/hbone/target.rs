@@ -9,7 +9,7 @@ use http::{Method, Request, StatusCode};
 use mesh_common::is_mesh_pod_port;
 use thiserror::Error;
 
-use crate::discovery::cluster::canonical;
+use crate::{discovery::cluster::canonical, telemetry::outcome::RefusalReason};
 
 /// Why a CONNECT request is refused before any connection is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -25,13 +25,13 @@ pub enum TargetRefusal {
 }
 
 impl TargetRefusal {
-    /// The `reason` label of `nodemesh_connections_refused_total`.
-    pub fn reason(&self) -> &'static str {
+    /// Why, as counted (`reason` of `nodemesh_connections_refused_total`) and recorded.
+    pub fn reason(&self) -> RefusalReason {
         match self {
-            TargetRefusal::BadMethod => "hbone_bad_method",
-            TargetRefusal::BadAuthority => "hbone_bad_authority",
-            TargetRefusal::NotLocal(_) => "hbone_target_not_local",
-            TargetRefusal::MeshPort(_) => "hbone_target_mesh_port",
+            TargetRefusal::BadMethod => RefusalReason::HboneBadMethod,
+            TargetRefusal::BadAuthority => RefusalReason::HboneBadAuthority,
+            TargetRefusal::NotLocal(_) => RefusalReason::HboneTargetNotLocal,
+            TargetRefusal::MeshPort(_) => RefusalReason::HboneTargetMeshPort,
         }
     }
 
@@ -125,7 +125,7 @@ mod tests {
                 .unwrap();
             let refused = connect_target(&request, &local()).unwrap_err();
             assert_eq!(refused, TargetRefusal::BadMethod);
-            assert_eq!(refused.reason(), "hbone_bad_method");
+            assert_eq!(refused.reason().name(), "hbone_bad_method");
             assert_eq!(refused.status(), StatusCode::METHOD_NOT_ALLOWED);
         }
     }
@@ -142,7 +142,7 @@ mod tests {
         ] {
             let refused = connect(authority).unwrap_err();
             assert_eq!(refused, TargetRefusal::BadAuthority, "{authority}");
-            assert_eq!(refused.reason(), "hbone_bad_authority");
+            assert_eq!(refused.reason().name(), "hbone_bad_authority");
             assert_eq!(refused.target(), None);
         }
         let no_authority = Request::builder()
@@ -161,7 +161,7 @@ mod tests {
         for authority in ["10.0.1.6:8080", "127.0.0.1:8080", "[::1]:8080"] {
             let refused = connect(authority).unwrap_err();
             assert!(matches!(refused, TargetRefusal::NotLocal(_)), "{authority}");
-            assert_eq!(refused.reason(), "hbone_target_not_local");
+            assert_eq!(refused.reason().name(), "hbone_target_not_local");
             assert_eq!(refused.status(), StatusCode::FORBIDDEN);
         }
     }
@@ -177,7 +177,7 @@ mod tests {
         ] {
             let refused = connect(authority).unwrap_err();
             assert!(matches!(refused, TargetRefusal::MeshPort(_)), "{authority}");
-            assert_eq!(refused.reason(), "hbone_target_mesh_port");
+            assert_eq!(refused.reason().name(), "hbone_target_mesh_port");
             assert_eq!(refused.status(), StatusCode::FORBIDDEN);
             assert_eq!(
                 refused.target().map(|t| t.ip().is_ipv4()),
@@ -416,7 +416,7 @@ mod tests {
             ),
         ];
         for (refusal, reason, status, target) in &refusals {
-            assert_eq!(refusal.reason(), *reason, "{refusal:?}");
+            assert_eq!(refusal.reason().name(), *reason, "{refusal:?}");
             assert_eq!(refusal.status(), *status, "{refusal:?}");
             assert_eq!(
                 refusal.target(),

@@ -11,6 +11,7 @@ use crate::{
     discovery::cluster::ClusterState, discovery::policy::AuthorizationPolicy,
     discovery::policy::PolicyAction, discovery::policy::PolicyRule,
     discovery::policy::PolicySource, identity::Identity, keys::ObjectKey,
+    telemetry::outcome::RefusalReason,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -132,7 +133,7 @@ pub enum Admission {
     },
     Refuse {
         /// The `reason` label of `nodemesh_connections_refused_total`.
-        reason: &'static str,
+        reason: RefusalReason,
         policy: Option<String>,
         detail: String,
     },
@@ -149,7 +150,7 @@ pub fn admit(
 ) -> Admission {
     if peer.is_none() && state.strict_mtls(&dest.namespace) {
         return Admission::Refuse {
-            reason: "strict_mtls_plaintext",
+            reason: RefusalReason::StrictMtlsPlaintext,
             policy: None,
             detail: format!("namespace {} is STRICT: plaintext refused", dest.namespace),
         };
@@ -157,7 +158,7 @@ pub fn admit(
     match authorize(state, dest, port, peer) {
         Verdict::Allow { policy } => Admission::Allow { policy },
         Verdict::Deny { policy, reason } => Admission::Refuse {
-            reason: "policy_denied",
+            reason: RefusalReason::PolicyDenied,
             policy,
             detail: reason,
         },
@@ -277,7 +278,7 @@ mod tests {
         assert!(matches!(
             admit(&s, &server, 8080, None),
             Admission::Refuse {
-                reason: "strict_mtls_plaintext",
+                reason: RefusalReason::StrictMtlsPlaintext,
                 ..
             }
         ));
@@ -289,7 +290,7 @@ mod tests {
         assert!(matches!(
             admit(&s, &server, 8080, None),
             Admission::Refuse {
-                reason: "policy_denied",
+                reason: RefusalReason::PolicyDenied,
                 ..
             }
         ));

@@ -11,7 +11,7 @@ use crate::{
     discovery::cluster::canonical, identity::authz::admit, identity::authz::Admission,
     proxy::pod::accept_loop, proxy::pod::forward, proxy::pod::refuse, proxy::pod::reset,
     proxy::pod::PodContext, telemetry::connections::ConnectionInfo,
-    telemetry::connections::Direction,
+    telemetry::connections::Direction, telemetry::outcome::RefusalReason,
 };
 
 pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
@@ -40,10 +40,10 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     // reached the loopback listener from inside the pod, and forwarding it would make
     // the agent connect to itself.
     if is_mesh_pod_port(dst.port()) {
-        return refuse(stream, info, "inbound_target_mesh_port", &ctx);
+        return refuse(stream, info, RefusalReason::InboundTargetMeshPort, &ctx);
     }
     if !ctx.ips.contains(&dst.ip()) {
-        return refuse(stream, info, "inbound_target_not_local", &ctx);
+        return refuse(stream, info, RefusalReason::InboundTargetNotLocal, &ctx);
     }
     if let Admission::Refuse { reason, .. } = admit(&state, &ctx.pod, dst.port(), None) {
         return refuse(stream, info, reason, &ctx);

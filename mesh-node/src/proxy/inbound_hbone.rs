@@ -20,6 +20,7 @@ use crate::{
     limits, limits::Listener, limits::Refusal, limits::Stage, proxy::pod::accept_loop,
     proxy::pod::connect_in_pod, proxy::pod::PodContext, telemetry::connections::ConnectionInfo,
     telemetry::connections::Direction, telemetry::connections::Security,
+    telemetry::outcome::ConnectionEnd, telemetry::outcome::StreamError,
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -159,14 +160,14 @@ async fn tunnel(
         Err(refusal) => {
             ctx.metrics
                 .refused
-                .with_label_values(&[refusal.reason()])
+                .with_label_values(&[refusal.reason().name()])
                 .inc();
-            crate::warn_limited!(pod = %ctx.pod, src = %peer, %identity, reason = refusal.reason(), %refusal, "HBONE CONNECT refused");
+            crate::warn_limited!(pod = %ctx.pod, src = %peer, %identity, reason = refusal.reason().name(), %refusal, "HBONE CONNECT refused");
             hbone::server::reply(&mut respond, refusal.status());
             if let Some(target) = refusal.target() {
                 ctx.connections
                     .open(info(target))
-                    .close(format!("refused: {}", refusal.reason()));
+                    .close(ConnectionEnd::Refused(refusal.reason()));
             }
             return;
         }
@@ -184,20 +185,21 @@ async fn tunnel(
         detail: reason,
     } = admission
     {
-        ctx.metrics.refused.with_label_values(&[code]).inc();
+        ctx.metrics.refused.with_label_values(&[code.name()]).inc();
         crate::warn_limited!(pod = %ctx.pod, %target, %identity, policy = policy.as_deref().unwrap_or(""), %reason, "denied by authorization policy");
         hbone::server::reply(&mut respond, StatusCode::FORBIDDEN);
-        ctx.connections
-            .open(info)
-            .close(format!("denied: {}", policy.unwrap_or(reason)));
+        ctx.connections.open(info).close(ConnectionEnd::Denied {
+            policy,
+            detail: reason,
+        });
         return;
     }
     let conn = ctx.connections.open(info);
     let upstream = match connect_in_pod(&ctx, target).await {
         Ok(s) => s,
-        Err(result) => {
+        Err(end) => {
             hbone::server::reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            conn.close(result);
+            conn.close(end);
             return;
         }
     };
@@ -206,7 +208,7 @@ async fn tunnel(
     };
     let send = match respond.send_response(ok, false) {
         Ok(s) => s,
-        Err(e) => return conn.close(format!("error: {e}")),
+        Err(e) => return conn.close(ConnectionEnd::Broken(StreamError::Tunnel(e.to_string()))),
     };
     let relay = relay_stream(
         upstream,
@@ -225,11 +227,14 @@ async fn tunnel(
         identity.clone(),
     );
     let end = tokio::select! {
-        end = relay => end.describe(),
+        end = relay => end.into(),
         why = revoked => {
             ctx.metrics.refused.with_label_values(&["policy_revoked"]).inc();
             crate::warn_limited!(pod = %ctx.pod, %target, %identity, policy = why.policy.as_deref().unwrap_or(""), reason = %why.detail, "tunnel closed: the authorization policy no longer allows it");
-            format!("revoked: {}", why.policy.unwrap_or(why.detail))
+            ConnectionEnd::Revoked {
+                policy: why.policy,
+                detail: why.detail,
+            }
         }
     };
     conn.close(end);

@@ -15,7 +15,7 @@ use crate::{
     proxy::pod::reset, proxy::pod::PodContext, routing::http::routes::declares_http2,
     routing::http::routes::is_http_routed, routing::resolve::resolve, routing::resolve::Resolution,
     routing::transport::meshed_identity, telemetry::connections::ConnectionInfo,
-    telemetry::connections::Direction,
+    telemetry::connections::Direction, telemetry::outcome::RefusalReason,
 };
 
 pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
@@ -70,7 +70,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
                 return downstream::serve(stream, info, frontend, ctx).await;
             }
             let Some(pick) = ctx.balancer.pick(&service, port, &backends) else {
-                return refuse(stream, info, "no_ready_endpoint", &ctx);
+                return refuse(stream, info, RefusalReason::NoReadyEndpoint, &ctx);
             };
             info.backend = Some(pick.backend.to_string());
             info.peer = state.pod_by_ip(pick.endpoint.ip()).cloned();
@@ -79,9 +79,9 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         }
         Resolution::UnknownPort { service, port } => {
             info.service = Some(format!("{service}:{port}"));
-            refuse(stream, info, "unknown_service_port", &ctx);
+            refuse(stream, info, RefusalReason::UnknownServicePort, &ctx);
         }
-        Resolution::UnknownService => refuse(stream, info, "unknown_service", &ctx),
+        Resolution::UnknownService => refuse(stream, info, RefusalReason::UnknownService, &ctx),
     }
 }
 

@@ -27,6 +27,7 @@ use crate::{
     routing::http::routes::RouteCache, routing::resolve::IpCidr,
     telemetry::connections::ConnectionInfo, telemetry::connections::ConnectionTable,
     telemetry::connections::Security, telemetry::metrics::Metrics,
+    telemetry::outcome::ConnectionEnd, telemetry::outcome::RefusalReason,
 };
 
 /// What mutual TLS needs, shared by every pod of the node (absent without a CA).
@@ -112,13 +113,16 @@ fn refuse_over_budget(stream: TcpStream, peer: SocketAddr, which: Listener, ctx:
 }
 
 /// Records a connection the proxy refuses, and resets it.
-pub fn refuse(client: TcpStream, info: ConnectionInfo, reason: &'static str, ctx: &PodContext) {
-    ctx.metrics.refused.with_label_values(&[reason]).inc();
-    crate::warn_limited!(pod = %info.pod, src = %info.src, dst = %info.original_dst, reason, "connection refused");
+pub fn refuse(client: TcpStream, info: ConnectionInfo, reason: RefusalReason, ctx: &PodContext) {
+    ctx.metrics
+        .refused
+        .with_label_values(&[reason.name()])
+        .inc();
+    crate::warn_limited!(pod = %info.pod, src = %info.src, dst = %info.original_dst, reason = reason.name(), "connection refused");
     reset(client);
     ctx.connections
         .open(info)
-        .close(format!("refused: {reason}"));
+        .close(ConnectionEnd::Refused(reason));
 }
 
 /// Tunnels to `target` through the HBONE port of the meshed pod at `target.ip()`,
@@ -156,7 +160,7 @@ pub async fn forward_hbone(
                 .inc();
             crate::warn_limited!(pod = %ctx.pod, %target, error = %e, "HBONE tunnel failed");
             reset(client);
-            conn.close(format!("hbone_failed: {e}"));
+            conn.close(ConnectionEnd::HboneFailed(e.to_string()));
             return;
         }
     };
@@ -169,12 +173,15 @@ pub async fn forward_hbone(
         conn.counters(),
     )
     .await;
-    conn.close(end.describe());
+    conn.close(end.into());
 }
 
 /// Connects to `target` from inside the pod; a failure is counted and returned as the
-/// connection's result text.
-pub async fn connect_in_pod(ctx: &PodContext, target: SocketAddr) -> Result<TcpStream, String> {
+/// connection's end.
+pub async fn connect_in_pod(
+    ctx: &PodContext,
+    target: SocketAddr,
+) -> Result<TcpStream, ConnectionEnd> {
     ctx.sockets
         .connect(target, ctx.connect_timeout)
         .await
@@ -183,7 +190,7 @@ pub async fn connect_in_pod(ctx: &PodContext, target: SocketAddr) -> Result<TcpS
                 .refused
                 .with_label_values(&["connect_failed"])
                 .inc();
-            format!("connect_failed: {e}")
+            ConnectionEnd::ConnectFailed(e.to_string())
         })
 }
 
@@ -198,14 +205,14 @@ pub async fn forward(
     let conn = ctx.connections.open(info);
     let upstream = match connect_in_pod(ctx, dst).await {
         Ok(s) => s,
-        Err(result) => {
+        Err(end) => {
             reset(client);
-            conn.close(result);
+            conn.close(end);
             return;
         }
     };
     let end = relay(client, upstream, ctx.idle_timeout, conn.counters()).await;
-    conn.close(end.describe());
+    conn.close(end.into());
 }
 
 /// Closes with RST so the application sees a refused/reset connection, not a clean EOF.

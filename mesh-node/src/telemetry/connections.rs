@@ -15,7 +15,8 @@ use serde::Serialize;
 
 use crate::{
     keys::PodKey, telemetry::access_log, telemetry::metrics::Metrics,
-    telemetry::metrics::TCP_LABELS,
+    telemetry::metrics::TcpLabels, telemetry::outcome::ConnectionEnd,
+    telemetry::outcome::ResponseFlags,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -108,8 +109,30 @@ pub struct ConnectionRecord {
     pub duration_ms: u64,
     pub bytes_to_server: u64,
     pub bytes_to_client: u64,
-    /// `open` while live; then `completed`, `idle_timeout`, `connect_failed: ...`, ...
-    pub result: String,
+    /// How it ended; `None` while live. Shown as `result`: `open` while live, then the
+    /// end's text (`completed`, `idle_timeout`, `connect_failed: ...`, ...).
+    #[serde(rename = "result", serialize_with = "serialize_result")]
+    pub end: Option<ConnectionEnd>,
+}
+
+impl ConnectionRecord {
+    /// The `result` text of the admin API and the access log.
+    pub fn result(&self) -> String {
+        match &self.end {
+            Some(end) => end.to_string(),
+            None => "open".into(),
+        }
+    }
+}
+
+fn serialize_result<S: serde::Serializer>(
+    end: &Option<ConnectionEnd>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match end {
+        Some(end) => s.collect_str(end),
+        None => s.serialize_str("open"),
+    }
 }
 
 struct Live {
@@ -140,67 +163,49 @@ fn label_of(key: &Option<PodKey>) -> (&str, &str) {
 }
 
 /// Istio's `destination_service`, `_name` and `_namespace` from `ns/name:port`.
-fn service_labels(service: Option<&str>) -> [String; 3] {
+fn service_labels(service: Option<&str>) -> (String, &str, &str) {
     let parsed = service
         .and_then(|s| s.rsplit_once(':'))
         .and_then(|(key, _port)| key.split_once('/'));
     match parsed {
-        Some((ns, name)) => [
-            format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}"),
-            name.to_string(),
-            ns.to_string(),
-        ],
-        None => ["unknown".into(), "unknown".into(), "unknown".into()],
+        Some((ns, name)) => (format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}"), name, ns),
+        None => ("unknown".into(), "unknown", "unknown"),
     }
+}
+
+/// A principal label: the SPIFFE ID, or `unknown`.
+fn principal(id: &Option<String>) -> &str {
+    id.as_deref().unwrap_or("unknown")
 }
 
 /// The cluster DNS domain in `destination_service` host names.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
-/// Envoy-style response flags from a connection's result: a fixed, small set.
-/// `-` none, `UF` upstream connect failure, `UH` no ready endpoint, `NR` no such
-/// Service (port) or a misdirected tunnel, `RBAC` policy or STRICT refusal, `SI` idle
-/// timeout, `UC` relay error, `DC` cut short (pod removed, agent stopping).
-pub fn response_flags(result: &str) -> &'static str {
-    let (kind, detail) = result.split_once(':').unwrap_or((result, ""));
-    match (kind, detail.trim()) {
-        ("open" | "completed", _) => "-",
-        ("connect_failed" | "hbone_failed", _) => "UF",
-        ("refused", "no_ready_endpoint") => "UH",
-        ("refused", "unknown_service" | "unknown_service_port" | "hbone_target_not_local") => "NR",
-        ("refused", _) | ("denied", _) => "RBAC",
-        ("idle_timeout", _) => "SI",
-        ("aborted", _) => "DC",
-        _ => "UC",
-    }
-}
-
 impl ConnectionInfo {
-    /// TCP metric label values ([`TCP_LABELS`]) from this connection's view.
-    fn labels(&self, flags: &str) -> [String; 13] {
+    /// The TCP metric labels from this connection's view.
+    fn labels(&self, flags: ResponseFlags) -> TcpLabels<'_> {
         let me = (self.pod.name.as_str(), self.pod.namespace.as_str());
         let peer = label_of(&self.peer);
         let (src, dst) = match self.direction {
             Direction::Outbound => (me, peer),
             Direction::Inbound => (peer, me),
         };
-        let principal = |id: &Option<String>| id.clone().unwrap_or_else(|| "unknown".into());
-        let [svc, svc_name, svc_ns] = service_labels(self.service.as_deref());
-        [
-            self.direction.reporter().into(),
-            src.0.into(),
-            src.1.into(),
-            principal(&self.source_identity),
-            dst.0.into(),
-            dst.1.into(),
-            principal(&self.destination_identity),
-            svc,
-            svc_name,
-            svc_ns,
-            "tcp".into(),
-            flags.into(),
-            self.security.label().into(),
-        ]
+        let (service, service_name, service_namespace) = service_labels(self.service.as_deref());
+        TcpLabels {
+            reporter: self.direction.reporter(),
+            source_workload: src.0,
+            source_workload_namespace: src.1,
+            source_principal: principal(&self.source_identity),
+            destination_workload: dst.0,
+            destination_workload_namespace: dst.1,
+            destination_principal: principal(&self.destination_identity),
+            destination_service: service,
+            destination_service_name: service_name,
+            destination_service_namespace: service_namespace,
+            request_protocol: "tcp",
+            response_flags: flags,
+            connection_security_policy: self.security.label(),
+        }
     }
 }
 
@@ -220,7 +225,7 @@ impl ConnectionTable {
         // Opened is counted as the connection starts, before its outcome is known.
         self.metrics
             .tcp_opened
-            .with_label_values(&info.labels("-"))
+            .with_label_values(&info.labels(ResponseFlags::None).values())
             .inc();
         let counters = Arc::new(ByteCounters::default());
         let started_unix_ms = SystemTime::now()
@@ -244,7 +249,7 @@ impl ConnectionTable {
         }
     }
 
-    fn record(id: u64, live: &Live, result: String) -> ConnectionRecord {
+    fn record(id: u64, live: &Live, end: Option<ConnectionEnd>) -> ConnectionRecord {
         ConnectionRecord {
             id,
             info: live.info.clone(),
@@ -252,24 +257,25 @@ impl ConnectionTable {
             duration_ms: live.started.elapsed().as_millis() as u64,
             bytes_to_server: live.counters.to_server.load(Ordering::Relaxed),
             bytes_to_client: live.counters.to_client.load(Ordering::Relaxed),
-            result,
+            end,
         }
     }
 
-    fn finish(&self, id: u64, result: String) {
+    fn finish(&self, id: u64, end: ConnectionEnd) {
         let Some(live) = lock(&self.live).remove(&id) else {
             return;
         };
-        let record = Self::record(id, &live, result);
-        let labels = record.info.labels(response_flags(&record.result));
-        self.metrics.tcp_closed.with_label_values(&labels).inc();
+        let labels = live.info.labels(end.response_flags());
+        let record = Self::record(id, &live, Some(end));
+        let values = labels.values();
+        self.metrics.tcp_closed.with_label_values(&values).inc();
         self.metrics
             .tcp_sent_bytes
-            .with_label_values(&labels)
+            .with_label_values(&values)
             .inc_by(record.bytes_to_server);
         self.metrics
             .tcp_received_bytes
-            .with_label_values(&labels)
+            .with_label_values(&values)
             .inc_by(record.bytes_to_client);
         access_log::write(&access_entry(&record, &labels));
         let mut closed = lock(&self.closed);
@@ -283,7 +289,7 @@ impl ConnectionTable {
         let live = lock(&self.live);
         let mut out: Vec<_> = live
             .iter()
-            .map(|(id, l)| Self::record(*id, l, "open".into()))
+            .map(|(id, l)| Self::record(*id, l, None))
             .collect();
         out.sort_by_key(|r| r.id);
         out
@@ -306,14 +312,14 @@ impl ConnectionTable {
 
 /// The access-log line of a closed connection: the metric labels under the same
 /// names, plus what is per connection (addresses, bytes, duration, result).
-fn access_entry(record: &ConnectionRecord, labels: &[String; 13]) -> serde_json::Value {
+fn access_entry(record: &ConnectionRecord, labels: &TcpLabels) -> serde_json::Value {
     let mut entry = serde_json::Map::new();
     entry.insert("log".into(), "access".into());
     entry.insert("kind".into(), "tcp".into());
     entry.insert("id".into(), record.id.into());
     entry.insert("start_unix_ms".into(), record.started_unix_ms.into());
-    for (name, value) in TCP_LABELS.iter().zip(labels) {
-        entry.insert((*name).into(), value.as_str().into());
+    for (name, value) in TcpLabels::NAMES.into_iter().zip(labels.values()) {
+        entry.insert(name.into(), value.into());
     }
     let info = &record.info;
     let text = |v: Option<String>| v.map(serde_json::Value::from).unwrap_or_default();
@@ -331,7 +337,7 @@ fn access_entry(record: &ConnectionRecord, labels: &[String; 13]) -> serde_json:
     entry.insert("sent_bytes".into(), record.bytes_to_server.into());
     entry.insert("received_bytes".into(), record.bytes_to_client.into());
     entry.insert("duration_ms".into(), record.duration_ms.into());
-    entry.insert("result".into(), record.result.as_str().into());
+    entry.insert("result".into(), record.result().into());
     serde_json::Value::Object(entry)
 }
 
@@ -353,9 +359,9 @@ impl OpenConnection {
         self.counters.clone()
     }
 
-    pub fn close(mut self, result: impl Into<String>) {
+    pub fn close(mut self, end: ConnectionEnd) {
         self.closed = true;
-        self.table.finish(self.id, result.into());
+        self.table.finish(self.id, end);
     }
 }
 
@@ -363,7 +369,7 @@ impl Drop for OpenConnection {
     fn drop(&mut self) {
         if !self.closed {
             // The task was cancelled (pod removed, agent stopping).
-            self.table.finish(self.id, "aborted".into());
+            self.table.finish(self.id, ConnectionEnd::Aborted);
         }
     }
 }
@@ -371,6 +377,7 @@ impl Drop for OpenConnection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::outcome::RefusalReason;
 
     fn info(direction: Direction) -> ConnectionInfo {
         ConnectionInfo {
@@ -393,40 +400,86 @@ mod tests {
         conn.counters().to_server.fetch_add(10, Ordering::Relaxed);
         assert_eq!(table.live().len(), 1);
         assert_eq!(table.live()[0].bytes_to_server, 10);
-        conn.close("completed");
+        conn.close(ConnectionEnd::Completed);
         assert!(table.live().is_empty());
         let closed = table.closed();
         assert_eq!(closed.len(), 1);
-        assert_eq!(closed[0].result, "completed");
+        assert_eq!(closed[0].result(), "completed");
         assert_eq!(closed[0].info.original_dst.to_string(), "10.0.2.2:8080");
         let text = metrics.encode();
         assert!(text.contains("nodemesh_tcp_sent_bytes_total{connection_security_policy=\"none\",destination_principal=\"unknown\",destination_service=\"web.apps.svc.cluster.local\",destination_service_name=\"web\",destination_service_namespace=\"apps\",destination_workload=\"server\",destination_workload_namespace=\"apps\",reporter=\"source\",request_protocol=\"tcp\",response_flags=\"-\",source_principal=\"unknown\",source_workload=\"client\",source_workload_namespace=\"apps\"} 10"), "{text}");
     }
 
     #[test]
-    fn a_dropped_connection_is_recorded_as_aborted() {
+    fn the_admin_api_shows_open_then_the_text_of_the_end() {
         let table = ConnectionTable::new(Arc::new(Metrics::new()));
-        drop(table.open(info(Direction::Inbound)));
-        assert_eq!(table.closed()[0].result, "aborted");
+        let conn = table.open(info(Direction::Inbound));
+        let live = serde_json::to_value(&table.live()[0]).unwrap();
+        assert_eq!(live["result"], "open");
+        conn.close(ConnectionEnd::Denied {
+            policy: Some("apps/deny-intruder".into()),
+            detail: "a DENY rule matched".into(),
+        });
+        let closed = serde_json::to_value(&table.closed()[0]).unwrap();
+        assert_eq!(closed["result"], "denied: apps/deny-intruder");
+        assert!(closed.get("end").is_none(), "{closed}");
     }
 
     #[test]
-    fn results_map_to_a_fixed_set_of_response_flags() {
-        for (result, flags) in [
-            ("completed", "-"),
-            ("connect_failed: connection refused", "UF"),
-            ("hbone_failed: handshake", "UF"),
-            ("refused: no_ready_endpoint", "UH"),
-            ("refused: unknown_service_port", "NR"),
-            ("refused: policy_denied", "RBAC"),
-            ("refused: strict_mtls_plaintext", "RBAC"),
-            ("denied: apps/deny-all", "RBAC"),
-            ("idle_timeout", "SI"),
-            ("aborted", "DC"),
-            ("error: broken pipe", "UC"),
-        ] {
-            assert_eq!(response_flags(result), flags, "{result}");
+    fn a_dropped_connection_is_recorded_as_aborted() {
+        let table = ConnectionTable::new(Arc::new(Metrics::new()));
+        drop(table.open(info(Direction::Inbound)));
+        assert_eq!(table.closed()[0].end, Some(ConnectionEnd::Aborted));
+    }
+
+    /// Every TCP label with a value of its own, so a label paired with another's value
+    /// shows: the metric line and the access-log fields, exactly.
+    #[test]
+    fn each_tcp_label_carries_its_own_value() {
+        let metrics = Arc::new(Metrics::new());
+        let table = ConnectionTable::new(metrics.clone());
+        let conn = table.open(ConnectionInfo {
+            security: Security::MutualTls,
+            source_identity: Some("spiffe://cluster.local/ns/apps/sa/client".into()),
+            destination_identity: Some("spiffe://cluster.local/ns/shop/sa/server".into()),
+            peer: Some(PodKey::new("shop", "server")),
+            service: Some("shop/web:80".into()),
+            ..info(Direction::Outbound)
+        });
+        conn.close(ConnectionEnd::Refused(RefusalReason::NoReadyEndpoint));
+        let want = [
+            ("reporter", "source"),
+            ("source_workload", "client"),
+            ("source_workload_namespace", "apps"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/apps/sa/client",
+            ),
+            ("destination_workload", "server"),
+            ("destination_workload_namespace", "shop"),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/shop/sa/server",
+            ),
+            ("destination_service", "web.shop.svc.cluster.local"),
+            ("destination_service_name", "web"),
+            ("destination_service_namespace", "shop"),
+            ("request_protocol", "tcp"),
+            ("response_flags", "UH"),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        let text = metrics.encode();
+        let line = "nodemesh_tcp_connections_closed_total{connection_security_policy=\"mutual_tls\",destination_principal=\"spiffe://cluster.local/ns/shop/sa/server\",destination_service=\"web.shop.svc.cluster.local\",destination_service_name=\"web\",destination_service_namespace=\"shop\",destination_workload=\"server\",destination_workload_namespace=\"shop\",reporter=\"source\",request_protocol=\"tcp\",response_flags=\"UH\",source_principal=\"spiffe://cluster.local/ns/apps/sa/client\",source_workload=\"client\",source_workload_namespace=\"apps\"} 1\n";
+        assert!(text.contains(line), "{text}");
+        let record = &table.closed()[0];
+        let entry = access_entry(
+            record,
+            &record.info.labels(ResponseFlags::NoHealthyUpstream),
+        );
+        for (name, value) in want {
+            assert_eq!(entry[name], value, "{name} in {entry}");
         }
+        assert_eq!(entry["result"], "refused: no_ready_endpoint");
     }
 
     #[test]
@@ -434,10 +487,10 @@ mod tests {
         let table = ConnectionTable::new(Arc::new(Metrics::new()));
         let conn = table.open(info(Direction::Outbound));
         conn.counters().to_server.fetch_add(5, Ordering::Relaxed);
-        conn.close("refused: policy_denied");
+        conn.close(ConnectionEnd::Refused(RefusalReason::PolicyDenied));
         let record = &table.closed()[0];
-        let entry = access_entry(record, &record.info.labels("RBAC"));
-        for label in TCP_LABELS {
+        let entry = access_entry(record, &record.info.labels(ResponseFlags::Denied));
+        for label in TcpLabels::NAMES {
             assert!(entry.get(label).is_some(), "{label} missing: {entry}");
         }
         assert_eq!(entry["response_flags"], "RBAC");

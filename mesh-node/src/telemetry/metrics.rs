@@ -5,42 +5,129 @@ use prometheus::{
     IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Labels of the TCP metrics (Istio's names). Every value is bounded by the pods,
-/// service accounts and Services of the cluster and a fixed set of flags: nothing
-/// per connection (no addresses or ports).
-pub const TCP_LABELS: [&str; 13] = [
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "request_protocol",
-    "response_flags",
-    "connection_security_policy",
-];
+use crate::telemetry::outcome::ResponseFlags;
 
-/// Labels of the HTTP request metrics (L7 routes), as Istio names them; every value
-/// is bounded by the pods, Services and status codes of the cluster.
-pub const REQUEST_LABELS: [&str; 13] = [
-    "reporter",
-    "source_workload",
-    "source_workload_namespace",
-    "source_principal",
-    "destination_workload",
-    "destination_workload_namespace",
-    "destination_principal",
-    "destination_service",
-    "destination_service_name",
-    "destination_service_namespace",
-    "response_code",
-    "response_flags",
-    "connection_security_policy",
-];
+/// Labels of the TCP metrics (Istio's names), one field each. Every value is bounded
+/// by the pods, service accounts and Services of the cluster and a fixed set of flags:
+/// nothing per connection (no addresses or ports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpLabels<'a> {
+    /// `source` (outbound) or `destination` (inbound): which side's proxy reports.
+    pub reporter: &'static str,
+    pub source_workload: &'a str,
+    pub source_workload_namespace: &'a str,
+    pub source_principal: &'a str,
+    pub destination_workload: &'a str,
+    pub destination_workload_namespace: &'a str,
+    pub destination_principal: &'a str,
+    /// `name.namespace.svc.cluster.local`.
+    pub destination_service: String,
+    pub destination_service_name: &'a str,
+    pub destination_service_namespace: &'a str,
+    pub request_protocol: &'static str,
+    pub response_flags: ResponseFlags,
+    /// `none` or `mutual_tls`.
+    pub connection_security_policy: &'static str,
+}
+
+impl TcpLabels<'_> {
+    /// The label names, in the order the metrics are registered with.
+    pub const NAMES: [&'static str; 13] = [
+        "reporter",
+        "source_workload",
+        "source_workload_namespace",
+        "source_principal",
+        "destination_workload",
+        "destination_workload_namespace",
+        "destination_principal",
+        "destination_service",
+        "destination_service_name",
+        "destination_service_namespace",
+        "request_protocol",
+        "response_flags",
+        "connection_security_policy",
+    ];
+
+    /// The values, in the order of [`Self::NAMES`].
+    pub fn values(&self) -> [&str; 13] {
+        [
+            self.reporter,
+            self.source_workload,
+            self.source_workload_namespace,
+            self.source_principal,
+            self.destination_workload,
+            self.destination_workload_namespace,
+            self.destination_principal,
+            &self.destination_service,
+            self.destination_service_name,
+            self.destination_service_namespace,
+            self.request_protocol,
+            self.response_flags.as_str(),
+            self.connection_security_policy,
+        ]
+    }
+}
+
+/// Labels of the HTTP request metrics (L7 routes), as Istio names them, one field each;
+/// every value is bounded by the pods, Services and status codes of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestLabels<'a> {
+    /// Always `source`: requests are reported by the client's side.
+    pub reporter: &'static str,
+    pub source_workload: &'a str,
+    pub source_workload_namespace: &'a str,
+    pub source_principal: &'a str,
+    pub destination_workload: &'a str,
+    pub destination_workload_namespace: &'a str,
+    pub destination_principal: &'a str,
+    /// `name.namespace.svc.cluster.local` of the backend Service.
+    pub destination_service: String,
+    pub destination_service_name: &'a str,
+    pub destination_service_namespace: &'a str,
+    /// The HTTP status, in decimal.
+    pub response_code: &'a str,
+    pub response_flags: ResponseFlags,
+    /// `none` or `mutual_tls`.
+    pub connection_security_policy: &'static str,
+}
+
+impl RequestLabels<'_> {
+    /// The label names, in the order the metrics are registered with.
+    pub const NAMES: [&'static str; 13] = [
+        "reporter",
+        "source_workload",
+        "source_workload_namespace",
+        "source_principal",
+        "destination_workload",
+        "destination_workload_namespace",
+        "destination_principal",
+        "destination_service",
+        "destination_service_name",
+        "destination_service_namespace",
+        "response_code",
+        "response_flags",
+        "connection_security_policy",
+    ];
+
+    /// The values, in the order of [`Self::NAMES`].
+    pub fn values(&self) -> [&str; 13] {
+        [
+            self.reporter,
+            self.source_workload,
+            self.source_workload_namespace,
+            self.source_principal,
+            self.destination_workload,
+            self.destination_workload_namespace,
+            self.destination_principal,
+            &self.destination_service,
+            self.destination_service_name,
+            self.destination_service_namespace,
+            self.response_code,
+            self.response_flags.as_str(),
+            self.connection_security_policy,
+        ]
+    }
+}
 
 /// Request duration buckets in milliseconds.
 const DURATION_BUCKETS_MS: [f64; 14] = [
@@ -145,7 +232,7 @@ impl Metrics {
                 "Duration of HTTP requests on L7 routes, until the response ends.",
             )
             .buckets(DURATION_BUCKETS_MS.to_vec()),
-            &REQUEST_LABELS,
+            &RequestLabels::NAMES,
         )
         .unwrap_or_else(|e| panic!("request duration histogram is malformed: {e}"));
         r.register(Box::new(request_duration.clone()))
@@ -155,7 +242,7 @@ impl Metrics {
                 &r,
                 "nodemesh_requests_total",
                 "HTTP requests on L7 routes.",
-                &REQUEST_LABELS,
+                &RequestLabels::NAMES,
             ),
             request_duration,
             request_retries: counter_vec(
@@ -168,25 +255,25 @@ impl Metrics {
                 &r,
                 "nodemesh_tcp_connections_opened_total",
                 "TCP connections opened by the proxy.",
-                &TCP_LABELS,
+                &TcpLabels::NAMES,
             ),
             tcp_closed: counter_vec(
                 &r,
                 "nodemesh_tcp_connections_closed_total",
                 "TCP connections closed by the proxy.",
-                &TCP_LABELS,
+                &TcpLabels::NAMES,
             ),
             tcp_sent_bytes: counter_vec(
                 &r,
                 "nodemesh_tcp_sent_bytes_total",
                 "Bytes sent from client to server through the proxy.",
-                &TCP_LABELS,
+                &TcpLabels::NAMES,
             ),
             tcp_received_bytes: counter_vec(
                 &r,
                 "nodemesh_tcp_received_bytes_total",
                 "Bytes received by the client from the server through the proxy.",
-                &TCP_LABELS,
+                &TcpLabels::NAMES,
             ),
             refused: counter_vec(
                 &r,
@@ -345,5 +432,124 @@ impl Metrics {
             return format!("# encoding failed: {e}\n");
         }
         String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The labels of the first series of `metric` in the exposition, as Prometheus
+    /// writes them (sorted by name).
+    fn series_labels(text: &str, metric: &str) -> String {
+        let start = format!("{metric}{{");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&start))
+            .unwrap_or_else(|| panic!("no {metric} series in {text}"));
+        line[start.len()..line.rfind('}').unwrap()].to_string()
+    }
+
+    /// What `pairs` look like in the exposition: sorted by name, `name="value"`.
+    fn exposed(pairs: &[(&str, &str)]) -> String {
+        let mut pairs = pairs.to_vec();
+        pairs.sort();
+        let pairs: Vec<String> = pairs.iter().map(|(n, v)| format!("{n}=\"{v}\"")).collect();
+        pairs.join(",")
+    }
+
+    /// Each field, set to a value of its own, is exposed under the label of its name:
+    /// the values come in the order the metrics were registered with.
+    #[test]
+    fn tcp_label_fields_are_exposed_under_their_own_names() {
+        let labels = TcpLabels {
+            reporter: "destination",
+            source_workload: "sw",
+            source_workload_namespace: "swns",
+            source_principal: "sp",
+            destination_workload: "dw",
+            destination_workload_namespace: "dwns",
+            destination_principal: "dp",
+            destination_service: "ds".into(),
+            destination_service_name: "dsname",
+            destination_service_namespace: "dsns",
+            request_protocol: "tcp",
+            response_flags: ResponseFlags::StreamIdleTimeout,
+            connection_security_policy: "mutual_tls",
+        };
+        let want = exposed(&[
+            ("reporter", "destination"),
+            ("source_workload", "sw"),
+            ("source_workload_namespace", "swns"),
+            ("source_principal", "sp"),
+            ("destination_workload", "dw"),
+            ("destination_workload_namespace", "dwns"),
+            ("destination_principal", "dp"),
+            ("destination_service", "ds"),
+            ("destination_service_name", "dsname"),
+            ("destination_service_namespace", "dsns"),
+            ("request_protocol", "tcp"),
+            ("response_flags", "SI"),
+            ("connection_security_policy", "mutual_tls"),
+        ]);
+        let metrics = Metrics::new();
+        for (metric, vec) in [
+            ("nodemesh_tcp_connections_opened_total", &metrics.tcp_opened),
+            ("nodemesh_tcp_connections_closed_total", &metrics.tcp_closed),
+            ("nodemesh_tcp_sent_bytes_total", &metrics.tcp_sent_bytes),
+            (
+                "nodemesh_tcp_received_bytes_total",
+                &metrics.tcp_received_bytes,
+            ),
+        ] {
+            vec.with_label_values(&labels.values()).inc();
+            assert_eq!(series_labels(&metrics.encode(), metric), want, "{metric}");
+        }
+    }
+
+    #[test]
+    fn request_label_fields_are_exposed_under_their_own_names() {
+        let labels = RequestLabels {
+            reporter: "source",
+            source_workload: "sw",
+            source_workload_namespace: "swns",
+            source_principal: "sp",
+            destination_workload: "dw",
+            destination_workload_namespace: "dwns",
+            destination_principal: "dp",
+            destination_service: "ds".into(),
+            destination_service_name: "dsname",
+            destination_service_namespace: "dsns",
+            response_code: "503",
+            response_flags: ResponseFlags::NoHealthyUpstream,
+            connection_security_policy: "none",
+        };
+        let want = exposed(&[
+            ("reporter", "source"),
+            ("source_workload", "sw"),
+            ("source_workload_namespace", "swns"),
+            ("source_principal", "sp"),
+            ("destination_workload", "dw"),
+            ("destination_workload_namespace", "dwns"),
+            ("destination_principal", "dp"),
+            ("destination_service", "ds"),
+            ("destination_service_name", "dsname"),
+            ("destination_service_namespace", "dsns"),
+            ("response_code", "503"),
+            ("response_flags", "UH"),
+            ("connection_security_policy", "none"),
+        ]);
+        let metrics = Metrics::new();
+        metrics.requests.with_label_values(&labels.values()).inc();
+        metrics
+            .request_duration
+            .with_label_values(&labels.values())
+            .observe(1.0);
+        let text = metrics.encode();
+        assert_eq!(series_labels(&text, "nodemesh_requests_total"), want);
+        assert_eq!(
+            series_labels(&text, "nodemesh_request_duration_milliseconds_count"),
+            want
+        );
     }
 }

@@ -1,9 +1,11 @@
-//! Telemetry: metrics, the access log, the table of live and recent connections, what
-//! one HTTP request leaves behind, trace context, and rate-limited logging.
+//! Telemetry: metrics, the access log, the table of live and recent connections, how a
+//! connection ended (and its response flags), what one HTTP request leaves behind,
+//! trace context, and rate-limited logging.
 
 pub(crate) mod access_log;
 pub(crate) mod connections;
 pub(crate) mod log_limit;
 pub(crate) mod metrics;
+pub(crate) mod outcome;
 pub(crate) mod request;
 pub(crate) mod trace_context;

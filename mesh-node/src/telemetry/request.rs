@@ -15,28 +15,31 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::{
     keys::ObjectKey, keys::PodKey, telemetry::access_log, telemetry::connections::Security,
-    telemetry::metrics::Metrics, telemetry::metrics::REQUEST_LABELS,
+    telemetry::metrics::Metrics, telemetry::metrics::RequestLabels,
+    telemetry::outcome::ResponseFlags,
 };
 
-/// Envoy-style response flags (Istio's `response_flags` label values).
+/// The response flags a request can end with, under the names the HTTP path uses.
 pub mod flags {
-    pub const NONE: &str = "-";
+    use crate::telemetry::outcome::ResponseFlags;
+
+    pub const NONE: ResponseFlags = ResponseFlags::None;
     /// No route rule matched.
-    pub const NO_ROUTE: &str = "NR";
+    pub const NO_ROUTE: ResponseFlags = ResponseFlags::NoRoute;
     /// No healthy upstream: the chosen backend has no ready endpoint.
-    pub const NO_HEALTHY_UPSTREAM: &str = "UH";
+    pub const NO_HEALTHY_UPSTREAM: ResponseFlags = ResponseFlags::NoHealthyUpstream;
     /// Connecting to the upstream failed.
-    pub const UPSTREAM_CONNECT_FAILURE: &str = "UF";
+    pub const UPSTREAM_CONNECT_FAILURE: ResponseFlags = ResponseFlags::UpstreamConnectFailure;
     /// The upstream did not answer in time.
-    pub const UPSTREAM_TIMEOUT: &str = "UT";
+    pub const UPSTREAM_TIMEOUT: ResponseFlags = ResponseFlags::UpstreamTimeout;
     /// Retries exhausted on a retriable response.
-    pub const RETRY_LIMIT: &str = "URX";
+    pub const RETRY_LIMIT: ResponseFlags = ResponseFlags::RetryLimit;
     /// Answered by the proxy itself (redirect, invalid rule).
-    pub const LOCAL_REPLY: &str = "LR";
+    pub const LOCAL_REPLY: ResponseFlags = ResponseFlags::LocalReply;
     /// The destination's authorization policy refused the tunnel.
-    pub const DENIED: &str = "RBAC";
+    pub const DENIED: ResponseFlags = ResponseFlags::Denied;
     /// The downstream went away before the response ended.
-    pub const DOWNSTREAM_CLOSED: &str = "DC";
+    pub const DOWNSTREAM_CLOSED: ResponseFlags = ResponseFlags::DownstreamClosed;
 }
 
 /// The facts of one request, filled in as it is routed.
@@ -59,7 +62,7 @@ pub struct RequestLog {
     pub destination_workload: Option<PodKey>,
     pub security: Security,
     pub retries: u32,
-    pub flags: &'static str,
+    pub flags: ResponseFlags,
     pub detail: String,
 }
 
@@ -77,33 +80,36 @@ impl RequestLog {
             .map(|p| (p.name.as_str(), p.namespace.as_str()))
             .unwrap_or(("unknown", "unknown"));
         let backend = self.backend.as_ref().unwrap_or(&self.service);
-        let host = format!("{}.{}.svc.cluster.local", backend.name, backend.namespace);
-        let labels = [
-            "source",
-            self.pod.name.as_str(),
-            self.pod.namespace.as_str(),
-            self.source_principal.as_str(),
-            dst_name,
-            dst_ns,
-            self.destination_principal.as_deref().unwrap_or("unknown"),
-            host.as_str(),
-            backend.name.as_str(),
-            backend.namespace.as_str(),
-            code.as_str(),
-            flags,
-            self.security.label(),
-        ];
+        let labels = RequestLabels {
+            reporter: "source",
+            source_workload: &self.pod.name,
+            source_workload_namespace: &self.pod.namespace,
+            source_principal: &self.source_principal,
+            destination_workload: dst_name,
+            destination_workload_namespace: dst_ns,
+            destination_principal: self.destination_principal.as_deref().unwrap_or("unknown"),
+            destination_service: format!(
+                "{}.{}.svc.cluster.local",
+                backend.name, backend.namespace
+            ),
+            destination_service_name: &backend.name,
+            destination_service_namespace: &backend.namespace,
+            response_code: &code,
+            response_flags: flags,
+            connection_security_policy: self.security.label(),
+        };
+        let values = labels.values();
         let elapsed = self.started.elapsed();
-        metrics.requests.with_label_values(&labels).inc();
+        metrics.requests.with_label_values(&values).inc();
         metrics
             .request_duration
-            .with_label_values(&labels)
+            .with_label_values(&values)
             .observe(elapsed.as_secs_f64() * 1000.0);
         let mut entry = serde_json::Map::new();
         entry.insert("log".into(), "access".into());
         entry.insert("kind".into(), "request".into());
-        for (name, value) in REQUEST_LABELS.iter().zip(labels) {
-            entry.insert((*name).into(), value.into());
+        for (name, value) in RequestLabels::NAMES.into_iter().zip(values) {
+            entry.insert(name.into(), value.into());
         }
         let text = |v: Option<String>| v.map(serde_json::Value::from).unwrap_or_default();
         let fields: [(&str, serde_json::Value); 15] = [
@@ -201,5 +207,83 @@ impl<B: Body<Data = Bytes> + Unpin> Drop for LoggedBody<B> {
         // hyper drops a body it never polled (HEAD, 204, 304) or one whose client left.
         let aborted = !self.inner.is_end_stream();
         self.done(aborted);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every request label with a value of its own, so a label paired with another's
+    /// value shows in the metric line.
+    #[test]
+    fn each_request_label_carries_its_own_value() {
+        let metrics = Metrics::new();
+        let log = RequestLog {
+            started: Instant::now(),
+            pod: PodKey::new("apps", "client"),
+            src: "10.0.1.1:40000".parse().unwrap(),
+            method: "GET".into(),
+            path: "/".into(),
+            authority: "web".into(),
+            protocol: "HTTP/1.1",
+            trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+            service: ObjectKey::new("apps", "web"),
+            rule: "apps/web-route rule 0".into(),
+            backend: Some(ObjectKey::new("shop", "web-v2")),
+            upstream: Some("10.0.2.2:8080".parse().unwrap()),
+            source_principal: "spiffe://cluster.local/ns/apps/sa/client".into(),
+            destination_principal: Some("spiffe://cluster.local/ns/shop/sa/server".into()),
+            destination_workload: Some(PodKey::new("shop", "server")),
+            security: Security::MutualTls,
+            retries: 0,
+            flags: flags::UPSTREAM_TIMEOUT,
+            detail: String::new(),
+        };
+        log.finish(&metrics, 504, 0, false);
+        let text = metrics.encode();
+        let labels = "connection_security_policy=\"mutual_tls\",destination_principal=\"spiffe://cluster.local/ns/shop/sa/server\",destination_service=\"web-v2.shop.svc.cluster.local\",destination_service_name=\"web-v2\",destination_service_namespace=\"shop\",destination_workload=\"server\",destination_workload_namespace=\"shop\",reporter=\"source\",response_code=\"504\",response_flags=\"UT\",source_principal=\"spiffe://cluster.local/ns/apps/sa/client\",source_workload=\"client\",source_workload_namespace=\"apps\"";
+        assert!(
+            text.contains(&format!("nodemesh_requests_total{{{labels}}} 1\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "nodemesh_request_duration_milliseconds_count{{{labels}}} 1\n"
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_response_cut_short_is_flagged_downstream_closed() {
+        let metrics = Metrics::new();
+        let log = RequestLog {
+            started: Instant::now(),
+            pod: PodKey::new("apps", "client"),
+            src: "10.0.1.1:40000".parse().unwrap(),
+            method: "GET".into(),
+            path: "/".into(),
+            authority: "web".into(),
+            protocol: "HTTP/1.1",
+            trace_id: String::new(),
+            service: ObjectKey::new("apps", "web"),
+            rule: String::new(),
+            backend: None,
+            upstream: None,
+            source_principal: "unknown".into(),
+            destination_principal: None,
+            destination_workload: None,
+            security: Security::None,
+            retries: 0,
+            flags: flags::NONE,
+            detail: String::new(),
+        };
+        log.finish(&metrics, 200, 0, true);
+        let text = metrics.encode();
+        assert!(
+            text.contains("response_code=\"200\",response_flags=\"DC\""),
+            "{text}"
+        );
     }
 }

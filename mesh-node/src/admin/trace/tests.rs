@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use crate::admin::trace::*;
 use crate::discovery::files::parse_manifest;
+use crate::telemetry::outcome::RefusalReason;
 
 const CLUSTER: &str = r#"
 apiVersion: v1
@@ -154,7 +155,7 @@ fn a_denied_identity_names_the_policy() {
     assert_eq!(
         t.candidates[0].inbound.admission,
         Some(Admission::Refuse {
-            reason: "policy_denied",
+            reason: RefusalReason::PolicyDenied,
             policy: Some("apps/deny-intruder".into()),
             detail: "a DENY rule matched".into()
         })

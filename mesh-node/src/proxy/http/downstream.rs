@@ -31,7 +31,7 @@ use tracing::debug;
 use crate::{
     limits, limits::Listener, limits::PodSlot, limits::Refusal, limits::Stage,
     proxy::pod::PodContext, telemetry::connections::ByteCounters,
-    telemetry::connections::ConnectionInfo,
+    telemetry::connections::ConnectionInfo, telemetry::outcome::ConnectionEnd,
 };
 use crate::{
     proxy::http::box_body, proxy::http::forward::handle, proxy::http::forward::Frontend,
@@ -236,7 +236,7 @@ pub async fn serve(
                 if activity.requests.load(Ordering::Relaxed) == 0 {
                     limits::count_timeout(&ctx.metrics, Listener::Http, Stage::Header);
                     debug!(pod = %ctx.pod, "no request within the header timeout; closing");
-                    conn.close("header_timeout");
+                    conn.close(ConnectionEnd::HeaderTimeout);
                     return;
                 }
                 if activity.in_flight.load(Ordering::Relaxed) == 0
@@ -250,7 +250,7 @@ pub async fn serve(
         }
     };
     match result {
-        Ok(()) => conn.close("completed (http)"),
+        Ok(()) => conn.close(ConnectionEnd::CompletedHttp),
         Err(e) => {
             debug!(pod = %ctx.pod, error = %e, "downstream HTTP connection ended with an error");
             let timed_out = e
@@ -258,14 +258,14 @@ pub async fn serve(
                 .is_some_and(hyper::Error::is_timeout);
             if timed_out {
                 limits::count_timeout(&ctx.metrics, Listener::Http, Stage::Header);
-                conn.close("header_timeout");
+                conn.close(ConnectionEnd::HeaderTimeout);
                 return;
             }
             ctx.metrics
                 .refused
                 .with_label_values(&["http_protocol_error"])
                 .inc();
-            conn.close(format!("http_error: {e}"));
+            conn.close(ConnectionEnd::HttpError(e.to_string()));
         }
     }
 }

@@ -24,8 +24,8 @@ use crate::{
     proxy::http::upstream::Protocol, proxy::http::upstream::UpstreamError, proxy::http::ProxyBody,
     routing::http::filters::authority, routing::http::filters::HeaderModifier,
     routing::http::matching::PathMatch, routing::http::routes::BackendTarget,
-    routing::http::routes::Rule, telemetry::request::flags, telemetry::request::LoggedBody,
-    telemetry::request::RequestLog, telemetry::trace_context,
+    routing::http::routes::Rule, telemetry::outcome::ResponseFlags, telemetry::request::flags,
+    telemetry::request::LoggedBody, telemetry::request::RequestLog, telemetry::trace_context,
 };
 
 /// Request bodies up to this size are kept so a retry can resend them.
@@ -63,7 +63,7 @@ impl Failure {
         }
     }
 
-    fn response(&self) -> (StatusCode, &'static str, String) {
+    fn response(&self) -> (StatusCode, ResponseFlags, String) {
         match self {
             Failure::Invalid(reason) => (StatusCode::INTERNAL_SERVER_ERROR, flags::LOCAL_REPLY, reason.clone()),
             Failure::NoEndpoint(b) => (
@@ -179,7 +179,7 @@ fn reply(
     mut log: RequestLog,
     ctx: &PodContext,
     status: StatusCode,
-    flag: &'static str,
+    flag: ResponseFlags,
     text: String,
 ) -> Response<ProxyBody> {
     if status.is_server_error() {
