@@ -27,7 +27,7 @@ use crate::{
     discovery::files, hbone::client::HboneClient, identity::ca::client::CaClient,
     identity::ca::client::Credential, identity::cert_cache::CertCache,
     identity::certificates::CertificateStore, identity::spiffe::TrustBundle, limits, limits::Gate,
-    limits::Listener, proxy::pod::Mesh, routing::balancer::Balancer,
+    limits::Listener, proxy::pod::Mesh, routing::balancer::Balancer, routing::table::Router,
     telemetry::connections::ConnectionTable, telemetry::metrics::Metrics, workloads::ProxySettings,
     workloads::Workloads,
 };
@@ -280,7 +280,10 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             socket_mark: config.socket_mark,
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
-            service_cidrs: Arc::new(config.service_cidrs.clone()),
+            router: Arc::new(Router::new(
+                Arc::new(config.service_cidrs.clone()),
+                mesh.as_ref().map(|m| m.trust_domain.clone()),
+            )),
             balancer,
             mesh: mesh.clone(),
             trust_domain: config.trust_domain.clone(),

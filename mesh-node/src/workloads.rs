@@ -26,7 +26,7 @@ use crate::{
     capture::sockets::PodSockets, discovery::cluster::ip_key, discovery::cluster::ClusterState,
     discovery::cluster::PodPlan, hbone, identity::Identity, keys::PodKey, proxy::inbound,
     proxy::outbound, proxy::pod::Mesh, proxy::pod::PodContext, routing::balancer::Balancer,
-    routing::resolve::IpCidr, telemetry::connections::ConnectionTable, telemetry::metrics::Metrics,
+    routing::table::Router, telemetry::connections::ConnectionTable, telemetry::metrics::Metrics,
 };
 
 #[derive(Debug, Error)]
@@ -83,7 +83,8 @@ pub struct ProxySettings {
     pub socket_mark: u32,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
-    pub service_cidrs: Arc<Vec<IpCidr>>,
+    /// The node's routing table (service address ranges and the trust domain in it).
+    pub router: Arc<Router>,
     pub balancer: Arc<Balancer>,
     /// Mutual TLS (absent when no CA is configured).
     pub mesh: Option<Arc<Mesh>>,
@@ -568,7 +569,7 @@ impl Workloads {
             metrics: self.metrics.clone(),
             state: self.state.clone(),
             balancer: self.settings.balancer.clone(),
-            service_cidrs: self.settings.service_cidrs.clone(),
+            router: self.settings.router.clone(),
             connect_timeout: self.settings.connect_timeout,
             idle_timeout: self.settings.idle_timeout,
             http_routes: self.settings.http_routes.clone(),

@@ -9,13 +9,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
 use crate::{
-    discovery::cluster::canonical, discovery::cluster::ip_from_key, discovery::cluster::ip_key,
-    discovery::cluster::ClusterState, proxy::http::downstream, proxy::http::forward::Frontend,
-    proxy::pod::accept_loop, proxy::pod::forward, proxy::pod::forward_hbone, proxy::pod::refuse,
-    proxy::pod::reset, proxy::pod::PodContext, routing::http::routes::declares_http2,
-    routing::http::routes::is_http_routed, routing::resolve::resolve, routing::resolve::Resolution,
-    routing::transport::meshed_identity, telemetry::connections::ConnectionInfo,
-    telemetry::connections::Direction, telemetry::outcome::RefusalReason,
+    discovery::cluster::ip_from_key, discovery::cluster::ip_key, proxy::http::downstream,
+    proxy::http::forward::Frontend, proxy::pod::accept_loop, proxy::pod::forward,
+    proxy::pod::forward_hbone, proxy::pod::refuse, proxy::pod::reset, proxy::pod::PodContext,
+    routing::plan, routing::plan::Plan, routing::transport::Transport,
+    telemetry::connections::ConnectionInfo, telemetry::connections::Direction,
 };
 
 pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
@@ -47,56 +45,38 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     debug!(pod = %ctx.pod, src = %peer, dst = %dst, "outbound");
     let state = ctx.state.borrow().clone();
     let mut info = ConnectionInfo::new(Direction::Outbound, ctx.pod.clone(), peer, dst);
-    match resolve(&state, dst, &ctx.service_cidrs) {
-        Resolution::Direct => {
-            info.peer = state.pod_by_ip(canonical(dst.ip())).cloned();
-            send(stream, dst, info, &ctx, &state).await;
+    // (The routing table is held only while planning.)
+    let planned = plan::connection(&ctx.router.table(&state), &state, &ctx.balancer, dst);
+    match planned {
+        Plan::Forward(to) => {
+            info.service = to.service.as_ref().map(|s| s.frontend.to_string());
+            info.backend = to.backend().map(|b| b.to_string());
+            info.peer = to.endpoint.pod().cloned();
+            send(stream, to, info, &ctx).await;
         }
-        Resolution::Service {
-            service,
-            port,
-            backends,
-            ..
-        } => {
-            info.service = Some(format!("{service}:{port}"));
-            if is_http_routed(&state, &service, port) {
-                let frontend = Frontend {
-                    backend_http2: declares_http2(&state, &service, port),
-                    service,
-                    port,
-                    want_v6: canonical(dst.ip()).is_ipv6(),
-                    src: peer,
-                };
-                return downstream::serve(stream, info, frontend, ctx).await;
-            }
-            let Some(pick) = ctx.balancer.pick(&service, port, &backends) else {
-                return refuse(stream, info, RefusalReason::NoReadyEndpoint, &ctx);
+        Plan::Http(service) => {
+            info.service = Some(service.frontend.to_string());
+            let frontend = Frontend {
+                backend_http2: service.http.is_some_and(|h| h.backend_http2),
+                service: service.frontend.service.clone(),
+                port: service.frontend.port,
+                want_v6: service.want_v6,
+                src: peer,
             };
-            info.backend = Some(pick.backend.to_string());
-            info.peer = state.pod_by_ip(pick.endpoint.ip()).cloned();
-            send(stream, pick.endpoint, info, &ctx, &state).await;
-            drop(pick);
+            downstream::serve(stream, info, frontend, ctx).await
         }
-        Resolution::UnknownPort { service, port } => {
-            info.service = Some(format!("{service}:{port}"));
-            refuse(stream, info, RefusalReason::UnknownServicePort, &ctx);
+        Plan::Refused { frontend, refusal } => {
+            info.service = frontend.map(|f| f.to_string());
+            refuse(stream, info, refusal.reason(), &ctx);
         }
-        Resolution::UnknownService => refuse(stream, info, RefusalReason::UnknownService, &ctx),
     }
 }
 
-/// HBONE to meshed pods, plain TCP to everything else.
-async fn send(
-    stream: TcpStream,
-    target: SocketAddr,
-    info: ConnectionInfo,
-    ctx: &PodContext,
-    state: &ClusterState,
-) {
-    if let Some(mesh) = &ctx.mesh {
-        if let Some(destination) = meshed_identity(state, &mesh.trust_domain, target.ip()) {
-            return forward_hbone(stream, target, destination, info, ctx, mesh).await;
-        }
+/// HBONE to meshed pods (when the mesh has a CA), plain TCP to everything else.
+async fn send(stream: TcpStream, to: plan::Forward, info: ConnectionInfo, ctx: &PodContext) {
+    let target = to.endpoint.addr;
+    if let (Some(mesh), Transport::Hbone { identity }) = (&ctx.mesh, to.endpoint.transport()) {
+        return forward_hbone(stream, target, identity, info, ctx, mesh, to.pick).await;
     }
-    forward(stream, target, info, ctx).await
+    forward(stream, target, info, ctx, to.pick).await
 }

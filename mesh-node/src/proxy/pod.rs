@@ -5,7 +5,7 @@ use std::{
     future::Future,
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use mesh_common::HBONE_PORT;
@@ -19,15 +19,16 @@ use mesh_common::ConnKey;
 
 use crate::{
     capture::dataplane::Dataplane, capture::sockets::PodSockets, discovery::cluster::ip_key,
-    discovery::cluster::ClusterState, hbone::client::HboneClient, hbone::stream::relay_stream,
-    hbone::stream::TcpSide, identity::certificates::CertificateStore,
+    discovery::cluster::ClusterState, hbone::client::HboneClient, hbone::client::HboneError,
+    hbone::stream::relay_stream, hbone::stream::TcpSide, identity::certificates::CertificateStore,
     identity::certificates::IdentityLease, identity::spiffe::TrustBundle, identity::Identity,
     keys::PodKey, limits, limits::Listener, limits::PodBudget, limits::PodLimits, limits::Refusal,
-    proxy::http::pool::UpstreamPool, relay::relay, routing::balancer::Balancer,
-    routing::http::routes::RouteCache, routing::resolve::IpCidr,
-    telemetry::connections::ConnectionInfo, telemetry::connections::ConnectionTable,
-    telemetry::connections::Security, telemetry::metrics::Metrics,
-    telemetry::outcome::ConnectionEnd, telemetry::outcome::RefusalReason,
+    proxy::http::pool::UpstreamPool, relay::relay, relay::RelayEnd, routing::balancer::Balancer,
+    routing::balancer::Outcome, routing::balancer::Pick, routing::http::routes::RouteCache,
+    routing::table::Router, telemetry::connections::ConnectionInfo,
+    telemetry::connections::ConnectionTable, telemetry::connections::Security,
+    telemetry::metrics::Metrics, telemetry::outcome::ConnectionEnd,
+    telemetry::outcome::RefusalReason,
 };
 
 /// What mutual TLS needs, shared by every pod of the node (absent without a CA).
@@ -55,7 +56,8 @@ pub struct PodContext {
     pub metrics: Arc<Metrics>,
     pub state: watch::Receiver<Arc<ClusterState>>,
     pub balancer: Arc<Balancer>,
-    pub service_cidrs: Arc<Vec<IpCidr>>,
+    /// The node's routing table of the current snapshot (the plan's input).
+    pub router: Arc<Router>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     /// Compiled HTTPRoutes, shared by the node's pods.
@@ -125,15 +127,37 @@ pub fn refuse(client: TcpStream, info: ConnectionInfo, reason: RefusalReason, ct
         .close(ConnectionEnd::Refused(reason));
 }
 
+/// What a failed tunnel says about the endpoint, for the balancer: None when the
+/// failure is this node's own (no certificate yet, TLS setup).
+pub(crate) fn hbone_outcome(e: &HboneError) -> Option<Outcome> {
+    match e {
+        HboneError::NoCertificate(_) | HboneError::Setup(_) => None,
+        HboneError::Refused { status: 403, .. } => Some(Outcome::Denied),
+        HboneError::Connect { .. }
+        | HboneError::Handshake { .. }
+        | HboneError::H2 { .. }
+        | HboneError::Refused { .. } => Some(Outcome::ConnectFailed),
+    }
+}
+
+/// Reports how an established connection ended: an error is a reset.
+fn report_end(pick: Option<&Pick>, end: &RelayEnd) {
+    if let (Some(pick), RelayEnd::Error(_)) = (pick, end) {
+        pick.report(Outcome::Reset);
+    }
+}
+
 /// Tunnels to `target` through the HBONE port of the meshed pod at `target.ip()`,
-/// as this pod's identity, expecting `destination`.
+/// as this pod's identity, expecting `destination`. `pick`, the balancer's choice of
+/// `target`, learns the outcome and is held while the connection lives.
 pub async fn forward_hbone(
     client: TcpStream,
     target: SocketAddr,
-    destination: Identity,
+    destination: &Identity,
     mut info: ConnectionInfo,
     ctx: &PodContext,
     mesh: &Mesh,
+    pick: Option<Pick>,
 ) {
     info.upstream = Some(target);
     info.security = Security::MutualTls;
@@ -141,19 +165,17 @@ pub async fn forward_hbone(
     info.destination_identity = Some(destination.to_string());
     let conn = ctx.connections.open(info);
     let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
+    let started = Instant::now();
     let (send, recv) = match mesh
         .hbone
-        .open(
-            &ctx.sockets,
-            &ctx.identity,
-            &destination,
-            hbone_addr,
-            target,
-        )
+        .open(&ctx.sockets, &ctx.identity, destination, hbone_addr, target)
         .await
     {
         Ok(s) => s,
         Err(e) => {
+            if let (Some(pick), Some(outcome)) = (&pick, hbone_outcome(&e)) {
+                pick.report(outcome);
+            }
             ctx.metrics
                 .refused
                 .with_label_values(&["hbone_failed"])
@@ -164,6 +186,11 @@ pub async fn forward_hbone(
             return;
         }
     };
+    if let Some(pick) = &pick {
+        pick.report(Outcome::Connected {
+            latency: started.elapsed(),
+        });
+    }
     let end = relay_stream(
         client,
         send,
@@ -173,6 +200,7 @@ pub async fn forward_hbone(
         conn.counters(),
     )
     .await;
+    report_end(pick.as_ref(), &end);
     conn.close(end.into());
 }
 
@@ -194,24 +222,37 @@ pub async fn connect_in_pod(
         })
 }
 
-/// Connects to `dst` from inside the pod and relays, recording the connection.
+/// Connects to `dst` from inside the pod and relays, recording the connection. `pick`,
+/// the balancer's choice of `dst` (None for a destination no balancer chose), learns
+/// the outcome and is held while the connection lives.
 pub async fn forward(
     client: TcpStream,
     dst: SocketAddr,
     mut info: ConnectionInfo,
     ctx: &PodContext,
+    pick: Option<Pick>,
 ) {
     info.upstream = Some(dst);
     let conn = ctx.connections.open(info);
+    let started = Instant::now();
     let upstream = match connect_in_pod(ctx, dst).await {
         Ok(s) => s,
         Err(end) => {
+            if let Some(pick) = &pick {
+                pick.report(Outcome::ConnectFailed);
+            }
             reset(client);
             conn.close(end);
             return;
         }
     };
+    if let Some(pick) = &pick {
+        pick.report(Outcome::Connected {
+            latency: started.elapsed(),
+        });
+    }
     let end = relay(client, upstream, ctx.idle_timeout, conn.counters()).await;
+    report_end(pick.as_ref(), &end);
     conn.close(end.into());
 }
 

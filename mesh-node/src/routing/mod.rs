@@ -1,7 +1,12 @@
 //! Routing: where a connection or request goes — destination → Service → route rule →
-//! backend → endpoint → transport — and the balancers that pick among endpoints.
+//! backend → endpoint → transport — decided in one place ([`plan`]) from the routing
+//! table of the current discovery snapshot ([`table`]), with the balancers that pick
+//! among endpoints and learn what became of each pick ([`balancer`]).
 
+pub(crate) mod backend;
 pub mod balancer;
 pub mod http;
+pub mod plan;
 pub mod resolve;
-pub(crate) mod transport;
+pub mod table;
+pub mod transport;

@@ -3,16 +3,25 @@
 //! Service (GAMMA) → weighted backend Services → ready endpoints. A destination that
 //! is not a Service VIP — a pod IP, or anything outside the cluster — goes where the
 //! application sent it.
+//!
+//! [`lookup`] works from the raw objects of a snapshot; the routing table
+//! (`routing::table`) keeps its answers for the snapshot's lifetime, and the plan
+//! (`routing::plan`) turns them into decisions.
 
 use std::{
     net::{IpAddr, SocketAddr},
     str::FromStr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use serde::Serialize;
 
-use crate::{discovery::cluster::canonical, discovery::cluster::ClusterState, keys::ObjectKey};
+pub use crate::routing::backend::Backend;
+use crate::{
+    discovery::cluster::canonical, discovery::cluster::ClusterState, keys::ObjectKey,
+    routing::balancer::PickSlots,
+};
 
 /// Service annotation choosing least-connections instead of round-robin endpoints.
 pub const LOAD_BALANCING_ANNOTATION: &str = "nodemesh.io/load-balancing";
@@ -71,18 +80,6 @@ impl IpCidr {
     }
 }
 
-/// One weighted backend Service of a resolved destination.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Backend {
-    pub service: ObjectKey,
-    /// The backend Service's port.
-    pub port: u16,
-    pub weight: u32,
-    /// Ready endpoints, sorted.
-    pub endpoints: Vec<SocketAddr>,
-    pub least_connections: bool,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Resolution {
@@ -122,9 +119,20 @@ pub fn ready_endpoints(
     port: u16,
     want_v6: bool,
 ) -> Vec<SocketAddr> {
-    let Some(svc) = state.services.get(service) else {
-        return Vec::new();
-    };
+    match state.services.get(service) {
+        Some(svc) => ready_endpoints_of(state, service, svc, port, want_v6),
+        None => Vec::new(),
+    }
+}
+
+/// [`ready_endpoints`] of the Service `svc` (named `service`).
+fn ready_endpoints_of(
+    state: &ClusterState,
+    service: &ObjectKey,
+    svc: &Service,
+    port: u16,
+    want_v6: bool,
+) -> Vec<SocketAddr> {
     let Some(sp) = service_port(svc, port) else {
         return Vec::new();
     };
@@ -169,19 +177,31 @@ pub fn backend(
     weight: u32,
     want_v6: bool,
 ) -> Backend {
-    let least_connections = state
-        .services
-        .get(&service)
+    let svc = state.services.get(&service).map(|s| &**s);
+    backend_of(state, service, svc, port, weight, want_v6)
+}
+
+/// [`backend`] for the Service `svc` (named `service`; None when there is none).
+fn backend_of(
+    state: &ClusterState,
+    service: ObjectKey,
+    svc: Option<&Service>,
+    port: u16,
+    weight: u32,
+    want_v6: bool,
+) -> Backend {
+    let least_connections = svc
         .and_then(|s| {
             s.metadata
                 .annotations
                 .as_ref()?
                 .get(LOAD_BALANCING_ANNOTATION)
-                .cloned()
         })
         .is_some_and(|v| v == LEAST_CONNECTIONS);
     Backend {
-        endpoints: ready_endpoints(state, &service, port, want_v6),
+        endpoints: svc
+            .map(|svc| ready_endpoints_of(state, &service, svc, port, want_v6))
+            .unwrap_or_default(),
         service,
         port,
         weight,
@@ -189,23 +209,136 @@ pub fn backend(
     }
 }
 
-pub fn resolve(state: &ClusterState, dst: SocketAddr, service_cidrs: &[IpCidr]) -> Resolution {
-    let ip = canonical(dst.ip());
-    let want_v6 = ip.is_ipv6();
+/// A Service port: the frontend a connection to a Service address reaches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ServicePortRef {
+    pub service: ObjectKey,
+    pub port: u16,
+}
+
+impl std::fmt::Display for ServicePortRef {
+    /// `namespace/name:port`, as connection records and logs show it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.service, self.port)
+    }
+}
+
+/// An HTTP-routed Service port (an HTTPRoute names it): requests are routed one by one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpPort {
+    /// The port declares HTTP/2 cleartext (`appProtocol: kubernetes.io/h2c`).
+    pub backend_http2: bool,
+}
+
+/// Everything one snapshot says about a Service port, in one address family: its
+/// TCPRoute, its weighted backends with their ready endpoints parsed, and whether it is
+/// HTTP-routed. Built once per snapshot (see `routing::table`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRoute {
+    pub frontend: ServicePortRef,
+    /// The TCPRoute whose first rule carries the backends (None: the Service itself).
+    pub route: Option<ObjectKey>,
+    pub backends: Vec<Backend>,
+    /// Some: an HTTPRoute names the port, and the L7 proxy routes each request.
+    pub http: Option<HttpPort>,
+    /// The destination was an IPv6 address (endpoints are of the same family).
+    pub want_v6: bool,
+    /// Whether any backend can take a connection (positive weight, ready endpoint).
+    has_eligible: bool,
+    /// The balancer's state for this route's eligible backends, looked up on the first
+    /// pick.
+    pub slots: PickSlots,
+}
+
+impl ServiceRoute {
+    /// The backends an L4 pick chooses among (positive weight, ready endpoint).
+    pub fn eligible(&self) -> impl Iterator<Item = &Backend> + Clone {
+        self.backends.iter().filter(|b| b.is_eligible())
+    }
+
+    /// Whether a connection can be given an endpoint at all.
+    pub fn has_eligible(&self) -> bool {
+        self.has_eligible
+    }
+
+    /// The admin view of this route.
+    pub fn resolution(&self) -> Resolution {
+        Resolution::Service {
+            service: self.frontend.service.clone(),
+            port: self.frontend.port,
+            route: self.route.clone(),
+            backends: self.backends.clone(),
+        }
+    }
+}
+
+/// What a destination address is, before any pick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Not a Service address: connect to the original destination.
+    Direct,
+    Service(Arc<ServiceRoute>),
+    /// A Service VIP, but not one of its ports.
+    UnknownPort(ServicePortRef),
+    /// Inside a service address range, but no Service has this address.
+    UnknownService,
+}
+
+impl Lookup {
+    /// The admin view (`meshctl node services`, `meshctl node trace`).
+    pub fn resolution(&self) -> Resolution {
+        match self {
+            Lookup::Direct => Resolution::Direct,
+            Lookup::Service(route) => route.resolution(),
+            Lookup::UnknownPort(f) => Resolution::UnknownPort {
+                service: f.service.clone(),
+                port: f.port,
+            },
+            Lookup::UnknownService => Resolution::UnknownService,
+        }
+    }
+}
+
+/// What a destination address names in `state`, short of building the Service port's
+/// route: the Service (and whether `port` is one of its ports), or nothing.
+pub(crate) enum Addressed<'s> {
+    Direct,
+    UnknownService,
+    UnknownPort(ServicePortRef),
+    ServicePort(&'s ObjectKey, &'s Service),
+}
+
+/// Classifies a destination (canonical address) by the Service addresses of `state`.
+pub(crate) fn addressed<'s>(
+    state: &'s ClusterState,
+    ip: IpAddr,
+    port: u16,
+    service_cidrs: &[IpCidr],
+) -> Addressed<'s> {
     let Some((key, svc)) = state.service_by_ip(ip) else {
         if service_cidrs.iter().any(|c| c.contains(ip)) {
-            return Resolution::UnknownService;
+            return Addressed::UnknownService;
         }
-        return Resolution::Direct;
+        return Addressed::Direct;
     };
-    let port = dst.port();
     if service_port(svc, port).is_none() {
-        return Resolution::UnknownPort {
+        return Addressed::UnknownPort(ServicePortRef {
             service: key.clone(),
             port,
-        };
+        });
     }
-    let route = state.tcp_routes_for(key, port).into_iter().next();
+    Addressed::ServicePort(key, svc)
+}
+
+/// Builds the route of `service:port` (`svc`, a port it has) from the raw objects.
+pub(crate) fn service_route(
+    state: &ClusterState,
+    service: &ObjectKey,
+    svc: &Service,
+    port: u16,
+    want_v6: bool,
+) -> ServiceRoute {
+    let route = state.tcp_routes_for(service, port).into_iter().next();
     let (route, backends) = match route {
         Some((route_key, route)) => {
             // TCP has nothing to match on: the first rule carries the backends.
@@ -236,14 +369,71 @@ pub fn resolve(state: &ClusterState, dst: SocketAddr, service_cidrs: &[IpCidr]) 
                 .collect();
             (Some(route_key.clone()), backends)
         }
-        None => (None, vec![backend(state, key.clone(), port, 1, want_v6)]),
+        None => (
+            None,
+            vec![backend_of(
+                state,
+                service.clone(),
+                Some(svc),
+                port,
+                1,
+                want_v6,
+            )],
+        ),
     };
-    Resolution::Service {
-        service: key.clone(),
-        port,
+    let http = is_http_routed(state, service, port).then(|| HttpPort {
+        backend_http2: http2_port(svc, port),
+    });
+    let has_eligible = backends.iter().any(Backend::is_eligible);
+    ServiceRoute {
+        frontend: ServicePortRef {
+            service: service.clone(),
+            port,
+        },
         route,
         backends,
+        http,
+        want_v6,
+        has_eligible,
+        slots: PickSlots::default(),
     }
+}
+
+/// What a connection to `dst` resolves to in `state`, from the raw objects (the routing
+/// table keeps these per snapshot; this builds them afresh).
+pub fn lookup(state: &ClusterState, dst: SocketAddr, service_cidrs: &[IpCidr]) -> Lookup {
+    let ip = canonical(dst.ip());
+    match addressed(state, ip, dst.port(), service_cidrs) {
+        Addressed::Direct => Lookup::Direct,
+        Addressed::UnknownService => Lookup::UnknownService,
+        Addressed::UnknownPort(f) => Lookup::UnknownPort(f),
+        Addressed::ServicePort(key, svc) => Lookup::Service(Arc::new(service_route(
+            state,
+            key,
+            svc,
+            dst.port(),
+            ip.is_ipv6(),
+        ))),
+    }
+}
+
+/// The admin view of [`lookup`].
+pub fn resolve(state: &ClusterState, dst: SocketAddr, service_cidrs: &[IpCidr]) -> Resolution {
+    lookup(state, dst, service_cidrs).resolution()
+}
+
+/// Whether connections to `service:port` are HTTP-routed (an HTTPRoute names it).
+fn is_http_routed(state: &ClusterState, service: &ObjectKey, port: u16) -> bool {
+    !state.http_routes_for(service, port).is_empty()
+}
+
+/// Whether `svc`'s `port` declares HTTP/2 cleartext (`appProtocol:
+/// kubernetes.io/h2c`), so requests reach its backends as HTTP/2 whatever the client
+/// spoke.
+fn http2_port(svc: &Service, port: u16) -> bool {
+    service_port(svc, port)
+        .and_then(|p| p.app_protocol.as_deref())
+        .is_some_and(|a| matches!(a, "kubernetes.io/h2c" | "h2c" | "grpc"))
 }
 
 #[cfg(test)]

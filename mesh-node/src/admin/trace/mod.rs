@@ -1,12 +1,16 @@
 //! `meshctl node trace <pod> <host:port>`: what the mesh would do with a connection
 //! from a pod, computed from the live state with the very functions the data path
-//! calls (enrollment, the connect hooks' exclusion check on the map entry, outbound
-//! resolution, backend eligibility, the HBONE identity choice, inbound admission), so
-//! the prediction cannot drift from what traffic does. No traffic is sent.
+//! calls (enrollment, the connect hooks' exclusion check on the map entry, the routing
+//! plan — Service, route, candidate backends and endpoints, transport — and inbound
+//! admission), so the prediction cannot drift from what traffic does. No traffic is
+//! sent.
 
 mod destination;
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use mesh_common::{
     InboundPolicy, Ip, OutboundPolicy, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT,
@@ -21,11 +25,12 @@ use crate::{
     capture::dataplane::ProgramStatus, discovery::cluster::canonical, discovery::cluster::ip_key,
     discovery::cluster::plan, discovery::cluster::service_account,
     discovery::cluster::ClusterState, identity::authz::admit, identity::authz::Admission,
-    identity::Identity, keys::ObjectKey, keys::PodKey, routing::balancer::eligible,
-    routing::balancer::PickCounts, routing::http::routes::is_http_routed,
-    routing::http::routes::RouteTable, routing::resolve::ready_endpoints,
-    routing::resolve::resolve, routing::resolve::Backend, routing::resolve::IpCidr,
-    routing::resolve::Resolution, workloads::WorkloadStatus,
+    identity::Identity, keys::ObjectKey, keys::PodKey, routing::balancer::PickCounts,
+    routing::http::routes::RouteTable, routing::plan as routing_plan,
+    routing::plan::candidates as candidates_of, routing::plan::Route,
+    routing::resolve::ready_endpoints, routing::resolve::IpCidr, routing::resolve::Lookup,
+    routing::resolve::Resolution, routing::table::RoutingTable, routing::transport,
+    workloads::WorkloadStatus,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -322,11 +327,13 @@ fn captured(
     Ok(())
 }
 
+/// One endpoint a connection may reach. `planned`: the transport the routing plan
+/// chose for it (None: not redirected, the connection leaves as the pod sent it).
 fn candidate(
     inputs: &TraceInputs,
     source: &SourceStep,
     src_ip: Option<IpAddr>,
-    redirected: bool,
+    planned: Option<&transport::Transport>,
     backend: Option<(&ObjectKey, u32)>,
     ep: SocketAddr,
 ) -> Candidate {
@@ -339,13 +346,8 @@ fn candidate(
     // A hostNetwork pod's socket is the node's: recognised when it connects straight to
     // a pod of its own node (not through a Service address).
     let node_socket = source.host_network && backend.is_none() && node == source.node;
-    // The outbound proxy's choice (proxy/outbound.rs): HBONE to meshed pods when a CA is set.
-    let expected = match (redirected, inputs.trust_domain) {
-        (true, Some(td)) => state
-            .meshed_pod(ep.ip())
-            .map(|(k, p)| Identity::new(td, &k.namespace, service_account(p))),
-        _ => None,
-    };
+    // The outbound proxy's choice, from the plan: HBONE to meshed pods when a CA is set.
+    let expected: Option<Identity> = planned.and_then(|t| t.identity().cloned());
     let presented: Option<Identity> = expected
         .as_ref()
         .and_then(|_| source.identity.as_deref()?.parse().ok());
@@ -457,93 +459,90 @@ pub fn trace(
     let mut http_routes = Vec::new();
     let mut refusal = None;
     if redirect.redirected {
-        let r = resolve(state, dst, inputs.service_cidrs);
-        match &r {
-            Resolution::Direct => {
-                candidates.push(candidate(inputs, &source, src_ip, true, None, dst));
-            }
-            Resolution::Service {
-                service,
-                port,
-                backends,
-                ..
-            } => {
-                http_routes = http_routes_for(state, service, *port, inputs.picks);
-                let l7 = is_http_routed(state, service, *port);
-                // HTTP-routed: the L7 proxy's own table; its rule is chosen per request
-                // (by the request's method, path and headers when they are given).
-                let rule_backends: Vec<Backend> = if l7 {
-                    let table = RouteTable::build(state, service, *port, !dst.is_ipv4());
-                    let rules = match http.as_ref().and_then(request_parts) {
-                        Some(parts) => table
-                            .select(&parts)
-                            .map(|(_, r)| vec![r])
-                            .unwrap_or_default(),
-                        None => table.rules(),
-                    };
-                    if let (Some(parts), Some(rule)) =
-                        (http.as_ref().and_then(request_parts), rules.first())
-                    {
-                        notes.push(format!(
-                            "{} {} selects rule {}",
-                            parts.method,
-                            parts.uri,
-                            rule.describe()
-                        ));
-                    }
-                    rules
-                        .iter()
-                        .flat_map(|r| r.backends.iter().map(|t| t.backend.clone()))
-                        .collect()
-                } else {
-                    backends.clone()
-                };
-                let chosen = eligible(&rule_backends);
-                if chosen.is_empty() {
-                    refusal = Some(if l7 {
-                        "no HTTPRoute rule with a ready backend for this request (HTTP 404/503)"
-                    } else {
-                        "no backend has a ready endpoint (no_ready_endpoint)"
-                    });
-                }
-                for b in chosen {
-                    for ep in &b.endpoints {
-                        candidates.push(candidate(
-                            inputs,
-                            &source,
-                            src_ip,
-                            true,
-                            Some((&b.service, b.weight)),
-                            *ep,
-                        ));
-                    }
-                }
-            }
-            Resolution::UnknownPort { .. } => {
-                refusal = Some("the Service has no such port (unknown_service_port)");
-            }
-            Resolution::UnknownService => {
-                refusal = Some("a service address no Service has (unknown_service)");
-            }
+        // The plan traffic follows, on a table of the same snapshot.
+        let table = RoutingTable::new(
+            Arc::new(inputs.service_cidrs.to_vec()),
+            inputs.trust_domain.map(String::from),
+        );
+        let lookup = table.lookup(state, dst);
+        if let Lookup::Service(s) = &lookup {
+            http_routes =
+                http_routes_for(state, &s.frontend.service, s.frontend.port, inputs.picks);
         }
-        resolution = Some(r);
-    } else if let Some((key, _)) = state.service_by_ip(dst.ip()) {
-        notes.push("not redirected: a Service address is left to kube-proxy (or its replacement), which spreads over the Service's own ready endpoints".into());
-        for ep in ready_endpoints(state, key, dst.port(), !canonical(dst.ip()).is_ipv4()) {
+        resolution = Some(lookup.resolution());
+        let mut push = |backend: Option<(&ObjectKey, u32)>, ep: SocketAddr| {
+            let info = table.endpoint(state, ep);
             candidates.push(candidate(
                 inputs,
                 &source,
                 src_ip,
-                false,
-                Some((key, 1)),
+                Some(&info.transport),
+                backend,
                 ep,
             ));
+        };
+        match routing_plan::route(&table, state, dst) {
+            Route::Direct(endpoint) => push(None, endpoint.addr),
+            Route::Service(service) => {
+                for b in service.eligible() {
+                    for ep in &b.endpoints {
+                        push(Some((&b.service, b.weight)), *ep);
+                    }
+                }
+            }
+            // HTTP-routed: the L7 proxy's own table; its rule is chosen per request (by
+            // the request's method, path and headers when they are given).
+            Route::Http(service) => {
+                let frontend = &service.frontend;
+                let rule_table =
+                    RouteTable::build(state, &frontend.service, frontend.port, service.want_v6);
+                let parts = http.as_ref().and_then(request_parts);
+                let rules = match &parts {
+                    Some(parts) => rule_table
+                        .select(parts)
+                        .map(|(_, r)| vec![r])
+                        .unwrap_or_default(),
+                    None => rule_table.rules(),
+                };
+                if let (Some(parts), Some(rule)) = (&parts, rules.first()) {
+                    notes.push(format!(
+                        "{} {} selects rule {}",
+                        parts.method,
+                        parts.uri,
+                        rule.describe()
+                    ));
+                }
+                let backends = rules
+                    .iter()
+                    .flat_map(|r| r.backends.iter().map(|t| &t.backend));
+                let mut any = false;
+                for b in candidates_of(backends) {
+                    for ep in &b.endpoints {
+                        any = true;
+                        push(Some((&b.service, b.weight)), *ep);
+                    }
+                }
+                if !any {
+                    refusal = Some(
+                        "no HTTPRoute rule with a ready backend for this request (HTTP 404/503)"
+                            .to_string(),
+                    );
+                }
+            }
+            Route::Refused { refusal: r, .. } => {
+                refusal = Some(format!("{} ({})", r.detail(), r.as_str()));
+            }
+        }
+    } else if let Some((key, _)) = state.service_by_ip(dst.ip()) {
+        notes.push("not redirected: a Service address is left to kube-proxy (or its replacement), which spreads over the Service's own ready endpoints".into());
+        for ep in ready_endpoints(state, key, dst.port(), !canonical(dst.ip()).is_ipv4()) {
+            candidates.push(candidate(inputs, &source, src_ip, None, Some((key, 1)), ep));
         }
         if candidates.is_empty() {
-            refusal = Some("the Service has no ready endpoint for this port");
+            refusal = Some("the Service has no ready endpoint for this port".to_string());
         }
     } else {
-        candidates.push(candidate(inputs, &source, src_ip, false, None, dst));
+        candidates.push(candidate(inputs, &source, src_ip, None, None, dst));
     }
     if !http_routes.is_empty() && http.as_ref().and_then(request_parts).is_none() {
         notes.push("HTTP-routed: the rule is chosen per request; the candidates are the backends of every rule (pass method/path/header to select one)".into());

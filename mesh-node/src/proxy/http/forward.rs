@@ -22,10 +22,12 @@ use crate::{
 use crate::{
     proxy::http::box_body, proxy::http::upstream, proxy::http::upstream::peer_of,
     proxy::http::upstream::Protocol, proxy::http::upstream::UpstreamError, proxy::http::ProxyBody,
-    routing::http::filters::authority, routing::http::filters::HeaderModifier,
-    routing::http::matching::PathMatch, routing::http::routes::BackendTarget,
-    routing::http::routes::Rule, telemetry::outcome::ResponseFlags, telemetry::request::flags,
-    telemetry::request::LoggedBody, telemetry::request::RequestLog, telemetry::trace_context,
+    routing::balancer::Outcome, routing::http::filters::authority,
+    routing::http::filters::HeaderModifier, routing::http::matching::PathMatch,
+    routing::http::routes::BackendTarget, routing::http::routes::Rule, routing::plan,
+    routing::plan::RequestPlan, routing::plan::RequestRefusal, telemetry::outcome::ResponseFlags,
+    telemetry::request::flags, telemetry::request::LoggedBody, telemetry::request::RequestLog,
+    telemetry::trace_context,
 };
 
 /// Request bodies up to this size are kept so a retry can resend them.
@@ -246,7 +248,7 @@ struct Attempt {
 struct Exchange<'a> {
     ctx: &'a PodContext,
     frontend: &'a Frontend,
-    state: &'a ClusterState,
+    state: &'a Arc<ClusterState>,
     rule: &'a Rule,
     parts: &'a Parts,
     upgrade: bool,
@@ -265,28 +267,38 @@ async fn attempt(
         parts,
         upgrade,
     } = *x;
-    let refs: Vec<_> = rule.backends.iter().map(|b| &b.backend).collect();
-    let index = ctx
-        .balancer
-        .choose_backend(&rule.frontend(&frontend.service), frontend.port, &refs)
-        .ok_or_else(|| {
-            Failure::Invalid(format!(
-                "rule {} has no backend with a positive weight",
-                rule.describe()
-            ))
-        })?;
-    let target = &rule.backends[index];
-    log.backend = Some(target.backend.service.clone());
-    if let Some(reason) = &target.invalid {
-        return Err(Failure::Invalid(reason.clone()));
+    let planned = plan::request(
+        &ctx.router.table(state),
+        state,
+        &ctx.balancer,
+        &frontend.service,
+        frontend.port,
+        rule,
+    );
+    // The chosen backend is logged whatever becomes of the request.
+    let chosen = planned
+        .as_ref()
+        .map_or_else(|r| r.target(), |p| Some(p.target));
+    if let Some(target) = chosen {
+        log.backend = Some(target.backend.service.clone());
     }
-    let pick = ctx
-        .balancer
-        .pick_endpoint(&target.backend)
-        .ok_or_else(|| Failure::NoEndpoint(target.backend.service.clone()))?;
-    let peer = peer_of(ctx, state, pick.endpoint);
-    log.upstream = Some(pick.endpoint);
-    log.destination_workload = state.pod_by_ip(pick.endpoint.ip()).cloned();
+    let RequestPlan {
+        target,
+        endpoint,
+        pick,
+    } = planned.map_err(|refusal| match refusal {
+        RequestRefusal::NoWeightedBackend => Failure::Invalid(format!(
+            "rule {} has no backend with a positive weight",
+            rule.describe()
+        )),
+        RequestRefusal::InvalidBackend { reason, .. } => Failure::Invalid(reason.to_string()),
+        RequestRefusal::NoReadyEndpoint { target } => {
+            Failure::NoEndpoint(target.backend.service.clone())
+        }
+    })?;
+    let peer = peer_of(state, &endpoint);
+    log.upstream = Some(endpoint.addr);
+    log.destination_workload = endpoint.pod().cloned();
     log.destination_principal = peer.identity.as_ref().map(|i| i.to_string());
     log.security = peer.security;
     let protocol = if parts.version == Version::HTTP_2 || frontend.backend_http2 {
@@ -301,14 +313,25 @@ async fn attempt(
         &target.filters.request_headers,
     )
     .map_err(Failure::Invalid)?;
-    let send = upstream::send(ctx, pick.endpoint, &peer, protocol, request, upgrade);
+    let sent = Instant::now();
+    let send = upstream::send(ctx, endpoint.addr, &peer, protocol, request, upgrade, &pick);
     let response = match rule.backend_timeout {
-        Some(t) => tokio::time::timeout(t, send)
-            .await
-            .map_err(|_| Failure::Timeout)?,
+        Some(t) => tokio::time::timeout(t, send).await.map_err(|_| {
+            pick.report(Outcome::Timeout);
+            Failure::Timeout
+        })?,
         None => send.await,
     }
-    .map_err(Failure::Upstream)?;
+    .map_err(|e| {
+        if let UpstreamError::Request { .. } = e {
+            pick.report(Outcome::Reset);
+        }
+        Failure::Upstream(e)
+    })?;
+    pick.report(Outcome::Http {
+        status: response.status().as_u16(),
+        latency: sent.elapsed(),
+    });
     drop(pick);
     Ok(Attempt {
         response,

@@ -7,6 +7,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     task::{Context, Poll},
+    time::Instant,
 };
 
 use http::{Request, Response};
@@ -23,8 +24,9 @@ use tracing::debug;
 use crate::proxy::http::ProxyBody;
 use crate::{
     discovery::cluster::ClusterState, hbone::client::HboneError, hbone::io::H2Io,
-    identity::Identity, proxy::http::pool::Policies, proxy::pod::PodContext,
-    routing::transport::meshed_identity, telemetry::connections::Security,
+    identity::Identity, proxy::http::pool::Policies, proxy::pod::hbone_outcome,
+    proxy::pod::PodContext, routing::balancer::Outcome, routing::balancer::Pick,
+    routing::plan::Endpoint, telemetry::connections::Security,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -117,12 +119,10 @@ pub struct Peer {
     policies: Policies,
 }
 
-/// The security the connection to `target` will have, judged from `state`.
-pub fn peer_of(ctx: &PodContext, state: &ClusterState, target: SocketAddr) -> Peer {
-    let identity = ctx
-        .mesh
-        .as_ref()
-        .and_then(|mesh| meshed_identity(state, &mesh.trust_domain, target.ip()));
+/// Who answers at the planned `endpoint`, with the authorization policies of `state`
+/// (the snapshot it was planned from).
+pub fn peer_of(state: &ClusterState, endpoint: &Endpoint) -> Peer {
+    let identity = endpoint.transport().identity().cloned();
     Peer {
         security: if identity.is_some() {
             Security::MutualTls
@@ -138,8 +138,8 @@ async fn open_transport(
     ctx: &PodContext,
     target: SocketAddr,
     peer: &Peer,
+    pick: &Pick,
 ) -> Result<Transport, UpstreamError> {
-    let failed = |reason: String| UpstreamError::Connect { target, reason };
     match (&ctx.mesh, &peer.identity) {
         (Some(mesh), Some(destination)) => {
             let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
@@ -147,9 +147,17 @@ async fn open_transport(
                 .hbone
                 .open(&ctx.sockets, &ctx.identity, destination, hbone_addr, target)
                 .await
-                .map_err(|e| match e {
-                    HboneError::Refused { status: 403, .. } => UpstreamError::Denied { target },
-                    e => failed(e.to_string()),
+                .map_err(|e| {
+                    if let Some(outcome) = hbone_outcome(&e) {
+                        pick.report(outcome);
+                    }
+                    match e {
+                        HboneError::Refused { status: 403, .. } => UpstreamError::Denied { target },
+                        e => UpstreamError::Connect {
+                            target,
+                            reason: e.to_string(),
+                        },
+                    }
                 })?;
             Ok(Transport::Hbone(Box::new(H2Io::new(send, recv))))
         }
@@ -158,8 +166,36 @@ async fn open_transport(
                 .sockets
                 .connect(target, ctx.connect_timeout)
                 .await
-                .map_err(|e| failed(e.to_string()))?;
+                .map_err(|e| {
+                    pick.report(Outcome::ConnectFailed);
+                    UpstreamError::Connect {
+                        target,
+                        reason: e.to_string(),
+                    }
+                })?;
             Ok(Transport::Tcp(tcp))
+        }
+    }
+}
+
+/// Reports a new connection's HTTP handshake: connected (with the time since
+/// `started`), or failed to connect.
+fn handshaken<T>(
+    result: Result<T, hyper::Error>,
+    target: SocketAddr,
+    pick: &Pick,
+    started: Instant,
+) -> Result<T, UpstreamError> {
+    match result {
+        Ok(t) => {
+            pick.report(Outcome::Connected {
+                latency: started.elapsed(),
+            });
+            Ok(t)
+        }
+        Err(source) => {
+            pick.report(Outcome::ConnectFailed);
+            Err(UpstreamError::Handshake { target, source })
         }
     }
 }
@@ -168,11 +204,11 @@ async fn new_http1(
     ctx: &PodContext,
     target: SocketAddr,
     peer: &Peer,
+    pick: &Pick,
 ) -> Result<conn::http1::SendRequest<ProxyBody>, UpstreamError> {
-    let io = TokioIo::new(open_transport(ctx, target, peer).await?);
-    let (sender, connection) = conn::http1::handshake(io)
-        .await
-        .map_err(|source| UpstreamError::Handshake { target, source })?;
+    let started = Instant::now();
+    let io = TokioIo::new(open_transport(ctx, target, peer, pick).await?);
+    let (sender, connection) = handshaken(conn::http1::handshake(io).await, target, pick, started)?;
     tokio::spawn(async move {
         if let Err(e) = connection.with_upgrades().await {
             debug!(%target, error = %e, "upstream HTTP/1.1 connection ended");
@@ -186,15 +222,20 @@ async fn http2(
     target: SocketAddr,
     peer: &Peer,
     policies: &Policies,
+    pick: &Pick,
 ) -> Result<conn::http2::SendRequest<ProxyBody>, UpstreamError> {
     if let Some(sender) = ctx.http_upstreams.shared_http2(target, policies) {
         return Ok(sender);
     }
     ctx.http_upstreams.prune();
-    let io = TokioIo::new(open_transport(ctx, target, peer).await?);
-    let (sender, connection) = conn::http2::handshake(TokioExecutor::new(), io)
-        .await
-        .map_err(|source| UpstreamError::Handshake { target, source })?;
+    let started = Instant::now();
+    let io = TokioIo::new(open_transport(ctx, target, peer, pick).await?);
+    let (sender, connection) = handshaken(
+        conn::http2::handshake(TokioExecutor::new(), io).await,
+        target,
+        pick,
+        started,
+    )?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!(%target, error = %e, "upstream HTTP/2 connection ended");
@@ -207,7 +248,8 @@ async fn http2(
 
 /// Sends `request` to `target`, reusing a connection when one is free. A request a
 /// reused connection could not take (the backend closed it meanwhile) goes out once
-/// more on a new connection. Upgrade requests always get their own connection.
+/// more on a new connection. Upgrade requests always get their own connection. A new
+/// connection's outcome (connected or not) is reported to `pick`.
 pub async fn send(
     ctx: &PodContext,
     target: SocketAddr,
@@ -215,11 +257,12 @@ pub async fn send(
     protocol: Protocol,
     request: Request<ProxyBody>,
     upgrade: bool,
+    pick: &Pick,
 ) -> Result<Response<Incoming>, UpstreamError> {
     let failed = |source| UpstreamError::Request { target, source };
     let policies = peer.policies.clone();
     if protocol == Protocol::Http2 {
-        let mut sender = http2(ctx, target, peer, &policies).await?;
+        let mut sender = http2(ctx, target, peer, &policies, pick).await?;
         return sender.send_request(request).await.map_err(failed);
     }
     let mut request = request;
@@ -238,7 +281,7 @@ pub async fn send(
         }
     }
     ctx.http_upstreams.prune();
-    let mut sender = new_http1(ctx, target, peer).await?;
+    let mut sender = new_http1(ctx, target, peer, pick).await?;
     let response = sender.send_request(request).await.map_err(failed)?;
     if !upgrade {
         ctx.http_upstreams.release_http1(target, sender, policies);

@@ -17,8 +17,7 @@ use serde::Serialize;
 
 use crate::{
     discovery::cluster::ClusterState, discovery::duration::parse_duration, keys::ObjectKey,
-    routing::resolve::backend, routing::resolve::is_service_backend,
-    routing::resolve::service_port, routing::resolve::Backend,
+    routing::resolve::backend, routing::resolve::is_service_backend, routing::resolve::Backend,
 };
 use crate::{
     routing::http::filters, routing::http::filters::Filters, routing::http::matching::full_regex,
@@ -397,22 +396,6 @@ impl RouteCache {
             .or_insert_with(|| Arc::new(RouteTable::build(state, service, port, want_v6)))
             .clone()
     }
-}
-
-/// Whether connections to `service:port` are HTTP-routed (an HTTPRoute names it).
-pub fn is_http_routed(state: &ClusterState, service: &ObjectKey, port: u16) -> bool {
-    !state.http_routes_for(service, port).is_empty()
-}
-
-/// Whether the Service port declares HTTP/2 cleartext, so requests reach its backends
-/// as HTTP/2 whatever the client spoke.
-pub fn declares_http2(state: &ClusterState, service: &ObjectKey, port: u16) -> bool {
-    state
-        .services
-        .get(service)
-        .and_then(|s| service_port(s, port))
-        .and_then(|p| p.app_protocol.as_deref())
-        .is_some_and(|a| matches!(a, "kubernetes.io/h2c" | "h2c" | "grpc"))
 }
 
 #[cfg(test)]
