@@ -11,14 +11,14 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     keys::PodKey, telemetry::access_log, telemetry::metrics::Metrics,
     telemetry::metrics::TCP_LABELS,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Outbound,
@@ -36,7 +36,7 @@ impl Direction {
 }
 
 /// How the connection crossed the network (Istio's `connection_security_policy`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Security {
     None,
@@ -53,7 +53,7 @@ impl Security {
 }
 
 /// Who is talking to whom, fixed when the connection is accepted.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionInfo {
     pub direction: Direction,
     /// The enrolled pod on this node whose listener accepted the connection.
@@ -98,8 +98,9 @@ impl ConnectionInfo {
     }
 }
 
-/// One connection, as listed by the admin API and printed by the access log.
-#[derive(Debug, Clone, Serialize)]
+/// One connection, as listed by the admin API (and read by `meshctl`) and printed by
+/// the access log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionRecord {
     pub id: u64,
     #[serde(flatten)]
