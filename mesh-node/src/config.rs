@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, ValueEnum};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{discovery::duration::parse_duration, routing::resolve::IpCidr};
 
@@ -190,11 +190,21 @@ pub struct LogArgs {
     pub log_level: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     Files,
     Kube,
+}
+
+impl Source {
+    /// The name the flag and the admin API give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Files => "files",
+            Source::Kube => "kube",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]

@@ -12,7 +12,7 @@ use std::{
 };
 
 use mesh_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tracing::{info, warn};
@@ -122,8 +122,8 @@ impl Drop for RunningPod {
     }
 }
 
-/// One pod of this node as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
+/// One pod of this node as the admin API shows it (and `meshctl` reads it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkloadStatus {
     #[serde(flatten)]
     pub pod: PodKey,

@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use mesh_node::{
     discovery::cluster::ClusterState, discovery::cluster::KubeObject,
     discovery::files::parse_manifest, keys::ObjectKey, routing::http::filters::authority,
-    routing::http::routes::RouteTable,
+    routing::http::filters::RequestAction, routing::http::routes::RouteTable,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -450,31 +450,25 @@ fuzz_target!(|input: Input| {
             continue;
         }
         let mut response = HeaderMap::new();
-        if let Some(redirect) = &rule.filters.redirect {
-            let location = redirect.location(&parts, &matched);
-            assert!(redirect.status.is_redirection());
-            // A valid rule's redirect always carries its Location.
-            assert!(
-                HeaderValue::try_from(location.as_str()).is_ok(),
-                "Location {location:?} cannot be sent"
-            );
-        } else {
-            for m in &rule.filters.request_headers {
-                m.apply(&mut parts.headers);
+        match rule.filters.apply_request(&mut parts, &matched) {
+            Ok(RequestAction::Redirect { status, location }) => {
+                assert!(status.is_redirection());
+                // A valid rule's redirect always carries its Location.
+                assert!(
+                    HeaderValue::try_from(location.as_str()).is_ok(),
+                    "Location {location:?} cannot be sent"
+                );
             }
-            if let Some(rewrite) = &rule.filters.rewrite {
-                if rewrite.apply(&mut parts, &matched).is_ok() {
-                    let _ = authority(&parts);
+            Ok(RequestAction::Forward) => {
+                let _ = authority(&parts);
+                for backend in &rule.backends {
+                    backend
+                        .filters
+                        .apply_backend_request(&mut parts.headers.clone());
                 }
             }
-            for backend in &rule.backends {
-                for m in &backend.filters.request_headers {
-                    m.apply(&mut parts.headers.clone());
-                }
-            }
+            Err(_) => {}
         }
-        for m in &rule.filters.response_headers {
-            m.apply(&mut response);
-        }
+        rule.filters.apply_response(&mut response);
     }
 });

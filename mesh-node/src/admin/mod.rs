@@ -2,6 +2,7 @@
 //! gauges read at scrape time, the trace of where a connection would go, and the client
 //! `meshctl` uses.
 
+pub mod api;
 pub mod client;
 pub(crate) mod health;
 pub mod routes;

@@ -2,54 +2,16 @@
 //! as the admin API, `meshctl node routes` and the trace show them: rules, matches,
 //! weighted backends, and the share of picks each backend actually got.
 
-use serde::Serialize;
 use serde_json::Value;
 
+/// The trace shows the routes of a Service as this view does.
+pub use crate::admin::api::RouteView;
 use crate::{
-    discovery::cluster::is_service_parent, discovery::cluster::ClusterState, keys::ObjectKey,
-    routing::balancer::PickCounts, routing::resolve::is_service_backend,
+    admin::api::BackendView, admin::api::Chosen, admin::api::ParentView, admin::api::RouteKind,
+    admin::api::RuleView, discovery::cluster::is_service_parent, discovery::cluster::ClusterState,
+    keys::ObjectKey, routing::balancer::PickCounts, routing::resolve::is_service_backend,
     routing::resolve::ready_endpoints,
 };
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ParentView {
-    pub service: ObjectKey,
-    /// None: every port of the Service.
-    pub port: Option<u16>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct BackendView {
-    pub service: ObjectKey,
-    /// None: the port the client connected to.
-    pub port: Option<u16>,
-    pub weight: u32,
-    /// Ready endpoints of the backend Service right now.
-    pub ready_endpoints: usize,
-    /// Connections (or requests) the balancer sent to this backend since the agent started.
-    pub picks: u64,
-    /// picks / all picks of this rule (None before the first pick).
-    pub observed_share: Option<f64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RuleView {
-    pub index: usize,
-    pub name: Option<String>,
-    /// One line per match (HTTP); empty for TCP. A rule without matches matches all.
-    pub matches: Vec<String>,
-    pub backends: Vec<BackendView>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RouteView {
-    pub kind: &'static str,
-    pub route: ObjectKey,
-    pub parents: Vec<ParentView>,
-    /// `per_connection` (TCP) or `per_request` (HTTP: the rule is chosen per request).
-    pub chosen: &'static str,
-    pub rules: Vec<RuleView>,
-}
 
 /// A backendRef as the two route kinds spell it.
 struct BackendRef<'a> {
@@ -199,7 +161,7 @@ struct Rule<'a> {
 fn view(
     state: &ClusterState,
     picks: &PickCounts,
-    kind: &'static str,
+    kind: RouteKind,
     key: &ObjectKey,
     parent_refs: &[ParentRef],
     rules: Vec<Rule>,
@@ -219,7 +181,7 @@ fn view(
                 &rule.backends,
                 picks,
                 // The L7 proxy's balancer key of a rule (http::routes::Rule::frontend).
-                (kind == "HTTPRoute")
+                (kind == RouteKind::HttpRoute)
                     .then(|| ObjectKey::new(&key.namespace, &format!("{}#{index}", key.name)))
                     .as_ref(),
             ),
@@ -229,10 +191,9 @@ fn view(
         kind,
         route: key.clone(),
         parents,
-        chosen: if kind == "TCPRoute" {
-            "per_connection"
-        } else {
-            "per_request"
+        chosen: match kind {
+            RouteKind::TcpRoute => Chosen::PerConnection,
+            RouteKind::HttpRoute => Chosen::PerRequest,
         },
         rules,
     }
@@ -260,7 +221,7 @@ fn tcp_routes(state: &ClusterState, picks: &PickCounts) -> Vec<RouteView> {
                     backends: rule.backend_refs.iter().map(|b| backend_ref!(b)).collect(),
                 })
                 .collect();
-            view(state, picks, "TCPRoute", key, &parents, rules)
+            view(state, picks, RouteKind::TcpRoute, key, &parents, rules)
         })
         .collect()
 }
@@ -303,7 +264,7 @@ fn http_routes(state: &ClusterState, picks: &PickCounts) -> Vec<RouteView> {
                     }
                 })
                 .collect();
-            view(state, picks, "HTTPRoute", key, &parents, rules)
+            view(state, picks, RouteKind::HttpRoute, key, &parents, rules)
         })
         .collect()
 }
@@ -361,12 +322,15 @@ mod tests {
         let views = route_views(&state, &picks);
         assert_eq!(views.len(), 2);
         let tcp = &views[0];
-        assert_eq!((tcp.kind, tcp.chosen), ("TCPRoute", "per_connection"));
+        assert_eq!(
+            (tcp.kind, tcp.chosen),
+            (RouteKind::TcpRoute, Chosen::PerConnection)
+        );
         let b = &tcp.rules[0].backends;
         assert_eq!((b[0].weight, b[0].picks), (90, 27));
         assert_eq!(b[1].observed_share, Some(0.1));
         let http = &views[1];
-        assert_eq!(http.chosen, "per_request");
+        assert_eq!(http.chosen, Chosen::PerRequest);
         assert_eq!(
             http.rules[0].matches,
             vec!["PathPrefix /v2, GET, header x-canary=1"]

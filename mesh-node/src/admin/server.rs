@@ -10,13 +10,13 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn, Method, Request, Response, StatusCode};
 use serde::Serialize;
-use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::{
-    admin::health, admin::state::unready_reason, admin::state::AdminState,
-    admin::trace::HttpAttributes, admin::trace::TraceError, admin::views,
+    admin::api::ConnectionsView, admin::api::ErrorView, admin::api::IndexView,
+    admin::api::LogLevelView, admin::health, admin::state::unready_reason,
+    admin::state::AdminState, admin::trace::HttpAttributes, admin::trace::TraceError, admin::views,
     admin::views::services_view, capture::dataplane::Dataplane,
     discovery::apiserver::DiscoveryHealth, identity::certificates::CertificateStore, limits,
     limits::Gate, telemetry::metrics::Metrics,
@@ -44,7 +44,10 @@ fn json_response(value: &impl Serialize) -> HttpResponse {
 }
 
 fn error(status: StatusCode, message: &str) -> HttpResponse {
-    let body = json!({ "error": message }).to_string();
+    let body = serde_json::to_string(&ErrorView {
+        error: message.to_string(),
+    })
+    .unwrap_or_default();
     respond(status, "application/json", body)
 }
 
@@ -146,28 +149,26 @@ pub fn admin_route(
     query: Option<&str>,
 ) -> HttpResponse {
     match (method, path) {
-        (&Method::GET, "/") => json_response(&json!({ "endpoints": ENDPOINTS })),
+        (&Method::GET, "/") => json_response(&IndexView {
+            endpoints: ENDPOINTS.map(String::from).to_vec(),
+        }),
         (&Method::GET, "/status") => json_response(&views::status(state)),
         (&Method::GET, "/routes") => json_response(&views::routes(state)),
         (&Method::GET, "/policies") => json_response(&views::policies(state)),
         (&Method::GET, "/trace") => trace_response(state, query),
         (&Method::GET, "/workloads") => json_response(&**state.workloads.borrow()),
-        (&Method::GET, "/connections") => json_response(&json!({
-            "live": state.connections.live(),
-            "closed": state.connections.closed(),
-        })),
-        (&Method::GET, "/bpf") => json_response(&json!({
-            "pin_dir": state.dataplane.pin_dir(),
-            "reused_pins": state.dataplane.reused_pins,
-            "programs": state.dataplane.programs(),
-            "maps": state.dataplane.map_status(),
-            "enrolled_netns_cookies": state.dataplane.enrolled_cookies(),
-        })),
+        (&Method::GET, "/connections") => json_response(&ConnectionsView {
+            live: state.connections.live(),
+            closed: state.connections.closed(),
+        }),
+        (&Method::GET, "/bpf") => json_response(&views::bpf(state)),
         (&Method::GET, "/config_dump") => json_response(&state.config),
-        (&Method::GET, "/logging") => json_response(&json!({ "level": state.log_level.get() })),
+        (&Method::GET, "/logging") => json_response(&LogLevelView {
+            level: state.log_level.get(),
+        }),
         (&Method::POST, "/logging") => match query_param(query, "level") {
             Some(level) => match state.log_level.set(&level) {
-                Ok(()) => json_response(&json!({ "level": level })),
+                Ok(()) => json_response(&LogLevelView { level }),
                 Err(e) => error(
                     StatusCode::BAD_REQUEST,
                     &format!("invalid level `{level}`: {e}"),

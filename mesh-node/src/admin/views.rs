@@ -1,21 +1,30 @@
-//! The JSON views of the admin API that combine several parts of the agent: status,
-//! policies, routes and trace.
-
-use serde_json::{json, Value};
+//! The admin API's views that combine several parts of the agent (status, policies,
+//! routes, services, trace, eBPF), built as the typed views of [`crate::admin::api`].
 
 use std::net::SocketAddr;
 
 use crate::{
-    admin::routes::route_views, admin::state::unix_now, admin::state::AdminState,
-    admin::trace::trace, admin::trace::HttpAttributes, admin::trace::Trace,
-    admin::trace::TraceError, admin::trace::TraceInputs, discovery::cluster::service_ips,
-    discovery::cluster::ClusterState, discovery::cluster::MESH_LABEL,
-    discovery::policy::PolicyAction, identity::authz::selects, keys::ObjectKey, keys::PodKey,
-    routing::resolve::resolve, routing::resolve::IpCidr,
+    admin::api::AdmissionView, admin::api::BpfView, admin::api::CandidateView,
+    admin::api::CertificateCounts, admin::api::CertificateState, admin::api::ConnectionCounts,
+    admin::api::HttpRequestView, admin::api::InboundView, admin::api::MapView,
+    admin::api::MeshMode, admin::api::NamespaceView, admin::api::PoliciesView,
+    admin::api::PolicyView, admin::api::ProgramView, admin::api::RedirectView,
+    admin::api::ResolutionView, admin::api::ResolvedBackendView, admin::api::RouteView,
+    admin::api::ServiceView, admin::api::SourceView, admin::api::StateSummary,
+    admin::api::StatusView, admin::api::TraceOutcome, admin::api::TraceTransport,
+    admin::api::TraceView, admin::api::WorkloadCounts, admin::routes::route_views,
+    admin::state::unix_now, admin::state::AdminState, admin::trace::trace,
+    admin::trace::HttpAttributes, admin::trace::Outcome, admin::trace::Trace,
+    admin::trace::TraceError, admin::trace::TraceInputs, admin::trace::Transport,
+    capture::dataplane::MapStatus, capture::dataplane::ProgramStatus,
+    discovery::cluster::service_ips, discovery::cluster::ClusterState,
+    discovery::cluster::MESH_LABEL, identity::authz::selects, identity::authz::Admission,
+    keys::ObjectKey, keys::PodKey, routing::resolve::resolve, routing::resolve::IpCidr,
+    routing::resolve::Resolution,
 };
 
 /// One view of the agent's health: readiness, state freshness, what it serves.
-pub fn status(state: &AdminState) -> Value {
+pub fn status(state: &AdminState) -> StatusView {
     let cluster = state.state.borrow().clone();
     let workloads = state.workloads.borrow().clone();
     let certs = state
@@ -31,77 +40,120 @@ pub fn status(state: &AdminState) -> Value {
         &state.dataplane,
         state.certificates.as_deref(),
     );
-    json!({
-        "node": state.config.node_name,
-        "version": env!("CARGO_PKG_VERSION"),
-        "ready": unready.is_none(),
-        "not_ready_reason": unready,
-        "uptime_seconds": state.started.elapsed().as_secs(),
-        "mtls": state.certificates.is_some(),
-        "trust_domain": state.config.trust_domain,
-        "source": state.config.source,
-        "state": {
-            "objects": cluster.counts(),
-            "updates": state.metrics.state_updates.get(),
-            "age_seconds": (last_update > 0.0).then(|| (unix_now() - last_update).max(0.0)),
+    StatusView {
+        node: state.config.node_name.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ready: unready.is_none(),
+        not_ready_reason: unready,
+        uptime_seconds: state.started.elapsed().as_secs(),
+        mtls: state.certificates.is_some(),
+        trust_domain: state.config.trust_domain.clone(),
+        source: state.config.source,
+        state: StateSummary {
+            objects: cluster
+                .counts()
+                .into_iter()
+                .map(|(kind, n)| (kind.to_string(), n))
+                .collect(),
+            updates: state.metrics.state_updates.get(),
+            age_seconds: (last_update > 0.0).then(|| (unix_now() - last_update).max(0.0)),
         },
-        "workloads": {
-            "total": workloads.len(),
-            "enrolled": workloads.iter().filter(|w| w.enrolled).count(),
+        workloads: WorkloadCounts {
+            total: workloads.len(),
+            enrolled: workloads.iter().filter(|w| w.enrolled).count(),
         },
-        "connections": { "live_outbound": live_out, "live_inbound": live_in },
-        "certificates": {
-            "total": certs.len(),
-            "valid": certs.iter().filter(|c| c.state == "valid").count(),
+        connections: ConnectionCounts {
+            live_outbound: live_out,
+            live_inbound: live_in,
         },
-    })
+        certificates: CertificateCounts {
+            total: certs.len(),
+            valid: certs
+                .iter()
+                .filter(|c| c.state == CertificateState::Valid)
+                .count(),
+        },
+    }
 }
 
 /// Namespaces with their mesh mode, and every AuthorizationPolicy with the pods of
 /// this node it selects.
-pub fn policies(state: &AdminState) -> Value {
+pub fn policies(state: &AdminState) -> PoliciesView {
     let cluster = state.state.borrow().clone();
     let workloads = state.workloads.borrow().clone();
-    let namespaces: Vec<Value> = cluster
+    let namespaces = cluster
         .namespaces
         .iter()
         .map(|(key, ns)| {
             let labels = ns.metadata.labels.clone().unwrap_or_default();
-            json!({
-                "namespace": key.name,
-                "enrolled": labels.get(MESH_LABEL).map(String::as_str) == Some("enabled"),
-                "mode": if cluster.strict_mtls(&key.name) { "STRICT" } else { "PERMISSIVE" },
-            })
+            NamespaceView {
+                namespace: key.name.clone(),
+                enrolled: labels.get(MESH_LABEL).map(String::as_str) == Some("enabled"),
+                mode: MeshMode::of(cluster.strict_mtls(&key.name)),
+            }
         })
         .collect();
-    let policies: Vec<Value> = cluster
+    let policies = cluster
         .authorization_policies
         .iter()
         .map(|(key, policy)| {
-            let selected: Vec<&PodKey> = workloads
+            let selected: Vec<PodKey> = workloads
                 .iter()
                 .map(|w| &w.pod)
                 .filter(|p| p.namespace == key.namespace)
                 .filter(|p| cluster.pods.get(*p).is_some_and(|pod| selects(policy, pod)))
+                .cloned()
                 .collect();
-            json!({
-                "policy": key,
-                "action": match policy.spec.action {
-                    PolicyAction::Allow => "ALLOW",
-                    PolicyAction::Deny => "DENY",
-                },
-                "selector": policy.spec.selector.match_labels,
-                "rules": policy.spec.rules,
-                "selects_on_this_node": selected,
-            })
+            PolicyView {
+                policy: key.clone(),
+                action: policy.spec.action,
+                selector: policy.spec.selector.match_labels.clone(),
+                rules: policy.spec.rules.clone(),
+                selects_on_this_node: selected,
+            }
         })
         .collect();
-    json!({ "namespaces": namespaces, "policies": policies })
+    PoliciesView {
+        namespaces,
+        policies,
+    }
 }
 
-pub fn routes(state: &AdminState) -> Value {
+pub fn routes(state: &AdminState) -> Vec<RouteView> {
     let cluster: std::sync::Arc<ClusterState> = state.state.borrow().clone();
-    json!(route_views(&cluster, &state.balancer.picks()))
+    route_views(&cluster, &state.balancer.picks())
+}
+
+/// The eBPF programs and maps of the dataplane.
+pub fn bpf(state: &AdminState) -> BpfView {
+    let dataplane = &state.dataplane;
+    BpfView {
+        pin_dir: dataplane.pin_dir().to_path_buf(),
+        reused_pins: dataplane.reused_pins,
+        programs: dataplane.programs().iter().map(program_view).collect(),
+        maps: dataplane.map_status().iter().map(map_view).collect(),
+        enrolled_netns_cookies: dataplane.enrolled_cookies(),
+    }
+}
+
+fn program_view(p: &ProgramStatus) -> ProgramView {
+    ProgramView {
+        name: p.name.into(),
+        attach: p.attach.into(),
+        program_id: p.program_id,
+        link_id: p.link_id,
+        pin: p.pin.clone(),
+    }
+}
+
+fn map_view(m: &MapStatus) -> MapView {
+    MapView {
+        name: m.name.into(),
+        id: m.id,
+        max_entries: m.max_entries,
+        entries: m.entries,
+        pinned: m.pinned,
+    }
 }
 
 /// `pod` is `namespace/name`; `to` is `host:port`.
@@ -110,7 +162,7 @@ pub fn run_trace(
     pod: &str,
     to: &str,
     http: HttpAttributes,
-) -> Result<Trace, TraceError> {
+) -> Result<TraceView, TraceError> {
     let key = match pod.split_once('/') {
         Some((ns, name)) => ObjectKey::new(ns, name),
         None => ObjectKey::new("default", pod),
@@ -130,7 +182,117 @@ pub fn run_trace(
             .then_some(state.config.trust_domain.as_str()),
         picks: &picks,
     };
-    trace(&inputs, &key, to, Some(http))
+    trace(&inputs, &key, to, Some(http)).map(trace_view)
+}
+
+/// The admin API's form of a trace.
+fn trace_view(t: Trace) -> TraceView {
+    TraceView {
+        source: SourceView {
+            pod: t.source.pod,
+            node: t.source.node,
+            on_this_node: t.source.on_this_node,
+            enrolled: t.source.enrolled,
+            reason: t.source.reason,
+            netns_cookie: t.source.netns_cookie,
+            identity: t.source.identity,
+            host_network: t.source.host_network,
+        },
+        destination: t.destination,
+        address: t.address,
+        named_service: t.named_service,
+        redirect: RedirectView {
+            redirected: t.redirect.redirected,
+            program: t.redirect.program,
+            program_id: t.redirect.program_id,
+            link_id: t.redirect.link_id,
+            to: t.redirect.to,
+            reason: t.redirect.reason,
+        },
+        resolution: t.resolution.as_ref().map(resolution_view),
+        http_routes: t.http_routes,
+        http_request: t.http_request.map(|r| HttpRequestView {
+            method: r.method,
+            path: r.path,
+            headers: r.headers,
+        }),
+        candidates: t
+            .candidates
+            .into_iter()
+            .map(|c| CandidateView {
+                backend: c.backend,
+                weight: c.weight,
+                endpoint: c.endpoint,
+                pod: c.pod,
+                node: c.node,
+                transport: match c.transport {
+                    Transport::HboneMtls => TraceTransport::HboneMtls,
+                    Transport::Plaintext => TraceTransport::Plaintext,
+                },
+                presented_identity: c.presented_identity,
+                expected_identity: c.expected_identity,
+                inbound: InboundView {
+                    handled_by_mesh: c.inbound.handled_by_mesh,
+                    listener: c.inbound.listener,
+                    mode: c.inbound.mode.map(String::from),
+                    admission: c.inbound.admission.map(|a| match a {
+                        Admission::Allow { policy } => AdmissionView::Allow { policy },
+                        Admission::Refuse {
+                            reason,
+                            policy,
+                            detail,
+                        } => AdmissionView::Refuse {
+                            reason,
+                            policy,
+                            detail,
+                        },
+                    }),
+                    note: c.inbound.note,
+                },
+                allowed: c.allowed,
+            })
+            .collect(),
+        outcome: match t.outcome {
+            Outcome::Allow => TraceOutcome::Allow,
+            Outcome::Deny => TraceOutcome::Deny,
+            Outcome::Partial => TraceOutcome::Partial,
+            Outcome::Refused => TraceOutcome::Refused,
+        },
+        summary: t.summary,
+        notes: t.notes,
+    }
+}
+
+/// The admin API's form of what a connection to an address resolves to.
+fn resolution_view(r: &Resolution) -> ResolutionView {
+    match r {
+        Resolution::Direct => ResolutionView::Direct,
+        Resolution::Service {
+            service,
+            port,
+            route,
+            backends,
+        } => ResolutionView::Service {
+            service: service.clone(),
+            port: *port,
+            route: route.clone(),
+            backends: backends
+                .iter()
+                .map(|b| ResolvedBackendView {
+                    service: b.service.clone(),
+                    port: b.port,
+                    weight: b.weight,
+                    endpoints: b.endpoints.clone(),
+                    least_connections: b.least_connections,
+                })
+                .collect(),
+        },
+        Resolution::UnknownPort { service, port } => ResolutionView::UnknownPort {
+            service: service.clone(),
+            port: *port,
+        },
+        Resolution::UnknownService => ResolutionView::UnknownService,
+    }
 }
 
 /// Every Service port with what a connection to it would resolve to right now; an
@@ -139,7 +301,7 @@ pub(crate) fn services_view(
     state: &ClusterState,
     cidrs: &[IpCidr],
     picks: &crate::routing::balancer::PickCounts,
-) -> Vec<serde_json::Value> {
+) -> Vec<ServiceView> {
     let mut out = Vec::new();
     for (key, svc) in state.services.iter() {
         let vips = service_ips(svc);
@@ -147,14 +309,14 @@ pub(crate) fn services_view(
         for port in ports.filter_map(|p| u16::try_from(p.port).ok()) {
             let resolution = vips
                 .first()
-                .map(|vip| resolve(state, SocketAddr::new(*vip, port), cidrs));
-            out.push(json!({
-                "service": key,
-                "vips": vips,
-                "port": port,
-                "resolution": resolution,
-                "http_routes": crate::admin::routes::http_routes_for(state, key, port, picks),
-            }));
+                .map(|vip| resolution_view(&resolve(state, SocketAddr::new(*vip, port), cidrs)));
+            out.push(ServiceView {
+                service: key.clone(),
+                vips: vips.clone(),
+                port,
+                resolution,
+                http_routes: crate::admin::routes::http_routes_for(state, key, port, picks),
+            });
         }
     }
     out
@@ -165,7 +327,7 @@ mod tests {
     use super::*;
     use crate::{
         admin::views::services_view, discovery::files::parse_manifest,
-        routing::balancer::PickCounts,
+        routing::balancer::PickCounts, telemetry::outcome::RefusalReason,
     };
 
     const SERVICES: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\n\
@@ -179,7 +341,8 @@ mod tests {
     #[test]
     fn an_http_routed_service_port_shows_its_httproute_and_backends() {
         let state = ClusterState::from_objects(parse_manifest(SERVICES).unwrap());
-        let view = services_view(&state, &[], &PickCounts::new());
+        let view = serde_json::to_value(services_view(&state, &[], &PickCounts::new())).unwrap();
+        let view = view.as_array().unwrap();
         let web = view.iter().find(|v| v["service"]["name"] == "web").unwrap();
         let routes = web["http_routes"].as_array().unwrap();
         assert_eq!(routes.len(), 1, "{web:#}");
@@ -193,5 +356,149 @@ mod tests {
             .find(|v| v["service"]["name"] == "web-v1")
             .unwrap();
         assert!(plain["http_routes"].as_array().unwrap().is_empty());
+    }
+
+    /// A trace with every optional part present and every kind of resolution,
+    /// admission and transport the trace can give.
+    fn full_traces() -> Vec<Trace> {
+        use crate::admin::trace::{Candidate, InboundStep, RedirectStep, SourceStep};
+        use crate::routing::resolve::Backend;
+        let candidate = |transport, admission| Candidate {
+            backend: Some(ObjectKey::new("apps", "web-v1")),
+            weight: Some(50),
+            endpoint: "10.0.0.9:8080".parse().unwrap(),
+            pod: Some(ObjectKey::new("apps", "server")),
+            node: Some("b".into()),
+            transport,
+            presented_identity: Some("spiffe://cluster.local/ns/apps/sa/client".into()),
+            expected_identity: Some("spiffe://cluster.local/ns/apps/sa/server".into()),
+            inbound: InboundStep {
+                handled_by_mesh: true,
+                listener: Some(15008),
+                mode: Some("STRICT"),
+                admission,
+                note: "a note".into(),
+            },
+            allowed: true,
+        };
+        let state = ClusterState::from_objects(parse_manifest(SERVICES).unwrap());
+        let trace = Trace {
+            source: SourceStep {
+                pod: ObjectKey::new("apps", "client"),
+                node: Some("a".into()),
+                on_this_node: true,
+                enrolled: true,
+                reason: Some("why".into()),
+                netns_cookie: Some(4097),
+                identity: Some("spiffe://cluster.local/ns/apps/sa/client".into()),
+                host_network: true,
+            },
+            destination: "web:80".into(),
+            address: "10.96.0.10:80".parse().unwrap(),
+            named_service: Some(ObjectKey::new("apps", "web")),
+            redirect: RedirectStep {
+                redirected: true,
+                program: "cgroup/connect4".into(),
+                program_id: Some(41),
+                link_id: Some(7),
+                to: Some("127.0.0.1:15001".parse().unwrap()),
+                reason: "enrolled".into(),
+            },
+            resolution: Some(Resolution::Service {
+                service: ObjectKey::new("apps", "web"),
+                port: 80,
+                route: Some(ObjectKey::new("apps", "split")),
+                backends: vec![Backend {
+                    service: ObjectKey::new("apps", "web-v1"),
+                    port: 80,
+                    weight: 50,
+                    endpoints: vec!["10.0.0.9:8080".parse().unwrap()],
+                    least_connections: true,
+                }],
+            }),
+            http_routes: route_views(&state, &PickCounts::new()),
+            http_request: Some(HttpAttributes {
+                method: Some("GET".into()),
+                path: Some("/".into()),
+                headers: vec![("x-a".into(), "1".into())],
+            }),
+            candidates: vec![
+                candidate(Transport::HboneMtls, None),
+                candidate(
+                    Transport::Plaintext,
+                    Some(Admission::Allow {
+                        policy: Some("apps/allow".into()),
+                    }),
+                ),
+                candidate(
+                    Transport::Plaintext,
+                    Some(Admission::Refuse {
+                        reason: RefusalReason::PolicyDenied,
+                        policy: None,
+                        detail: "denied".into(),
+                    }),
+                ),
+            ],
+            outcome: Outcome::Partial,
+            summary: "summary".into(),
+            notes: vec!["note".into()],
+        };
+        let mut out = vec![trace.clone()];
+        for (resolution, outcome) in [
+            (None, Outcome::Allow),
+            (Some(Resolution::Direct), Outcome::Deny),
+            (Some(Resolution::UnknownService), Outcome::Refused),
+            (
+                Some(Resolution::UnknownPort {
+                    service: ObjectKey::new("apps", "web"),
+                    port: 81,
+                }),
+                Outcome::Allow,
+            ),
+        ] {
+            out.push(Trace {
+                resolution,
+                outcome,
+                http_request: None,
+                named_service: None,
+                ..trace.clone()
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn the_trace_view_is_the_json_the_trace_always_gave() {
+        for trace in full_traces() {
+            let internal = serde_json::to_value(&trace).unwrap();
+            let view = serde_json::to_value(trace_view(trace)).unwrap();
+            assert_eq!(view, internal);
+        }
+    }
+
+    #[test]
+    fn the_bpf_view_is_the_json_the_dataplane_status_always_gave() {
+        let program = ProgramStatus {
+            name: "nm_connect4",
+            attach: "cgroup/connect4",
+            program_id: 41,
+            link_id: 7,
+            pin: "/sys/fs/bpf/nodemesh/links/nm_connect4".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(program_view(&program)).unwrap(),
+            serde_json::to_value(&program).unwrap()
+        );
+        let map = MapStatus {
+            name: "NM_ENROLLED",
+            id: 12,
+            max_entries: 1024,
+            entries: 2,
+            pinned: true,
+        };
+        assert_eq!(
+            serde_json::to_value(map_view(&map)).unwrap(),
+            serde_json::to_value(&map).unwrap()
+        );
     }
 }

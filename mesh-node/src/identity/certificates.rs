@@ -12,7 +12,7 @@ use std::{
 };
 
 use rcgen::KeyPair;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
@@ -24,11 +24,31 @@ use crate::{
     telemetry::metrics::Metrics,
 };
 
-/// What the admin API shows about a certificate.
-#[derive(Debug, Clone, Serialize)]
+/// Where an identity's certificate stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CertificateState {
+    Valid,
+    Expired,
+    /// Not issued yet.
+    Pending,
+}
+
+impl CertificateState {
+    pub fn name(self) -> &'static str {
+        match self {
+            CertificateState::Valid => "valid",
+            CertificateState::Expired => "expired",
+            CertificateState::Pending => "pending",
+        }
+    }
+}
+
+/// What the admin API shows about a certificate (and `meshctl` reads).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CertificateStatus {
     pub identity: Identity,
-    pub state: &'static str,
+    pub state: CertificateState,
     pub serial: Option<String>,
     pub not_before_unix: Option<u64>,
     pub not_after_unix: Option<u64>,
@@ -412,9 +432,9 @@ impl CertificateStore {
                 CertificateStatus {
                     identity: id.clone(),
                     state: match &cert {
-                        Some(c) if c.is_valid(now) => "valid",
-                        Some(_) => "expired",
-                        None => "pending",
+                        Some(c) if c.is_valid(now) => CertificateState::Valid,
+                        Some(_) => CertificateState::Expired,
+                        None => CertificateState::Pending,
                     },
                     serial: cert.as_ref().map(|c| c.serial.clone()),
                     not_before_unix: cert.as_ref().map(|c| unix(c.not_before)),

@@ -11,7 +11,7 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     keys::PodKey, telemetry::access_log, telemetry::metrics::Metrics,
@@ -19,7 +19,7 @@ use crate::{
     telemetry::outcome::ResponseFlags,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Outbound,
@@ -37,7 +37,7 @@ impl Direction {
 }
 
 /// How the connection crossed the network (Istio's `connection_security_policy`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Security {
     None,
@@ -54,7 +54,7 @@ impl Security {
 }
 
 /// Who is talking to whom, fixed when the connection is accepted.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionInfo {
     pub direction: Direction,
     /// The enrolled pod on this node whose listener accepted the connection.
@@ -99,8 +99,9 @@ impl ConnectionInfo {
     }
 }
 
-/// One connection, as listed by the admin API and printed by the access log.
-#[derive(Debug, Clone, Serialize)]
+/// One connection, as listed by the admin API (and read by `meshctl`) and printed by
+/// the access log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionRecord {
     pub id: u64,
     #[serde(flatten)]
@@ -111,7 +112,11 @@ pub struct ConnectionRecord {
     pub bytes_to_client: u64,
     /// How it ended; `None` while live. Shown as `result`: `open` while live, then the
     /// end's text (`completed`, `idle_timeout`, `connect_failed: ...`, ...).
-    #[serde(rename = "result", serialize_with = "serialize_result")]
+    #[serde(
+        rename = "result",
+        serialize_with = "serialize_result",
+        deserialize_with = "deserialize_result"
+    )]
     pub end: Option<ConnectionEnd>,
 }
 
@@ -133,6 +138,18 @@ fn serialize_result<S: serde::Serializer>(
         Some(end) => s.collect_str(end),
         None => s.serialize_str("open"),
     }
+}
+
+fn deserialize_result<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<ConnectionEnd>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text == "open" {
+        return Ok(None);
+    }
+    ConnectionEnd::from_result(&text)
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom(format!("unknown connection result {text:?}")))
 }
 
 struct Live {

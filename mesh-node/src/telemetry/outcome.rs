@@ -3,12 +3,13 @@
 //! summarise an end in the metrics and the access log.
 //!
 //! The text of an end (`completed`, `refused: no_ready_endpoint`, ...) is what the
-//! admin API and the access log show under `result`; it is produced by `Display` and
-//! never read back: the flags come from the variant.
+//! admin API and the access log show under `result`; it is produced by `Display`. The
+//! agent never reads it back (the flags come from the variant); `meshctl` does, when it
+//! deserializes the admin API's answer ([`ConnectionEnd::from_result`]).
 
 use std::fmt;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Envoy-style response flags, Istio's `response_flags` label: one small, fixed set
 /// for TCP connections and HTTP requests alike.
@@ -94,6 +95,26 @@ pub enum RefusalReason {
 }
 
 impl RefusalReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [RefusalReason; 11] = [
+        RefusalReason::UnknownService,
+        RefusalReason::UnknownServicePort,
+        RefusalReason::NoReadyEndpoint,
+        RefusalReason::InboundTargetMeshPort,
+        RefusalReason::InboundTargetNotLocal,
+        RefusalReason::StrictMtlsPlaintext,
+        RefusalReason::PolicyDenied,
+        RefusalReason::HboneBadMethod,
+        RefusalReason::HboneBadAuthority,
+        RefusalReason::HboneTargetNotLocal,
+        RefusalReason::HboneTargetMeshPort,
+    ];
+
+    /// The reason whose [`name`](Self::name) is `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.name() == name)
+    }
+
     /// The `reason` label value and the text after `refused: `.
     pub const fn name(self) -> &'static str {
         match self {
@@ -137,6 +158,14 @@ impl fmt::Display for RefusalReason {
 impl Serialize for RefusalReason {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for RefusalReason {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        RefusalReason::from_name(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown refusal reason {name:?}")))
     }
 }
 
@@ -256,6 +285,54 @@ impl fmt::Display for ConnectionEnd {
 impl Serialize for ConnectionEnd {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+impl ConnectionEnd {
+    /// The end whose `result` text is `text`, for a reader of the admin API (`meshctl`).
+    /// It shows the same text and maps to the same flags as the end that wrote it; what
+    /// the text does not carry is not recovered (a `denied: x` comes back with `x` as
+    /// its detail, an `error: x` as a tunnel error). `None` for a text no end writes.
+    pub fn from_result(text: &str) -> Option<Self> {
+        let end = match text {
+            "completed" => ConnectionEnd::Completed,
+            "completed (http)" => ConnectionEnd::CompletedHttp,
+            "idle_timeout" => ConnectionEnd::IdleTimeout,
+            "header_timeout" => ConnectionEnd::HeaderTimeout,
+            "aborted" => ConnectionEnd::Aborted,
+            _ => {
+                let (kind, rest) = text.split_once(": ")?;
+                let rest = rest.to_string();
+                match kind {
+                    "error" if rest == "stream closed by peer" => {
+                        ConnectionEnd::Broken(StreamError::TunnelClosed)
+                    }
+                    "error" => ConnectionEnd::Broken(StreamError::Tunnel(rest)),
+                    "refused" => ConnectionEnd::Refused(RefusalReason::from_name(&rest)?),
+                    "connect_failed" => ConnectionEnd::ConnectFailed(rest),
+                    "hbone_failed" => ConnectionEnd::HboneFailed(rest),
+                    "denied" => ConnectionEnd::Denied {
+                        policy: None,
+                        detail: rest,
+                    },
+                    "revoked" => ConnectionEnd::Revoked {
+                        policy: None,
+                        detail: rest,
+                    },
+                    "http_error" => ConnectionEnd::HttpError(rest),
+                    _ => return None,
+                }
+            }
+        };
+        Some(end)
+    }
+}
+
+impl<'de> Deserialize<'de> for ConnectionEnd {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        ConnectionEnd::from_result(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown connection end {text:?}")))
     }
 }
 
@@ -487,6 +564,38 @@ mod tests {
                 "refusal {r} has no row"
             );
         }
+    }
+
+    #[test]
+    fn a_reader_of_the_text_gets_an_end_with_the_same_text_and_flags() {
+        for (end, text, flags) in ends() {
+            let read: ConnectionEnd = serde_json::from_value(serde_json::json!(text))
+                .unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(read.to_string(), text);
+            assert_eq!(read.response_flags(), end.response_flags(), "{text}");
+            assert_eq!(read.response_flags().as_str(), flags, "{text}");
+        }
+        for text in [
+            "",
+            "open",
+            "refused: no_such_reason",
+            "weird: x",
+            "completed ",
+        ] {
+            assert_eq!(ConnectionEnd::from_result(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn every_refusal_reason_reads_back_from_its_label() {
+        assert_eq!(RefusalReason::ALL.len(), REFUSALS);
+        for (i, reason) in RefusalReason::ALL.into_iter().enumerate() {
+            assert_eq!(refusal(reason), i);
+            let read: RefusalReason =
+                serde_json::from_value(serde_json::json!(reason.name())).unwrap();
+            assert_eq!(read, reason);
+        }
+        assert!(serde_json::from_value::<RefusalReason>(serde_json::json!("nope")).is_err());
     }
 
     #[test]

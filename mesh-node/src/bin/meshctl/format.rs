@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 
 use comfy_table::{presets, ColumnConstraint, ContentArrangement, Table, Width};
-use serde_json::Value;
+use mesh_node::keys::ObjectKey;
 
 /// Width tables wrap to when stdout is not a terminal.
 pub const DEFAULT_WIDTH: u16 = 100;
@@ -44,23 +44,33 @@ pub fn finish(t: &Table) -> String {
         .join("\n")
 }
 
-/// A string field, or `-`.
-pub fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) if !s.is_empty() => s.clone(),
-        Value::Null => "-".into(),
-        Value::String(_) => "-".into(),
-        other => other.to_string(),
+/// A text field, or `-` when it is empty.
+pub fn text(v: &str) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.to_string()
     }
 }
 
-/// `namespace/name` of an object key (`{namespace, name}`).
-pub fn key(v: &Value) -> String {
-    match (v["namespace"].as_str(), v["name"].as_str()) {
-        (Some(ns), Some(name)) if !ns.is_empty() => format!("{ns}/{name}"),
-        (_, Some(name)) => name.to_string(),
-        _ => "-".into(),
-    }
+/// An optional text field, or `-` when it is absent or empty.
+pub fn opt_text(v: Option<&str>) -> String {
+    v.map(text).unwrap_or_else(|| "-".into())
+}
+
+/// An optional value (a number, an address), or `-`.
+pub fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// `namespace/name` of an object key (`name` alone for a cluster-scoped one).
+pub fn key(k: &ObjectKey) -> String {
+    k.to_string()
+}
+
+/// An optional object key, or `-`.
+pub fn opt_key(k: Option<&ObjectKey>) -> String {
+    k.map(key).unwrap_or_else(|| "-".into())
 }
 
 /// `1.5 KiB` style sizes.
@@ -124,8 +134,8 @@ pub fn now_unix() -> i64 {
 }
 
 /// `spiffe://td/ns/apps/sa/client` stays whole: identities are what operators grep for.
-pub fn identity(v: &Value) -> String {
-    s(v)
+pub fn identity(v: Option<&str>) -> String {
+    opt_text(v)
 }
 
 #[cfg(test)]

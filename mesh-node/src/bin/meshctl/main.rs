@@ -11,6 +11,11 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hyper::Method;
+use mesh_node::admin::api::{
+    BpfView, CertificateStatus, ConnectionsView, LogLevelView, PoliciesView, RouteView,
+    ServiceView, StatusView, TraceView, WorkloadStatus,
+};
+use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 
 use connect::Target;
@@ -192,6 +197,31 @@ fn print_structured(value: &Value, output: Output) -> Result<(), String> {
     print_out(&text)
 }
 
+/// Prints a view as a table, or as JSON or YAML (through a JSON value, so that
+/// keys come out in the order they always did).
+fn show<T: Serialize>(
+    view: &T,
+    output: Output,
+    table: impl FnOnce(&T) -> String,
+) -> Result<(), String> {
+    if output == Output::Table {
+        return print_out(&table(view));
+    }
+    let value = serde_json::to_value(view).map_err(|e| format!("cannot encode the view: {e}"))?;
+    print_structured(&value, output)
+}
+
+/// The admin API's answer to `path`, read as the view this meshctl knows.
+fn view<T: DeserializeOwned>(body: Value, target: &Target, path: &str) -> Result<T, String> {
+    let path = path.split('?').next().unwrap_or(path);
+    serde_json::from_value(body).map_err(|e| {
+        format!(
+            "{target}: the admin API's answer to {path} is not what this meshctl reads ({e}); \
+             meshctl and the agent are likely of different versions: use the meshctl of the agent's version"
+        )
+    })
+}
+
 fn run(args: NodeArgs) -> Result<(), String> {
     let (method, path) = request_of(&args);
     let target = match &args.node {
@@ -223,41 +253,68 @@ fn run(args: NodeArgs) -> Result<(), String> {
         namespace: args.namespace.clone(),
         pod: args.pod.clone(),
     };
-    let value = match &args.command {
-        NodeCommand::Trace { .. } => value,
+    let output = args.output;
+    match &args.command {
+        NodeCommand::Status => {
+            let v: StatusView = view(value, &target, &path)?;
+            show(&v, output, render::status)
+        }
+        NodeCommand::Workloads => {
+            let rows: Vec<WorkloadStatus> = view(value, &target, &path)?;
+            let rows = render::filter(rows, &filter, render::workload_key);
+            show(&rows, output, |r| render::workloads(r))
+        }
+        NodeCommand::Services => {
+            let rows: Vec<ServiceView> = view(value, &target, &path)?;
+            let rows = render::filter(rows, &filter, render::service_key);
+            show(&rows, output, |r| render::services(r))
+        }
+        NodeCommand::Routes => {
+            let rows: Vec<RouteView> = view(value, &target, &path)?;
+            let rows = render::filter(rows, &filter, render::route_key);
+            show(&rows, output, |r| render::routes(r))
+        }
+        NodeCommand::Certs => {
+            let rows: Vec<CertificateStatus> = view(value, &target, &path)?;
+            let rows = render::filter(rows, &filter, render::cert_key);
+            show(&rows, output, |r| render::certs(r))
+        }
+        NodeCommand::Policies => {
+            let v: PoliciesView = view(value, &target, &path)?;
+            show(
+                &render::filter_policies(v, &filter),
+                output,
+                render::policies,
+            )
+        }
         NodeCommand::Connections { closed } => {
-            let key = if *closed { "closed" } else { "live" };
-            render::filter(&value[key], &filter, render::connection_key)
+            let v: ConnectionsView = view(value, &target, &path)?;
+            let rows = if *closed { v.closed } else { v.live };
+            let rows = render::filter(rows, &filter, render::connection_key);
+            show(&rows, output, |r| render::connections(r))
         }
-        NodeCommand::Workloads => render::filter(&value, &filter, render::workload_key),
-        NodeCommand::Services => render::filter(&value, &filter, render::service_key),
-        NodeCommand::Routes => render::filter(&value, &filter, render::route_key),
-        NodeCommand::Certs => render::filter(&value, &filter, render::cert_key),
-        NodeCommand::Policies => render::filter_policies(&value, &filter),
-        _ => value,
-    };
-    if args.output != Output::Table {
-        return print_structured(&value, args.output);
-    }
-    let text = match &args.command {
-        NodeCommand::Status => render::status(&value),
-        NodeCommand::Workloads => render::workloads(&value),
-        NodeCommand::Services => render::services(&value),
-        NodeCommand::Routes => render::routes(&value),
-        NodeCommand::Certs => render::certs(&value),
-        NodeCommand::Policies => render::policies(&value),
-        NodeCommand::Connections { .. } => render::connections(&value),
-        NodeCommand::Bpf => render::bpf(&value),
-        NodeCommand::Trace { .. } => trace_view::render(&value),
-        NodeCommand::LogLevel { .. } => format!(
-            "log level: {}",
-            value["level"].as_str().unwrap_or("(unknown)")
-        ),
+        NodeCommand::Bpf => {
+            let v: BpfView = view(value, &target, &path)?;
+            show(&v, output, render::bpf)
+        }
+        NodeCommand::Trace { .. } => {
+            let v: TraceView = view(value, &target, &path)?;
+            show(&v, output, trace_view::render)
+        }
+        NodeCommand::LogLevel { .. } => {
+            let v: LogLevelView = view(value, &target, &path)?;
+            show(&v, output, |v| format!("log level: {}", v.level))
+        }
+        // Dumps, shown as the agent wrote them.
         NodeCommand::Discovery | NodeCommand::Config => {
-            return print_structured(&value, Output::Yaml);
+            let output = if output == Output::Table {
+                Output::Yaml
+            } else {
+                output
+            };
+            print_structured(&value, output)
         }
-    };
-    print_out(&text)
+    }
 }
 
 fn main() -> ExitCode {

@@ -1,12 +1,19 @@
-//! Filters and tables for `meshctl node` views, from the admin API's JSON.
+//! Filters and tables for `meshctl node` views, from the admin API's typed views.
 
 use std::collections::BTreeSet;
 
-use serde_json::Value;
-
 use comfy_table::Table;
+use mesh_node::{
+    admin::api::BackendView, admin::api::BpfView, admin::api::CertificateStatus,
+    admin::api::ConnectionRecord, admin::api::Direction, admin::api::PoliciesView,
+    admin::api::ResolutionView, admin::api::ResolvedBackendView, admin::api::RouteKind,
+    admin::api::RouteView, admin::api::Security, admin::api::ServiceView, admin::api::StatusView,
+    admin::api::WorkloadStatus, discovery::policy::PolicyAction, discovery::policy::PolicyRule,
+};
 
-use crate::format::{age, bytes, finish, identity, key, now_unix, s, table, utc};
+use crate::format::{
+    age, bytes, finish, identity, key, now_unix, opt, opt_key, opt_text, table, text, utc,
+};
 
 pub struct Filter {
     pub namespace: Option<String>,
@@ -32,84 +39,69 @@ fn keep(row: &RowKey, f: &Filter) -> bool {
     ns_ok && pod_ok
 }
 
-/// Keeps the rows of a JSON array that pass the filter.
-pub fn filter(rows: &Value, f: &Filter, key_of: fn(&Value) -> RowKey) -> Value {
-    Value::Array(
-        rows.as_array()
-            .into_iter()
-            .flatten()
-            .filter(|r| keep(&key_of(r), f))
-            .cloned()
-            .collect(),
-    )
+/// Keeps the rows that pass the filter.
+pub fn filter<T>(rows: Vec<T>, f: &Filter, key_of: fn(&T) -> RowKey) -> Vec<T> {
+    rows.into_iter().filter(|r| keep(&key_of(r), f)).collect()
 }
 
-fn text(v: &Value) -> String {
-    v.as_str().unwrap_or_default().to_string()
-}
-
-pub fn workload_key(r: &Value) -> RowKey {
+pub fn workload_key(r: &WorkloadStatus) -> RowKey {
     RowKey {
-        namespaces: vec![text(&r["namespace"])],
-        pods: Some(vec![text(&r["name"])]),
+        namespaces: vec![r.pod.namespace.clone()],
+        pods: Some(vec![r.pod.name.clone()]),
     }
 }
 
-pub fn connection_key(r: &Value) -> RowKey {
+pub fn connection_key(r: &ConnectionRecord) -> RowKey {
+    let peer = r.info.peer.as_ref();
     RowKey {
-        namespaces: vec![text(&r["pod"]["namespace"]), text(&r["peer"]["namespace"])],
-        pods: Some(vec![text(&r["pod"]["name"]), text(&r["peer"]["name"])]),
+        namespaces: vec![
+            r.info.pod.namespace.clone(),
+            peer.map(|p| p.namespace.clone()).unwrap_or_default(),
+        ],
+        pods: Some(vec![
+            r.info.pod.name.clone(),
+            peer.map(|p| p.name.clone()).unwrap_or_default(),
+        ]),
     }
 }
 
-pub fn service_key(r: &Value) -> RowKey {
+pub fn service_key(r: &ServiceView) -> RowKey {
     RowKey {
-        namespaces: vec![text(&r["service"]["namespace"])],
+        namespaces: vec![r.service.namespace.clone()],
         pods: None,
     }
 }
 
-pub fn route_key(r: &Value) -> RowKey {
+pub fn route_key(r: &RouteView) -> RowKey {
     RowKey {
-        namespaces: vec![text(&r["route"]["namespace"])],
+        namespaces: vec![r.route.namespace.clone()],
         pods: None,
     }
 }
 
-pub fn cert_key(r: &Value) -> RowKey {
-    // spiffe://<td>/ns/<ns>/sa/<sa>
-    let id = text(&r["identity"]);
-    let ns = id
-        .split("/ns/")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next());
+pub fn cert_key(r: &CertificateStatus) -> RowKey {
     RowKey {
-        namespaces: vec![ns.unwrap_or_default().to_string()],
+        namespaces: vec![r.identity.namespace.clone()],
         pods: None,
     }
 }
 
-pub fn filter_policies(v: &Value, f: &Filter) -> Value {
-    let namespaces = filter(&v["namespaces"], f, |r| RowKey {
-        namespaces: vec![text(&r["namespace"])],
-        pods: None,
-    });
-    let policies = filter(&v["policies"], f, |r| RowKey {
-        namespaces: vec![text(&r["policy"]["namespace"])],
-        pods: Some(
-            r["selects_on_this_node"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| text(&p["name"]))
-                .collect(),
-        ),
-    });
-    serde_json::json!({ "namespaces": namespaces, "policies": policies })
-}
-
-fn rows(v: &Value) -> impl Iterator<Item = &Value> {
-    v.as_array().into_iter().flatten()
+pub fn filter_policies(v: PoliciesView, f: &Filter) -> PoliciesView {
+    PoliciesView {
+        namespaces: filter(v.namespaces, f, |r| RowKey {
+            namespaces: vec![r.namespace.clone()],
+            pods: None,
+        }),
+        policies: filter(v.policies, f, |r| RowKey {
+            namespaces: vec![r.policy.namespace.clone()],
+            pods: Some(
+                r.selects_on_this_node
+                    .iter()
+                    .map(|p| p.name.clone())
+                    .collect(),
+            ),
+        }),
+    }
 }
 
 /// The table, or a line saying there is nothing to show.
@@ -121,43 +113,41 @@ fn or_none(t: &Table, what: &str) -> String {
     }
 }
 
-pub fn status(v: &Value) -> String {
+pub fn status(v: &StatusView) -> String {
     let mut t = table(&["FIELD", "VALUE"]);
-    let ready = if v["ready"].as_bool() == Some(true) {
+    let ready = if v.ready {
         "yes".to_string()
     } else {
-        format!("NO: {}", s(&v["not_ready_reason"]))
+        format!("NO: {}", opt_text(v.not_ready_reason.as_deref()))
     };
-    let objects: Vec<String> = v["state"]["objects"]
-        .as_object()
-        .into_iter()
-        .flatten()
+    let objects: Vec<String> = v
+        .state
+        .objects
+        .iter()
         .map(|(k, n)| format!("{k} {n}"))
         .collect();
-    let state_age = v["state"]["age_seconds"]
-        .as_f64()
+    let state_age = v
+        .state
+        .age_seconds
         .map(|a| format!("{} ago", age(a as i64)))
         .unwrap_or_else(|| "never".into());
-    let mtls = if v["mtls"].as_bool() == Some(true) {
-        format!("on (trust domain {})", s(&v["trust_domain"]))
+    let mtls = if v.mtls {
+        format!("on (trust domain {})", text(&v.trust_domain))
     } else {
         "OFF: no CA configured, meshed traffic is not encrypted".into()
     };
     for (field, value) in [
-        ("node", s(&v["node"])),
-        ("version", s(&v["version"])),
+        ("node", text(&v.node)),
+        ("version", text(&v.version)),
         ("ready", ready),
-        (
-            "uptime",
-            age(v["uptime_seconds"].as_i64().unwrap_or_default()),
-        ),
+        ("uptime", age(v.uptime_seconds as i64)),
         ("mtls", mtls),
-        ("source", s(&v["source"])),
+        ("source", v.source.name().to_string()),
         (
             "state",
             format!(
                 "{} updates, last {state_age}; {}",
-                v["state"]["updates"],
+                v.state.updates,
                 objects.join(", ")
             ),
         ),
@@ -165,22 +155,19 @@ pub fn status(v: &Value) -> String {
             "workloads",
             format!(
                 "{} enrolled of {} on this node",
-                v["workloads"]["enrolled"], v["workloads"]["total"]
+                v.workloads.enrolled, v.workloads.total
             ),
         ),
         (
             "connections",
             format!(
                 "{} outbound, {} inbound open",
-                v["connections"]["live_outbound"], v["connections"]["live_inbound"]
+                v.connections.live_outbound, v.connections.live_inbound
             ),
         ),
         (
             "certificates",
-            format!(
-                "{} valid of {}",
-                v["certificates"]["valid"], v["certificates"]["total"]
-            ),
+            format!("{} valid of {}", v.certificates.valid, v.certificates.total),
         ),
     ] {
         t.add_row(vec![field.to_string(), value]);
@@ -189,14 +176,12 @@ pub fn status(v: &Value) -> String {
 }
 
 /// In-pod listener ports, e.g. `15001 15006 15008`.
-fn listener_ports(v: &Value) -> String {
-    let ports: BTreeSet<String> = rows(v)
-        .filter_map(|l| l.as_str()?.rsplit_once(':').map(|(_, p)| p.to_string()))
-        .collect();
+fn listener_ports(listeners: &[std::net::SocketAddr]) -> String {
+    let ports: BTreeSet<String> = listeners.iter().map(|l| l.port().to_string()).collect();
     ports.into_iter().collect::<Vec<_>>().join(" ")
 }
 
-pub fn workloads(v: &Value) -> String {
+pub fn workloads(v: &[WorkloadStatus]) -> String {
     let mut t = table(&[
         "NAMESPACE",
         "POD",
@@ -206,98 +191,110 @@ pub fn workloads(v: &Value) -> String {
         "LISTENERS",
         "COOKIE / REASON",
     ]);
-    for w in rows(v) {
-        let ips: Vec<String> = rows(&w["ips"]).map(s).collect();
-        let enrolled = w["enrolled"].as_bool() == Some(true);
+    for w in v {
+        let ips: Vec<String> = w.ips.iter().map(|ip| ip.to_string()).collect();
         t.add_row(vec![
-            s(&w["namespace"]),
-            s(&w["name"]),
+            text(&w.pod.namespace),
+            text(&w.pod.name),
             ips.join("\n"),
-            s(&w["service_account"]),
-            if enrolled { "yes" } else { "no" }.to_string(),
-            listener_ports(&w["listeners"]),
-            if enrolled {
-                s(&w["netns_cookie"])
+            text(&w.service_account),
+            if w.enrolled { "yes" } else { "no" }.to_string(),
+            listener_ports(&w.listeners),
+            if w.enrolled {
+                opt(w.netns_cookie)
             } else {
-                s(&w["reason"])
+                opt_text(w.reason.as_deref())
             },
         ]);
     }
     or_none(&t, "pods on this node")
 }
 
-fn backend_line(b: &Value) -> String {
-    let eps = b["endpoints"].as_array().map(Vec::len).unwrap_or(0);
+fn backend_line(b: &ResolvedBackendView) -> String {
     format!(
-        "{} :{} weight {} ({eps} ready)",
-        key(&b["service"]),
-        b["port"],
-        b["weight"]
+        "{} :{} weight {} ({} ready)",
+        key(&b.service),
+        b.port,
+        b.weight,
+        b.endpoints.len()
     )
 }
 
 /// A backend of an HTTPRoute rule (the routes view's shape).
-fn rule_backend_line(b: &Value) -> String {
-    let port = match b["port"].as_u64() {
+fn rule_backend_line(b: &BackendView) -> String {
+    let port = match b.port {
         Some(p) => format!(" :{p}"),
         None => String::new(),
     };
     format!(
         "{}{port} weight {} ({} ready)",
-        key(&b["service"]),
-        b["weight"],
-        s(&b["ready_endpoints"])
+        key(&b.service),
+        b.weight,
+        b.ready_endpoints
     )
 }
 
 /// ROUTE and BACKENDS of an HTTP-routed port: each HTTPRoute, and each rule's
 /// backends (the rule is chosen per request).
-fn http_route_cells(routes: &Value) -> (String, String) {
-    let names: Vec<String> = rows(routes)
-        .map(|r| format!("{} {}", s(&r["kind"]), key(&r["route"])))
+fn http_route_cells(routes: &[RouteView]) -> (String, String) {
+    let names: Vec<String> = routes
+        .iter()
+        .map(|r| format!("{} {}", r.kind.name(), key(&r.route)))
         .collect();
     let mut backends = Vec::new();
-    for r in rows(routes) {
-        for rule in rows(&r["rules"]) {
-            let matches: Vec<String> = rows(&rule["matches"]).map(s).collect();
-            let label = if matches.is_empty() {
+    for r in routes {
+        for rule in &r.rules {
+            let label = if rule.matches.is_empty() {
                 "any request".to_string()
             } else {
-                matches.join("; ")
+                rule.matches.join("; ")
             };
-            backends.push(format!("#{} {label}:", rule["index"]));
-            backends.extend(rows(&rule["backends"]).map(|b| format!("  {}", rule_backend_line(b))));
+            backends.push(format!("#{} {label}:", rule.index));
+            backends.extend(
+                rule.backends
+                    .iter()
+                    .map(|b| format!("  {}", rule_backend_line(b))),
+            );
         }
     }
     (names.join("\n"), backends.join("\n"))
 }
 
-pub fn services(v: &Value) -> String {
-    let mut t = table(&["SERVICE", "VIPS", "PORT", "ROUTE", "BACKENDS"]);
-    for svc in rows(v) {
-        let r = &svc["resolution"];
-        let vips: Vec<String> = rows(&svc["vips"]).map(s).collect();
-        let backends: Vec<String> = rows(&r["backends"]).map(backend_line).collect();
-        let (route, backends) = if rows(&svc["http_routes"]).next().is_some() {
-            http_route_cells(&svc["http_routes"])
+/// ROUTE and BACKENDS of a port without HTTPRoutes: what a connection resolves to.
+fn resolution_cells(resolution: Option<&ResolutionView>) -> (String, String) {
+    let Some(r) = resolution else {
+        return ("-".into(), "-".into());
+    };
+    let (route, backends) = match r {
+        ResolutionView::Service {
+            route, backends, ..
+        } => (route.as_ref(), backends.as_slice()),
+        _ => (None, &[][..]),
+    };
+    let backends: Vec<String> = backends.iter().map(backend_line).collect();
+    (
+        opt_key(route),
+        if backends.is_empty() {
+            r.kind().to_string()
         } else {
-            (
-                if r["route"].is_null() {
-                    "-".into()
-                } else {
-                    key(&r["route"])
-                },
-                if backends.is_empty() {
-                    s(&r["kind"])
-                } else {
-                    backends.join("\n")
-                },
-            )
+            backends.join("\n")
+        },
+    )
+}
+
+pub fn services(v: &[ServiceView]) -> String {
+    let mut t = table(&["SERVICE", "VIPS", "PORT", "ROUTE", "BACKENDS"]);
+    for svc in v {
+        let vips: Vec<String> = svc.vips.iter().map(|ip| ip.to_string()).collect();
+        let (route, backends) = if svc.http_routes.is_empty() {
+            resolution_cells(svc.resolution.as_ref())
+        } else {
+            http_route_cells(&svc.http_routes)
         };
         t.add_row(vec![
-            key(&svc["service"]),
+            key(&svc.service),
             vips.join("\n"),
-            s(&svc["port"]),
+            svc.port.to_string(),
             route,
             backends,
         ]);
@@ -305,41 +302,40 @@ pub fn services(v: &Value) -> String {
     or_none(&t, "Services")
 }
 
-fn percent(v: &Value) -> String {
-    v.as_f64()
+fn percent(share: Option<f64>) -> String {
+    share
         .map(|f| format!("{:.1}%", f * 100.0))
         .unwrap_or_else(|| "-".into())
 }
 
-pub fn routes(v: &Value) -> String {
+pub fn routes(v: &[RouteView]) -> String {
     let mut t = table(&["ROUTE", "RULE", "BACKEND", "WEIGHT", "OBSERVED", "READY"]);
-    for r in rows(v) {
-        let parents: Vec<String> = rows(&r["parents"])
-            .map(|p| match p["port"].as_u64() {
-                Some(port) => format!("on {}:{port}", key(&p["service"])),
-                None => format!("on {}", key(&p["service"])),
+    for r in v {
+        let parents: Vec<String> = r
+            .parents
+            .iter()
+            .map(|p| match p.port {
+                Some(port) => format!("on {}:{port}", key(&p.service)),
+                None => format!("on {}", key(&p.service)),
             })
             .collect();
         // The route's name once, above its rules and backends.
         let mut route = Some(format!(
             "{}\n{}\n{}",
-            key(&r["route"]),
-            s(&r["kind"]),
+            key(&r.route),
+            r.kind.name(),
             parents.join("\n")
         ));
-        for rule in rows(&r["rules"]) {
-            let total: u64 = rows(&rule["backends"])
-                .map(|b| b["weight"].as_u64().unwrap_or(0))
-                .sum();
-            let matches: Vec<String> = rows(&rule["matches"]).map(s).collect();
-            let matches = match (r["kind"].as_str(), matches.is_empty()) {
-                (Some("TCPRoute"), _) => "per connection".to_string(),
+        for rule in &r.rules {
+            let total: u64 = rule.backends.iter().map(|b| u64::from(b.weight)).sum();
+            let matches = match (r.kind, rule.matches.is_empty()) {
+                (RouteKind::TcpRoute, _) => "per connection".to_string(),
                 (_, true) => "any request".to_string(),
-                (_, false) => matches.join("\n"),
+                (_, false) => rule.matches.join("\n"),
             };
-            let mut rule_cell = Some(format!("#{} {matches}", rule["index"]));
-            for b in rows(&rule["backends"]) {
-                let weight = b["weight"].as_u64().unwrap_or(0);
+            let mut rule_cell = Some(format!("#{} {matches}", rule.index));
+            for b in &rule.backends {
+                let weight = u64::from(b.weight);
                 let configured = if total > 0 {
                     format!("{weight} ({:.0}%)", weight as f64 * 100.0 / total as f64)
                 } else {
@@ -348,10 +344,10 @@ pub fn routes(v: &Value) -> String {
                 t.add_row(vec![
                     route.take().unwrap_or_default(),
                     rule_cell.take().unwrap_or_default(),
-                    key(&b["service"]),
+                    key(&b.service),
                     configured,
-                    format!("{} ({})", percent(&b["observed_share"]), s(&b["picks"])),
-                    s(&b["ready_endpoints"]),
+                    format!("{} ({})", percent(b.observed_share), b.picks),
+                    b.ready_endpoints.to_string(),
                 ]);
             }
         }
@@ -359,39 +355,39 @@ pub fn routes(v: &Value) -> String {
     or_none(&t, "TCPRoutes or HTTPRoutes")
 }
 
-pub fn certs(v: &Value) -> String {
+pub fn certs(v: &[CertificateStatus]) -> String {
     let mut t = table(&["IDENTITY", "STATE", "SERIAL", "VALID (UTC)", "EXPIRES IN"]);
     let now = now_unix();
     let mut errors = Vec::new();
-    for c in rows(v) {
+    for c in v {
+        let unix = |t: Option<u64>| t.and_then(|t| i64::try_from(t).ok());
         // Minutes are enough to read validity; JSON output has the exact seconds.
-        let time = |f: &str| {
-            c[f].as_i64()
+        let time = |t: Option<u64>| {
+            unix(t)
                 .map(|t| utc(t).chars().take(16).collect::<String>())
                 .unwrap_or_else(|| "-".into())
         };
-        let serial = s(&c["serial"]);
+        let serial = opt_text(c.serial.as_deref());
         let serial = if serial.chars().count() > 12 {
             format!("{}…", serial.chars().take(11).collect::<String>())
         } else {
             serial
         };
         t.add_row(vec![
-            identity(&c["identity"]),
-            s(&c["state"]),
+            c.identity.to_string(),
+            c.state.name().to_string(),
             serial,
             format!(
                 "from {}\nto   {}",
-                time("not_before_unix"),
-                time("not_after_unix")
+                time(c.not_before_unix),
+                time(c.not_after_unix)
             ),
-            c["not_after_unix"]
-                .as_i64()
+            unix(c.not_after_unix)
                 .map(|t| age(t - now))
                 .unwrap_or_else(|| "-".into()),
         ]);
-        if let Some(e) = c["last_error"].as_str() {
-            errors.push(format!("{}: last CA error: {e}", s(&c["identity"])));
+        if let Some(e) = &c.last_error {
+            errors.push(format!("{}: last CA error: {e}", c.identity));
         }
     }
     let mut out = or_none(&t, "certificates (no CA configured, or no enrolled pods)");
@@ -401,21 +397,23 @@ pub fn certs(v: &Value) -> String {
     out
 }
 
-fn rule_line(rule: &Value) -> String {
+fn rule_line(rule: &PolicyRule) -> String {
     let mut from = Vec::new();
-    for src in rows(&rule["from"]) {
-        for (field, label) in [
-            ("principals", "principal"),
-            ("namespaces", "namespace"),
-            ("serviceAccounts", "sa"),
+    for src in &rule.from {
+        for (items, label) in [
+            (&src.principals, "principal"),
+            (&src.namespaces, "namespace"),
+            (&src.service_accounts, "sa"),
         ] {
-            for item in rows(&src[field]) {
-                from.push(format!("{label} {}", s(item)));
+            for item in items {
+                from.push(format!("{label} {}", text(item)));
             }
         }
     }
-    let ports: Vec<String> = rows(&rule["to"])
-        .flat_map(|d| rows(&d["ports"]).map(s).collect::<Vec<_>>())
+    let ports: Vec<String> = rule
+        .to
+        .iter()
+        .flat_map(|d| d.ports.iter().map(u16::to_string))
         .collect();
     let from = if from.is_empty() {
         "any source".to_string()
@@ -430,33 +428,31 @@ fn rule_line(rule: &Value) -> String {
     format!("from {from} to {to}")
 }
 
-pub fn policies(v: &Value) -> String {
+pub fn policies(v: &PoliciesView) -> String {
     let mut modes = table(&["NAMESPACE", "MESH", "MODE"]);
-    for n in rows(&v["namespaces"]) {
-        let enrolled = n["enrolled"].as_bool() == Some(true);
+    for n in &v.namespaces {
         modes.add_row(vec![
-            s(&n["namespace"]),
-            if enrolled { "enabled" } else { "-" }.to_string(),
-            if enrolled {
-                s(&n["mode"])
-            } else {
-                "-".to_string()
-            },
+            text(&n.namespace),
+            if n.enrolled { "enabled" } else { "-" }.to_string(),
+            if n.enrolled { n.mode.name() } else { "-" }.to_string(),
         ]);
     }
     let mut t = table(&["POLICY", "ACTION", "SELECTOR", "RULES", "SELECTS HERE"]);
-    for p in rows(&v["policies"]) {
-        let selector: Vec<String> = p["selector"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| format!("{k}={}", s(v)))
+    for p in &v.policies {
+        let selector: Vec<String> = p
+            .selector
+            .iter()
+            .map(|(k, v)| format!("{k}={}", text(v)))
             .collect();
-        let rules: Vec<String> = rows(&p["rules"]).map(rule_line).collect();
-        let here: Vec<String> = rows(&p["selects_on_this_node"]).map(key).collect();
+        let rules: Vec<String> = p.rules.iter().map(rule_line).collect();
+        let here: Vec<String> = p.selects_on_this_node.iter().map(key).collect();
         t.add_row(vec![
-            key(&p["policy"]),
-            s(&p["action"]),
+            key(&p.policy),
+            match p.action {
+                PolicyAction::Allow => "ALLOW",
+                PolicyAction::Deny => "DENY",
+            }
+            .to_string(),
             if selector.is_empty() {
                 "(all pods)".into()
             } else {
@@ -481,7 +477,7 @@ pub fn policies(v: &Value) -> String {
     )
 }
 
-pub fn connections(v: &Value) -> String {
+pub fn connections(v: &[ConnectionRecord]) -> String {
     // Two lines per connection keep both identities whole within 100 columns.
     let mut t = table(&[
         "POD / PEER",
@@ -490,89 +486,84 @@ pub fn connections(v: &Value) -> String {
         "UP / DOWN",
         "STATE",
     ]);
-    for c in rows(v) {
-        let dir = match c["direction"].as_str() {
-            Some("outbound") => "out",
-            Some("inbound") => "in",
-            _ => "?",
+    for c in v {
+        let info = &c.info;
+        let dir = match info.direction {
+            Direction::Outbound => "out",
+            Direction::Inbound => "in",
         };
-        let ids = if c["security"] == "mutual_tls" {
-            format!(
+        let ids = match info.security {
+            Security::MutualTls => format!(
                 "{}\n{}",
-                identity(&c["source_identity"]),
-                identity(&c["destination_identity"])
-            )
-        } else {
-            "(plaintext)".to_string()
+                identity(info.source_identity.as_deref()),
+                identity(info.destination_identity.as_deref())
+            ),
+            Security::None => "(plaintext)".to_string(),
         };
-        let service = c["service"]
-            .as_str()
+        let service = info
+            .service
+            .as_ref()
             .map(|svc| format!("\nvia {svc}"))
             .unwrap_or_default();
-        let peer = if c["peer"].is_null() {
-            "-".to_string()
-        } else {
-            key(&c["peer"])
-        };
         t.add_row(vec![
-            format!("{dir} {}\n-> {peer}", key(&c["pod"])),
-            format!("{}\n{}{service}", s(&c["src"]), s(&c["original_dst"])),
-            ids,
             format!(
-                "{}\n{}",
-                bytes(c["bytes_to_server"].as_u64().unwrap_or(0)),
-                bytes(c["bytes_to_client"].as_u64().unwrap_or(0))
+                "{dir} {}\n-> {}",
+                key(&info.pod),
+                opt_key(info.peer.as_ref())
             ),
+            format!("{}\n{}{service}", info.src, info.original_dst),
+            ids,
+            format!("{}\n{}", bytes(c.bytes_to_server), bytes(c.bytes_to_client)),
             format!(
                 "{}\n{} #{}",
-                s(&c["result"]),
-                age((c["duration_ms"].as_u64().unwrap_or(0) / 1000) as i64),
-                s(&c["id"])
+                text(&c.result()),
+                age((c.duration_ms / 1000) as i64),
+                c.id
             ),
         ]);
     }
     or_none(&t, "connections")
 }
 
-pub fn bpf(v: &Value) -> String {
+pub fn bpf(v: &BpfView) -> String {
     let mut programs = table(&["PROGRAM", "ATTACH", "PROG ID", "LINK ID"]);
-    for p in rows(&v["programs"]) {
+    for p in &v.programs {
         programs.add_row(vec![
-            s(&p["name"]),
-            s(&p["attach"]),
-            s(&p["program_id"]),
-            s(&p["link_id"]),
+            text(&p.name),
+            text(&p.attach),
+            p.program_id.to_string(),
+            p.link_id.to_string(),
         ]);
     }
     let mut maps = table(&["MAP", "ID", "ENTRIES", "MAX", "USED", "PINNED"]);
-    for m in rows(&v["maps"]) {
-        let entries = m["entries"].as_u64().unwrap_or(0);
-        let max = m["max_entries"].as_u64().unwrap_or(0);
+    for m in &v.maps {
         maps.add_row(vec![
-            s(&m["name"]),
-            s(&m["id"]),
-            entries.to_string(),
-            max.to_string(),
-            if max > 0 {
-                format!("{:.1}%", entries as f64 * 100.0 / max as f64)
+            text(&m.name),
+            m.id.to_string(),
+            m.entries.to_string(),
+            m.max_entries.to_string(),
+            if m.max_entries > 0 {
+                format!(
+                    "{:.1}%",
+                    m.entries as f64 * 100.0 / f64::from(m.max_entries)
+                )
             } else {
                 "-".into()
             },
-            if m["pinned"].as_bool() == Some(true) {
-                "yes"
-            } else {
-                "no"
-            }
-            .to_string(),
+            if m.pinned { "yes" } else { "no" }.to_string(),
         ]);
     }
-    let cookies: Vec<String> = rows(&v["enrolled_netns_cookies"]).map(s).collect();
+    let cookies: Vec<String> = v
+        .enrolled_netns_cookies
+        .iter()
+        .map(u64::to_string)
+        .collect();
     format!(
         "{}\n\n{}\n\npin dir: {} (links under links/, maps under maps/){}\nenrolled netns cookies: {}",
         or_none(&programs, "attached programs"),
         or_none(&maps, "maps"),
-        s(&v["pin_dir"]),
-        if v["reused_pins"].as_bool() == Some(true) {
+        text(&v.pin_dir.to_string_lossy()),
+        if v.reused_pins {
             " (maps reused from a previous run)"
         } else {
             ""

@@ -1,13 +1,12 @@
 //! `meshctl node trace` as text: one line per step of the connection's path, then the
 //! candidate endpoints and the verdict.
 
-use serde_json::Value;
+use mesh_node::admin::api::{
+    AdmissionView, CandidateView, RedirectView, ResolutionView, RouteView, SourceView,
+    TraceTransport, TraceView,
+};
 
-use crate::format::{finish, keep_whole, key, s, table, DEFAULT_WIDTH};
-
-fn rows(v: &Value) -> impl Iterator<Item = &Value> {
-    v.as_array().into_iter().flatten()
-}
+use crate::format::{finish, keep_whole, key, opt, opt_text, table, text, DEFAULT_WIDTH};
 
 const LABEL: usize = 11;
 
@@ -38,100 +37,101 @@ fn step(out: &mut String, label: &str, text: &str) {
     }
 }
 
-fn source(src: &Value) -> String {
-    let node = s(&src["node"]);
-    let status = if src["enrolled"].as_bool() == Some(true) {
-        match src["netns_cookie"].as_u64() {
+fn source(src: &SourceView) -> String {
+    let node = opt_text(src.node.as_deref());
+    let status = if src.enrolled {
+        match src.netns_cookie {
             Some(c) => format!("enrolled (netns cookie {c})"),
             None => "enrolled".to_string(),
         }
     } else {
-        format!("NOT enrolled: {}", s(&src["reason"]))
+        format!("NOT enrolled: {}", opt_text(src.reason.as_deref()))
     };
-    let identity = match src["identity"].as_str() {
+    let identity = match &src.identity {
         Some(id) => format!("\npresents {id}"),
         None => String::new(),
     };
-    format!("{} on node {node}: {status}{identity}", key(&src["pod"]))
+    format!("{} on node {node}: {status}{identity}", key(&src.pod))
 }
 
-fn redirect(r: &Value) -> String {
-    let ids = match (r["program_id"].as_u64(), r["link_id"].as_u64()) {
+fn redirect(r: &RedirectView) -> String {
+    let ids = match (r.program_id, r.link_id) {
         (Some(p), Some(l)) => format!(" (program {p}, link {l})"),
         _ => String::new(),
     };
-    if r["redirected"].as_bool() == Some(true) {
+    if r.redirected {
         format!(
             "{}{ids} rewrites it to {}\n{}",
-            s(&r["program"]),
-            s(&r["to"]),
-            s(&r["reason"])
+            text(&r.program),
+            opt(r.to),
+            text(&r.reason)
         )
     } else {
         format!(
             "not redirected by {}{ids}: {}",
-            s(&r["program"]),
-            s(&r["reason"])
+            text(&r.program),
+            text(&r.reason)
         )
     }
 }
 
 /// The Service and route lines of a resolution.
-fn resolution(out: &mut String, r: &Value) {
-    match r["kind"].as_str() {
-        Some("direct") => step(
+fn resolution(out: &mut String, r: &ResolutionView) {
+    match r {
+        ResolutionView::Direct => step(
             out,
             "SERVICE",
             "none: not a Service address; the proxy connects to it as addressed",
         ),
-        Some("service") => {
-            step(
-                out,
-                "SERVICE",
-                &format!("{} port {}", key(&r["service"]), r["port"]),
-            );
-            let backends: Vec<String> = rows(&r["backends"])
-                .map(|b| format!("{} weight {}", key(&b["service"]), b["weight"]))
+        ResolutionView::Service {
+            service,
+            port,
+            route,
+            backends,
+        } => {
+            step(out, "SERVICE", &format!("{} port {port}", key(service)));
+            let backends: Vec<String> = backends
+                .iter()
+                .map(|b| format!("{} weight {}", key(&b.service), b.weight))
                 .collect();
-            let route = if r["route"].is_null() {
-                "no TCPRoute: the Service's own endpoints".to_string()
-            } else {
-                format!("TCPRoute {} (chosen per connection)", key(&r["route"]))
+            let route = match route {
+                None => "no TCPRoute: the Service's own endpoints".to_string(),
+                Some(r) => format!("TCPRoute {} (chosen per connection)", key(r)),
             };
             step(out, "ROUTE", &format!("{route}\n{}", backends.join(", ")));
         }
-        Some("unknown_port") => step(
+        ResolutionView::UnknownPort { service, port } => step(
             out,
             "SERVICE",
-            &format!("{} has no port {}", key(&r["service"]), r["port"]),
+            &format!("{} has no port {port}", key(service)),
         ),
-        Some("unknown_service") => step(
+        ResolutionView::UnknownService => step(
             out,
             "SERVICE",
             "inside a service CIDR, but no Service has this address",
         ),
-        _ => {}
     }
 }
 
-fn http_routes(out: &mut String, routes: &Value) {
-    for route in rows(routes) {
+fn http_routes(out: &mut String, routes: &[RouteView]) {
+    for route in routes {
         let mut text = format!(
             "HTTPRoute {}: the rule is chosen per request",
-            key(&route["route"])
+            key(&route.route)
         );
-        for rule in rows(&route["rules"]) {
-            let matches: Vec<String> = rows(&rule["matches"]).map(s).collect();
-            let backends: Vec<String> = rows(&rule["backends"])
-                .map(|b| format!("{} weight {}", key(&b["service"]), b["weight"]))
+        for rule in &route.rules {
+            let backends: Vec<String> = rule
+                .backends
+                .iter()
+                .map(|b| format!("{} weight {}", key(&b.service), b.weight))
                 .collect();
             text += &format!(
                 "\nrule {}: {} -> {}",
-                rule["index"],
-                if matches.is_empty() {
+                rule.index,
+                if rule.matches.is_empty() {
                     "any request".to_string()
                 } else {
-                    matches.join(" | ")
+                    rule.matches.join(" | ")
                 },
                 backends.join(", ")
             );
@@ -140,89 +140,91 @@ fn http_routes(out: &mut String, routes: &Value) {
     }
 }
 
-fn decision(c: &Value) -> String {
-    let inbound = &c["inbound"];
-    let mode = inbound["mode"]
-        .as_str()
+fn decision(c: &CandidateView) -> String {
+    let inbound = &c.inbound;
+    let mode = inbound
+        .mode
+        .as_ref()
         .map(|m| format!(" ({m})"))
         .unwrap_or_else(|| " (not meshed)".into());
-    match inbound["admission"]["admission"].as_str() {
-        Some("refuse") => format!(
-            "DENY{mode}\n{}: {}",
-            s(&inbound["admission"]["reason"]),
-            s(&inbound["note"])
-        ),
-        _ => format!("ALLOW{mode}\n{}", s(&inbound["note"])),
+    match &inbound.admission {
+        Some(AdmissionView::Refuse { reason, .. }) => {
+            format!("DENY{mode}\n{}: {}", reason, text(&inbound.note))
+        }
+        _ => format!("ALLOW{mode}\n{}", text(&inbound.note)),
     }
 }
 
-pub fn render(v: &Value) -> String {
+pub fn render(v: &TraceView) -> String {
     let mut out = format!(
         "Trace {} -> {} ({})\n\n",
-        key(&v["source"]["pod"]),
-        s(&v["destination"]),
-        s(&v["address"])
+        key(&v.source.pod),
+        text(&v.destination),
+        v.address
     );
-    step(&mut out, "SOURCE", &source(&v["source"]));
-    step(&mut out, "REDIRECT", &redirect(&v["redirect"]));
-    if v["resolution"].is_null() {
-        step(
+    step(&mut out, "SOURCE", &source(&v.source));
+    step(&mut out, "REDIRECT", &redirect(&v.redirect));
+    match &v.resolution {
+        None => step(
             &mut out,
             "PROXY",
             "none on the source side: the connection leaves the pod as the app made it",
-        );
-    } else {
-        resolution(&mut out, &v["resolution"]);
+        ),
+        Some(r) => resolution(&mut out, r),
     }
-    http_routes(&mut out, &v["http_routes"]);
+    http_routes(&mut out, &v.http_routes);
     let mut t = table(&[
         "ENDPOINT / POD",
         "BACKEND",
         "TRANSPORT / EXPECTS",
         "DECISION",
     ]);
-    let longest = rows(&v["candidates"])
-        .map(|c| s(&c["expected_identity"]).chars().count())
+    let longest = v
+        .candidates
+        .iter()
+        .map(|c| opt_text(c.expected_identity.as_deref()).chars().count())
         .max()
         .unwrap_or(0);
     keep_whole(&mut t, 2, longest.min(60) as u16);
-    for c in rows(&v["candidates"]) {
-        let backend = match (c["backend"].is_null(), c["weight"].as_u64()) {
-            (true, _) => "-".to_string(),
-            (false, Some(w)) => format!("{}\nweight {w}", key(&c["backend"])),
-            (false, None) => key(&c["backend"]),
+    for c in &v.candidates {
+        let backend = match (&c.backend, c.weight) {
+            (None, _) => "-".to_string(),
+            (Some(b), Some(w)) => format!("{}\nweight {w}", key(b)),
+            (Some(b), None) => key(b),
         };
-        let pod = if c["pod"].is_null() {
-            "(not a pod)".to_string()
-        } else {
-            format!("{} on {}", key(&c["pod"]), s(&c["node"]))
+        let pod = match &c.pod {
+            None => "(not a pod)".to_string(),
+            Some(p) => format!("{} on {}", key(p), opt_text(c.node.as_deref())),
         };
-        let transport = match c["transport"].as_str() {
-            Some("hbone_mtls") => format!("HBONE mTLS, expects\n{}", s(&c["expected_identity"])),
-            _ => "plaintext".to_string(),
+        let transport = match c.transport {
+            TraceTransport::HboneMtls => format!(
+                "HBONE mTLS, expects\n{}",
+                opt_text(c.expected_identity.as_deref())
+            ),
+            TraceTransport::Plaintext => "plaintext".to_string(),
         };
         t.add_row(vec![
-            format!("{}\n{pod}", s(&c["endpoint"])),
+            format!("{}\n{pod}", c.endpoint),
             backend,
             transport,
             decision(c),
         ]);
     }
     out.push_str("\nCANDIDATES\n");
-    if v["candidates"].as_array().is_some_and(|c| !c.is_empty()) {
+    if v.candidates.is_empty() {
+        out.push_str("(none)\n");
+    } else {
         out.push_str(&finish(&t));
         out.push('\n');
-    } else {
-        out.push_str("(none)\n");
     }
     out.push('\n');
     step(
         &mut out,
         "VERDICT",
-        &format!("{}: {}", s(&v["outcome"]), s(&v["summary"])),
+        &format!("{}: {}", v.outcome.name(), text(&v.summary)),
     );
-    for note in rows(&v["notes"]) {
-        step(&mut out, "NOTE", &s(note));
+    for note in &v.notes {
+        step(&mut out, "NOTE", &text(note));
     }
     out
 }

@@ -22,8 +22,8 @@ use crate::{
 use crate::{
     proxy::http::box_body, proxy::http::upstream, proxy::http::upstream::peer_of,
     proxy::http::upstream::Protocol, proxy::http::upstream::UpstreamError, proxy::http::ProxyBody,
-    routing::balancer::Outcome, routing::http::filters::authority,
-    routing::http::filters::HeaderModifier, routing::http::matching::PathMatch,
+    routing::balancer::Outcome, routing::http::filters::authority, routing::http::filters::Filters,
+    routing::http::filters::RequestAction, routing::http::matching::PathMatch,
     routing::http::routes::BackendTarget, routing::http::routes::Rule, routing::plan,
     routing::plan::RequestPlan, routing::plan::RequestRefusal, telemetry::outcome::ResponseFlags,
     telemetry::request::flags, telemetry::request::LoggedBody, telemetry::request::RequestLog,
@@ -197,7 +197,7 @@ fn upstream_request(
     parts: &Parts,
     body: ProxyBody,
     protocol: Protocol,
-    backend_headers: &[HeaderModifier],
+    backend_filters: &Filters,
 ) -> Result<Request<ProxyBody>, String> {
     let authority = authority(parts).unwrap_or_default();
     let path = parts
@@ -206,9 +206,7 @@ fn upstream_request(
         .map(|p| p.as_str())
         .unwrap_or("/");
     let mut headers = parts.headers.clone();
-    for m in backend_headers {
-        m.apply(&mut headers);
-    }
+    backend_filters.apply_backend_request(&mut headers);
     let (uri, version) = match protocol {
         Protocol::Http1 => {
             if !headers.contains_key(header::HOST) && !authority.is_empty() {
@@ -306,13 +304,8 @@ async fn attempt(
     } else {
         Protocol::Http1
     };
-    let request = upstream_request(
-        parts,
-        body.take(),
-        protocol,
-        &target.filters.request_headers,
-    )
-    .map_err(Failure::Invalid)?;
+    let request = upstream_request(parts, body.take(), protocol, &target.filters)
+        .map_err(Failure::Invalid)?;
     let sent = Instant::now();
     let send = upstream::send(ctx, endpoint.addr, &peer, protocol, request, upgrade, &pick);
     let response = match rule.backend_timeout {
@@ -390,11 +383,9 @@ async fn attempts(
 }
 
 fn apply_response_headers(headers: &mut HeaderMap, rule: &Rule, backend: Option<&BackendTarget>) {
-    let backend_filters = backend
-        .map(|b| b.filters.response_headers.as_slice())
-        .unwrap_or(&[]);
-    for m in rule.filters.response_headers.iter().chain(backend_filters) {
-        m.apply(headers);
+    rule.filters.apply_response(headers);
+    if let Some(b) = backend {
+        b.filters.apply_response(headers);
     }
 }
 
@@ -502,21 +493,18 @@ pub async fn handle(
             text,
         ));
     }
-    if let Some(redirect) = &rule.filters.redirect {
-        let location = redirect.location(&parts, &matched);
-        let mut response = local_response(redirect.status, &format!("redirecting to {location}"));
-        if let Ok(v) = HeaderValue::try_from(location.as_str()) {
-            response.headers_mut().insert(header::LOCATION, v);
+    match rule.filters.apply_request(&mut parts, &matched) {
+        Ok(RequestAction::Forward) => {}
+        Ok(RequestAction::Redirect { status, location }) => {
+            let mut response = local_response(status, &format!("redirecting to {location}"));
+            if let Ok(v) = HeaderValue::try_from(location.as_str()) {
+                response.headers_mut().insert(header::LOCATION, v);
+            }
+            apply_response_headers(response.headers_mut(), &rule, None);
+            log.flags = flags::LOCAL_REPLY;
+            return Ok(logged(log, &ctx, response));
         }
-        apply_response_headers(response.headers_mut(), &rule, None);
-        log.flags = flags::LOCAL_REPLY;
-        return Ok(logged(log, &ctx, response));
-    }
-    for m in &rule.filters.request_headers {
-        m.apply(&mut parts.headers);
-    }
-    if let Some(rewrite) = &rule.filters.rewrite {
-        if let Err(e) = rewrite.apply(&mut parts, &matched) {
+        Err(e) => {
             return Ok(reply(
                 log,
                 &ctx,
@@ -615,10 +603,11 @@ mod tests {
             .unwrap()
             .into_parts()
             .0;
-        let h1 = upstream_request(&parts, box_body(Empty::new()), Protocol::Http1, &[]).unwrap();
+        let none = Filters::default();
+        let h1 = upstream_request(&parts, box_body(Empty::new()), Protocol::Http1, &none).unwrap();
         assert_eq!(h1.uri(), "/a?b=1");
         assert_eq!(h1.headers().get("host").unwrap(), "echo");
-        let h2 = upstream_request(&parts, box_body(Empty::new()), Protocol::Http2, &[]).unwrap();
+        let h2 = upstream_request(&parts, box_body(Empty::new()), Protocol::Http2, &none).unwrap();
         assert_eq!(h2.uri(), "http://echo/a?b=1");
         assert!(h2.headers().get("host").is_none());
     }

@@ -1,6 +1,10 @@
 //! HTTPRoute filters: request and response header modifiers, URL rewrites and
-//! redirects. Rule-level and backendRef-level filters have separate (identical) Rust
-//! types in the Gateway API crate; both are read through serde into these.
+//! redirects, compiled once per rule (and per backendRef) into a list kept in the
+//! route's order, and applied by [`Filters::apply_request`] and
+//! [`Filters::apply_response`]. Rule-level and backendRef-level filters have separate
+//! (identical) Rust types in the Gateway API crate; both are read through serde into
+//! these. A new filter kind is a [`Filter`] variant, its arm in `compile`, and its arm
+//! in the apply functions.
 
 use http::{
     header::{HeaderName, HeaderValue, HOST},
@@ -91,13 +95,31 @@ pub struct Redirect {
     pub status: StatusCode,
 }
 
-/// The filters of one rule or one backendRef, compiled.
+/// One filter of a rule or a backendRef, compiled.
+#[derive(Debug, Clone)]
+pub enum Filter {
+    RequestHeaderModifier(HeaderModifier),
+    ResponseHeaderModifier(HeaderModifier),
+    RequestRedirect(Redirect),
+    UrlRewrite(UrlRewrite),
+}
+
+/// The filters of one rule or one backendRef, compiled, in the route's order.
 #[derive(Debug, Clone, Default)]
 pub struct Filters {
-    pub request_headers: Vec<HeaderModifier>,
-    pub response_headers: Vec<HeaderModifier>,
-    pub rewrite: Option<UrlRewrite>,
-    pub redirect: Option<Redirect>,
+    list: Vec<Filter>,
+}
+
+/// What a rule's request filters decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestAction {
+    /// Send the request, as the filters left it, to a backend.
+    Forward,
+    /// Answer with this redirect: no backend sees the request.
+    Redirect {
+        status: StatusCode,
+        location: String,
+    },
 }
 
 fn header_pairs(list: &[NameValue]) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
@@ -141,56 +163,117 @@ fn path_modifier(spec: PathModifierSpec) -> Result<PathModifier, String> {
     }
 }
 
-/// Compiles a rule's or backendRef's `filters`. A filter Nodemesh does not implement
-/// makes the whole list invalid: the spec asks for an error response, never for
-/// silently ignoring a filter.
+fn compile_one<T: Serialize>(filter: &T) -> Result<Filter, String> {
+    let spec: FilterSpec = serde_json::to_value(filter)
+        .and_then(serde_json::from_value)
+        .map_err(|e| format!("filter is malformed: {e}"))?;
+    let missing = || format!("filter {} has no {} field", spec.kind, spec.kind);
+    Ok(match spec.kind.as_str() {
+        "RequestHeaderModifier" => Filter::RequestHeaderModifier(header_modifier(
+            spec.request_header_modifier.unwrap_or_default(),
+        )?),
+        "ResponseHeaderModifier" => Filter::ResponseHeaderModifier(header_modifier(
+            spec.response_header_modifier.unwrap_or_default(),
+        )?),
+        "URLRewrite" => {
+            let r = spec.url_rewrite.ok_or_else(missing)?;
+            Filter::UrlRewrite(UrlRewrite {
+                hostname: r.hostname,
+                path: r.path.map(path_modifier).transpose()?,
+            })
+        }
+        "RequestRedirect" => {
+            let r = spec.request_redirect.ok_or_else(missing)?;
+            let status = r.status_code.unwrap_or(302);
+            let status = StatusCode::from_u16(status)
+                .ok()
+                .filter(|s| s.is_redirection())
+                .ok_or_else(|| format!("redirect status {status} is not a 3xx code"))?;
+            Filter::RequestRedirect(Redirect {
+                scheme: r.scheme,
+                hostname: r.hostname,
+                port: r.port,
+                path: r.path.map(path_modifier).transpose()?,
+                status,
+            })
+        }
+        other => {
+            return Err(format!(
+                "filter type {other} is not supported by Nodemesh; remove it or move the route to a gateway that supports it"
+            ))
+        }
+    })
+}
+
+/// Compiles a rule's or backendRef's `filters`, keeping their order. A filter
+/// Nodemesh does not implement makes the whole list invalid: the spec asks for an
+/// error response, never for silently ignoring a filter.
 pub fn compile<T: Serialize>(filters: &[T]) -> Result<Filters, String> {
-    let mut out = Filters::default();
-    for filter in filters {
-        let spec: FilterSpec = serde_json::to_value(filter)
-            .and_then(serde_json::from_value)
-            .map_err(|e| format!("filter is malformed: {e}"))?;
-        let missing = || format!("filter {} has no {} field", spec.kind, spec.kind);
-        match spec.kind.as_str() {
-            "RequestHeaderModifier" => out.request_headers.push(header_modifier(
-                spec.request_header_modifier.unwrap_or_default(),
-            )?),
-            "ResponseHeaderModifier" => out.response_headers.push(header_modifier(
-                spec.response_header_modifier.unwrap_or_default(),
-            )?),
-            "URLRewrite" => {
-                let r = spec.url_rewrite.ok_or_else(missing)?;
-                out.rewrite = Some(UrlRewrite {
-                    hostname: r.hostname,
-                    path: r.path.map(path_modifier).transpose()?,
-                });
+    let list = filters
+        .iter()
+        .map(compile_one)
+        .collect::<Result<Vec<_>, _>>()?;
+    let has = |kind: fn(&Filter) -> bool| list.iter().any(kind);
+    if has(|f| matches!(f, Filter::RequestRedirect(_)))
+        && has(|f| matches!(f, Filter::UrlRewrite(_)))
+    {
+        return Err("RequestRedirect and URLRewrite cannot be used in the same rule".into());
+    }
+    Ok(Filters { list })
+}
+
+impl Filters {
+    /// The filters, in the route's order.
+    pub fn iter(&self) -> impl Iterator<Item = &Filter> {
+        self.list.iter()
+    }
+
+    /// Applies a rule's filters to a request, in the route's order: header
+    /// modifiers and URL rewrites change it; a redirect ends the walk with its answer
+    /// (the filters after it have no request to act on). `matched` is the rule match
+    /// that selected the request (a prefix rewrite replaces exactly that prefix).
+    /// Err: a rewrite made the request invalid.
+    pub fn apply_request(
+        &self,
+        parts: &mut Parts,
+        matched: &PathMatch,
+    ) -> Result<RequestAction, String> {
+        for filter in &self.list {
+            match filter {
+                Filter::RequestHeaderModifier(m) => m.apply(&mut parts.headers),
+                Filter::UrlRewrite(rewrite) => rewrite.apply(parts, matched)?,
+                Filter::RequestRedirect(redirect) => {
+                    return Ok(RequestAction::Redirect {
+                        status: redirect.status,
+                        location: redirect.location(parts, matched),
+                    })
+                }
+                Filter::ResponseHeaderModifier(_) => {}
             }
-            "RequestRedirect" => {
-                let r = spec.request_redirect.ok_or_else(missing)?;
-                let status = r.status_code.unwrap_or(302);
-                let status = StatusCode::from_u16(status)
-                    .ok()
-                    .filter(|s| s.is_redirection())
-                    .ok_or_else(|| format!("redirect status {status} is not a 3xx code"))?;
-                out.redirect = Some(Redirect {
-                    scheme: r.scheme,
-                    hostname: r.hostname,
-                    port: r.port,
-                    path: r.path.map(path_modifier).transpose()?,
-                    status,
-                });
-            }
-            other => {
-                return Err(format!(
-                    "filter type {other} is not supported by Nodemesh; remove it or move the route to a gateway that supports it"
-                ))
+        }
+        Ok(RequestAction::Forward)
+    }
+
+    /// Applies a backendRef's filters to the headers of a request forwarded to that
+    /// backend, in the route's order. A backendRef's header modifiers are all that
+    /// acts there: its redirects and rewrites are compiled (and make a bad list
+    /// invalid) but not applied.
+    pub fn apply_backend_request(&self, headers: &mut HeaderMap) {
+        for filter in &self.list {
+            if let Filter::RequestHeaderModifier(m) = filter {
+                m.apply(headers);
             }
         }
     }
-    if out.redirect.is_some() && out.rewrite.is_some() {
-        return Err("RequestRedirect and URLRewrite cannot be used in the same rule".into());
+
+    /// Applies the response header modifiers to a response, in the route's order.
+    pub fn apply_response(&self, headers: &mut HeaderMap) {
+        for filter in &self.list {
+            if let Filter::ResponseHeaderModifier(m) = filter {
+                m.apply(headers);
+            }
+        }
     }
-    Ok(out)
 }
 
 impl HeaderModifier {
@@ -428,6 +511,102 @@ mod tests {
         assert_eq!(h.get("x-set").unwrap(), "s");
         assert_eq!(h.get_all("x-add").iter().count(), 2);
         assert!(h.get("x-gone").is_none());
+    }
+
+    fn filters(json: serde_json::Value) -> Filters {
+        let list: Vec<serde_json::Value> = serde_json::from_value(json).unwrap();
+        compile(&list).unwrap()
+    }
+
+    fn set(name: &str, value: &str) -> serde_json::Value {
+        serde_json::json!({"type": "RequestHeaderModifier",
+            "requestHeaderModifier": {"set": [{"name": name, "value": value}]}})
+    }
+
+    fn remove(name: &str) -> serde_json::Value {
+        serde_json::json!({"type": "RequestHeaderModifier", "requestHeaderModifier": {"remove": [name]}})
+    }
+
+    fn forwarded(f: &Filters, uri: &str) -> Parts {
+        let mut req = parts(uri, "echo");
+        let action = f.apply_request(&mut req, &prefix("/")).unwrap();
+        assert_eq!(action, RequestAction::Forward);
+        req
+    }
+
+    #[test]
+    fn filters_apply_in_the_routes_order() {
+        let set_then_remove = filters(serde_json::json!([set("x-a", "1"), remove("x-a")]));
+        assert!(forwarded(&set_then_remove, "/")
+            .headers
+            .get("x-a")
+            .is_none());
+        let remove_then_set = filters(serde_json::json!([remove("x-a"), set("x-a", "1")]));
+        assert_eq!(forwarded(&remove_then_set, "/").headers["x-a"], "1");
+        // Across kinds too: whichever of a rewrite and a header modifier comes last
+        // decides the Host the backend sees.
+        let rewrite =
+            serde_json::json!({"type": "URLRewrite", "urlRewrite": {"hostname": "rewritten"}});
+        let rewrite_then_set = filters(serde_json::json!([rewrite, set("host", "modified")]));
+        assert_eq!(forwarded(&rewrite_then_set, "/").headers[HOST], "modified");
+        let set_then_rewrite = filters(serde_json::json!([set("host", "modified"), rewrite]));
+        assert_eq!(forwarded(&set_then_rewrite, "/").headers[HOST], "rewritten");
+        // A redirect answers the request as the filters before it left it; the ones
+        // after it do nothing.
+        let redirect =
+            serde_json::json!({"type": "RequestRedirect", "requestRedirect": {"statusCode": 301}});
+        let f = filters(serde_json::json!([
+            set("host", "moved"),
+            redirect,
+            set("x-late", "1")
+        ]));
+        let mut req = parts("/a?b=1", "echo");
+        assert_eq!(
+            f.apply_request(&mut req, &prefix("/")).unwrap(),
+            RequestAction::Redirect {
+                status: StatusCode::MOVED_PERMANENTLY,
+                location: "http://moved/a?b=1".into()
+            }
+        );
+        assert!(req.headers.get("x-late").is_none());
+    }
+
+    #[test]
+    fn each_kind_of_filter_applies_where_it_belongs() {
+        let f = filters(serde_json::json!([
+            {"type": "ResponseHeaderModifier", "responseHeaderModifier": {"add": [{"name": "x-resp", "value": "r"}]}},
+            {"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}}},
+            set("x-req", "q"),
+        ]));
+        assert_eq!(f.iter().count(), 3);
+        let mut req = parts("/old/page?q=1", "echo");
+        let action = f.apply_request(&mut req, &prefix("/old")).unwrap();
+        assert_eq!(action, RequestAction::Forward);
+        assert_eq!(req.uri, "/new/page?q=1");
+        assert_eq!(req.headers["x-req"], "q");
+        assert!(req.headers.get("x-resp").is_none());
+        let mut response = HeaderMap::new();
+        f.apply_response(&mut response);
+        assert_eq!(response["x-resp"], "r");
+        assert!(response.get("x-req").is_none());
+        // A backendRef's filters: its request header modifiers, on the forwarded
+        // request's headers.
+        let mut headers = HeaderMap::new();
+        f.apply_backend_request(&mut headers);
+        assert_eq!(
+            (headers.len(), &headers["x-req"]),
+            (1, &HeaderValue::from_static("q"))
+        );
+        // A rewrite that cannot make a valid request is an error, not a request.
+        let bad = filters(serde_json::json!([
+            {"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplaceFullPath", "replaceFullPath": "/a b"}}}
+        ]));
+        assert!(bad
+            .apply_request(&mut parts("/", "echo"), &prefix("/"))
+            .is_err());
+        assert!(Filters::default()
+            .apply_request(&mut parts("/", "echo"), &prefix("/"))
+            .is_ok_and(|a| a == RequestAction::Forward));
     }
 
     #[test]
