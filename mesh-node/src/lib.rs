@@ -6,7 +6,11 @@
 
 // Library code returns errors and logs through tracing (the binaries print); see the
 // lints in the workspace's Cargo.toml.
+//
+// An item is `pub` only where the binaries, tests, benches or fuzz targets reach it;
+// everything else says `pub(crate)` (`unreachable_pub`).
 #![warn(
+    unreachable_pub,
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::print_stdout,

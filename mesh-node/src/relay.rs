@@ -17,7 +17,7 @@ use crate::telemetry::{connections::ByteCounters, outcome::ConnectionEnd, outcom
 const BUFFER: usize = 64 * 1024;
 
 /// Completes once nothing has moved for `idle` (activity measured from `epoch`).
-pub async fn idle_watchdog(counters: &ByteCounters, idle: Duration, epoch: Instant) {
+pub(crate) async fn idle_watchdog(counters: &ByteCounters, idle: Duration, epoch: Instant) {
     loop {
         let last = Duration::from_millis(counters.activity().load(Ordering::Relaxed));
         let deadline = last + idle;
@@ -75,7 +75,7 @@ where
 }
 
 /// Relays until both sides are done, one fails, or nothing moves for `idle`.
-pub async fn relay(
+pub(crate) async fn relay(
     client: TcpStream,
     server: TcpStream,
     idle: Duration,

@@ -30,7 +30,7 @@ use crate::{
 };
 
 #[derive(Debug, Error)]
-pub enum EnrollError {
+pub(crate) enum EnrollError {
     #[error("{0}")]
     Locate(String),
     #[error(transparent)]
@@ -78,7 +78,7 @@ const VANISHED: &str = "network namespace vanished";
 const DRAIN: Duration = Duration::from_secs(10);
 
 /// Settings every pod's listeners share.
-pub struct ProxySettings {
+pub(crate) struct ProxySettings {
     pub node: String,
     pub socket_mark: u32,
     pub connect_timeout: Duration,
@@ -140,7 +140,7 @@ pub struct WorkloadStatus {
     pub held: bool,
 }
 
-pub struct Workloads {
+pub(crate) struct Workloads {
     settings: ProxySettings,
     home: Arc<Netns>,
     dataplane: Arc<Dataplane>,
@@ -161,7 +161,7 @@ pub struct Workloads {
 
 impl Workloads {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         settings: ProxySettings,
         home: Arc<Netns>,
         dataplane: Arc<Dataplane>,
@@ -188,7 +188,7 @@ impl Workloads {
     }
 
     /// Enrolls new pods, removes departed or changed ones, and retries failed ones.
-    pub fn reconcile(&mut self, state: &ClusterState) {
+    pub(crate) fn reconcile(&mut self, state: &ClusterState) {
         let desired: BTreeMap<PodKey, PodPlan> = state
             .enrolled_on_node(&self.settings.node)
             .into_iter()
@@ -295,7 +295,7 @@ impl Workloads {
 
     /// Whether pods are starting (no IP in their status, not enrolled yet): the agent
     /// then looks for them more often than every recheck.
-    pub fn starting(&self) -> bool {
+    pub(crate) fn starting(&self) -> bool {
         self.starting > 0
     }
 
@@ -310,7 +310,7 @@ impl Workloads {
     /// Drops pods whose network namespace is gone (or was replaced by a new one).
     /// The path found at enrollment is checked first; only when it no longer opens
     /// the same namespace (e.g. that process exited) is the pod located again.
-    pub fn check_netns(&mut self) {
+    pub(crate) fn check_netns(&mut self) {
         let mut vanished = Vec::new();
         for (key, r) in self.running.iter_mut() {
             if Netns::open(&r.netns_path).is_ok_and(|ns| ns.id() == r.netns_id) {
@@ -616,7 +616,7 @@ impl Workloads {
     }
 
     /// Every pod scheduled on this node, enrolled or not (and why not).
-    pub fn status(&self, state: &ClusterState) -> Vec<WorkloadStatus> {
+    pub(crate) fn status(&self, state: &ClusterState) -> Vec<WorkloadStatus> {
         state
             .pods_on_node(&self.settings.node)
             .map(|(key, pod)| {

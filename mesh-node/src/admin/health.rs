@@ -3,7 +3,7 @@
 
 use crate::{admin::state::unix_now, admin::state::AdminState};
 
-pub fn refresh(state: &AdminState) {
+pub(crate) fn refresh(state: &AdminState) {
     let m = &state.metrics;
     for map in state.dataplane.map_status() {
         m.bpf_map_entries

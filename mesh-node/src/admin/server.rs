@@ -22,7 +22,7 @@ use crate::{
     limits::Gate, telemetry::metrics::Metrics,
 };
 
-pub type HttpResponse = Response<Full<Bytes>>;
+pub(crate) type HttpResponse = Response<Full<Bytes>>;
 
 fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> HttpResponse {
     let mut r = Response::new(Full::new(body.into()));
@@ -142,7 +142,7 @@ const ENDPOINTS: [&str; 15] = [
     "/",
 ];
 
-pub fn admin_route(
+pub(crate) fn admin_route(
     state: &AdminState,
     method: &Method,
     path: &str,
@@ -220,7 +220,7 @@ fn admin_method_not_allowed(path: &str) -> Option<HttpResponse> {
     })
 }
 
-pub fn readiness(
+pub(crate) fn readiness(
     ready: &AtomicBool,
     discovery: &DiscoveryHealth,
     dataplane: &Dataplane,
@@ -236,7 +236,7 @@ pub fn readiness(
     }
 }
 
-pub fn metrics_response(metrics: &Metrics) -> HttpResponse {
+pub(crate) fn metrics_response(metrics: &Metrics) -> HttpResponse {
     respond(
         StatusCode::OK,
         "text/plain; version=0.0.4",
@@ -246,7 +246,7 @@ pub fn metrics_response(metrics: &Metrics) -> HttpResponse {
 
 /// Serves HTTP/1.1 on `listener`, answering every request with `route`, under the
 /// gate's limits: over its caps a connection is accepted and closed at once.
-pub async fn serve<F>(listener: TcpListener, gate: Arc<Gate>, route: F)
+pub(crate) async fn serve<F>(listener: TcpListener, gate: Arc<Gate>, route: F)
 where
     F: Fn(&Method, &str, Option<&str>) -> HttpResponse + Send + Sync + 'static,
 {
@@ -278,7 +278,7 @@ where
 }
 
 /// The metrics listener's routes: `GET /metrics` (and `/stats/prometheus`) only.
-pub fn metrics_route(
+pub(crate) fn metrics_route(
     method: &Method,
     path: &str,
     scrape: impl FnOnce() -> HttpResponse,
@@ -291,7 +291,7 @@ pub fn metrics_route(
 }
 
 /// The readiness listener's route: `GET /healthz/ready` only.
-pub fn readiness_route(
+pub(crate) fn readiness_route(
     method: &Method,
     path: &str,
     ready: impl FnOnce() -> HttpResponse,

@@ -24,7 +24,7 @@ use crate::{
 };
 
 /// One view of the agent's health: readiness, state freshness, what it serves.
-pub fn status(state: &AdminState) -> StatusView {
+pub(crate) fn status(state: &AdminState) -> StatusView {
     let cluster = state.state.borrow().clone();
     let workloads = state.workloads.borrow().clone();
     let certs = state
@@ -78,7 +78,7 @@ pub fn status(state: &AdminState) -> StatusView {
 
 /// Namespaces with their mesh mode, and every AuthorizationPolicy with the pods of
 /// this node it selects.
-pub fn policies(state: &AdminState) -> PoliciesView {
+pub(crate) fn policies(state: &AdminState) -> PoliciesView {
     let cluster = state.state.borrow().clone();
     let workloads = state.workloads.borrow().clone();
     let namespaces = cluster
@@ -119,13 +119,13 @@ pub fn policies(state: &AdminState) -> PoliciesView {
     }
 }
 
-pub fn routes(state: &AdminState) -> Vec<RouteView> {
+pub(crate) fn routes(state: &AdminState) -> Vec<RouteView> {
     let cluster: std::sync::Arc<ClusterState> = state.state.borrow().clone();
     route_views(&cluster, &state.balancer.picks())
 }
 
 /// The eBPF programs and maps of the dataplane.
-pub fn bpf(state: &AdminState) -> BpfView {
+pub(crate) fn bpf(state: &AdminState) -> BpfView {
     let dataplane = &state.dataplane;
     BpfView {
         pin_dir: dataplane.pin_dir().to_path_buf(),
@@ -157,7 +157,7 @@ fn map_view(m: &MapStatus) -> MapView {
 }
 
 /// `pod` is `namespace/name`; `to` is `host:port`.
-pub fn run_trace(
+pub(crate) fn run_trace(
     state: &AdminState,
     pod: &str,
     to: &str,

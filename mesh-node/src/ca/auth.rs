@@ -13,7 +13,7 @@ use thiserror::Error;
 use crate::telemetry::log_limit::clip;
 
 #[derive(Debug, Error)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     #[error("no bearer token: send `Authorization: Bearer <node token>`")]
     Missing,
     #[error("the token is not valid for any node")]
@@ -39,7 +39,7 @@ pub enum AuthError {
 
 const NODE_CLAIM: &str = "authentication.kubernetes.io/node-name";
 
-pub enum NodeAuthenticator {
+pub(crate) enum NodeAuthenticator {
     /// token -> node name.
     StaticTokens(HashMap<String, String>),
     TokenReview {
@@ -53,7 +53,7 @@ pub enum NodeAuthenticator {
 
 impl NodeAuthenticator {
     /// Parses `node=token` lines (blank lines and `#` comments ignored).
-    pub fn parse_tokens(text: &str) -> Result<NodeAuthenticator, String> {
+    pub(crate) fn parse_tokens(text: &str) -> Result<NodeAuthenticator, String> {
         let mut tokens = HashMap::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -75,7 +75,7 @@ impl NodeAuthenticator {
     }
 
     /// The node the bearer of `authorization` (the header value) runs on.
-    pub async fn node_of(&self, authorization: Option<&str>) -> Result<String, AuthError> {
+    pub(crate) async fn node_of(&self, authorization: Option<&str>) -> Result<String, AuthError> {
         let token = authorization
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
@@ -113,7 +113,7 @@ impl NodeAuthenticator {
 /// The node of an agent from the API server's verdict on its token: authenticated,
 /// for `audience` (an audience-aware server echoes it), of `agent_user`, bound to a pod
 /// and so carrying the node's name.
-pub fn node_of_review(
+pub(crate) fn node_of_review(
     status: TokenReviewStatus,
     agent_user: &str,
     audience: &str,

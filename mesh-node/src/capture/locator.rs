@@ -15,7 +15,7 @@ use std::{
 
 use crate::{capture::netns::NetnsId, discovery::cluster::PodPlan};
 
-pub trait NetnsLocator: Send + Sync {
+pub(crate) trait NetnsLocator: Send + Sync {
     /// A path that opens the pod's network namespace, or why there is none (yet).
     fn locate(&self, pod: &PodPlan) -> Result<PathBuf, String>;
 
@@ -33,7 +33,7 @@ fn usable_uid(pod: &PodPlan) -> Result<&str, String> {
     Ok(uid)
 }
 
-pub struct NetnsDirectory {
+pub(crate) struct NetnsDirectory {
     pub dir: PathBuf,
 }
 
@@ -43,7 +43,7 @@ impl NetnsLocator for NetnsDirectory {
     }
 }
 
-pub struct KubepodsLocator {
+pub(crate) struct KubepodsLocator {
     /// Normally `/proc`; the host's, so the DaemonSet needs hostPID.
     pub proc_root: PathBuf,
     /// The cgroup v2 directory the pods' cgroups are under (the agent's cgroup root).
@@ -79,7 +79,7 @@ fn is_pod_segment(segment: &str, uid: &str) -> bool {
 }
 
 /// Whether a cgroup path belongs to the pod with `uid` (see [`is_pod_segment`]).
-pub fn cgroup_path_has_pod(path: &str, uid: &str) -> bool {
+pub(crate) fn cgroup_path_has_pod(path: &str, uid: &str) -> bool {
     path.split('/').any(|segment| is_pod_segment(segment, uid))
 }
 
@@ -99,7 +99,7 @@ fn is_kubepods_level(name: &str) -> bool {
 /// The cgroup of the pod with `uid` below `root`: `root/kubepods[.slice]/[QoS/]pod...`
 /// (at most three levels down; guaranteed pods sit right under kubepods). Reads only
 /// kubelet's directories, never other pods' or the rest of the node's.
-pub fn find_pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
+pub(crate) fn find_pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
     fn walk(dir: &Path, uid: &str, depth: usize) -> Option<PathBuf> {
         for entry in fs::read_dir(dir).ok()?.flatten() {
             let name = entry.file_name();
@@ -142,7 +142,7 @@ fn pids_in_cgroup(dir: &Path) -> Vec<u32> {
 
 /// Whether any hierarchy line of a `/proc/<pid>/cgroup` file (v1: `N:ctrl:/path`,
 /// v2: `0::/path`) is a cgroup of the pod.
-pub fn proc_cgroup_has_pod(text: &str, uid: &str) -> bool {
+pub(crate) fn proc_cgroup_has_pod(text: &str, uid: &str) -> bool {
     text.lines()
         .filter_map(|l| l.splitn(3, ':').nth(2))
         .any(|path| cgroup_path_has_pod(path, uid))
@@ -151,7 +151,7 @@ pub fn proc_cgroup_has_pod(text: &str, uid: &str) -> bool {
 impl KubepodsLocator {
     /// A live process of the pod in the pod's own network namespace (lowest pid:
     /// normally the pause container).
-    pub fn find_pid(&self, uid: &str) -> Option<u32> {
+    pub(crate) fn find_pid(&self, uid: &str) -> Option<u32> {
         let in_pod_netns = |pid: &u32| {
             fs::metadata(self.netns_path(*pid)).is_ok_and(|m| {
                 let id = NetnsId {

@@ -107,7 +107,7 @@ impl Netns {
 
 /// Whether an interface address can be a pod's address: not loopback, link-local,
 /// multicast or unspecified.
-pub fn is_pod_address(ip: IpAddr) -> bool {
+pub(crate) fn is_pod_address(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_link_local() || v4.is_unspecified()),
         IpAddr::V6(v6) => {

@@ -93,7 +93,7 @@ impl PodSockets {
     }
 }
 
-pub fn netns_cookie_of(fd: RawFd) -> io::Result<u64> {
+pub(crate) fn netns_cookie_of(fd: RawFd) -> io::Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: cookie/len point to valid storage of the size passed.

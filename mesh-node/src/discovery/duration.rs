@@ -6,11 +6,11 @@ use std::time::Duration;
 /// The longest duration [`parse_duration`] accepts: far more than any timeout or
 /// certificate lifetime needs (the Gateway API's format cannot write 12 years), and
 /// short enough that a deadline or expiry that far from now can always be computed.
-pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Parses `250ms`, `5s`, `10m`, `1h`, and sums of them such as `1h30m` (the Gateway
 /// API's duration format, GEP-2257, is this grammar), up to [`MAX_DURATION`].
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text.is_empty() {
         return Err("empty duration: write e.g. 5s, 250ms or 1h30m".into());

@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Largest chunk handed to h2 at once; h2 flow control splits it further.
 const MAX_WRITE: usize = 64 * 1024;
 
-pub struct H2Io {
+pub(crate) struct H2Io {
     send: SendStream<Bytes>,
     recv: RecvStream,
     /// Data received but not yet read by the caller.
@@ -23,7 +23,7 @@ pub struct H2Io {
 }
 
 impl H2Io {
-    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Io {
+    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Io {
         H2Io {
             send,
             recv,

@@ -14,11 +14,11 @@ use crate::{
 
 /// The largest CONNECT header block accepted (SETTINGS_MAX_HEADER_LIST_SIZE): a CONNECT
 /// carries an authority and a few headers, nothing near this.
-pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+pub(crate) const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// HTTP/2 server settings for one HBONE connection carrying at most `max_streams`
 /// tunnels at once.
-pub fn h2_settings(max_streams: u32) -> h2::server::Builder {
+pub(crate) fn h2_settings(max_streams: u32) -> h2::server::Builder {
     let mut builder = h2::server::Builder::new();
     builder
         .initial_window_size(STREAM_WINDOW)
@@ -29,7 +29,7 @@ pub fn h2_settings(max_streams: u32) -> h2::server::Builder {
 }
 
 /// The SPIFFE ID of the client certificate a TLS session was established with.
-pub fn peer_identity(tls: &ServerConnection) -> Result<Identity, String> {
+pub(crate) fn peer_identity(tls: &ServerConnection) -> Result<Identity, String> {
     match tls.peer_certificates().and_then(|c| c.first()) {
         Some(cert) => spiffe_id(cert),
         None => Err("no client certificate".into()),
@@ -37,7 +37,7 @@ pub fn peer_identity(tls: &ServerConnection) -> Result<Identity, String> {
 }
 
 /// Answers a CONNECT with `status` and no body.
-pub fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+pub(crate) fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     if let Ok(resp) = Response::builder().status(status).body(()) {
         let _ = respond.send_response(resp, true);
     }

@@ -76,14 +76,14 @@ async fn stream_to_tcp(
 
 /// Which way is "to the server" for the byte counters.
 #[derive(Clone, Copy)]
-pub enum TcpSide {
+pub(crate) enum TcpSide {
     /// The TCP side is the client (outbound: app → tunnel).
     Client,
     /// The TCP side is the server (inbound: tunnel → app).
     Server,
 }
 
-pub async fn relay_stream(
+pub(crate) async fn relay_stream(
     tcp: TcpStream,
     send: SendStream<Bytes>,
     recv: RecvStream,

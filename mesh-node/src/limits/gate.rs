@@ -20,7 +20,7 @@ struct Open {
 }
 
 /// Admission to one listener.
-pub struct Gate {
+pub(crate) struct Gate {
     listener: Listener,
     limits: ListenerLimits,
     open: Mutex<Open>,
@@ -29,13 +29,17 @@ pub struct Gate {
 }
 
 /// One admitted connection; its slot is returned when this is dropped.
-pub struct Admitted {
+pub(crate) struct Admitted {
     gate: Arc<Gate>,
     source: IpAddr,
 }
 
 impl Gate {
-    pub fn new(listener: Listener, limits: ListenerLimits, metrics: Arc<Metrics>) -> Arc<Gate> {
+    pub(crate) fn new(
+        listener: Listener,
+        limits: ListenerLimits,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Gate> {
         Arc::new(Gate {
             listener,
             limits,
@@ -47,20 +51,20 @@ impl Gate {
         })
     }
 
-    pub fn listener(&self) -> Listener {
+    pub(crate) fn listener(&self) -> Listener {
         self.listener
     }
 
-    pub fn limits(&self) -> &ListenerLimits {
+    pub(crate) fn limits(&self) -> &ListenerLimits {
         &self.limits
     }
 
-    pub fn metrics(&self) -> &Metrics {
+    pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
     /// A slot for a connection from `source`, or why not (counted).
-    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Admitted, Refusal> {
+    pub(crate) fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Admitted, Refusal> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let from_source = open.by_source.get(&source).copied().unwrap_or(0);
         let refusal = if open.total >= self.limits.max_connections {

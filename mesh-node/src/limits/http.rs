@@ -14,11 +14,11 @@ use crate::{limits::count_timeout, limits::io::IdleIo, limits::Gate, limits::Sta
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The largest request head (and read buffer) of the node's HTTP listeners.
-pub const MAX_HEAD: usize = 32 * 1024;
+pub(crate) const MAX_HEAD: usize = 32 * 1024;
 
 /// Serves `io` with `service` until the client is done or a limit cuts it; timeouts
 /// are counted under the gate's listener.
-pub async fn serve_http1<I, S>(io: I, service: S, gate: &Gate) -> Result<(), hyper::Error>
+pub(crate) async fn serve_http1<I, S>(io: I, service: S, gate: &Gate) -> Result<(), hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<Incoming>,

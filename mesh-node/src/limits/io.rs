@@ -18,7 +18,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-pub struct IdleIo<T> {
+pub(crate) struct IdleIo<T> {
     inner: T,
     idle: Duration,
     last: Instant,
@@ -28,7 +28,7 @@ pub struct IdleIo<T> {
 
 impl<T> IdleIo<T> {
     /// Wraps `inner`; the flag turns true if the connection is cut for idleness.
-    pub fn new(inner: T, idle: Duration) -> (IdleIo<T>, Arc<AtomicBool>) {
+    pub(crate) fn new(inner: T, idle: Duration) -> (IdleIo<T>, Arc<AtomicBool>) {
         let last = Instant::now();
         let expired = Arc::new(AtomicBool::new(false));
         let io = IdleIo {

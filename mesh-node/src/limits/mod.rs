@@ -28,12 +28,12 @@ use tracing::info;
 
 use crate::telemetry::metrics::Metrics;
 
-pub use gate::Gate;
+pub(crate) use gate::Gate;
 
 /// The listeners the limits apply to (the `listener` label of their metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Listener {
+pub(crate) enum Listener {
     /// The admin API (127.0.0.1:15000).
     Admin,
     /// Prometheus metrics (:15020).
@@ -64,7 +64,7 @@ impl Listener {
         Listener::Http,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Listener::Admin => "admin",
             Listener::Metrics => "metrics",
@@ -79,7 +79,7 @@ impl Listener {
 
     /// The in-pod listener on `port` (its connections draw from that budget); any
     /// other port counts as inbound.
-    pub fn in_pod(port: u16) -> Listener {
+    pub(crate) fn in_pod(port: u16) -> Listener {
         match port {
             mesh_common::OUTBOUND_PORT => Listener::Outbound,
             mesh_common::HBONE_PORT => Listener::Hbone,
@@ -91,7 +91,7 @@ impl Listener {
 /// Why a connection was refused at a cap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(clippy::enum_variant_names)] // each names the limit that refused
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The listener has as many connections as it allows.
     ConnectionLimit,
     /// This source address has as many connections as one source may have.
@@ -101,7 +101,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Refusal::ConnectionLimit => "connection_limit",
             Refusal::SourceLimit => "source_limit",
@@ -112,7 +112,7 @@ impl Refusal {
 
 /// Where a connection was cut for being too slow or idle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
+pub(crate) enum Stage {
     /// TLS (and, for HBONE, the HTTP/2 preface) not done in time.
     Handshake,
     /// No complete request head in time (a new connection, or a kept-alive one).
@@ -122,7 +122,7 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Stage::Handshake => "handshake",
             Stage::Header => "header",
@@ -133,14 +133,14 @@ impl Stage {
 
 /// Counts a connection refused at a cap (the refusal's log line is debug: the counter
 /// is the signal, and a flood must not become a flood of log lines).
-pub fn count_refusal(metrics: &Metrics, listener: Listener, refusal: Refusal) {
+pub(crate) fn count_refusal(metrics: &Metrics, listener: Listener, refusal: Refusal) {
     metrics
         .listener_refused
         .with_label_values(&[listener.name(), refusal.name()])
         .inc();
 }
 
-pub fn count_timeout(metrics: &Metrics, listener: Listener, stage: Stage) {
+pub(crate) fn count_timeout(metrics: &Metrics, listener: Listener, stage: Stage) {
     metrics
         .listener_timeouts
         .with_label_values(&[listener.name(), stage.name()])
@@ -148,7 +148,7 @@ pub fn count_timeout(metrics: &Metrics, listener: Listener, stage: Stage) {
 }
 
 /// Registers every listener's series at zero, so dashboards see them before a refusal.
-pub fn init_metrics(metrics: &Metrics) {
+pub(crate) fn init_metrics(metrics: &Metrics) {
     for l in Listener::ALL {
         metrics.listener_connections.with_label_values(&[l.name()]);
     }
@@ -217,7 +217,7 @@ impl Pool {
 }
 
 /// One connection's (or stream's) place in its pod's budget, held by its task.
-pub struct PodSlot {
+pub(crate) struct PodSlot {
     _permit: OwnedSemaphorePermit,
     gauge: IntGauge,
 }
@@ -230,14 +230,14 @@ impl Drop for PodSlot {
 
 /// One pod's budgets. Outbound and inbound are separate, so that a flood of
 /// connections *to* a pod cannot stop the pod from making its own, and the reverse.
-pub struct PodBudget {
+pub(crate) struct PodBudget {
     outbound: Pool,
     inbound: Pool,
     hbone: Pool,
 }
 
 impl PodBudget {
-    pub fn new(limits: &PodLimits, metrics: &Metrics) -> PodBudget {
+    pub(crate) fn new(limits: &PodLimits, metrics: &Metrics) -> PodBudget {
         PodBudget {
             outbound: Pool::new(limits.max_connections, Listener::Outbound, metrics),
             inbound: Pool::new(limits.max_connections, Listener::Inbound, metrics),
@@ -247,7 +247,7 @@ impl PodBudget {
 
     /// A slot for one connection of `listener` (HBONE: the TLS session), or None when
     /// the pod is at its bound.
-    pub fn admit(&self, listener: Listener) -> Option<PodSlot> {
+    pub(crate) fn admit(&self, listener: Listener) -> Option<PodSlot> {
         match listener {
             Listener::Outbound | Listener::Http => self.outbound.take(),
             Listener::Hbone => self.hbone.take(),
@@ -256,7 +256,7 @@ impl PodBudget {
     }
 
     /// A slot for one inbound HBONE stream (it counts as an inbound connection).
-    pub fn admit_stream(&self) -> Option<PodSlot> {
+    pub(crate) fn admit_stream(&self) -> Option<PodSlot> {
         self.inbound.take()
     }
 }
@@ -282,7 +282,7 @@ fn now_ms() -> u64 {
 
 /// Why the agent is not ready because of descriptors: accepts failed with EMFILE or
 /// ENFILE within the last 5 s. Clears by itself once accepts succeed again.
-pub fn fd_exhaustion() -> Option<String> {
+pub(crate) fn fd_exhaustion() -> Option<String> {
     let at = EXHAUSTED_AT_MS.load(Ordering::Relaxed);
     if at == 0 {
         return None;
@@ -304,7 +304,7 @@ pub fn fd_exhaustion() -> Option<String> {
 }
 
 /// Counts and logs a failed accept; EMFILE/ENFILE make readiness fail for a while.
-pub fn accept_failed(metrics: &Metrics, listener: Listener, error: &std::io::Error) {
+pub(crate) fn accept_failed(metrics: &Metrics, listener: Listener, error: &std::io::Error) {
     let errno = error.raw_os_error();
     let kind = match errno {
         Some(libc::EMFILE) => "emfile",
@@ -329,7 +329,7 @@ pub fn accept_failed(metrics: &Metrics, listener: Listener, error: &std::io::Err
 
 /// Accepts the next connection, pausing briefly after errors (EMFILE would otherwise
 /// spin: the pending connection stays queued until a descriptor frees).
-pub async fn accept(
+pub(crate) async fn accept(
     listener: &TcpListener,
     which: Listener,
     metrics: &Metrics,
@@ -347,7 +347,7 @@ pub async fn accept(
 
 /// The descriptor limit before and after [`raise_fd_limit`], and the hard limit.
 #[derive(Debug, Clone, Copy)]
-pub struct FdLimit {
+pub(crate) struct FdLimit {
     pub soft_before: u64,
     pub soft: u64,
     pub hard: u64,
@@ -355,7 +355,7 @@ pub struct FdLimit {
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit (the inherited soft limit is often
 /// 1024), and logs both.
-pub fn raise_fd_limit() -> std::io::Result<FdLimit> {
+pub(crate) fn raise_fd_limit() -> std::io::Result<FdLimit> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -14,7 +14,7 @@ use crate::{
     telemetry::connections::Direction, telemetry::outcome::RefusalReason,
 };
 
-pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
+pub(crate) async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
     accept_loop(listener, ctx, |stream, peer, ctx| async move {
         handle(stream, peer, ctx).await
     })
@@ -53,7 +53,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
 
 /// Without a CA (`--ca-addr`) there is no mTLS: the HBONE port (15008) stays open so
 /// the mesh owns it, and connections to it are refused and counted.
-pub async fn serve_hbone_placeholder(listener: TcpListener, ctx: Arc<PodContext>) {
+pub(crate) async fn serve_hbone_placeholder(listener: TcpListener, ctx: Arc<PodContext>) {
     accept_loop(listener, ctx, |stream, peer, ctx| async move {
         ctx.metrics
             .refused

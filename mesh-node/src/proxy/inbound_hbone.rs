@@ -25,7 +25,7 @@ use crate::{
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>, acceptor: TlsAcceptor) {
+pub(crate) async fn serve(listener: TcpListener, ctx: Arc<PodContext>, acceptor: TlsAcceptor) {
     accept_loop(listener, ctx, move |stream, peer, ctx| {
         let acceptor = acceptor.clone();
         async move { connection(stream, peer, ctx, acceptor).await }

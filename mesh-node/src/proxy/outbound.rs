@@ -16,7 +16,7 @@ use crate::{
     telemetry::connections::ConnectionInfo, telemetry::connections::Direction,
 };
 
-pub async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
+pub(crate) async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
     accept_loop(listener, ctx, |stream, peer, ctx| async move {
         handle(stream, peer, ctx).await
     })

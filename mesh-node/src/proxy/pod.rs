@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// What mutual TLS needs, shared by every pod of the node (absent without a CA).
-pub struct Mesh {
+pub(crate) struct Mesh {
     pub certificates: Arc<CertificateStore>,
     pub hbone: HboneClient,
     pub trust: TrustBundle,
@@ -40,7 +40,7 @@ pub struct Mesh {
 }
 
 /// Everything a listener of one enrolled pod needs.
-pub struct PodContext {
+pub(crate) struct PodContext {
     pub pod: PodKey,
     pub identity: Identity,
     /// Keeps the identity's certificate while the pod's listeners or any connection
@@ -75,7 +75,7 @@ pub struct PodContext {
 /// connection beyond the budget is reset at once and counted as `pod_connection_limit`.
 /// Errors such as EMFILE are counted and retried after a pause instead of ending the
 /// listener.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, ctx: Arc<PodContext>, handler: F)
+pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, ctx: Arc<PodContext>, handler: F)
 where
     F: Fn(TcpStream, SocketAddr, Arc<PodContext>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -115,7 +115,12 @@ fn refuse_over_budget(stream: TcpStream, peer: SocketAddr, which: Listener, ctx:
 }
 
 /// Records a connection the proxy refuses, and resets it.
-pub fn refuse(client: TcpStream, info: ConnectionInfo, reason: RefusalReason, ctx: &PodContext) {
+pub(crate) fn refuse(
+    client: TcpStream,
+    info: ConnectionInfo,
+    reason: RefusalReason,
+    ctx: &PodContext,
+) {
     ctx.metrics
         .refused
         .with_label_values(&[reason.name()])
@@ -150,7 +155,7 @@ fn report_end(pick: Option<&Pick>, end: &RelayEnd) {
 /// Tunnels to `target` through the HBONE port of the meshed pod at `target.ip()`,
 /// as this pod's identity, expecting `destination`. `pick`, the balancer's choice of
 /// `target`, learns the outcome and is held while the connection lives.
-pub async fn forward_hbone(
+pub(crate) async fn forward_hbone(
     client: TcpStream,
     target: SocketAddr,
     destination: &Identity,
@@ -206,7 +211,7 @@ pub async fn forward_hbone(
 
 /// Connects to `target` from inside the pod; a failure is counted and returned as the
 /// connection's end.
-pub async fn connect_in_pod(
+pub(crate) async fn connect_in_pod(
     ctx: &PodContext,
     target: SocketAddr,
 ) -> Result<TcpStream, ConnectionEnd> {
@@ -225,7 +230,7 @@ pub async fn connect_in_pod(
 /// Connects to `dst` from inside the pod and relays, recording the connection. `pick`,
 /// the balancer's choice of `dst` (None for a destination no balancer chose), learns
 /// the outcome and is held while the connection lives.
-pub async fn forward(
+pub(crate) async fn forward(
     client: TcpStream,
     dst: SocketAddr,
     mut info: ConnectionInfo,
@@ -257,7 +262,7 @@ pub async fn forward(
 }
 
 /// Closes with RST so the application sees a refused/reset connection, not a clean EOF.
-pub fn reset(stream: TcpStream) {
+pub(crate) fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
 }

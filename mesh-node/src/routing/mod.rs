@@ -9,4 +9,4 @@ pub mod http;
 pub mod plan;
 pub mod resolve;
 pub mod table;
-pub mod transport;
+pub(crate) mod transport;

@@ -41,7 +41,11 @@ pub struct EndpointInfo {
 
 /// The identity to expect at `ip` when it is an enrolled pod (its traffic must then
 /// cross the network as mutual TLS); None for anything else.
-pub fn meshed_identity(state: &ClusterState, trust_domain: &str, ip: IpAddr) -> Option<Identity> {
+pub(crate) fn meshed_identity(
+    state: &ClusterState,
+    trust_domain: &str,
+    ip: IpAddr,
+) -> Option<Identity> {
     let (key, pod) = state.meshed_pod(ip)?;
     Some(Identity::new(
         trust_domain,
@@ -52,7 +56,11 @@ pub fn meshed_identity(state: &ClusterState, trust_domain: &str, ip: IpAddr) -> 
 
 /// The pod at `ip` and the transport to it: HBONE to an enrolled pod when mutual TLS is
 /// on (`trust_domain` is Some: a CA is configured), plain TCP otherwise.
-pub fn endpoint_info(state: &ClusterState, trust_domain: Option<&str>, ip: IpAddr) -> EndpointInfo {
+pub(crate) fn endpoint_info(
+    state: &ClusterState,
+    trust_domain: Option<&str>,
+    ip: IpAddr,
+) -> EndpointInfo {
     let transport = trust_domain
         .and_then(|td| meshed_identity(state, td, ip))
         .map_or(Transport::Plain, |identity| Transport::Hbone { identity });

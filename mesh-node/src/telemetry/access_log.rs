@@ -8,7 +8,7 @@ use serde::Serialize;
 
 /// Writes `entry` as one line. The line is built first and written with one call, so
 /// lines from concurrent connections never interleave.
-pub fn write(entry: &impl Serialize) {
+pub(crate) fn write(entry: &impl Serialize) {
     let mut line = match serde_json::to_vec(entry) {
         Ok(l) => l,
         Err(e) => {

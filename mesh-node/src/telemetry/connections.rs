@@ -196,7 +196,7 @@ fn principal(id: &Option<String>) -> &str {
 }
 
 /// The cluster DNS domain in `destination_service` host names.
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
+pub(crate) const CLUSTER_DOMAIN: &str = "cluster.local";
 
 impl ConnectionInfo {
     /// The TCP metric labels from this connection's view.

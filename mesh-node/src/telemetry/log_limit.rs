@@ -15,11 +15,11 @@ use std::{
 };
 
 /// Lines a call site may write per window.
-pub const LINES_PER_WINDOW: u64 = 5;
+pub(crate) const LINES_PER_WINDOW: u64 = 5;
 /// The window those lines are counted in.
-pub const WINDOW: Duration = Duration::from_secs(1);
+pub(crate) const WINDOW: Duration = Duration::from_secs(1);
 /// Peer-supplied text longer than this is clipped in logs and error answers.
-pub const MAX_PEER_TEXT: usize = 160;
+pub(crate) const MAX_PEER_TEXT: usize = 160;
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -27,7 +27,7 @@ fn epoch() -> Instant {
 }
 
 /// The budget of one call site (see [`warn_limited!`](crate::warn_limited)).
-pub struct LogLimit {
+pub(crate) struct LogLimit {
     /// Window number (elapsed / WINDOW) and lines written in it, packed: window << 16 | lines.
     window_lines: AtomicU64,
     suppressed: AtomicU64,
@@ -40,7 +40,7 @@ impl Default for LogLimit {
 }
 
 impl LogLimit {
-    pub const fn new() -> LogLimit {
+    pub(crate) const fn new() -> LogLimit {
         LogLimit {
             window_lines: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
@@ -48,7 +48,7 @@ impl LogLimit {
     }
 
     /// `Some(lines suppressed since the last one written)` when a line may be written now.
-    pub fn allow(&self) -> Option<u64> {
+    pub(crate) fn allow(&self) -> Option<u64> {
         self.allow_at(epoch().elapsed())
     }
 
@@ -90,7 +90,7 @@ macro_rules! warn_limited {
 
 /// Peer-supplied text made safe to log or echo: at most [`MAX_PEER_TEXT`] bytes (on a
 /// character boundary), with the original length when clipped.
-pub fn clip(text: &str) -> Cow<'_, str> {
+pub(crate) fn clip(text: &str) -> Cow<'_, str> {
     if text.len() <= MAX_PEER_TEXT {
         return Cow::Borrowed(text);
     }

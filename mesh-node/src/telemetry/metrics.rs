@@ -11,7 +11,7 @@ use crate::telemetry::outcome::ResponseFlags;
 /// by the pods, service accounts and Services of the cluster and a fixed set of flags:
 /// nothing per connection (no addresses or ports).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TcpLabels<'a> {
+pub(crate) struct TcpLabels<'a> {
     /// `source` (outbound) or `destination` (inbound): which side's proxy reports.
     pub reporter: &'static str,
     pub source_workload: &'a str,
@@ -32,7 +32,7 @@ pub struct TcpLabels<'a> {
 
 impl TcpLabels<'_> {
     /// The label names, in the order the metrics are registered with.
-    pub const NAMES: [&'static str; 13] = [
+    pub(crate) const NAMES: [&'static str; 13] = [
         "reporter",
         "source_workload",
         "source_workload_namespace",
@@ -49,7 +49,7 @@ impl TcpLabels<'_> {
     ];
 
     /// The values, in the order of [`Self::NAMES`].
-    pub fn values(&self) -> [&str; 13] {
+    pub(crate) fn values(&self) -> [&str; 13] {
         [
             self.reporter,
             self.source_workload,
@@ -71,7 +71,7 @@ impl TcpLabels<'_> {
 /// Labels of the HTTP request metrics (L7 routes), as Istio names them, one field each;
 /// every value is bounded by the pods, Services and status codes of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestLabels<'a> {
+pub(crate) struct RequestLabels<'a> {
     /// Always `source`: requests are reported by the client's side.
     pub reporter: &'static str,
     pub source_workload: &'a str,
@@ -93,7 +93,7 @@ pub struct RequestLabels<'a> {
 
 impl RequestLabels<'_> {
     /// The label names, in the order the metrics are registered with.
-    pub const NAMES: [&'static str; 13] = [
+    pub(crate) const NAMES: [&'static str; 13] = [
         "reporter",
         "source_workload",
         "source_workload_namespace",
@@ -110,7 +110,7 @@ impl RequestLabels<'_> {
     ];
 
     /// The values, in the order of [`Self::NAMES`].
-    pub fn values(&self) -> [&str; 13] {
+    pub(crate) fn values(&self) -> [&str; 13] {
         [
             self.reporter,
             self.source_workload,

@@ -20,31 +20,32 @@ use crate::{
 };
 
 /// The response flags a request can end with, under the names the HTTP path uses.
-pub mod flags {
+pub(crate) mod flags {
     use crate::telemetry::outcome::ResponseFlags;
 
-    pub const NONE: ResponseFlags = ResponseFlags::None;
+    pub(crate) const NONE: ResponseFlags = ResponseFlags::None;
     /// No route rule matched.
-    pub const NO_ROUTE: ResponseFlags = ResponseFlags::NoRoute;
+    pub(crate) const NO_ROUTE: ResponseFlags = ResponseFlags::NoRoute;
     /// No healthy upstream: the chosen backend has no ready endpoint.
-    pub const NO_HEALTHY_UPSTREAM: ResponseFlags = ResponseFlags::NoHealthyUpstream;
+    pub(crate) const NO_HEALTHY_UPSTREAM: ResponseFlags = ResponseFlags::NoHealthyUpstream;
     /// Connecting to the upstream failed.
-    pub const UPSTREAM_CONNECT_FAILURE: ResponseFlags = ResponseFlags::UpstreamConnectFailure;
+    pub(crate) const UPSTREAM_CONNECT_FAILURE: ResponseFlags =
+        ResponseFlags::UpstreamConnectFailure;
     /// The upstream did not answer in time.
-    pub const UPSTREAM_TIMEOUT: ResponseFlags = ResponseFlags::UpstreamTimeout;
+    pub(crate) const UPSTREAM_TIMEOUT: ResponseFlags = ResponseFlags::UpstreamTimeout;
     /// Retries exhausted on a retriable response.
-    pub const RETRY_LIMIT: ResponseFlags = ResponseFlags::RetryLimit;
+    pub(crate) const RETRY_LIMIT: ResponseFlags = ResponseFlags::RetryLimit;
     /// Answered by the proxy itself (redirect, invalid rule).
-    pub const LOCAL_REPLY: ResponseFlags = ResponseFlags::LocalReply;
+    pub(crate) const LOCAL_REPLY: ResponseFlags = ResponseFlags::LocalReply;
     /// The destination's authorization policy refused the tunnel.
-    pub const DENIED: ResponseFlags = ResponseFlags::Denied;
+    pub(crate) const DENIED: ResponseFlags = ResponseFlags::Denied;
     /// The downstream went away before the response ended.
-    pub const DOWNSTREAM_CLOSED: ResponseFlags = ResponseFlags::DownstreamClosed;
+    pub(crate) const DOWNSTREAM_CLOSED: ResponseFlags = ResponseFlags::DownstreamClosed;
 }
 
 /// The facts of one request, filled in as it is routed.
 #[derive(Debug, Clone)]
-pub struct RequestLog {
+pub(crate) struct RequestLog {
     pub started: Instant,
     pub pod: PodKey,
     pub src: SocketAddr,
@@ -146,14 +147,14 @@ impl RequestLog {
 }
 
 /// A response body that writes the request's log line and metrics when it ends.
-pub struct LoggedBody<B: Body<Data = Bytes> + Unpin> {
+pub(crate) struct LoggedBody<B: Body<Data = Bytes> + Unpin> {
     inner: B,
     log: Option<(RequestLog, Arc<Metrics>, u16)>,
     bytes: u64,
 }
 
 impl<B: Body<Data = Bytes> + Unpin> LoggedBody<B> {
-    pub fn new(inner: B, log: RequestLog, metrics: Arc<Metrics>, status: u16) -> Self {
+    pub(crate) fn new(inner: B, log: RequestLog, metrics: Arc<Metrics>, status: u16) -> Self {
         LoggedBody {
             inner,
             log: Some((log, metrics, status)),

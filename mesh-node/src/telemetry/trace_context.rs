@@ -5,8 +5,8 @@
 use http::{HeaderMap, HeaderValue};
 use rand::RngCore;
 
-pub const TRACEPARENT: &str = "traceparent";
-pub const TRACESTATE: &str = "tracestate";
+pub(crate) const TRACEPARENT: &str = "traceparent";
+pub(crate) const TRACESTATE: &str = "tracestate";
 
 fn is_lower_hex(s: &str) -> bool {
     s.bytes()
@@ -14,7 +14,7 @@ fn is_lower_hex(s: &str) -> bool {
 }
 
 /// The trace id of a valid `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
-pub fn trace_id(value: &str) -> Option<&str> {
+pub(crate) fn trace_id(value: &str) -> Option<&str> {
     let mut parts = value.split('-');
     let (version, trace, parent, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -39,7 +39,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Keeps a valid `traceparent` or starts a new trace; returns the trace id.
-pub fn ensure(headers: &mut HeaderMap) -> String {
+pub(crate) fn ensure(headers: &mut HeaderMap) -> String {
     if let Some(id) = headers
         .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())

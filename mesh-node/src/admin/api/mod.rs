@@ -39,7 +39,7 @@ pub(crate) mod round_trip {
 
     /// Serializes `view`, checks the JSON is `expected`, and reads it back as the same
     /// view: what the agent writes is what meshctl reads.
-    pub fn check<T>(view: &T, expected: serde_json::Value)
+    pub(crate) fn check<T>(view: &T, expected: serde_json::Value)
     where
         T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
     {

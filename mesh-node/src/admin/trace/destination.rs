@@ -7,7 +7,7 @@ use crate::{discovery::cluster::service_ips, discovery::cluster::ClusterState, k
 
 /// `ip:port`, `[v6]:port` or `service[.namespace[.svc[.domain]]]:port`; a bare
 /// Service name is looked up in `namespace` (the source pod's), as DNS search does.
-pub fn parse_destination(
+pub(crate) fn parse_destination(
     state: &ClusterState,
     namespace: &str,
     text: &str,

@@ -18,7 +18,7 @@ use mesh_common::{
 use serde::Serialize;
 use thiserror::Error;
 
-pub use destination::parse_destination;
+pub(crate) use destination::parse_destination;
 
 use crate::{
     admin::routes::http_routes_for, admin::routes::RouteView, capture::dataplane::Dataplane,
@@ -34,7 +34,7 @@ use crate::{
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum TraceError {
+pub(crate) enum TraceError {
     #[error("no pod {0} in this agent's cluster state; check the name with `meshctl node workloads` (or -n for its namespace)")]
     UnknownPod(PodKey),
     #[error("{0}")]
@@ -44,20 +44,20 @@ pub enum TraceError {
 /// Request attributes that will select an HTTPRoute rule once the L7 matcher is
 /// wired in; carried and echoed so clients can already send them.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct HttpAttributes {
+pub(crate) struct HttpAttributes {
     pub method: Option<String>,
     pub path: Option<String>,
     pub headers: Vec<(String, String)>,
 }
 
 impl HttpAttributes {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.method.is_none() && self.path.is_none() && self.headers.is_empty()
     }
 }
 
 /// The eBPF state a trace reads (the live maps on an agent, fixed values in tests).
-pub trait DataplaneView {
+pub(crate) trait DataplaneView {
     fn enrolled_policy(&self, netns_cookie: u64) -> Option<OutboundPolicy>;
     fn inbound_policy(&self, ip: Ip) -> Option<InboundPolicy>;
     fn program(&self, attach: &str) -> Option<ProgramStatus>;
@@ -76,7 +76,7 @@ impl DataplaneView for Dataplane {
 }
 
 /// What a trace reads.
-pub struct TraceInputs<'a> {
+pub(crate) struct TraceInputs<'a> {
     pub state: &'a ClusterState,
     pub node: &'a str,
     pub workloads: &'a [WorkloadStatus],
@@ -88,7 +88,7 @@ pub struct TraceInputs<'a> {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct SourceStep {
+pub(crate) struct SourceStep {
     pub pod: PodKey,
     pub node: Option<String>,
     pub on_this_node: bool,
@@ -103,7 +103,7 @@ pub struct SourceStep {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct RedirectStep {
+pub(crate) struct RedirectStep {
     pub redirected: bool,
     /// The connect hook that sees the connection (`cgroup/connect4` or `connect6`).
     pub program: String,
@@ -116,14 +116,14 @@ pub struct RedirectStep {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Transport {
+pub(crate) enum Transport {
     /// HTTP/2 CONNECT over mutual TLS to the endpoint's port 15008.
     HboneMtls,
     Plaintext,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct InboundStep {
+pub(crate) struct InboundStep {
     /// The destination's agent takes the connection (15008 HBONE, or 15006 captured
     /// plaintext); false: it reaches the application (or the outside) directly.
     pub handled_by_mesh: bool,
@@ -135,7 +135,7 @@ pub struct InboundStep {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     pub backend: Option<ObjectKey>,
     pub weight: Option<u32>,
     pub endpoint: SocketAddr,
@@ -150,7 +150,7 @@ pub struct Candidate {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "UPPERCASE")]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Every candidate endpoint accepts the connection.
     Allow,
     /// Every candidate refuses it.
@@ -163,7 +163,7 @@ pub enum Outcome {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Trace {
+pub(crate) struct Trace {
     pub source: SourceStep,
     pub destination: String,
     pub address: SocketAddr,
@@ -426,7 +426,7 @@ fn request_parts(http: &HttpAttributes) -> Option<http::request::Parts> {
 }
 
 /// Traces a connection from `pod` to `destination` (`ip:port` or `service[.ns]:port`).
-pub fn trace(
+pub(crate) fn trace(
     inputs: &TraceInputs,
     pod_key: &PodKey,
     destination: &str,

@@ -37,10 +37,10 @@ use crate::{discovery::cluster::Kind, discovery::cluster::KubeObject};
 
 /// First retry delay after a failure; it doubles up to [`RETRY_MAX`] (each jittered
 /// down to half, so many agents do not retry in step).
-pub const RETRY_FIRST: Duration = Duration::from_millis(250);
+pub(crate) const RETRY_FIRST: Duration = Duration::from_millis(250);
 /// The longest wait between attempts while the API server fails: a kind recovers at
 /// most this long (plus the request) after the API server answers again.
-pub const RETRY_MAX: Duration = Duration::from_secs(3);
+pub(crate) const RETRY_MAX: Duration = Duration::from_secs(3);
 /// A CRD that is not installed is looked for again after this, doubling up to
 /// [`ABSENT_MAX`].
 const ABSENT_FIRST: Duration = Duration::from_secs(1);
@@ -435,7 +435,7 @@ where
 }
 
 /// Lists and watches one kind for as long as the receiver of `tx` lives.
-pub async fn watch_kind<K>(
+pub(crate) async fn watch_kind<K>(
     client: Client,
     spec: &'static KindSpec,
     wrap: fn(K) -> KubeObject,

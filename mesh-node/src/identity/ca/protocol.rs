@@ -2,10 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-pub const SIGN_PATH: &str = "/v1/sign";
+pub(crate) const SIGN_PATH: &str = "/v1/sign";
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct SignRequest {
+pub(crate) struct SignRequest {
     /// The SPIFFE ID wanted; the CSR's only SAN must be exactly this.
     pub identity: String,
     pub csr: String,
@@ -20,6 +20,6 @@ pub struct SignResponse {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorResponse {
+pub(crate) struct ErrorResponse {
     pub error: String,
 }

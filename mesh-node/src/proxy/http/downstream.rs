@@ -167,7 +167,7 @@ impl Drop for InFlight {
 /// any other outbound connection, its requests each get their own log line. Its first
 /// request must arrive within the header timeout (HTTP/1.1: every request head), and a
 /// connection with no request in flight for the HTTP idle timeout is closed gracefully.
-pub async fn serve(
+pub(crate) async fn serve(
     stream: TcpStream,
     info: ConnectionInfo,
     frontend: Frontend,

@@ -37,7 +37,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The Service port a downstream connection was sent to.
 #[derive(Debug, Clone)]
-pub struct Frontend {
+pub(crate) struct Frontend {
     pub service: ObjectKey,
     pub port: u16,
     pub want_v6: bool,
@@ -430,7 +430,7 @@ async fn request_body(body: Incoming, parts: &Parts, retry: bool) -> Result<Requ
 }
 
 /// Serves one request of a downstream connection.
-pub async fn handle(
+pub(crate) async fn handle(
     mut request: Request<Incoming>,
     ctx: Arc<PodContext>,
     frontend: Arc<Frontend>,

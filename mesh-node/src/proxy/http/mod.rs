@@ -10,12 +10,12 @@ pub(crate) mod upstream;
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Every body the proxy sends, whatever its source.
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
-pub fn box_body<B>(body: B) -> ProxyBody
+pub(crate) fn box_body<B>(body: B) -> ProxyBody
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,

@@ -40,7 +40,7 @@ struct IdleHttp1 {
 
 /// One pod's reusable connections to backend endpoints.
 #[derive(Default)]
-pub struct UpstreamPool {
+pub(crate) struct UpstreamPool {
     http1: Mutex<HashMap<SocketAddr, Vec<IdleHttp1>>>,
     http2: Mutex<HashMap<SocketAddr, (conn::http2::SendRequest<ProxyBody>, Policies)>>,
 }

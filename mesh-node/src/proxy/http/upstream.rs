@@ -30,13 +30,13 @@ use crate::{
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Protocol {
+pub(crate) enum Protocol {
     Http1,
     Http2,
 }
 
 #[derive(Debug, Error)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     #[error("{target} refused the connection: its authorization policy denies this workload")]
     Denied { target: SocketAddr },
     #[error("connecting to {target} failed: {reason}")]
@@ -56,7 +56,7 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// True when the request certainly never reached the backend (safe to retry
     /// whatever its method).
-    pub fn before_sending(&self) -> bool {
+    pub(crate) fn before_sending(&self) -> bool {
         matches!(
             self,
             UpstreamError::Connect { .. } | UpstreamError::Handshake { .. }
@@ -112,7 +112,7 @@ impl AsyncWrite for Transport {
 
 /// Who answers at an endpoint, as far as the proxy can tell before connecting.
 #[derive(Debug, Clone)]
-pub struct Peer {
+pub(crate) struct Peer {
     pub security: Security,
     pub identity: Option<Identity>,
     /// The authorization policies of the snapshot this was judged from.
@@ -121,7 +121,7 @@ pub struct Peer {
 
 /// Who answers at the planned `endpoint`, with the authorization policies of `state`
 /// (the snapshot it was planned from).
-pub fn peer_of(state: &ClusterState, endpoint: &Endpoint) -> Peer {
+pub(crate) fn peer_of(state: &ClusterState, endpoint: &Endpoint) -> Peer {
     let identity = endpoint.transport().identity().cloned();
     Peer {
         security: if identity.is_some() {
@@ -250,7 +250,7 @@ async fn http2(
 /// reused connection could not take (the backend closed it meanwhile) goes out once
 /// more on a new connection. Upgrade requests always get their own connection. A new
 /// connection's outcome (connected or not) is reported to `pick`.
-pub async fn send(
+pub(crate) async fn send(
     ctx: &PodContext,
     target: SocketAddr,
     peer: &Peer,

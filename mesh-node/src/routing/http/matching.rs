@@ -51,14 +51,14 @@ impl Default for RequestMatch {
 }
 
 /// Anchors a Gateway API regular expression: it must match the whole value.
-pub fn full_regex(pattern: &str) -> Result<Regex, String> {
+pub(crate) fn full_regex(pattern: &str) -> Result<Regex, String> {
     Regex::new(&format!("^(?:{pattern})$"))
         .map_err(|e| format!("regular expression `{pattern}` is invalid: {e}"))
 }
 
 /// `PathPrefix` as the spec defines it: `/abc` matches `/abc`, `/abc/` and `/abc/def`,
 /// not `/abcd`.
-pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+pub(crate) fn prefix_matches(prefix: &str, path: &str) -> bool {
     if prefix == "/" {
         return true;
     }
@@ -69,7 +69,7 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 }
 
 /// Normalizes a prefix for matching: no trailing slash except for `/` itself.
-pub fn normalize_prefix(prefix: &str) -> String {
+pub(crate) fn normalize_prefix(prefix: &str) -> String {
     let trimmed = prefix.trim_end_matches('/');
     if trimmed.is_empty() {
         "/".into()
@@ -119,7 +119,7 @@ fn decode_query_component(text: &str) -> String {
 }
 
 /// The first value of query parameter `name` (the spec says only the first counts).
-pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+pub(crate) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (decode_query_component(k) == name).then(|| decode_query_component(v))
