@@ -39,3 +39,102 @@ impl std::fmt::Display for ObjectKey {
         }
     }
 }
+
+impl std::str::FromStr for ObjectKey {
+    type Err = KeyError;
+
+    /// `namespace/name`, as [`Display`](std::fmt::Display) writes it.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(ObjectKey::new(ns, name))
+            }
+            _ => Err(KeyError(format!("{s:?} is not namespace/name"))),
+        }
+    }
+}
+
+/// A key's text that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct KeyError(String);
+
+/// One port of a Service: the frontend a connection to a Service address reaches.
+/// Shown as `namespace/name:port` (a connection's `service` in the admin API and the
+/// access log is that text: [`as_text`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServicePortRef {
+    pub service: ObjectKey,
+    pub port: u16,
+}
+
+impl std::fmt::Display for ServicePortRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.service, self.port)
+    }
+}
+
+impl std::str::FromStr for ServicePortRef {
+    type Err = KeyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || KeyError(format!("{s:?} is not namespace/name:port"));
+        let (service, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        Ok(ServicePortRef {
+            service: service.parse().map_err(|_| bad())?,
+            port: port.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// Serde for an optional key carried as its text (`namespace/name`,
+/// `namespace/name:port`): `#[serde(with = "keys::as_text")]`.
+pub mod as_text {
+    use std::{fmt::Display, str::FromStr};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<K: Display, S: Serializer>(key: &Option<K>, s: S) -> Result<S::Ok, S::Error> {
+        match key {
+            Some(key) => s.collect_str(key),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, K, D>(d: D) -> Result<Option<K>, D::Error>
+    where
+        K: FromStr,
+        K::Err: Display,
+        D: Deserializer<'de>,
+    {
+        Option::<String>::deserialize(d)?
+            .map(|text| text.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_port_reads_back_from_its_text() {
+        let port = ServicePortRef {
+            service: ObjectKey::new("apps", "web"),
+            port: 80,
+        };
+        assert_eq!(port.to_string(), "apps/web:80");
+        assert_eq!("apps/web:80".parse::<ServicePortRef>(), Ok(port.clone()));
+        for bad in [
+            "",
+            "apps/web",
+            "web:80",
+            "apps/web:",
+            "apps/web:99999",
+            "/web:80",
+            "a/b/c:1",
+        ] {
+            assert!(bad.parse::<ServicePortRef>().is_err(), "{bad:?}");
+        }
+    }
+}

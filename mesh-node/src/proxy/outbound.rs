@@ -49,13 +49,13 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let planned = plan::connection(&ctx.router.table(&state), &state, &ctx.balancer, dst);
     match planned {
         Plan::Forward(to) => {
-            info.service = to.service.as_ref().map(|s| s.frontend.to_string());
-            info.backend = to.backend().map(|b| b.to_string());
+            info.service = to.service.as_ref().map(|s| s.frontend.clone());
+            info.backend = to.backend().cloned();
             info.peer = to.endpoint.pod().cloned();
             send(stream, to, info, &ctx).await;
         }
         Plan::Http(service) => {
-            info.service = Some(service.frontend.to_string());
+            info.service = Some(service.frontend.clone());
             let frontend = Frontend {
                 backend_http2: service.http.is_some_and(|h| h.backend_http2),
                 service: service.frontend.service.clone(),
@@ -66,7 +66,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             downstream::serve(stream, info, frontend, ctx).await
         }
         Plan::Refused { frontend, refusal } => {
-            info.service = frontend.map(|f| f.to_string());
+            info.service = frontend;
             refuse(stream, info, refusal.reason(), &ctx);
         }
     }

@@ -14,9 +14,10 @@ use std::{net::SocketAddr, sync::Arc};
 use crate::{
     discovery::cluster::ClusterState,
     keys::ObjectKey,
+    keys::ServicePortRef,
     routing::balancer::{Balancer, Pick},
     routing::http::routes::{BackendTarget, Rule},
-    routing::resolve::{Lookup, ServicePortRef, ServiceRoute},
+    routing::resolve::{Lookup, ServiceRoute},
     routing::table::RoutingTable,
     routing::transport::{EndpointInfo, Transport},
     telemetry::outcome::RefusalReason,

@@ -20,7 +20,7 @@ use serde::Serialize;
 pub use crate::routing::backend::Backend;
 use crate::{
     discovery::cluster::canonical, discovery::cluster::ClusterState, keys::ObjectKey,
-    routing::balancer::PickSlots,
+    keys::ServicePortRef, routing::balancer::PickSlots,
 };
 
 /// Service annotation choosing least-connections instead of round-robin endpoints.
@@ -206,20 +206,6 @@ fn backend_of(
         port,
         weight,
         least_connections,
-    }
-}
-
-/// A Service port: the frontend a connection to a Service address reaches.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct ServicePortRef {
-    pub service: ObjectKey,
-    pub port: u16,
-}
-
-impl std::fmt::Display for ServicePortRef {
-    /// `namespace/name:port`, as connection records and logs show it.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.service, self.port)
     }
 }
 

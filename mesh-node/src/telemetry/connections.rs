@@ -14,8 +14,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    keys::PodKey, telemetry::access_log, telemetry::metrics::Metrics,
-    telemetry::metrics::TcpLabels, telemetry::outcome::ConnectionEnd,
+    keys::ObjectKey, keys::PodKey, keys::ServicePortRef, telemetry::access_log,
+    telemetry::metrics::Metrics, telemetry::metrics::TcpLabels, telemetry::outcome::ConnectionEnd,
     telemetry::outcome::ResponseFlags,
 };
 
@@ -63,10 +63,13 @@ pub struct ConnectionInfo {
     pub original_dst: SocketAddr,
     /// The peer workload, when the state knows the address.
     pub peer: Option<PodKey>,
-    /// Outbound to a Service: the Service and port (`ns/name:port`).
-    pub service: Option<String>,
-    /// The backend Service the route chose (the Service itself without a route).
-    pub backend: Option<String>,
+    /// Outbound to a Service: the Service and port (shown `ns/name:port`).
+    #[serde(with = "crate::keys::as_text")]
+    pub service: Option<ServicePortRef>,
+    /// The backend Service the route chose (the Service itself without a route; shown
+    /// `ns/name`).
+    #[serde(with = "crate::keys::as_text")]
+    pub backend: Option<ObjectKey>,
     /// Where the proxy connected: the chosen endpoint, or the original destination.
     pub upstream: Option<SocketAddr>,
     pub security: Security,
@@ -180,12 +183,13 @@ fn label_of(key: &Option<PodKey>) -> (&str, &str) {
 }
 
 /// Istio's `destination_service`, `_name` and `_namespace` from `ns/name:port`.
-fn service_labels(service: Option<&str>) -> (String, &str, &str) {
-    let parsed = service
-        .and_then(|s| s.rsplit_once(':'))
-        .and_then(|(key, _port)| key.split_once('/'));
-    match parsed {
-        Some((ns, name)) => (format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}"), name, ns),
+fn service_labels(service: Option<&ServicePortRef>) -> (String, &str, &str) {
+    match service {
+        Some(ServicePortRef { service: key, .. }) => (
+            format!("{}.{}.svc.{CLUSTER_DOMAIN}", key.name, key.namespace),
+            &key.name,
+            &key.namespace,
+        ),
         None => ("unknown".into(), "unknown", "unknown"),
     }
 }
@@ -207,7 +211,7 @@ impl ConnectionInfo {
             Direction::Outbound => (me, peer),
             Direction::Inbound => (peer, me),
         };
-        let (service, service_name, service_namespace) = service_labels(self.service.as_deref());
+        let (service, service_name, service_namespace) = service_labels(self.service.as_ref());
         TcpLabels {
             reporter: self.direction.reporter(),
             source_workload: src.0,
@@ -350,7 +354,10 @@ fn access_entry(record: &ConnectionRecord, labels: &TcpLabels) -> serde_json::Va
         "upstream_address".into(),
         text(info.upstream.map(|u| u.to_string())),
     );
-    entry.insert("upstream_backend".into(), text(info.backend.clone()));
+    entry.insert(
+        "upstream_backend".into(),
+        text(info.backend.as_ref().map(|b| b.to_string())),
+    );
     entry.insert("sent_bytes".into(), record.bytes_to_server.into());
     entry.insert("received_bytes".into(), record.bytes_to_client.into());
     entry.insert("duration_ms".into(), record.duration_ms.into());
@@ -399,7 +406,7 @@ mod tests {
     fn info(direction: Direction) -> ConnectionInfo {
         ConnectionInfo {
             peer: Some(PodKey::new("apps", "server")),
-            service: Some("apps/web:80".into()),
+            service: Some("apps/web:80".parse().unwrap()),
             ..ConnectionInfo::new(
                 direction,
                 PodKey::new("apps", "client"),
@@ -460,7 +467,7 @@ mod tests {
             source_identity: Some("spiffe://cluster.local/ns/apps/sa/client".into()),
             destination_identity: Some("spiffe://cluster.local/ns/shop/sa/server".into()),
             peer: Some(PodKey::new("shop", "server")),
-            service: Some("shop/web:80".into()),
+            service: Some("shop/web:80".parse().unwrap()),
             ..info(Direction::Outbound)
         });
         conn.close(ConnectionEnd::Refused(RefusalReason::NoReadyEndpoint));

@@ -145,8 +145,8 @@ mod tests {
     fn connections_keep_their_wire_form() {
         let info = ConnectionInfo {
             peer: Some(ObjectKey::new("apps", "server")),
-            service: Some("apps/web:80".into()),
-            backend: Some("apps/web-v1".into()),
+            service: Some("apps/web:80".parse().unwrap()),
+            backend: Some(ObjectKey::new("apps", "web-v1")),
             upstream: Some("10.0.0.9:8080".parse().unwrap()),
             security: Security::MutualTls,
             source_identity: Some("spiffe://cluster.local/ns/apps/sa/client".into()),
