@@ -232,7 +232,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         }
     }
 
-    let balancer = Arc::new(Balancer::new());
+    let balancer = Arc::new(Balancer::new().with_outlier_metrics(metrics.outliers.clone()));
     let admin_state = Arc::new(AdminState {
         config: config.clone(),
         dataplane: dataplane.clone(),

@@ -1,7 +1,7 @@
 //! The `mesh-node` command line: one parser for the binary and for the test that checks
 //! the arguments deploy/ passes.
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{ca::server::CaConfig, config::AgentConfig};
 
@@ -18,6 +18,18 @@ pub enum Command {
     Agent(Box<AgentConfig>),
     /// Run the mesh certificate authority.
     Ca(Box<CaConfig>),
-    /// Print the CustomResourceDefinitions Nodemesh defines, as YAML.
-    Crds,
+    /// Print a CustomResourceDefinition Nodemesh reads, as YAML.
+    Crds {
+        /// Which one: Nodemesh's AuthorizationPolicy, or Istio's DestinationRule (for
+        /// clusters without Istio's own CRDs).
+        #[arg(long, value_enum, default_value_t = CrdKind::AuthorizationPolicy)]
+        kind: CrdKind,
+    },
+}
+
+/// The CRDs `mesh-node crds` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CrdKind {
+    AuthorizationPolicy,
+    DestinationRule,
 }

@@ -59,6 +59,7 @@ async fn echo(
     peer: SocketAddr,
     pod: Arc<String>,
     attempts: Attempts,
+    always: Behaviour,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let query: HashMap<String, String> = request
         .uri()
@@ -67,6 +68,14 @@ async fn echo(
         .split('&')
         .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.into(), v.into())))
         .collect();
+    if let Some(delay) = always.delay {
+        tokio::time::sleep(delay).await;
+    }
+    if let Some(status) = always.status.and_then(|s| StatusCode::from_u16(s).ok()) {
+        let mut r = text(status, format!("{pod} always answers {status}\n"));
+        r.headers_mut().insert("x-served-by", header_value(&pod));
+        return Ok(r);
+    }
     if let Some(key) = request.headers().get("sec-websocket-key").cloned() {
         return Ok(websocket_upgrade(request, &key, pod));
     }
@@ -175,8 +184,17 @@ fn websocket_upgrade(
     r
 }
 
+/// How the echo server treats every request (a broken or slow endpoint).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Behaviour {
+    /// Answer every request with this status.
+    pub status: Option<u16>,
+    /// Wait this long before every answer.
+    pub delay: Option<Duration>,
+}
+
 /// Serves HTTP/1.1 and HTTP/2 prior knowledge on every address; prints `ready`.
-pub fn serve(listen: Vec<SocketAddr>, pod: String) -> ! {
+pub fn serve(listen: Vec<SocketAddr>, pod: String, always: Behaviour) -> ! {
     let rt = runtime();
     rt.block_on(async move {
         let pod = Arc::new(pod);
@@ -199,7 +217,9 @@ pub fn serve(listen: Vec<SocketAddr>, pod: String) -> ! {
                 while let Ok((stream, peer)) = listener.accept().await {
                     let (pod, attempts) = (pod.clone(), attempts.clone());
                     tokio::spawn(async move {
-                        let svc = service_fn(move |r| echo(r, peer, pod.clone(), attempts.clone()));
+                        let svc = service_fn(move |r| {
+                            echo(r, peer, pod.clone(), attempts.clone(), always)
+                        });
                         let _ = auto::Builder::new(TokioExecutor::new())
                             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                             .await;

@@ -197,6 +197,7 @@ pub(crate) fn admin_route(
             &state.state.borrow(),
             &state.config.service_cidrs,
             &state.balancer.picks(),
+            Some(&state.balancer),
         )),
         (&Method::GET, "/stats/prometheus") => {
             health::refresh(state);

@@ -265,6 +265,14 @@ fn trace_view(t: Trace) -> TraceView {
 
 /// The admin API's form of what a connection to an address resolves to.
 fn resolution_view(r: &Resolution) -> ResolutionView {
+    resolution_view_with(r, None)
+}
+
+/// [`resolution_view`] with each backend's outlier state from `balancer`.
+fn resolution_view_with(
+    r: &Resolution,
+    balancer: Option<&crate::routing::balancer::Balancer>,
+) -> ResolutionView {
     match r {
         Resolution::Direct => ResolutionView::Direct,
         Resolution::Service {
@@ -283,7 +291,14 @@ fn resolution_view(r: &Resolution) -> ResolutionView {
                     port: b.port,
                     weight: b.weight,
                     endpoints: b.endpoints.clone(),
-                    least_connections: b.least_connections,
+                    least_connections: b.least_connections(),
+                    subset: b.subset.clone(),
+                    subset_error: b.subset_error.clone(),
+                    load_balancer: b.policy.load_balancer,
+                    outlier_detection: b.policy.outlier_detection,
+                    outliers: balancer
+                        .map(|bal| bal.outliers(&b.service, b.port))
+                        .unwrap_or_default(),
                 })
                 .collect(),
         },
@@ -301,25 +316,52 @@ pub(crate) fn services_view(
     state: &ClusterState,
     cidrs: &[IpCidr],
     picks: &crate::routing::balancer::PickCounts,
+    balancer: Option<&crate::routing::balancer::Balancer>,
 ) -> Vec<ServiceView> {
     let mut out = Vec::new();
     for (key, svc) in state.services.iter() {
         let vips = service_ips(svc);
         let ports = svc.spec.iter().flat_map(|s| s.ports.iter().flatten());
         for port in ports.filter_map(|p| u16::try_from(p.port).ok()) {
-            let resolution = vips
-                .first()
-                .map(|vip| resolution_view(&resolve(state, SocketAddr::new(*vip, port), cidrs)));
+            let resolution = vips.first().map(|vip| {
+                resolution_view_with(
+                    &resolve(state, SocketAddr::new(*vip, port), cidrs),
+                    balancer,
+                )
+            });
             out.push(ServiceView {
                 service: key.clone(),
                 vips: vips.clone(),
                 port,
                 resolution,
                 http_routes: crate::admin::routes::http_routes_for(state, key, port, picks),
+                destination_rule: destination_rule_view(state, key),
             });
         }
     }
     out
+}
+
+/// The DestinationRule in force for `service`, or else a rejected one that names it.
+fn destination_rule_view(
+    state: &ClusterState,
+    service: &crate::keys::ObjectKey,
+) -> Option<crate::admin::api::DestinationRuleView> {
+    let rule = state.destination_rule_for(service).or_else(|| {
+        state
+            .compiled_rules
+            .values()
+            .find(|r| r.service.as_ref() == Some(service))
+    })?;
+    Some(crate::admin::api::DestinationRuleView {
+        rule: rule.rule.clone(),
+        applied: rule.is_valid()
+            && state
+                .destination_rule_for(service)
+                .is_some_and(|r| r.rule == rule.rule),
+        subsets: rule.subsets.iter().map(|s| s.name.clone()).collect(),
+        problems: rule.problems.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -341,7 +383,8 @@ mod tests {
     #[test]
     fn an_http_routed_service_port_shows_its_httproute_and_backends() {
         let state = ClusterState::from_objects(parse_manifest(SERVICES).unwrap());
-        let view = serde_json::to_value(services_view(&state, &[], &PickCounts::new())).unwrap();
+        let view =
+            serde_json::to_value(services_view(&state, &[], &PickCounts::new(), None)).unwrap();
         let view = view.as_array().unwrap();
         let web = view.iter().find(|v| v["service"]["name"] == "web").unwrap();
         let routes = web["http_routes"].as_array().unwrap();
@@ -413,7 +456,12 @@ mod tests {
                     port: 80,
                     weight: 50,
                     endpoints: vec!["10.0.0.9:8080".parse().unwrap()],
-                    least_connections: true,
+                    subset: None,
+                    subset_error: None,
+                    policy: crate::routing::resolve::EndpointPolicy {
+                        load_balancer: crate::routing::resolve::LbPolicy::LeastRequest,
+                        outlier_detection: None,
+                    },
                 }],
             }),
             http_routes: route_views(&state, &PickCounts::new()),

@@ -52,9 +52,17 @@ fn run_async<E: std::fmt::Display>(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crds => {
+        Command::Crds { kind } => {
             use kube::CustomResourceExt;
-            match serde_yaml::to_string(&mesh_node::discovery::policy::AuthorizationPolicy::crd()) {
+            let crd = match kind {
+                mesh_node::cli::CrdKind::AuthorizationPolicy => {
+                    mesh_node::discovery::policy::AuthorizationPolicy::crd()
+                }
+                mesh_node::cli::CrdKind::DestinationRule => {
+                    mesh_node::discovery::destination_rule::crd()
+                }
+            };
+            match serde_yaml::to_string(&crd) {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS

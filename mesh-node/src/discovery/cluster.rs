@@ -28,7 +28,12 @@ pub use crate::{
     discovery::enrollment::MESH_LABEL, discovery::enrollment::MTLS_LABEL,
 };
 
-use crate::{discovery::policy::AuthorizationPolicy, keys::ObjectKey, keys::PodKey};
+use crate::{
+    discovery::destination_rule::DestinationRule, discovery::policy::AuthorizationPolicy,
+    discovery::traffic_policy::compile, discovery::traffic_policy::CompiledRule,
+    discovery::traffic_policy::Problem, discovery::traffic_policy::ProblemReason, keys::ObjectKey,
+    keys::PodKey,
+};
 
 /// Label EndpointSlices carry to name their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -43,10 +48,11 @@ pub enum Kind {
     HttpRoute,
     TcpRoute,
     AuthorizationPolicy,
+    DestinationRule,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -54,6 +60,7 @@ impl Kind {
         Kind::HttpRoute,
         Kind::TcpRoute,
         Kind::AuthorizationPolicy,
+        Kind::DestinationRule,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +72,7 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::TcpRoute => "TCPRoute",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::DestinationRule => "DestinationRule",
         }
     }
 }
@@ -79,6 +87,7 @@ pub enum KubeObject {
     HttpRoute(Box<HttpRoute>),
     TcpRoute(Box<TcpRoute>),
     AuthorizationPolicy(Box<AuthorizationPolicy>),
+    DestinationRule(Box<DestinationRule>),
 }
 
 impl KubeObject {
@@ -91,6 +100,7 @@ impl KubeObject {
             KubeObject::HttpRoute(_) => Kind::HttpRoute,
             KubeObject::TcpRoute(_) => Kind::TcpRoute,
             KubeObject::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            KubeObject::DestinationRule(_) => Kind::DestinationRule,
         }
     }
 
@@ -103,6 +113,7 @@ impl KubeObject {
             KubeObject::HttpRoute(o) => &o.metadata,
             KubeObject::TcpRoute(o) => &o.metadata,
             KubeObject::AuthorizationPolicy(o) => &o.metadata,
+            KubeObject::DestinationRule(o) => &o.metadata,
         }
     }
 
@@ -127,6 +138,12 @@ pub struct ClusterState {
     pub http_routes: Objects<HttpRoute>,
     pub tcp_routes: Objects<TcpRoute>,
     pub authorization_policies: Objects<AuthorizationPolicy>,
+    pub destination_rules: Objects<DestinationRule>,
+    /// Every DestinationRule checked and compiled (with its problems), by rule.
+    pub compiled_rules: Arc<BTreeMap<ObjectKey, Arc<CompiledRule>>>,
+    /// The DestinationRule in force for each Service (valid, and the oldest of those
+    /// naming it).
+    rules_by_service: Arc<HashMap<ObjectKey, Arc<CompiledRule>>>,
     pods_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
     services_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
     slices_by_service: Arc<HashMap<ObjectKey, BTreeSet<ObjectKey>>>,
@@ -386,6 +403,10 @@ impl ClusterState {
             KubeObject::AuthorizationPolicy(o) => {
                 upsert(&mut self.authorization_policies, key, *o);
             }
+            KubeObject::DestinationRule(o) => {
+                upsert(&mut self.destination_rules, key, *o);
+                self.reindex_destination_rules();
+            }
         }
     }
 
@@ -430,6 +451,11 @@ impl ClusterState {
             Kind::AuthorizationPolicy => {
                 take(&mut self.authorization_policies, key);
             }
+            Kind::DestinationRule => {
+                if take(&mut self.destination_rules, key).is_some() {
+                    self.reindex_destination_rules();
+                }
+            }
         }
     }
 
@@ -443,6 +469,7 @@ impl ClusterState {
             Kind::HttpRoute => self.http_routes.keys().cloned().collect(),
             Kind::TcpRoute => self.tcp_routes.keys().cloned().collect(),
             Kind::AuthorizationPolicy => self.authorization_policies.keys().cloned().collect(),
+            Kind::DestinationRule => self.destination_rules.keys().cloned().collect(),
         };
         let keep: BTreeSet<ObjectKey> = objects.iter().filter_map(KubeObject::key).collect();
         for key in keys.iter().filter(|k| !keep.contains(*k)) {
@@ -451,6 +478,59 @@ impl ClusterState {
         for object in objects.into_iter().filter(|o| o.kind() == kind) {
             self.apply(object);
         }
+    }
+
+    /// Compiles every DestinationRule again and picks the one in force per Service:
+    /// the oldest valid rule (then by namespace/name), as Istio does; the others are
+    /// reported as shadowed. (Rules are few; a change recompiles them all.)
+    fn reindex_destination_rules(&mut self) {
+        let mut compiled: BTreeMap<ObjectKey, CompiledRule> = self
+            .destination_rules
+            .iter()
+            .map(|(k, dr)| (k.clone(), compile(k, dr)))
+            .collect();
+        let mut winners: HashMap<ObjectKey, (Option<i64>, ObjectKey)> = HashMap::new();
+        for (key, rule) in compiled.iter().filter(|(_, r)| r.is_valid()) {
+            let Some(service) = rule.service.clone() else {
+                continue;
+            };
+            let candidate = (rule.created, key.clone());
+            let entry = winners.entry(service).or_insert_with(|| candidate.clone());
+            // None (no timestamp: a manifest file) sorts first, like the oldest.
+            if candidate < *entry {
+                *entry = candidate;
+            }
+        }
+        for (key, rule) in compiled.iter_mut().filter(|(_, r)| r.is_valid()) {
+            let Some((_, winner)) = rule.service.as_ref().and_then(|s| winners.get(s)) else {
+                continue;
+            };
+            if winner != key {
+                rule.problems.push(Problem {
+                    field: "host".into(),
+                    reason: ProblemReason::Shadowed,
+                    detail: format!(
+                        "DestinationRule {winner} is older and applies to the same host; this one is not used: merge them"
+                    ),
+                });
+            }
+        }
+        let compiled: BTreeMap<ObjectKey, Arc<CompiledRule>> = compiled
+            .into_iter()
+            .map(|(k, r)| (k, Arc::new(r)))
+            .collect();
+        self.rules_by_service = Arc::new(
+            winners
+                .into_iter()
+                .filter_map(|(service, (_, rule))| Some((service, compiled.get(&rule)?.clone())))
+                .collect(),
+        );
+        self.compiled_rules = Arc::new(compiled);
+    }
+
+    /// The DestinationRule in force for `service`, if any (O(1)).
+    pub fn destination_rule_for(&self, service: &ObjectKey) -> Option<&Arc<CompiledRule>> {
+        self.rules_by_service.get(service)
     }
 
     fn reindex_slice(&mut self, key: &ObjectKey, old: Option<ObjectKey>, new: Option<ObjectKey>) {
@@ -537,73 +617,11 @@ impl ClusterState {
                 Kind::AuthorizationPolicy.name(),
                 self.authorization_policies.len(),
             ),
+            (Kind::DestinationRule.name(), self.destination_rules.len()),
         ])
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::discovery::files::parse_manifest;
-
-    fn objects(yaml: &str) -> Vec<KubeObject> {
-        parse_manifest(yaml).expect("valid yaml")
-    }
-
-    const SVC: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: apps}
-spec: {clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, "fd00:96::a"], ports: [{name: http, port: 80, targetPort: 8080}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: web-abc, namespace: apps, labels: {kubernetes.io/service-name: web}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [10.1.0.2]}]
-"#;
-
-    #[test]
-    fn indexes_follow_applies_and_deletes() {
-        let mut s = ClusterState::from_objects(objects(SVC));
-        let web = ObjectKey::new("apps", "web");
-        assert_eq!(
-            s.service_by_ip("10.96.0.10".parse().unwrap()).map(|x| x.0),
-            Some(&web)
-        );
-        assert_eq!(
-            s.service_by_ip("fd00:96::a".parse().unwrap()).map(|x| x.0),
-            Some(&web)
-        );
-        assert_eq!(
-            s.service_by_ip("::ffff:10.96.0.10".parse().unwrap())
-                .map(|x| x.0),
-            Some(&web)
-        );
-        assert_eq!(s.endpoint_slices_of(&web).count(), 1);
-
-        let snapshot = s.clone();
-        s.delete(Kind::EndpointSlice, &ObjectKey::new("apps", "web-abc"));
-        assert_eq!(s.endpoint_slices_of(&web).count(), 0);
-        assert_eq!(
-            snapshot.endpoint_slices_of(&web).count(),
-            1,
-            "snapshots are immutable"
-        );
-
-        s.delete(Kind::Service, &web);
-        assert!(s.service_by_ip("10.96.0.10".parse().unwrap()).is_none());
-        assert!(snapshot
-            .service_by_ip("10.96.0.10".parse().unwrap())
-            .is_some());
-    }
-
-    #[test]
-    fn replace_kind_drops_what_the_relist_no_longer_has() {
-        let mut s = ClusterState::from_objects(objects(SVC));
-        s.replace_kind(Kind::EndpointSlice, Vec::new());
-        assert!(s.endpoint_slices.is_empty());
-        assert_eq!(s.services.len(), 1, "other kinds untouched");
-    }
-}
+#[path = "cluster_tests.rs"]
+mod tests;

@@ -58,6 +58,18 @@ fn collect(value: serde_yaml::Value, doc: usize, out: &mut Vec<KubeObject>) -> R
         "AuthorizationPolicy" => {
             KubeObject::AuthorizationPolicy(Box::new(serde_yaml::from_value(value).map_err(typed)?))
         }
+        // Istio's kind (another group's DestinationRule is not ours).
+        "DestinationRule"
+            if !value
+                .get("apiVersion")
+                .and_then(|v| v.as_str())
+                .is_some_and(|v| v.starts_with("networking.istio.io/")) =>
+        {
+            return Ok(());
+        }
+        "DestinationRule" => {
+            KubeObject::DestinationRule(Box::new(serde_yaml::from_value(value).map_err(typed)?))
+        }
         "List" => {
             let items = value
                 .get("items")
@@ -215,6 +227,7 @@ pub async fn watch_directory(
         }
     };
     let mut first = true;
+    let mut problems_reporter = crate::discovery::problems::ProblemReporter::new();
     loop {
         let (changed, problems) = manifests.rescan();
         for p in &problems {
@@ -225,6 +238,7 @@ pub async fn watch_directory(
         if changed || std::mem::take(&mut first) {
             let state = manifests.state();
             info!(objects = ?state.counts(), "manifests changed");
+            problems_reporter.report(&state, &metrics);
             metrics.state_updates.inc();
             tx.send_replace(Arc::new(state));
         }

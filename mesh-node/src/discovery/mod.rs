@@ -4,7 +4,10 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod destination_rule;
 pub(crate) mod duration;
 pub(crate) mod enrollment;
 pub mod files;
 pub mod policy;
+pub mod problems;
+pub mod traffic_policy;

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
+pub(crate) use crate::discovery::traffic_policy::OutlierPolicy;
+pub use crate::discovery::traffic_policy::{EndpointPolicy, LbPolicy};
 use crate::keys::ObjectKey;
 
 /// One weighted backend Service of a resolved destination.
@@ -14,9 +16,19 @@ pub struct Backend {
     /// The backend Service's port.
     pub port: u16,
     pub weight: u32,
-    /// Ready endpoints, sorted.
+    /// Ready endpoints (of the subset, when one is named), sorted.
     pub endpoints: Vec<SocketAddr>,
-    pub least_connections: bool,
+    /// The DestinationRule subset the endpoints are limited to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    /// Why the named subset has no endpoints at all (no DestinationRule for the
+    /// Service, or none of that name): the backend fails closed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset_error: Option<String>,
+    /// How an endpoint is chosen, and outlier detection (the DestinationRule's policy
+    /// for this port and subset; round-robin without one).
+    #[serde(flatten)]
+    pub policy: EndpointPolicy,
 }
 
 impl Backend {
@@ -24,5 +36,10 @@ impl Backend {
     /// ready endpoint.
     pub fn is_eligible(&self) -> bool {
         self.weight > 0 && !self.endpoints.is_empty()
+    }
+
+    /// Whether endpoints are chosen by fewest picks in flight (LEAST_REQUEST).
+    pub fn least_connections(&self) -> bool {
+        self.policy.load_balancer == LbPolicy::LeastRequest
     }
 }

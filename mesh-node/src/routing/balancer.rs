@@ -1,6 +1,8 @@
 //! Choosing where a connection goes once its destination is resolved: a backend by
 //! smooth weighted round-robin (each backend gets W_i / ΣW of the connections, spread
-//! evenly, never bunched), then an endpoint by round-robin or least-connections.
+//! evenly, never bunched), then an endpoint by the backend's policy (round-robin,
+//! random, or least-request by power of two choices), skipping endpoints outlier
+//! detection has ejected (`routing::outlier`).
 //!
 //! Every pick comes back as a [`Pick`], through which the caller reports what became of
 //! it ([`Outcome`]); a pick dropped without a report counts as [`Outcome::Abandoned`].
@@ -18,7 +20,12 @@ use std::{
     time::Duration,
 };
 
-use crate::{keys::ObjectKey, routing::backend::Backend};
+use crate::{
+    keys::ObjectKey,
+    routing::backend::{Backend, LbPolicy, OutlierPolicy},
+    routing::outlier::{EndpointOutlier, Outliers, Signal},
+    telemetry::metrics::OutlierMetrics,
+};
 
 /// What became of a pick, as the proxy saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +48,18 @@ pub enum Outcome {
     /// The pick was dropped without any report (the client went away, the request's
     /// overall timeout fired, ...).
     Abandoned,
+}
+
+impl Outcome {
+    /// What the outcome says about the endpoint's health (outlier detection).
+    fn signal(self) -> Signal {
+        match self {
+            Outcome::Connected { .. } => Signal::Connected,
+            Outcome::Http { status, .. } => Signal::Http(status),
+            Outcome::ConnectFailed | Outcome::Reset | Outcome::Timeout => Signal::LocalFailure,
+            Outcome::Denied | Outcome::Abandoned => Signal::Nothing,
+        }
+    }
 }
 
 /// Receives the outcome of every pick: where passive health checking plugs in.
@@ -129,11 +148,12 @@ impl FrontendSlot {
     }
 }
 
-/// The endpoint round-robin of one backend (Service port), shared by every frontend
-/// that routes to it.
+/// The endpoint round-robin and outlier state of one backend (Service port), shared
+/// by every frontend that routes to it.
 #[derive(Debug, Default)]
 struct BackendSlot {
     turn: AtomicUsize,
+    outliers: Outliers,
 }
 
 /// State kept per key (no clone of the key to look it up), made on first use.
@@ -170,6 +190,7 @@ pub struct Balancer {
     backends: Mutex<ByPort<BackendSlot>>,
     active: Active,
     observer: Option<Arc<dyn OutcomeObserver>>,
+    outlier_metrics: Option<Arc<OutlierMetrics>>,
 }
 
 impl Default for Balancer {
@@ -180,6 +201,7 @@ impl Default for Balancer {
             backends: Mutex::default(),
             active: Active::default(),
             observer: None,
+            outlier_metrics: None,
         }
     }
 }
@@ -199,7 +221,7 @@ struct Slots {
     balancer: u64,
     frontend: Arc<FrontendSlot>,
     signature: Arc<Vec<SignatureEntry>>,
-    /// Per eligible backend: its pick counter for this frontend, and its round-robin.
+    /// Per eligible backend: its pick counter for this frontend, and its endpoint state.
     backends: Vec<(Arc<AtomicU64>, Arc<BackendSlot>)>,
     /// Per eligible backend: its name, for the picks.
     names: Vec<Arc<ObjectKey>>,
@@ -252,6 +274,16 @@ struct Reporting {
     backend: Arc<ObjectKey>,
 }
 
+/// Where a pick's outcomes count for outlier detection (when the backend has it).
+struct OutlierReporting {
+    slot: Arc<BackendSlot>,
+    policy: OutlierPolicy,
+    /// The backend's endpoints when picked (the ejection cap's base).
+    total: usize,
+    backend: Arc<ObjectKey>,
+    metrics: Option<Arc<OutlierMetrics>>,
+}
+
 /// Counts a pick in flight while it lives, and reports it abandoned when dropped
 /// without any report.
 struct PickGuard {
@@ -259,6 +291,7 @@ struct PickGuard {
     endpoint: SocketAddr,
     reported: AtomicBool,
     reporting: Option<Reporting>,
+    outlier: Option<OutlierReporting>,
 }
 
 impl std::fmt::Debug for PickGuard {
@@ -272,6 +305,16 @@ impl std::fmt::Debug for PickGuard {
 impl PickGuard {
     fn report(&self, outcome: Outcome) {
         self.reported.store(true, Ordering::Relaxed);
+        if let Some(o) = &self.outlier {
+            o.slot.outliers.observe(
+                &o.backend,
+                &o.policy,
+                self.endpoint,
+                o.total,
+                outcome.signal(),
+                o.metrics.as_deref(),
+            );
+        }
         if let Some(r) = &self.reporting {
             r.observer.observe(&r.backend, self.endpoint, outcome);
         }
@@ -304,6 +347,12 @@ impl Balancer {
             observer: Some(observer),
             ..Balancer::default()
         }
+    }
+
+    /// Counts outlier ejections in `metrics`.
+    pub fn with_outlier_metrics(mut self, metrics: OutlierMetrics) -> Balancer {
+        self.outlier_metrics = Some(Arc::new(metrics));
+        self
     }
 
     /// Picks for a connection to `service:port`; None when no backend with a positive
@@ -425,7 +474,8 @@ impl Balancer {
         Some(chosen)
     }
 
-    /// An endpoint of `backend` by round-robin or least-connections; None without any.
+    /// An endpoint of `backend` by its policy, skipping ejected endpoints; None
+    /// without any (or when every one is ejected).
     pub fn pick_endpoint(&self, backend: &Backend) -> Option<Pick> {
         if backend.endpoints.is_empty() {
             return None;
@@ -437,24 +487,60 @@ impl Balancer {
     fn endpoint_of(
         &self,
         backend: &Backend,
-        slot: &BackendSlot,
+        slot: &Arc<BackendSlot>,
         name: Arc<ObjectKey>,
     ) -> Option<Pick> {
-        let n = backend.endpoints.len();
+        let endpoints = &backend.endpoints;
+        let n = endpoints.len();
         if n == 0 {
             return None;
         }
-        let turn = slot.turn.fetch_add(1, Ordering::Relaxed);
-        let mut active = lock(&self.active);
-        let endpoint = if backend.least_connections {
-            // Fewest in flight; ties broken in round-robin order.
-            (0..n)
-                .map(|k| backend.endpoints[turn.wrapping_add(k) % n])
-                .min_by_key(|e| active.get(e).copied().unwrap_or(0))
-                .unwrap_or(backend.endpoints[0])
-        } else {
-            backend.endpoints[turn % n]
+        let outlier = backend.policy.outlier_detection.as_ref();
+        // Which endpoints outlier detection has ejected (None: none are).
+        let skip = outlier
+            .filter(|_| slot.outliers.any_ejected())
+            .map(|policy| {
+                slot.outliers
+                    .skip(&name, policy, endpoints, self.outlier_metrics.as_deref())
+            })
+            .filter(|skip| skip.iter().any(|s| *s));
+        let allowed = |i: usize| skip.as_ref().is_none_or(|s| !s[i]);
+        let available = skip
+            .as_ref()
+            .map_or(n, |s| s.iter().filter(|s| !**s).count());
+        if available == 0 {
+            return None;
+        }
+        // The k-th allowed endpoint, in order.
+        let nth_allowed = |k: usize| -> usize {
+            match &skip {
+                None => k,
+                Some(_) => (0..n).filter(|i| allowed(*i)).nth(k).unwrap_or(0),
+            }
         };
+        let mut active = lock(&self.active);
+        let index = match backend.policy.load_balancer {
+            LbPolicy::RoundRobin => {
+                let turn = slot.turn.fetch_add(1, Ordering::Relaxed);
+                nth_allowed(turn % available)
+            }
+            LbPolicy::Random => nth_allowed(rand::random_range(0..available)),
+            LbPolicy::LeastRequest if available == 1 => nth_allowed(0),
+            LbPolicy::LeastRequest => {
+                // Power of two choices: two distinct endpoints at random, the one
+                // with fewer picks in flight (the first on a tie).
+                let a = rand::random_range(0..available);
+                let b = (a + rand::random_range(1..available)) % available;
+                let (a, b) = (nth_allowed(a), nth_allowed(b));
+                let load = |i: usize| active.get(&endpoints[i]).copied().unwrap_or(0);
+                if load(b) < load(a) {
+                    b
+                } else {
+                    a
+                }
+            }
+        };
+        let endpoint = endpoints[index];
         *active.entry(endpoint).or_insert(0) += 1;
         drop(active);
         Some(Pick {
@@ -466,10 +552,27 @@ impl Balancer {
                     observer: observer.clone(),
                     backend: name.clone(),
                 }),
+                outlier: outlier.map(|policy| OutlierReporting {
+                    slot: slot.clone(),
+                    policy: *policy,
+                    total: n,
+                    backend: name.clone(),
+                    metrics: self.outlier_metrics.clone(),
+                }),
             },
             backend: name,
             endpoint,
         })
+    }
+
+    /// Outlier state of the endpoints of `service:port` (empty when none was tracked).
+    pub fn outliers(&self, service: &ObjectKey, port: u16) -> Vec<EndpointOutlier> {
+        let backends = lock(&self.backends);
+        backends
+            .get(service)
+            .and_then(|ports| ports.get(&port))
+            .map(|slot| slot.outliers.view())
+            .unwrap_or_default()
     }
 
     /// How often each backend was picked for each frontend since the agent started.
@@ -498,173 +601,5 @@ impl Balancer {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn backend(name: &str, weight: u32, endpoints: &[&str], least: bool) -> Backend {
-        Backend {
-            service: ObjectKey::new("apps", name),
-            port: 80,
-            weight,
-            endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
-            least_connections: least,
-        }
-    }
-
-    fn shares(b: &Balancer, backends: &[Backend], n: usize) -> HashMap<String, usize> {
-        let svc = ObjectKey::new("apps", "web");
-        let mut counts = HashMap::new();
-        for _ in 0..n {
-            let p = b.pick(&svc, 80, backends).unwrap();
-            *counts.entry(p.backend.name.clone()).or_default() += 1;
-        }
-        counts
-    }
-
-    #[test]
-    fn weights_give_exact_shares_and_zero_gets_nothing() {
-        let b = Balancer::new();
-        let backends = [
-            backend("v1", 90, &["10.0.0.1:80"], false),
-            backend("v2", 10, &["10.0.0.2:80"], false),
-            backend("v3", 0, &["10.0.0.3:80"], false),
-        ];
-        let counts = shares(&b, &backends, 1000);
-        assert_eq!(counts["v1"], 900);
-        assert_eq!(counts["v2"], 100);
-        assert!(!counts.contains_key("v3"));
-        let picks = b.picks();
-        let web = &picks[&(ObjectKey::new("apps", "web"), 80)];
-        assert_eq!(web[&ObjectKey::new("apps", "v1")], 900);
-        assert_eq!(web[&ObjectKey::new("apps", "v2")], 100);
-    }
-
-    #[test]
-    fn picks_are_spread_not_bunched() {
-        let b = Balancer::new();
-        let backends = [
-            backend("a", 1, &["10.0.0.1:80"], false),
-            backend("b", 1, &["10.0.0.2:80"], false),
-        ];
-        let svc = ObjectKey::new("apps", "web");
-        let seq: Vec<String> = (0..6)
-            .map(|_| b.pick(&svc, 80, &backends).unwrap().backend.name.clone())
-            .collect();
-        assert_eq!(seq, ["a", "b", "a", "b", "a", "b"]);
-    }
-
-    #[test]
-    fn backends_without_endpoints_are_skipped_and_none_means_none() {
-        let b = Balancer::new();
-        let backends = [
-            backend("v1", 90, &[], false),
-            backend("v2", 10, &["10.0.0.2:80"], false),
-        ];
-        assert_eq!(shares(&b, &backends, 10)["v2"], 10);
-        assert!(b
-            .pick(
-                &ObjectKey::new("apps", "web"),
-                80,
-                &[backend("v1", 5, &[], false)]
-            )
-            .is_none());
-    }
-
-    #[test]
-    fn least_connections_prefers_the_idle_endpoint_and_guards_release() {
-        let b = Balancer::new();
-        let svc = ObjectKey::new("apps", "web");
-        let backends = [backend("v1", 1, &["10.0.0.1:80", "10.0.0.2:80"], true)];
-        let first = b.pick(&svc, 80, &backends).unwrap();
-        let second = b.pick(&svc, 80, &backends).unwrap();
-        assert_ne!(first.endpoint, second.endpoint);
-        let busy = first.endpoint;
-        drop(second);
-        // `busy` still has one connection: the next two picks go to the other one first.
-        let third = b.pick(&svc, 80, &backends).unwrap();
-        assert_ne!(third.endpoint, busy);
-        assert_eq!(b.active(&busy), 1);
-        drop(first);
-        assert_eq!(b.active(&busy), 0);
-    }
-
-    /// Records every outcome, in order.
-    #[derive(Default)]
-    struct Recorder(Mutex<Vec<(String, SocketAddr, Outcome)>>);
-
-    impl OutcomeObserver for Recorder {
-        fn observe(&self, backend: &ObjectKey, endpoint: SocketAddr, outcome: Outcome) {
-            lock(&self.0).push((backend.name.clone(), endpoint, outcome));
-        }
-    }
-
-    #[test]
-    fn outcomes_reach_the_observer_and_an_unreported_pick_is_abandoned() {
-        let recorder = Arc::new(Recorder::default());
-        let b = Balancer::with_observer(recorder.clone());
-        let svc = ObjectKey::new("apps", "web");
-        let backends = [backend("v1", 1, &["10.0.0.1:80", "10.0.0.2:80"], true)];
-        let ms = Duration::from_millis;
-
-        let connected = b.pick(&svc, 80, &backends).unwrap();
-        let first = connected.endpoint;
-        connected.report(Outcome::Connected { latency: ms(2) });
-        connected.report(Outcome::Reset);
-        // Least-connections still sees it in flight until it is dropped.
-        assert_eq!(b.active(&first), 1);
-        drop(connected);
-        assert_eq!(b.active(&first), 0);
-
-        let http = b.pick(&svc, 80, &backends).unwrap();
-        let second = http.endpoint;
-        http.report(Outcome::Http {
-            status: 503,
-            latency: ms(7),
-        });
-        drop(http);
-
-        let forgotten = b.pick(&svc, 80, &backends).unwrap();
-        let third = forgotten.endpoint;
-        drop(forgotten);
-
-        let seen = lock(&recorder.0).clone();
-        let v1 = |e, o| ("v1".to_string(), e, o);
-        assert_eq!(
-            seen,
-            [
-                v1(first, Outcome::Connected { latency: ms(2) }),
-                v1(first, Outcome::Reset),
-                v1(
-                    second,
-                    Outcome::Http {
-                        status: 503,
-                        latency: ms(7)
-                    }
-                ),
-                v1(third, Outcome::Abandoned),
-            ]
-        );
-    }
-
-    #[test]
-    fn weighted_choice_is_the_same_over_any_view_of_the_backends() {
-        // L7 chooses among every weighted backendRef (with or without endpoints), by
-        // index into the rule's list; a zero weight is skipped, not counted.
-        let b = Balancer::new();
-        let backends = [
-            backend("off", 0, &["10.0.0.9:80"], false),
-            backend("a", 3, &[], false),
-            backend("b", 1, &["10.0.0.2:80"], false),
-        ];
-        let refs: Vec<&Backend> = backends.iter().collect();
-        let svc = ObjectKey::new("apps", "rule");
-        let seq: Vec<usize> = (0..8)
-            .map(|_| b.choose_backend(&svc, 80, &refs).unwrap())
-            .collect();
-        assert_eq!(seq, [1, 1, 2, 1, 1, 1, 2, 1]);
-        let picks = b.picks();
-        let shares = &picks[&(svc, 80)];
-        assert_eq!(shares[&ObjectKey::new("apps", "a")], 6);
-        assert_eq!(shares[&ObjectKey::new("apps", "b")], 2);
-    }
-}
+#[path = "balancer_tests.rs"]
+mod tests;

@@ -6,7 +6,11 @@
 pub(crate) mod backend;
 pub mod balancer;
 pub mod http;
+pub mod outlier;
 pub mod plan;
 pub mod resolve;
 pub mod table;
 pub(crate) mod transport;
+
+#[cfg(test)]
+mod lb_tests;

@@ -195,7 +195,8 @@ pub fn connection(
                 service.eligible(),
             );
             let Some(pick) = picked else {
-                // (Not reached: the route has an eligible backend.)
+                // Every endpoint of the chosen backend is ejected by outlier
+                // detection (fail closed).
                 return Plan::Refused {
                     frontend: Some(frontend.clone()),
                     refusal: Refusal::NoReadyEndpoint,

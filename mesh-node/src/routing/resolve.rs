@@ -9,15 +9,19 @@
 //! (`routing::plan`) turns them into decisions.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     str::FromStr,
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::Endpoint,
+};
 use serde::Serialize;
 
-pub use crate::routing::backend::Backend;
+pub use crate::routing::backend::{Backend, EndpointPolicy, LbPolicy};
 use crate::{
     discovery::cluster::canonical, discovery::cluster::ClusterState, keys::ObjectKey,
     keys::ServicePortRef, routing::balancer::PickSlots,
@@ -120,9 +124,33 @@ pub fn ready_endpoints(
     want_v6: bool,
 ) -> Vec<SocketAddr> {
     match state.services.get(service) {
-        Some(svc) => ready_endpoints_of(state, service, svc, port, want_v6),
+        Some(svc) => ready_endpoints_of(state, service, svc, port, want_v6, None),
         None => Vec::new(),
     }
+}
+
+/// Whether the pod behind `ep` (by its targetRef, else by its address) carries every
+/// label of `labels`. An endpoint whose pod is unknown is in no subset.
+fn in_subset(
+    state: &ClusterState,
+    service: &ObjectKey,
+    ep: &Endpoint,
+    ip: IpAddr,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let by_ref = ep
+        .target_ref
+        .as_ref()
+        .filter(|r| r.kind.as_deref() == Some("Pod"))
+        .and_then(|r| {
+            let ns = r.namespace.as_deref().unwrap_or(&service.namespace);
+            state.pods.get(&ObjectKey::new(ns, r.name.as_deref()?))
+        });
+    let pod = by_ref.or_else(|| state.pods.get(state.pod_by_ip(ip)?));
+    let Some(pod_labels) = pod.and_then(|p| p.metadata.labels.as_ref()) else {
+        return labels.is_empty() && pod.is_some();
+    };
+    labels.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
 }
 
 /// [`ready_endpoints`] of the Service `svc` (named `service`).
@@ -132,6 +160,7 @@ fn ready_endpoints_of(
     svc: &Service,
     port: u16,
     want_v6: bool,
+    subset: Option<&BTreeMap<String, String>>,
 ) -> Vec<SocketAddr> {
     let Some(sp) = service_port(svc, port) else {
         return Vec::new();
@@ -161,7 +190,11 @@ fn ready_endpoints_of(
                 continue;
             }
             if let Some(ip) = ep.addresses.first().and_then(|a| IpAddr::from_str(a).ok()) {
-                out.push(SocketAddr::new(canonical(ip), target));
+                let ip = canonical(ip);
+                if subset.is_some_and(|labels| !in_subset(state, service, ep, ip, labels)) {
+                    continue;
+                }
+                out.push(SocketAddr::new(ip, target));
             }
         }
     }
@@ -177,8 +210,23 @@ pub fn backend(
     weight: u32,
     want_v6: bool,
 ) -> Backend {
+    subset_backend(state, service, port, weight, want_v6, None)
+}
+
+/// [`backend`] limited to a DestinationRule `subset` of the Service: its ready
+/// endpoints whose pods carry all the subset's labels, under the subset's policy. A
+/// subset no DestinationRule defines has no endpoints (fail closed) and says why in
+/// [`Backend::subset_error`].
+pub fn subset_backend(
+    state: &ClusterState,
+    service: ObjectKey,
+    port: u16,
+    weight: u32,
+    want_v6: bool,
+    subset: Option<&str>,
+) -> Backend {
     let svc = state.services.get(&service).map(|s| &**s);
-    backend_of(state, service, svc, port, weight, want_v6)
+    backend_of(state, service, svc, port, weight, want_v6, subset)
 }
 
 /// [`backend`] for the Service `svc` (named `service`; None when there is none).
@@ -189,6 +237,7 @@ fn backend_of(
     port: u16,
     weight: u32,
     want_v6: bool,
+    subset: Option<&str>,
 ) -> Backend {
     let least_connections = svc
         .and_then(|s| {
@@ -198,14 +247,58 @@ fn backend_of(
                 .get(LOAD_BALANCING_ANNOTATION)
         })
         .is_some_and(|v| v == LEAST_CONNECTIONS);
+    // Without a DestinationRule: round-robin, or the Service's annotation.
+    let default = EndpointPolicy {
+        load_balancer: if least_connections {
+            LbPolicy::LeastRequest
+        } else {
+            LbPolicy::RoundRobin
+        },
+        outlier_detection: None,
+    };
+    let rule = state.destination_rule_for(&service);
+    let (policy, labels, subset_error) = match (rule, subset) {
+        (None, None) => (default, None, None),
+        (None, Some(name)) => (
+            default,
+            None,
+            Some(format!(
+                "no DestinationRule for Service {service} defines subset `{}`: add it to the Service's DestinationRule",
+                crate::telemetry::log_limit::clip(name)
+            )),
+        ),
+        (Some(rule), subset) => match rule.endpoint_policy(port, subset) {
+            Some(policy) => (
+                policy,
+                subset.and_then(|n| rule.subset(n)).map(|s| &s.labels),
+                None,
+            ),
+            None => (
+                default,
+                None,
+                Some(format!(
+                    "DestinationRule {} has no subset `{}`: add it there or fix the route",
+                    rule.rule,
+                    crate::telemetry::log_limit::clip(subset.unwrap_or_default())
+                )),
+            ),
+        },
+    };
+    if let Some(error) = &subset_error {
+        crate::warn_limited!(service = %service, %error, "a route names a subset that does not exist; it gets no endpoints");
+    }
+    let endpoints = match (svc, &subset_error) {
+        (Some(svc), None) => ready_endpoints_of(state, &service, svc, port, want_v6, labels),
+        _ => Vec::new(),
+    };
     Backend {
-        endpoints: svc
-            .map(|svc| ready_endpoints_of(state, &service, svc, port, want_v6))
-            .unwrap_or_default(),
+        endpoints,
         service,
         port,
         weight,
-        least_connections,
+        subset: subset.map(str::to_string),
+        subset_error,
+        policy,
     }
 }
 
@@ -364,6 +457,7 @@ pub(crate) fn service_route(
                 port,
                 1,
                 want_v6,
+                None,
             )],
         ),
     };
@@ -423,136 +517,5 @@ fn http2_port(svc: &Service, port: u16) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::discovery::files::parse_manifest;
-
-    fn service(name: &str, ip: &str, annotations: &str) -> String {
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: apps{annotations}}}\n\
-             spec: {{clusterIP: {ip}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n"
-        )
-    }
-
-    fn slice(service: &str, endpoints: &[(&str, Option<bool>)]) -> String {
-        let eps: Vec<String> = endpoints
-            .iter()
-            .map(|(ip, ready)| match ready {
-                Some(r) => format!("{{addresses: [{ip}], conditions: {{ready: {r}}}}}"),
-                None => format!("{{addresses: [{ip}]}}"),
-            })
-            .collect();
-        format!(
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-x, namespace: apps, \
-             labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
-             endpoints: [{}]\n---\n",
-            eps.join(", ")
-        )
-    }
-
-    const ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata: {name: split, namespace: apps}\n\
-        spec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]\n  rules:\n  - backendRefs:\n    \
-        - {name: web-v1, port: 80, weight: 90}\n    - {name: web-v2, port: 80, weight: 10}\n";
-
-    fn state(yaml: &str) -> ClusterState {
-        ClusterState::from_objects(parse_manifest(yaml).expect("valid yaml"))
-    }
-
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn a_route_splits_a_service_into_weighted_backends() {
-        let yaml = [
-            service("web", "10.96.0.10", ""),
-            service("web-v1", "10.96.0.11", ""),
-            service(
-                "web-v2",
-                "10.96.0.12",
-                ", annotations: {nodemesh.io/load-balancing: least-connections}",
-            ),
-            slice("web-v1", &[("10.1.0.2", None), ("10.1.0.3", Some(false))]),
-            slice("web-v2", &[("10.2.0.2", Some(true))]),
-            ROUTE.to_string(),
-        ]
-        .concat();
-        let s = state(&yaml);
-        let Resolution::Service {
-            service,
-            route,
-            backends,
-            ..
-        } = resolve(&s, addr("10.96.0.10:80"), &[])
-        else {
-            panic!("not a service");
-        };
-        assert_eq!(service, ObjectKey::new("apps", "web"));
-        assert_eq!(route, Some(ObjectKey::new("apps", "split")));
-        assert_eq!(backends.len(), 2);
-        assert_eq!((backends[0].weight, backends[1].weight), (90, 10));
-        assert_eq!(
-            backends[0].endpoints,
-            vec![addr("10.1.0.2:8080")],
-            "unready endpoint left out"
-        );
-        assert!(!backends[0].least_connections && backends[1].least_connections);
-        // The backends themselves, addressed directly, resolve to their own endpoints.
-        let Resolution::Service {
-            route, backends, ..
-        } = resolve(&s, addr("10.96.0.12:80"), &[])
-        else {
-            panic!("not a service");
-        };
-        assert_eq!(route, None);
-        assert_eq!(backends[0].endpoints, vec![addr("10.2.0.2:8080")]);
-    }
-
-    #[test]
-    fn pod_ips_unknown_vips_and_ports_are_told_apart() {
-        let s = state(
-            &[
-                service("web", "10.96.0.10", ""),
-                slice("web", &[("10.1.0.2", None)]),
-            ]
-            .concat(),
-        );
-        let cidrs = ["10.96.0.0/16".parse::<IpCidr>().unwrap()];
-        assert_eq!(
-            resolve(&s, addr("10.1.0.2:8080"), &cidrs),
-            Resolution::Direct
-        );
-        assert_eq!(
-            resolve(&s, addr("93.184.216.34:443"), &cidrs),
-            Resolution::Direct
-        );
-        assert_eq!(
-            resolve(&s, addr("10.96.9.9:80"), &cidrs),
-            Resolution::UnknownService
-        );
-        assert_eq!(resolve(&s, addr("10.96.9.9:80"), &[]), Resolution::Direct);
-        assert!(matches!(
-            resolve(&s, addr("10.96.0.10:81"), &cidrs),
-            Resolution::UnknownPort { .. }
-        ));
-        assert!(matches!(
-            resolve(&s, addr("[::ffff:10.96.0.10]:80"), &cidrs),
-            Resolution::Service { .. }
-        ));
-    }
-
-    #[test]
-    fn cidrs_parse_and_match() {
-        let c: IpCidr = "10.96.0.0/12".parse().unwrap();
-        assert!(c.contains("10.96.0.1".parse().unwrap()));
-        assert!(c.contains("10.111.255.255".parse().unwrap()));
-        assert!(!c.contains("10.112.0.0".parse().unwrap()));
-        assert!(!c.contains("fd00::1".parse().unwrap()));
-        let v6: IpCidr = "fd00:96::/108".parse().unwrap();
-        assert!(v6.contains("fd00:96::a".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<IpCidr>().is_err());
-        assert!("nonsense".parse::<IpCidr>().is_err());
-        let all: IpCidr = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains("1.2.3.4".parse().unwrap()));
-    }
-}
+#[path = "resolve_tests.rs"]
+mod tests;

@@ -12,7 +12,10 @@ use std::{
 use crate::{
     discovery::cluster::canonical,
     discovery::cluster::ClusterState,
-    routing::resolve::{addressed, service_route, Addressed, IpCidr, Lookup, ServiceRoute},
+    keys::ObjectKey,
+    routing::resolve::{
+        addressed, service_route, subset_backend, Addressed, Backend, IpCidr, Lookup, ServiceRoute,
+    },
     routing::transport::{endpoint_info, EndpointInfo, Transport},
 };
 
@@ -23,6 +26,13 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
+
+/// A cached backend of one Service: (port, IPv6, subset) and what it resolves to.
+type BackendEntry = (u16, bool, Option<String>, Arc<Backend>);
+
+/// At most this many cached backends per Service (ports × families × subsets); past
+/// it, backends are built per call.
+const MAX_BACKENDS_PER_SERVICE: usize = 256;
 
 /// The routing of one snapshot. Only Service ports that exist and pod addresses are
 /// kept (both bounded by the snapshot's objects), never arbitrary destinations.
@@ -35,6 +45,9 @@ pub struct RoutingTable {
     services: RwLock<HashMap<(IpAddr, u16), Arc<ServiceRoute>>>,
     /// By canonical pod address.
     pods: RwLock<HashMap<IpAddr, Arc<EndpointInfo>>>,
+    /// Backends by Service, then (port, IPv6, subset): what routes naming a subset
+    /// resolve to. Bounded by the snapshot's Services and what routes name.
+    backends: RwLock<HashMap<ObjectKey, Vec<BackendEntry>>>,
     /// Any address no pod has.
     outside: Arc<EndpointInfo>,
 }
@@ -47,6 +60,7 @@ impl RoutingTable {
             trust_domain,
             services: RwLock::default(),
             pods: RwLock::default(),
+            backends: RwLock::default(),
             outside: Arc::new(EndpointInfo {
                 pod: None,
                 transport: Transport::Plain,
@@ -78,6 +92,46 @@ impl RoutingTable {
                 Lookup::Service(write(&self.services).entry(key).or_insert(built).clone())
             }
         }
+    }
+
+    /// `service:port`'s backend, limited to DestinationRule `subset` when given (no
+    /// such subset: no endpoints, fail closed), with its policy; weight 1. Built once
+    /// per snapshot (`state` is the table's).
+    pub fn backend(
+        &self,
+        state: &ClusterState,
+        service: &ObjectKey,
+        port: u16,
+        subset: Option<&str>,
+        want_v6: bool,
+    ) -> Arc<Backend> {
+        let matches = |e: &&BackendEntry| e.0 == port && e.1 == want_v6 && e.2.as_deref() == subset;
+        if let Some(found) = read(&self.backends)
+            .get(service)
+            .and_then(|entries| entries.iter().find(matches))
+        {
+            return found.3.clone();
+        }
+        let built = Arc::new(subset_backend(
+            state,
+            service.clone(),
+            port,
+            1,
+            want_v6,
+            subset,
+        ));
+        if !state.services.contains_key(service) {
+            return built;
+        }
+        let mut backends = write(&self.backends);
+        let entries = backends.entry(service.clone()).or_default();
+        if let Some(found) = entries.iter().find(matches) {
+            return found.3.clone();
+        }
+        if entries.len() < MAX_BACKENDS_PER_SERVICE {
+            entries.push((port, want_v6, subset.map(str::to_string), built.clone()));
+        }
+        built
     }
 
     /// The pod at `endpoint` and how to reach it (`state` is the table's snapshot).

@@ -134,8 +134,29 @@ const DURATION_BUCKETS_MS: [f64; 14] = [
     0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
 ];
 
+/// Outlier detection's metrics (the balancer holds a copy).
+#[derive(Clone)]
+pub struct OutlierMetrics {
+    /// Ejections, by destination Service and reason.
+    pub ejections: IntCounterVec,
+    /// Endpoints ejected now, by destination Service.
+    pub ejected: IntGaugeVec,
+}
+
+/// Labels of the outlier gauge (the counter adds `reason`).
+pub(crate) const OUTLIER_LABELS: [&str; 3] = [
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+];
+
 pub struct Metrics {
     registry: Registry,
+    /// Outlier detection: ejections and endpoints ejected now.
+    pub outliers: OutlierMetrics,
+    /// Problems found in configuration objects (DestinationRules), by kind and reason;
+    /// counted once per object version.
+    pub config_problems: IntCounterVec,
     /// HTTP requests on L7 routes.
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
@@ -238,6 +259,35 @@ impl Metrics {
         r.register(Box::new(request_duration.clone()))
             .unwrap_or_else(|e| panic!("request duration histogram registered twice: {e}"));
         Metrics {
+            outliers: OutlierMetrics {
+                ejections: counter_vec(
+                    &r,
+                    "nodemesh_outlier_ejections_total",
+                    "Endpoints ejected by outlier detection, by destination Service and reason.",
+                    &[
+                        OUTLIER_LABELS[0],
+                        OUTLIER_LABELS[1],
+                        OUTLIER_LABELS[2],
+                        "reason",
+                    ],
+                ),
+                ejected: register(
+                    &r,
+                    IntGaugeVec::new(
+                        Opts::new(
+                            "nodemesh_outlier_ejected_endpoints",
+                            "Endpoints ejected by outlier detection now, by destination Service.",
+                        ),
+                        &OUTLIER_LABELS,
+                    ),
+                ),
+            },
+            config_problems: counter_vec(
+                &r,
+                "nodemesh_config_problems_total",
+                "Problems found in configuration objects (rejected, shadowed or not implemented), by kind and reason.",
+                &["kind", "reason"],
+            ),
             requests: counter_vec(
                 &r,
                 "nodemesh_requests_total",

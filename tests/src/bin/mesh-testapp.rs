@@ -69,6 +69,12 @@ enum Cmd {
         /// Reported in `x-served-by` and the JSON body.
         #[arg(long)]
         name: String,
+        /// Answer every request with this status (a broken endpoint).
+        #[arg(long)]
+        status: Option<u16>,
+        /// Wait this long before every answer (a slow endpoint).
+        #[arg(long)]
+        delay_ms: Option<u64>,
     },
     /// COUNT HTTP requests on one kept-alive connection; prints a summary.
     Http {
@@ -493,7 +499,19 @@ fn main() {
         Cmd::Pause => loop {
             thread::sleep(Duration::from_secs(3600));
         },
-        Cmd::HttpServe { listen, name } => httpapp::serve(listen, name),
+        Cmd::HttpServe {
+            listen,
+            name,
+            status,
+            delay_ms,
+        } => httpapp::serve(
+            listen,
+            name,
+            httpapp::Behaviour {
+                status,
+                delay: delay_ms.map(std::time::Duration::from_millis),
+            },
+        ),
         Cmd::Http {
             connect,
             path,

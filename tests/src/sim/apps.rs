@@ -59,6 +59,42 @@ impl SimCluster {
         self.start_server(pod, &args)
     }
 
+    /// [`SimCluster::http_serve`], answering every request with `status` (a broken
+    /// endpoint).
+    pub fn http_serve_status(&self, pod: &str, port: u16, status: u16) -> Result<Process> {
+        let (listen, status) = (format!("[::]:{port}"), status.to_string());
+        self.start_server(
+            pod,
+            &[
+                "http-serve",
+                "--name",
+                pod,
+                "--listen",
+                &listen,
+                "--status",
+                &status,
+            ],
+        )
+    }
+
+    /// [`SimCluster::http_serve`], waiting `delay_ms` before every answer (a slow
+    /// endpoint).
+    pub fn http_serve_slow(&self, pod: &str, port: u16, delay_ms: u64) -> Result<Process> {
+        let (listen, delay) = (format!("[::]:{port}"), delay_ms.to_string());
+        self.start_server(
+            pod,
+            &[
+                "http-serve",
+                "--name",
+                pod,
+                "--listen",
+                &listen,
+                "--delay-ms",
+                &delay,
+            ],
+        )
+    }
+
     fn start_server(&self, pod: &str, args: &[&str]) -> Result<Process> {
         let p = self.pod(pod);
         let mut cmd = p.placement().command(&self.testapp)?;

@@ -17,7 +17,7 @@ mod trace;
 pub use bpf::{BpfView, MapView, ProgramView};
 pub use policies::{MeshMode, NamespaceView, PoliciesView, PolicyView};
 pub use routes::{BackendView, Chosen, ParentView, RouteKind, RouteView, RuleView};
-pub use services::{ResolutionView, ResolvedBackendView, ServiceView};
+pub use services::{DestinationRuleView, ResolutionView, ResolvedBackendView, ServiceView};
 pub use status::{
     CertificateCounts, ConnectionCounts, ConnectionsView, ErrorView, IndexView, LogLevelView,
     StateSummary, StatusView, WorkloadCounts,

@@ -4,7 +4,11 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{admin::api::RouteView, keys::ObjectKey};
+use crate::{
+    admin::api::RouteView, discovery::traffic_policy::LbPolicy,
+    discovery::traffic_policy::OutlierPolicy, discovery::traffic_policy::Problem, keys::ObjectKey,
+    routing::outlier::EndpointOutlier,
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceView {
@@ -15,6 +19,20 @@ pub struct ServiceView {
     pub resolution: Option<ResolutionView>,
     /// HTTPRoutes on this port: their rules choose per request.
     pub http_routes: Vec<RouteView>,
+    /// The DestinationRule for the Service (in force, or rejected with its problems).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_rule: Option<DestinationRuleView>,
+}
+
+/// A DestinationRule as the agent applies it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationRuleView {
+    pub rule: ObjectKey,
+    /// False: rejected (see the problems); the Service keeps its default policy.
+    pub applied: bool,
+    pub subsets: Vec<String>,
+    /// What is wrong with it, not implemented, or shadowed by an older rule.
+    pub problems: Vec<Problem>,
 }
 
 /// Where a connection to an address goes, as the outbound proxy resolves it.
@@ -58,6 +76,21 @@ pub struct ResolvedBackendView {
     /// Ready endpoints, sorted.
     pub endpoints: Vec<SocketAddr>,
     pub least_connections: bool,
+    /// The DestinationRule subset the endpoints are limited to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    /// Why the subset has no endpoints at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset_error: Option<String>,
+    /// How an endpoint is chosen.
+    #[serde(default)]
+    pub load_balancer: LbPolicy,
+    /// Outlier detection in force (None: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierPolicy>,
+    /// Each endpoint's outlier state (those outlier detection has seen).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outliers: Vec<EndpointOutlier>,
 }
 
 #[cfg(test)]
@@ -84,9 +117,15 @@ mod tests {
                         weight: 50,
                         endpoints: vec!["10.0.0.9:8080".parse().unwrap()],
                         least_connections: false,
+                        subset: None,
+                        subset_error: None,
+                        load_balancer: LbPolicy::RoundRobin,
+                        outlier_detection: None,
+                        outliers: vec![],
                     }],
                 }),
                 http_routes: vec![],
+                destination_rule: None,
             },
             ServiceView {
                 service: ObjectKey::new("apps", "headless"),
@@ -94,6 +133,7 @@ mod tests {
                 port: 81,
                 resolution: None,
                 http_routes: vec![],
+                destination_rule: None,
             },
         ];
         check(
@@ -106,7 +146,8 @@ mod tests {
                         "kind": "service", "service": {"namespace": "apps", "name": "web"}, "port": 80,
                         "route": {"namespace": "apps", "name": "web-split"},
                         "backends": [{"service": {"namespace": "apps", "name": "web-v1"}, "port": 80,
-                            "weight": 50, "endpoints": ["10.0.0.9:8080"], "least_connections": false}],
+                            "weight": 50, "endpoints": ["10.0.0.9:8080"], "least_connections": false,
+                            "load_balancer": "ROUND_ROBIN"}],
                     },
                     "http_routes": [],
                 },

@@ -9,6 +9,7 @@ use mesh_node::{
     admin::api::ResolutionView, admin::api::ResolvedBackendView, admin::api::RouteKind,
     admin::api::RouteView, admin::api::Security, admin::api::ServiceView, admin::api::StatusView,
     admin::api::WorkloadStatus, discovery::policy::PolicyAction, discovery::policy::PolicyRule,
+    discovery::traffic_policy::LbPolicy,
 };
 
 use crate::format::{
@@ -211,13 +212,45 @@ pub fn workloads(v: &[WorkloadStatus]) -> String {
 }
 
 fn backend_line(b: &ResolvedBackendView) -> String {
-    format!(
-        "{} :{} weight {} ({} ready)",
+    let subset = match &b.subset {
+        Some(s) => format!(" subset {s}"),
+        None => String::new(),
+    };
+    let mut line = format!(
+        "{} :{}{subset} weight {} ({} ready)",
         key(&b.service),
         b.port,
         b.weight,
         b.endpoints.len()
-    )
+    );
+    if let Some(e) = &b.subset_error {
+        line.push_str(&format!("\n  {e}"));
+    }
+    if b.load_balancer != LbPolicy::RoundRobin {
+        line.push_str(&format!("\n  lb {:?}", b.load_balancer));
+    }
+    if let Some(od) = &b.outlier_detection {
+        line.push_str(&format!(
+            "\n  outlier: 5xx {} gateway {} local {} base {}ms max {}% min-health {}%",
+            od.consecutive_5xx,
+            od.consecutive_gateway,
+            od.consecutive_local_origin,
+            od.base_ejection_time.as_millis(),
+            od.max_ejection_percent,
+            od.min_health_percent
+        ));
+    }
+    for o in b.outliers.iter().filter(|o| o.ejected || o.ejections > 0) {
+        let state = match o.ejected_until_unix_ms {
+            Some(until) if o.ejected => format!("EJECTED until {until} (unix ms)"),
+            _ => "healthy".to_string(),
+        };
+        line.push_str(&format!(
+            "\n  {} {state}, ejected {} time(s)",
+            o.endpoint, o.ejections
+        ));
+    }
+    line
 }
 
 /// A backend of an HTTPRoute rule (the routes view's shape).
@@ -286,11 +319,26 @@ pub fn services(v: &[ServiceView]) -> String {
     let mut t = table(&["SERVICE", "VIPS", "PORT", "ROUTE", "BACKENDS"]);
     for svc in v {
         let vips: Vec<String> = svc.vips.iter().map(|ip| ip.to_string()).collect();
-        let (route, backends) = if svc.http_routes.is_empty() {
+        let (mut route, backends) = if svc.http_routes.is_empty() {
             resolution_cells(svc.resolution.as_ref())
         } else {
             http_route_cells(&svc.http_routes)
         };
+        if let Some(dr) = &svc.destination_rule {
+            let state = if dr.applied { "" } else { " (not applied)" };
+            route.push_str(&format!("\nDestinationRule {}{state}", key(&dr.rule)));
+            if !dr.subsets.is_empty() {
+                route.push_str(&format!("\n  subsets {}", dr.subsets.join(", ")));
+            }
+            for p in &dr.problems {
+                route.push_str(&format!(
+                    "\n  {} {}: {}",
+                    p.field,
+                    p.reason.as_str(),
+                    p.detail
+                ));
+            }
+        }
         t.add_row(vec![
             key(&svc.service),
             vips.join("\n"),

@@ -29,7 +29,9 @@ use watch::{watch_kind, KindSpec};
 
 use crate::{
     discovery::cluster::ClusterState, discovery::cluster::Kind, discovery::cluster::KubeObject,
-    discovery::policy::AuthorizationPolicy, telemetry::metrics::Metrics,
+    discovery::destination_rule::DestinationRule, discovery::destination_rule::ISTIO_NETWORKING,
+    discovery::destination_rule::VERSIONS, discovery::policy::AuthorizationPolicy,
+    telemetry::metrics::Metrics,
 };
 
 /// Verbs the watchers use: an initial list, then watch. (API discovery needs no
@@ -39,7 +41,7 @@ pub const WATCH_VERBS: [&str; 2] = ["list", "watch"];
 const GATEWAY_API: &str = "gateway.networking.k8s.io";
 
 /// What discovery reads, kind by kind (keep in step with [`run`]).
-pub static KINDS: [KindSpec; 7] = [
+pub static KINDS: [KindSpec; 8] = [
     KindSpec {
         kind: Kind::Namespace,
         group: "",
@@ -90,6 +92,14 @@ pub static KINDS: [KindSpec; 7] = [
         group: "security.nodemesh.io",
         plural: "authorizationpolicies",
         versions: &["v1alpha1"],
+        crd: true,
+    },
+    // Istio's kind: one schema at each of its versions (ours or Istio's own CRD).
+    KindSpec {
+        kind: Kind::DestinationRule,
+        group: ISTIO_NETWORKING,
+        plural: "destinationrules",
+        versions: &VERSIONS,
         crd: true,
     },
 ];
@@ -253,13 +263,20 @@ pub async fn run(
         ev_tx.clone(),
     ));
     tokio::spawn(watch_kind::<AuthorizationPolicy>(
-        client,
+        client.clone(),
         spec(Kind::AuthorizationPolicy),
         |o| KubeObject::AuthorizationPolicy(Box::new(o)),
+        ev_tx.clone(),
+    ));
+    tokio::spawn(watch_kind::<DestinationRule>(
+        client,
+        spec(Kind::DestinationRule),
+        |o| KubeObject::DestinationRule(Box::new(o)),
         ev_tx,
     ));
     let mut kube = KubeState::default();
     let mut published = false;
+    let mut problems = crate::discovery::problems::ProblemReporter::new();
     while let Some((kind, event)) = ev_rx.recv().await {
         let mut changed = false;
         let mut next = Some((kind, event));
@@ -282,6 +299,7 @@ pub async fn run(
                 published = true;
             }
             metrics.state_updates.inc();
+            problems.report(kube.state(), &metrics);
             tx.send_replace(Arc::new(kube.state().clone()));
         }
     }

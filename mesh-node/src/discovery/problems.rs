@@ -1,0 +1,102 @@
+//! Reporting what is wrong with, or not implemented for, the configuration objects of
+//! a new state (DestinationRules): each problem logged with the object's name
+//! (rate-limited) and counted in `nodemesh_config_problems_total{kind,reason}` once
+//! per version of the object, not once per snapshot. `meshctl node services` shows
+//! them too.
+
+use std::collections::HashMap;
+
+use crate::{
+    discovery::cluster::ClusterState, discovery::cluster::Kind, discovery::traffic_policy::Problem,
+    keys::ObjectKey, telemetry::metrics::Metrics,
+};
+
+/// What was last reported per object: only a change is reported again.
+#[derive(Debug, Default)]
+pub struct ProblemReporter {
+    reported: HashMap<ObjectKey, Vec<Problem>>,
+}
+
+impl ProblemReporter {
+    pub fn new() -> ProblemReporter {
+        ProblemReporter::default()
+    }
+
+    /// Reports the problems of `state`'s rules that were not reported before; returns
+    /// how many problems were new.
+    pub fn report(&mut self, state: &ClusterState, metrics: &Metrics) -> usize {
+        let kind = Kind::DestinationRule.name();
+        let mut new = 0;
+        for (key, rule) in state.compiled_rules.iter() {
+            if rule.problems.is_empty() || self.reported.get(key) == Some(&rule.problems) {
+                continue;
+            }
+            let applied = if rule.is_valid() {
+                "the rest of the rule applies"
+            } else {
+                "the rule is rejected: the Service keeps its default policy"
+            };
+            for p in &rule.problems {
+                new += 1;
+                metrics
+                    .config_problems
+                    .with_label_values(&[kind, p.reason.as_str()])
+                    .inc();
+                crate::warn_limited!(
+                    kind,
+                    object = %key,
+                    field = %p.field,
+                    reason = p.reason.as_str(),
+                    detail = %p.detail,
+                    "{applied}"
+                );
+            }
+        }
+        self.reported = state
+            .compiled_rules
+            .iter()
+            .filter(|(_, r)| !r.problems.is_empty())
+            .map(|(k, r)| (k.clone(), r.problems.clone()))
+            .collect();
+        new
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::files::parse_manifest;
+
+    const RULES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: broken, namespace: apps}
+spec: {host: web, trafficPolicy: {outlierDetection: {baseEjectionTime: soon}}}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: DestinationRule
+metadata: {name: fine, namespace: apps}
+spec: {host: api, trafficPolicy: {loadBalancer: {simple: RANDOM}}}
+"#;
+
+    #[test]
+    fn problems_are_counted_once_per_version_with_their_reason() {
+        let metrics = Metrics::new();
+        let mut r = ProblemReporter::new();
+        let state = ClusterState::from_objects(parse_manifest(RULES).unwrap());
+        assert_eq!(r.report(&state, &metrics), 1);
+        assert_eq!(r.report(&state, &metrics), 0, "same problems: not again");
+        let count = metrics
+            .config_problems
+            .with_label_values(&["DestinationRule", "bad_duration"])
+            .get();
+        assert_eq!(count, 1);
+        // The broken rule is not in force; the fine one is.
+        assert!(state
+            .destination_rule_for(&ObjectKey::new("apps", "web"))
+            .is_none());
+        assert!(state
+            .destination_rule_for(&ObjectKey::new("apps", "api"))
+            .is_some());
+    }
+}
