@@ -1,4 +1,3 @@
-
 use super::*;
 use crate::discovery::files::parse_manifest;
 
