@@ -123,7 +123,7 @@ fn wait_for_policy(cluster: &SimCluster) {
 }
 
 #[test]
-fn a_failing_endpoint_is_ejected_gets_nothing_and_comes_back_for_twice_as_long() {
+fn destination_rule_a_failing_endpoint_is_ejected_gets_nothing_and_comes_back_for_twice_as_long() {
     let cluster = cluster();
     let _servers = servers(&cluster, &["web-3"]);
     cluster
@@ -190,7 +190,7 @@ fn a_failing_endpoint_is_ejected_gets_nothing_and_comes_back_for_twice_as_long()
 }
 
 #[test]
-fn max_ejection_percent_caps_ejections_when_two_of_three_fail() {
+fn destination_rule_max_ejection_percent_caps_ejections_when_two_of_three_fail() {
     let cluster = cluster();
     let _servers = servers(&cluster, &["web-2", "web-3"]);
     cluster
@@ -218,7 +218,7 @@ fn max_ejection_percent_caps_ejections_when_two_of_three_fail() {
 }
 
 #[test]
-fn an_endpoint_that_refuses_connections_is_ejected_for_tcp_traffic() {
+fn destination_rule_an_endpoint_that_refuses_connections_is_ejected_for_tcp_traffic() {
     let cluster = cluster();
     // web-3 has no server: its connections are refused (no HTTPRoute: plain L4).
     let _servers: Vec<Process> = ["web-1", "web-2"]
@@ -251,7 +251,7 @@ fn an_endpoint_that_refuses_connections_is_ejected_for_tcp_traffic() {
 }
 
 #[test]
-fn random_and_least_request_pick_plausibly() {
+fn destination_rule_random_and_least_request_pick_plausibly() {
     let cluster = cluster();
     let mut servers = servers(&cluster, &[]);
     let rule = |simple: &str| {
@@ -322,7 +322,7 @@ fn random_and_least_request_pick_plausibly() {
 }
 
 #[test]
-fn a_broken_destination_rule_is_reported_by_name_and_the_rest_keeps_working() {
+fn destination_rule_a_broken_destination_rule_is_reported_by_name_and_the_rest_keeps_working() {
     let cluster = cluster();
     let _servers = servers(&cluster, &[]);
     // The broken rule sits in the same file as the route: the file still applies.
@@ -376,7 +376,7 @@ fn a_broken_destination_rule_is_reported_by_name_and_the_rest_keeps_working() {
     for p in PODS {
         assert_eq!(served(&report, p), 10, "{report:?}");
     }
-    let out = cluster.meshctl("a", &["node", "services"]).unwrap();
+    let out = cluster.meshctl("a", &["services"]).unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("DestinationRule apps/web-broken (not applied)"),
