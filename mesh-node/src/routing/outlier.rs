@@ -54,10 +54,12 @@ pub(crate) enum Signal {
 
 /// Why an endpoint was ejected: the `reason` label of the ejection counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
 pub enum EjectReason {
+    #[serde(rename = "consecutive_5xx")]
     Consecutive5xx,
+    #[serde(rename = "consecutive_gateway_error")]
     ConsecutiveGateway,
+    #[serde(rename = "consecutive_local_origin_failure")]
     ConsecutiveLocalOrigin,
 }
 
