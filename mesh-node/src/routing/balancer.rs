@@ -469,6 +469,7 @@ mod tests {
             weight,
             endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
             least_connections: least,
+            subset: None,
         }
     }
 

@@ -158,6 +158,7 @@ mod tests {
             weight,
             endpoints: vec!["10.0.0.1:80".parse().unwrap()],
             least_connections: false,
+            subset: None,
         }
     }
 
