@@ -8,7 +8,11 @@ const BASE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namesp
     apiVersion: v1\nkind: Service\nmetadata: {name: echo-v1, namespace: apps}\n\
     spec: {clusterIP: 10.96.0.11, ports: [{name: http, port: 80, targetPort: 8080}]}\n---\n\
     apiVersion: v1\nkind: Service\nmetadata: {name: echo-v2, namespace: apps}\n\
-    spec: {clusterIP: 10.96.0.12, ports: [{name: http, port: 80, targetPort: 8080}]}\n---\n";
+    spec: {clusterIP: 10.96.0.12, ports: [{name: http, port: 80, targetPort: 8080}]}\n---\n\
+    apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+    metadata: {name: echo-a, namespace: apps, labels: {kubernetes.io/service-name: echo}}\n\
+    addressType: IPv4\nports: [{name: http, port: 8080}]\n\
+    endpoints: [{addresses: [10.0.0.5], conditions: {ready: true}}]\n---\n";
 
 fn vs(name: &str, spec: &str) -> String {
     format!(
@@ -149,7 +153,7 @@ fn a_broken_virtual_service_is_reported_by_name_and_the_rest_works() {
          \x20 - match: [{uri: {prefix: /slow}}]\n    timeout: soon\n    route: [{destination: {host: echo-v2}}]\n\
          \x20 - match: [{uri: {prefix: /retry}}]\n    retries: {attempts: 2, retryOn: \"5xx,sometimes\"}\n    route: [{destination: {host: echo-v2}}]\n\
          \x20 - match: [{uri: {prefix: /gone}}]\n    route: [{destination: {host: nothere}}, {destination: {host: www.example.com}}]\n\
-         \x20 - match: [{uri: {prefix: /canary}}]\n    route: [{destination: {host: echo, subset: v2}}]\n\
+         \x20 - match: [{uri: {prefix: /canary}}]\n    route: [{destination: {host: echo, subset: v2}}, {destination: {host: echo}}]\n\
          \x20 - route: [{destination: {host: echo-v1}}]\n    fault: {abort: {httpStatus: 500, percentage: {value: 50}}}\n",
     ));
     let errors = t.errors.join("\n");
@@ -174,6 +178,8 @@ fn a_broken_virtual_service_is_reported_by_name_and_the_rest_works() {
     let canary = rule("/canary");
     assert_eq!(canary.backends[0].backend.subset.as_deref(), Some("v2"));
     assert!(canary.backends[0].backend.endpoints.is_empty());
+    // (The same Service without a subset has its endpoints.)
+    assert_eq!(canary.backends[1].backend.endpoints.len(), 1);
     assert!(canary.backends[0].invalid.is_none());
     assert!(rule("/").invalid.is_none());
 }
@@ -257,6 +263,13 @@ fn tcp_routes_give_weighted_backends_for_their_port_and_subsets_no_endpoints() {
         ]
     );
     assert!(backends[2].endpoints.is_empty());
+    assert_eq!(
+        crate::routing::resolve::backend(&state, ObjectKey::new("apps", "echo"), 80, 1, false)
+            .endpoints
+            .len(),
+        1,
+        "the Service itself has an endpoint"
+    );
     assert!(crate::routing::resolve::virtual_service_tcp(
         &state,
         &ObjectKey::new("apps", "echo-v1"),
