@@ -160,3 +160,54 @@ fn matches_in_order_a_broken_route_reported_and_an_httproute_winning_the_port() 
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("NOT APPLIED"), "{text}");
 }
+
+#[test]
+fn tcp_routes_split_connections_by_weight() {
+    let mut spec = ClusterSpec::two_nodes();
+    spec.pods.push(PodSpec::new("db-v1", "apps", "b"));
+    spec.pods.push(PodSpec::new("db-v2", "apps", "b"));
+    spec.services = vec![
+        ServiceSpec::new("db", "apps", 9000, 9000, &["db-v1"]),
+        ServiceSpec::new("db-v1", "apps", 9000, 9000, &["db-v1"]),
+        ServiceSpec::new("db-v2", "apps", 9000, 9000, &["db-v2"]),
+    ];
+    let cluster = SimCluster::create(spec).unwrap();
+    cluster.start_agents().unwrap();
+    let _servers: Vec<Process> = ["db-v1", "db-v2"]
+        .iter()
+        .map(|p| cluster.serve(p, 9000).unwrap())
+        .collect();
+    let vs = "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: db, namespace: apps}\n\
+        spec:\n  hosts: [db.apps.svc.cluster.local]\n  tcp:\n  - match: [{port: 9000}]\n    route:\n\
+        \x20   - {destination: {host: db-v1, port: {number: 9000}}, weight: 80}\n\
+        \x20   - {destination: {host: db-v2, port: {number: 9000}}, weight: 20}\n";
+    cluster.write_manifest("db-vs.yaml", vs).unwrap();
+    let db = cluster.service("db").addr4();
+    let v2_addr = cluster.pod("db-v2").addr4(9000).to_string();
+    // Landed connections by server, from node a's records of where each one went.
+    let landed = |pod_addr: &str| {
+        cluster
+            .closed_connections("a")
+            .unwrap()
+            .iter()
+            .filter(|c| c["original_dst"] == db.to_string() && c["upstream"] == pod_addr)
+            .count()
+    };
+    let applied = cluster.eventually(Duration::from_secs(5), || {
+        assert_eq!(cluster.churn("client", db, 10).unwrap().failed, 0);
+        landed(&v2_addr) > 0
+    });
+    assert!(applied.is_some(), "the tcp route never applied");
+    let v1_addr = cluster.pod("db-v1").addr4(9000).to_string();
+    let (v1_before, v2_before) = (landed(&v1_addr), landed(&v2_addr));
+    let churn = cluster.churn("client", db, 500).unwrap();
+    assert_eq!(churn.failed, 0, "{churn:?}");
+    let all = cluster.eventually(Duration::from_secs(3), || {
+        landed(&v1_addr) + landed(&v2_addr) >= v1_before + v2_before + 500
+    });
+    assert!(all.is_some(), "not every connection was recorded");
+    let (v1, v2) = (landed(&v1_addr) - v1_before, landed(&v2_addr) - v2_before);
+    eprintln!("tcp 80/20 over 500 connections: v1 {v1}, v2 {v2}");
+    let share = v1 as f64 / (v1 + v2) as f64;
+    assert!((share - 0.8).abs() <= 0.02, "v1 {v1}, v2 {v2}");
+}
