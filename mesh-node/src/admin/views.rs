@@ -414,6 +414,7 @@ mod tests {
                     weight: 50,
                     endpoints: vec!["10.0.0.9:8080".parse().unwrap()],
                     least_connections: true,
+                    subset: None,
                 }],
             }),
             http_routes: route_views(&state, &PickCounts::new()),

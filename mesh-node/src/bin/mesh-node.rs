@@ -54,9 +54,15 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Crds => {
             use kube::CustomResourceExt;
-            match serde_yaml::to_string(&mesh_node::discovery::policy::AuthorizationPolicy::crd()) {
-                Ok(text) => {
-                    print!("{text}");
+            // One document each: deploy/crds/authorizationpolicy.yaml, then
+            // deploy/crds/istio/virtualservice.yaml.
+            let docs = [
+                serde_yaml::to_string(&mesh_node::discovery::policy::AuthorizationPolicy::crd()),
+                serde_yaml::to_string(&mesh_node::discovery::virtual_service::crd()),
+            ];
+            match docs.into_iter().collect::<Result<Vec<_>, _>>() {
+                Ok(texts) => {
+                    print!("{}", texts.join("---\n"));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

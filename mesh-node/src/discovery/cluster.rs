@@ -28,7 +28,13 @@ pub use crate::{
     discovery::enrollment::MESH_LABEL, discovery::enrollment::MTLS_LABEL,
 };
 
-use crate::{discovery::policy::AuthorizationPolicy, keys::ObjectKey, keys::PodKey};
+use crate::{
+    discovery::policy::AuthorizationPolicy, discovery::virtual_service::service_host,
+    discovery::virtual_service::VirtualService, keys::ObjectKey, keys::PodKey,
+};
+
+/// The cluster's DNS domain, as VirtualService hosts spell Services' FQDNs.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Label EndpointSlices carry to name their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -43,10 +49,11 @@ pub enum Kind {
     HttpRoute,
     TcpRoute,
     AuthorizationPolicy,
+    VirtualService,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -54,6 +61,7 @@ impl Kind {
         Kind::HttpRoute,
         Kind::TcpRoute,
         Kind::AuthorizationPolicy,
+        Kind::VirtualService,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +73,7 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::TcpRoute => "TCPRoute",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::VirtualService => "VirtualService",
         }
     }
 }
@@ -79,6 +88,7 @@ pub enum KubeObject {
     HttpRoute(Box<HttpRoute>),
     TcpRoute(Box<TcpRoute>),
     AuthorizationPolicy(Box<AuthorizationPolicy>),
+    VirtualService(Box<VirtualService>),
 }
 
 impl KubeObject {
@@ -91,6 +101,7 @@ impl KubeObject {
             KubeObject::HttpRoute(_) => Kind::HttpRoute,
             KubeObject::TcpRoute(_) => Kind::TcpRoute,
             KubeObject::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            KubeObject::VirtualService(_) => Kind::VirtualService,
         }
     }
 
@@ -103,6 +114,7 @@ impl KubeObject {
             KubeObject::HttpRoute(o) => &o.metadata,
             KubeObject::TcpRoute(o) => &o.metadata,
             KubeObject::AuthorizationPolicy(o) => &o.metadata,
+            KubeObject::VirtualService(o) => &o.metadata,
         }
     }
 
@@ -127,6 +139,7 @@ pub struct ClusterState {
     pub http_routes: Objects<HttpRoute>,
     pub tcp_routes: Objects<TcpRoute>,
     pub authorization_policies: Objects<AuthorizationPolicy>,
+    pub virtual_services: Objects<VirtualService>,
     pods_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
     services_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
     slices_by_service: Arc<HashMap<ObjectKey, BTreeSet<ObjectKey>>>,
@@ -386,6 +399,9 @@ impl ClusterState {
             KubeObject::AuthorizationPolicy(o) => {
                 upsert(&mut self.authorization_policies, key, *o);
             }
+            KubeObject::VirtualService(o) => {
+                upsert(&mut self.virtual_services, key, *o);
+            }
         }
     }
 
@@ -430,6 +446,9 @@ impl ClusterState {
             Kind::AuthorizationPolicy => {
                 take(&mut self.authorization_policies, key);
             }
+            Kind::VirtualService => {
+                take(&mut self.virtual_services, key);
+            }
         }
     }
 
@@ -443,6 +462,7 @@ impl ClusterState {
             Kind::HttpRoute => self.http_routes.keys().cloned().collect(),
             Kind::TcpRoute => self.tcp_routes.keys().cloned().collect(),
             Kind::AuthorizationPolicy => self.authorization_policies.keys().cloned().collect(),
+            Kind::VirtualService => self.virtual_services.keys().cloned().collect(),
         };
         let keep: BTreeSet<ObjectKey> = objects.iter().filter_map(KubeObject::key).collect();
         for key in keys.iter().filter(|k| !keep.contains(*k)) {
@@ -524,6 +544,30 @@ impl ClusterState {
         )
     }
 
+    /// VirtualServices with a host naming `service` (any spelling of it), whatever
+    /// their `gateways`, by name. (A scan: the routing table builds this once per
+    /// Service port and snapshot.)
+    pub fn virtual_services_for(&self, service: &ObjectKey) -> Vec<(&ObjectKey, &VirtualService)> {
+        self.virtual_services
+            .iter()
+            .filter(|(key, vs)| {
+                vs.spec.hosts.iter().any(|h| {
+                    service_host(h, &key.namespace, CLUSTER_DOMAIN)
+                        .is_some_and(|s| s.namespace == service.namespace && s.name == service.name)
+                })
+            })
+            .map(|(k, v)| (k, &**v))
+            .collect()
+    }
+
+    /// Whether a VirtualService that applies to the mesh has `http` routes for
+    /// `service`: its connections are then served as HTTP.
+    pub fn virtual_services_route_http(&self, service: &ObjectKey) -> bool {
+        self.virtual_services_for(service)
+            .iter()
+            .any(|(_, vs)| vs.spec.binds_mesh() && !vs.spec.http.is_empty())
+    }
+
     /// Object counts by kind, for logs and the admin API.
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
         BTreeMap::from([
@@ -537,6 +581,7 @@ impl ClusterState {
                 Kind::AuthorizationPolicy.name(),
                 self.authorization_policies.len(),
             ),
+            (Kind::VirtualService.name(), self.virtual_services.len()),
         ])
     }
 }

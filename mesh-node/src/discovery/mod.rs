@@ -8,3 +8,4 @@ pub(crate) mod duration;
 pub(crate) mod enrollment;
 pub mod files;
 pub mod policy;
+pub mod virtual_service;

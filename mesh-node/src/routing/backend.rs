@@ -17,6 +17,10 @@ pub struct Backend {
     /// Ready endpoints, sorted.
     pub endpoints: Vec<SocketAddr>,
     pub least_connections: bool,
+    /// A DestinationRule subset the route asked for (a VirtualService destination's
+    /// `subset`); until subsets resolve, such a backend has no endpoints (fail closed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
 }
 
 impl Backend {

@@ -1,6 +1,7 @@
 //! Choosing where a connection goes once its destination is resolved: a backend by
-//! smooth weighted round-robin (each backend gets W_i / ΣW of the connections, spread
-//! evenly, never bunched), then an endpoint by round-robin or least-connections.
+//! smooth weighted round-robin, kept per client (each backend gets W_i / ΣW of each
+//! client's connections or requests, spread evenly, never bunched: [`ClientSplits`]),
+//! then an endpoint by round-robin or least-connections.
 //!
 //! Every pick comes back as a [`Pick`], through which the caller reports what became of
 //! it ([`Outcome`]); a pick dropped without a report counts as [`Outcome::Abandoned`].
@@ -18,7 +19,11 @@ use std::{
     time::Duration,
 };
 
-use crate::{keys::ObjectKey, routing::backend::Backend};
+use crate::{
+    keys::ObjectKey,
+    routing::backend::Backend,
+    routing::splits::{signature, ClientSplits, SignatureEntry},
+};
 
 /// What became of a pick, as the proxy saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,72 +55,10 @@ pub trait OutcomeObserver: Send + Sync {
     fn observe(&self, backend: &ObjectKey, endpoint: SocketAddr, outcome: Outcome);
 }
 
-/// One entry of a weighted choice's signature: backend Service, port, weight.
-type SignatureEntry = (ObjectKey, u16, u32);
-
-/// Smooth weighted round-robin state of one frontend (Service port).
-#[derive(Debug, Default)]
-struct Swrr {
-    /// The eligible backends this state was built for; a change resets it.
-    signature: Arc<Vec<SignatureEntry>>,
-    current: Vec<i64>,
-}
-
-impl Swrr {
-    /// Index into `eligible` (weights > 0) of the next pick.
-    fn next<'b, I>(&mut self, eligible: I) -> usize
-    where
-        I: Iterator<Item = &'b Backend> + Clone,
-    {
-        let same = self.signature.len() == eligible.clone().count()
-            && self
-                .signature
-                .iter()
-                .zip(eligible.clone())
-                .all(|((s, p, w), b)| *s == b.service && *p == b.port && *w == b.weight);
-        if !same {
-            self.signature = Arc::new(signature(eligible.clone()));
-            self.current = vec![0; self.signature.len()];
-        }
-        self.step(eligible.map(|b| b.weight))
-    }
-
-    /// [`Swrr::next`] for a precomputed signature: the same signature object is the
-    /// same set of backends without comparing them.
-    fn next_for(&mut self, signature: &Arc<Vec<SignatureEntry>>) -> usize {
-        if !Arc::ptr_eq(&self.signature, signature) {
-            if *self.signature != **signature {
-                self.current = vec![0; signature.len()];
-            }
-            self.signature = signature.clone();
-        }
-        self.step(signature.iter().map(|(_, _, w)| *w))
-    }
-
-    fn step(&mut self, weights: impl Iterator<Item = u32> + Clone) -> usize {
-        let total: i64 = weights.clone().map(i64::from).sum();
-        let mut best = 0;
-        for (i, w) in weights.enumerate() {
-            self.current[i] += i64::from(w);
-            if self.current[i] > self.current[best] {
-                best = i;
-            }
-        }
-        self.current[best] -= total;
-        best
-    }
-}
-
-fn signature<'b>(backends: impl Iterator<Item = &'b Backend>) -> Vec<SignatureEntry> {
-    backends
-        .map(|b| (b.service.clone(), b.port, b.weight))
-        .collect()
-}
-
-/// The weighted choice of one frontend: its round-robin state and observed shares.
+/// The observed shares of one frontend (the round-robin state is each client's:
+/// [`ClientSplits`]).
 #[derive(Debug, Default)]
 struct FrontendSlot {
-    swrr: Mutex<Swrr>,
     picks: Mutex<HashMap<ObjectKey, Arc<AtomicU64>>>,
 }
 
@@ -197,7 +140,6 @@ pub struct PickSlots(OnceLock<Slots>);
 
 struct Slots {
     balancer: u64,
-    frontend: Arc<FrontendSlot>,
     signature: Arc<Vec<SignatureEntry>>,
     /// Per eligible backend: its pick counter for this frontend, and its round-robin.
     backends: Vec<(Arc<AtomicU64>, Arc<BackendSlot>)>,
@@ -309,9 +251,15 @@ impl Balancer {
     /// Picks for a connection to `service:port`; None when no backend with a positive
     /// weight has a ready endpoint (L4: a backend without endpoints gives its share to
     /// the others, so connections keep flowing).
-    pub fn pick(&self, service: &ObjectKey, port: u16, backends: &[Backend]) -> Option<Pick> {
+    pub fn pick(
+        &self,
+        client: &ClientSplits,
+        service: &ObjectKey,
+        port: u16,
+        backends: &[Backend],
+    ) -> Option<Pick> {
         let eligible = backends.iter().filter(|b| b.is_eligible());
-        let k = self.choose(service, port, eligible.clone())?;
+        let k = self.choose(client, service, port, eligible.clone())?;
         self.pick_endpoint(eligible.clone().nth(k)?)
     }
 
@@ -320,6 +268,7 @@ impl Balancer {
     /// up once per `slots` instead of once per pick.
     pub fn pick_cached<'b, I>(
         &self,
+        client: &ClientSplits,
         slots: &PickSlots,
         service: &ObjectKey,
         port: u16,
@@ -343,7 +292,7 @@ impl Balancer {
         let k = match slots.backends.len() {
             0 => return None,
             1 => 0,
-            _ => lock(&slots.frontend.swrr).next_for(&slots.signature),
+            _ => client.next_for(service, port, &slots.signature),
         };
         let (count, backend_slot) = slots.backends.get(k)?;
         count.fetch_add(1, Ordering::Relaxed);
@@ -374,7 +323,6 @@ impl Balancer {
                 .map(|b| Arc::new(b.service.clone()))
                 .collect(),
             signature: Arc::new(signature(eligible)),
-            frontend,
             backends,
         }
     }
@@ -383,20 +331,27 @@ impl Balancer {
     /// weighted round-robin over those with a positive weight; None if there is none.
     pub fn choose_backend(
         &self,
+        client: &ClientSplits,
         frontend: &ObjectKey,
         port: u16,
         backends: &[&Backend],
     ) -> Option<usize> {
-        self.choose_among(frontend, port, backends.iter().copied())
+        self.choose_among(client, frontend, port, backends.iter().copied())
     }
 
     /// [`Balancer::choose_backend`] over any sequence of backends.
-    pub fn choose_among<'b, I>(&self, frontend: &ObjectKey, port: u16, backends: I) -> Option<usize>
+    pub fn choose_among<'b, I>(
+        &self,
+        client: &ClientSplits,
+        frontend: &ObjectKey,
+        port: u16,
+        backends: I,
+    ) -> Option<usize>
     where
         I: Iterator<Item = &'b Backend> + Clone,
     {
         let positive = backends.clone().filter(|b| b.weight > 0);
-        let k = self.choose(frontend, port, positive)?;
+        let k = self.choose(client, frontend, port, positive)?;
         backends
             .enumerate()
             .filter(|(_, b)| b.weight > 0)
@@ -405,7 +360,13 @@ impl Balancer {
     }
 
     /// Index into `candidates` (all with a positive weight) of the next weighted choice.
-    fn choose<'b, I>(&self, frontend: &ObjectKey, port: u16, candidates: I) -> Option<usize>
+    fn choose<'b, I>(
+        &self,
+        client: &ClientSplits,
+        frontend: &ObjectKey,
+        port: u16,
+        candidates: I,
+    ) -> Option<usize>
     where
         I: Iterator<Item = &'b Backend> + Clone,
     {
@@ -417,7 +378,7 @@ impl Balancer {
         let chosen = if n == 1 {
             0
         } else {
-            lock(&state.swrr).next(candidates.clone())
+            client.next(frontend, port, candidates.clone())
         };
         // Observed shares: the weighted choice, per connection (L4) or request (L7).
         let service = &candidates.clone().nth(chosen)?.service;
@@ -508,14 +469,16 @@ mod tests {
             weight,
             endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
             least_connections: least,
+            subset: None,
         }
     }
 
     fn shares(b: &Balancer, backends: &[Backend], n: usize) -> HashMap<String, usize> {
         let svc = ObjectKey::new("apps", "web");
         let mut counts = HashMap::new();
+        let client = ClientSplits::new();
         for _ in 0..n {
-            let p = b.pick(&svc, 80, backends).unwrap();
+            let p = b.pick(&client, &svc, 80, backends).unwrap();
             *counts.entry(p.backend.name.clone()).or_default() += 1;
         }
         counts
@@ -542,13 +505,20 @@ mod tests {
     #[test]
     fn picks_are_spread_not_bunched() {
         let b = Balancer::new();
+        let c = ClientSplits::new();
         let backends = [
             backend("a", 1, &["10.0.0.1:80"], false),
             backend("b", 1, &["10.0.0.2:80"], false),
         ];
         let svc = ObjectKey::new("apps", "web");
         let seq: Vec<String> = (0..6)
-            .map(|_| b.pick(&svc, 80, &backends).unwrap().backend.name.clone())
+            .map(|_| {
+                b.pick(&c, &svc, 80, &backends)
+                    .unwrap()
+                    .backend
+                    .name
+                    .clone()
+            })
             .collect();
         assert_eq!(seq, ["a", "b", "a", "b", "a", "b"]);
     }
@@ -563,6 +533,7 @@ mod tests {
         assert_eq!(shares(&b, &backends, 10)["v2"], 10);
         assert!(b
             .pick(
+                &ClientSplits::new(),
                 &ObjectKey::new("apps", "web"),
                 80,
                 &[backend("v1", 5, &[], false)]
@@ -573,15 +544,16 @@ mod tests {
     #[test]
     fn least_connections_prefers_the_idle_endpoint_and_guards_release() {
         let b = Balancer::new();
+        let c = ClientSplits::new();
         let svc = ObjectKey::new("apps", "web");
         let backends = [backend("v1", 1, &["10.0.0.1:80", "10.0.0.2:80"], true)];
-        let first = b.pick(&svc, 80, &backends).unwrap();
-        let second = b.pick(&svc, 80, &backends).unwrap();
+        let first = b.pick(&c, &svc, 80, &backends).unwrap();
+        let second = b.pick(&c, &svc, 80, &backends).unwrap();
         assert_ne!(first.endpoint, second.endpoint);
         let busy = first.endpoint;
         drop(second);
         // `busy` still has one connection: the next two picks go to the other one first.
-        let third = b.pick(&svc, 80, &backends).unwrap();
+        let third = b.pick(&c, &svc, 80, &backends).unwrap();
         assert_ne!(third.endpoint, busy);
         assert_eq!(b.active(&busy), 1);
         drop(first);
@@ -602,11 +574,12 @@ mod tests {
     fn outcomes_reach_the_observer_and_an_unreported_pick_is_abandoned() {
         let recorder = Arc::new(Recorder::default());
         let b = Balancer::with_observer(recorder.clone());
+        let c = ClientSplits::new();
         let svc = ObjectKey::new("apps", "web");
         let backends = [backend("v1", 1, &["10.0.0.1:80", "10.0.0.2:80"], true)];
         let ms = Duration::from_millis;
 
-        let connected = b.pick(&svc, 80, &backends).unwrap();
+        let connected = b.pick(&c, &svc, 80, &backends).unwrap();
         let first = connected.endpoint;
         connected.report(Outcome::Connected { latency: ms(2) });
         connected.report(Outcome::Reset);
@@ -615,7 +588,7 @@ mod tests {
         drop(connected);
         assert_eq!(b.active(&first), 0);
 
-        let http = b.pick(&svc, 80, &backends).unwrap();
+        let http = b.pick(&c, &svc, 80, &backends).unwrap();
         let second = http.endpoint;
         http.report(Outcome::Http {
             status: 503,
@@ -623,7 +596,7 @@ mod tests {
         });
         drop(http);
 
-        let forgotten = b.pick(&svc, 80, &backends).unwrap();
+        let forgotten = b.pick(&c, &svc, 80, &backends).unwrap();
         let third = forgotten.endpoint;
         drop(forgotten);
 
@@ -651,6 +624,7 @@ mod tests {
         // L7 chooses among every weighted backendRef (with or without endpoints), by
         // index into the rule's list; a zero weight is skipped, not counted.
         let b = Balancer::new();
+        let c = ClientSplits::new();
         let backends = [
             backend("off", 0, &["10.0.0.9:80"], false),
             backend("a", 3, &[], false),
@@ -659,7 +633,7 @@ mod tests {
         let refs: Vec<&Backend> = backends.iter().collect();
         let svc = ObjectKey::new("apps", "rule");
         let seq: Vec<usize> = (0..8)
-            .map(|_| b.choose_backend(&svc, 80, &refs).unwrap())
+            .map(|_| b.choose_backend(&c, &svc, 80, &refs).unwrap())
             .collect();
         assert_eq!(seq, [1, 1, 2, 1, 1, 1, 2, 1]);
         let picks = b.picks();

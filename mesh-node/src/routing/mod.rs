@@ -8,5 +8,6 @@ pub mod balancer;
 pub mod http;
 pub mod plan;
 pub mod resolve;
+pub mod splits;
 pub mod table;
 pub(crate) mod transport;

@@ -29,7 +29,8 @@ use watch::{watch_kind, KindSpec};
 
 use crate::{
     discovery::cluster::ClusterState, discovery::cluster::Kind, discovery::cluster::KubeObject,
-    discovery::policy::AuthorizationPolicy, telemetry::metrics::Metrics,
+    discovery::policy::AuthorizationPolicy, discovery::virtual_service::VirtualService,
+    telemetry::metrics::Metrics,
 };
 
 /// Verbs the watchers use: an initial list, then watch. (API discovery needs no
@@ -39,7 +40,7 @@ pub const WATCH_VERBS: [&str; 2] = ["list", "watch"];
 const GATEWAY_API: &str = "gateway.networking.k8s.io";
 
 /// What discovery reads, kind by kind (keep in step with [`run`]).
-pub static KINDS: [KindSpec; 7] = [
+pub static KINDS: [KindSpec; 8] = [
     KindSpec {
         kind: Kind::Namespace,
         group: "",
@@ -90,6 +91,14 @@ pub static KINDS: [KindSpec; 7] = [
         group: "security.nodemesh.io",
         plural: "authorizationpolicies",
         versions: &["v1alpha1"],
+        crd: true,
+    },
+    // Istio's VirtualService: the same schema at each version Istio serves.
+    KindSpec {
+        kind: Kind::VirtualService,
+        group: "networking.istio.io",
+        plural: "virtualservices",
+        versions: &crate::discovery::virtual_service::VERSIONS,
         crd: true,
     },
 ];
@@ -253,9 +262,15 @@ pub async fn run(
         ev_tx.clone(),
     ));
     tokio::spawn(watch_kind::<AuthorizationPolicy>(
-        client,
+        client.clone(),
         spec(Kind::AuthorizationPolicy),
         |o| KubeObject::AuthorizationPolicy(Box::new(o)),
+        ev_tx.clone(),
+    ));
+    tokio::spawn(watch_kind::<VirtualService>(
+        client,
+        spec(Kind::VirtualService),
+        |o| KubeObject::VirtualService(Box::new(o)),
         ev_tx,
     ));
     let mut kube = KubeState::default();
