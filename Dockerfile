@@ -14,6 +14,9 @@ ARG BPF_LINKER_VERSION=0.10.0
 RUN rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src \
  && cargo install "bpf-linker@$BPF_LINKER_VERSION" --locked
 WORKDIR /src
+# mesh-common inherits its edition, version and lints from the root manifest, so cargo
+# reads it (the other members need not be present: mesh-ebpf is a workspace of its own).
+COPY Cargo.toml ./
 COPY mesh-common mesh-common
 COPY mesh-ebpf mesh-ebpf
 RUN cd mesh-ebpf \

@@ -178,12 +178,13 @@ fn main() {
 
     let router = Router::new(Arc::new(Vec::new()), None);
     let balancer = Balancer::new();
+    let splits = mesh_node::routing::splits::ClientSplits::new();
     let mut routed = 0u32;
     let mut lookup = |state: &Arc<ClusterState>, n: u32| {
         let i = (n * 104_729) % SERVICES;
         let dst = SocketAddr::new(IpAddr::V4(vip(i)), 80);
         let table = router.table(state);
-        if let Plan::Forward(to) = plan::connection(&table, state, &balancer, dst) {
+        if let Plan::Forward(to) = plan::connection(&table, state, &balancer, &splits, dst) {
             black_box(to.endpoint.addr);
             routed += 1;
         }

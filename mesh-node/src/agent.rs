@@ -287,7 +287,9 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             balancer,
             mesh: mesh.clone(),
             trust_domain: config.trust_domain.clone(),
-            http_routes: Arc::default(),
+            http_routes: Arc::new(crate::routing::http::routes::RouteCache::counted(
+                metrics.route_config_problems.clone(),
+            )),
             limits: config.pod_limits(),
         },
         home.clone(),

@@ -569,6 +569,7 @@ impl Workloads {
             metrics: self.metrics.clone(),
             state: self.state.clone(),
             balancer: self.settings.balancer.clone(),
+            splits: Default::default(),
             router: self.settings.router.clone(),
             connect_timeout: self.settings.connect_timeout,
             idle_timeout: self.settings.idle_timeout,

@@ -117,14 +117,33 @@ fn the_authorization_policy_crd_matches_the_rust_type() {
 
 #[test]
 fn the_destination_rule_crd_matches_the_rust_type() {
-    let path = deploy_dir().join("istio-crds/destinationrule.yaml");
+    let path = deploy_dir().join("crds/istio/destinationrule.yaml");
     let on_disk: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let generated = serde_yaml::to_value(mesh_node::discovery::destination_rule::crd()).unwrap();
     assert_eq!(
         on_disk, generated,
-        "deploy/istio-crds/destinationrule.yaml is stale: regenerate it with `mesh-node crds --kind destination-rule > deploy/istio-crds/destinationrule.yaml`"
+        "deploy/crds/istio/destinationrule.yaml is stale: regenerate it with `mesh-node crds --kind destination-rule > deploy/crds/istio/destinationrule.yaml`"
     );
+}
+
+#[test]
+fn the_virtual_service_crd_matches_the_rust_type_at_istios_versions() {
+    let path = deploy_dir().join("crds/istio/virtualservice.yaml");
+    let on_disk: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let generated = serde_yaml::to_value(mesh_node::discovery::virtual_service::crd()).unwrap();
+    assert_eq!(
+        on_disk, generated,
+        "deploy/crds/istio/virtualservice.yaml is stale: regenerate it with `mesh-node crds --kind virtual-service > deploy/crds/istio/virtualservice.yaml`"
+    );
+    let versions: Vec<&str> = on_disk["spec"]["versions"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["v1", "v1beta1", "v1alpha3"]);
 }
 
 #[test]
@@ -137,7 +156,7 @@ fn every_manifest_parses_into_its_typed_object() {
     assert_eq!(count(|o| matches!(o, Object::Deployment(_))), 5);
     assert_eq!(count(|o| matches!(o, Object::HttpRoute(_))), 1);
     assert_eq!(count(|o| matches!(o, Object::AuthorizationPolicy(_))), 1);
-    assert_eq!(count(|o| matches!(o, Object::Crd(_))), 2);
+    assert_eq!(count(|o| matches!(o, Object::Crd(_))), 3);
     assert!(files.len() >= 10, "{files:?}");
 }
 
@@ -149,13 +168,14 @@ struct Kustomization {
 #[test]
 fn each_kustomization_lists_every_manifest_of_its_tree_once() {
     let root = deploy_dir();
+    // deploy/crds/istio is its own tree: Istio's kind, applied only without Istio.
     for (dir, nested) in [
         (
             root.clone(),
-            vec![root.join("examples"), root.join("istio-crds")],
+            vec![root.join("examples"), root.join("crds/istio")],
         ),
         (root.join("examples"), vec![]),
-        (root.join("istio-crds"), vec![]),
+        (root.join("crds/istio"), vec![]),
     ] {
         let text = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
         let k: Kustomization = serde_yaml::from_str(&text).unwrap();

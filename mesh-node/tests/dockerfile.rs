@@ -186,6 +186,18 @@ fn every_copied_workspace_path_exists_and_cargo_gets_what_it_reads() {
     for dep in toml_like::parse(&read("mesh-ebpf/Cargo.toml")).path_dependencies {
         let dep = dep.trim_start_matches("../").to_string();
         assert!(ebpf.contains(&dep), "the ebpf stage does not copy {dep}");
+        // A dependency that inherits fields from the workspace (`edition.workspace =
+        // true`, `[lints] workspace = true`) makes cargo read the root manifest.
+        let inherits = read(&format!("{dep}/Cargo.toml"))
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or("").replace(' ', ""))
+            .any(|l| l.contains(".workspace=true") || l == "workspace=true");
+        if inherits {
+            assert!(
+                ebpf.contains(&"Cargo.toml".to_string()),
+                "{dep} inherits from the workspace: the ebpf stage must copy the root Cargo.toml"
+            );
+        }
     }
 }
 

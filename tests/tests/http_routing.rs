@@ -643,6 +643,26 @@ fn http2_websocket_trace_context_and_request_metrics() {
         text.contains("nodemesh_request_duration_milliseconds_bucket{"),
         "no duration histogram"
     );
+
+    // The connections that carried those requests, closed by the client, count as
+    // completed (`-`), not as upstream terminations (`UC`).
+    let served = |flags: &str| {
+        let needle = format!("response_flags=\"{flags}\"");
+        text.lines()
+            .filter(|l| {
+                l.starts_with("nodemesh_tcp_connections_closed_total{")
+                    && l.contains("reporter=\"source\"")
+                    && l.contains("destination_service_name=\"echo\"")
+                    && l.contains(&needle)
+            })
+            .map(|l| l.rsplit(' ').next().unwrap_or("0").parse().unwrap_or(0.0))
+            .sum::<f64>()
+    };
+    assert!(
+        served("-") >= 1.0,
+        "no completed HTTP connection in:\n{text}"
+    );
+    assert_eq!(served("UC"), 0.0, "HTTP connections flagged UC in:\n{text}");
 }
 
 #[test]

@@ -10,3 +10,4 @@ pub(crate) mod server;
 pub mod state;
 pub(crate) mod trace;
 pub(crate) mod views;
+pub mod virtual_services;

@@ -193,9 +193,10 @@ fn view(
         parents,
         chosen: match kind {
             RouteKind::TcpRoute => Chosen::PerConnection,
-            RouteKind::HttpRoute => Chosen::PerRequest,
+            RouteKind::HttpRoute | RouteKind::VirtualService => Chosen::PerRequest,
         },
         rules,
+        not_applied: Vec::new(),
     }
 }
 
@@ -269,10 +270,13 @@ fn http_routes(state: &ClusterState, picks: &PickCounts) -> Vec<RouteView> {
         .collect()
 }
 
-/// Every TCPRoute and HTTPRoute of the state.
+/// Every TCPRoute, HTTPRoute and VirtualService of the state.
 pub fn route_views(state: &ClusterState, picks: &PickCounts) -> Vec<RouteView> {
     let mut out = tcp_routes(state, picks);
     out.extend(http_routes(state, picks));
+    out.extend(crate::admin::virtual_services::virtual_service_views(
+        state, picks,
+    ));
     out
 }
 

@@ -61,6 +61,9 @@ fn main() -> ExitCode {
                 mesh_node::cli::CrdKind::DestinationRule => {
                     mesh_node::discovery::destination_rule::crd()
                 }
+                mesh_node::cli::CrdKind::VirtualService => {
+                    mesh_node::discovery::virtual_service::crd()
+                }
             };
             match serde_yaml::to_string(&crd) {
                 Ok(text) => {

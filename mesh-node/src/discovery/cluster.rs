@@ -31,9 +31,13 @@ pub use crate::{
 use crate::{
     discovery::destination_rule::DestinationRule, discovery::policy::AuthorizationPolicy,
     discovery::traffic_policy::compile, discovery::traffic_policy::CompiledRule,
-    discovery::traffic_policy::Problem, discovery::traffic_policy::ProblemReason, keys::ObjectKey,
-    keys::PodKey,
+    discovery::traffic_policy::Problem, discovery::traffic_policy::ProblemReason,
+    discovery::virtual_service::service_host, discovery::virtual_service::VirtualService,
+    keys::ObjectKey, keys::PodKey,
 };
+
+/// The cluster's DNS domain, as VirtualService hosts spell Services' FQDNs.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Label EndpointSlices carry to name their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -49,10 +53,11 @@ pub enum Kind {
     TcpRoute,
     AuthorizationPolicy,
     DestinationRule,
+    VirtualService,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -61,6 +66,7 @@ impl Kind {
         Kind::TcpRoute,
         Kind::AuthorizationPolicy,
         Kind::DestinationRule,
+        Kind::VirtualService,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +79,7 @@ impl Kind {
             Kind::TcpRoute => "TCPRoute",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::DestinationRule => "DestinationRule",
+            Kind::VirtualService => "VirtualService",
         }
     }
 }
@@ -88,6 +95,7 @@ pub enum KubeObject {
     TcpRoute(Box<TcpRoute>),
     AuthorizationPolicy(Box<AuthorizationPolicy>),
     DestinationRule(Box<DestinationRule>),
+    VirtualService(Box<VirtualService>),
 }
 
 impl KubeObject {
@@ -101,6 +109,7 @@ impl KubeObject {
             KubeObject::TcpRoute(_) => Kind::TcpRoute,
             KubeObject::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             KubeObject::DestinationRule(_) => Kind::DestinationRule,
+            KubeObject::VirtualService(_) => Kind::VirtualService,
         }
     }
 
@@ -114,6 +123,7 @@ impl KubeObject {
             KubeObject::TcpRoute(o) => &o.metadata,
             KubeObject::AuthorizationPolicy(o) => &o.metadata,
             KubeObject::DestinationRule(o) => &o.metadata,
+            KubeObject::VirtualService(o) => &o.metadata,
         }
     }
 
@@ -144,6 +154,7 @@ pub struct ClusterState {
     /// The DestinationRule in force for each Service (valid, and the oldest of those
     /// naming it).
     rules_by_service: Arc<HashMap<ObjectKey, Arc<CompiledRule>>>,
+    pub virtual_services: Objects<VirtualService>,
     pods_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
     services_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
     slices_by_service: Arc<HashMap<ObjectKey, BTreeSet<ObjectKey>>>,
@@ -407,6 +418,9 @@ impl ClusterState {
                 upsert(&mut self.destination_rules, key, *o);
                 self.reindex_destination_rules();
             }
+            KubeObject::VirtualService(o) => {
+                upsert(&mut self.virtual_services, key, *o);
+            }
         }
     }
 
@@ -456,6 +470,9 @@ impl ClusterState {
                     self.reindex_destination_rules();
                 }
             }
+            Kind::VirtualService => {
+                take(&mut self.virtual_services, key);
+            }
         }
     }
 
@@ -470,6 +487,7 @@ impl ClusterState {
             Kind::TcpRoute => self.tcp_routes.keys().cloned().collect(),
             Kind::AuthorizationPolicy => self.authorization_policies.keys().cloned().collect(),
             Kind::DestinationRule => self.destination_rules.keys().cloned().collect(),
+            Kind::VirtualService => self.virtual_services.keys().cloned().collect(),
         };
         let keep: BTreeSet<ObjectKey> = objects.iter().filter_map(KubeObject::key).collect();
         for key in keys.iter().filter(|k| !keep.contains(*k)) {
@@ -604,6 +622,30 @@ impl ClusterState {
         )
     }
 
+    /// VirtualServices with a host naming `service` (any spelling of it), whatever
+    /// their `gateways`, by name. (A scan: the routing table builds this once per
+    /// Service port and snapshot.)
+    pub fn virtual_services_for(&self, service: &ObjectKey) -> Vec<(&ObjectKey, &VirtualService)> {
+        self.virtual_services
+            .iter()
+            .filter(|(key, vs)| {
+                vs.spec.hosts.iter().any(|h| {
+                    service_host(h, &key.namespace, CLUSTER_DOMAIN)
+                        .is_some_and(|s| s.namespace == service.namespace && s.name == service.name)
+                })
+            })
+            .map(|(k, v)| (k, &**v))
+            .collect()
+    }
+
+    /// Whether a VirtualService that applies to the mesh has `http` routes for
+    /// `service`: its connections are then served as HTTP.
+    pub fn virtual_services_route_http(&self, service: &ObjectKey) -> bool {
+        self.virtual_services_for(service)
+            .iter()
+            .any(|(_, vs)| vs.spec.binds_mesh() && !vs.spec.http.is_empty())
+    }
+
     /// Object counts by kind, for logs and the admin API.
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
         BTreeMap::from([
@@ -618,6 +660,7 @@ impl ClusterState {
                 self.authorization_policies.len(),
             ),
             (Kind::DestinationRule.name(), self.destination_rules.len()),
+            (Kind::VirtualService.name(), self.virtual_services.len()),
         ])
     }
 }

@@ -58,17 +58,12 @@ fn collect(value: serde_yaml::Value, doc: usize, out: &mut Vec<KubeObject>) -> R
         "AuthorizationPolicy" => {
             KubeObject::AuthorizationPolicy(Box::new(serde_yaml::from_value(value).map_err(typed)?))
         }
-        // Istio's kind (another group's DestinationRule is not ours).
-        "DestinationRule"
-            if !value
-                .get("apiVersion")
-                .and_then(|v| v.as_str())
-                .is_some_and(|v| v.starts_with("networking.istio.io/")) =>
-        {
-            return Ok(());
-        }
-        "DestinationRule" => {
+        // Istio's kinds; another group's DestinationRule or VirtualService is not ours.
+        "DestinationRule" if is_istio_networking(&value) => {
             KubeObject::DestinationRule(Box::new(serde_yaml::from_value(value).map_err(typed)?))
+        }
+        "VirtualService" if is_istio_networking(&value) => {
+            KubeObject::VirtualService(Box::new(serde_yaml::from_value(value).map_err(typed)?))
         }
         "List" => {
             let items = value
@@ -88,6 +83,15 @@ fn collect(value: serde_yaml::Value, doc: usize, out: &mut Vec<KubeObject>) -> R
     }
     out.push(object);
     Ok(())
+}
+
+/// `apiVersion: networking.istio.io/<a version Istio serves VirtualService at>`.
+fn is_istio_networking(value: &serde_yaml::Value) -> bool {
+    value
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .and_then(|v| v.strip_prefix("networking.istio.io/"))
+        .is_some_and(|v| crate::discovery::virtual_service::VERSIONS.contains(&v))
 }
 
 /// Identity of a file version: cheap to compare on every rescan.

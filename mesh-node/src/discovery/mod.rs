@@ -11,3 +11,4 @@ pub mod files;
 pub mod policy;
 pub mod problems;
 pub mod traffic_policy;
+pub mod virtual_service;

@@ -46,7 +46,13 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let state = ctx.state.borrow().clone();
     let mut info = ConnectionInfo::new(Direction::Outbound, ctx.pod.clone(), peer, dst);
     // (The routing table is held only while planning.)
-    let planned = plan::connection(&ctx.router.table(&state), &state, &ctx.balancer, dst);
+    let planned = plan::connection(
+        &ctx.router.table(&state),
+        &state,
+        &ctx.balancer,
+        &ctx.splits,
+        dst,
+    );
     match planned {
         Plan::Forward(to) => {
             info.service = to.service.as_ref().map(|s| s.frontend.clone());

@@ -25,7 +25,7 @@ use crate::{
     keys::PodKey, limits, limits::Listener, limits::PodBudget, limits::PodLimits, limits::Refusal,
     proxy::http::pool::UpstreamPool, relay::relay, relay::RelayEnd, routing::balancer::Balancer,
     routing::balancer::Outcome, routing::balancer::Pick, routing::http::routes::RouteCache,
-    routing::table::Router, telemetry::connections::ConnectionInfo,
+    routing::splits::ClientSplits, routing::table::Router, telemetry::connections::ConnectionInfo,
     telemetry::connections::ConnectionTable, telemetry::connections::Security,
     telemetry::metrics::Metrics, telemetry::outcome::ConnectionEnd,
     telemetry::outcome::RefusalReason,
@@ -56,6 +56,9 @@ pub(crate) struct PodContext {
     pub metrics: Arc<Metrics>,
     pub state: watch::Receiver<Arc<ClusterState>>,
     pub balancer: Arc<Balancer>,
+    /// This pod's weighted-split state: each client gets its weighted share (goes
+    /// with the pod).
+    pub splits: ClientSplits,
     /// The node's routing table of the current snapshot (the plan's input).
     pub router: Arc<Router>,
     pub connect_timeout: Duration,

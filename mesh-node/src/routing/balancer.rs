@@ -1,8 +1,9 @@
 //! Choosing where a connection goes once its destination is resolved: a backend by
-//! smooth weighted round-robin (each backend gets W_i / ΣW of the connections, spread
-//! evenly, never bunched), then an endpoint by the backend's policy (round-robin,
-//! random, or least-request by power of two choices), skipping endpoints outlier
-//! detection has ejected (`routing::outlier`).
+//! smooth weighted round-robin, kept per client (each backend gets W_i / ΣW of each
+//! client's connections or requests, spread evenly, never bunched: [`ClientSplits`]),
+//! then an endpoint by the backend's policy (round-robin, random, or least-request by
+//! power of two choices), skipping endpoints outlier detection has ejected
+//! (`routing::outlier`).
 //!
 //! Every pick comes back as a [`Pick`], through which the caller reports what became of
 //! it ([`Outcome`]); a pick dropped without a report counts as [`Outcome::Abandoned`].
@@ -24,6 +25,7 @@ use crate::{
     keys::ObjectKey,
     routing::backend::{Backend, LbPolicy, OutlierPolicy},
     routing::outlier::{EndpointOutlier, Outliers, Signal},
+    routing::splits::{signature, ClientSplits, SignatureEntry},
     telemetry::metrics::OutlierMetrics,
 };
 
@@ -69,72 +71,10 @@ pub trait OutcomeObserver: Send + Sync {
     fn observe(&self, backend: &ObjectKey, endpoint: SocketAddr, outcome: Outcome);
 }
 
-/// One entry of a weighted choice's signature: backend Service, port, weight.
-type SignatureEntry = (ObjectKey, u16, u32);
-
-/// Smooth weighted round-robin state of one frontend (Service port).
-#[derive(Debug, Default)]
-struct Swrr {
-    /// The eligible backends this state was built for; a change resets it.
-    signature: Arc<Vec<SignatureEntry>>,
-    current: Vec<i64>,
-}
-
-impl Swrr {
-    /// Index into `eligible` (weights > 0) of the next pick.
-    fn next<'b, I>(&mut self, eligible: I) -> usize
-    where
-        I: Iterator<Item = &'b Backend> + Clone,
-    {
-        let same = self.signature.len() == eligible.clone().count()
-            && self
-                .signature
-                .iter()
-                .zip(eligible.clone())
-                .all(|((s, p, w), b)| *s == b.service && *p == b.port && *w == b.weight);
-        if !same {
-            self.signature = Arc::new(signature(eligible.clone()));
-            self.current = vec![0; self.signature.len()];
-        }
-        self.step(eligible.map(|b| b.weight))
-    }
-
-    /// [`Swrr::next`] for a precomputed signature: the same signature object is the
-    /// same set of backends without comparing them.
-    fn next_for(&mut self, signature: &Arc<Vec<SignatureEntry>>) -> usize {
-        if !Arc::ptr_eq(&self.signature, signature) {
-            if *self.signature != **signature {
-                self.current = vec![0; signature.len()];
-            }
-            self.signature = signature.clone();
-        }
-        self.step(signature.iter().map(|(_, _, w)| *w))
-    }
-
-    fn step(&mut self, weights: impl Iterator<Item = u32> + Clone) -> usize {
-        let total: i64 = weights.clone().map(i64::from).sum();
-        let mut best = 0;
-        for (i, w) in weights.enumerate() {
-            self.current[i] += i64::from(w);
-            if self.current[i] > self.current[best] {
-                best = i;
-            }
-        }
-        self.current[best] -= total;
-        best
-    }
-}
-
-fn signature<'b>(backends: impl Iterator<Item = &'b Backend>) -> Vec<SignatureEntry> {
-    backends
-        .map(|b| (b.service.clone(), b.port, b.weight))
-        .collect()
-}
-
-/// The weighted choice of one frontend: its round-robin state and observed shares.
+/// The observed shares of one frontend (the round-robin state is each client's:
+/// [`ClientSplits`]).
 #[derive(Debug, Default)]
 struct FrontendSlot {
-    swrr: Mutex<Swrr>,
     picks: Mutex<HashMap<ObjectKey, Arc<AtomicU64>>>,
 }
 
@@ -219,7 +159,6 @@ pub struct PickSlots(OnceLock<Slots>);
 
 struct Slots {
     balancer: u64,
-    frontend: Arc<FrontendSlot>,
     signature: Arc<Vec<SignatureEntry>>,
     /// Per eligible backend: its pick counter for this frontend, and its endpoint state.
     backends: Vec<(Arc<AtomicU64>, Arc<BackendSlot>)>,
@@ -358,9 +297,15 @@ impl Balancer {
     /// Picks for a connection to `service:port`; None when no backend with a positive
     /// weight has a ready endpoint (L4: a backend without endpoints gives its share to
     /// the others, so connections keep flowing).
-    pub fn pick(&self, service: &ObjectKey, port: u16, backends: &[Backend]) -> Option<Pick> {
+    pub fn pick(
+        &self,
+        client: &ClientSplits,
+        service: &ObjectKey,
+        port: u16,
+        backends: &[Backend],
+    ) -> Option<Pick> {
         let eligible = backends.iter().filter(|b| b.is_eligible());
-        let k = self.choose(service, port, eligible.clone())?;
+        let k = self.choose(client, service, port, eligible.clone())?;
         self.pick_endpoint(eligible.clone().nth(k)?)
     }
 
@@ -369,6 +314,7 @@ impl Balancer {
     /// up once per `slots` instead of once per pick.
     pub fn pick_cached<'b, I>(
         &self,
+        client: &ClientSplits,
         slots: &PickSlots,
         service: &ObjectKey,
         port: u16,
@@ -392,7 +338,7 @@ impl Balancer {
         let k = match slots.backends.len() {
             0 => return None,
             1 => 0,
-            _ => lock(&slots.frontend.swrr).next_for(&slots.signature),
+            _ => client.next_for(service, port, &slots.signature),
         };
         let (count, backend_slot) = slots.backends.get(k)?;
         count.fetch_add(1, Ordering::Relaxed);
@@ -423,7 +369,6 @@ impl Balancer {
                 .map(|b| Arc::new(b.service.clone()))
                 .collect(),
             signature: Arc::new(signature(eligible)),
-            frontend,
             backends,
         }
     }
@@ -432,20 +377,27 @@ impl Balancer {
     /// weighted round-robin over those with a positive weight; None if there is none.
     pub fn choose_backend(
         &self,
+        client: &ClientSplits,
         frontend: &ObjectKey,
         port: u16,
         backends: &[&Backend],
     ) -> Option<usize> {
-        self.choose_among(frontend, port, backends.iter().copied())
+        self.choose_among(client, frontend, port, backends.iter().copied())
     }
 
     /// [`Balancer::choose_backend`] over any sequence of backends.
-    pub fn choose_among<'b, I>(&self, frontend: &ObjectKey, port: u16, backends: I) -> Option<usize>
+    pub fn choose_among<'b, I>(
+        &self,
+        client: &ClientSplits,
+        frontend: &ObjectKey,
+        port: u16,
+        backends: I,
+    ) -> Option<usize>
     where
         I: Iterator<Item = &'b Backend> + Clone,
     {
         let positive = backends.clone().filter(|b| b.weight > 0);
-        let k = self.choose(frontend, port, positive)?;
+        let k = self.choose(client, frontend, port, positive)?;
         backends
             .enumerate()
             .filter(|(_, b)| b.weight > 0)
@@ -454,7 +406,13 @@ impl Balancer {
     }
 
     /// Index into `candidates` (all with a positive weight) of the next weighted choice.
-    fn choose<'b, I>(&self, frontend: &ObjectKey, port: u16, candidates: I) -> Option<usize>
+    fn choose<'b, I>(
+        &self,
+        client: &ClientSplits,
+        frontend: &ObjectKey,
+        port: u16,
+        candidates: I,
+    ) -> Option<usize>
     where
         I: Iterator<Item = &'b Backend> + Clone,
     {
@@ -466,7 +424,7 @@ impl Balancer {
         let chosen = if n == 1 {
             0
         } else {
-            lock(&state.swrr).next(candidates.clone())
+            client.next(frontend, port, candidates.clone())
         };
         // Observed shares: the weighted choice, per connection (L4) or request (L7).
         let service = &candidates.clone().nth(chosen)?.service;

@@ -1,4 +1,5 @@
 use super::*;
+use crate::routing::splits::ClientSplits;
 
 fn backend(name: &str, weight: u32, endpoints: &[&str], least: bool) -> Backend {
     Backend {
@@ -20,10 +21,11 @@ fn backend(name: &str, weight: u32, endpoints: &[&str], least: bool) -> Backend 
 }
 
 fn shares(b: &Balancer, backends: &[Backend], n: usize) -> HashMap<String, usize> {
+    let client = ClientSplits::new();
     let svc = ObjectKey::new("apps", "web");
     let mut counts = HashMap::new();
     for _ in 0..n {
-        let p = b.pick(&svc, 80, backends).unwrap();
+        let p = b.pick(&client, &svc, 80, backends).unwrap();
         *counts.entry(p.backend.name.clone()).or_default() += 1;
     }
     counts
@@ -49,6 +51,7 @@ fn weights_give_exact_shares_and_zero_gets_nothing() {
 
 #[test]
 fn picks_are_spread_not_bunched() {
+    let client = ClientSplits::new();
     let b = Balancer::new();
     let backends = [
         backend("a", 1, &["10.0.0.1:80"], false),
@@ -56,13 +59,20 @@ fn picks_are_spread_not_bunched() {
     ];
     let svc = ObjectKey::new("apps", "web");
     let seq: Vec<String> = (0..6)
-        .map(|_| b.pick(&svc, 80, &backends).unwrap().backend.name.clone())
+        .map(|_| {
+            b.pick(&client, &svc, 80, &backends)
+                .unwrap()
+                .backend
+                .name
+                .clone()
+        })
         .collect();
     assert_eq!(seq, ["a", "b", "a", "b", "a", "b"]);
 }
 
 #[test]
 fn backends_without_endpoints_are_skipped_and_none_means_none() {
+    let client = ClientSplits::new();
     let b = Balancer::new();
     let backends = [
         backend("v1", 90, &[], false),
@@ -71,6 +81,7 @@ fn backends_without_endpoints_are_skipped_and_none_means_none() {
     assert_eq!(shares(&b, &backends, 10)["v2"], 10);
     assert!(b
         .pick(
+            &client,
             &ObjectKey::new("apps", "web"),
             80,
             &[backend("v1", 5, &[], false)]
@@ -80,16 +91,17 @@ fn backends_without_endpoints_are_skipped_and_none_means_none() {
 
 #[test]
 fn least_connections_prefers_the_idle_endpoint_and_guards_release() {
+    let client = ClientSplits::new();
     let b = Balancer::new();
     let svc = ObjectKey::new("apps", "web");
     let backends = [backend("v1", 1, &["10.0.0.1:80", "10.0.0.2:80"], true)];
-    let first = b.pick(&svc, 80, &backends).unwrap();
-    let second = b.pick(&svc, 80, &backends).unwrap();
+    let first = b.pick(&client, &svc, 80, &backends).unwrap();
+    let second = b.pick(&client, &svc, 80, &backends).unwrap();
     assert_ne!(first.endpoint, second.endpoint);
     let busy = first.endpoint;
     drop(second);
     // `busy` still has one connection: the next two picks go to the other one first.
-    let third = b.pick(&svc, 80, &backends).unwrap();
+    let third = b.pick(&client, &svc, 80, &backends).unwrap();
     assert_ne!(third.endpoint, busy);
     assert_eq!(b.active(&busy), 1);
     drop(first);
@@ -108,13 +120,14 @@ impl OutcomeObserver for Recorder {
 
 #[test]
 fn outcomes_reach_the_observer_and_an_unreported_pick_is_abandoned() {
+    let client = ClientSplits::new();
     let recorder = Arc::new(Recorder::default());
     let b = Balancer::with_observer(recorder.clone());
     let svc = ObjectKey::new("apps", "web");
     let backends = [backend("v1", 1, &["10.0.0.1:80", "10.0.0.2:80"], true)];
     let ms = Duration::from_millis;
 
-    let connected = b.pick(&svc, 80, &backends).unwrap();
+    let connected = b.pick(&client, &svc, 80, &backends).unwrap();
     let first = connected.endpoint;
     connected.report(Outcome::Connected { latency: ms(2) });
     connected.report(Outcome::Reset);
@@ -123,7 +136,7 @@ fn outcomes_reach_the_observer_and_an_unreported_pick_is_abandoned() {
     drop(connected);
     assert_eq!(b.active(&first), 0);
 
-    let http = b.pick(&svc, 80, &backends).unwrap();
+    let http = b.pick(&client, &svc, 80, &backends).unwrap();
     let second = http.endpoint;
     http.report(Outcome::Http {
         status: 503,
@@ -131,7 +144,7 @@ fn outcomes_reach_the_observer_and_an_unreported_pick_is_abandoned() {
     });
     drop(http);
 
-    let forgotten = b.pick(&svc, 80, &backends).unwrap();
+    let forgotten = b.pick(&client, &svc, 80, &backends).unwrap();
     let third = forgotten.endpoint;
     drop(forgotten);
 
@@ -156,6 +169,7 @@ fn outcomes_reach_the_observer_and_an_unreported_pick_is_abandoned() {
 
 #[test]
 fn weighted_choice_is_the_same_over_any_view_of_the_backends() {
+    let client = ClientSplits::new();
     // L7 chooses among every weighted backendRef (with or without endpoints), by
     // index into the rule's list; a zero weight is skipped, not counted.
     let b = Balancer::new();
@@ -167,7 +181,7 @@ fn weighted_choice_is_the_same_over_any_view_of_the_backends() {
     let refs: Vec<&Backend> = backends.iter().collect();
     let svc = ObjectKey::new("apps", "rule");
     let seq: Vec<usize> = (0..8)
-        .map(|_| b.choose_backend(&svc, 80, &refs).unwrap())
+        .map(|_| b.choose_backend(&client, &svc, 80, &refs).unwrap())
         .collect();
     assert_eq!(seq, [1, 1, 2, 1, 1, 1, 2, 1]);
     let picks = b.picks();

@@ -9,6 +9,7 @@ pub mod http;
 pub mod outlier;
 pub mod plan;
 pub mod resolve;
+pub mod splits;
 pub mod table;
 pub(crate) mod transport;
 

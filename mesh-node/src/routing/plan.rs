@@ -18,6 +18,7 @@ use crate::{
     routing::balancer::{Balancer, Pick},
     routing::http::routes::{BackendTarget, Rule},
     routing::resolve::{Lookup, ServiceRoute},
+    routing::splits::ClientSplits,
     routing::table::RoutingTable,
     routing::transport::{EndpointInfo, Transport},
     telemetry::outcome::RefusalReason,
@@ -170,12 +171,13 @@ pub fn route(table: &RoutingTable, state: &ClusterState, dst: SocketAddr) -> Rou
     }
 }
 
-/// Where one connection to `dst` goes, with the balancer's pick. `table` must be
-/// `state`'s.
+/// Where one connection to `dst` goes, with the balancer's pick; `client` is the
+/// source pod's weighted-choice state. `table` must be `state`'s.
 pub fn connection(
     table: &RoutingTable,
     state: &ClusterState,
     balancer: &Balancer,
+    client: &ClientSplits,
     dst: SocketAddr,
 ) -> Plan {
     match route(table, state, dst) {
@@ -189,6 +191,7 @@ pub fn connection(
         Route::Service(service) => {
             let frontend = &service.frontend;
             let picked = balancer.pick_cached(
+                client,
                 &service.slots,
                 &frontend.service,
                 frontend.port,
@@ -248,18 +251,20 @@ impl<'r> RequestRefusal<'r> {
 
 /// Plans one request to `service` under `rule`: a backendRef by weight (a backend
 /// without endpoints keeps its share and answers 503, as the Gateway API asks), then an
-/// endpoint, then the transport. `table` must be `state`'s.
+/// endpoint, then the transport; `client` is the source pod's weighted-choice state.
+/// `table` must be `state`'s.
 pub fn request<'r>(
     table: &RoutingTable,
     state: &ClusterState,
     balancer: &Balancer,
+    client: &ClientSplits,
     service: &ObjectKey,
     port: u16,
     rule: &'r Rule,
 ) -> Result<RequestPlan<'r>, RequestRefusal<'r>> {
     let backends = rule.backends.iter().map(|t| &t.backend);
     let index = balancer
-        .choose_among(&rule.frontend(service), port, backends)
+        .choose_among(client, &rule.frontend(service), port, backends)
         .ok_or(RequestRefusal::NoWeightedBackend)?;
     let target = &rule.backends[index];
     if let Some(reason) = &target.invalid {

@@ -23,7 +23,8 @@ use serde::Serialize;
 
 pub use crate::routing::backend::{Backend, EndpointPolicy, LbPolicy};
 use crate::{
-    discovery::cluster::canonical, discovery::cluster::ClusterState, keys::ObjectKey,
+    discovery::cluster::canonical, discovery::cluster::ClusterState,
+    discovery::cluster::CLUSTER_DOMAIN, discovery::virtual_service::service_host, keys::ObjectKey,
     keys::ServicePortRef, routing::balancer::PickSlots,
 };
 
@@ -448,18 +449,22 @@ pub(crate) fn service_route(
                 .collect();
             (Some(route_key.clone()), backends)
         }
-        None => (
-            None,
-            vec![backend_of(
-                state,
-                service.clone(),
-                Some(svc),
-                port,
-                1,
-                want_v6,
+        // No TCPRoute: a VirtualService's `tcp` route, else the Service itself.
+        None => match virtual_service_tcp(state, service, port, want_v6) {
+            Some((vs, backends)) => (Some(vs), backends),
+            None => (
                 None,
-            )],
-        ),
+                vec![backend_of(
+                    state,
+                    service.clone(),
+                    Some(svc),
+                    port,
+                    1,
+                    want_v6,
+                    None,
+                )],
+            ),
+        },
     };
     let http = is_http_routed(state, service, port).then(|| HttpPort {
         backend_http2: http2_port(svc, port),
@@ -476,6 +481,76 @@ pub(crate) fn service_route(
         want_v6,
         has_eligible,
         slots: PickSlots::default(),
+    }
+}
+
+/// The first `tcp` route whose match holds on `port` among the VirtualServices of
+/// `service` that apply to the mesh (in order), as weighted backends: the L4 proxy's
+/// route when no TCPRoute names the port. A destination that is not a Service, or a
+/// `subset` (until DestinationRule subsets resolve), has no endpoints: its share goes
+/// to the others, and with none left the connection is refused — never sent to all
+/// of a Service's endpoints.
+pub(crate) fn virtual_service_tcp(
+    state: &ClusterState,
+    service: &ObjectKey,
+    port: u16,
+    want_v6: bool,
+) -> Option<(ObjectKey, Vec<Backend>)> {
+    for (key, vs) in state.virtual_services_for(service) {
+        if !vs.spec.binds_mesh() {
+            continue;
+        }
+        for route in &vs.spec.tcp {
+            let applies = route.matches.is_empty()
+                || route
+                    .matches
+                    .iter()
+                    .any(|m| m.port.is_none_or(|p| p == u32::from(port)));
+            if !applies {
+                continue;
+            }
+            let unweighted = route.route.iter().all(|d| d.weight.is_none());
+            let backends = route
+                .route
+                .iter()
+                .map(|d| {
+                    let weight = match d.weight {
+                        None if unweighted => 1,
+                        None => 0,
+                        Some(w) => w.max(0) as u32,
+                    };
+                    let host = &d.destination.host;
+                    let target = service_host(host, &key.namespace, CLUSTER_DOMAIN)
+                        .map(|h| ObjectKey::new(&h.namespace, &h.name));
+                    let known = target.is_some();
+                    let target = target.unwrap_or_else(|| ObjectKey::new(&key.namespace, host));
+                    let backend_port = d
+                        .destination
+                        .port
+                        .and_then(|p| u16::try_from(p.number).ok())
+                        .or_else(|| only_port(state, &target))
+                        .unwrap_or(port);
+                    let mut b = backend(state, target, backend_port, weight, want_v6);
+                    if !known || d.destination.subset.is_some() {
+                        b.endpoints.clear();
+                        b.subset = d.destination.subset.clone();
+                    }
+                    b
+                })
+                .collect();
+            return Some((key.clone(), backends));
+        }
+    }
+    None
+}
+
+/// The Service's port when it has exactly one (Istio: a destination port may be left
+/// out then).
+pub(crate) fn only_port(state: &ClusterState, service: &ObjectKey) -> Option<u16> {
+    let ports = state.services.get(service)?.spec.as_ref()?.ports.as_ref()?;
+    match ports.as_slice() {
+        [p] => u16::try_from(p.port).ok(),
+        _ => None,
     }
 }
 
@@ -502,9 +577,10 @@ pub fn resolve(state: &ClusterState, dst: SocketAddr, service_cidrs: &[IpCidr]) 
     lookup(state, dst, service_cidrs).resolution()
 }
 
-/// Whether connections to `service:port` are HTTP-routed (an HTTPRoute names it).
+/// Whether connections to `service:port` are HTTP-routed (an HTTPRoute names it, or
+/// a VirtualService has `http` routes for the Service).
 fn is_http_routed(state: &ClusterState, service: &ObjectKey, port: u16) -> bool {
-    !state.http_routes_for(service, port).is_empty()
+    !state.http_routes_for(service, port).is_empty() || state.virtual_services_route_http(service)
 }
 
 /// Whether `svc`'s `port` declares HTTP/2 cleartext (`appProtocol:

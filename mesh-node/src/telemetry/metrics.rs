@@ -169,6 +169,10 @@ pub struct Metrics {
     /// Connections the agent refused or could not serve, by reason.
     pub refused: IntCounterVec,
     pub manifest_errors: IntCounter,
+    /// Route configuration problems found compiling a Service port's HTTP routes
+    /// (a broken or unsupported part of an HTTPRoute or VirtualService, a
+    /// VirtualService that does not apply), counted per table built.
+    pub route_config_problems: IntCounter,
     pub state_updates: IntCounter,
     /// Pods dropped because their network namespace disappeared.
     pub netns_vanished: IntCounter,
@@ -335,6 +339,11 @@ impl Metrics {
                 &r,
                 "nodemesh_manifest_errors_total",
                 "Manifest files skipped because they did not parse.",
+            ),
+            route_config_problems: counter(
+                &r,
+                "nodemesh_route_config_problems_total",
+                "Problems found compiling HTTPRoutes and VirtualServices (each one logged, naming the object).",
             ),
             state_updates: counter(
                 &r,

@@ -34,11 +34,14 @@ pub enum ResponseFlags {
     Denied,
     /// `SI`: nothing moved for the idle timeout.
     StreamIdleTimeout,
-    /// `UC`: the connection ended on an error (or an end with no flag of its own).
+    /// `UC`: the relay ended on an error (reset, broken pipe, the tunnel's stream failed).
     ConnectionTerminated,
     /// `DC`: the downstream went away, or the proxy cut the connection short (pod
     /// removed, agent stopping).
     DownstreamClosed,
+    /// `DPE`: the downstream broke HTTP, or sent no complete request head within the
+    /// header timeout.
+    DownstreamProtocolError,
 }
 
 impl ResponseFlags {
@@ -56,6 +59,7 @@ impl ResponseFlags {
             ResponseFlags::StreamIdleTimeout => "SI",
             ResponseFlags::ConnectionTerminated => "UC",
             ResponseFlags::DownstreamClosed => "DC",
+            ResponseFlags::DownstreamProtocolError => "DPE",
         }
     }
 }
@@ -237,24 +241,25 @@ pub enum ConnectionEnd {
 }
 
 impl ConnectionEnd {
-    /// The response flags of a connection that ended so. `completed (http)`,
-    /// `header_timeout`, `http_error` and `revoked` have no flag of their own and
-    /// are `UC`, as they were when the flags were read from the text.
+    /// The response flags of a connection that ended so. (Until 2026-12 the flags were
+    /// read from the text, and `completed (http)`, `header_timeout`, `http_error` and
+    /// `revoked` fell through to `UC`, an upstream termination none of them is: an
+    /// HTTP connection the application closed is `-`, a policy revocation `RBAC`, a
+    /// downstream that broke HTTP or sent no request head in time `DPE`.)
     pub const fn response_flags(&self) -> ResponseFlags {
         match self {
-            ConnectionEnd::Completed => ResponseFlags::None,
+            ConnectionEnd::Completed | ConnectionEnd::CompletedHttp => ResponseFlags::None,
             ConnectionEnd::IdleTimeout => ResponseFlags::StreamIdleTimeout,
             ConnectionEnd::Refused(reason) => reason.response_flags(),
             ConnectionEnd::ConnectFailed(_) | ConnectionEnd::HboneFailed(_) => {
                 ResponseFlags::UpstreamConnectFailure
             }
-            ConnectionEnd::Denied { .. } => ResponseFlags::Denied,
+            ConnectionEnd::Denied { .. } | ConnectionEnd::Revoked { .. } => ResponseFlags::Denied,
+            ConnectionEnd::HeaderTimeout | ConnectionEnd::HttpError(_) => {
+                ResponseFlags::DownstreamProtocolError
+            }
             ConnectionEnd::Aborted => ResponseFlags::DownstreamClosed,
-            ConnectionEnd::CompletedHttp
-            | ConnectionEnd::HeaderTimeout
-            | ConnectionEnd::Broken(_)
-            | ConnectionEnd::Revoked { .. }
-            | ConnectionEnd::HttpError(_) => ResponseFlags::ConnectionTerminated,
+            ConnectionEnd::Broken(_) => ResponseFlags::ConnectionTerminated,
         }
     }
 }
@@ -472,7 +477,7 @@ mod tests {
                     detail: rd,
                 },
                 "revoked: apps/deny-all",
-                "UC",
+                "RBAC",
             ),
             (
                 E::Revoked {
@@ -480,15 +485,15 @@ mod tests {
                     detail: no_rd,
                 },
                 "revoked: destination pod unknown",
-                "UC",
+                "RBAC",
             ),
             // http/downstream.rs
-            (E::CompletedHttp, "completed (http)", "UC"),
-            (E::HeaderTimeout, "header_timeout", "UC"),
+            (E::CompletedHttp, "completed (http)", "-"),
+            (E::HeaderTimeout, "header_timeout", "DPE"),
             (
                 E::HttpError("connection error".into()),
                 "http_error: connection error",
-                "UC",
+                "DPE",
             ),
             // OpenConnection dropped unclosed
             (E::Aborted, "aborted", "DC"),
@@ -622,6 +627,7 @@ mod tests {
             (F::StreamIdleTimeout, "SI"),
             (F::ConnectionTerminated, "UC"),
             (F::DownstreamClosed, "DC"),
+            (F::DownstreamProtocolError, "DPE"),
         ] {
             assert_eq!(flags.as_str(), text);
         }

@@ -11,6 +11,7 @@ pub enum RouteKind {
     TcpRoute,
     #[serde(rename = "HTTPRoute")]
     HttpRoute,
+    VirtualService,
 }
 
 impl RouteKind {
@@ -18,6 +19,7 @@ impl RouteKind {
         match self {
             RouteKind::TcpRoute => "TCPRoute",
             RouteKind::HttpRoute => "HTTPRoute",
+            RouteKind::VirtualService => "VirtualService",
         }
     }
 }
@@ -69,6 +71,10 @@ pub struct RouteView {
     pub parents: Vec<ParentView>,
     pub chosen: Chosen,
     pub rules: Vec<RuleView>,
+    /// Where the route does not apply, and why (a VirtualService bound only to
+    /// gateways, or losing a Service port to an HTTPRoute; fields not implemented).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_applied: Vec<String>,
 }
 
 #[cfg(test)]
@@ -102,6 +108,7 @@ mod tests {
                         observed_share: Some(0.9),
                     }],
                 }],
+                not_applied: vec![],
             },
             RouteView {
                 kind: RouteKind::HttpRoute,
@@ -124,6 +131,7 @@ mod tests {
                         observed_share: None,
                     }],
                 }],
+                not_applied: vec![],
             },
         ];
         check(

@@ -368,12 +368,20 @@ pub fn routes(v: &[RouteView]) -> String {
             })
             .collect();
         // The route's name once, above its rules and backends.
-        let mut route = Some(format!(
-            "{}\n{}\n{}",
-            key(&r.route),
-            r.kind.name(),
-            parents.join("\n")
-        ));
+        let not_applied: Vec<String> = r
+            .not_applied
+            .iter()
+            .map(|n| format!("NOT APPLIED: {n}"))
+            .collect();
+        let mut route = Some(
+            [
+                vec![key(&r.route), r.kind.name().to_string()],
+                parents,
+                not_applied,
+            ]
+            .concat()
+            .join("\n"),
+        );
         for rule in &r.rules {
             let total: u64 = rule.backends.iter().map(|b| u64::from(b.weight)).sum();
             let matches = match (r.kind, rule.matches.is_empty()) {
@@ -400,7 +408,7 @@ pub fn routes(v: &[RouteView]) -> String {
             }
         }
     }
-    or_none(&t, "TCPRoutes or HTTPRoutes")
+    or_none(&t, "TCPRoutes, HTTPRoutes or VirtualServices")
 }
 
 pub fn certs(v: &[CertificateStatus]) -> String {

@@ -31,7 +31,7 @@ use crate::{
     discovery::cluster::ClusterState, discovery::cluster::Kind, discovery::cluster::KubeObject,
     discovery::destination_rule::DestinationRule, discovery::destination_rule::ISTIO_NETWORKING,
     discovery::destination_rule::VERSIONS, discovery::policy::AuthorizationPolicy,
-    telemetry::metrics::Metrics,
+    discovery::virtual_service::VirtualService, telemetry::metrics::Metrics,
 };
 
 /// Verbs the watchers use: an initial list, then watch. (API discovery needs no
@@ -41,7 +41,7 @@ pub const WATCH_VERBS: [&str; 2] = ["list", "watch"];
 const GATEWAY_API: &str = "gateway.networking.k8s.io";
 
 /// What discovery reads, kind by kind (keep in step with [`run`]).
-pub static KINDS: [KindSpec; 8] = [
+pub static KINDS: [KindSpec; 9] = [
     KindSpec {
         kind: Kind::Namespace,
         group: "",
@@ -94,12 +94,19 @@ pub static KINDS: [KindSpec; 8] = [
         versions: &["v1alpha1"],
         crd: true,
     },
-    // Istio's kind: one schema at each of its versions (ours or Istio's own CRD).
+    // Istio's kinds: one schema at each of its versions (ours or Istio's own CRD).
     KindSpec {
         kind: Kind::DestinationRule,
         group: ISTIO_NETWORKING,
         plural: "destinationrules",
         versions: &VERSIONS,
+        crd: true,
+    },
+    KindSpec {
+        kind: Kind::VirtualService,
+        group: ISTIO_NETWORKING,
+        plural: "virtualservices",
+        versions: &crate::discovery::virtual_service::VERSIONS,
         crd: true,
     },
 ];
@@ -269,9 +276,15 @@ pub async fn run(
         ev_tx.clone(),
     ));
     tokio::spawn(watch_kind::<DestinationRule>(
-        client,
+        client.clone(),
         spec(Kind::DestinationRule),
         |o| KubeObject::DestinationRule(Box::new(o)),
+        ev_tx.clone(),
+    ));
+    tokio::spawn(watch_kind::<VirtualService>(
+        client,
+        spec(Kind::VirtualService),
+        |o| KubeObject::VirtualService(Box::new(o)),
         ev_tx,
     ));
     let mut kube = KubeState::default();

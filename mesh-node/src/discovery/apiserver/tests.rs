@@ -40,6 +40,13 @@ apiVersion: security.nodemesh.io/v1alpha1
 kind: AuthorizationPolicy
 metadata: {name: p, namespace: apps}
 spec: {action: DENY, rules: [{from: [{namespaces: [plain]}]}]}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: web-vs, namespace: apps}
+spec:
+  hosts: [web.apps.svc.cluster.local]
+  http: [{route: [{destination: {host: web}, weight: 100}]}]
 "#;
 
 pub(super) fn objects() -> Vec<KubeObject> {
@@ -261,6 +268,7 @@ fn the_kinds_read_agree_with_the_rust_types() {
     check::<gateway_api::apis::experimental::httproutes::HttpRoute>(Kind::HttpRoute);
     check::<gateway_api::apis::experimental::tcproutes::TcpRoute>(Kind::TcpRoute);
     check::<crate::discovery::policy::AuthorizationPolicy>(Kind::AuthorizationPolicy);
+    check::<crate::discovery::virtual_service::VirtualService>(Kind::VirtualService);
     assert_eq!(KINDS.len(), Kind::ALL.len());
     // Built-in kinds are never "not installed".
     assert!(KINDS

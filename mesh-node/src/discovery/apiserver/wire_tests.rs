@@ -45,6 +45,7 @@ fn collection(object: &Value) -> Gr {
         "TCPRoute" => tcproutes(),
         "HTTPRoute" => gr(GATEWAY, "httproutes"),
         "AuthorizationPolicy" => gr(SECURITY, "authorizationpolicies"),
+        "VirtualService" => gr("networking.istio.io", "virtualservices"),
         other => panic!("no collection for {other}"),
     }
 }
@@ -66,6 +67,13 @@ async fn cluster(tcp_versions: &[&str]) -> FakeApiServer {
         "authorizationpolicies",
         "AuthorizationPolicy",
         &["v1alpha1"],
+    );
+    // Istio's CRD, as an older Istio serves it (v1beta1 and v1alpha3, no v1).
+    server.serve_crd(
+        "networking.istio.io",
+        "virtualservices",
+        "VirtualService",
+        &["v1beta1", "v1alpha3"],
     );
     for o in manifest_objects() {
         server.apply(&collection(&o), o);
@@ -189,6 +197,9 @@ fn keys(s: &ClusterState) -> BTreeSet<String> {
     s.authorization_policies
         .keys()
         .for_each(|k| add("AuthorizationPolicy", k.to_string()));
+    s.virtual_services
+        .keys()
+        .for_each(|k| add("VirtualService", k.to_string()));
     out
 }
 

@@ -269,6 +269,7 @@ async fn attempt(
         &ctx.router.table(state),
         state,
         &ctx.balancer,
+        &ctx.splits,
         &frontend.service,
         frontend.port,
         rule,

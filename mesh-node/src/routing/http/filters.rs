@@ -222,7 +222,32 @@ pub fn compile<T: Serialize>(filters: &[T]) -> Result<Filters, String> {
     Ok(Filters { list })
 }
 
+/// A header modifier from name → value maps (a VirtualService's `headers`).
+pub(crate) fn header_modifier_from<'a>(
+    set: impl IntoIterator<Item = (&'a String, &'a String)>,
+    add: impl IntoIterator<Item = (&'a String, &'a String)>,
+    remove: &[String],
+) -> Result<HeaderModifier, String> {
+    let pairs = |m: &mut dyn Iterator<Item = (&'a String, &'a String)>| {
+        m.map(|(name, value)| NameValue {
+            name: name.clone(),
+            value: value.clone(),
+        })
+        .collect::<Vec<_>>()
+    };
+    header_modifier(HeaderModifierSpec {
+        set: pairs(&mut set.into_iter()),
+        add: pairs(&mut add.into_iter()),
+        remove: remove.to_vec(),
+    })
+}
+
 impl Filters {
+    /// Filters already compiled (a VirtualService's), applied in this order.
+    pub(crate) fn from_list(list: Vec<Filter>) -> Filters {
+        Filters { list }
+    }
+
     /// The filters, in the route's order.
     pub fn iter(&self) -> impl Iterator<Item = &Filter> {
         self.list.iter()
@@ -299,6 +324,16 @@ pub fn modified_path(modifier: &PathModifier, matched: &PathMatch, path: &str) -
             let prefix = match matched {
                 PathMatch::Prefix(p) | PathMatch::Exact(p) => normalize_prefix(p),
                 PathMatch::Regex(_) => return path.to_string(),
+                // A VirtualService's rewrite replaces exactly the matched characters.
+                PathMatch::StringPrefix(p) => {
+                    let rest = path.strip_prefix(p.as_str()).unwrap_or(path);
+                    let joined = format!("{replacement}{rest}");
+                    return if joined.starts_with('/') {
+                        joined
+                    } else {
+                        format!("/{joined}")
+                    };
+                }
             };
             let rest = if prefix == "/" {
                 path

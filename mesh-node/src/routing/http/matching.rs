@@ -12,12 +12,16 @@ pub enum PathMatch {
     /// Element-wise prefix, stored without a trailing slash (`/` stays `/`).
     Prefix(String),
     Regex(Regex),
+    /// A plain string prefix (a VirtualService's `uri.prefix`: `/api` matches `/apis`).
+    StringPrefix(String),
 }
 
 #[derive(Debug, Clone)]
 pub enum ValueMatch {
     Exact(String),
     Regex(Regex),
+    /// A plain string prefix (VirtualService).
+    Prefix(String),
 }
 
 impl ValueMatch {
@@ -25,6 +29,7 @@ impl ValueMatch {
         match self {
             ValueMatch::Exact(v) => v == value,
             ValueMatch::Regex(r) => r.is_match(value),
+            ValueMatch::Prefix(p) => value.starts_with(p.as_str()),
         }
     }
 }
@@ -34,6 +39,8 @@ impl ValueMatch {
 pub struct RequestMatch {
     pub path: PathMatch,
     pub method: Option<Method>,
+    /// The method by prefix or regular expression (VirtualService).
+    pub method_value: Option<ValueMatch>,
     pub headers: Vec<(http::HeaderName, ValueMatch)>,
     pub query: Vec<(String, ValueMatch)>,
 }
@@ -44,6 +51,7 @@ impl Default for RequestMatch {
         RequestMatch {
             path: PathMatch::Prefix("/".into()),
             method: None,
+            method_value: None,
             headers: Vec::new(),
             query: Vec::new(),
         }
@@ -133,9 +141,14 @@ impl RequestMatch {
             PathMatch::Exact(p) => p == path,
             PathMatch::Prefix(p) => prefix_matches(p, path),
             PathMatch::Regex(r) => r.is_match(path),
+            PathMatch::StringPrefix(p) => path.starts_with(p.as_str()),
         };
         path_ok
             && self.method.as_ref().is_none_or(|m| m == request.method)
+            && self
+                .method_value
+                .as_ref()
+                .is_none_or(|m| m.matches(request.method.as_str()))
             && self
                 .headers
                 .iter()
@@ -153,12 +166,12 @@ impl RequestMatch {
         let (kind, len) = match &self.path {
             PathMatch::Exact(p) => (0, p.len()),
             PathMatch::Regex(r) => (1, r.as_str().len()),
-            PathMatch::Prefix(p) => (2, p.len()),
+            PathMatch::Prefix(p) | PathMatch::StringPrefix(p) => (2, p.len()),
         };
         (
             kind,
             Reverse(len),
-            self.method.is_none(),
+            self.method.is_none() && self.method_value.is_none(),
             Reverse(self.headers.len()),
             Reverse(self.query.len()),
         )
@@ -193,6 +206,7 @@ mod tests {
         let m = RequestMatch {
             path: PathMatch::Exact("/v1".into()),
             method: Some(Method::POST),
+            method_value: None,
             headers: vec![(
                 http::HeaderName::from_static("version"),
                 ValueMatch::Exact("two".into()),
@@ -263,6 +277,7 @@ mod tests {
                 PathMatch::Exact(p) => format!("exact {p}"),
                 PathMatch::Prefix(p) => format!("prefix {p} {}", m.method.is_some()),
                 PathMatch::Regex(r) => r.to_string(),
+                PathMatch::StringPrefix(p) => format!("string prefix {p}"),
             })
             .collect();
         assert_eq!(

@@ -13,11 +13,10 @@ use gateway_api::apis::experimental::httproutes::{
     HttpRouteRulesMatchesPathType, HttpRouteRulesMatchesQueryParamsType,
 };
 use http::{request::Parts, HeaderName, Method};
-use serde::Serialize;
 
 use crate::{
     discovery::cluster::ClusterState, discovery::duration::parse_duration, keys::ObjectKey,
-    routing::resolve::backend, routing::resolve::is_service_backend, routing::resolve::Backend,
+    routing::resolve::backend, routing::resolve::is_service_backend,
 };
 use crate::{
     routing::http::filters, routing::http::filters::Filters, routing::http::matching::full_regex,
@@ -30,66 +29,19 @@ const DEFAULT_RETRY_ATTEMPTS: u32 = 1;
 /// The wait before the first retry when the route gives no `backoff`.
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
 
-/// One weighted backendRef of a rule.
-#[derive(Debug, Clone)]
-pub struct BackendTarget {
-    pub backend: Backend,
-    pub filters: Filters,
-    /// Why every request sent to this backend gets a 500 (the spec's invalid backend).
-    pub invalid: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RetryPolicy {
-    /// Retries after the first attempt.
-    pub attempts: u32,
-    pub codes: Vec<u16>,
-    pub backoff: Duration,
-}
-
-/// One rule of one HTTPRoute (or the implicit rule of a Service without a route).
-#[derive(Debug)]
-pub struct Rule {
-    /// `None` for the Service's own endpoints when its routes disappeared.
-    pub route: Option<ObjectKey>,
-    pub index: usize,
-    pub name: Option<String>,
-    pub filters: Filters,
-    pub backends: Vec<BackendTarget>,
-    pub request_timeout: Option<Duration>,
-    pub backend_timeout: Option<Duration>,
-    pub retry: Option<RetryPolicy>,
-    /// Why the whole rule answers 500 (unsupported filter, bad timeout).
-    pub invalid: Option<String>,
-}
-
-impl Rule {
-    /// `ns/route` `#name` or `#index`, for logs and metrics.
-    pub fn describe(&self) -> String {
-        match (&self.route, &self.name) {
-            (Some(r), Some(n)) => format!("{r}#{n}"),
-            (Some(r), None) => format!("{r}#{}", self.index),
-            (None, _) => "(service endpoints)".into(),
-        }
-    }
-
-    /// The balancer key of this rule's weighted choice.
-    pub fn frontend(&self, service: &ObjectKey) -> ObjectKey {
-        match &self.route {
-            Some(r) => ObjectKey::new(&r.namespace, &format!("{}#{}", r.name, self.index)),
-            None => service.clone(),
-        }
-    }
-}
+pub use crate::routing::http::rule::{BackendTarget, RetryPolicy, Rule, RuleSource};
 
 /// Every rule attached to a Service port, in match precedence order.
 #[derive(Debug)]
 pub struct RouteTable {
     entries: Vec<(RequestMatch, Arc<Rule>)>,
-    /// Matches that could not be compiled (they never match), with the reason. Only the
-    /// tests read them so far: the admin routes view does not show them yet.
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Problems found building the table (matches that never match, rules or
+    /// backends that answer 500, VirtualServices that do not apply), each naming its
+    /// object: [`RouteCache`] logs (rate-limited) and counts them.
     pub errors: Vec<String>,
+    /// VirtualServices naming the Service that do not apply to this port because an
+    /// HTTPRoute claims it (the Gateway API, the project's native API, wins).
+    pub overridden: Vec<ObjectKey>,
 }
 
 fn optional_duration(text: Option<&String>, what: &str) -> Result<Option<Duration>, String> {
@@ -164,6 +116,7 @@ fn compile_match(m: &HttpRouteRulesMatches) -> Result<RequestMatch, String> {
     Ok(RequestMatch {
         path,
         method,
+        method_value: None,
         headers,
         query,
     })
@@ -267,6 +220,7 @@ fn compile_rule(
         .collect();
     Rule {
         route: Some(route.clone()),
+        source: RuleSource::HttpRoute,
         index,
         name: rule.name.clone(),
         filters,
@@ -314,9 +268,32 @@ impl RouteTable {
                 }
             }
         }
+        let mut overridden = Vec::new();
+        let vs = crate::routing::http::virtual_service::compile(state, service, port, want_v6);
+        if !keyed.is_empty() {
+            // An HTTPRoute claims the port: the VirtualServices lose, and say so.
+            for key in &vs.applied {
+                errors.push(format!(
+                    "VirtualService {key} is not applied to {service}:{port}: an HTTPRoute routes that port (HTTPRoute wins)"
+                ));
+            }
+            overridden = vs.applied;
+        } else if !vs.entries.is_empty() {
+            // Istio's order: the first match wins, as written.
+            errors.extend(vs.errors);
+            entries.extend(vs.entries);
+            return RouteTable {
+                entries,
+                errors,
+                overridden,
+            };
+        } else {
+            errors.extend(vs.errors);
+        }
         if keyed.is_empty() {
             let implicit = Rule {
                 route: None,
+                source: RuleSource::HttpRoute,
                 index: 0,
                 name: None,
                 filters: Filters::default(),
@@ -339,7 +316,11 @@ impl RouteTable {
         }
         keyed.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
         entries.extend(keyed.into_iter().map(|(_, _, m, r)| (m, r)));
-        RouteTable { entries, errors }
+        RouteTable {
+            entries,
+            errors,
+            overridden,
+        }
     }
 
     /// Every rule of the table, once each, in precedence order (for `trace`).
@@ -376,9 +357,19 @@ struct CacheSlot {
 #[derive(Default)]
 pub struct RouteCache {
     slot: Mutex<CacheSlot>,
+    /// Counts the problems of each table built (`nodemesh_route_config_problems_total`).
+    problems: Option<prometheus::IntCounter>,
 }
 
 impl RouteCache {
+    /// A cache that logs (rate-limited) and counts the problems of each table it builds.
+    pub fn counted(problems: prometheus::IntCounter) -> RouteCache {
+        RouteCache {
+            slot: Mutex::default(),
+            problems: Some(problems),
+        }
+    }
+
     pub fn table(
         &self,
         state: &Arc<ClusterState>,
@@ -393,7 +384,16 @@ impl RouteCache {
         }
         slot.tables
             .entry((service.clone(), port, want_v6))
-            .or_insert_with(|| Arc::new(RouteTable::build(state, service, port, want_v6)))
+            .or_insert_with(|| {
+                let table = RouteTable::build(state, service, port, want_v6);
+                for problem in &table.errors {
+                    if let Some(c) = &self.problems {
+                        c.inc();
+                    }
+                    crate::warn_limited!(service = %service, port, problem = %crate::telemetry::log_limit::clip(problem), "route configuration problem; the rest of the routes apply");
+                }
+                Arc::new(table)
+            })
             .clone()
     }
 }

@@ -159,8 +159,21 @@ fn key(name: &str) -> ObjectKey {
     ObjectKey::new("apps", name)
 }
 
+thread_local! {
+    /// The client of [`plan`]'s connections: one per test (each runs on its thread).
+    static CLIENT: ClientSplits = ClientSplits::new();
+}
+
 fn plan(state: &ClusterState, balancer: &Balancer, dst: &str) -> Plan {
-    connection(&table(Some(TRUST_DOMAIN)), state, balancer, addr(dst))
+    CLIENT.with(|client| {
+        connection(
+            &table(Some(TRUST_DOMAIN)),
+            state,
+            balancer,
+            client,
+            addr(dst),
+        )
+    })
 }
 
 fn refusal(plan: &Plan) -> Option<(Option<String>, &'static str)> {
@@ -211,7 +224,13 @@ fn every_refusal_kind() {
     // Outside the service ranges an unknown address is just an address.
     let no_ranges = RoutingTable::new(Arc::new(Vec::new()), None);
     assert!(matches!(
-        connection(&no_ranges, &s, &b, addr("10.96.9.9:80")),
+        connection(
+            &no_ranges,
+            &s,
+            &b,
+            &ClientSplits::new(),
+            addr("10.96.9.9:80")
+        ),
         Plan::Forward(Forward { service: None, .. })
     ));
     // Trace sees the same refusals, before any pick.
@@ -260,6 +279,7 @@ fn a_tcproute_splits_connections_by_weight_to_ready_endpoints() {
 fn an_http_routed_port_goes_to_the_l7_proxy_and_each_request_is_planned() {
     let s = state();
     let b = Balancer::new();
+    let c = ClientSplits::new();
     let Plan::Http(service) = plan(&s, &b, "10.96.0.30:80") else {
         panic!("not HTTP-routed");
     };
@@ -279,7 +299,7 @@ fn an_http_routed_port_goes_to_the_l7_proxy_and_each_request_is_planned() {
         rules.select(&parts).expect("a rule").1.clone()
     };
     let v1 = rule("/v1");
-    let planned = request(&t, &s, &b, &key("echo"), 80, &v1).expect("planned");
+    let planned = request(&t, &s, &b, &c, &key("echo"), 80, &v1).expect("planned");
     assert_eq!(planned.target.backend.service, key("web-v1"));
     assert_eq!(planned.endpoint.addr, addr("10.1.0.2:8080"));
     assert!(matches!(
@@ -290,11 +310,11 @@ fn an_http_routed_port_goes_to_the_l7_proxy_and_each_request_is_planned() {
 
     let none = rule("/none");
     assert!(matches!(
-        request(&t, &s, &b, &key("echo"), 80, &none),
+        request(&t, &s, &b, &c, &key("echo"), 80, &none),
         Err(RequestRefusal::NoWeightedBackend)
     ));
     let missing = rule("/missing");
-    match request(&t, &s, &b, &key("echo"), 80, &missing) {
+    match request(&t, &s, &b, &c, &key("echo"), 80, &missing) {
         Err(RequestRefusal::InvalidBackend { target, reason }) => {
             assert_eq!(target.backend.service, key("nothere"));
             assert!(reason.contains("does not exist"), "{reason}");
@@ -302,7 +322,7 @@ fn an_http_routed_port_goes_to_the_l7_proxy_and_each_request_is_planned() {
         other => panic!("{other:?}"),
     }
     let empty = rule("/empty");
-    match request(&t, &s, &b, &key("echo"), 80, &empty) {
+    match request(&t, &s, &b, &c, &key("echo"), 80, &empty) {
         Err(RequestRefusal::NoReadyEndpoint { target }) => {
             assert_eq!(target.backend.service, key("empty"));
         }

@@ -1,0 +1,437 @@
+//! VirtualService `http` routes compiled into the same rules and matches as HTTPRoute
+//! (one engine, two front ends). Istio's semantics: routes in order, the first whose
+//! match holds wins (no precedence sort); `uri.prefix` is a plain string prefix.
+//!
+//! Containment, as for HTTPRoute: a match that cannot be compiled never matches; a
+//! route whose actions cannot be compiled answers 500; a destination that is not a
+//! Service answers 500; a `subset` destination answers 503 until DestinationRule
+//! subsets resolve (never all of the Service's endpoints). Every such problem is
+//! returned as an error naming the VirtualService, for the caller to report.
+
+use std::{sync::Arc, time::Duration};
+
+use http::{HeaderName, Method, StatusCode};
+
+use crate::{
+    discovery::cluster::ClusterState,
+    discovery::cluster::CLUSTER_DOMAIN,
+    discovery::duration::MAX_DURATION,
+    discovery::virtual_service::{
+        service_host, HeaderOperations, Headers, HttpMatchRequest, HttpRetry, HttpRoute,
+        StringMatch, VirtualService,
+    },
+    keys::ObjectKey,
+    routing::http::filters::{
+        header_modifier_from, Filter, Filters, PathModifier, Redirect, UrlRewrite,
+    },
+    routing::http::matching::{full_regex, PathMatch, RequestMatch, ValueMatch},
+    routing::http::rule::{BackendTarget, RetryPolicy, Rule, RuleSource},
+    routing::resolve::backend,
+    routing::resolve::only_port,
+};
+
+/// Istio retries with a 25 ms base interval.
+const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+/// The most retries a route may ask for.
+const MAX_ATTEMPTS: i32 = 100;
+
+/// The rules VirtualServices give one Service port, in order, and what could not be
+/// applied.
+#[derive(Debug, Default)]
+pub(crate) struct Compiled {
+    pub(crate) entries: Vec<(RequestMatch, Arc<Rule>)>,
+    /// VirtualServices that name the Service and apply to the mesh.
+    pub(crate) applied: Vec<ObjectKey>,
+    pub(crate) errors: Vec<String>,
+}
+
+/// The VirtualServices' rules for `service:port` (VirtualServices by namespace/name).
+pub(crate) fn compile(
+    state: &ClusterState,
+    service: &ObjectKey,
+    port: u16,
+    want_v6: bool,
+) -> Compiled {
+    let mut out = Compiled::default();
+    for (key, vs) in state.virtual_services_for(service) {
+        if !vs.spec.binds_mesh() {
+            out.errors.push(format!(
+                "VirtualService {key} is bound only to gateways {:?}: the node proxy ignores it (add `mesh` to `gateways` to apply it inside the mesh)",
+                vs.spec.gateways.as_deref().unwrap_or_default()
+            ));
+            continue;
+        }
+        if vs.spec.http.is_empty() {
+            continue;
+        }
+        out.applied.push(key.clone());
+        for field in vs.spec.unimplemented() {
+            out.errors.push(format!(
+                "VirtualService {key}: `{field}` is not implemented by Nodemesh and is not applied; the rest of the VirtualService is"
+            ));
+        }
+        for (index, route) in vs.spec.http.iter().enumerate() {
+            compile_route(state, key, vs, index, route, port, want_v6, &mut out);
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compile_route(
+    state: &ClusterState,
+    key: &ObjectKey,
+    vs: &VirtualService,
+    index: usize,
+    route: &HttpRoute,
+    port: u16,
+    want_v6: bool,
+    out: &mut Compiled,
+) {
+    let name = || match &route.name {
+        Some(n) => format!("VirtualService {key} http[{index}] ({n})"),
+        None => format!("VirtualService {key} http[{index}]"),
+    };
+    let mut matches = Vec::new();
+    if route.matches.is_empty() {
+        matches.push(RequestMatch::default());
+    }
+    for (j, m) in route.matches.iter().enumerate() {
+        if m.port.is_some_and(|p| p != u32::from(port)) {
+            continue;
+        }
+        match compile_match(m) {
+            Ok(m) => matches.push(m),
+            Err(e) => out
+                .errors
+                .push(format!("{} match[{j}]: {e}; it never matches", name())),
+        }
+    }
+    if matches.is_empty() {
+        return;
+    }
+    let mut invalid = None;
+    let mut fail = |e: String| {
+        invalid.get_or_insert(e);
+    };
+    let filters = route_filters(route).unwrap_or_else(|e| {
+        fail(e);
+        Filters::default()
+    });
+    let request_timeout =
+        optional_duration(route.timeout.as_deref(), "timeout").unwrap_or_else(|e| {
+            fail(e);
+            None
+        });
+    let (retry, backend_timeout) = match &route.retries {
+        None => (None, None),
+        Some(r) => retry_policy(r).unwrap_or_else(|e| {
+            fail(e);
+            (None, None)
+        }),
+    };
+    let backends = destinations(state, key, vs, route, port, want_v6, out, &name());
+    if route.route.is_empty() && route.redirect.is_none() {
+        fail("a route needs `route` destinations or a `redirect`".into());
+    }
+    if let Some(e) = &invalid {
+        out.errors
+            .push(format!("{}: {e}; its requests are answered 500", name()));
+    }
+    let rule = Arc::new(Rule {
+        route: Some(key.clone()),
+        source: RuleSource::VirtualService,
+        index,
+        name: route.name.clone(),
+        filters,
+        backends,
+        request_timeout,
+        backend_timeout,
+        retry,
+        invalid,
+    });
+    out.entries
+        .extend(matches.into_iter().map(|m| (m, rule.clone())));
+}
+
+#[allow(clippy::too_many_arguments)]
+fn destinations(
+    state: &ClusterState,
+    key: &ObjectKey,
+    _vs: &VirtualService,
+    route: &HttpRoute,
+    port: u16,
+    want_v6: bool,
+    out: &mut Compiled,
+    name: &str,
+) -> Vec<BackendTarget> {
+    let unweighted = route.route.iter().all(|d| d.weight.is_none());
+    route
+        .route
+        .iter()
+        .map(|d| {
+            let mut invalid = None;
+            let weight = match d.weight {
+                // Istio: a lone destination without a weight takes everything; without
+                // any weights, traffic is split evenly.
+                None if unweighted => 1,
+                None => 0,
+                Some(w) if w < 0 => {
+                    invalid = Some(format!("weight {w} is negative"));
+                    0
+                }
+                Some(w) => w as u32,
+            };
+            let host = &d.destination.host;
+            let service = service_host(host, &key.namespace, CLUSTER_DOMAIN)
+                .map(|h| ObjectKey::new(&h.namespace, &h.name));
+            let service = match service {
+                Some(s) if state.services.contains_key(&s) => s,
+                Some(s) => {
+                    invalid.get_or_insert(format!("destination host {host}: Service {s} does not exist"));
+                    s
+                }
+                None => {
+                    invalid.get_or_insert(format!(
+                        "destination host {host} is not a Service of the cluster (name, name.namespace or name.namespace.svc.{CLUSTER_DOMAIN})"
+                    ));
+                    ObjectKey::new(&key.namespace, host)
+                }
+            };
+            let backend_port = match d.destination.port {
+                Some(p) => u16::try_from(p.number).unwrap_or_else(|_| {
+                    invalid.get_or_insert(format!("destination port {} is not a port", p.number));
+                    port
+                }),
+                None => only_port(state, &service).unwrap_or(port),
+            };
+            let filters = d
+                .headers
+                .as_ref()
+                .map(header_filters)
+                .transpose()
+                .unwrap_or_else(|e| {
+                    invalid.get_or_insert(e);
+                    None
+                })
+                .unwrap_or_default();
+            let mut b = backend(state, service, backend_port, weight, want_v6);
+            if let Some(subset) = &d.destination.subset {
+                // Fail closed until DestinationRule subsets resolve: no endpoints (503),
+                // never every endpoint of the Service.
+                out.errors.push(format!(
+                    "{name}: destination {host} subset {subset} needs a DestinationRule subset, which this node proxy does not resolve yet: its requests are answered 503"
+                ));
+                b.endpoints.clear();
+                b.subset = Some(subset.clone());
+            }
+            if let Some(e) = &invalid {
+                out.errors
+                    .push(format!("{name}: {e}; requests sent to it are answered 500"));
+            }
+            BackendTarget {
+                backend: b,
+                filters,
+                invalid,
+            }
+        })
+        .collect()
+}
+
+fn value_match(m: &StringMatch, what: &str) -> Result<ValueMatch, String> {
+    match (&m.exact, &m.prefix, &m.regex) {
+        (Some(v), None, None) => Ok(ValueMatch::Exact(v.clone())),
+        (None, Some(p), None) => Ok(ValueMatch::Prefix(p.clone())),
+        (None, None, Some(r)) => Ok(ValueMatch::Regex(full_regex(r)?)),
+        _ => Err(format!("{what}: give exactly one of exact, prefix, regex")),
+    }
+}
+
+fn compile_match(m: &HttpMatchRequest) -> Result<RequestMatch, String> {
+    let mut out = RequestMatch::default();
+    if let Some(uri) = &m.uri {
+        out.path = match value_match(uri, "uri")? {
+            ValueMatch::Exact(p) => PathMatch::Exact(p),
+            ValueMatch::Prefix(p) => PathMatch::StringPrefix(p),
+            ValueMatch::Regex(r) => PathMatch::Regex(r),
+        };
+    }
+    if let Some(method) = &m.method {
+        match value_match(method, "method")? {
+            ValueMatch::Exact(v) => {
+                out.method = Some(
+                    Method::from_bytes(v.as_bytes())
+                        .map_err(|_| format!("method `{v}` is not an HTTP method"))?,
+                )
+            }
+            other => out.method_value = Some(other),
+        }
+    }
+    for (name, want) in &m.headers {
+        let header = HeaderName::try_from(name.as_str())
+            .map_err(|_| format!("`{name}` is not a valid header name"))?;
+        out.headers
+            .push((header, value_match(want, &format!("headers.{name}"))?));
+    }
+    for (name, want) in &m.query_params {
+        out.query.push((
+            name.clone(),
+            value_match(want, &format!("queryParams.{name}"))?,
+        ));
+    }
+    Ok(out)
+}
+
+fn operations(
+    ops: &HeaderOperations,
+) -> Result<crate::routing::http::filters::HeaderModifier, String> {
+    header_modifier_from(&ops.set, &ops.add, &ops.remove)
+}
+
+fn header_filters(h: &Headers) -> Result<Filters, String> {
+    let mut list = Vec::new();
+    if let Some(r) = &h.request {
+        list.push(Filter::RequestHeaderModifier(operations(r)?));
+    }
+    if let Some(r) = &h.response {
+        list.push(Filter::ResponseHeaderModifier(operations(r)?));
+    }
+    Ok(Filters::from_list(list))
+}
+
+/// The route's own actions: headers, then rewrite or redirect.
+fn route_filters(route: &HttpRoute) -> Result<Filters, String> {
+    let mut list = Vec::new();
+    if let Some(h) = &route.headers {
+        list.extend(header_filters(h)?.iter().cloned());
+    }
+    if let (Some(_), Some(_)) = (&route.rewrite, &route.redirect) {
+        return Err("`rewrite` and `redirect` cannot be used in the same route".into());
+    }
+    if let Some(rw) = &route.rewrite {
+        list.push(Filter::UrlRewrite(UrlRewrite {
+            hostname: rw.authority.clone(),
+            path: rw.uri.clone().map(PathModifier::ReplacePrefixMatch),
+        }));
+    }
+    if let Some(r) = &route.redirect {
+        let code = r.redirect_code.unwrap_or(301);
+        let status = match code {
+            301 | 302 | 303 | 307 | 308 => StatusCode::from_u16(code as u16)
+                .map_err(|_| format!("redirectCode {code} is not a status"))?,
+            _ => {
+                return Err(format!(
+                    "redirectCode {code} is not a redirect (301, 302, 303, 307, 308)"
+                ))
+            }
+        };
+        let port = r
+            .port
+            .map(|p| u16::try_from(p).map_err(|_| format!("redirect port {p} is not a port")))
+            .transpose()?;
+        list.push(Filter::RequestRedirect(Redirect {
+            scheme: r.scheme.clone(),
+            hostname: r.authority.clone(),
+            port,
+            path: r.uri.clone().map(PathModifier::ReplaceFullPath),
+            status,
+        }));
+    }
+    Ok(Filters::from_list(list))
+}
+
+/// Istio's `retries`: the policy and the per-try timeout.
+fn retry_policy(r: &HttpRetry) -> Result<(Option<RetryPolicy>, Option<Duration>), String> {
+    if !(0..=MAX_ATTEMPTS).contains(&r.attempts) {
+        return Err(format!(
+            "retries.attempts {} is out of range (0 to {MAX_ATTEMPTS})",
+            r.attempts
+        ));
+    }
+    let per_try = optional_duration(r.per_try_timeout.as_deref(), "retries.perTryTimeout")?;
+    let mut codes = Vec::new();
+    for token in r.retry_on.as_deref().unwrap_or("").split(',') {
+        match token.trim() {
+            "" => {}
+            "5xx" => codes.extend(500..=599),
+            "gateway-error" => codes.extend([502, 503, 504]),
+            // Connection failures before any response are always retried under a
+            // policy (the proxy's own rule); the codes come with the status numbers.
+            "connect-failure" | "refused-stream" | "reset" | "retriable-status-codes" => {}
+            other => match other.parse::<u16>() {
+                Ok(code) if (100..=599).contains(&code) => codes.push(code),
+                _ => {
+                    return Err(format!(
+                        "retries.retryOn `{other}` is not supported: use 5xx, gateway-error, connect-failure, refused-stream, reset, retriable-status-codes or status codes"
+                    ))
+                }
+            },
+        }
+    }
+    codes.sort_unstable();
+    codes.dedup();
+    let policy = (r.attempts > 0).then_some(RetryPolicy {
+        attempts: r.attempts as u32,
+        codes,
+        backoff: RETRY_BACKOFF,
+    });
+    Ok((policy, per_try))
+}
+
+fn optional_duration(text: Option<&str>, what: &str) -> Result<Option<Duration>, String> {
+    match text {
+        None => Ok(None),
+        Some(t) => {
+            let d = parse_duration(t).map_err(|e| format!("{what}: {e}"))?;
+            Ok((!d.is_zero()).then_some(d))
+        }
+    }
+}
+
+/// Istio's durations (protobuf Duration, written as Go does): `10s`, `1.5s`,
+/// `300ms`, `1m30s`, `2h`; units h, m, s, ms, us (µs), ns; up to [`MAX_DURATION`].
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty duration: write e.g. 5s, 1.5s or 250ms".into());
+    }
+    let mut rest = text;
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("`{text}` has no unit: use h, m, s or ms (e.g. 5s)"))?;
+        let n: f64 = rest[..number_len]
+            .parse()
+            .map_err(|_| format!("`{text}` is not a duration (e.g. 1.5s)"))?;
+        let after = &rest[number_len..];
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(after.len());
+        let scale = match &after[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            other => {
+                return Err(format!(
+                    "unknown unit `{other}` in `{text}`: use h, m, s or ms"
+                ))
+            }
+        };
+        total += n * scale;
+        rest = &after[unit_len..];
+    }
+    if !total.is_finite() || total > MAX_DURATION.as_secs_f64() {
+        return Err(format!(
+            "`{text}` is longer than {} days",
+            MAX_DURATION.as_secs() / 86400
+        ));
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests;
