@@ -85,6 +85,72 @@ fn the_seeds_canary_splits_90_10_80_20_and_99_1_within_two_points() {
     }
 }
 
+/// The seeds' canary by subset, verbatim but for the namespace: a DestinationRule
+/// defines subsets v1 and v2 of `reviews` by the pods' `version` label, and the
+/// VirtualService splits between them.
+fn subset_canary(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata: {{name: reviews-route, namespace: apps}}\n\
+         spec:\n  hosts: [reviews.apps.svc.cluster.local]\n  http:\n  - route:\n\
+         \x20   - destination: {{host: reviews.apps.svc.cluster.local, subset: v1}}\n      weight: {v1}\n\
+         \x20   - destination: {{host: reviews.apps.svc.cluster.local, subset: v2}}\n      weight: {v2}\n\
+         ---\napiVersion: networking.istio.io/v1alpha3\nkind: DestinationRule\nmetadata: {{name: reviews-destination, namespace: apps}}\n\
+         spec:\n  host: reviews.apps.svc.cluster.local\n  subsets:\n\
+         \x20 - name: v1\n    labels: {{version: v1}}\n\
+         \x20 - name: v2\n    labels: {{version: v2}}\n"
+    )
+}
+
+#[test]
+fn the_seeds_canary_by_subset_splits_90_10_and_80_20_within_two_points() {
+    let mut spec = ClusterSpec::two_nodes();
+    for (pod, version) in [("reviews-v1", "v1"), ("reviews-v2", "v2")] {
+        let mut p = PodSpec::new(pod, "apps", "b");
+        p.labels.push(("version".into(), version.into()));
+        spec.pods.push(p);
+    }
+    // One Service over both versions: only the subsets tell them apart.
+    spec.services = vec![ServiceSpec::new(
+        "reviews",
+        "apps",
+        80,
+        8080,
+        &["reviews-v1", "reviews-v2"],
+    )];
+    let cluster = SimCluster::create(spec).unwrap();
+    cluster.start_agents().unwrap();
+    let _servers: Vec<Process> = ["reviews-v1", "reviews-v2"]
+        .iter()
+        .map(|p| cluster.http_serve(p, &[8080]).unwrap())
+        .collect();
+    for (v1, v2) in [(90, 10), (80, 20)] {
+        cluster
+            .write_manifest("reviews-canary.yaml", &subset_canary(v1, v2))
+            .unwrap();
+        let applied = cluster.eventually(Duration::from_secs(5), || {
+            let r = get(&cluster, "/", &["--count", "100"]);
+            r.pods.get("reviews-v1") == Some(&u64::from(v1))
+        });
+        assert!(
+            applied.is_some(),
+            "the {v1}/{v2} subset canary never applied"
+        );
+        let r = get(&cluster, "/", &["--count", "2000"]);
+        assert_eq!(r.errors, 0, "{r:?}");
+        let (got1, got2) = (share(&r, "reviews-v1"), share(&r, "reviews-v2"));
+        eprintln!(
+            "subsets {v1}/{v2} over 2000 requests: {:.1}% / {:.1}%",
+            got1 * 100.0,
+            got2 * 100.0
+        );
+        assert!(
+            (got1 - f64::from(v1) / 100.0).abs() <= 0.02
+                && (got2 - f64::from(v2) / 100.0).abs() <= 0.02,
+            "{r:?}"
+        );
+    }
+}
+
 #[test]
 fn matches_in_order_a_broken_route_reported_and_an_httproute_winning_the_port() {
     let (cluster, _servers) = cluster();
@@ -121,7 +187,7 @@ fn matches_in_order_a_broken_route_reported_and_an_httproute_winning_the_port() 
     for want in [
         "VirtualService apps/reviews http[0] match[0]",
         "VirtualService apps/reviews http[3]: timeout",
-        "subset v2",
+        "subset `v2`",
     ] {
         assert!(log.contains(want), "agent log lacks {want:?}");
     }

@@ -486,10 +486,10 @@ pub(crate) fn service_route(
 
 /// The first `tcp` route whose match holds on `port` among the VirtualServices of
 /// `service` that apply to the mesh (in order), as weighted backends: the L4 proxy's
-/// route when no TCPRoute names the port. A destination that is not a Service, or a
-/// `subset` (until DestinationRule subsets resolve), has no endpoints: its share goes
-/// to the others, and with none left the connection is refused — never sent to all
-/// of a Service's endpoints.
+/// route when no TCPRoute names the port. A `subset` is the DestinationRule subset's
+/// endpoints. A destination that is not a Service, or a subset no DestinationRule
+/// defines, has no endpoints: its share goes to the others, and with none left the
+/// connection is refused — never sent to all of a Service's endpoints.
 pub(crate) fn virtual_service_tcp(
     state: &ClusterState,
     service: &ObjectKey,
@@ -530,10 +530,11 @@ pub(crate) fn virtual_service_tcp(
                         .and_then(|p| u16::try_from(p.number).ok())
                         .or_else(|| only_port(state, &target))
                         .unwrap_or(port);
-                    let mut b = backend(state, target, backend_port, weight, want_v6);
-                    if !known || d.destination.subset.is_some() {
+                    let subset = d.destination.subset.as_deref();
+                    let mut b =
+                        subset_backend(state, target, backend_port, weight, want_v6, subset);
+                    if !known {
                         b.endpoints.clear();
-                        b.subset = d.destination.subset.clone();
                     }
                     b
                 })

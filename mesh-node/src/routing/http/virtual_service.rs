@@ -4,8 +4,9 @@
 //!
 //! Containment, as for HTTPRoute: a match that cannot be compiled never matches; a
 //! route whose actions cannot be compiled answers 500; a destination that is not a
-//! Service answers 500; a `subset` destination answers 503 until DestinationRule
-//! subsets resolve (never all of the Service's endpoints). Every such problem is
+//! Service answers 500; a `subset` destination is the DestinationRule subset's
+//! endpoints, and one no DestinationRule defines answers 503 (never all of the
+//! Service's endpoints). Every such problem is
 //! returned as an error naming the VirtualService, for the caller to report.
 
 use std::{sync::Arc, time::Duration};
@@ -26,8 +27,8 @@ use crate::{
     },
     routing::http::matching::{full_regex, PathMatch, RequestMatch, ValueMatch},
     routing::http::rule::{BackendTarget, RetryPolicy, Rule, RuleSource},
-    routing::resolve::backend,
     routing::resolve::only_port,
+    routing::resolve::subset_backend,
 };
 
 /// Istio retries with a 25 ms base interval.
@@ -215,15 +216,14 @@ fn destinations(
                     None
                 })
                 .unwrap_or_default();
-            let mut b = backend(state, service, backend_port, weight, want_v6);
-            if let Some(subset) = &d.destination.subset {
-                // Fail closed until DestinationRule subsets resolve: no endpoints (503),
-                // never every endpoint of the Service.
+            // A subset is the DestinationRule's: its endpoints, under its policy. One no
+            // rule defines has no endpoints (503), never every endpoint of the Service.
+            let subset = d.destination.subset.as_deref();
+            let b = subset_backend(state, service, backend_port, weight, want_v6, subset);
+            if let Some(error) = &b.subset_error {
                 out.errors.push(format!(
-                    "{name}: destination {host} subset {subset} needs a DestinationRule subset, which this node proxy does not resolve yet: its requests are answered 503"
+                    "{name}: destination {host}: {error}; its requests are answered 503"
                 ));
-                b.endpoints.clear();
-                b.subset = Some(subset.clone());
             }
             if let Some(e) = &invalid {
                 out.errors

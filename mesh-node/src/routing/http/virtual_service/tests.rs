@@ -163,7 +163,7 @@ fn a_broken_virtual_service_is_reported_by_name_and_the_rest_works() {
         "VirtualService apps/broken http[2]: retries.retryOn `sometimes` is not supported",
         "Service apps/nothere does not exist",
         "www.example.com is not a Service",
-        "subset v2 needs a DestinationRule",
+        "defines subset `v2`",
         "`http[5].fault` is not implemented",
     ] {
         assert!(errors.contains(want), "missing {want:?} in:\n{errors}");
@@ -174,7 +174,8 @@ fn a_broken_virtual_service_is_reported_by_name_and_the_rest_works() {
     assert!(rule("/slow").invalid.is_some());
     assert!(rule("/retry").invalid.is_some());
     assert!(rule("/gone").backends.iter().all(|b| b.invalid.is_some()));
-    // A subset fails closed: no endpoints (503), never the whole Service.
+    // A subset no DestinationRule defines fails closed: no endpoints (503), never the
+    // whole Service.
     let canary = rule("/canary");
     assert_eq!(canary.backends[0].backend.subset.as_deref(), Some("v2"));
     assert!(canary.backends[0].backend.endpoints.is_empty());
