@@ -14,11 +14,60 @@ pub struct ObjectKey {
 
 pub type PodKey = ObjectKey;
 
+/// The cluster's DNS domain: a Service is `name.namespace.svc.cluster.local`.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Why a host does not name a Service of the cluster ([`ObjectKey::from_service_host`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    #[error("is a wildcard, which Nodemesh does not implement")]
+    Wildcard,
+    #[error("is not a Service of this cluster")]
+    NotAService,
+    #[error("is not a valid Service name")]
+    InvalidName,
+}
+
 impl ObjectKey {
     pub fn new(namespace: &str, name: &str) -> ObjectKey {
         ObjectKey {
             namespace: namespace.into(),
             name: name.into(),
+        }
+    }
+
+    /// A Service's fully qualified name, `name.namespace.svc.cluster.local` (Istio's
+    /// `destination_service`).
+    pub fn service_fqdn(&self) -> String {
+        format!("{}.{}.svc.{CLUSTER_DOMAIN}", self.name, self.namespace)
+    }
+
+    /// The Service a host names, as Istio's VirtualService and DestinationRule write it
+    /// from an object in `own_namespace`: `name`, `name.namespace`, `name.namespace.svc`
+    /// or `name.namespace.svc.cluster.local`. Names are DNS labels (RFC 1035).
+    pub fn from_service_host(host: &str, own_namespace: &str) -> Result<ObjectKey, HostError> {
+        if host.contains('*') {
+            return Err(HostError::Wildcard);
+        }
+        let parts: Vec<&str> = host.split('.').collect();
+        let (name, namespace) = match parts.as_slice() {
+            [name] => (*name, own_namespace),
+            [name, ns] | [name, ns, "svc"] => (*name, *ns),
+            [name, ns, "svc", domain @ ..] if domain.join(".") == CLUSTER_DOMAIN => (*name, *ns),
+            _ => return Err(HostError::NotAService),
+        };
+        let label = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if label(name) && label(namespace) {
+            Ok(ObjectKey::new(namespace, name))
+        } else {
+            Err(HostError::InvalidName)
         }
     }
 
@@ -136,5 +185,31 @@ mod tests {
         ] {
             assert!(bad.parse::<ServicePortRef>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn hosts_name_services_in_four_spellings_and_nothing_else() {
+        let svc = |ns: &str, name: &str| Ok(ObjectKey::new(ns, name));
+        for (host, want) in [
+            ("web", svc("apps", "web")),
+            ("web.prod", svc("prod", "web")),
+            ("web.prod.svc", svc("prod", "web")),
+            ("web.prod.svc.cluster.local", svc("prod", "web")),
+            ("example.com", svc("com", "example")),
+            ("web.prod.svc.other.domain", Err(HostError::NotAService)),
+            ("www.example.com", Err(HostError::NotAService)),
+            ("*.prod.svc.cluster.local", Err(HostError::Wildcard)),
+            ("Web", Err(HostError::InvalidName)),
+            ("-web", Err(HostError::InvalidName)),
+            ("", Err(HostError::InvalidName)),
+            ("a..b", Err(HostError::NotAService)),
+            ("web..svc", Err(HostError::InvalidName)),
+        ] {
+            assert_eq!(ObjectKey::from_service_host(host, "apps"), want, "{host}");
+        }
+        assert_eq!(
+            ObjectKey::new("prod", "web").service_fqdn(),
+            "web.prod.svc.cluster.local"
+        );
     }
 }

@@ -6,7 +6,6 @@
 use crate::{
     admin::api::BackendView, admin::api::Chosen, admin::api::ParentView, admin::api::RouteKind,
     admin::api::RouteView, admin::api::RuleView, discovery::cluster::ClusterState,
-    discovery::cluster::CLUSTER_DOMAIN, discovery::virtual_service::service_host,
     discovery::virtual_service::HttpMatchRequest, discovery::virtual_service::StringMatch,
     keys::ObjectKey, routing::balancer::PickCounts, routing::resolve::ready_endpoints,
 };
@@ -54,8 +53,7 @@ pub fn virtual_service_views(state: &ClusterState, picks: &PickCounts) -> Vec<Ro
                 .spec
                 .hosts
                 .iter()
-                .filter_map(|h| service_host(h, &key.namespace, CLUSTER_DOMAIN))
-                .map(|h| ObjectKey::new(&h.namespace, &h.name))
+                .filter_map(|h| ObjectKey::from_service_host(h, &key.namespace).ok())
                 .collect();
             let mut not_applied = Vec::new();
             if !vs.spec.binds_mesh() {
@@ -97,9 +95,8 @@ pub fn virtual_service_views(state: &ClusterState, picks: &PickCounts) -> Vec<Ro
                         .iter()
                         .map(|d| {
                             let service =
-                                service_host(&d.destination.host, &key.namespace, CLUSTER_DOMAIN)
-                                    .map(|h| ObjectKey::new(&h.namespace, &h.name))
-                                    .unwrap_or_else(|| ObjectKey::new("", &d.destination.host));
+                                ObjectKey::from_service_host(&d.destination.host, &key.namespace)
+                                    .unwrap_or_else(|_| ObjectKey::new("", &d.destination.host));
                             let port = d
                                 .destination
                                 .port

@@ -32,12 +32,8 @@ use crate::{
     discovery::destination_rule::DestinationRule, discovery::policy::AuthorizationPolicy,
     discovery::traffic_policy::compile, discovery::traffic_policy::CompiledRule,
     discovery::traffic_policy::Problem, discovery::traffic_policy::ProblemReason,
-    discovery::virtual_service::service_host, discovery::virtual_service::VirtualService,
-    keys::ObjectKey, keys::PodKey,
+    discovery::virtual_service::VirtualService, keys::ObjectKey, keys::PodKey,
 };
-
-/// The cluster's DNS domain, as VirtualService hosts spell Services' FQDNs.
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Label EndpointSlices carry to name their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -630,8 +626,7 @@ impl ClusterState {
             .iter()
             .filter(|(key, vs)| {
                 vs.spec.hosts.iter().any(|h| {
-                    service_host(h, &key.namespace, CLUSTER_DOMAIN)
-                        .is_some_and(|s| s.namespace == service.namespace && s.name == service.name)
+                    ObjectKey::from_service_host(h, &key.namespace).is_ok_and(|s| s == *service)
                 })
             })
             .map(|(k, v)| (k, &**v))

@@ -17,12 +17,10 @@ use crate::{
     discovery::destination_rule::{
         DestinationRule, LoadBalancerSettings, OutlierDetection, PortTrafficPolicy,
     },
-    discovery::duration::parse_duration,
-    keys::ObjectKey,
+    discovery::duration::parse_istio_duration,
+    keys::{ObjectKey, CLUSTER_DOMAIN},
 };
 
-/// The cluster's DNS domain, as Services' FQDNs end.
-pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// At most this many subsets per rule; more are rejected (bounded input).
 pub const MAX_SUBSETS: usize = 256;
 /// At most this many port-level settings per policy.
@@ -216,56 +214,27 @@ impl CompiledRule {
     }
 }
 
-/// The Service `host` names, for a rule in `namespace`: `name`, `name.ns`,
-/// `name.ns.svc` or `name.ns.svc.<cluster domain>`.
+/// The Service `host` names, for a rule in `namespace`
+/// ([`ObjectKey::from_service_host`]), or the words that say what to write instead.
 pub fn service_of_host(host: &str, namespace: &str) -> Result<ObjectKey, String> {
-    let valid_label = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    let bad = |why: &str| {
+    ObjectKey::from_service_host(host, namespace).map_err(|why| {
         format!(
             "host `{}` {why}: write the Service as `name`, `name.namespace` or `name.namespace.svc.{CLUSTER_DOMAIN}`",
             crate::telemetry::log_limit::clip(host)
         )
-    };
-    if host.contains('*') {
-        return Err(bad("is a wildcard, which Nodemesh does not implement"));
-    }
-    let parts: Vec<&str> = host.split('.').collect();
-    let domain: Vec<&str> = CLUSTER_DOMAIN.split('.').collect();
-    let (name, ns) = match parts.as_slice() {
-        [name] => (*name, namespace),
-        [name, ns] => (*name, *ns),
-        [name, ns, "svc"] => (*name, *ns),
-        [name, ns, "svc", rest @ ..] if rest == domain.as_slice() => (*name, *ns),
-        _ => return Err(bad("is not a Service of this cluster")),
-    };
-    if !valid_label(name) || !valid_label(ns) {
-        return Err(bad("is not a valid Service name"));
-    }
-    Ok(ObjectKey::new(ns, name))
+    })
 }
 
-/// Istio's durations: `500ms`, `10s`, `1m`, `1h`, sums such as `1m30s`, and the
-/// protobuf form with a fraction of a second (`1.5s`). At least 1ms.
-pub fn parse_istio_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let parsed = match t.strip_suffix('s').filter(|n| n.contains('.')) {
-        Some(seconds) => seconds
-            .parse::<f64>()
-            .ok()
-            .filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e9)
-            .map(Duration::from_secs_f64)
-            .ok_or_else(|| format!("`{t}` is not a number of seconds (e.g. 1.5s)")),
-        None => parse_duration(t),
-    }?;
+/// A DestinationRule duration: Istio's grammar
+/// ([`crate::discovery::duration::parse_istio_duration`]), and at least 1ms (intervals
+/// and ejection times of zero would spin or never eject).
+pub fn policy_duration(text: &str) -> Result<Duration, String> {
+    let parsed = parse_istio_duration(text)?;
     if parsed < Duration::from_millis(1) {
-        return Err(format!("`{t}` is shorter than 1ms: write e.g. 10s"));
+        return Err(format!(
+            "`{}` is shorter than 1ms: write e.g. 10s",
+            text.trim()
+        ));
     }
     Ok(parsed)
 }
@@ -292,7 +261,7 @@ impl Compiler {
     }
 
     fn duration(&mut self, field: &str, text: Option<&str>, default: Duration) -> Duration {
-        match text.map(parse_istio_duration) {
+        match text.map(policy_duration) {
             None => default,
             Some(Ok(d)) => d,
             Some(Err(e)) => {

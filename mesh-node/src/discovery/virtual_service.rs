@@ -309,39 +309,6 @@ pub fn crd(
     crd
 }
 
-/// How a VirtualService `host` names a Service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostRef {
-    pub namespace: String,
-    pub name: String,
-}
-
-/// The Service a host names, from a VirtualService in `own_namespace`: `name`,
-/// `name.ns`, `name.ns.svc` or `name.ns.svc.<cluster domain>`. None for anything else
-/// (wildcards, external names), which the caller reports.
-pub fn service_host(host: &str, own_namespace: &str, cluster_domain: &str) -> Option<HostRef> {
-    if host.is_empty() || host.contains('*') || host.contains('/') {
-        return None;
-    }
-    let parts: Vec<&str> = host.split('.').collect();
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    };
-    let (name, namespace) = match parts.as_slice() {
-        [name] => (*name, own_namespace),
-        [name, ns] | [name, ns, "svc"] => (*name, *ns),
-        [name, ns, "svc", rest @ ..] if rest.join(".") == cluster_domain => (*name, *ns),
-        _ => return None,
-    };
-    (label_ok(name) && label_ok(namespace)).then(|| HostRef {
-        namespace: namespace.to_string(),
-        name: name.to_string(),
-    })
-}
-
 impl VirtualServiceSpec {
     /// Whether the rules apply to the mesh (the node proxy): `gateways` absent, empty,
     /// or naming `mesh`.

@@ -119,7 +119,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Metric labels of a backend: Istio's destination_service names.
 fn labels(service: &ObjectKey) -> [String; 3] {
     [
-        format!("{}.{}.svc.cluster.local", service.name, service.namespace),
+        service.service_fqdn(),
         service.name.clone(),
         service.namespace.clone(),
     ]

@@ -23,8 +23,7 @@ use serde::Serialize;
 
 pub use crate::routing::backend::{Backend, EndpointPolicy, LbPolicy};
 use crate::{
-    discovery::cluster::canonical, discovery::cluster::ClusterState,
-    discovery::cluster::CLUSTER_DOMAIN, discovery::virtual_service::service_host, keys::ObjectKey,
+    discovery::cluster::canonical, discovery::cluster::ClusterState, keys::ObjectKey,
     keys::ServicePortRef, routing::balancer::PickSlots,
 };
 
@@ -520,8 +519,7 @@ pub(crate) fn virtual_service_tcp(
                         Some(w) => w.max(0) as u32,
                     };
                     let host = &d.destination.host;
-                    let target = service_host(host, &key.namespace, CLUSTER_DOMAIN)
-                        .map(|h| ObjectKey::new(&h.namespace, &h.name));
+                    let target = ObjectKey::from_service_host(host, &key.namespace).ok();
                     let known = target.is_some();
                     let target = target.unwrap_or_else(|| ObjectKey::new(&key.namespace, host));
                     let backend_port = d

@@ -185,11 +185,9 @@ fn label_of(key: &Option<PodKey>) -> (&str, &str) {
 /// Istio's `destination_service`, `_name` and `_namespace` from `ns/name:port`.
 fn service_labels(service: Option<&ServicePortRef>) -> (String, &str, &str) {
     match service {
-        Some(ServicePortRef { service: key, .. }) => (
-            format!("{}.{}.svc.{CLUSTER_DOMAIN}", key.name, key.namespace),
-            &key.name,
-            &key.namespace,
-        ),
+        Some(ServicePortRef { service: key, .. }) => {
+            (key.service_fqdn(), &key.name, &key.namespace)
+        }
         None => ("unknown".into(), "unknown", "unknown"),
     }
 }
@@ -198,9 +196,6 @@ fn service_labels(service: Option<&ServicePortRef>) -> (String, &str, &str) {
 fn principal(id: &Option<String>) -> &str {
     id.as_deref().unwrap_or("unknown")
 }
-
-/// The cluster DNS domain in `destination_service` host names.
-pub(crate) const CLUSTER_DOMAIN: &str = "cluster.local";
 
 impl ConnectionInfo {
     /// The TCP metric labels from this connection's view.

@@ -89,10 +89,7 @@ impl RequestLog {
             destination_workload: dst_name,
             destination_workload_namespace: dst_ns,
             destination_principal: self.destination_principal.as_deref().unwrap_or("unknown"),
-            destination_service: format!(
-                "{}.{}.svc.cluster.local",
-                backend.name, backend.namespace
-            ),
+            destination_service: backend.service_fqdn(),
             destination_service_name: &backend.name,
             destination_service_namespace: &backend.namespace,
             response_code: &code,

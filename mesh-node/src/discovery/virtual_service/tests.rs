@@ -117,32 +117,6 @@ fn gateways_without_mesh_do_not_bind_the_node_proxy() {
 }
 
 #[test]
-fn hosts_name_services_in_four_spellings_and_nothing_else() {
-    let own = "apps";
-    let svc = |ns: &str, name: &str| {
-        Some(HostRef {
-            namespace: ns.into(),
-            name: name.into(),
-        })
-    };
-    for (host, want) in [
-        ("web", svc("apps", "web")),
-        ("web.prod", svc("prod", "web")),
-        ("web.prod.svc", svc("prod", "web")),
-        ("web.prod.svc.cluster.local", svc("prod", "web")),
-        ("web.prod.svc.other.domain", None),
-        ("*.prod.svc.cluster.local", None),
-        ("example.com", svc("com", "example")),
-        ("www.example.com", None),
-        ("Web", None),
-        ("", None),
-        ("a..b", None),
-    ] {
-        assert_eq!(service_host(host, own, "cluster.local"), want, "{host}");
-    }
-}
-
-#[test]
 fn a_wrong_type_names_the_field() {
     let err = serde_yaml::from_str::<VirtualService>(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\n\

@@ -15,8 +15,11 @@ use gateway_api::apis::experimental::httproutes::{
 use http::{request::Parts, HeaderName, Method};
 
 use crate::{
-    discovery::cluster::ClusterState, discovery::duration::parse_duration, keys::ObjectKey,
-    routing::resolve::backend, routing::resolve::is_service_backend,
+    discovery::cluster::ClusterState,
+    discovery::duration::{optional_timeout, parse_duration, Grammar},
+    keys::ObjectKey,
+    routing::resolve::backend,
+    routing::resolve::is_service_backend,
 };
 use crate::{
     routing::http::filters, routing::http::filters::Filters, routing::http::matching::full_regex,
@@ -42,17 +45,6 @@ pub struct RouteTable {
     /// VirtualServices naming the Service that do not apply to this port because an
     /// HTTPRoute claims it (the Gateway API, the project's native API, wins).
     pub overridden: Vec<ObjectKey>,
-}
-
-fn optional_duration(text: Option<&String>, what: &str) -> Result<Option<Duration>, String> {
-    match text {
-        None => Ok(None),
-        Some(t) => {
-            let d = parse_duration(t).map_err(|e| format!("{what}: {e}"))?;
-            // "0s" disables the timeout.
-            Ok((!d.is_zero()).then_some(d))
-        }
-    }
 }
 
 fn compile_match(m: &HttpRouteRulesMatches) -> Result<RequestMatch, String> {
@@ -136,12 +128,14 @@ fn compile_rule(
         Filters::default()
     });
     let timeouts = rule.timeouts.as_ref();
-    let request_timeout = optional_duration(
-        timeouts.and_then(|t| t.request.as_ref()),
+    let request_timeout = optional_timeout(
+        timeouts.and_then(|t| t.request.as_deref()),
+        Grammar::GatewayApi,
         "timeouts.request",
     );
-    let backend_timeout = optional_duration(
-        timeouts.and_then(|t| t.backend_request.as_ref()),
+    let backend_timeout = optional_timeout(
+        timeouts.and_then(|t| t.backend_request.as_deref()),
+        Grammar::GatewayApi,
         "timeouts.backendRequest",
     );
     let (request_timeout, backend_timeout) = match (request_timeout, backend_timeout) {

@@ -15,13 +15,12 @@ use http::{HeaderName, Method, StatusCode};
 
 use crate::{
     discovery::cluster::ClusterState,
-    discovery::cluster::CLUSTER_DOMAIN,
-    discovery::duration::MAX_DURATION,
+    discovery::duration::{optional_timeout, Grammar},
     discovery::virtual_service::{
-        service_host, HeaderOperations, Headers, HttpMatchRequest, HttpRetry, HttpRoute,
-        StringMatch, VirtualService,
+        HeaderOperations, Headers, HttpMatchRequest, HttpRetry, HttpRoute, StringMatch,
+        VirtualService,
     },
-    keys::ObjectKey,
+    keys::{ObjectKey, CLUSTER_DOMAIN},
     routing::http::filters::{
         header_modifier_from, Filter, Filters, PathModifier, Redirect, UrlRewrite,
     },
@@ -119,8 +118,8 @@ fn compile_route(
         fail(e);
         Filters::default()
     });
-    let request_timeout =
-        optional_duration(route.timeout.as_deref(), "timeout").unwrap_or_else(|e| {
+    let request_timeout = optional_timeout(route.timeout.as_deref(), Grammar::Istio, "timeout")
+        .unwrap_or_else(|e| {
             fail(e);
             None
         });
@@ -184,17 +183,15 @@ fn destinations(
                 Some(w) => w as u32,
             };
             let host = &d.destination.host;
-            let service = service_host(host, &key.namespace, CLUSTER_DOMAIN)
-                .map(|h| ObjectKey::new(&h.namespace, &h.name));
-            let service = match service {
-                Some(s) if state.services.contains_key(&s) => s,
-                Some(s) => {
+            let service = match ObjectKey::from_service_host(host, &key.namespace) {
+                Ok(s) if state.services.contains_key(&s) => s,
+                Ok(s) => {
                     invalid.get_or_insert(format!("destination host {host}: Service {s} does not exist"));
                     s
                 }
-                None => {
+                Err(why) => {
                     invalid.get_or_insert(format!(
-                        "destination host {host} is not a Service of the cluster (name, name.namespace or name.namespace.svc.{CLUSTER_DOMAIN})"
+                        "destination host {host} {why}: write the Service as name, name.namespace or name.namespace.svc.{CLUSTER_DOMAIN}"
                     ));
                     ObjectKey::new(&key.namespace, host)
                 }
@@ -348,7 +345,11 @@ fn retry_policy(r: &HttpRetry) -> Result<(Option<RetryPolicy>, Option<Duration>)
             r.attempts
         ));
     }
-    let per_try = optional_duration(r.per_try_timeout.as_deref(), "retries.perTryTimeout")?;
+    let per_try = optional_timeout(
+        r.per_try_timeout.as_deref(),
+        Grammar::Istio,
+        "retries.perTryTimeout",
+    )?;
     let mut codes = Vec::new();
     for token in r.retry_on.as_deref().unwrap_or("").split(',') {
         match token.trim() {
@@ -376,61 +377,6 @@ fn retry_policy(r: &HttpRetry) -> Result<(Option<RetryPolicy>, Option<Duration>)
         backoff: RETRY_BACKOFF,
     });
     Ok((policy, per_try))
-}
-
-fn optional_duration(text: Option<&str>, what: &str) -> Result<Option<Duration>, String> {
-    match text {
-        None => Ok(None),
-        Some(t) => {
-            let d = parse_duration(t).map_err(|e| format!("{what}: {e}"))?;
-            Ok((!d.is_zero()).then_some(d))
-        }
-    }
-}
-
-/// Istio's durations (protobuf Duration, written as Go does): `10s`, `1.5s`,
-/// `300ms`, `1m30s`, `2h`; units h, m, s, ms, us (µs), ns; up to [`MAX_DURATION`].
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if text.is_empty() {
-        return Err("empty duration: write e.g. 5s, 1.5s or 250ms".into());
-    }
-    let mut rest = text;
-    let mut total = 0f64;
-    while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("`{text}` has no unit: use h, m, s or ms (e.g. 5s)"))?;
-        let n: f64 = rest[..number_len]
-            .parse()
-            .map_err(|_| format!("`{text}` is not a duration (e.g. 1.5s)"))?;
-        let after = &rest[number_len..];
-        let unit_len = after
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(after.len());
-        let scale = match &after[..unit_len] {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 1e-3,
-            "us" | "µs" => 1e-6,
-            "ns" => 1e-9,
-            other => {
-                return Err(format!(
-                    "unknown unit `{other}` in `{text}`: use h, m, s or ms"
-                ))
-            }
-        };
-        total += n * scale;
-        rest = &after[unit_len..];
-    }
-    if !total.is_finite() || total > MAX_DURATION.as_secs_f64() {
-        return Err(format!(
-            "`{text}` is longer than {} days",
-            MAX_DURATION.as_secs() / 86400
-        ));
-    }
-    Ok(Duration::from_secs_f64(total))
 }
 
 #[cfg(test)]

@@ -221,17 +221,6 @@ fn an_httproute_on_the_same_port_wins_and_the_virtual_service_is_shown_overridde
 }
 
 #[test]
-fn istio_durations_parse_with_fractions_and_are_bounded() {
-    assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-    assert_eq!(parse_duration("300ms").unwrap(), Duration::from_millis(300));
-    assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
-    assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
-    for bad in ["", "5", "soon", "1.2.3s", "5d", "999999999999h"] {
-        assert!(parse_duration(bad).is_err(), "{bad}");
-    }
-}
-
-#[test]
 fn tcp_routes_give_weighted_backends_for_their_port_and_subsets_no_endpoints() {
     let text = format!(
         "{BASE}{}",
