@@ -149,6 +149,21 @@ fn the_seeds_canary_by_subset_splits_90_10_and_80_20_within_two_points() {
             "{r:?}"
         );
     }
+    // meshctl shows each subset destination with the endpoints it resolves to.
+    let routes = cluster.meshctl_json("a", &["routes"]).unwrap();
+    let vs = routes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["kind"] == "VirtualService" && r["route"]["name"] == "reviews-route")
+        .unwrap_or_else(|| panic!("no VirtualService in {routes:#}"));
+    let ready: Vec<u64> = vs["rules"][0]["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| b["ready_endpoints"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(ready, [1, 1], "{vs:#}");
 }
 
 #[test]

@@ -7,7 +7,8 @@ use crate::{
     admin::api::BackendView, admin::api::Chosen, admin::api::ParentView, admin::api::RouteKind,
     admin::api::RouteView, admin::api::RuleView, discovery::cluster::ClusterState,
     discovery::virtual_service::HttpMatchRequest, discovery::virtual_service::StringMatch,
-    keys::ObjectKey, routing::balancer::PickCounts, routing::resolve::ready_endpoints,
+    keys::ObjectKey, routing::balancer::PickCounts, routing::resolve::only_port,
+    routing::resolve::subset_backend,
 };
 
 fn string_match(m: &StringMatch) -> String {
@@ -101,14 +102,16 @@ pub fn virtual_service_views(state: &ClusterState, picks: &PickCounts) -> Vec<Ro
                                 .destination
                                 .port
                                 .and_then(|p| u16::try_from(p.number).ok());
-                            let ready = match (&d.destination.subset, port) {
-                                // Subsets do not resolve yet: no endpoints (fail closed).
-                                (Some(_), _) => 0,
-                                (None, Some(port)) => {
-                                    ready_endpoints(state, &service, port, false).len()
-                                }
-                                (None, None) => 0,
-                            };
+                            // As traffic resolves it: a destination without a port
+                            // takes the Service's only port; a subset is the
+                            // DestinationRule's (none defined: no endpoints).
+                            let port = port.or_else(|| only_port(state, &service));
+                            let ready = port.map_or(0, |port| {
+                                let subset = d.destination.subset.as_deref();
+                                subset_backend(state, service.clone(), port, 0, false, subset)
+                                    .endpoints
+                                    .len()
+                            });
                             let picked = by_backend
                                 .iter()
                                 .filter(|(b, _)| **b == service)
