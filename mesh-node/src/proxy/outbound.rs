@@ -51,7 +51,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         &state,
         &ctx.balancer,
         &ctx.splits,
-        Some(peer.ip()),
+        Some(ctx.client_ip(peer, dst.is_ipv6())),
         dst,
     );
     match planned {

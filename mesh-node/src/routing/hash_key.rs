@@ -19,8 +19,11 @@ use crate::{
 #[derive(Debug, Clone, Copy)]
 pub struct KeyedRequest<'a> {
     pub parts: &'a Parts,
-    /// The client's address (its pod's IP and port).
+    /// The client's address as the proxy accepted it (a made-up cookie derives from
+    /// it).
     pub src: SocketAddr,
+    /// The client pod's IP (`useSourceIp`).
+    pub source_ip: IpAddr,
 }
 
 /// The hash of a request's key, and the cookie to set on its response.
@@ -93,7 +96,7 @@ pub(crate) fn request_hash(policy: &HashPolicy, request: &KeyedRequest<'_>) -> R
             set_cookie: None,
         },
         HashKey::SourceIp => RequestHash {
-            hash: Some(source_hash(request.src.ip())),
+            hash: Some(source_hash(request.source_ip)),
             set_cookie: None,
         },
         HashKey::Cookie { name, path, ttl_ms } => {

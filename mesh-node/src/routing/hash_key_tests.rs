@@ -24,7 +24,8 @@ fn hash(key: HashKey, uri: &str, headers: &[(&str, &str)]) -> RequestHash {
         &policy(key),
         &KeyedRequest {
             parts: &p,
-            src: "10.0.0.7:41000".parse().unwrap(),
+            src: "127.0.0.1:41000".parse().unwrap(),
+            source_ip: "10.0.0.7".parse().unwrap(),
         },
     )
 }

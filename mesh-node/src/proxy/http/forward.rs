@@ -270,6 +270,7 @@ async fn attempt(
     let keys = KeyedRequest {
         parts,
         src: frontend.src,
+        source_ip: ctx.client_ip(frontend.src, frontend.want_v6),
     };
     let planned = plan::request_keyed(
         &ctx.router.table(state),
