@@ -295,6 +295,7 @@ fn resolution_view_with(
                     subset: b.subset.clone(),
                     subset_error: b.subset_error.clone(),
                     load_balancer: b.policy.load_balancer,
+                    consistent_hash: b.policy.consistent_hash.clone(),
                     outlier_detection: b.policy.outlier_detection,
                     outliers: balancer
                         .map(|bal| bal.outliers(&b.service, b.port))
@@ -461,7 +462,9 @@ mod tests {
                     policy: crate::routing::resolve::EndpointPolicy {
                         load_balancer: crate::routing::resolve::LbPolicy::LeastRequest,
                         outlier_detection: None,
+                        consistent_hash: None,
                     },
+                    ring: Default::default(),
                 }],
             }),
             http_routes: route_views(&state, &PickCounts::new()),

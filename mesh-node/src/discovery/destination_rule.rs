@@ -123,9 +123,11 @@ pub struct LoadBalancerSettings {
     /// PASSTHROUGH is reported as not implemented.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simple: Option<String>,
-    /// Not implemented yet (reported; the simple policy applies).
+    /// Hash a key of each request or connection onto the endpoints
+    /// (`discovery::consistent_hash`; kept raw here so a broken one never breaks the
+    /// rest of the rule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "any_object")]
+    #[schemars(schema_with = "crate::discovery::consistent_hash::schema")]
     pub consistent_hash: Option<serde_json::Value>,
     /// Not implemented (reported).
     #[serde(default, skip_serializing_if = "Option::is_none")]

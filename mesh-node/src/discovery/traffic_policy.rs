@@ -13,6 +13,7 @@ use std::{collections::BTreeMap, time::Duration};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    discovery::consistent_hash::HashPolicy,
     discovery::destination_rule::{ClientTlsSettings, ConnectionPoolSettings, TrafficPolicy},
     discovery::destination_rule::{
         DestinationRule, LoadBalancerSettings, OutlierDetection, PortTrafficPolicy,
@@ -38,6 +39,9 @@ pub enum LbPolicy {
     /// The less busy of two random endpoints (power of two choices) by picks in flight;
     /// Istio's LEAST_CONN is the same.
     LeastRequest,
+    /// `consistentHash`: by the key the policy's `consistent_hash` names (a request or
+    /// connection without it: at random).
+    ConsistentHash,
 }
 
 /// Outlier detection in force: Istio's defaults filled in.
@@ -72,6 +76,8 @@ mod millis {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct PolicyLayer {
     pub load_balancer: Option<LbPolicy>,
+    /// Some when `load_balancer` is [`LbPolicy::ConsistentHash`].
+    pub consistent_hash: Option<HashPolicy>,
     pub outlier_detection: Option<OutlierPolicy>,
 }
 
@@ -93,6 +99,8 @@ pub struct CompiledSubset {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct EndpointPolicy {
     pub load_balancer: LbPolicy,
+    /// Some when `load_balancer` is [`LbPolicy::ConsistentHash`]: what is hashed, how.
+    pub consistent_hash: Option<HashPolicy>,
     pub outlier_detection: Option<OutlierPolicy>,
 }
 
@@ -108,6 +116,9 @@ impl Serialize for EndpointPolicy {
             &(self.load_balancer == LbPolicy::LeastRequest),
         )?;
         m.serialize_entry("load_balancer", &self.load_balancer)?;
+        if let Some(hash) = &self.consistent_hash {
+            m.serialize_entry("consistent_hash", hash)?;
+        }
         if let Some(od) = &self.outlier_detection {
             m.serialize_entry("outlier_detection", od)?;
         }
@@ -130,6 +141,11 @@ pub enum ProblemReason {
     Shadowed,
     /// Reported, not applied; the rest of the rule applies.
     NotImplemented,
+    /// A field that cannot be applied as written is left out (reported); the rest of
+    /// the rule applies (consistentHash).
+    InvalidField,
+    /// A value above what Nodemesh allows is capped (reported); the rest applies.
+    Capped,
 }
 
 impl ProblemReason {
@@ -143,6 +159,8 @@ impl ProblemReason {
             ProblemReason::TooLarge => "too_large",
             ProblemReason::Shadowed => "shadowed",
             ProblemReason::NotImplemented => "not_implemented",
+            ProblemReason::InvalidField => "invalid_field",
+            ProblemReason::Capped => "capped",
         }
     }
 
@@ -150,7 +168,10 @@ impl ProblemReason {
     pub fn rejects(self) -> bool {
         !matches!(
             self,
-            ProblemReason::NotImplemented | ProblemReason::Shadowed
+            ProblemReason::NotImplemented
+                | ProblemReason::Shadowed
+                | ProblemReason::InvalidField
+                | ProblemReason::Capped
         )
     }
 }
@@ -204,11 +225,11 @@ impl CompiledRule {
         }
         layers.extend(self.policy.ports.get(&port));
         layers.push(&self.policy.default);
+        // The first layer with a load balancer decides it (and its hash policy).
+        let lb = layers.iter().find(|l| l.load_balancer.is_some());
         Some(EndpointPolicy {
-            load_balancer: layers
-                .iter()
-                .find_map(|l| l.load_balancer)
-                .unwrap_or_default(),
+            load_balancer: lb.and_then(|l| l.load_balancer).unwrap_or_default(),
+            consistent_hash: lb.and_then(|l| l.consistent_hash.clone()),
             outlier_detection: layers.iter().find_map(|l| l.outlier_detection),
         })
     }
@@ -271,9 +292,24 @@ impl Compiler {
         }
     }
 
-    fn load_balancer(&mut self, field: &str, lb: &LoadBalancerSettings) -> Option<LbPolicy> {
-        if lb.consistent_hash.is_some() {
-            self.not_implemented(&format!("{field}.consistentHash"), "consistent hashing");
+    fn load_balancer(
+        &mut self,
+        field: &str,
+        lb: &LoadBalancerSettings,
+    ) -> (Option<LbPolicy>, Option<HashPolicy>) {
+        if let Some(raw) = &lb.consistent_hash {
+            let field = format!("{field}.consistentHash");
+            if lb.simple.is_some() {
+                self.problem(
+                    &field,
+                    ProblemReason::InvalidField,
+                    "set either simple or consistentHash, not both: simple applies",
+                );
+            } else if let Some(hash) =
+                crate::discovery::consistent_hash::compile(&field, raw, &mut self.problems)
+            {
+                return (Some(LbPolicy::ConsistentHash), Some(hash));
+            }
         }
         if lb.locality_lb_setting.is_some() {
             self.not_implemented(
@@ -284,8 +320,10 @@ impl Compiler {
         if lb.warmup_duration_secs.is_some() {
             self.not_implemented(&format!("{field}.warmupDurationSecs"), "slow start");
         }
-        let simple = lb.simple.as_deref()?;
-        match simple {
+        let Some(simple) = lb.simple.as_deref() else {
+            return (None, None);
+        };
+        let policy = match simple {
             "ROUND_ROBIN" => Some(LbPolicy::RoundRobin),
             "RANDOM" => Some(LbPolicy::Random),
             "LEAST_REQUEST" | "LEAST_CONN" => Some(LbPolicy::LeastRequest),
@@ -305,7 +343,8 @@ impl Compiler {
                 );
                 None
             }
-        }
+        };
+        (policy, None)
     }
 
     fn outlier(&mut self, field: &str, od: &OutlierDetection) -> OutlierPolicy {
@@ -399,9 +438,12 @@ impl Compiler {
         if let Some(tls) = tls {
             self.tls(&format!("{field}.tls"), tls);
         }
+        let (load_balancer, consistent_hash) = lb
+            .map(|lb| self.load_balancer(&format!("{field}.loadBalancer"), lb))
+            .unwrap_or_default();
         PolicyLayer {
-            load_balancer: lb
-                .and_then(|lb| self.load_balancer(&format!("{field}.loadBalancer"), lb)),
+            load_balancer,
+            consistent_hash,
             outlier_detection: od.map(|od| self.outlier(&format!("{field}.outlierDetection"), od)),
         }
     }

@@ -46,11 +46,12 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let state = ctx.state.borrow().clone();
     let mut info = ConnectionInfo::new(Direction::Outbound, ctx.pod.clone(), peer, dst);
     // (The routing table is held only while planning.)
-    let planned = plan::connection(
+    let planned = plan::connection_from(
         &ctx.router.table(&state),
         &state,
         &ctx.balancer,
         &ctx.splits,
+        Some(ctx.client_ip(peer, dst.is_ipv6())),
         dst,
     );
     match planned {

@@ -73,6 +73,23 @@ pub(crate) struct PodContext {
     pub limits: PodLimits,
 }
 
+impl PodContext {
+    /// The client's IP for a connection accepted from `peer`: the in-pod listeners see
+    /// the application's loopback address, so it is the pod's own IP (of the family
+    /// the application connected with) — what `consistentHash.useSourceIp` hashes.
+    pub(crate) fn client_ip(&self, peer: SocketAddr, want_v6: bool) -> IpAddr {
+        if !peer.ip().is_loopback() {
+            return peer.ip();
+        }
+        self.ips
+            .iter()
+            .find(|ip| ip.is_ipv6() == want_v6)
+            .or(self.ips.first())
+            .copied()
+            .unwrap_or(peer.ip())
+    }
+}
+
 /// Accepts forever, one task per connection, each holding a slot of the pod's budget
 /// for its listener (the listener's port says which: outbound, inbound or HBONE). A
 /// connection beyond the budget is reset at once and counted as `pod_connection_limit`.

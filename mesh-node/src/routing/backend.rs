@@ -7,7 +7,7 @@ use serde::Serialize;
 
 pub(crate) use crate::discovery::traffic_policy::OutlierPolicy;
 pub use crate::discovery::traffic_policy::{EndpointPolicy, LbPolicy};
-use crate::keys::ObjectKey;
+use crate::{keys::ObjectKey, routing::hash_ring::RingCache};
 
 /// One weighted backend Service of a resolved destination.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -29,6 +29,9 @@ pub struct Backend {
     /// for this port and subset; round-robin without one).
     #[serde(flatten)]
     pub policy: EndpointPolicy,
+    /// The consistent-hash ring over `endpoints` (built on the first hashed pick).
+    #[serde(skip)]
+    pub ring: RingCache,
 }
 
 impl Backend {

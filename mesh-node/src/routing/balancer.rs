@@ -13,7 +13,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, OnceLock,
@@ -24,6 +24,7 @@ use std::{
 use crate::{
     keys::ObjectKey,
     routing::backend::{Backend, LbPolicy, OutlierPolicy},
+    routing::hash_key::connection_hash,
     routing::outlier::{EndpointOutlier, Outliers, Signal},
     routing::splits::{signature, ClientSplits, SignatureEntry},
     telemetry::metrics::OutlierMetrics,
@@ -323,6 +324,24 @@ impl Balancer {
     where
         I: Iterator<Item = &'b Backend> + Clone,
     {
+        self.pick_cached_from(client, slots, service, port, eligible, None)
+    }
+
+    /// [`Balancer::pick_cached`] for a connection from `source` (the client pod's IP):
+    /// a backend whose policy hashes the source IP (`consistentHash.useSourceIp`) sends
+    /// every connection of one client to one endpoint.
+    pub fn pick_cached_from<'b, I>(
+        &self,
+        client: &ClientSplits,
+        slots: &PickSlots,
+        service: &ObjectKey,
+        port: u16,
+        eligible: I,
+        source: Option<IpAddr>,
+    ) -> Option<Pick>
+    where
+        I: Iterator<Item = &'b Backend> + Clone,
+    {
         let fresh;
         let slots = match slots.0.get() {
             Some(s) if s.balancer == self.id => s,
@@ -343,7 +362,10 @@ impl Balancer {
         let (count, backend_slot) = slots.backends.get(k)?;
         count.fetch_add(1, Ordering::Relaxed);
         let name = slots.names.get(k)?.clone();
-        self.endpoint_of(eligible.clone().nth(k)?, backend_slot, name)
+        let backend = eligible.clone().nth(k)?;
+        let hash =
+            source.and_then(|ip| connection_hash(backend.policy.consistent_hash.as_ref(), ip));
+        self.endpoint_of(backend, backend_slot, name, hash)
     }
 
     fn slots<'b>(
@@ -435,11 +457,17 @@ impl Balancer {
     /// An endpoint of `backend` by its policy, skipping ejected endpoints; None
     /// without any (or when every one is ejected).
     pub fn pick_endpoint(&self, backend: &Backend) -> Option<Pick> {
+        self.pick_endpoint_hashed(backend, None)
+    }
+
+    /// [`Balancer::pick_endpoint`] for a request whose consistent-hash key hashes to
+    /// `hash` (None: it has none; or the backend does not hash).
+    pub fn pick_endpoint_hashed(&self, backend: &Backend, hash: Option<u64>) -> Option<Pick> {
         if backend.endpoints.is_empty() {
             return None;
         }
         let slot = slot(&self.backends, &backend.service, backend.port);
-        self.endpoint_of(backend, &slot, Arc::new(backend.service.clone()))
+        self.endpoint_of(backend, &slot, Arc::new(backend.service.clone()), hash)
     }
 
     fn endpoint_of(
@@ -447,6 +475,7 @@ impl Balancer {
         backend: &Backend,
         slot: &Arc<BackendSlot>,
         name: Arc<ObjectKey>,
+        hash: Option<u64>,
     ) -> Option<Pick> {
         let endpoints = &backend.endpoints;
         let n = endpoints.len();
@@ -476,6 +505,17 @@ impl Balancer {
                 Some(_) => (0..n).filter(|i| allowed(*i)).nth(k).unwrap_or(0),
             }
         };
+        // The consistent-hash ring, built (once per backend) before taking the lock.
+        let ring = match (
+            backend.policy.load_balancer,
+            hash,
+            &backend.policy.consistent_hash,
+        ) {
+            (LbPolicy::ConsistentHash, Some(h), Some(policy)) => {
+                Some((h, backend.ring.get(endpoints, policy.table)))
+            }
+            _ => None,
+        };
         let mut active = lock(&self.active);
         let index = match backend.policy.load_balancer {
             LbPolicy::RoundRobin => {
@@ -483,6 +523,11 @@ impl Balancer {
                 nth_allowed(turn % available)
             }
             LbPolicy::Random => nth_allowed(rand::random_range(0..available)),
+            // The key's endpoint on the ring, or the next one outlier detection has
+            // not ejected; without a key, at random (as Envoy).
+            LbPolicy::ConsistentHash => ring
+                .and_then(|(h, ring)| ring.lookup(h, allowed))
+                .unwrap_or_else(|| nth_allowed(rand::random_range(0..available))),
             LbPolicy::LeastRequest if available == 1 => nth_allowed(0),
             LbPolicy::LeastRequest => {
                 // Power of two choices: two distinct endpoints at random, the one

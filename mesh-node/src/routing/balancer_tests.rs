@@ -16,7 +16,9 @@ fn backend(name: &str, weight: u32, endpoints: &[&str], least: bool) -> Backend 
                 LbPolicy::RoundRobin
             },
             outlier_detection: None,
+            consistent_hash: None,
         },
+        ring: Default::default(),
     }
 }
 

@@ -40,7 +40,9 @@ fn backend(eps: &[SocketAddr], lb: LbPolicy, od: Option<OutlierPolicy>) -> Backe
         policy: EndpointPolicy {
             load_balancer: lb,
             outlier_detection: od,
+            consistent_hash: None,
         },
+        ring: Default::default(),
     }
 }
 
@@ -99,4 +101,57 @@ fn random_spreads_and_least_request_avoids_the_busy_endpoint() {
     }
     assert_eq!(to_busy, 0, "the busy endpoint always loses its comparison");
     drop(held);
+}
+
+#[test]
+fn consistent_hash_keeps_a_key_on_one_endpoint_and_moves_it_off_an_ejected_one() {
+    use crate::discovery::consistent_hash::{HashKey, HashPolicy, HashTable};
+    let b = Balancer::new();
+    let eps = addrs(4);
+    let mut backend = backend(
+        &eps,
+        LbPolicy::ConsistentHash,
+        Some(policy_for_tests(MS(60_000))),
+    );
+    backend.policy.consistent_hash = Some(HashPolicy {
+        key: HashKey::Header {
+            name: "x-user".into(),
+        },
+        table: HashTable::RingHash {
+            minimum_ring_size: 1024,
+        },
+    });
+    let home = |key: u64| {
+        b.pick_endpoint_hashed(&backend, Some(key))
+            .unwrap()
+            .endpoint
+    };
+    let keys: Vec<u64> = (0..64u64)
+        .map(|k| k.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .collect();
+    let homes: Vec<SocketAddr> = keys.iter().map(|k| home(*k)).collect();
+    for (k, h) in keys.iter().zip(&homes) {
+        assert!((0..20).all(|_| home(*k) == *h), "key {k} moved");
+    }
+    let used: std::collections::HashSet<&SocketAddr> = homes.iter().collect();
+    assert!(used.len() >= 3, "keys spread: {used:?}");
+    // Without a key: any endpoint (at random).
+    let keyless: std::collections::HashSet<SocketAddr> = (0..200)
+        .map(|_| b.pick_endpoint_hashed(&backend, None).unwrap().endpoint)
+        .collect();
+    assert_eq!(keyless.len(), 4);
+    // Eject the first key's endpoint: its keys move, the others stay.
+    let ejected = homes[0];
+    for _ in 0..3 {
+        b.pick_endpoint_hashed(&backend, Some(keys[0]))
+            .unwrap()
+            .report(http(500));
+    }
+    for (k, h) in keys.iter().zip(&homes) {
+        let now = home(*k);
+        assert_ne!(now, ejected);
+        if *h != ejected {
+            assert_eq!(now, *h, "a key not on the ejected endpoint moved");
+        }
+    }
 }

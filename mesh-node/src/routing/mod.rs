@@ -5,6 +5,8 @@
 
 pub(crate) mod backend;
 pub mod balancer;
+pub mod hash_key;
+pub mod hash_ring;
 pub mod http;
 pub mod outlier;
 pub mod plan;

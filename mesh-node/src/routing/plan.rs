@@ -9,13 +9,19 @@
 //! The L4 proxy, the L7 proxy and `meshctl node trace` all call this module; trace
 //! stops short of the pick ([`route`]) and lists the candidates instead.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use http::HeaderValue;
 
 use crate::{
     discovery::cluster::ClusterState,
     keys::ObjectKey,
     keys::ServicePortRef,
     routing::balancer::{Balancer, Pick},
+    routing::hash_key::{request_hash, KeyedRequest, RequestHash},
     routing::http::routes::{BackendTarget, Rule},
     routing::resolve::{Lookup, ServiceRoute},
     routing::splits::ClientSplits,
@@ -180,6 +186,19 @@ pub fn connection(
     client: &ClientSplits,
     dst: SocketAddr,
 ) -> Plan {
+    connection_from(table, state, balancer, client, None, dst)
+}
+
+/// [`connection`] from `source` (the client pod's IP), which a backend's
+/// `consistentHash.useSourceIp` hashes.
+pub fn connection_from(
+    table: &RoutingTable,
+    state: &ClusterState,
+    balancer: &Balancer,
+    client: &ClientSplits,
+    source: Option<IpAddr>,
+    dst: SocketAddr,
+) -> Plan {
     match route(table, state, dst) {
         Route::Direct(endpoint) => Plan::Forward(Forward {
             service: None,
@@ -190,12 +209,13 @@ pub fn connection(
         Route::Refused { frontend, refusal } => Plan::Refused { frontend, refusal },
         Route::Service(service) => {
             let frontend = &service.frontend;
-            let picked = balancer.pick_cached(
+            let picked = balancer.pick_cached_from(
                 client,
                 &service.slots,
                 &frontend.service,
                 frontend.port,
                 service.eligible(),
+                source,
             );
             let Some(pick) = picked else {
                 // Every endpoint of the chosen backend is ejected by outlier
@@ -222,6 +242,9 @@ pub struct RequestPlan<'r> {
     pub endpoint: Endpoint,
     /// Report the request's outcome through it; hold it until the response arrives.
     pub pick: Pick,
+    /// The consistent-hash cookie the proxy made up for the request (`httpCookie` with
+    /// a `ttl`, absent from the request): set it on the response.
+    pub set_cookie: Option<HeaderValue>,
 }
 
 /// Why a request is answered by the proxy instead of a backend.
@@ -262,6 +285,22 @@ pub fn request<'r>(
     port: u16,
     rule: &'r Rule,
 ) -> Result<RequestPlan<'r>, RequestRefusal<'r>> {
+    request_keyed(table, state, balancer, client, service, port, rule, None)
+}
+
+/// [`request`] with what the backend's consistent-hash policy may hash (`None`: the
+/// request offers no key, and a hashing backend picks at random).
+#[allow(clippy::too_many_arguments)]
+pub fn request_keyed<'r>(
+    table: &RoutingTable,
+    state: &ClusterState,
+    balancer: &Balancer,
+    client: &ClientSplits,
+    service: &ObjectKey,
+    port: u16,
+    rule: &'r Rule,
+    keys: Option<&KeyedRequest<'_>>,
+) -> Result<RequestPlan<'r>, RequestRefusal<'r>> {
     let backends = rule.backends.iter().map(|t| &t.backend);
     let index = balancer
         .choose_among(client, &rule.frontend(service), port, backends)
@@ -270,13 +309,18 @@ pub fn request<'r>(
     if let Some(reason) = &target.invalid {
         return Err(RequestRefusal::InvalidBackend { target, reason });
     }
+    let RequestHash { hash, set_cookie } = keys
+        .zip(target.backend.policy.consistent_hash.as_ref())
+        .map(|(keys, policy)| request_hash(policy, keys))
+        .unwrap_or_default();
     let pick = balancer
-        .pick_endpoint(&target.backend)
+        .pick_endpoint_hashed(&target.backend, hash)
         .ok_or(RequestRefusal::NoReadyEndpoint { target })?;
     Ok(RequestPlan {
         target,
         endpoint: Endpoint::new(table, state, pick.endpoint),
         pick,
+        set_cookie,
     })
 }
 

@@ -255,6 +255,7 @@ fn backend_of(
             LbPolicy::RoundRobin
         },
         outlier_detection: None,
+        consistent_hash: None,
     };
     let rule = state.destination_rule_for(&service);
     let (policy, labels, subset_error) = match (rule, subset) {
@@ -299,6 +300,7 @@ fn backend_of(
         subset: subset.map(str::to_string),
         subset_error,
         policy,
+        ring: Default::default(),
     }
 }
 

@@ -162,7 +162,9 @@ mod tests {
             policy: crate::routing::backend::EndpointPolicy {
                 load_balancer: crate::routing::backend::LbPolicy::RoundRobin,
                 outlier_detection: None,
+                consistent_hash: None,
             },
+            ring: Default::default(),
         }
     }
 

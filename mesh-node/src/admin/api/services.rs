@@ -5,9 +5,9 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    admin::api::RouteView, discovery::traffic_policy::LbPolicy,
-    discovery::traffic_policy::OutlierPolicy, discovery::traffic_policy::Problem, keys::ObjectKey,
-    routing::outlier::EndpointOutlier,
+    admin::api::RouteView, discovery::consistent_hash::HashPolicy,
+    discovery::traffic_policy::LbPolicy, discovery::traffic_policy::OutlierPolicy,
+    discovery::traffic_policy::Problem, keys::ObjectKey, routing::outlier::EndpointOutlier,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +85,9 @@ pub struct ResolvedBackendView {
     /// How an endpoint is chosen.
     #[serde(default)]
     pub load_balancer: LbPolicy,
+    /// What a consistent-hash load balancer hashes, and how (CONSISTENT_HASH only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<HashPolicy>,
     /// Outlier detection in force (None: off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierPolicy>,
@@ -120,6 +123,7 @@ mod tests {
                         subset: None,
                         subset_error: None,
                         load_balancer: LbPolicy::RoundRobin,
+                        consistent_hash: None,
                         outlier_detection: None,
                         outliers: vec![],
                     }],

@@ -228,6 +228,9 @@ fn backend_line(b: &ResolvedBackendView) -> String {
     }
     if b.load_balancer != LbPolicy::RoundRobin {
         line.push_str(&format!("\n  lb {:?}", b.load_balancer));
+        if let Some(hash) = &b.consistent_hash {
+            line.push_str(&format!(" on {hash}"));
+        }
     }
     if let Some(od) = &b.outlier_detection {
         line.push_str(&format!(

@@ -22,12 +22,12 @@ use crate::{
 use crate::{
     proxy::http::box_body, proxy::http::upstream, proxy::http::upstream::peer_of,
     proxy::http::upstream::Protocol, proxy::http::upstream::UpstreamError, proxy::http::ProxyBody,
-    routing::balancer::Outcome, routing::http::filters::authority, routing::http::filters::Filters,
-    routing::http::filters::RequestAction, routing::http::matching::PathMatch,
-    routing::http::routes::BackendTarget, routing::http::routes::Rule, routing::plan,
-    routing::plan::RequestPlan, routing::plan::RequestRefusal, telemetry::outcome::ResponseFlags,
-    telemetry::request::flags, telemetry::request::LoggedBody, telemetry::request::RequestLog,
-    telemetry::trace_context,
+    routing::balancer::Outcome, routing::hash_key::KeyedRequest, routing::http::filters::authority,
+    routing::http::filters::Filters, routing::http::filters::RequestAction,
+    routing::http::matching::PathMatch, routing::http::routes::BackendTarget,
+    routing::http::routes::Rule, routing::plan, routing::plan::RequestPlan,
+    routing::plan::RequestRefusal, telemetry::outcome::ResponseFlags, telemetry::request::flags,
+    telemetry::request::LoggedBody, telemetry::request::RequestLog, telemetry::trace_context,
 };
 
 /// Request bodies up to this size are kept so a retry can resend them.
@@ -239,6 +239,8 @@ fn upstream_request(
 struct Attempt {
     response: Response<Incoming>,
     backend: BackendTarget,
+    /// The consistent-hash cookie the proxy made up, to set on the response.
+    set_cookie: Option<HeaderValue>,
 }
 
 /// Sends one attempt to the next weighted backend of `rule`.
@@ -265,7 +267,12 @@ async fn attempt(
         parts,
         upgrade,
     } = *x;
-    let planned = plan::request(
+    let keys = KeyedRequest {
+        parts,
+        src: frontend.src,
+        source_ip: ctx.client_ip(frontend.src, frontend.want_v6),
+    };
+    let planned = plan::request_keyed(
         &ctx.router.table(state),
         state,
         &ctx.balancer,
@@ -273,6 +280,7 @@ async fn attempt(
         &frontend.service,
         frontend.port,
         rule,
+        Some(&keys),
     );
     // The chosen backend is logged whatever becomes of the request.
     let chosen = planned
@@ -285,6 +293,7 @@ async fn attempt(
         target,
         endpoint,
         pick,
+        set_cookie,
     } = planned.map_err(|refusal| match refusal {
         RequestRefusal::NoWeightedBackend => Failure::Invalid(format!(
             "rule {} has no backend with a positive weight",
@@ -330,6 +339,7 @@ async fn attempt(
     Ok(Attempt {
         response,
         backend: target.clone(),
+        set_cookie,
     })
 }
 
@@ -547,6 +557,7 @@ pub(crate) async fn handle(
         Ok(Attempt {
             mut response,
             backend,
+            set_cookie,
         }) => {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 if let Some(down) = downstream_upgrade {
@@ -556,6 +567,9 @@ pub(crate) async fn handle(
                 strip_hop_by_hop(response.headers_mut(), false);
             }
             apply_response_headers(response.headers_mut(), &rule, Some(&backend));
+            if let Some(cookie) = set_cookie {
+                response.headers_mut().append(header::SET_COOKIE, cookie);
+            }
             let (parts, body) = response.into_parts();
             Ok(logged(
                 log,
