@@ -22,7 +22,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    discovery::traffic_policy::{parse_istio_duration, Problem, ProblemReason},
+    discovery::duration::parse_istio_duration,
+    discovery::traffic_policy::{Problem, ProblemReason},
     telemetry::log_limit::clip,
 };
 
