@@ -577,6 +577,7 @@ impl Workloads {
             http_upstreams: Default::default(),
             budget: crate::limits::PodBudget::new(&self.settings.limits, &self.metrics),
             limits: self.settings.limits,
+            mirrors: Default::default(),
         });
         let mut listeners = Vec::new();
         let mut tasks = Vec::new();

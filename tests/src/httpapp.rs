@@ -47,6 +47,9 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// Attempts seen per `x-request-id`, for `x-fail-attempts`.
 type Attempts = Arc<Mutex<HashMap<String, u32>>>;
+/// Requests served, by their host (authority): `GET /__seen` answers them as JSON
+/// (`{"hosts": {"web:80": 3}}`) and is not counted itself.
+type Seen = Arc<Mutex<BTreeMap<String, u64>>>;
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -59,8 +62,26 @@ async fn echo(
     peer: SocketAddr,
     pod: Arc<String>,
     attempts: Attempts,
+    seen: Seen,
     always: Behaviour,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| request.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    {
+        let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        if request.uri().path() == "/__seen" {
+            let report = serde_json::json!({ "pod": *pod, "hosts": *seen });
+            let mut r = text(StatusCode::OK, report.to_string());
+            r.headers_mut().insert("x-served-by", header_value(&pod));
+            return Ok(r);
+        }
+        *seen.entry(host).or_insert(0) += 1;
+    }
     let query: HashMap<String, String> = request
         .uri()
         .query()
@@ -199,6 +220,7 @@ pub fn serve(listen: Vec<SocketAddr>, pod: String, always: Behaviour) -> ! {
     rt.block_on(async move {
         let pod = Arc::new(pod);
         let attempts: Attempts = Arc::default();
+        let seen: Seen = Arc::default();
         let mut listeners = Vec::new();
         for addr in &listen {
             match bind(*addr) {
@@ -212,13 +234,13 @@ pub fn serve(listen: Vec<SocketAddr>, pod: String, always: Behaviour) -> ! {
         println!("ready");
         let mut tasks = Vec::new();
         for listener in listeners {
-            let (pod, attempts) = (pod.clone(), attempts.clone());
+            let (pod, attempts, seen) = (pod.clone(), attempts.clone(), seen.clone());
             tasks.push(tokio::spawn(async move {
                 while let Ok((stream, peer)) = listener.accept().await {
-                    let (pod, attempts) = (pod.clone(), attempts.clone());
+                    let (pod, attempts, seen) = (pod.clone(), attempts.clone(), seen.clone());
                     tokio::spawn(async move {
                         let svc = service_fn(move |r| {
-                            echo(r, peer, pod.clone(), attempts.clone(), always)
+                            echo(r, peer, pod.clone(), attempts.clone(), seen.clone(), always)
                         });
                         let _ = auto::Builder::new(TokioExecutor::new())
                             .serve_connection_with_upgrades(TokioIo::new(stream), svc)

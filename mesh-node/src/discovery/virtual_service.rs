@@ -80,22 +80,22 @@ pub struct HttpRoute {
     pub retries: Option<HttpRetry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<Headers>,
-    /// Not implemented yet (reported).
+    /// Delays and aborts injected into a share of the requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "any_value")]
-    pub fault: Option<serde_json::Value>,
-    /// Not implemented yet (reported).
+    pub fault: Option<HttpFaultInjection>,
+    /// A copy of each request (of `mirrorPercentage`, all when absent) goes here; its
+    /// answer is dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "any_value")]
-    pub mirror: Option<serde_json::Value>,
-    /// Not implemented yet (reported).
+    pub mirror: Option<Destination>,
+    /// Mirrors, each with its own share (Istio's newer field; with `mirror` too, both
+    /// apply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "any_value")]
-    pub mirrors: Option<serde_json::Value>,
-    /// Not implemented yet (reported).
+    pub mirrors: Option<Vec<HttpMirrorPolicy>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "any_value")]
-    pub mirror_percentage: Option<serde_json::Value>,
+    pub mirror_percentage: Option<Percent>,
+    /// Deprecated whole-number share of `mirror`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_percent: Option<u32>,
     /// Not implemented (reported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_value")]
@@ -108,6 +108,65 @@ pub struct HttpRoute {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_value")]
     pub direct_response: Option<serde_json::Value>,
+}
+
+/// A share of requests: 0 to 100, with a fraction (`0.1` is one in a thousand).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, JsonSchema)]
+pub struct Percent {
+    pub value: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpFaultInjection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+/// Istio's rule: without `percentage` (or the deprecated `percent`) no request is
+/// delayed.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    /// e.g. `5s`, `1.5s`, `200ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixed_delay: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<Percent>,
+    /// Deprecated whole-number share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    /// Not implemented (reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exponential_delay: Option<String>,
+}
+
+/// Istio's rule: without `percentage` no request is aborted.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    /// 200 to 599.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<Percent>,
+    /// Not implemented (reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<String>,
+    /// Not implemented (reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2_error: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpMirrorPolicy {
+    pub destination: Destination,
+    /// All requests when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<Percent>,
 }
 
 /// Exactly one of `exact`, `prefix`, `regex` (RE2 syntax, matching the whole value).
@@ -331,10 +390,27 @@ impl VirtualServiceSpec {
         note(self.export_to.is_some(), "exportTo".into());
         for (i, r) in self.http.iter().enumerate() {
             for (field, present) in [
-                ("fault", r.fault.is_some()),
-                ("mirror", r.mirror.is_some()),
-                ("mirrors", r.mirrors.is_some()),
-                ("mirrorPercentage", r.mirror_percentage.is_some()),
+                (
+                    "fault.delay.exponentialDelay",
+                    r.fault
+                        .as_ref()
+                        .and_then(|f| f.delay.as_ref())
+                        .is_some_and(|d| d.exponential_delay.is_some()),
+                ),
+                (
+                    "fault.abort.grpcStatus",
+                    r.fault
+                        .as_ref()
+                        .and_then(|f| f.abort.as_ref())
+                        .is_some_and(|a| a.grpc_status.is_some()),
+                ),
+                (
+                    "fault.abort.http2Error",
+                    r.fault
+                        .as_ref()
+                        .and_then(|f| f.abort.as_ref())
+                        .is_some_and(|a| a.http2_error.is_some()),
+                ),
                 ("corsPolicy", r.cors_policy.is_some()),
                 ("delegate", r.delegate.is_some()),
                 ("directResponse", r.direct_response.is_some()),

@@ -71,6 +71,8 @@ pub(crate) struct PodContext {
     /// it are refused.
     pub budget: PodBudget,
     pub limits: PodLimits,
+    /// This pod's mirrored copies in flight (bounded).
+    pub mirrors: crate::proxy::http::mirror::MirrorSlots,
 }
 
 impl PodContext {

@@ -324,6 +324,18 @@ pub fn request_keyed<'r>(
     })
 }
 
+/// Where a mirrored copy of a request goes: an endpoint of the mirror's backend, by its
+/// policy (None without a ready one). `table` must be `state`'s.
+pub fn mirror(
+    table: &RoutingTable,
+    state: &ClusterState,
+    balancer: &Balancer,
+    backend: &crate::routing::resolve::Backend,
+) -> Option<(Endpoint, Pick)> {
+    let pick = balancer.pick_endpoint(backend)?;
+    Some((Endpoint::new(table, state, pick.endpoint), pick))
+}
+
 /// The backends a request or connection may be sent to, with their endpoints: those
 /// with a positive weight and a ready endpoint (what trace lists as candidates).
 pub fn candidates<'b>(

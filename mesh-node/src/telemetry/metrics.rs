@@ -160,6 +160,8 @@ pub struct Metrics {
     /// HTTP requests on L7 routes.
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
+    /// Mirrored copies of requests, by the mirror's Service and outcome.
+    pub mirrored_requests: IntCounterVec,
     /// Retries of HTTP requests on L7 routes (by destination service).
     pub request_retries: IntCounterVec,
     pub tcp_opened: IntCounterVec,
@@ -291,6 +293,12 @@ impl Metrics {
                 "nodemesh_config_problems_total",
                 "Problems found in configuration objects (rejected, shadowed or not implemented), by kind and reason.",
                 &["kind", "reason"],
+            ),
+            mirrored_requests: counter_vec(
+                &r,
+                "nodemesh_mirrored_requests_total",
+                "Copies of requests sent to a route's mirror (answers dropped), by the mirror's Service and outcome (answered, failed, no_endpoint, body_not_held, overflow).",
+                &["destination_service", "outcome"],
             ),
             requests: counter_vec(
                 &r,

@@ -42,6 +42,10 @@ pub enum ResponseFlags {
     /// `DPE`: the downstream broke HTTP, or sent no complete request head within the
     /// header timeout.
     DownstreamProtocolError,
+    /// `FI`: the route's fault injection aborted the request.
+    FaultInjected,
+    /// `DI`: the route's fault injection delayed the request (then sent on).
+    DelayInjected,
 }
 
 impl ResponseFlags {
@@ -60,6 +64,8 @@ impl ResponseFlags {
             ResponseFlags::ConnectionTerminated => "UC",
             ResponseFlags::DownstreamClosed => "DC",
             ResponseFlags::DownstreamProtocolError => "DPE",
+            ResponseFlags::FaultInjected => "FI",
+            ResponseFlags::DelayInjected => "DI",
         }
     }
 }
@@ -628,6 +634,8 @@ mod tests {
             (F::ConnectionTerminated, "UC"),
             (F::DownstreamClosed, "DC"),
             (F::DownstreamProtocolError, "DPE"),
+            (F::FaultInjected, "FI"),
+            (F::DelayInjected, "DI"),
         ] {
             assert_eq!(flags.as_str(), text);
         }

@@ -41,6 +41,10 @@ pub(crate) mod flags {
     pub(crate) const DENIED: ResponseFlags = ResponseFlags::Denied;
     /// The downstream went away before the response ended.
     pub(crate) const DOWNSTREAM_CLOSED: ResponseFlags = ResponseFlags::DownstreamClosed;
+    /// The route's fault injection answered instead of a backend.
+    pub(crate) const FAULT_INJECTED: ResponseFlags = ResponseFlags::FaultInjected;
+    /// The route's fault injection delayed the request.
+    pub(crate) const DELAY_INJECTED: ResponseFlags = ResponseFlags::DelayInjected;
 }
 
 /// The facts of one request, filled in as it is routed.

@@ -20,9 +20,10 @@ use crate::{
     telemetry::connections::Security,
 };
 use crate::{
-    proxy::http::box_body, proxy::http::upstream, proxy::http::upstream::peer_of,
-    proxy::http::upstream::Protocol, proxy::http::upstream::UpstreamError, proxy::http::ProxyBody,
-    routing::balancer::Outcome, routing::hash_key::KeyedRequest, routing::http::filters::authority,
+    proxy::http::box_body, proxy::http::mirror, proxy::http::upstream,
+    proxy::http::upstream::peer_of, proxy::http::upstream::Protocol,
+    proxy::http::upstream::UpstreamError, proxy::http::ProxyBody, routing::balancer::Outcome,
+    routing::hash_key::KeyedRequest, routing::http::filters::authority,
     routing::http::filters::Filters, routing::http::filters::RequestAction,
     routing::http::matching::PathMatch, routing::http::routes::BackendTarget,
     routing::http::routes::Rule, routing::plan, routing::plan::RequestPlan,
@@ -30,7 +31,8 @@ use crate::{
     telemetry::request::LoggedBody, telemetry::request::RequestLog, telemetry::trace_context,
 };
 
-/// Request bodies up to this size are kept so a retry can resend them.
+/// Request bodies up to this size are kept so a retry can resend them (and a mirror
+/// get a copy).
 const MAX_REPLAY_BODY: u64 = 64 * 1024;
 /// The longest wait between retries, whatever the backoff doubling reaches.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
@@ -420,14 +422,14 @@ fn splice_upgrade(
     });
 }
 
-async fn request_body(body: Incoming, parts: &Parts, retry: bool) -> Result<RequestBody, String> {
+async fn request_body(body: Incoming, parts: &Parts, keep: bool) -> Result<RequestBody, String> {
     use http_body::Body as _;
     let small = body.is_end_stream()
         || body
             .size_hint()
             .exact()
             .is_some_and(|n| n <= MAX_REPLAY_BODY);
-    if !(retry && small) {
+    if !(keep && small) {
         return Ok(RequestBody::Streaming(Some(body)));
     }
     let collected = body.collect().await.map_err(|e| {
@@ -504,6 +506,17 @@ pub(crate) async fn handle(
             text,
         ));
     }
+    if let Some(fault) = &rule.fault {
+        let draw = fault.draw();
+        if let Some(delay) = draw.delay {
+            tokio::time::sleep(delay).await;
+            log.flags = flags::DELAY_INJECTED;
+        }
+        if let Some(status) = draw.abort {
+            let text = format!("fault injected by rule {}", rule.describe());
+            return Ok(reply(log, &ctx, status, flags::FAULT_INJECTED, text));
+        }
+    }
     match rule.filters.apply_request(&mut parts, &matched) {
         Ok(RequestAction::Forward) => {}
         Ok(RequestAction::Redirect { status, location }) => {
@@ -526,7 +539,8 @@ pub(crate) async fn handle(
         }
     }
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    let body = match request_body(body, &parts, rule.retry.is_some()).await {
+    let keep = rule.retry.is_some() || !rule.mirrors.is_empty();
+    let body = match request_body(body, &parts, keep).await {
         Ok(b) => b,
         Err(e) => {
             return Ok(reply(
@@ -538,6 +552,13 @@ pub(crate) async fn handle(
             ))
         }
     };
+    if !rule.mirrors.is_empty() && !upgrade {
+        let whole = match &body {
+            RequestBody::Replayable(bytes) => Some(bytes),
+            RequestBody::Streaming(_) => None,
+        };
+        mirror::copy(&ctx, &state, &rule, &parts, whole);
+    }
     let exchange = Exchange {
         ctx: &ctx,
         frontend: &frontend,

@@ -222,6 +222,8 @@ fn compile_rule(
         request_timeout,
         backend_timeout,
         retry,
+        fault: None,
+        mirrors: Vec::new(),
         invalid,
     }
 }
@@ -298,6 +300,8 @@ impl RouteTable {
                 }],
                 request_timeout: None,
                 backend_timeout: None,
+                fault: None,
+                mirrors: Vec::new(),
                 retry: None,
                 invalid: None,
             };

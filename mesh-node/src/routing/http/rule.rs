@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::{keys::ObjectKey, routing::http::filters::Filters, routing::resolve::Backend};
+use crate::{
+    keys::ObjectKey, routing::http::fault::Fault, routing::http::fault::Mirror,
+    routing::http::filters::Filters, routing::resolve::Backend,
+};
 
 /// One weighted backendRef of a rule.
 #[derive(Debug, Clone)]
@@ -46,6 +49,10 @@ pub struct Rule {
     pub request_timeout: Option<Duration>,
     pub backend_timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
+    /// Delays and aborts injected (VirtualService `fault`).
+    pub fault: Option<Fault>,
+    /// Where copies of the requests go (VirtualService `mirror`, `mirrors`).
+    pub mirrors: Vec<Mirror>,
     /// Why the whole rule answers 500 (unsupported filter, bad timeout).
     pub invalid: Option<String>,
 }

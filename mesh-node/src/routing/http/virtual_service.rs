@@ -17,10 +17,11 @@ use crate::{
     discovery::cluster::ClusterState,
     discovery::duration::{optional_timeout, Grammar},
     discovery::virtual_service::{
-        HeaderOperations, Headers, HttpMatchRequest, HttpRetry, HttpRoute, StringMatch,
-        VirtualService,
+        Destination, HeaderOperations, Headers, HttpMatchRequest, HttpRetry, HttpRoute,
+        StringMatch, VirtualService,
     },
     keys::{ObjectKey, CLUSTER_DOMAIN},
+    routing::http::fault::{compile_fault, mirror_share, Mirror},
     routing::http::filters::{
         header_modifier_from, Filter, Filters, PathModifier, Redirect, UrlRewrite,
     },
@@ -28,10 +29,13 @@ use crate::{
     routing::http::rule::{BackendTarget, RetryPolicy, Rule, RuleSource},
     routing::resolve::only_port,
     routing::resolve::subset_backend,
+    routing::resolve::Backend,
 };
 
 /// Istio retries with a 25 ms base interval.
 const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+/// The most mirrors one route may have (each request is copied to each).
+const MAX_MIRRORS: usize = 4;
 /// The most retries a route may ask for.
 const MAX_ATTEMPTS: i32 = 100;
 
@@ -130,6 +134,16 @@ fn compile_route(
             (None, None)
         }),
     };
+    let fault = route
+        .fault
+        .as_ref()
+        .map(compile_fault)
+        .transpose()
+        .unwrap_or_else(|e| {
+            fail(e);
+            None
+        });
+    let mirrors = mirrors(state, key, route, port, want_v6, out, &name());
     let backends = destinations(state, key, vs, route, port, want_v6, out, &name());
     if route.route.is_empty() && route.redirect.is_none() {
         fail("a route needs `route` destinations or a `redirect`".into());
@@ -148,6 +162,8 @@ fn compile_route(
         request_timeout,
         backend_timeout,
         retry,
+        fault,
+        mirrors,
         invalid,
     });
     out.entries
@@ -182,27 +198,6 @@ fn destinations(
                 }
                 Some(w) => w as u32,
             };
-            let host = &d.destination.host;
-            let service = match ObjectKey::from_service_host(host, &key.namespace) {
-                Ok(s) if state.services.contains_key(&s) => s,
-                Ok(s) => {
-                    invalid.get_or_insert(format!("destination host {host}: Service {s} does not exist"));
-                    s
-                }
-                Err(why) => {
-                    invalid.get_or_insert(format!(
-                        "destination host {host} {why}: write the Service as name, name.namespace or name.namespace.svc.{CLUSTER_DOMAIN}"
-                    ));
-                    ObjectKey::new(&key.namespace, host)
-                }
-            };
-            let backend_port = match d.destination.port {
-                Some(p) => u16::try_from(p.number).unwrap_or_else(|_| {
-                    invalid.get_or_insert(format!("destination port {} is not a port", p.number));
-                    port
-                }),
-                None => only_port(state, &service).unwrap_or(port),
-            };
             let filters = d
                 .headers
                 .as_ref()
@@ -215,8 +210,11 @@ fn destinations(
                 .unwrap_or_default();
             // A subset is the DestinationRule's: its endpoints, under its policy. One no
             // rule defines has no endpoints (503), never every endpoint of the Service.
-            let subset = d.destination.subset.as_deref();
-            let b = subset_backend(state, service, backend_port, weight, want_v6, subset);
+            let host = &d.destination.host;
+            let (b, bad) = destination_backend(state, key, &d.destination, port, want_v6, weight);
+            if let Some(e) = bad {
+                invalid.get_or_insert(e);
+            }
             if let Some(error) = &b.subset_error {
                 out.errors.push(format!(
                     "{name}: destination {host}: {error}; its requests are answered 503"
@@ -233,6 +231,90 @@ fn destinations(
             }
         })
         .collect()
+}
+
+/// The route's mirrors: `mirror` (with `mirrorPercentage`) and each of `mirrors`, at
+/// most [`MAX_MIRRORS`]. A broken one is reported and left out; the route still applies.
+fn mirrors(
+    state: &ClusterState,
+    key: &ObjectKey,
+    route: &HttpRoute,
+    port: u16,
+    want_v6: bool,
+    out: &mut Compiled,
+    name: &str,
+) -> Vec<Mirror> {
+    let single = route.mirror.as_ref().map(|d| {
+        (
+            d,
+            mirror_share(route.mirror_percentage.as_ref(), route.mirror_percent),
+        )
+    });
+    let listed = route
+        .mirrors
+        .iter()
+        .flatten()
+        .map(|m| (&m.destination, mirror_share(m.percentage.as_ref(), None)));
+    let mut kept = Vec::new();
+    for (i, (destination, share)) in single.into_iter().chain(listed).enumerate() {
+        if i >= MAX_MIRRORS {
+            out.errors.push(format!(
+                "{name}: more than {MAX_MIRRORS} mirrors; the rest are not used"
+            ));
+            break;
+        }
+        let resolved = destination_backend(state, key, destination, port, want_v6, 1);
+        match (resolved, share) {
+            ((backend, None), Ok(share)) => kept.push(Mirror { backend, share }),
+            ((_, Some(e)), _) | (_, Err(e)) => out.errors.push(format!(
+                "{name}: mirror {}: {e}; nothing is mirrored there",
+                destination.host
+            )),
+        }
+    }
+    kept
+}
+
+/// The backend a destination names: its Service (`host`), port (the Service's only
+/// port when absent, else the request's) and subset — a subset is the
+/// DestinationRule's, under its policy; one no rule defines has no endpoints (503),
+/// never every endpoint of the Service. With why the destination is invalid, if it is
+/// (the backend is then only for the logs).
+fn destination_backend(
+    state: &ClusterState,
+    key: &ObjectKey,
+    d: &Destination,
+    port: u16,
+    want_v6: bool,
+    weight: u32,
+) -> (Backend, Option<String>) {
+    let host = &d.host;
+    let mut invalid = None;
+    let service = match ObjectKey::from_service_host(host, &key.namespace) {
+        Ok(s) if state.services.contains_key(&s) => s,
+        Ok(s) => {
+            invalid = Some(format!(
+                "destination host {host}: Service {s} does not exist"
+            ));
+            s
+        }
+        Err(why) => {
+            invalid = Some(format!(
+                "destination host {host} {why}: write the Service as name, name.namespace or name.namespace.svc.{CLUSTER_DOMAIN}"
+            ));
+            ObjectKey::new(&key.namespace, host)
+        }
+    };
+    let backend_port = match d.port {
+        Some(p) => u16::try_from(p.number).unwrap_or_else(|_| {
+            invalid.get_or_insert(format!("destination port {} is not a port", p.number));
+            port
+        }),
+        None => only_port(state, &service).unwrap_or(port),
+    };
+    let subset = d.subset.as_deref();
+    let backend = subset_backend(state, service, backend_port, weight, want_v6, subset);
+    (backend, invalid)
 }
 
 fn value_match(m: &StringMatch, what: &str) -> Result<ValueMatch, String> {

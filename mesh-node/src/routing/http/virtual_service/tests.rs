@@ -145,6 +145,49 @@ fn actions_compile_into_the_same_filters_timeouts_and_retries() {
 }
 
 #[test]
+fn faults_and_mirrors_compile_onto_the_rule_and_a_bad_mirror_is_left_out() {
+    let t = table(&vs(
+        "faulty",
+        "  hosts: [echo]\n  http:\n\
+         \x20 - route: [{destination: {host: echo-v1}}]\n\
+         \x20   fault: {delay: {fixedDelay: 1.5s, percentage: {value: 10}}, abort: {httpStatus: 418, percentage: {value: 0.5}}}\n\
+         \x20   mirror: {host: echo-v2}\n    mirrorPercentage: {value: 25}\n\
+         \x20   mirrors: [{destination: {host: nothere}}, {destination: {host: echo-v1}, percentage: {value: 5}}]\n",
+    ));
+    let rule = t.select(&request("GET", "/", &[])).unwrap().1.clone();
+    assert!(rule.invalid.is_none(), "{:?}", rule.invalid);
+    let fault = rule.fault.as_ref().unwrap();
+    assert_eq!(
+        fault.delay.as_ref().unwrap().fixed,
+        Duration::from_millis(1500)
+    );
+    assert_eq!(fault.abort.as_ref().unwrap().status.as_u16(), 418);
+    let mirrors: Vec<(String, f64)> = rule
+        .mirrors
+        .iter()
+        .map(|m| (m.backend.service.name.clone(), m.share.percent()))
+        .collect();
+    assert_eq!(mirrors, [("echo-v2".into(), 25.0), ("echo-v1".into(), 5.0)]);
+    assert!(
+        t.errors
+            .iter()
+            .any(|e| e.contains("mirror nothere") && e.contains("does not exist")),
+        "{:?}",
+        t.errors
+    );
+    // A fault that cannot apply makes the route answer 500, as any broken action.
+    let t = table(&vs(
+        "faulty",
+        "  hosts: [echo]\n  http:\n  - route: [{destination: {host: echo-v1}}]\n    fault: {abort: {httpStatus: 42, percentage: {value: 1}}}\n",
+    ));
+    let rule = t.select(&request("GET", "/", &[])).unwrap().1.clone();
+    assert!(rule
+        .invalid
+        .as_deref()
+        .is_some_and(|e| e.contains("not an HTTP status")));
+}
+
+#[test]
 fn a_broken_virtual_service_is_reported_by_name_and_the_rest_works() {
     let t = table(&vs(
         "broken",
@@ -154,7 +197,7 @@ fn a_broken_virtual_service_is_reported_by_name_and_the_rest_works() {
          \x20 - match: [{uri: {prefix: /retry}}]\n    retries: {attempts: 2, retryOn: \"5xx,sometimes\"}\n    route: [{destination: {host: echo-v2}}]\n\
          \x20 - match: [{uri: {prefix: /gone}}]\n    route: [{destination: {host: nothere}}, {destination: {host: www.example.com}}]\n\
          \x20 - match: [{uri: {prefix: /canary}}]\n    route: [{destination: {host: echo, subset: v2}}, {destination: {host: echo}}]\n\
-         \x20 - route: [{destination: {host: echo-v1}}]\n    fault: {abort: {httpStatus: 500, percentage: {value: 50}}}\n",
+         \x20 - route: [{destination: {host: echo-v1}}]\n    fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 50}}}\n",
     ));
     let errors = t.errors.join("\n");
     for want in [
@@ -164,7 +207,7 @@ fn a_broken_virtual_service_is_reported_by_name_and_the_rest_works() {
         "Service apps/nothere does not exist",
         "www.example.com is not a Service",
         "defines subset `v2`",
-        "`http[5].fault` is not implemented",
+        "`http[5].fault.abort.grpcStatus` is not implemented",
     ] {
         assert!(errors.contains(want), "missing {want:?} in:\n{errors}");
     }

@@ -1,0 +1,252 @@
+//! Traffic mirroring (a VirtualService route's `mirror`/`mirrors`): a copy of a share of
+//! the requests goes to the mirror's backend in the background, its answer is read and
+//! dropped, and the client never waits for it. As Envoy does, the copy's authority
+//! gets `-shadow` appended to its host, so the mirror can tell copies from traffic.
+//!
+//! Bounds: a pod has at most [`MAX_IN_FLIGHT`] copies in flight (more are dropped and
+//! counted), each copy gets at most [`MIRROR_TIMEOUT`] (or the rule's shorter timeout),
+//! and only requests whose body the proxy holds whole (up to the replay limit) are
+//! copied: a larger body streams to the backend and is not mirrored (counted).
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{header, request::Parts, HeaderValue, Request, Version};
+use http_body_util::{BodyExt, Full};
+
+use crate::{
+    discovery::cluster::ClusterState,
+    proxy::http::box_body,
+    proxy::http::upstream,
+    proxy::http::upstream::{peer_of, Protocol},
+    proxy::pod::PodContext,
+    routing::balancer::Outcome,
+    routing::http::fault::Mirror,
+    routing::http::filters::authority,
+    routing::http::rule::Rule,
+    routing::plan,
+};
+
+/// Copies one pod may have in flight at once.
+pub(crate) const MAX_IN_FLIGHT: usize = 64;
+/// The longest a copy may take (the rule's own timeout applies when shorter).
+pub(crate) const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
+/// A mirror's answer is read (so the connection can be reused) up to this much, then
+/// dropped.
+const MAX_DRAIN: usize = 1024 * 1024;
+
+/// What became of one copy (`outcome` label of `nodemesh_mirrored_requests_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MirrorOutcome {
+    /// The mirror answered (whatever the status).
+    Answered,
+    /// Connecting, sending or waiting failed, or the timeout passed.
+    Failed,
+    /// The mirror's backend has no ready endpoint.
+    NoEndpoint,
+    /// The request's body was too large to hold for a copy.
+    BodyNotHeld,
+    /// The pod already had [`MAX_IN_FLIGHT`] copies in flight.
+    Overflow,
+}
+
+impl MirrorOutcome {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            MirrorOutcome::Answered => "answered",
+            MirrorOutcome::Failed => "failed",
+            MirrorOutcome::NoEndpoint => "no_endpoint",
+            MirrorOutcome::BodyNotHeld => "body_not_held",
+            MirrorOutcome::Overflow => "overflow",
+        }
+    }
+}
+
+/// A pod's copies in flight.
+#[derive(Debug, Default)]
+pub(crate) struct MirrorSlots(Arc<AtomicUsize>);
+
+struct MirrorSlot(Arc<AtomicUsize>);
+
+impl MirrorSlots {
+    fn take(&self) -> Option<MirrorSlot> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_IN_FLIGHT).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| MirrorSlot(self.0.clone()))
+    }
+}
+
+impl Drop for MirrorSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// `host-shadow[:port]`.
+fn shadow_authority(authority: &str) -> String {
+    let split = if authority.starts_with('[') {
+        authority.find(']').map(|i| authority.split_at(i + 1))
+    } else {
+        authority
+            .rsplit_once(':')
+            .map(|(host, _)| authority.split_at(host.len()))
+    };
+    match split {
+        Some((host, port)) if !host.is_empty() => format!("{host}-shadow{port}"),
+        _ => format!("{authority}-shadow"),
+    }
+}
+
+/// Sends the copies `rule` asks for of this request (`body`: the whole body, None when
+/// the proxy streams it). Returns at once.
+pub(crate) fn copy(
+    ctx: &Arc<PodContext>,
+    state: &Arc<ClusterState>,
+    rule: &Rule,
+    parts: &Parts,
+    body: Option<&Bytes>,
+) {
+    for mirror in rule.mirrors.iter().filter(|m| m.share.sample()) {
+        let count = |outcome: MirrorOutcome| {
+            ctx.metrics
+                .mirrored_requests
+                .with_label_values(&[&mirror.backend.service.service_fqdn(), outcome.as_str()])
+                .inc();
+        };
+        let Some(body) = body else {
+            count(MirrorOutcome::BodyNotHeld);
+            continue;
+        };
+        let Some(slot) = ctx.mirrors.take() else {
+            count(MirrorOutcome::Overflow);
+            continue;
+        };
+        let Some(request) = copy_request(parts, body.clone()) else {
+            count(MirrorOutcome::Failed);
+            continue;
+        };
+        let timeout = [rule.backend_timeout, rule.request_timeout]
+            .into_iter()
+            .flatten()
+            .fold(MIRROR_TIMEOUT, Duration::min);
+        let (ctx, state, mirror) = (ctx.clone(), state.clone(), mirror.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let outcome = tokio::time::timeout(timeout, send(&ctx, &state, &mirror, request))
+                .await
+                .unwrap_or(MirrorOutcome::Failed);
+            ctx.metrics
+                .mirrored_requests
+                .with_label_values(&[&mirror.backend.service.service_fqdn(), outcome.as_str()])
+                .inc();
+        });
+    }
+}
+
+fn copy_request(parts: &Parts, body: Bytes) -> Option<(Parts, Bytes, String)> {
+    let shadow = shadow_authority(&authority(parts)?);
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    let (parts, ()) = request.into_parts();
+    Some((parts, body, shadow))
+}
+
+async fn send(
+    ctx: &PodContext,
+    state: &Arc<ClusterState>,
+    mirror: &Mirror,
+    (parts, body, shadow): (Parts, Bytes, String),
+) -> MirrorOutcome {
+    let table = ctx.router.table(state);
+    let Some((endpoint, pick)) = plan::mirror(&table, state, &ctx.balancer, &mirror.backend) else {
+        return MirrorOutcome::NoEndpoint;
+    };
+    let peer = peer_of(state, &endpoint);
+    let protocol = if parts.version == Version::HTTP_2 {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let mut headers = parts.headers;
+    let uri = match protocol {
+        Protocol::Http1 => {
+            let Ok(host) = HeaderValue::try_from(shadow.as_str()) else {
+                return MirrorOutcome::Failed;
+            };
+            headers.insert(header::HOST, host);
+            path.parse()
+        }
+        Protocol::Http2 => {
+            headers.remove(header::HOST);
+            format!("http://{shadow}{path}").parse()
+        }
+    };
+    let Ok(uri) = uri else {
+        return MirrorOutcome::Failed;
+    };
+    let mut request = Request::new(box_body(Full::new(body)));
+    *request.method_mut() = parts.method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = match protocol {
+        Protocol::Http1 => Version::HTTP_11,
+        Protocol::Http2 => Version::HTTP_2,
+    };
+    *request.headers_mut() = headers;
+    let sent = tokio::time::Instant::now();
+    match upstream::send(ctx, endpoint.addr, &peer, protocol, request, false, &pick).await {
+        Ok(response) => {
+            pick.report(Outcome::Http {
+                status: response.status().as_u16(),
+                latency: sent.elapsed(),
+            });
+            // Read the answer (bounded) so the connection goes back to the pool.
+            let _ = http_body_util::Limited::new(response.into_body(), MAX_DRAIN)
+                .collect()
+                .await;
+            MirrorOutcome::Answered
+        }
+        Err(_) => {
+            pick.report(Outcome::ConnectFailed);
+            MirrorOutcome::Failed
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_copy_names_the_shadow_host() {
+        assert_eq!(shadow_authority("web"), "web-shadow");
+        assert_eq!(shadow_authority("web.apps:8080"), "web.apps-shadow:8080");
+        assert_eq!(shadow_authority("10.0.0.1:80"), "10.0.0.1-shadow:80");
+    }
+
+    #[test]
+    fn a_pod_has_a_bounded_number_of_copies_in_flight() {
+        let slots = MirrorSlots::default();
+        let held: Vec<_> = (0..MAX_IN_FLIGHT).map_while(|_| slots.take()).collect();
+        assert_eq!(held.len(), MAX_IN_FLIGHT);
+        assert!(slots.take().is_none());
+        drop(held);
+        assert!(slots.take().is_some());
+    }
+}
