@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     discovery::duration::parse_istio_duration,
-    discovery::traffic_policy::{Problem, ProblemReason},
+    discovery::problem::{Problem, ProblemReason},
     telemetry::log_limit::clip,
 };
 

@@ -10,6 +10,7 @@ pub(crate) mod duration;
 pub(crate) mod enrollment;
 pub mod files;
 pub mod policy;
+pub mod problem;
 pub mod problems;
 pub mod traffic_policy;
 pub mod virtual_service;

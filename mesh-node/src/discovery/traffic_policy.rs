@@ -22,6 +22,8 @@ use crate::{
     keys::{ObjectKey, CLUSTER_DOMAIN},
 };
 
+pub use crate::discovery::problem::{Problem, ProblemReason};
+
 /// At most this many subsets per rule; more are rejected (bounded input).
 pub const MAX_SUBSETS: usize = 256;
 /// At most this many port-level settings per policy.
@@ -124,66 +126,6 @@ impl Serialize for EndpointPolicy {
         }
         m.end()
     }
-}
-
-/// Why part or all of a rule is not applied: the `reason` label of
-/// `nodemesh_config_problems_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProblemReason {
-    BadHost,
-    BadDuration,
-    UnknownValue,
-    BadValue,
-    DuplicateSubset,
-    TooLarge,
-    /// Another rule for the same host is older (or sorts first): this one is not used.
-    Shadowed,
-    /// Reported, not applied; the rest of the rule applies.
-    NotImplemented,
-    /// A field that cannot be applied as written is left out (reported); the rest of
-    /// the rule applies (consistentHash).
-    InvalidField,
-    /// A value above what Nodemesh allows is capped (reported); the rest applies.
-    Capped,
-}
-
-impl ProblemReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProblemReason::BadHost => "bad_host",
-            ProblemReason::BadDuration => "bad_duration",
-            ProblemReason::UnknownValue => "unknown_value",
-            ProblemReason::BadValue => "bad_value",
-            ProblemReason::DuplicateSubset => "duplicate_subset",
-            ProblemReason::TooLarge => "too_large",
-            ProblemReason::Shadowed => "shadowed",
-            ProblemReason::NotImplemented => "not_implemented",
-            ProblemReason::InvalidField => "invalid_field",
-            ProblemReason::Capped => "capped",
-        }
-    }
-
-    /// Whether the rule is rejected whole (otherwise only the field is left out).
-    pub fn rejects(self) -> bool {
-        !matches!(
-            self,
-            ProblemReason::NotImplemented
-                | ProblemReason::Shadowed
-                | ProblemReason::InvalidField
-                | ProblemReason::Capped
-        )
-    }
-}
-
-/// One thing wrong with, or left out of, a rule.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Problem {
-    /// Where in the spec, e.g. `trafficPolicy.outlierDetection.interval`.
-    pub field: String,
-    pub reason: ProblemReason,
-    /// What is wrong and what to do.
-    pub detail: String,
 }
 
 /// A DestinationRule as routing uses it.

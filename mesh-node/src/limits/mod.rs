@@ -9,6 +9,7 @@
 pub(crate) mod gate;
 pub(crate) mod http;
 pub(crate) mod io;
+pub(crate) mod mirror_slots;
 
 use std::{
     sync::{

@@ -72,7 +72,7 @@ pub(crate) struct PodContext {
     pub budget: PodBudget,
     pub limits: PodLimits,
     /// This pod's mirrored copies in flight (bounded).
-    pub mirrors: crate::proxy::http::mirror::MirrorSlots,
+    pub mirrors: crate::limits::mirror_slots::MirrorSlots,
 }
 
 impl PodContext {

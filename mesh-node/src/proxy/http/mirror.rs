@@ -3,18 +3,13 @@
 //! dropped, and the client never waits for it. As Envoy does, the copy's authority
 //! gets `-shadow` appended to its host, so the mirror can tell copies from traffic.
 //!
-//! Bounds: a pod has at most [`MAX_IN_FLIGHT`] copies in flight (more are dropped and
-//! counted), each copy gets at most [`MIRROR_TIMEOUT`] (or the rule's shorter timeout),
-//! and only requests whose body the proxy holds whole (up to the replay limit) are
-//! copied: a larger body streams to the backend and is not mirrored (counted).
+//! Bounds: a pod has at most [`crate::limits::mirror_slots::MAX_IN_FLIGHT`] copies in
+//! flight (more are dropped and counted), each copy gets at most [`MIRROR_TIMEOUT`] (or
+//! the rule's shorter timeout), and only requests whose body the proxy holds whole (up
+//! to the replay limit) are copied: a larger body streams to the backend and is not
+//! mirrored (counted).
 
-use std::{
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{header, request::Parts, HeaderValue, Request, Version};
@@ -33,8 +28,6 @@ use crate::{
     routing::plan,
 };
 
-/// Copies one pod may have in flight at once.
-pub(crate) const MAX_IN_FLIGHT: usize = 64;
 /// The longest a copy may take (the rule's own timeout applies when shorter).
 pub(crate) const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 /// A mirror's answer is read (so the connection can be reused) up to this much, then
@@ -52,7 +45,7 @@ pub(crate) enum MirrorOutcome {
     NoEndpoint,
     /// The request's body was too large to hold for a copy.
     BodyNotHeld,
-    /// The pod already had [`MAX_IN_FLIGHT`] copies in flight.
+    /// The pod already had [`crate::limits::mirror_slots::MAX_IN_FLIGHT`] copies in flight.
     Overflow,
 }
 
@@ -65,29 +58,6 @@ impl MirrorOutcome {
             MirrorOutcome::BodyNotHeld => "body_not_held",
             MirrorOutcome::Overflow => "overflow",
         }
-    }
-}
-
-/// A pod's copies in flight.
-#[derive(Debug, Default)]
-pub(crate) struct MirrorSlots(Arc<AtomicUsize>);
-
-struct MirrorSlot(Arc<AtomicUsize>);
-
-impl MirrorSlots {
-    fn take(&self) -> Option<MirrorSlot> {
-        self.0
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < MAX_IN_FLIGHT).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| MirrorSlot(self.0.clone()))
-    }
-}
-
-impl Drop for MirrorSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -238,15 +208,5 @@ mod tests {
         assert_eq!(shadow_authority("web"), "web-shadow");
         assert_eq!(shadow_authority("web.apps:8080"), "web.apps-shadow:8080");
         assert_eq!(shadow_authority("10.0.0.1:80"), "10.0.0.1-shadow:80");
-    }
-
-    #[test]
-    fn a_pod_has_a_bounded_number_of_copies_in_flight() {
-        let slots = MirrorSlots::default();
-        let held: Vec<_> = (0..MAX_IN_FLIGHT).map_while(|_| slots.take()).collect();
-        assert_eq!(held.len(), MAX_IN_FLIGHT);
-        assert!(slots.take().is_none());
-        drop(held);
-        assert!(slots.take().is_some());
     }
 }
