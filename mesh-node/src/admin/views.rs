@@ -461,6 +461,7 @@ mod tests {
                     policy: crate::routing::resolve::EndpointPolicy {
                         load_balancer: crate::routing::resolve::LbPolicy::LeastRequest,
                         outlier_detection: None,
+                        connection_pool: None,
                     },
                 }],
             }),

@@ -4,6 +4,7 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod connection_pool;
 pub mod destination_rule;
 pub(crate) mod duration;
 pub(crate) mod enrollment;

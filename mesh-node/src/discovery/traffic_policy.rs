@@ -13,6 +13,7 @@ use std::{collections::BTreeMap, time::Duration};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    discovery::connection_pool::{self, PoolLimits},
     discovery::destination_rule::{ClientTlsSettings, ConnectionPoolSettings, TrafficPolicy},
     discovery::destination_rule::{
         DestinationRule, LoadBalancerSettings, OutlierDetection, PortTrafficPolicy,
@@ -75,6 +76,8 @@ mod millis {
 pub struct PolicyLayer {
     pub load_balancer: Option<LbPolicy>,
     pub outlier_detection: Option<OutlierPolicy>,
+    /// `connectionPool` (the first layer that sets it decides it whole, as in Istio).
+    pub connection_pool: Option<PoolLimits>,
 }
 
 /// A `trafficPolicy` compiled: its own layer and its ports'.
@@ -96,6 +99,8 @@ pub struct CompiledSubset {
 pub struct EndpointPolicy {
     pub load_balancer: LbPolicy,
     pub outlier_detection: Option<OutlierPolicy>,
+    /// Circuit breaking (`connectionPool`), when a layer sets one.
+    pub connection_pool: Option<PoolLimits>,
 }
 
 impl Serialize for EndpointPolicy {
@@ -112,6 +117,9 @@ impl Serialize for EndpointPolicy {
         m.serialize_entry("load_balancer", &self.load_balancer)?;
         if let Some(od) = &self.outlier_detection {
             m.serialize_entry("outlier_detection", od)?;
+        }
+        if let Some(pool) = &self.connection_pool {
+            m.serialize_entry("connection_pool", pool)?;
         }
         m.end()
     }
@@ -212,6 +220,7 @@ impl CompiledRule {
                 .find_map(|l| l.load_balancer)
                 .unwrap_or_default(),
             outlier_detection: layers.iter().find_map(|l| l.outlier_detection),
+            connection_pool: layers.iter().find_map(|l| l.connection_pool),
         })
     }
 }
@@ -379,13 +388,10 @@ impl Compiler {
         }
     }
 
-    fn connection_pool(&mut self, field: &str, pool: &ConnectionPoolSettings) {
-        if pool.tcp.is_some() {
-            self.not_implemented(&format!("{field}.tcp"), "the TCP connection pool");
-        }
-        if pool.http.is_some() {
-            self.not_implemented(&format!("{field}.http"), "the HTTP connection pool");
-        }
+    fn connection_pool(&mut self, field: &str, pool: &ConnectionPoolSettings) -> PoolLimits {
+        let (limits, problems) = connection_pool::compile(field, pool);
+        self.problems.extend(problems);
+        limits
     }
 
     fn tls(&mut self, field: &str, tls: &ClientTlsSettings) {
@@ -424,9 +430,8 @@ impl Compiler {
         od: Option<&OutlierDetection>,
         tls: Option<&ClientTlsSettings>,
     ) -> PolicyLayer {
-        if let Some(pool) = pool {
-            self.connection_pool(&format!("{field}.connectionPool"), pool);
-        }
+        let connection_pool =
+            pool.map(|pool| self.connection_pool(&format!("{field}.connectionPool"), pool));
         if let Some(tls) = tls {
             self.tls(&format!("{field}.tls"), tls);
         }
@@ -434,6 +439,7 @@ impl Compiler {
             load_balancer: lb
                 .and_then(|lb| self.load_balancer(&format!("{field}.loadBalancer"), lb)),
             outlier_detection: od.map(|od| self.outlier(&format!("{field}.outlierDetection"), od)),
+            connection_pool,
         }
     }
 

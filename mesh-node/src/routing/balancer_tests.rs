@@ -16,6 +16,7 @@ fn backend(name: &str, weight: u32, endpoints: &[&str], least: bool) -> Backend 
                 LbPolicy::RoundRobin
             },
             outlier_detection: None,
+            connection_pool: None,
         },
     }
 }

@@ -40,6 +40,7 @@ fn backend(eps: &[SocketAddr], lb: LbPolicy, od: Option<OutlierPolicy>) -> Backe
         policy: EndpointPolicy {
             load_balancer: lb,
             outlier_detection: od,
+            connection_pool: None,
         },
     }
 }

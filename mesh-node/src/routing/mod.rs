@@ -8,6 +8,7 @@ pub mod balancer;
 pub mod http;
 pub mod outlier;
 pub mod plan;
+pub mod pool;
 pub mod resolve;
 pub mod splits;
 pub mod table;

@@ -256,6 +256,7 @@ fn backend_of(
             LbPolicy::RoundRobin
         },
         outlier_detection: None,
+        connection_pool: None,
     };
     let rule = state.destination_rule_for(&service);
     let (policy, labels, subset_error) = match (rule, subset) {

@@ -162,6 +162,7 @@ mod tests {
             policy: crate::routing::backend::EndpointPolicy {
                 load_balancer: crate::routing::backend::LbPolicy::RoundRobin,
                 outlier_detection: None,
+                connection_pool: None,
             },
         }
     }

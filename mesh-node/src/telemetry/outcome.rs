@@ -42,6 +42,9 @@ pub enum ResponseFlags {
     /// `DPE`: the downstream broke HTTP, or sent no complete request head within the
     /// header timeout.
     DownstreamProtocolError,
+    /// `UO`: upstream overflow: the destination's connection pool (a DestinationRule's
+    /// `connectionPool`) was full, so the proxy answered 503 or refused the connection.
+    UpstreamOverflow,
 }
 
 impl ResponseFlags {
@@ -60,6 +63,7 @@ impl ResponseFlags {
             ResponseFlags::ConnectionTerminated => "UC",
             ResponseFlags::DownstreamClosed => "DC",
             ResponseFlags::DownstreamProtocolError => "DPE",
+            ResponseFlags::UpstreamOverflow => "UO",
         }
     }
 }
@@ -96,11 +100,13 @@ pub enum RefusalReason {
     HboneTargetNotLocal,
     /// A CONNECT to one of the mesh's own in-pod ports.
     HboneTargetMeshPort,
+    /// Outbound to a destination whose connection pool (`tcp.maxConnections`) is full.
+    ConnectionPoolOverflow,
 }
 
 impl RefusalReason {
     /// Every reason, in declaration order.
-    pub const ALL: [RefusalReason; 11] = [
+    pub const ALL: [RefusalReason; 12] = [
         RefusalReason::UnknownService,
         RefusalReason::UnknownServicePort,
         RefusalReason::NoReadyEndpoint,
@@ -112,6 +118,7 @@ impl RefusalReason {
         RefusalReason::HboneBadAuthority,
         RefusalReason::HboneTargetNotLocal,
         RefusalReason::HboneTargetMeshPort,
+        RefusalReason::ConnectionPoolOverflow,
     ];
 
     /// The reason whose [`name`](Self::name) is `name`.
@@ -133,12 +140,14 @@ impl RefusalReason {
             RefusalReason::HboneBadAuthority => "hbone_bad_authority",
             RefusalReason::HboneTargetNotLocal => "hbone_target_not_local",
             RefusalReason::HboneTargetMeshPort => "hbone_target_mesh_port",
+            RefusalReason::ConnectionPoolOverflow => "connection_pool_overflow",
         }
     }
 
     pub const fn response_flags(self) -> ResponseFlags {
         match self {
             RefusalReason::NoReadyEndpoint => ResponseFlags::NoHealthyUpstream,
+            RefusalReason::ConnectionPoolOverflow => ResponseFlags::UpstreamOverflow,
             RefusalReason::UnknownService
             | RefusalReason::UnknownServicePort
             | RefusalReason::HboneTargetNotLocal => ResponseFlags::NoRoute,
@@ -441,6 +450,12 @@ mod tests {
                 "refused: hbone_bad_authority",
                 "RBAC",
             ),
+            // outbound: a destination's connection pool is full
+            (
+                E::Refused(R::ConnectionPoolOverflow),
+                "refused: connection_pool_overflow",
+                "UO",
+            ),
             // connect_in_pod: format!("connect_failed: {e}")
             (
                 E::ConnectFailed("connecting to 10.0.2.2:8080: connection refused".into()),
@@ -533,9 +548,10 @@ mod tests {
             RefusalReason::HboneBadAuthority => 8,
             RefusalReason::HboneTargetNotLocal => 9,
             RefusalReason::HboneTargetMeshPort => 10,
+            RefusalReason::ConnectionPoolOverflow => 11,
         }
     }
-    const REFUSALS: usize = 11;
+    const REFUSALS: usize = 12;
 
     #[test]
     fn every_end_shows_the_text_it_had_as_a_string() {
@@ -628,6 +644,7 @@ mod tests {
             (F::ConnectionTerminated, "UC"),
             (F::DownstreamClosed, "DC"),
             (F::DownstreamProtocolError, "DPE"),
+            (F::UpstreamOverflow, "UO"),
         ] {
             assert_eq!(flags.as_str(), text);
         }

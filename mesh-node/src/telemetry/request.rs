@@ -41,6 +41,8 @@ pub(crate) mod flags {
     pub(crate) const DENIED: ResponseFlags = ResponseFlags::Denied;
     /// The downstream went away before the response ended.
     pub(crate) const DOWNSTREAM_CLOSED: ResponseFlags = ResponseFlags::DownstreamClosed;
+    /// The destination's connection pool was full (circuit breaking).
+    pub(crate) const UPSTREAM_OVERFLOW: ResponseFlags = ResponseFlags::UpstreamOverflow;
 }
 
 /// The facts of one request, filled in as it is routed.
