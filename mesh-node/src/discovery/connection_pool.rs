@@ -53,18 +53,20 @@ struct HttpSettings {
 }
 
 /// SO_KEEPALIVE on upstream sockets (None: the kernel's default for that part).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Keepalive {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probes: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_secs: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval_secs: Option<u64>,
 }
 
 /// The connection-pool limits in force for one destination (Service port, subset).
 /// `None` is "no limit" (Istio's default, 2^32-1).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PoolLimits {
     /// `tcp.maxConnections`: L4 connections to the destination open at once; for HTTP,
     /// upstream HTTP/1.1 connections carrying a request at once.
@@ -85,7 +87,7 @@ pub struct PoolLimits {
     #[serde(
         skip_serializing_if = "Option::is_none",
         rename = "connect_timeout_ms",
-        serialize_with = "millis"
+        with = "opt_millis"
     )]
     pub connect_timeout: Option<Duration>,
     /// `http.idleTimeout`: a kept-alive upstream HTTP connection idle this long is
@@ -93,7 +95,7 @@ pub struct PoolLimits {
     #[serde(
         skip_serializing_if = "Option::is_none",
         rename = "idle_timeout_ms",
-        serialize_with = "millis"
+        with = "opt_millis"
     )]
     pub idle_timeout: Option<Duration>,
     /// `tcp.tcpKeepalive`.
@@ -101,9 +103,23 @@ pub struct PoolLimits {
     pub tcp_keepalive: Option<Keepalive>,
 }
 
-fn millis<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-    let ms = d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    ms.serialize(s)
+mod opt_millis {
+    use serde::{Deserialize, Serialize};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: serde::Serializer>(
+        d: &Option<Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let ms = d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        ms.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
 }
 
 impl PoolLimits {

@@ -7,8 +7,9 @@
 //! sidecar). What is counted:
 //!
 //! - **requests** (`http2MaxRequests`): HTTP requests to the destination in flight, from
-//!   the moment the proxy admits one until its response head arrives or it fails. A
-//!   request beyond the limit is answered `503` with flag `UO` at once.
+//!   the moment the proxy admits one until its response body has ended or it fails
+//!   (each attempt of a retried request on its own). A request beyond the limit is
+//!   answered `503` with flag `UO` at once.
 //! - **connections** (`tcp.maxConnections`): L4 connections to the destination open
 //!   now; a connection beyond the limit is refused (reset) and counted
 //!   (`connection_pool_overflow`, flag `UO`). For HTTP/1.1 upstreams, the upstream
@@ -37,7 +38,7 @@ use std::{
 };
 
 use prometheus::{IntCounter, IntGauge};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -270,19 +271,27 @@ impl Pool {
         Ok(permit)
     }
 
-    /// Occupancy and overflows so far, for the admin API.
-    pub fn view(&self) -> PoolView {
+    /// Occupancy now and overflows so far, for the admin API.
+    pub fn occupancy(&self) -> Occupancy {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        PoolView {
-            destination: self.destination.clone(),
-            limits: self.limits,
+        let over = |k: OverflowKind| n(&self.overflows[k.index()]);
+        Occupancy {
             active_requests: n(&self.requests),
             active_connections: n(&self.connections),
             pending_requests: n(&self.pending),
-            overflows: OverflowKind::ALL
-                .into_iter()
-                .map(|k| (k, n(&self.overflows[k.index()])))
-                .collect(),
+            overflows: Overflows {
+                requests: over(OverflowKind::Requests),
+                pending: over(OverflowKind::Pending),
+                connections: over(OverflowKind::Connections),
+            },
+        }
+    }
+
+    pub fn view(&self) -> PoolView {
+        PoolView {
+            destination: self.destination.clone(),
+            limits: self.limits,
+            occupancy: self.occupancy(),
         }
     }
 }
@@ -352,22 +361,46 @@ impl fmt::Debug for RequestPermit {
     }
 }
 
-/// A pool's state for the admin API.
+/// Requests and connections turned away so far, by the limit they met.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overflows {
+    /// `http2MaxRequests`.
+    pub requests: u64,
+    /// `http1MaxPendingRequests`.
+    pub pending: u64,
+    /// `tcp.maxConnections` (L4).
+    pub connections: u64,
+}
+
+/// A pool's occupancy on this node (admin API, `meshctl node services`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Occupancy {
+    /// HTTP requests in flight.
+    pub active_requests: u64,
+    /// L4 connections open, or HTTP/1.1 connections carrying a request.
+    pub active_connections: u64,
+    /// HTTP/1.1 requests waiting for a connection.
+    pub pending_requests: u64,
+    pub overflows: Overflows,
+}
+
+/// A pool's limits and state.
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolView {
     #[serde(flatten)]
     pub destination: Destination,
     pub limits: PoolLimits,
-    pub active_requests: u64,
-    pub active_connections: u64,
-    pub pending_requests: u64,
-    pub overflows: Vec<(OverflowKind, u64)>,
+    #[serde(flatten)]
+    pub occupancy: Occupancy,
 }
+
+/// Pools by backend Service, then by port and subset.
+type ByService = HashMap<ObjectKey, HashMap<(u16, Option<String>), Arc<Pool>>>;
 
 /// Every destination's pool on this node.
 #[derive(Default)]
 pub struct ConnectionPools {
-    pools: Mutex<HashMap<ObjectKey, HashMap<(u16, Option<String>), Arc<Pool>>>>,
+    pools: Mutex<ByService>,
     metrics: Option<PoolMetrics>,
 }
 
@@ -416,6 +449,17 @@ impl ConnectionPools {
             .or_default()
             .insert(key, pool.clone());
         Some(pool)
+    }
+
+    /// The occupancy of `backend`'s pool, if it has one in use.
+    pub fn occupancy(&self, backend: &Backend) -> Option<Occupancy> {
+        let limits = backend.policy.connection_pool?;
+        let pools = lock(&self.pools);
+        pools
+            .get(&backend.service)?
+            .get(&(backend.port, backend.subset.clone()))
+            .filter(|p| p.limits == limits)
+            .map(|p| p.occupancy())
     }
 
     /// Every pool's state, by destination.

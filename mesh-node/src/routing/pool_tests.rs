@@ -34,7 +34,7 @@ fn pools() -> (ConnectionPools, PoolMetrics) {
 
 /// Everything given back: no request, connection or wait counted, gauges at zero.
 fn idle(pool: &Pool, metrics: &PoolMetrics) {
-    let v = pool.view();
+    let v = pool.occupancy();
     assert_eq!(
         (v.active_requests, v.active_connections, v.pending_requests),
         (0, 0, 0),
@@ -55,11 +55,12 @@ fn idle(pool: &Pool, metrics: &PoolMetrics) {
 }
 
 fn overflows(pool: &Pool, kind: OverflowKind) -> u64 {
-    pool.view()
-        .overflows
-        .iter()
-        .find(|(k, _)| *k == kind)
-        .map_or(0, |(_, n)| *n)
+    let o = pool.occupancy().overflows;
+    match kind {
+        OverflowKind::Requests => o.requests,
+        OverflowKind::Pending => o.pending,
+        OverflowKind::Connections => o.connections,
+    }
 }
 
 #[test]
@@ -119,12 +120,12 @@ async fn requests_wait_for_a_connection_up_to_the_pending_limit() {
     });
     // The second waits (pending); the third finds the queue full.
     for _ in 0..100 {
-        if pool.view().pending_requests == 1 {
+        if pool.occupancy().pending_requests == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(pool.view().pending_requests, 1);
+    assert_eq!(pool.occupancy().pending_requests, 1);
     let over = pool.request(true).await.unwrap_err();
     assert_eq!(over.kind, OverflowKind::Pending);
     assert_eq!(overflows(&pool, OverflowKind::Pending), 1);
@@ -150,8 +151,8 @@ async fn a_cancelled_wait_and_an_aborted_request_give_everything_back() {
     // Timeout: the waiting request gives up (the route's timeout, the client gone).
     let gave_up = tokio::time::timeout(Duration::from_millis(20), pool.request(true)).await;
     assert!(gave_up.is_err());
-    assert_eq!(pool.view().pending_requests, 0);
-    assert_eq!(pool.view().active_requests, 1);
+    assert_eq!(pool.occupancy().pending_requests, 0);
+    assert_eq!(pool.occupancy().active_requests, 1);
     // A task holding a permit is aborted mid-request.
     drop(first);
     let holder = tokio::spawn({
@@ -162,12 +163,12 @@ async fn a_cancelled_wait_and_an_aborted_request_give_everything_back() {
         }
     });
     for _ in 0..100 {
-        if pool.view().active_requests == 1 {
+        if pool.occupancy().active_requests == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(pool.view().active_connections, 1);
+    assert_eq!(pool.occupancy().active_connections, 1);
     holder.abort();
     let _ = holder.await;
     idle(&pool, &metrics);
@@ -193,7 +194,7 @@ async fn l4_connections_beyond_max_connections_are_refused_until_one_closes() {
     let over = pool.connection().unwrap_err();
     assert_eq!(over.kind, OverflowKind::Connections);
     assert_eq!(overflows(&pool, OverflowKind::Connections), 1);
-    assert_eq!(pool.view().active_connections, 2);
+    assert_eq!(pool.occupancy().active_connections, 2);
     drop(a);
     let c = pool.connection().unwrap();
     drop((b, c));
@@ -214,7 +215,7 @@ async fn changed_limits_start_a_fresh_pool_and_old_permits_return_to_the_old_one
     let _x = new.connection().unwrap();
     let _y = new.connection().unwrap();
     drop(held);
-    assert_eq!(old.view().active_connections, 0);
+    assert_eq!(old.occupancy().active_connections, 0);
     assert_eq!(pools.view().len(), 1);
-    assert_eq!(pools.view()[0].active_connections, 2);
+    assert_eq!(pools.view()[0].occupancy.active_connections, 2);
 }
