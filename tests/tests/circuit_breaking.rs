@@ -113,9 +113,9 @@ fn latencies(reports: &[HttpReport], status: u16) -> Vec<f64> {
 }
 
 /// The 503s answered by the proxy for a full pool: within this bound of the request
-/// (measured on a busy 2-core machine: the client's connect through the proxy and
-/// the local answer; the backend takes 2 s).
-const OVERFLOW_BOUND_MS: f64 = 250.0;
+/// being sent (measured: 0.3 to 5 ms on a busy 2-core machine, the 10 ms; the
+/// bound leaves room for a loaded CI runner, and is far from the backend's 2 s).
+const OVERFLOW_BOUND_MS: f64 = 50.0;
 
 #[test]
 fn circuit_breaking_http1_max_pending_requests_answers_the_excess_503_uo_at_once() {
