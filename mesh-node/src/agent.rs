@@ -233,6 +233,9 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
     }
 
     let balancer = Arc::new(Balancer::new().with_outlier_metrics(metrics.outliers.clone()));
+    let pools = Arc::new(crate::routing::pool::ConnectionPools::new(Some(
+        metrics.pools.clone(),
+    )));
     let admin_state = Arc::new(AdminState {
         config: config.clone(),
         dataplane: dataplane.clone(),
@@ -245,6 +248,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         certificates: mesh.as_ref().map(|m| m.certificates.clone()),
         log_level,
         balancer: balancer.clone(),
+        pools: pools.clone(),
         started: std::time::Instant::now(),
     });
     let scraped = admin_state.clone();
@@ -285,6 +289,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
                 mesh.as_ref().map(|m| m.trust_domain.clone()),
             )),
             balancer,
+            pools,
             mesh: mesh.clone(),
             trust_domain: config.trust_domain.clone(),
             http_routes: Arc::new(crate::routing::http::routes::RouteCache::counted(

@@ -86,6 +86,8 @@ pub(crate) struct ProxySettings {
     /// The node's routing table (service address ranges and the trust domain in it).
     pub router: Arc<Router>,
     pub balancer: Arc<Balancer>,
+    /// Every destination's connection pool on this node (circuit breaking).
+    pub pools: Arc<crate::routing::pool::ConnectionPools>,
     /// Mutual TLS (absent when no CA is configured).
     pub mesh: Option<Arc<Mesh>>,
     pub trust_domain: String,
@@ -569,6 +571,7 @@ impl Workloads {
             metrics: self.metrics.clone(),
             state: self.state.clone(),
             balancer: self.settings.balancer.clone(),
+            pools: self.settings.pools.clone(),
             splits: Default::default(),
             router: self.settings.router.clone(),
             connect_timeout: self.settings.connect_timeout,

@@ -400,6 +400,10 @@ pub fn client(opts: ClientOptions) -> HttpReport {
                         .cloned()
                         .unwrap_or_else(|| "-".into());
                     *report.pods.entry(pod).or_insert(0) += 1;
+                    let echoed = serde_json::from_str::<serde_json::Value>(&sample.body).ok();
+                    if let Some(peer) = echoed.as_ref().and_then(|b| b["peer"].as_str()) {
+                        *report.peers.entry(peer.to_string()).or_insert(0) += 1;
+                    }
                     if report.samples.len() < 3 {
                         report.samples.push(sample);
                     }

@@ -71,6 +71,10 @@ pub struct HttpReport {
     pub pods: BTreeMap<String, u64>,
     /// The first few responses in full.
     pub samples: Vec<HttpSample>,
+    /// Answers by the connection they came on as the echo server saw it (its `peer`:
+    /// one entry per connection the server accepted).
+    #[serde(default)]
+    pub peers: BTreeMap<String, u64>,
     pub p50_us: u64,
     pub p99_us: u64,
     pub elapsed_ms: u64,

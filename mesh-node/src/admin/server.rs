@@ -198,6 +198,7 @@ pub(crate) fn admin_route(
             &state.config.service_cidrs,
             &state.balancer.picks(),
             Some(&state.balancer),
+            Some(&state.pools),
         )),
         (&Method::GET, "/stats/prometheus") => {
             health::refresh(state);

@@ -72,6 +72,8 @@ pub struct AdminState {
     pub certificates: Option<Arc<CertificateStore>>,
     pub log_level: LogLevel,
     pub balancer: Arc<Balancer>,
+    /// The node's connection pools (circuit breaking occupancy).
+    pub pools: Arc<crate::routing::pool::ConnectionPools>,
     pub started: Instant,
 }
 

@@ -265,13 +265,15 @@ fn trace_view(t: Trace) -> TraceView {
 
 /// The admin API's form of what a connection to an address resolves to.
 fn resolution_view(r: &Resolution) -> ResolutionView {
-    resolution_view_with(r, None)
+    resolution_view_with(r, None, None)
 }
 
-/// [`resolution_view`] with each backend's outlier state from `balancer`.
+/// [`resolution_view`] with each backend's outlier state from `balancer` and its
+/// connection pool's occupancy from `pools`.
 fn resolution_view_with(
     r: &Resolution,
     balancer: Option<&crate::routing::balancer::Balancer>,
+    pools: Option<&crate::routing::pool::ConnectionPools>,
 ) -> ResolutionView {
     match r {
         Resolution::Direct => ResolutionView::Direct,
@@ -300,6 +302,11 @@ fn resolution_view_with(
                     outliers: balancer
                         .map(|bal| bal.outliers(&b.service, b.port))
                         .unwrap_or_default(),
+                    connection_pool: b.policy.connection_pool,
+                    pool: b
+                        .policy
+                        .connection_pool
+                        .map(|_| pools.and_then(|p| p.occupancy(b)).unwrap_or_default()),
                 })
                 .collect(),
         },
@@ -318,6 +325,7 @@ pub(crate) fn services_view(
     cidrs: &[IpCidr],
     picks: &crate::routing::balancer::PickCounts,
     balancer: Option<&crate::routing::balancer::Balancer>,
+    pools: Option<&crate::routing::pool::ConnectionPools>,
 ) -> Vec<ServiceView> {
     let mut out = Vec::new();
     for (key, svc) in state.services.iter() {
@@ -328,6 +336,7 @@ pub(crate) fn services_view(
                 resolution_view_with(
                     &resolve(state, SocketAddr::new(*vip, port), cidrs),
                     balancer,
+                    pools,
                 )
             });
             out.push(ServiceView {
@@ -384,8 +393,8 @@ mod tests {
     #[test]
     fn an_http_routed_service_port_shows_its_httproute_and_backends() {
         let state = ClusterState::from_objects(parse_manifest(SERVICES).unwrap());
-        let view =
-            serde_json::to_value(services_view(&state, &[], &PickCounts::new(), None)).unwrap();
+        let view = serde_json::to_value(services_view(&state, &[], &PickCounts::new(), None, None))
+            .unwrap();
         let view = view.as_array().unwrap();
         let web = view.iter().find(|v| v["service"]["name"] == "web").unwrap();
         let routes = web["http_routes"].as_array().unwrap();
@@ -463,6 +472,7 @@ mod tests {
                         load_balancer: crate::routing::resolve::LbPolicy::LeastRequest,
                         outlier_detection: None,
                         consistent_hash: None,
+                        connection_pool: None,
                     },
                     ring: Default::default(),
                 }],

@@ -4,6 +4,7 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod connection_pool;
 pub mod consistent_hash;
 pub mod destination_rule;
 pub(crate) mod duration;

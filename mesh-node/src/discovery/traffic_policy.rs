@@ -13,6 +13,7 @@ use std::{collections::BTreeMap, time::Duration};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    discovery::connection_pool::{self, PoolLimits},
     discovery::consistent_hash::HashPolicy,
     discovery::destination_rule::{ClientTlsSettings, ConnectionPoolSettings, TrafficPolicy},
     discovery::destination_rule::{
@@ -81,6 +82,8 @@ pub struct PolicyLayer {
     /// Some when `load_balancer` is [`LbPolicy::ConsistentHash`].
     pub consistent_hash: Option<HashPolicy>,
     pub outlier_detection: Option<OutlierPolicy>,
+    /// `connectionPool` (the first layer that sets it decides it whole, as in Istio).
+    pub connection_pool: Option<PoolLimits>,
 }
 
 /// A `trafficPolicy` compiled: its own layer and its ports'.
@@ -104,6 +107,8 @@ pub struct EndpointPolicy {
     /// Some when `load_balancer` is [`LbPolicy::ConsistentHash`]: what is hashed, how.
     pub consistent_hash: Option<HashPolicy>,
     pub outlier_detection: Option<OutlierPolicy>,
+    /// Circuit breaking (`connectionPool`), when a layer sets one.
+    pub connection_pool: Option<PoolLimits>,
 }
 
 impl Serialize for EndpointPolicy {
@@ -123,6 +128,9 @@ impl Serialize for EndpointPolicy {
         }
         if let Some(od) = &self.outlier_detection {
             m.serialize_entry("outlier_detection", od)?;
+        }
+        if let Some(pool) = &self.connection_pool {
+            m.serialize_entry("connection_pool", pool)?;
         }
         m.end()
     }
@@ -173,6 +181,7 @@ impl CompiledRule {
             load_balancer: lb.and_then(|l| l.load_balancer).unwrap_or_default(),
             consistent_hash: lb.and_then(|l| l.consistent_hash.clone()),
             outlier_detection: layers.iter().find_map(|l| l.outlier_detection),
+            connection_pool: layers.iter().find_map(|l| l.connection_pool),
         })
     }
 }
@@ -329,13 +338,10 @@ impl Compiler {
         }
     }
 
-    fn connection_pool(&mut self, field: &str, pool: &ConnectionPoolSettings) {
-        if pool.tcp.is_some() {
-            self.not_implemented(&format!("{field}.tcp"), "the TCP connection pool");
-        }
-        if pool.http.is_some() {
-            self.not_implemented(&format!("{field}.http"), "the HTTP connection pool");
-        }
+    fn connection_pool(&mut self, field: &str, pool: &ConnectionPoolSettings) -> PoolLimits {
+        let (limits, problems) = connection_pool::compile(field, pool);
+        self.problems.extend(problems);
+        limits
     }
 
     fn tls(&mut self, field: &str, tls: &ClientTlsSettings) {
@@ -374,9 +380,8 @@ impl Compiler {
         od: Option<&OutlierDetection>,
         tls: Option<&ClientTlsSettings>,
     ) -> PolicyLayer {
-        if let Some(pool) = pool {
-            self.connection_pool(&format!("{field}.connectionPool"), pool);
-        }
+        let connection_pool =
+            pool.map(|pool| self.connection_pool(&format!("{field}.connectionPool"), pool));
         if let Some(tls) = tls {
             self.tls(&format!("{field}.tls"), tls);
         }
@@ -387,6 +392,7 @@ impl Compiler {
             load_balancer,
             consistent_hash,
             outlier_detection: od.map(|od| self.outlier(&format!("{field}.outlierDetection"), od)),
+            connection_pool,
         }
     }
 

@@ -42,10 +42,12 @@ fn every_api_version_parses_to_the_same_rule() {
     assert_eq!(od.interval, Duration::from_secs(10));
     assert_eq!(od.base_ejection_time, Duration::from_secs(30));
     assert_eq!(od.max_ejection_percent, 10);
-    // The connection pool is reported, not silently dropped.
-    assert_eq!(r.problems.len(), 1);
-    assert_eq!(r.problems[0].reason, ProblemReason::NotImplemented);
-    assert_eq!(r.problems[0].field, "trafficPolicy.connectionPool.http");
+    // The connection pool is applied (circuit breaking).
+    assert_eq!(r.problems, vec![]);
+    let pool = p.connection_pool.unwrap();
+    assert_eq!(pool.max_pending_requests, Some(100));
+    assert_eq!(pool.max_requests_per_connection, Some(10));
+    assert_eq!(pool.max_connections, None);
 }
 
 #[test]
@@ -194,7 +196,7 @@ spec:
   trafficPolicy:
     loadBalancer: {simple: PASSTHROUGH, localityLbSetting: {enabled: true}}
     tls: {mode: SIMPLE, sni: web.example.com}
-    connectionPool: {tcp: {maxConnections: 10}}
+    connectionPool: {tcp: {maxConnections: 10, maxConnectionDuration: 1h}}
     outlierDetection: {consecutive5xxErrors: 2}
 "#,
     );
@@ -207,7 +209,7 @@ spec:
         "trafficPolicy.loadBalancer.localityLbSetting",
         "trafficPolicy.tls.mode",
         "trafficPolicy.tls",
-        "trafficPolicy.connectionPool.tcp",
+        "trafficPolicy.connectionPool.tcp.maxConnectionDuration",
     ] {
         assert!(fields.contains(&f), "{f} not reported: {fields:?}");
     }

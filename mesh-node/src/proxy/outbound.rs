@@ -12,8 +12,9 @@ use crate::{
     discovery::cluster::ip_from_key, discovery::cluster::ip_key, proxy::http::downstream,
     proxy::http::forward::Frontend, proxy::pod::accept_loop, proxy::pod::forward,
     proxy::pod::forward_hbone, proxy::pod::refuse, proxy::pod::reset, proxy::pod::PodContext,
-    routing::plan, routing::plan::Plan, routing::transport::Transport,
-    telemetry::connections::ConnectionInfo, telemetry::connections::Direction,
+    routing::plan, routing::plan::Plan, routing::pool::backend_of, routing::pool::ConnectionPermit,
+    routing::pool::Overflow, routing::transport::Transport, telemetry::connections::ConnectionInfo,
+    telemetry::connections::Direction, telemetry::outcome::RefusalReason,
 };
 
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
@@ -59,7 +60,18 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             info.service = to.service.as_ref().map(|s| s.frontend.clone());
             info.backend = to.backend().cloned();
             info.peer = to.endpoint.pod().cloned();
+            // Circuit breaking: the destination's tcp.maxConnections, held while the
+            // connection lives.
+            let permit = match admit(&ctx, &to) {
+                Ok(permit) => permit,
+                Err(overflow) => {
+                    debug!(pod = %ctx.pod, src = %peer, %dst, %overflow, "connection refused");
+                    refuse(stream, info, RefusalReason::ConnectionPoolOverflow, &ctx);
+                    return;
+                }
+            };
             send(stream, to, info, &ctx).await;
+            drop(permit);
         }
         Plan::Http(service) => {
             info.service = Some(service.frontend.clone());
@@ -77,6 +89,18 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
             refuse(stream, info, refusal.reason(), &ctx);
         }
     }
+}
+
+/// A place in the connection pool of the backend the balancer chose (None: its policy
+/// bounds nothing).
+fn admit(ctx: &PodContext, to: &plan::Forward) -> Result<Option<ConnectionPermit>, Overflow> {
+    let (Some(service), Some(pick)) = (&to.service, &to.pick) else {
+        return Ok(None);
+    };
+    let Some(pool) = backend_of(service, pick).and_then(|b| ctx.pools.pool(b)) else {
+        return Ok(None);
+    };
+    pool.connection().map(Some)
 }
 
 /// HBONE to meshed pods (when the mesh has a CA), plain TCP to everything else.

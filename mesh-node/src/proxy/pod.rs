@@ -56,6 +56,8 @@ pub(crate) struct PodContext {
     pub metrics: Arc<Metrics>,
     pub state: watch::Receiver<Arc<ClusterState>>,
     pub balancer: Arc<Balancer>,
+    /// The node's connection pools (circuit breaking), shared by its pods.
+    pub pools: Arc<crate::routing::pool::ConnectionPools>,
     /// This pod's weighted-split state: each client gets its weighted share (goes
     /// with the pod).
     pub splits: ClientSplits,

@@ -17,6 +17,7 @@ fn backend(name: &str, weight: u32, endpoints: &[&str], least: bool) -> Backend 
             },
             outlier_detection: None,
             consistent_hash: None,
+            connection_pool: None,
         },
         ring: Default::default(),
     }

@@ -41,6 +41,7 @@ fn backend(eps: &[SocketAddr], lb: LbPolicy, od: Option<OutlierPolicy>) -> Backe
             load_balancer: lb,
             outlier_detection: od,
             consistent_hash: None,
+            connection_pool: None,
         },
         ring: Default::default(),
     }

@@ -10,6 +10,7 @@ pub mod hash_ring;
 pub mod http;
 pub mod outlier;
 pub mod plan;
+pub mod pool;
 pub mod resolve;
 pub mod splits;
 pub mod table;

@@ -256,6 +256,7 @@ fn backend_of(
         },
         outlier_detection: None,
         consistent_hash: None,
+        connection_pool: None,
     };
     let rule = state.destination_rule_for(&service);
     let (policy, labels, subset_error) = match (rule, subset) {

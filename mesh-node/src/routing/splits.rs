@@ -163,6 +163,7 @@ mod tests {
                 load_balancer: crate::routing::backend::LbPolicy::RoundRobin,
                 outlier_detection: None,
                 consistent_hash: None,
+                connection_pool: None,
             },
             ring: Default::default(),
         }

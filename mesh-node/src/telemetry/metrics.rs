@@ -154,6 +154,8 @@ pub struct Metrics {
     registry: Registry,
     /// Outlier detection: ejections and endpoints ejected now.
     pub outliers: OutlierMetrics,
+    /// Circuit breaking: connection pool overflows and occupancy.
+    pub pools: crate::telemetry::pool_metrics::PoolMetrics,
     /// Problems found in configuration objects (DestinationRules), by kind and reason;
     /// counted once per object version.
     pub config_problems: IntCounterVec,
@@ -265,6 +267,7 @@ impl Metrics {
         r.register(Box::new(request_duration.clone()))
             .unwrap_or_else(|e| panic!("request duration histogram registered twice: {e}"));
         Metrics {
+            pools: crate::telemetry::pool_metrics::PoolMetrics::new(&r),
             outliers: OutlierMetrics {
                 ejections: counter_vec(
                     &r,

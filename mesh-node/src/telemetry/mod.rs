@@ -7,5 +7,6 @@ pub(crate) mod connections;
 pub(crate) mod log_limit;
 pub(crate) mod metrics;
 pub(crate) mod outcome;
+pub(crate) mod pool_metrics;
 pub(crate) mod request;
 pub(crate) mod trace_context;

@@ -46,6 +46,9 @@ pub enum ResponseFlags {
     FaultInjected,
     /// `DI`: the route's fault injection delayed the request (then sent on).
     DelayInjected,
+    /// `UO`: upstream overflow: the destination's connection pool (a DestinationRule's
+    /// `connectionPool`) was full, so the proxy answered 503 or refused the connection.
+    UpstreamOverflow,
 }
 
 impl ResponseFlags {
@@ -66,6 +69,7 @@ impl ResponseFlags {
             ResponseFlags::DownstreamProtocolError => "DPE",
             ResponseFlags::FaultInjected => "FI",
             ResponseFlags::DelayInjected => "DI",
+            ResponseFlags::UpstreamOverflow => "UO",
         }
     }
 }
@@ -102,11 +106,13 @@ pub enum RefusalReason {
     HboneTargetNotLocal,
     /// A CONNECT to one of the mesh's own in-pod ports.
     HboneTargetMeshPort,
+    /// Outbound to a destination whose connection pool (`tcp.maxConnections`) is full.
+    ConnectionPoolOverflow,
 }
 
 impl RefusalReason {
     /// Every reason, in declaration order.
-    pub const ALL: [RefusalReason; 11] = [
+    pub const ALL: [RefusalReason; 12] = [
         RefusalReason::UnknownService,
         RefusalReason::UnknownServicePort,
         RefusalReason::NoReadyEndpoint,
@@ -118,6 +124,7 @@ impl RefusalReason {
         RefusalReason::HboneBadAuthority,
         RefusalReason::HboneTargetNotLocal,
         RefusalReason::HboneTargetMeshPort,
+        RefusalReason::ConnectionPoolOverflow,
     ];
 
     /// The reason whose [`name`](Self::name) is `name`.
@@ -139,12 +146,14 @@ impl RefusalReason {
             RefusalReason::HboneBadAuthority => "hbone_bad_authority",
             RefusalReason::HboneTargetNotLocal => "hbone_target_not_local",
             RefusalReason::HboneTargetMeshPort => "hbone_target_mesh_port",
+            RefusalReason::ConnectionPoolOverflow => "connection_pool_overflow",
         }
     }
 
     pub const fn response_flags(self) -> ResponseFlags {
         match self {
             RefusalReason::NoReadyEndpoint => ResponseFlags::NoHealthyUpstream,
+            RefusalReason::ConnectionPoolOverflow => ResponseFlags::UpstreamOverflow,
             RefusalReason::UnknownService
             | RefusalReason::UnknownServicePort
             | RefusalReason::HboneTargetNotLocal => ResponseFlags::NoRoute,
@@ -447,6 +456,12 @@ mod tests {
                 "refused: hbone_bad_authority",
                 "RBAC",
             ),
+            // outbound: a destination's connection pool is full
+            (
+                E::Refused(R::ConnectionPoolOverflow),
+                "refused: connection_pool_overflow",
+                "UO",
+            ),
             // connect_in_pod: format!("connect_failed: {e}")
             (
                 E::ConnectFailed("connecting to 10.0.2.2:8080: connection refused".into()),
@@ -539,9 +554,10 @@ mod tests {
             RefusalReason::HboneBadAuthority => 8,
             RefusalReason::HboneTargetNotLocal => 9,
             RefusalReason::HboneTargetMeshPort => 10,
+            RefusalReason::ConnectionPoolOverflow => 11,
         }
     }
-    const REFUSALS: usize = 11;
+    const REFUSALS: usize = 12;
 
     #[test]
     fn every_end_shows_the_text_it_had_as_a_string() {
@@ -636,6 +652,7 @@ mod tests {
             (F::DownstreamProtocolError, "DPE"),
             (F::FaultInjected, "FI"),
             (F::DelayInjected, "DI"),
+            (F::UpstreamOverflow, "UO"),
         ] {
             assert_eq!(flags.as_str(), text);
         }

@@ -45,6 +45,8 @@ pub(crate) mod flags {
     pub(crate) const FAULT_INJECTED: ResponseFlags = ResponseFlags::FaultInjected;
     /// The route's fault injection delayed the request.
     pub(crate) const DELAY_INJECTED: ResponseFlags = ResponseFlags::DelayInjected;
+    /// The destination's connection pool was full (circuit breaking).
+    pub(crate) const UPSTREAM_OVERFLOW: ResponseFlags = ResponseFlags::UpstreamOverflow;
 }
 
 /// The facts of one request, filled in as it is routed.

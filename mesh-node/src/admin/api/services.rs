@@ -5,9 +5,10 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    admin::api::RouteView, discovery::consistent_hash::HashPolicy,
-    discovery::traffic_policy::LbPolicy, discovery::traffic_policy::OutlierPolicy,
-    discovery::traffic_policy::Problem, keys::ObjectKey, routing::outlier::EndpointOutlier,
+    admin::api::RouteView, discovery::connection_pool::PoolLimits,
+    discovery::consistent_hash::HashPolicy, discovery::traffic_policy::LbPolicy,
+    discovery::traffic_policy::OutlierPolicy, discovery::traffic_policy::Problem, keys::ObjectKey,
+    routing::outlier::EndpointOutlier, routing::pool::Occupancy,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,6 +95,12 @@ pub struct ResolvedBackendView {
     /// Each endpoint's outlier state (those outlier detection has seen).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outliers: Vec<EndpointOutlier>,
+    /// Circuit breaking in force (a DestinationRule's connectionPool; None: no limits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<PoolLimits>,
+    /// The pool's occupancy on this node (with `connection_pool`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<Occupancy>,
 }
 
 #[cfg(test)]
@@ -126,6 +133,8 @@ mod tests {
                         consistent_hash: None,
                         outlier_detection: None,
                         outliers: vec![],
+                        connection_pool: None,
+                        pool: None,
                     }],
                 }),
                 http_routes: vec![],

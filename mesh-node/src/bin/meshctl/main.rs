@@ -2,6 +2,7 @@
 
 mod connect;
 mod format;
+mod pools;
 mod render;
 #[cfg(test)]
 mod render_tests;

@@ -15,6 +15,7 @@ use mesh_node::{
 use crate::format::{
     age, bytes, finish, identity, key, now_unix, opt, opt_key, opt_text, table, text, utc,
 };
+use crate::pools::pool_line;
 
 pub struct Filter {
     pub namespace: Option<String>,
@@ -242,6 +243,9 @@ fn backend_line(b: &ResolvedBackendView) -> String {
             od.max_ejection_percent,
             od.min_health_percent
         ));
+    }
+    if let Some(limits) = &b.connection_pool {
+        line.push_str(&pool_line(limits, &b.pool.unwrap_or_default()));
     }
     for o in b.outliers.iter().filter(|o| o.ejected || o.ejections > 0) {
         let state = match o.ejected_until_unix_ms {

@@ -20,14 +20,15 @@ use crate::{
     telemetry::connections::Security,
 };
 use crate::{
-    proxy::http::box_body, proxy::http::mirror, proxy::http::upstream,
+    proxy::http::box_body, proxy::http::held::Held, proxy::http::mirror, proxy::http::upstream,
     proxy::http::upstream::peer_of, proxy::http::upstream::Protocol,
-    proxy::http::upstream::UpstreamError, proxy::http::ProxyBody, routing::balancer::Outcome,
-    routing::hash_key::KeyedRequest, routing::http::filters::authority,
-    routing::http::filters::Filters, routing::http::filters::RequestAction,
-    routing::http::matching::PathMatch, routing::http::routes::BackendTarget,
-    routing::http::routes::Rule, routing::plan, routing::plan::RequestPlan,
-    routing::plan::RequestRefusal, telemetry::outcome::ResponseFlags, telemetry::request::flags,
+    proxy::http::upstream::SendOptions, proxy::http::upstream::UpstreamError,
+    proxy::http::ProxyBody, routing::balancer::Outcome, routing::hash_key::KeyedRequest,
+    routing::http::filters::authority, routing::http::filters::Filters,
+    routing::http::filters::RequestAction, routing::http::matching::PathMatch,
+    routing::http::routes::BackendTarget, routing::http::routes::Rule, routing::plan,
+    routing::plan::RequestPlan, routing::plan::RequestRefusal, routing::pool::Overflow,
+    routing::pool::RequestPermit, telemetry::outcome::ResponseFlags, telemetry::request::flags,
     telemetry::request::LoggedBody, telemetry::request::RequestLog, telemetry::trace_context,
 };
 
@@ -55,12 +56,16 @@ enum Failure {
     NoEndpoint(ObjectKey),
     Upstream(UpstreamError),
     Timeout,
+    /// The destination's connection pool is full (circuit breaking): 503 `UO`.
+    Overflow(Overflow),
 }
 
 impl Failure {
     fn retriable(&self, replayable: bool, idempotent: bool) -> bool {
         match self {
-            Failure::Invalid(_) | Failure::Upstream(UpstreamError::Denied { .. }) => false,
+            Failure::Invalid(_)
+            | Failure::Upstream(UpstreamError::Denied { .. })
+            | Failure::Overflow(_) => false,
             Failure::NoEndpoint(_) => true,
             Failure::Upstream(e) => e.before_sending() || (replayable && idempotent),
             Failure::Timeout => replayable && idempotent,
@@ -86,6 +91,11 @@ impl Failure {
                 StatusCode::GATEWAY_TIMEOUT,
                 flags::UPSTREAM_TIMEOUT,
                 "the backend did not answer within the route's timeout".into(),
+            ),
+            Failure::Overflow(o) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                flags::UPSTREAM_OVERFLOW,
+                o.to_string(),
             ),
         }
     }
@@ -243,6 +253,9 @@ struct Attempt {
     backend: BackendTarget,
     /// The consistent-hash cookie the proxy made up, to set on the response.
     set_cookie: Option<HeaderValue>,
+    /// The request's place in its destination's connection pool, held until the
+    /// response body ends.
+    permit: Option<RequestPermit>,
 }
 
 /// Sends one attempt to the next weighted backend of `rule`.
@@ -316,10 +329,22 @@ async fn attempt(
     } else {
         Protocol::Http1
     };
+    let permit = match ctx.pools.pool(&target.backend) {
+        Some(pool) => Some(
+            pool.request(protocol == Protocol::Http1)
+                .await
+                .map_err(Failure::Overflow)?,
+        ),
+        None => None,
+    };
     let request = upstream_request(parts, body.take(), protocol, &target.filters)
         .map_err(Failure::Invalid)?;
     let sent = Instant::now();
-    let send = upstream::send(ctx, endpoint.addr, &peer, protocol, request, upgrade, &pick);
+    let opts = SendOptions {
+        upgrade,
+        limits: target.backend.policy.connection_pool.unwrap_or_default(),
+    };
+    let send = upstream::send(ctx, endpoint.addr, &peer, protocol, request, opts, &pick);
     let response = match rule.backend_timeout {
         Some(t) => tokio::time::timeout(t, send).await.map_err(|_| {
             pick.report(Outcome::Timeout);
@@ -342,6 +367,7 @@ async fn attempt(
         response,
         backend: target.clone(),
         set_cookie,
+        permit,
     })
 }
 
@@ -579,6 +605,7 @@ pub(crate) async fn handle(
             mut response,
             backend,
             set_cookie,
+            permit,
         }) => {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 if let Some(down) = downstream_upgrade {
@@ -592,11 +619,8 @@ pub(crate) async fn handle(
                 response.headers_mut().append(header::SET_COOKIE, cookie);
             }
             let (parts, body) = response.into_parts();
-            Ok(logged(
-                log,
-                &ctx,
-                Response::from_parts(parts, box_body(body)),
-            ))
+            let body = box_body(Held::new(box_body(body), permit));
+            Ok(logged(log, &ctx, Response::from_parts(parts, body)))
         }
         Err(failure) => {
             let (status, flag, text) = failure.response();

@@ -19,7 +19,7 @@ use crate::{
     discovery::cluster::ClusterState,
     proxy::http::box_body,
     proxy::http::upstream,
-    proxy::http::upstream::{peer_of, Protocol},
+    proxy::http::upstream::{peer_of, Protocol, SendOptions},
     proxy::pod::PodContext,
     routing::balancer::Outcome,
     routing::http::fault::Mirror,
@@ -180,7 +180,13 @@ async fn send(
     };
     *request.headers_mut() = headers;
     let sent = tokio::time::Instant::now();
-    match upstream::send(ctx, endpoint.addr, &peer, protocol, request, false, &pick).await {
+    // The mirror's own connection settings apply (its DestinationRule's reuse limits);
+    // its request limits do not: copies have their own bound per pod.
+    let opts = SendOptions {
+        upgrade: false,
+        limits: mirror.backend.policy.connection_pool.unwrap_or_default(),
+    };
+    match upstream::send(ctx, endpoint.addr, &peer, protocol, request, opts, &pick).await {
         Ok(response) => {
             pick.report(Outcome::Http {
                 status: response.status().as_u16(),

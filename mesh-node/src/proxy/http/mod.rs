@@ -4,6 +4,7 @@
 
 pub(crate) mod downstream;
 pub(crate) mod forward;
+pub(crate) mod held;
 pub(crate) mod mirror;
 pub(crate) mod pool;
 pub(crate) mod upstream;

@@ -36,6 +36,31 @@ struct IdleHttp1 {
     sender: conn::http1::SendRequest<ProxyBody>,
     since: Instant,
     policies: Policies,
+    /// Requests sent on it so far (`maxRequestsPerConnection`).
+    served: u32,
+    /// Closed rather than reused once idle this long (`http.idleTimeout`).
+    expiry: Duration,
+}
+
+impl IdleHttp1 {
+    fn usable(&self) -> bool {
+        !self.sender.is_closed() && self.since.elapsed() < self.expiry
+    }
+}
+
+/// A kept-alive HTTP/1.1 connection taken from the pool, with its request count.
+pub(crate) struct Http1Conn {
+    pub sender: conn::http1::SendRequest<ProxyBody>,
+    pub served: u32,
+}
+
+/// How a destination's connections are kept (its DestinationRule's connectionPool).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Reuse {
+    /// Close a connection after this many requests (None: no limit).
+    pub max_requests: Option<u32>,
+    /// Close an idle connection after this long (None: the pool's default).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// One pod's reusable connections to backend endpoints.
@@ -50,36 +75,41 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl UpstreamPool {
-    pub(crate) fn idle_http1(
-        &self,
-        target: SocketAddr,
-        policies: &Policies,
-    ) -> Option<conn::http1::SendRequest<ProxyBody>> {
+    pub(crate) fn idle_http1(&self, target: SocketAddr, policies: &Policies) -> Option<Http1Conn> {
         let mut pool = lock(&self.http1);
         let list = pool.get_mut(&target)?;
-        list.retain(|c| {
-            !c.sender.is_closed() && c.since.elapsed() < IDLE_EXPIRY && same(&c.policies, policies)
-        });
+        list.retain(|c| c.usable() && same(&c.policies, policies));
         let ready = list.iter().position(|c| c.sender.is_ready())?;
-        Some(list.swap_remove(ready).sender)
+        let c = list.swap_remove(ready);
+        Some(Http1Conn {
+            sender: c.sender,
+            served: c.served,
+        })
     }
 
     /// Puts a connection back once its response is under way: it turns ready again
-    /// when that response has ended.
+    /// when that response has ended. A connection that has carried `reuse.max_requests`
+    /// is not kept: dropping its sender closes it once the response has ended.
     pub(crate) fn release_http1(
         &self,
         target: SocketAddr,
-        sender: conn::http1::SendRequest<ProxyBody>,
+        conn: Http1Conn,
         policies: Policies,
+        reuse: Reuse,
     ) {
+        if reuse.max_requests.is_some_and(|max| conn.served >= max) {
+            return;
+        }
         let mut pool = lock(&self.http1);
         let list = pool.entry(target).or_default();
         list.retain(|c| !c.sender.is_closed());
         if list.len() < MAX_IDLE_PER_ENDPOINT {
             list.push(IdleHttp1 {
-                sender,
+                sender: conn.sender,
                 since: Instant::now(),
                 policies,
+                served: conn.served,
+                expiry: reuse.idle_timeout.unwrap_or(IDLE_EXPIRY),
             });
         }
     }
@@ -87,7 +117,7 @@ impl UpstreamPool {
     /// Forgets connections that closed, and endpoints left with none (pods come and go).
     pub(crate) fn prune(&self) {
         lock(&self.http1).retain(|_, list| {
-            list.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_EXPIRY);
+            list.retain(IdleHttp1::usable);
             !list.is_empty()
         });
         lock(&self.http2).retain(|_, (s, _)| !s.is_closed());

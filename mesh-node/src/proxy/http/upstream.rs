@@ -23,8 +23,9 @@ use tracing::debug;
 
 use crate::proxy::http::ProxyBody;
 use crate::{
-    discovery::cluster::ClusterState, hbone::client::HboneError, hbone::io::H2Io,
-    identity::Identity, proxy::http::pool::Policies, proxy::pod::hbone_outcome,
+    discovery::cluster::ClusterState, discovery::connection_pool::PoolLimits,
+    hbone::client::HboneError, hbone::io::H2Io, identity::Identity, proxy::http::pool::Http1Conn,
+    proxy::http::pool::Policies, proxy::http::pool::Reuse, proxy::pod::hbone_outcome,
     proxy::pod::PodContext, routing::balancer::Outcome, routing::balancer::Pick,
     routing::plan::Endpoint, telemetry::connections::Security,
 };
@@ -134,11 +135,50 @@ pub(crate) fn peer_of(state: &ClusterState, endpoint: &Endpoint) -> Peer {
     }
 }
 
+/// How one request is sent: an upgrade gets a connection of its own; the destination's
+/// connection pool settings (DestinationRule) shape the connections.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SendOptions {
+    pub upgrade: bool,
+    pub limits: PoolLimits,
+}
+
+impl SendOptions {
+    fn reuse(&self) -> Reuse {
+        Reuse {
+            max_requests: self.limits.max_requests_per_connection,
+            idle_timeout: self.limits.idle_timeout,
+        }
+    }
+}
+
+/// SO_KEEPALIVE on an upstream socket (`tcp.tcpKeepalive`); a failure only loses the
+/// probes, so it is logged, not fatal.
+fn keepalive(tcp: &TcpStream, limits: &PoolLimits) {
+    let Some(k) = limits.tcp_keepalive else {
+        return;
+    };
+    let mut ka = socket2::TcpKeepalive::new();
+    if let Some(t) = k.time_secs {
+        ka = ka.with_time(std::time::Duration::from_secs(t));
+    }
+    if let Some(i) = k.interval_secs {
+        ka = ka.with_interval(std::time::Duration::from_secs(i));
+    }
+    if let Some(p) = k.probes {
+        ka = ka.with_retries(p);
+    }
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        debug!(error = %e, "setting TCP keepalive on an upstream socket failed");
+    }
+}
+
 async fn open_transport(
     ctx: &PodContext,
     target: SocketAddr,
     peer: &Peer,
     pick: &Pick,
+    limits: &PoolLimits,
 ) -> Result<Transport, UpstreamError> {
     match (&ctx.mesh, &peer.identity) {
         (Some(mesh), Some(destination)) => {
@@ -162,17 +202,15 @@ async fn open_transport(
             Ok(Transport::Hbone(Box::new(H2Io::new(send, recv))))
         }
         _ => {
-            let tcp = ctx
-                .sockets
-                .connect(target, ctx.connect_timeout)
-                .await
-                .map_err(|e| {
-                    pick.report(Outcome::ConnectFailed);
-                    UpstreamError::Connect {
-                        target,
-                        reason: e.to_string(),
-                    }
-                })?;
+            let timeout = limits.connect_timeout.unwrap_or(ctx.connect_timeout);
+            let tcp = ctx.sockets.connect(target, timeout).await.map_err(|e| {
+                pick.report(Outcome::ConnectFailed);
+                UpstreamError::Connect {
+                    target,
+                    reason: e.to_string(),
+                }
+            })?;
+            keepalive(&tcp, limits);
             Ok(Transport::Tcp(tcp))
         }
     }
@@ -205,9 +243,10 @@ async fn new_http1(
     target: SocketAddr,
     peer: &Peer,
     pick: &Pick,
+    limits: &PoolLimits,
 ) -> Result<conn::http1::SendRequest<ProxyBody>, UpstreamError> {
     let started = Instant::now();
-    let io = TokioIo::new(open_transport(ctx, target, peer, pick).await?);
+    let io = TokioIo::new(open_transport(ctx, target, peer, pick, limits).await?);
     let (sender, connection) = handshaken(conn::http1::handshake(io).await, target, pick, started)?;
     tokio::spawn(async move {
         if let Err(e) = connection.with_upgrades().await {
@@ -223,13 +262,14 @@ async fn http2(
     peer: &Peer,
     policies: &Policies,
     pick: &Pick,
+    limits: &PoolLimits,
 ) -> Result<conn::http2::SendRequest<ProxyBody>, UpstreamError> {
     if let Some(sender) = ctx.http_upstreams.shared_http2(target, policies) {
         return Ok(sender);
     }
     ctx.http_upstreams.prune();
     let started = Instant::now();
-    let io = TokioIo::new(open_transport(ctx, target, peer, pick).await?);
+    let io = TokioIo::new(open_transport(ctx, target, peer, pick, limits).await?);
     let (sender, connection) = handshaken(
         conn::http2::handshake(TokioExecutor::new(), io).await,
         target,
@@ -249,28 +289,31 @@ async fn http2(
 /// Sends `request` to `target`, reusing a connection when one is free. A request a
 /// reused connection could not take (the backend closed it meanwhile) goes out once
 /// more on a new connection. Upgrade requests always get their own connection. A new
-/// connection's outcome (connected or not) is reported to `pick`.
+/// connection's outcome (connected or not) is reported to `pick`. An HTTP/1.1
+/// connection that has carried `maxRequestsPerConnection` requests is closed.
 pub(crate) async fn send(
     ctx: &PodContext,
     target: SocketAddr,
     peer: &Peer,
     protocol: Protocol,
     request: Request<ProxyBody>,
-    upgrade: bool,
+    opts: SendOptions,
     pick: &Pick,
 ) -> Result<Response<Incoming>, UpstreamError> {
     let failed = |source| UpstreamError::Request { target, source };
     let policies = peer.policies.clone();
     if protocol == Protocol::Http2 {
-        let mut sender = http2(ctx, target, peer, &policies, pick).await?;
+        let mut sender = http2(ctx, target, peer, &policies, pick, &opts.limits).await?;
         return sender.send_request(request).await.map_err(failed);
     }
     let mut request = request;
-    if !upgrade {
-        while let Some(mut sender) = ctx.http_upstreams.idle_http1(target, &policies) {
-            match sender.try_send_request(request).await {
+    if !opts.upgrade {
+        while let Some(mut conn) = ctx.http_upstreams.idle_http1(target, &policies) {
+            match conn.sender.try_send_request(request).await {
                 Ok(response) => {
-                    ctx.http_upstreams.release_http1(target, sender, policies);
+                    conn.served = conn.served.saturating_add(1);
+                    ctx.http_upstreams
+                        .release_http1(target, conn, policies, opts.reuse());
                     return Ok(response);
                 }
                 Err(mut e) => match e.take_message() {
@@ -281,10 +324,12 @@ pub(crate) async fn send(
         }
     }
     ctx.http_upstreams.prune();
-    let mut sender = new_http1(ctx, target, peer, pick).await?;
+    let mut sender = new_http1(ctx, target, peer, pick, &opts.limits).await?;
     let response = sender.send_request(request).await.map_err(failed)?;
-    if !upgrade {
-        ctx.http_upstreams.release_http1(target, sender, policies);
+    if !opts.upgrade {
+        let conn = Http1Conn { sender, served: 1 };
+        ctx.http_upstreams
+            .release_http1(target, conn, policies, opts.reuse());
     }
     Ok(response)
 }
