@@ -384,3 +384,51 @@ fn destination_rule_a_broken_destination_rule_is_reported_by_name_and_the_rest_k
         "{text}"
     );
 }
+
+#[test]
+fn destination_rule_with_retries_clients_see_no_errors_while_a_failing_endpoint_is_ejected() {
+    let cluster = cluster();
+    let _servers = servers(&cluster, &["web-3"]);
+    // Istio's pairing: a VirtualService retries 5xx, the DestinationRule ejects.
+    let retries = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: apps}\n\
+        spec:\n  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    retries: {attempts: 2, retryOn: 5xx}\n";
+    cluster
+        .write_manifest(
+            "web.yaml",
+            &format!("{retries}---\n{}", outlier_rule("30s", 100)),
+        )
+        .unwrap();
+    wait_for_policy(&cluster);
+    // Both in force before the first request (a request would start the ejection).
+    let routed = cluster.eventually(Duration::from_secs(5), || {
+        let routes = cluster.meshctl_json("a", &["routes"]).unwrap_or_default();
+        routes.as_array().into_iter().flatten().any(|r| {
+            r["kind"] == "VirtualService"
+                && r["route"]["name"] == "web"
+                && r["not_applied"].as_array().is_none_or(|n| n.is_empty())
+        })
+    });
+    assert!(routed.is_some(), "the VirtualService never applied");
+    let r = requests(&cluster, 300);
+    assert_eq!(r.errors, 0, "{r:?}");
+    assert_eq!(
+        r.statuses.get(&200),
+        Some(&300),
+        "clients saw errors: {r:?}"
+    );
+    assert_eq!(served(&r, "web-3"), 0, "a 500 reached the client: {r:?}");
+    // The failing endpoint was ejected, and retries hid its failures meanwhile.
+    let state = outliers(&cluster);
+    let web3 = endpoint(&cluster, "web-3");
+    assert!(ejected_for_ms(&state[&web3]).is_some(), "{state:?}");
+    let metrics = cluster.scrape_metrics("a").unwrap();
+    let retried: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("nodemesh_request_retries_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        (1.0..=10.0).contains(&retried),
+        "retries: {retried} (each of web-3's failures before its ejection is retried once)"
+    );
+}

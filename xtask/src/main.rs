@@ -54,7 +54,8 @@ enum Task {
         seconds: u64,
     },
     /// Build, then run benchmarks: `cluster` (default; the data path on the simulated
-    /// cluster, root) or `state` (discovery state at scale, no root needed).
+    /// cluster, root), `state` (discovery state at scale, no root needed) or `policy`
+    /// (what a DestinationRule adds to each request's routing, no root needed).
     Bench {
         #[arg(value_enum, default_value_t = BenchKind::Cluster)]
         kind: BenchKind,
@@ -65,6 +66,7 @@ enum Task {
 enum BenchKind {
     Cluster,
     State,
+    Policy,
 }
 
 fn workspace_root() -> PathBuf {
@@ -336,6 +338,15 @@ fn main() -> ExitCode {
             "mesh-node",
             "--bench",
             "state",
+        ])),
+        Task::Bench {
+            kind: BenchKind::Policy,
+        } => run(Command::new("cargo").current_dir(workspace_root()).args([
+            "bench",
+            "-p",
+            "mesh-node",
+            "--bench",
+            "request_policy",
         ])),
     };
     match result {
