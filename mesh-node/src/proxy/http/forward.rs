@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{
     header::{self, HeaderName, HeaderValue},
     request::Parts,
-    HeaderMap, Method, Request, Response, StatusCode, Uri, Version,
+    HeaderMap, Method, Request, Response, StatusCode, Version,
 };
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
@@ -21,10 +21,10 @@ use crate::{
 };
 use crate::{
     proxy::http::box_body, proxy::http::held::Held, proxy::http::mirror, proxy::http::upstream,
-    proxy::http::upstream::peer_of, proxy::http::upstream::Protocol,
-    proxy::http::upstream::SendOptions, proxy::http::upstream::UpstreamError,
-    proxy::http::ProxyBody, routing::balancer::Outcome, routing::hash_key::KeyedRequest,
-    routing::http::filters::authority, routing::http::filters::Filters,
+    proxy::http::upstream::peer_of, proxy::http::upstream::upstream_request,
+    proxy::http::upstream::Protocol, proxy::http::upstream::SendOptions,
+    proxy::http::upstream::UpstreamError, proxy::http::ProxyBody, routing::balancer::Outcome,
+    routing::hash_key::KeyedRequest, routing::http::filters::authority,
     routing::http::filters::RequestAction, routing::http::matching::PathMatch,
     routing::http::routes::BackendTarget, routing::http::routes::Rule, routing::plan,
     routing::plan::RequestPlan, routing::plan::RequestRefusal, routing::pool::Overflow,
@@ -204,50 +204,6 @@ fn reply(
     logged(log, ctx, local_response(status, &text))
 }
 
-/// The request as the backend receives it, for one attempt.
-fn upstream_request(
-    parts: &Parts,
-    body: ProxyBody,
-    protocol: Protocol,
-    backend_filters: &Filters,
-) -> Result<Request<ProxyBody>, String> {
-    let authority = authority(parts).unwrap_or_default();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let mut headers = parts.headers.clone();
-    backend_filters.apply_backend_request(&mut headers);
-    let (uri, version) = match protocol {
-        Protocol::Http1 => {
-            if !headers.contains_key(header::HOST) && !authority.is_empty() {
-                let host =
-                    HeaderValue::try_from(authority.as_str()).map_err(|_| "bad authority")?;
-                headers.insert(header::HOST, host);
-            }
-            (
-                path.parse::<Uri>().map_err(|e| e.to_string())?,
-                Version::HTTP_11,
-            )
-        }
-        Protocol::Http2 => {
-            headers.remove(header::HOST);
-            let uri = format!("http://{authority}{path}");
-            (
-                uri.parse::<Uri>().map_err(|e| format!("`{uri}`: {e}"))?,
-                Version::HTTP_2,
-            )
-        }
-    };
-    let mut request = Request::new(body);
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = uri;
-    *request.version_mut() = version;
-    *request.headers_mut() = headers;
-    Ok(request)
-}
-
 struct Attempt {
     response: Response<Incoming>,
     backend: BackendTarget,
@@ -337,8 +293,14 @@ async fn attempt(
         ),
         None => None,
     };
-    let request = upstream_request(parts, body.take(), protocol, &target.filters)
-        .map_err(Failure::Invalid)?;
+    let request = upstream_request(
+        parts,
+        body.take(),
+        protocol,
+        &target.filters,
+        &authority(parts).unwrap_or_default(),
+    )
+    .map_err(Failure::Invalid)?;
     let sent = Instant::now();
     let opts = SendOptions {
         upgrade,
@@ -663,11 +625,15 @@ mod tests {
             .unwrap()
             .into_parts()
             .0;
-        let none = Filters::default();
-        let h1 = upstream_request(&parts, box_body(Empty::new()), Protocol::Http1, &none).unwrap();
+        let none = crate::routing::http::filters::Filters::default();
+        // As an attempt sends it: the request's own authority.
+        let own = authority(&parts).unwrap();
+        let h1 =
+            upstream_request(&parts, box_body(Empty::new()), Protocol::Http1, &none, &own).unwrap();
         assert_eq!(h1.uri(), "/a?b=1");
         assert_eq!(h1.headers().get("host").unwrap(), "echo");
-        let h2 = upstream_request(&parts, box_body(Empty::new()), Protocol::Http2, &none).unwrap();
+        let h2 =
+            upstream_request(&parts, box_body(Empty::new()), Protocol::Http2, &none, &own).unwrap();
         assert_eq!(h2.uri(), "http://echo/a?b=1");
         assert!(h2.headers().get("host").is_none());
     }

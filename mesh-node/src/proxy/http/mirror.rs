@@ -19,11 +19,12 @@ use crate::{
     discovery::cluster::ClusterState,
     proxy::http::box_body,
     proxy::http::upstream,
-    proxy::http::upstream::{peer_of, Protocol, SendOptions},
+    proxy::http::upstream::{peer_of, upstream_request, Protocol, SendOptions},
+    proxy::http::ProxyBody,
     proxy::pod::PodContext,
     routing::balancer::Outcome,
     routing::http::fault::Mirror,
-    routing::http::filters::authority,
+    routing::http::filters::{authority, Filters},
     routing::http::rule::Rule,
     routing::plan,
 };
@@ -86,12 +87,7 @@ pub(crate) fn copy(
     body: Option<&Bytes>,
 ) {
     for mirror in rule.mirrors.iter().filter(|m| m.share.sample()) {
-        let count = |outcome: MirrorOutcome| {
-            ctx.metrics
-                .mirrored_requests
-                .with_label_values(&[&mirror.backend.service.service_fqdn(), outcome.as_str()])
-                .inc();
-        };
+        let count = |outcome| counted(ctx, mirror, outcome);
         let Some(body) = body else {
             count(MirrorOutcome::BodyNotHeld);
             continue;
@@ -114,71 +110,49 @@ pub(crate) fn copy(
             let outcome = tokio::time::timeout(timeout, send(&ctx, &state, &mirror, request))
                 .await
                 .unwrap_or(MirrorOutcome::Failed);
-            ctx.metrics
-                .mirrored_requests
-                .with_label_values(&[&mirror.backend.service.service_fqdn(), outcome.as_str()])
-                .inc();
+            counted(&ctx, &mirror, outcome);
         });
     }
 }
 
-fn copy_request(parts: &Parts, body: Bytes) -> Option<(Parts, Bytes, String)> {
+/// Counts one copy in `nodemesh_mirrored_requests_total`.
+fn counted(ctx: &PodContext, mirror: &Mirror, outcome: MirrorOutcome) {
+    ctx.metrics
+        .mirrored_requests
+        .with_label_values(&[&mirror.backend.service.service_fqdn(), outcome.as_str()])
+        .inc();
+}
+
+/// The copy as the mirror receives it: the request as a backend would get it, its
+/// host named `<host>-shadow` (both protocols). None when the request has no authority.
+fn copy_request(parts: &Parts, body: Bytes) -> Option<(Request<ProxyBody>, Protocol)> {
     let shadow = shadow_authority(&authority(parts)?);
-    let mut request = Request::new(());
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = parts.uri.clone();
-    *request.version_mut() = parts.version;
-    *request.headers_mut() = parts.headers.clone();
-    let (parts, ()) = request.into_parts();
-    Some((parts, body, shadow))
+    let protocol = if parts.version == Version::HTTP_2 {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    let body = box_body(Full::new(body));
+    let mut request = upstream_request(parts, body, protocol, &Filters::default(), &shadow).ok()?;
+    if protocol == Protocol::Http1 {
+        request
+            .headers_mut()
+            .insert(header::HOST, HeaderValue::try_from(shadow).ok()?);
+    }
+    Some((request, protocol))
 }
 
 async fn send(
     ctx: &PodContext,
     state: &Arc<ClusterState>,
     mirror: &Mirror,
-    (parts, body, shadow): (Parts, Bytes, String),
+    (request, protocol): (Request<ProxyBody>, Protocol),
 ) -> MirrorOutcome {
     let table = ctx.router.table(state);
     let Some((endpoint, pick)) = plan::mirror(&table, state, &ctx.balancer, &mirror.backend) else {
         return MirrorOutcome::NoEndpoint;
     };
     let peer = peer_of(state, &endpoint);
-    let protocol = if parts.version == Version::HTTP_2 {
-        Protocol::Http2
-    } else {
-        Protocol::Http1
-    };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    let mut headers = parts.headers;
-    let uri = match protocol {
-        Protocol::Http1 => {
-            let Ok(host) = HeaderValue::try_from(shadow.as_str()) else {
-                return MirrorOutcome::Failed;
-            };
-            headers.insert(header::HOST, host);
-            path.parse()
-        }
-        Protocol::Http2 => {
-            headers.remove(header::HOST);
-            format!("http://{shadow}{path}").parse()
-        }
-    };
-    let Ok(uri) = uri else {
-        return MirrorOutcome::Failed;
-    };
-    let mut request = Request::new(box_body(Full::new(body)));
-    *request.method_mut() = parts.method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = match protocol {
-        Protocol::Http1 => Version::HTTP_11,
-        Protocol::Http2 => Version::HTTP_2,
-    };
-    *request.headers_mut() = headers;
     let sent = tokio::time::Instant::now();
     // The mirror's own connection settings apply (its DestinationRule's reuse limits);
     // its request limits do not: copies have their own bound per pod.

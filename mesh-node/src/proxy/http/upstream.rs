@@ -10,7 +10,7 @@ use std::{
     time::Instant,
 };
 
-use http::{Request, Response};
+use http::{header, request::Parts, HeaderValue, Request, Response, Uri, Version};
 use hyper::{body::Incoming, client::conn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_common::HBONE_PORT;
@@ -21,7 +21,6 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::proxy::http::ProxyBody;
 use crate::{
     discovery::cluster::ClusterState, discovery::connection_pool::PoolLimits,
     hbone::client::HboneError, hbone::io::H2Io, identity::Identity, proxy::http::pool::Http1Conn,
@@ -29,6 +28,7 @@ use crate::{
     proxy::pod::PodContext, routing::balancer::Outcome, routing::balancer::Pick,
     routing::plan::Endpoint, telemetry::connections::Security,
 };
+use crate::{proxy::http::ProxyBody, routing::http::filters::Filters};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Protocol {
@@ -332,4 +332,48 @@ pub(crate) async fn send(
             .release_http1(target, conn, policies, opts.reuse());
     }
     Ok(response)
+}
+
+/// The request as a backend receives it (one attempt, or a mirrored copy): `authority`
+/// is the HTTP/2 URI's, and the HTTP/1.1 `Host` when the request has none.
+pub(crate) fn upstream_request(
+    parts: &Parts,
+    body: ProxyBody,
+    protocol: Protocol,
+    backend_filters: &Filters,
+    authority: &str,
+) -> Result<Request<ProxyBody>, String> {
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut headers = parts.headers.clone();
+    backend_filters.apply_backend_request(&mut headers);
+    let (uri, version) = match protocol {
+        Protocol::Http1 => {
+            if !headers.contains_key(header::HOST) && !authority.is_empty() {
+                let host = HeaderValue::try_from(authority).map_err(|_| "bad authority")?;
+                headers.insert(header::HOST, host);
+            }
+            (
+                path.parse::<Uri>().map_err(|e| e.to_string())?,
+                Version::HTTP_11,
+            )
+        }
+        Protocol::Http2 => {
+            headers.remove(header::HOST);
+            let uri = format!("http://{authority}{path}");
+            (
+                uri.parse::<Uri>().map_err(|e| format!("`{uri}`: {e}"))?,
+                Version::HTTP_2,
+            )
+        }
+    };
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Ok(request)
 }
