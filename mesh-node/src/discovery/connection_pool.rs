@@ -148,11 +148,10 @@ impl Checker<'_> {
     }
 
     fn not_implemented(&mut self, field: &str, what: &str) {
-        self.problem(
-            field,
-            ProblemReason::NotImplemented,
-            format!("{what} is not implemented by Nodemesh yet: it is not applied"),
-        );
+        self.problems.push(Problem::not_implemented(
+            format!("{}.{field}", self.field),
+            what,
+        ));
     }
 
     /// A count: 0 or absent is no limit (as Istio); negative or over u32 is rejected.

@@ -64,3 +64,15 @@ pub struct Problem {
     /// What is wrong and what to do.
     pub detail: String,
 }
+
+impl Problem {
+    /// `field` is present but Nodemesh does not implement `what`: reported, not
+    /// applied; the rest of the rule applies.
+    pub fn not_implemented(field: String, what: &str) -> Problem {
+        Problem {
+            field,
+            reason: ProblemReason::NotImplemented,
+            detail: format!("{what} is not implemented by Nodemesh yet: it is not applied"),
+        }
+    }
+}

@@ -225,11 +225,8 @@ impl Compiler {
     }
 
     fn not_implemented(&mut self, field: &str, what: &str) {
-        self.problem(
-            field,
-            ProblemReason::NotImplemented,
-            format!("{what} is not implemented by Nodemesh yet: it is not applied"),
-        );
+        self.problems
+            .push(Problem::not_implemented(field.to_string(), what));
     }
 
     fn duration(&mut self, field: &str, text: Option<&str>, default: Duration) -> Duration {
