@@ -214,6 +214,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             discovery.all_synced();
             tokio::spawn(files::watch_directory(
                 dir.clone(),
+                config.root_namespace.clone(),
                 state_tx,
                 metrics.clone(),
             ));
@@ -228,6 +229,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
                 state_tx,
                 metrics.clone(),
                 discovery.clone(),
+                config.root_namespace.clone(),
             ));
         }
     }

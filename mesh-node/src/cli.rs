@@ -20,8 +20,8 @@ pub enum Command {
     Ca(Box<CaConfig>),
     /// Print a CustomResourceDefinition Nodemesh reads, as YAML.
     Crds {
-        /// Which one: Nodemesh's AuthorizationPolicy, or Istio's DestinationRule or
-        /// VirtualService (for clusters without Istio's own CRDs).
+        /// Which one: Nodemesh's AuthorizationPolicy, or Istio's DestinationRule,
+        /// VirtualService or PeerAuthentication (for clusters without Istio's own CRDs).
         #[arg(long, value_enum, default_value_t = CrdKind::AuthorizationPolicy)]
         kind: CrdKind,
     },
@@ -33,4 +33,5 @@ pub enum CrdKind {
     AuthorizationPolicy,
     DestinationRule,
     VirtualService,
+    PeerAuthentication,
 }

@@ -6,7 +6,9 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use crate::{discovery::duration::parse_duration, routing::resolve::IpCidr};
+use crate::{
+    discovery::duration::parse_duration, discovery::mtls::RootNamespace, routing::resolve::IpCidr,
+};
 
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct AgentConfig {
@@ -88,6 +90,11 @@ pub struct AgentConfig {
     /// it. An empty value turns keeping off.
     #[arg(long, default_value = "/run/nodemesh/certs")]
     pub cert_cache_dir: PathBuf,
+
+    /// Istio's root namespace: a PeerAuthentication without a selector there is
+    /// mesh-wide (one with a selector there is ignored, as in Istio).
+    #[arg(long, default_value = crate::discovery::mtls::DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: RootNamespace,
 
     /// Trust domain of workload identities.
     #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]

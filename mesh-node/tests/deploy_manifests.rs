@@ -128,6 +128,19 @@ fn the_destination_rule_crd_matches_the_rust_type() {
 }
 
 #[test]
+fn the_peer_authentication_crd_matches_the_rust_type_at_istios_versions() {
+    let path = deploy_dir().join("crds/istio/peerauthentication.yaml");
+    let on_disk: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let generated = serde_yaml::to_value(mesh_node::discovery::peer_authentication::crd()).unwrap();
+    assert_eq!(
+        on_disk, generated,
+        "deploy/crds/istio/peerauthentication.yaml is stale: regenerate it with `mesh-node crds --kind peer-authentication > deploy/crds/istio/peerauthentication.yaml`"
+    );
+    assert_eq!(on_disk["spec"]["group"], "security.istio.io");
+}
+
+#[test]
 fn the_virtual_service_crd_matches_the_rust_type_at_istios_versions() {
     let path = deploy_dir().join("crds/istio/virtualservice.yaml");
     let on_disk: serde_yaml::Value =

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod client;
 pub(crate) mod health;
+pub(crate) mod peer_auth;
 pub mod routes;
 pub(crate) mod server;
 pub mod state;

@@ -7,20 +7,18 @@ use crate::{
     admin::api::AdmissionView, admin::api::BpfView, admin::api::CandidateView,
     admin::api::CertificateCounts, admin::api::CertificateState, admin::api::ConnectionCounts,
     admin::api::HttpRequestView, admin::api::InboundView, admin::api::MapView,
-    admin::api::MeshMode, admin::api::NamespaceView, admin::api::PoliciesView,
-    admin::api::PolicyView, admin::api::ProgramView, admin::api::RedirectView,
-    admin::api::ResolutionView, admin::api::ResolvedBackendView, admin::api::RouteView,
-    admin::api::ServiceView, admin::api::SourceView, admin::api::StateSummary,
-    admin::api::StatusView, admin::api::TraceOutcome, admin::api::TraceTransport,
-    admin::api::TraceView, admin::api::WorkloadCounts, admin::routes::route_views,
-    admin::state::unix_now, admin::state::AdminState, admin::trace::trace,
-    admin::trace::HttpAttributes, admin::trace::Outcome, admin::trace::Trace,
+    admin::api::PoliciesView, admin::api::PolicyView, admin::api::ProgramView,
+    admin::api::RedirectView, admin::api::ResolutionView, admin::api::ResolvedBackendView,
+    admin::api::RouteView, admin::api::ServiceView, admin::api::SourceView,
+    admin::api::StateSummary, admin::api::StatusView, admin::api::TraceOutcome,
+    admin::api::TraceTransport, admin::api::TraceView, admin::api::WorkloadCounts,
+    admin::peer_auth, admin::routes::route_views, admin::state::unix_now, admin::state::AdminState,
+    admin::trace::trace, admin::trace::HttpAttributes, admin::trace::Outcome, admin::trace::Trace,
     admin::trace::TraceError, admin::trace::TraceInputs, admin::trace::Transport,
     capture::dataplane::MapStatus, capture::dataplane::ProgramStatus,
-    discovery::cluster::service_ips, discovery::cluster::ClusterState,
-    discovery::cluster::MESH_LABEL, identity::authz::selects, identity::authz::Admission,
-    keys::ObjectKey, keys::PodKey, routing::resolve::resolve, routing::resolve::IpCidr,
-    routing::resolve::Resolution,
+    discovery::cluster::service_ips, discovery::cluster::ClusterState, identity::authz::selects,
+    identity::authz::Admission, keys::ObjectKey, keys::PodKey, routing::resolve::resolve,
+    routing::resolve::IpCidr, routing::resolve::Resolution,
 };
 
 /// One view of the agent's health: readiness, state freshness, what it serves.
@@ -76,7 +74,8 @@ pub(crate) fn status(state: &AdminState) -> StatusView {
     }
 }
 
-/// Namespaces with their mesh mode, and every AuthorizationPolicy with the pods of
+/// Namespaces with their mTLS mode, this node's workloads with theirs (by port) and
+/// the PeerAuthentications behind them, and every AuthorizationPolicy with the pods of
 /// this node it selects.
 pub(crate) fn policies(state: &AdminState) -> PoliciesView {
     let cluster = state.state.borrow().clone();
@@ -84,14 +83,12 @@ pub(crate) fn policies(state: &AdminState) -> PoliciesView {
     let namespaces = cluster
         .namespaces
         .iter()
-        .map(|(key, ns)| {
-            let labels = ns.metadata.labels.clone().unwrap_or_default();
-            NamespaceView {
-                namespace: key.name.clone(),
-                enrolled: labels.get(MESH_LABEL).map(String::as_str) == Some("enabled"),
-                mode: MeshMode::of(cluster.strict_mtls(&key.name)),
-            }
-        })
+        .map(|(key, ns)| peer_auth::namespace_view(&cluster, key, ns))
+        .collect();
+    let here: Vec<PodKey> = workloads
+        .iter()
+        .filter(|w| w.enrolled)
+        .map(|w| w.pod.clone())
         .collect();
     let policies = cluster
         .authorization_policies
@@ -115,6 +112,8 @@ pub(crate) fn policies(state: &AdminState) -> PoliciesView {
         .collect();
     PoliciesView {
         namespaces,
+        workloads: peer_auth::workload_views(&cluster, &here),
+        peer_authentications: peer_auth::peer_authentication_views(&cluster, &here),
         policies,
     }
 }
@@ -235,6 +234,7 @@ fn trace_view(t: Trace) -> TraceView {
                     handled_by_mesh: c.inbound.handled_by_mesh,
                     listener: c.inbound.listener,
                     mode: c.inbound.mode.map(String::from),
+                    mode_source: c.inbound.mode_source,
                     admission: c.inbound.admission.map(|a| match a {
                         Admission::Allow { policy } => AdmissionView::Allow { policy },
                         Admission::Refuse {
@@ -429,6 +429,7 @@ mod tests {
                 handled_by_mesh: true,
                 listener: Some(15008),
                 mode: Some("STRICT"),
+                mode_source: Some("PeerAuthentication apps/strict (namespace-wide)".into()),
                 admission,
                 note: "a note".into(),
             },

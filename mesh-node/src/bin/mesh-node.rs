@@ -64,6 +64,9 @@ fn main() -> ExitCode {
                 mesh_node::cli::CrdKind::VirtualService => {
                     mesh_node::discovery::virtual_service::crd()
                 }
+                mesh_node::cli::CrdKind::PeerAuthentication => {
+                    mesh_node::discovery::peer_authentication::crd()
+                }
             };
             match serde_yaml::to_string(&crd) {
                 Ok(text) => {

@@ -261,8 +261,10 @@ pub async fn run(config: CaConfig) -> Result<(), CaServerError> {
         };
     match (config.source, &config.manifests) {
         (Source::Files, Some(dir)) => {
+            // The CA decides nothing by mTLS mode: the default root namespace will do.
             tokio::spawn(files::watch_directory(
                 dir.clone(),
+                Default::default(),
                 state_tx,
                 metrics.clone(),
             ));
@@ -276,6 +278,7 @@ pub async fn run(config: CaConfig) -> Result<(), CaServerError> {
                 state_tx,
                 metrics.clone(),
                 Arc::new(DiscoveryHealth::default()),
+                Default::default(),
             ));
         }
     }

@@ -25,11 +25,13 @@ pub use crate::{
     discovery::enrollment::plan, discovery::enrollment::NotEnrolled,
     discovery::enrollment::PodPlan, discovery::enrollment::EXCLUDE_INBOUND_PORTS,
     discovery::enrollment::EXCLUDE_OUTBOUND_CIDRS, discovery::enrollment::EXCLUDE_OUTBOUND_PORTS,
-    discovery::enrollment::MESH_LABEL, discovery::enrollment::MTLS_LABEL,
+    discovery::enrollment::MESH_LABEL, discovery::mtls::MTLS_LABEL,
 };
 
 use crate::{
-    discovery::destination_rule::DestinationRule, discovery::policy::AuthorizationPolicy,
+    discovery::destination_rule::DestinationRule, discovery::mtls::EffectiveMtls,
+    discovery::mtls::PeerAuthIndex, discovery::mtls::RootNamespace, discovery::mtls::WorkloadMtls,
+    discovery::peer_authentication::PeerAuthentication, discovery::policy::AuthorizationPolicy,
     discovery::traffic_policy::compile, discovery::traffic_policy::CompiledRule,
     discovery::traffic_policy::Problem, discovery::traffic_policy::ProblemReason,
     discovery::virtual_service::VirtualService, keys::ObjectKey, keys::PodKey,
@@ -50,10 +52,11 @@ pub enum Kind {
     AuthorizationPolicy,
     DestinationRule,
     VirtualService,
+    PeerAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -63,6 +66,7 @@ impl Kind {
         Kind::AuthorizationPolicy,
         Kind::DestinationRule,
         Kind::VirtualService,
+        Kind::PeerAuthentication,
     ];
 
     pub fn name(self) -> &'static str {
@@ -76,6 +80,7 @@ impl Kind {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::DestinationRule => "DestinationRule",
             Kind::VirtualService => "VirtualService",
+            Kind::PeerAuthentication => "PeerAuthentication",
         }
     }
 }
@@ -92,6 +97,7 @@ pub enum KubeObject {
     AuthorizationPolicy(Box<AuthorizationPolicy>),
     DestinationRule(Box<DestinationRule>),
     VirtualService(Box<VirtualService>),
+    PeerAuthentication(Box<PeerAuthentication>),
 }
 
 impl KubeObject {
@@ -106,6 +112,7 @@ impl KubeObject {
             KubeObject::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             KubeObject::DestinationRule(_) => Kind::DestinationRule,
             KubeObject::VirtualService(_) => Kind::VirtualService,
+            KubeObject::PeerAuthentication(_) => Kind::PeerAuthentication,
         }
     }
 
@@ -120,6 +127,7 @@ impl KubeObject {
             KubeObject::AuthorizationPolicy(o) => &o.metadata,
             KubeObject::DestinationRule(o) => &o.metadata,
             KubeObject::VirtualService(o) => &o.metadata,
+            KubeObject::PeerAuthentication(o) => &o.metadata,
         }
     }
 
@@ -151,6 +159,10 @@ pub struct ClusterState {
     /// naming it).
     rules_by_service: Arc<HashMap<ObjectKey, Arc<CompiledRule>>>,
     pub virtual_services: Objects<VirtualService>,
+    pub peer_authentications: Objects<PeerAuthentication>,
+    /// Every PeerAuthentication checked, which are in force, and the root namespace
+    /// (`discovery::mtls`; [`ClusterState::mtls_mode`] reads it).
+    pub peer_authentication: Arc<PeerAuthIndex>,
     pods_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
     services_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
     slices_by_service: Arc<HashMap<ObjectKey, BTreeSet<ObjectKey>>>,
@@ -417,6 +429,10 @@ impl ClusterState {
             KubeObject::VirtualService(o) => {
                 upsert(&mut self.virtual_services, key, *o);
             }
+            KubeObject::PeerAuthentication(o) => {
+                upsert(&mut self.peer_authentications, key, *o);
+                self.reindex_peer_authentications();
+            }
         }
     }
 
@@ -469,6 +485,11 @@ impl ClusterState {
             Kind::VirtualService => {
                 take(&mut self.virtual_services, key);
             }
+            Kind::PeerAuthentication => {
+                if take(&mut self.peer_authentications, key).is_some() {
+                    self.reindex_peer_authentications();
+                }
+            }
         }
     }
 
@@ -484,6 +505,7 @@ impl ClusterState {
             Kind::AuthorizationPolicy => self.authorization_policies.keys().cloned().collect(),
             Kind::DestinationRule => self.destination_rules.keys().cloned().collect(),
             Kind::VirtualService => self.virtual_services.keys().cloned().collect(),
+            Kind::PeerAuthentication => self.peer_authentications.keys().cloned().collect(),
         };
         let keep: BTreeSet<ObjectKey> = objects.iter().filter_map(KubeObject::key).collect();
         for key in keys.iter().filter(|k| !keep.contains(*k)) {
@@ -540,6 +562,49 @@ impl ClusterState {
                 .collect(),
         );
         self.compiled_rules = Arc::new(compiled);
+    }
+
+    /// Sets the mesh's root namespace (`--root-namespace`): its namespace-wide
+    /// PeerAuthentication is the mesh-wide one. The sources set it on every state.
+    pub fn set_root_namespace(&mut self, root: &RootNamespace) {
+        if self.peer_authentication.root() != root {
+            self.peer_authentication =
+                Arc::new(PeerAuthIndex::build(root, &self.peer_authentications));
+        }
+    }
+
+    /// Checks every PeerAuthentication again (they are few) and decides which are in
+    /// force at each level.
+    fn reindex_peer_authentications(&mut self) {
+        let root = self.peer_authentication.root().clone();
+        self.peer_authentication =
+            Arc::new(PeerAuthIndex::build(&root, &self.peer_authentications));
+    }
+
+    /// The mode of a pod of `namespace` no workload PeerAuthentication selects.
+    pub fn namespace_mtls(&self, namespace: &str) -> EffectiveMtls {
+        let label = self.mtls_label(namespace);
+        self.peer_authentication.namespace_mode(namespace, label)
+    }
+
+    /// Every mTLS mode of the pod `pod` (a pod not in the state: its namespace's).
+    pub fn mtls_modes(&self, pod: &PodKey) -> WorkloadMtls {
+        let labels = self.pods.get(pod).and_then(|p| p.metadata.labels.as_ref());
+        let label = self.mtls_label(&pod.namespace);
+        self.peer_authentication.workload_modes(pod, labels, label)
+    }
+
+    /// The mode in force for plaintext to `port` of the pod `pod`, and what decided it
+    /// (`discovery::mtls`): what the inbound listeners, `meshctl node trace` and
+    /// `meshctl node policies` use.
+    pub fn mtls_mode(&self, pod: &PodKey, port: u16) -> EffectiveMtls {
+        let mut modes = self.mtls_modes(pod);
+        modes.ports.remove(&port).unwrap_or(modes.default)
+    }
+
+    fn mtls_label(&self, namespace: &str) -> Option<&str> {
+        let labels = self.namespace(namespace)?.metadata.labels.as_ref()?;
+        labels.get(MTLS_LABEL).map(String::as_str)
     }
 
     /// The DestinationRule in force for `service`, if any (O(1)).
@@ -656,6 +721,10 @@ impl ClusterState {
             ),
             (Kind::DestinationRule.name(), self.destination_rules.len()),
             (Kind::VirtualService.name(), self.virtual_services.len()),
+            (
+                Kind::PeerAuthentication.name(),
+                self.peer_authentications.len(),
+            ),
         ])
     }
 }

@@ -14,9 +14,6 @@ use crate::{
 
 /// Namespace label that enrolls a namespace (`enabled`); on a pod, `disabled` opts out.
 pub const MESH_LABEL: &str = "nodemesh.io/mesh";
-/// Namespace label choosing the inbound mode: `strict` refuses plaintext (except
-/// kubelet probes, which bypass capture); anything else is permissive.
-pub const MTLS_LABEL: &str = "nodemesh.io/mtls";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "nodemesh.io/exclude-outbound-ports";
 pub const EXCLUDE_OUTBOUND_CIDRS: &str = "nodemesh.io/exclude-outbound-cidrs";
 pub const EXCLUDE_INBOUND_PORTS: &str = "nodemesh.io/exclude-inbound-ports";
@@ -123,12 +120,6 @@ impl ClusterState {
         let pod = self.pods.get(key)?;
         self.enrollment(key, pod).ok()?;
         Some((key, &**pod))
-    }
-
-    /// Whether plaintext inbound is refused for pods of `namespace`.
-    pub fn strict_mtls(&self, namespace: &str) -> bool {
-        self.namespace(namespace)
-            .is_some_and(|ns| label(&ns.metadata, MTLS_LABEL) == Some("strict"))
     }
 
     /// Plans for every pod on `node` the rules enroll, including pods whose status has

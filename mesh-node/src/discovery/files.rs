@@ -17,7 +17,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::{
-    discovery::cluster::ClusterState, discovery::cluster::KubeObject, telemetry::metrics::Metrics,
+    discovery::cluster::ClusterState, discovery::cluster::KubeObject,
+    discovery::mtls::RootNamespace, telemetry::metrics::Metrics,
 };
 
 /// Parses one manifest file (one or more YAML documents, `kind: List` included).
@@ -65,6 +66,9 @@ fn collect(value: serde_yaml::Value, doc: usize, out: &mut Vec<KubeObject>) -> R
         "VirtualService" if is_istio_networking(&value) => {
             KubeObject::VirtualService(Box::new(serde_yaml::from_value(value).map_err(typed)?))
         }
+        "PeerAuthentication" if is_istio_security(&value) => {
+            KubeObject::PeerAuthentication(Box::new(serde_yaml::from_value(value).map_err(typed)?))
+        }
         "List" => {
             let items = value
                 .get("items")
@@ -94,6 +98,15 @@ fn is_istio_networking(value: &serde_yaml::Value) -> bool {
         .is_some_and(|v| crate::discovery::virtual_service::VERSIONS.contains(&v))
 }
 
+/// `apiVersion: security.istio.io/<v1 or v1beta1>`.
+fn is_istio_security(value: &serde_yaml::Value) -> bool {
+    value
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .and_then(|v| v.strip_prefix("security.istio.io/"))
+        .is_some_and(|v| crate::discovery::peer_authentication::VERSIONS.contains(&v))
+}
+
 /// Identity of a file version: cheap to compare on every rescan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
@@ -117,6 +130,7 @@ pub struct ManifestProblem {
 pub struct ManifestDirectory {
     dir: PathBuf,
     files: BTreeMap<PathBuf, LoadedFile>,
+    root: RootNamespace,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -131,7 +145,14 @@ impl ManifestDirectory {
         ManifestDirectory {
             dir: dir.into(),
             files: BTreeMap::new(),
+            root: RootNamespace::default(),
         }
+    }
+
+    /// The mesh's root namespace (`--root-namespace`) the states are built with.
+    pub fn with_root_namespace(mut self, root: RootNamespace) -> ManifestDirectory {
+        self.root = root;
+        self
     }
 
     /// Re-reads changed files. Returns whether the set of objects changed, and the
@@ -199,7 +220,10 @@ impl ManifestDirectory {
     }
 
     pub fn state(&self) -> ClusterState {
-        ClusterState::from_objects(self.files.values().flat_map(|f| f.objects.iter().cloned()))
+        let mut state =
+            ClusterState::from_objects(self.files.values().flat_map(|f| f.objects.iter().cloned()));
+        state.set_root_namespace(&self.root);
+        state
     }
 }
 
@@ -210,14 +234,16 @@ const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// Editors write in several steps; wait this long after a notification.
 const SETTLE: Duration = Duration::from_millis(20);
 
-/// Watches `dir` and publishes a new state whenever it changes. The first scan
-/// happens before this returns, so the sender holds a state when the agent starts.
+/// Watches `dir` and publishes a new state whenever it changes (built with the mesh's
+/// `root` namespace). The first scan happens before this returns, so the sender holds a
+/// state when the agent starts.
 pub async fn watch_directory(
     dir: PathBuf,
+    root: RootNamespace,
     tx: watch::Sender<Arc<ClusterState>>,
     metrics: Arc<Metrics>,
 ) {
-    let mut manifests = ManifestDirectory::new(dir.clone());
+    let mut manifests = ManifestDirectory::new(dir.clone()).with_root_namespace(root);
     let (notify_tx, mut notify_rx) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
         let _ = notify_tx.try_send(());

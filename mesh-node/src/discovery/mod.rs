@@ -10,6 +10,8 @@ pub mod destination_rule;
 pub(crate) mod duration;
 pub(crate) mod enrollment;
 pub mod files;
+pub mod mtls;
+pub mod peer_authentication;
 pub mod policy;
 pub mod problem;
 pub mod problems;

@@ -1,5 +1,6 @@
 //! Reporting what is wrong with, or not implemented for, the configuration objects of
-//! a new state (DestinationRules): each problem logged with the object's name
+//! a new state (DestinationRules, PeerAuthentications): each problem logged with the
+//! object's name
 //! (rate-limited) and counted in `nodemesh_config_problems_total{kind,reason}` once
 //! per version of the object, not once per snapshot. `meshctl node services` shows
 //! them too.
@@ -14,7 +15,7 @@ use crate::{
 /// What was last reported per object: only a change is reported again.
 #[derive(Debug, Default)]
 pub struct ProblemReporter {
-    reported: HashMap<ObjectKey, Vec<Problem>>,
+    reported: HashMap<(Kind, ObjectKey), Vec<Problem>>,
 }
 
 impl ProblemReporter {
@@ -25,40 +26,55 @@ impl ProblemReporter {
     /// Reports the problems of `state`'s rules that were not reported before; returns
     /// how many problems were new.
     pub fn report(&mut self, state: &ClusterState, metrics: &Metrics) -> usize {
-        let kind = Kind::DestinationRule.name();
-        let mut new = 0;
-        for (key, rule) in state.compiled_rules.iter() {
-            if rule.problems.is_empty() || self.reported.get(key) == Some(&rule.problems) {
-                continue;
-            }
+        let rules = state.compiled_rules.iter().map(|(key, rule)| {
             let applied = if rule.is_valid() {
                 "the rest of the rule applies"
             } else {
                 "the rule is rejected: the Service keeps its default policy"
             };
-            for p in &rule.problems {
-                new += 1;
-                metrics
-                    .config_problems
-                    .with_label_values(&[kind, p.reason.as_str()])
-                    .inc();
-                crate::warn_limited!(
-                    kind,
-                    object = %key,
-                    field = %p.field,
-                    reason = p.reason.as_str(),
-                    detail = %p.detail,
-                    "{applied}"
-                );
+            (Kind::DestinationRule, key, &rule.problems, applied)
+        });
+        let peer = state.peer_authentication.compiled.iter().map(|(key, pa)| {
+            let applied = if pa.in_force {
+                "the rest of the policy applies"
+            } else {
+                "the policy is not used"
+            };
+            (Kind::PeerAuthentication, key, &pa.problems, applied)
+        });
+        let mut new = 0;
+        let mut reported = HashMap::new();
+        for (kind, key, problems, applied) in rules.chain(peer) {
+            if problems.is_empty() {
+                continue;
             }
+            let id = (kind, key.clone());
+            if self.reported.get(&id) != Some(problems) {
+                new += problems.len();
+                log(kind, key, problems, applied, metrics);
+            }
+            reported.insert(id, problems.clone());
         }
-        self.reported = state
-            .compiled_rules
-            .iter()
-            .filter(|(_, r)| !r.problems.is_empty())
-            .map(|(k, r)| (k.clone(), r.problems.clone()))
-            .collect();
+        self.reported = reported;
         new
+    }
+}
+
+fn log(kind: Kind, key: &ObjectKey, problems: &[Problem], applied: &str, metrics: &Metrics) {
+    let kind = kind.name();
+    for p in problems {
+        metrics
+            .config_problems
+            .with_label_values(&[kind, p.reason.as_str()])
+            .inc();
+        crate::warn_limited!(
+            kind,
+            object = %key,
+            field = %p.field,
+            reason = p.reason.as_str(),
+            detail = %p.detail,
+            "{applied}"
+        );
     }
 }
 
@@ -98,5 +114,23 @@ spec: {host: api, trafficPolicy: {loadBalancer: {simple: RANDOM}}}
         assert!(state
             .destination_rule_for(&ObjectKey::new("apps", "api"))
             .is_some());
+    }
+
+    #[test]
+    fn peer_authentication_problems_are_counted_under_their_kind() {
+        let metrics = Metrics::new();
+        let mut r = ProblemReporter::new();
+        let text = format!(
+            "{RULES}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+             metadata: {{name: broken, namespace: apps}}\nspec: {{mtls: {{mode: STRICT}}, portLevelMtls: {{8080: {{mode: DISABLE}}}}}}\n"
+        );
+        let state = ClusterState::from_objects(parse_manifest(&text).unwrap());
+        assert_eq!(r.report(&state, &metrics), 2, "one per kind, same name");
+        assert_eq!(r.report(&state, &metrics), 0);
+        let count = metrics
+            .config_problems
+            .with_label_values(&["PeerAuthentication", "invalid_field"])
+            .get();
+        assert_eq!(count, 1);
     }
 }

@@ -140,20 +140,28 @@ pub enum Admission {
 }
 
 /// The inbound decision for a connection to `port` of the pod `dest` from `peer`
-/// (None: plaintext, captured on 15006). A STRICT namespace refuses plaintext before
-/// any policy is consulted. The listeners and `meshctl node trace` both ask this.
+/// (None: plaintext, captured on 15006). Plaintext to a port whose effective mTLS mode
+/// is STRICT ([`ClusterState::mtls_mode`]: PeerAuthentication or the namespace label)
+/// is refused before any policy is consulted; PERMISSIVE and DISABLE take it. The
+/// listeners and `meshctl node trace` both ask this.
 pub fn admit(
     state: &ClusterState,
     dest: &ObjectKey,
     port: u16,
     peer: Option<&Identity>,
 ) -> Admission {
-    if peer.is_none() && state.strict_mtls(&dest.namespace) {
-        return Admission::Refuse {
-            reason: RefusalReason::StrictMtlsPlaintext,
-            policy: None,
-            detail: format!("namespace {} is STRICT: plaintext refused", dest.namespace),
-        };
+    if peer.is_none() {
+        let mtls = state.mtls_mode(dest, port);
+        if mtls.mode.refuses_plaintext() {
+            return Admission::Refuse {
+                reason: RefusalReason::StrictMtlsPlaintext,
+                policy: mtls.source.policy().map(ObjectKey::to_string),
+                detail: format!(
+                    "port {port} of {dest} is STRICT ({}): plaintext refused",
+                    mtls.source
+                ),
+            };
+        }
     }
     match authorize(state, dest, port, peer) {
         Verdict::Allow { policy } => Admission::Allow { policy },
@@ -165,32 +173,55 @@ pub fn admit(
     }
 }
 
-/// Why a tunnel admitted earlier is no longer allowed.
+/// Why a connection admitted earlier is no longer allowed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revocation {
+    /// What a new connection like it would be refused as (`strict_mtls_plaintext`,
+    /// `policy_denied`).
+    pub reason: RefusalReason,
     pub policy: Option<String>,
     pub detail: String,
 }
 
-/// Resolves when the destination's current state no longer admits a mutual-TLS tunnel
-/// from `peer` to `port` of the local pod `dest`: the decision is taken again on the
-/// latest state now and after every change, so a tunnel admitted under an older,
-/// looser policy (or before this node noticed the new one) does not outlive it.
-/// Never resolves while the tunnel stays allowed, nor once the pod left the state
-/// (its connections are left alone, like those of a pod leaving the mesh).
+impl Revocation {
+    /// The `reason` label of `nodemesh_connections_refused_total` for a live
+    /// connection closed: `strict_mtls_revoked` (plaintext to a port now STRICT) or
+    /// `policy_revoked`.
+    pub fn counted_as(&self) -> &'static str {
+        match self.reason {
+            RefusalReason::StrictMtlsPlaintext => "strict_mtls_revoked",
+            _ => "policy_revoked",
+        }
+    }
+}
+
+/// Resolves when the destination's current state no longer admits a connection from
+/// `peer` (a mutual-TLS tunnel; None: plaintext captured on 15006) to `port` of the
+/// local pod `dest`: the decision is taken again on the latest state now and after
+/// every change, so a connection admitted under an older, looser policy or mTLS mode
+/// (or before this node noticed the new one) does not outlive it. Never resolves
+/// while the connection stays allowed, nor once the pod left the state (its
+/// connections are left alone, like those of a pod leaving the mesh).
 pub async fn revoked(
     mut state: tokio::sync::watch::Receiver<std::sync::Arc<ClusterState>>,
     dest: ObjectKey,
     port: u16,
-    peer: Identity,
+    peer: Option<Identity>,
 ) -> Revocation {
     loop {
         let snapshot = state.borrow_and_update().clone();
         if snapshot.pods.contains_key(&dest) {
-            if let Admission::Refuse { policy, detail, .. } =
-                admit(&snapshot, &dest, port, Some(&peer))
+            if let Admission::Refuse {
+                reason,
+                policy,
+                detail,
+            } = admit(&snapshot, &dest, port, peer.as_ref())
             {
-                return Revocation { policy, detail };
+                return Revocation {
+                    reason,
+                    policy,
+                    detail,
+                };
             }
         }
         if state.changed().await.is_err() {
@@ -318,7 +349,7 @@ mod tests {
         let revoked = |peer| {
             let rx = rx.clone();
             let dest = dest.clone();
-            tokio::spawn(async move { revoked(rx, dest, 8080, peer).await })
+            tokio::spawn(async move { revoked(rx, dest, 8080, Some(peer)).await })
         };
         let client = revoked(id("apps", "client"));
         let other = revoked(id("apps", "other"));
@@ -346,5 +377,32 @@ mod tests {
         assert!(!gone.is_finished());
         client.abort();
         gone.abort();
+    }
+
+    #[tokio::test]
+    async fn plaintext_is_revoked_when_its_port_turns_strict_and_only_then() {
+        let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(state("")));
+        let dest = ObjectKey::new("apps", "server");
+        let watch = |port| {
+            let (rx, dest) = (rx.clone(), dest.clone());
+            tokio::spawn(async move { revoked(rx, dest, port, None).await })
+        };
+        let (web, admin) = (watch(8080), watch(9090));
+        tokio::task::yield_now().await;
+        assert!(!web.is_finished() && !admin.is_finished());
+        let strict_but_9090 = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: server, namespace: apps}\n\
+            spec: {selector: {matchLabels: {app: server}}, mtls: {mode: STRICT}, portLevelMtls: {9090: {mode: DISABLE}}}\n";
+        tx.send_replace(std::sync::Arc::new(state(strict_but_9090)));
+        let why = tokio::time::timeout(std::time::Duration::from_secs(5), web)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(why.reason, RefusalReason::StrictMtlsPlaintext);
+        assert_eq!(why.counted_as(), "strict_mtls_revoked");
+        assert_eq!(why.policy.as_deref(), Some("apps/server"));
+        assert!(why.detail.contains("STRICT"), "{why:?}");
+        tokio::task::yield_now().await;
+        assert!(!admin.is_finished(), "the DISABLE port keeps its plaintext");
+        admin.abort();
     }
 }

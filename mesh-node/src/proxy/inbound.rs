@@ -8,10 +8,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
 use crate::{
-    discovery::cluster::canonical, identity::authz::admit, identity::authz::Admission,
-    proxy::pod::accept_loop, proxy::pod::forward, proxy::pod::refuse, proxy::pod::reset,
-    proxy::pod::PodContext, telemetry::connections::ConnectionInfo,
-    telemetry::connections::Direction, telemetry::outcome::RefusalReason,
+    discovery::cluster::canonical, identity::authz, identity::authz::admit,
+    identity::authz::Admission, proxy::pod::accept_loop, proxy::pod::connect_in_pod,
+    proxy::pod::refuse, proxy::pod::reset, proxy::pod::PodContext, relay::relay,
+    telemetry::connections::ConnectionInfo, telemetry::connections::Direction,
+    telemetry::outcome::ConnectionEnd, telemetry::outcome::RefusalReason,
 };
 
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
@@ -48,7 +49,44 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     if let Admission::Refuse { reason, .. } = admit(&state, &ctx.pod, dst.port(), None) {
         return refuse(stream, info, reason, &ctx);
     }
-    forward(stream, dst, info, &ctx, None).await;
+    relay_until_revoked(stream, dst, info, &ctx).await;
+}
+
+/// Connects to `dst` inside the pod and relays, for as long as this node's state
+/// admits plaintext there: when the port's mTLS mode turns STRICT (or a policy stops
+/// allowing plaintext), the connection is closed at once, counted
+/// (`strict_mtls_revoked` / `policy_revoked`) and logged.
+async fn relay_until_revoked(
+    client: TcpStream,
+    dst: SocketAddr,
+    mut info: ConnectionInfo,
+    ctx: &PodContext,
+) {
+    info.upstream = Some(dst);
+    let src = info.src;
+    let conn = ctx.connections.open(info);
+    let upstream = match connect_in_pod(ctx, dst).await {
+        Ok(s) => s,
+        Err(end) => {
+            reset(client);
+            conn.close(end);
+            return;
+        }
+    };
+    let relay = relay(client, upstream, ctx.idle_timeout, conn.counters());
+    let revoked = authz::revoked(ctx.state.clone(), ctx.pod.clone(), dst.port(), None);
+    let end = tokio::select! {
+        end = relay => end.into(),
+        why = revoked => {
+            ctx.metrics.refused.with_label_values(&[why.counted_as()]).inc();
+            crate::warn_limited!(pod = %ctx.pod, %src, %dst, policy = why.policy.as_deref().unwrap_or(""), reason = %why.detail, "plaintext connection closed: no longer admitted");
+            ConnectionEnd::Revoked {
+                policy: why.policy,
+                detail: why.detail,
+            }
+        }
+    };
+    conn.close(end);
 }
 
 /// Without a CA (`--ca-addr`) there is no mTLS: the HBONE port (15008) stays open so

@@ -224,12 +224,12 @@ async fn tunnel(
         ctx.state.clone(),
         ctx.pod.clone(),
         target.port(),
-        identity.clone(),
+        Some(identity.clone()),
     );
     let end = tokio::select! {
         end = relay => end.into(),
         why = revoked => {
-            ctx.metrics.refused.with_label_values(&["policy_revoked"]).inc();
+            ctx.metrics.refused.with_label_values(&[why.counted_as()]).inc();
             crate::warn_limited!(pod = %ctx.pod, %target, %identity, policy = why.policy.as_deref().unwrap_or(""), reason = %why.detail, "tunnel closed: the authorization policy no longer allows it");
             ConnectionEnd::Revoked {
                 policy: why.policy,

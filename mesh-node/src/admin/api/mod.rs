@@ -15,7 +15,10 @@ mod status;
 mod trace;
 
 pub use bpf::{BpfView, MapView, ProgramView};
-pub use policies::{MeshMode, NamespaceView, PoliciesView, PolicyView};
+pub use policies::{
+    MtlsMode, NamespaceView, PeerAuthLevel, PeerAuthenticationView, PoliciesView, PolicyView,
+    PortMtlsView, WorkloadMtlsView,
+};
 pub use routes::{BackendView, Chosen, ParentView, RouteKind, RouteView, RuleView};
 pub use services::{DestinationRuleView, ResolutionView, ResolvedBackendView, ServiceView};
 pub use status::{

@@ -1,44 +1,26 @@
-//! `/policies`: namespace mesh modes and authorization policies.
+//! `/policies`: mTLS modes (by namespace, by workload of this node and port, and the
+//! PeerAuthentications behind them) and authorization policies.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::discovery::mtls::MtlsMode;
 use crate::{
-    discovery::policy::PolicyAction, discovery::policy::PolicyRule, keys::ObjectKey, keys::PodKey,
+    discovery::policy::PolicyAction, discovery::policy::PolicyRule, discovery::problem::Problem,
+    keys::ObjectKey, keys::PodKey,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoliciesView {
     pub namespaces: Vec<NamespaceView>,
+    /// The effective mTLS mode of each enrolled workload of this node.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadMtlsView>,
+    /// Every PeerAuthentication, in force or not.
+    #[serde(default)]
+    pub peer_authentications: Vec<PeerAuthenticationView>,
     pub policies: Vec<PolicyView>,
-}
-
-/// How an enrolled namespace takes plaintext.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum MeshMode {
-    /// Plaintext is refused.
-    Strict,
-    /// Plaintext is accepted beside mutual TLS.
-    Permissive,
-}
-
-impl MeshMode {
-    pub fn of(strict_mtls: bool) -> MeshMode {
-        if strict_mtls {
-            MeshMode::Strict
-        } else {
-            MeshMode::Permissive
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            MeshMode::Strict => "STRICT",
-            MeshMode::Permissive => "PERMISSIVE",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,7 +28,56 @@ pub struct NamespaceView {
     pub namespace: String,
     /// The namespace carries the mesh label.
     pub enrolled: bool,
-    pub mode: MeshMode,
+    /// The mode of its pods that no workload PeerAuthentication selects.
+    pub mode: MtlsMode,
+    /// What decided `mode`.
+    #[serde(default)]
+    pub decided_by: String,
+}
+
+/// One workload's mode for its ports, and the ports its PeerAuthentication overrides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadMtlsView {
+    pub pod: PodKey,
+    /// Every port without a port-level mode.
+    pub mode: MtlsMode,
+    pub decided_by: String,
+    pub ports: Vec<PortMtlsView>,
+    /// Younger workload policies that select the pod too and are not used for it.
+    pub also_selected_by: Vec<ObjectKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortMtlsView {
+    pub port: u16,
+    pub mode: MtlsMode,
+    pub decided_by: String,
+}
+
+/// Where a PeerAuthentication applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerAuthLevel {
+    Mesh,
+    Namespace,
+    Workload,
+}
+
+/// One PeerAuthentication as the agent reads it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerAuthenticationView {
+    pub policy: ObjectKey,
+    pub level: PeerAuthLevel,
+    /// The selector's labels (workload level).
+    pub selector: BTreeMap<String, String>,
+    /// `mtls.mode`; None: UNSET (inherits).
+    pub mode: Option<MtlsMode>,
+    /// `portLevelMtls` modes that apply (UNSET ports inherit: absent).
+    pub ports: BTreeMap<u16, MtlsMode>,
+    /// False: shadowed by an older policy, or ignored.
+    pub in_force: bool,
+    pub problems: Vec<Problem>,
+    pub selects_on_this_node: Vec<PodKey>,
 }
 
 /// One AuthorizationPolicy, with the pods of this node it selects.
@@ -77,14 +108,37 @@ mod tests {
                 NamespaceView {
                     namespace: "apps".into(),
                     enrolled: true,
-                    mode: MeshMode::of(false),
+                    mode: MtlsMode::Permissive,
+                    decided_by: "no PeerAuthentication or label (default)".into(),
                 },
                 NamespaceView {
                     namespace: "secure".into(),
                     enrolled: true,
-                    mode: MeshMode::of(true),
+                    mode: MtlsMode::Strict,
+                    decided_by: "label nodemesh.io/mtls of namespace secure".into(),
                 },
             ],
+            workloads: vec![WorkloadMtlsView {
+                pod: ObjectKey::new("apps", "server"),
+                mode: MtlsMode::Strict,
+                decided_by: "PeerAuthentication apps/server (workload)".into(),
+                ports: vec![PortMtlsView {
+                    port: 9090,
+                    mode: MtlsMode::Disable,
+                    decided_by: "PeerAuthentication apps/server (portLevelMtls 9090)".into(),
+                }],
+                also_selected_by: vec![ObjectKey::new("apps", "younger")],
+            }],
+            peer_authentications: vec![PeerAuthenticationView {
+                policy: ObjectKey::new("apps", "server"),
+                level: PeerAuthLevel::Workload,
+                selector: BTreeMap::from([("app".into(), "server".into())]),
+                mode: Some(MtlsMode::Strict),
+                ports: BTreeMap::from([(9090, MtlsMode::Disable)]),
+                in_force: true,
+                problems: vec![Problem::not_implemented("x".into(), "y")],
+                selects_on_this_node: vec![ObjectKey::new("apps", "server")],
+            }],
             policies: vec![PolicyView {
                 policy: ObjectKey::new("apps", "deny-intruder"),
                 action: PolicyAction::Deny,
@@ -104,9 +158,30 @@ mod tests {
             &view,
             json!({
                 "namespaces": [
-                    {"namespace": "apps", "enrolled": true, "mode": "PERMISSIVE"},
-                    {"namespace": "secure", "enrolled": true, "mode": "STRICT"},
+                    {"namespace": "apps", "enrolled": true, "mode": "PERMISSIVE",
+                     "decided_by": "no PeerAuthentication or label (default)"},
+                    {"namespace": "secure", "enrolled": true, "mode": "STRICT",
+                     "decided_by": "label nodemesh.io/mtls of namespace secure"},
                 ],
+                "workloads": [{
+                    "pod": {"namespace": "apps", "name": "server"},
+                    "mode": "STRICT",
+                    "decided_by": "PeerAuthentication apps/server (workload)",
+                    "ports": [{"port": 9090, "mode": "DISABLE",
+                               "decided_by": "PeerAuthentication apps/server (portLevelMtls 9090)"}],
+                    "also_selected_by": [{"namespace": "apps", "name": "younger"}],
+                }],
+                "peer_authentications": [{
+                    "policy": {"namespace": "apps", "name": "server"},
+                    "level": "workload",
+                    "selector": {"app": "server"},
+                    "mode": "STRICT",
+                    "ports": {"9090": "DISABLE"},
+                    "in_force": true,
+                    "problems": [{"field": "x", "reason": "not_implemented",
+                                  "detail": "y is not implemented by Nodemesh yet: it is not applied"}],
+                    "selects_on_this_node": [{"namespace": "apps", "name": "server"}],
+                }],
                 "policies": [{
                     "policy": {"namespace": "apps", "name": "deny-intruder"},
                     "action": "DENY",

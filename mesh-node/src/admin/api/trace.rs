@@ -94,8 +94,12 @@ pub struct InboundView {
     /// plaintext); false: it reaches the application (or the outside) directly.
     pub handled_by_mesh: bool,
     pub listener: Option<u16>,
-    /// STRICT or PERMISSIVE, for an enrolled destination.
+    /// The effective mTLS mode of the destination port (STRICT, PERMISSIVE or
+    /// DISABLE), for an enrolled destination.
     pub mode: Option<String>,
+    /// What decided `mode`: a PeerAuthentication (and its level) or the namespace label.
+    #[serde(default)]
+    pub mode_source: Option<String>,
     pub admission: Option<AdmissionView>,
     pub note: String,
 }
@@ -192,6 +196,7 @@ mod tests {
                         handled_by_mesh: true,
                         listener: Some(15008),
                         mode: Some("PERMISSIVE".into()),
+                        mode_source: Some("no PeerAuthentication or label (default)".into()),
                         admission: Some(AdmissionView::Allow { policy: None }),
                         note: "admitted".into(),
                     },
@@ -210,6 +215,7 @@ mod tests {
                         handled_by_mesh: false,
                         listener: None,
                         mode: None,
+                        mode_source: None,
                         admission: Some(AdmissionView::Refuse {
                             reason: RefusalReason::PolicyDenied,
                             policy: Some("apps/deny-intruder".into()),
@@ -254,6 +260,7 @@ mod tests {
                         "expected_identity": "spiffe://cluster.local/ns/apps/sa/server",
                         "inbound": {
                             "handled_by_mesh": true, "listener": 15008, "mode": "PERMISSIVE",
+                            "mode_source": "no PeerAuthentication or label (default)",
                             "admission": {"admission": "allow", "policy": null}, "note": "admitted",
                         },
                         "allowed": true,
@@ -263,7 +270,7 @@ mod tests {
                         "node": null, "transport": "plaintext", "presented_identity": null,
                         "expected_identity": null,
                         "inbound": {
-                            "handled_by_mesh": false, "listener": null, "mode": null,
+                            "handled_by_mesh": false, "listener": null, "mode": null, "mode_source": null,
                             "admission": {"admission": "refuse", "reason": "policy_denied",
                                 "policy": "apps/deny-intruder", "detail": "DENY policy matched"},
                             "note": "refused",

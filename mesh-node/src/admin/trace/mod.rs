@@ -128,8 +128,11 @@ pub(crate) struct InboundStep {
     /// plaintext); false: it reaches the application (or the outside) directly.
     pub handled_by_mesh: bool,
     pub listener: Option<u16>,
-    /// STRICT or PERMISSIVE, for an enrolled destination.
+    /// The effective mTLS mode of the destination port (STRICT, PERMISSIVE or
+    /// DISABLE), for an enrolled destination.
     pub mode: Option<&'static str>,
+    /// What decided `mode`: a PeerAuthentication (and its level) or the namespace label.
+    pub mode_source: Option<String>,
     pub admission: Option<Admission>,
     pub note: String,
 }
@@ -355,6 +358,7 @@ fn candidate(
         handled_by_mesh: false,
         listener: None,
         mode: None,
+        mode_source: None,
         admission: None,
         note: String::new(),
     };
@@ -362,14 +366,14 @@ fn candidate(
         (Some(d), Some(peer)) => {
             inbound.handled_by_mesh = true;
             inbound.listener = Some(HBONE_PORT);
-            inbound.mode = Some(mode(state, &d.namespace));
+            set_mode(&mut inbound, state, d, ep.port());
             inbound.admission = Some(admit(state, d, ep.port(), Some(peer)));
         }
         (Some(d), None) => match captured(inputs, d, src_ip, ep, node_socket) {
             Ok(()) => {
                 inbound.handled_by_mesh = true;
                 inbound.listener = Some(INBOUND_PLAINTEXT_PORT);
-                inbound.mode = Some(mode(state, &d.namespace));
+                set_mode(&mut inbound, state, d, ep.port());
                 inbound.admission = Some(admit(state, d, ep.port(), None));
             }
             Err(why) => inbound.note = why,
@@ -403,12 +407,12 @@ fn candidate(
     }
 }
 
-fn mode(state: &ClusterState, namespace: &str) -> &'static str {
-    if state.strict_mtls(namespace) {
-        "STRICT"
-    } else {
-        "PERMISSIVE"
-    }
+/// The destination port's effective mTLS mode and what decided it (the same
+/// [`ClusterState::mtls_mode`] the inbound listeners use).
+fn set_mode(inbound: &mut InboundStep, state: &ClusterState, pod: &PodKey, port: u16) {
+    let mtls = state.mtls_mode(pod, port);
+    inbound.mode = Some(mtls.mode.name());
+    inbound.mode_source = Some(mtls.source.to_string());
 }
 
 /// The request the attributes describe, for the L7 matcher (None when none given).

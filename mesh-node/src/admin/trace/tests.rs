@@ -203,6 +203,33 @@ fn plaintext_to_an_enrolled_pod_follows_the_namespace_mode() {
 }
 
 #[test]
+fn the_inbound_mode_is_the_ports_and_names_what_decided_it() {
+    let strict_but_9090 = "---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {name: server, namespace: apps}\n\
+        spec: {selector: {matchLabels: {app: server}}, mtls: {mode: STRICT}, portLevelMtls: {9090: {mode: DISABLE}}}\n";
+    let s = state(strict_but_9090);
+    let t = run(&s, ("plain", "bystander"), "10.2.0.2:8080");
+    assert_eq!(t.outcome, Outcome::Deny);
+    let inbound = &t.candidates[0].inbound;
+    assert_eq!(inbound.mode, Some("STRICT"));
+    assert_eq!(
+        inbound.mode_source.as_deref(),
+        Some("PeerAuthentication apps/server (workload)")
+    );
+    let t = run(&s, ("plain", "bystander"), "10.2.0.2:9090");
+    assert_eq!(t.outcome, Outcome::Allow, "{}", t.summary);
+    let inbound = &t.candidates[0].inbound;
+    assert_eq!(inbound.mode, Some("DISABLE"));
+    assert_eq!(
+        inbound.mode_source.as_deref(),
+        Some("PeerAuthentication apps/server (portLevelMtls 9090)")
+    );
+    // Over HBONE the mode is shown too, and mutual TLS is admitted whatever it is.
+    let t = run(&s, ("apps", "client"), "web.apps.svc.cluster.local:80");
+    assert_eq!(t.outcome, Outcome::Allow);
+    assert_eq!(t.candidates[0].inbound.mode, Some("STRICT"));
+}
+
+#[test]
 fn refusals_before_any_endpoint_and_bad_input() {
     let s = state("");
     let t = run(&s, ("apps", "client"), "10.96.9.9:80");

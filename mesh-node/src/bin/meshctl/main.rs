@@ -2,6 +2,7 @@
 
 mod connect;
 mod format;
+mod mtls_view;
 mod pools;
 mod render;
 #[cfg(test)]

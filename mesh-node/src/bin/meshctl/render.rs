@@ -15,6 +15,7 @@ use mesh_node::{
 use crate::format::{
     age, bytes, finish, identity, key, now_unix, opt, opt_key, opt_text, table, text, utc,
 };
+use crate::mtls_view;
 use crate::pools::pool_line;
 
 pub struct Filter {
@@ -93,6 +94,19 @@ pub fn filter_policies(v: PoliciesView, f: &Filter) -> PoliciesView {
         namespaces: filter(v.namespaces, f, |r| RowKey {
             namespaces: vec![r.namespace.clone()],
             pods: None,
+        }),
+        workloads: filter(v.workloads, f, |r| RowKey {
+            namespaces: vec![r.pod.namespace.clone()],
+            pods: Some(vec![r.pod.name.clone()]),
+        }),
+        peer_authentications: filter(v.peer_authentications, f, |r| RowKey {
+            namespaces: vec![r.policy.namespace.clone()],
+            pods: (!r.selector.is_empty()).then(|| {
+                r.selects_on_this_node
+                    .iter()
+                    .map(|p| p.name.clone())
+                    .collect()
+            }),
         }),
         policies: filter(v.policies, f, |r| RowKey {
             namespaces: vec![r.policy.namespace.clone()],
@@ -492,12 +506,17 @@ fn rule_line(rule: &PolicyRule) -> String {
 }
 
 pub fn policies(v: &PoliciesView) -> String {
-    let mut modes = table(&["NAMESPACE", "MESH", "MODE"]);
+    let mut modes = table(&["NAMESPACE", "MESH", "MTLS", "DECIDED BY"]);
     for n in &v.namespaces {
         modes.add_row(vec![
             text(&n.namespace),
             if n.enrolled { "enabled" } else { "-" }.to_string(),
             if n.enrolled { n.mode.name() } else { "-" }.to_string(),
+            if n.enrolled {
+                text(&n.decided_by)
+            } else {
+                "-".into()
+            },
         ]);
     }
     let mut t = table(&["POLICY", "ACTION", "SELECTOR", "RULES", "SELECTS HERE"]);
@@ -534,8 +553,13 @@ pub fn policies(v: &PoliciesView) -> String {
         ]);
     }
     format!(
-        "{}\n\n{}",
+        "{}\n\n{}\n\n{}\n\n{}",
         or_none(&modes, "namespaces"),
+        or_none(
+            &mtls_view::workload_modes(v),
+            "enrolled workloads on this node"
+        ),
+        or_none(&mtls_view::peer_authentications(v), "PeerAuthentications"),
         or_none(&t, "authorization policies")
     )
 }

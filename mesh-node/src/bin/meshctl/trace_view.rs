@@ -142,11 +142,11 @@ fn http_routes(out: &mut String, routes: &[RouteView]) {
 
 fn decision(c: &CandidateView) -> String {
     let inbound = &c.inbound;
-    let mode = inbound
-        .mode
-        .as_ref()
-        .map(|m| format!(" ({m})"))
-        .unwrap_or_else(|| " (not meshed)".into());
+    let mode = match (&inbound.mode, &inbound.mode_source) {
+        (Some(m), Some(by)) => format!(" ({m}, by {})", text(by)),
+        (Some(m), None) => format!(" ({m})"),
+        (None, _) => " (not meshed)".into(),
+    };
     match &inbound.admission {
         Some(AdmissionView::Refuse { reason, .. }) => {
             format!("DENY{mode}\n{}: {}", reason, text(&inbound.note))

@@ -30,7 +30,9 @@ use watch::{watch_kind, KindSpec};
 use crate::{
     discovery::cluster::ClusterState, discovery::cluster::Kind, discovery::cluster::KubeObject,
     discovery::destination_rule::DestinationRule, discovery::destination_rule::ISTIO_NETWORKING,
-    discovery::destination_rule::VERSIONS, discovery::policy::AuthorizationPolicy,
+    discovery::destination_rule::VERSIONS, discovery::mtls::RootNamespace,
+    discovery::peer_authentication::PeerAuthentication,
+    discovery::peer_authentication::ISTIO_SECURITY, discovery::policy::AuthorizationPolicy,
     discovery::virtual_service::VirtualService, telemetry::metrics::Metrics,
 };
 
@@ -41,7 +43,7 @@ pub const WATCH_VERBS: [&str; 2] = ["list", "watch"];
 const GATEWAY_API: &str = "gateway.networking.k8s.io";
 
 /// What discovery reads, kind by kind (keep in step with [`run`]).
-pub static KINDS: [KindSpec; 9] = [
+pub static KINDS: [KindSpec; 10] = [
     KindSpec {
         kind: Kind::Namespace,
         group: "",
@@ -109,6 +111,13 @@ pub static KINDS: [KindSpec; 9] = [
         versions: &crate::discovery::virtual_service::VERSIONS,
         crd: true,
     },
+    KindSpec {
+        kind: Kind::PeerAuthentication,
+        group: ISTIO_SECURITY,
+        plural: "peerauthentications",
+        versions: &crate::discovery::peer_authentication::VERSIONS,
+        crd: true,
+    },
 ];
 
 fn spec(kind: Kind) -> &'static KindSpec {
@@ -148,6 +157,13 @@ pub struct KubeState {
 }
 
 impl KubeState {
+    /// An empty state whose mesh root namespace is `root` (`--root-namespace`).
+    pub fn with_root_namespace(root: &RootNamespace) -> KubeState {
+        let mut kube = KubeState::default();
+        kube.state.set_root_namespace(root);
+        kube
+    }
+
     pub fn state(&self) -> &ClusterState {
         &self.state
     }
@@ -226,11 +242,13 @@ impl KubeState {
 
 /// Watches every kind of [`KINDS`] and publishes a new state after each batch of
 /// events, once all kinds have synced (a partial first state would unenroll pods).
+/// `root` is the mesh's root namespace (`--root-namespace`).
 pub async fn run(
     client: Client,
     tx: channel::Sender<Arc<ClusterState>>,
     metrics: Arc<Metrics>,
     health: Arc<DiscoveryHealth>,
+    root: RootNamespace,
 ) {
     let (ev_tx, mut ev_rx) = mpsc::channel(4096);
     tokio::spawn(watch_kind::<Namespace>(
@@ -282,12 +300,18 @@ pub async fn run(
         ev_tx.clone(),
     ));
     tokio::spawn(watch_kind::<VirtualService>(
-        client,
+        client.clone(),
         spec(Kind::VirtualService),
         |o| KubeObject::VirtualService(Box::new(o)),
+        ev_tx.clone(),
+    ));
+    tokio::spawn(watch_kind::<PeerAuthentication>(
+        client,
+        spec(Kind::PeerAuthentication),
+        |o| KubeObject::PeerAuthentication(Box::new(o)),
         ev_tx,
     ));
-    let mut kube = KubeState::default();
+    let mut kube = KubeState::with_root_namespace(&root);
     let mut published = false;
     let mut problems = crate::discovery::problems::ProblemReporter::new();
     while let Some((kind, event)) = ev_rx.recv().await {
@@ -320,6 +344,8 @@ pub async fn run(
 
 #[cfg(test)]
 mod fake_apiserver;
+#[cfg(test)]
+mod peer_auth_wire_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -104,6 +104,7 @@ fn start(server: &FakeApiServer) -> Agent {
         tx,
         metrics.clone(),
         health.clone(),
+        crate::discovery::mtls::RootNamespace::default(),
     ));
     Agent {
         health,
