@@ -138,7 +138,26 @@ fn consistent_hash_a_header_key_stays_on_one_endpoint_over_1000_requests() {
     for key in ["alice", "bob", "carol", "dave", "erin", "frank"] {
         let report = requests(&cluster, 1000, &[format!("X-User: {key}")]);
         assert_eq!(report.statuses.get(&200), Some(&1000), "{report:?}");
-        homes.insert(only_pod(&report, key));
+        let home = only_pod(&report, key);
+        // `meshctl node trace` with the key names the endpoint that served it.
+        let header = format!("x-user:{key}");
+        let trace = cluster
+            .meshctl_json(
+                "a",
+                &["trace", "apps/client", "web:80", "--header", &header],
+            )
+            .unwrap();
+        let hash = &trace["hashes"][0];
+        let predicted: SocketAddr = hash["endpoint"]
+            .as_str()
+            .and_then(|e| e.parse().ok())
+            .unwrap_or_else(|| panic!("no hashed endpoint in {trace:#}"));
+        assert_eq!(
+            predicted.ip(),
+            cluster.pod(&home).ipv4,
+            "{key} was served by {home}: {hash:#}"
+        );
+        homes.insert(home);
     }
     assert!(homes.len() > 1, "every key on one endpoint: {homes:?}");
 

@@ -102,7 +102,7 @@ fn subset_canary(v1: u32, v2: u32) -> String {
 }
 
 #[test]
-fn the_seeds_canary_by_subset_splits_90_10_and_80_20_within_two_points() {
+fn the_seeds_canary_by_subset_splits_90_10_80_20_and_99_1_within_two_points() {
     let mut spec = ClusterSpec::two_nodes();
     for (pod, version) in [("reviews-v1", "v1"), ("reviews-v2", "v2")] {
         let mut p = PodSpec::new(pod, "apps", "b");
@@ -123,7 +123,7 @@ fn the_seeds_canary_by_subset_splits_90_10_and_80_20_within_two_points() {
         .iter()
         .map(|p| cluster.http_serve(p, &[8080]).unwrap())
         .collect();
-    for (v1, v2) in [(90, 10), (80, 20)] {
+    for (v1, v2) in [(90, 10), (80, 20), (99, 1)] {
         cluster
             .write_manifest("reviews-canary.yaml", &subset_canary(v1, v2))
             .unwrap();

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use crate::{
     admin::api::AdmissionView, admin::api::BpfView, admin::api::CandidateView,
     admin::api::CertificateCounts, admin::api::CertificateState, admin::api::ConnectionCounts,
-    admin::api::HttpRequestView, admin::api::InboundView, admin::api::MapView,
-    admin::api::PoliciesView, admin::api::PolicyView, admin::api::ProgramView,
+    admin::api::HashView, admin::api::HttpRequestView, admin::api::InboundView,
+    admin::api::MapView, admin::api::PoliciesView, admin::api::PolicyView, admin::api::ProgramView,
     admin::api::RedirectView, admin::api::ResolutionView, admin::api::ResolvedBackendView,
     admin::api::RouteView, admin::api::ServiceView, admin::api::SourceView,
     admin::api::StateSummary, admin::api::StatusView, admin::api::TraceOutcome,
@@ -180,12 +180,18 @@ pub(crate) fn run_trace(
             .is_some()
             .then_some(state.config.trust_domain.as_str()),
         picks: &picks,
+        balancer: Some(&state.balancer),
     };
-    trace(&inputs, &key, to, Some(http)).map(trace_view)
+    trace(&inputs, &key, to, Some(http))
+        .map(|t| trace_view(t, Some(&state.balancer), Some(&state.pools)))
 }
 
 /// The admin API's form of a trace.
-fn trace_view(t: Trace) -> TraceView {
+fn trace_view(
+    t: Trace,
+    balancer: Option<&crate::routing::balancer::Balancer>,
+    pools: Option<&crate::routing::pool::ConnectionPools>,
+) -> TraceView {
     TraceView {
         source: SourceView {
             pod: t.source.pod,
@@ -215,12 +221,30 @@ fn trace_view(t: Trace) -> TraceView {
             path: r.path,
             headers: r.headers,
         }),
+        backends: t
+            .backends
+            .iter()
+            .map(|b| backend_view(b, balancer, pools))
+            .collect(),
+        hashes: t
+            .hashes
+            .into_iter()
+            .map(|h| HashView {
+                backend: h.backend,
+                subset: h.subset,
+                policy: h.policy.to_string(),
+                hash: h.hash.map(|h| format!("{h:016x}")),
+                endpoint: h.endpoint,
+                note: h.note,
+            })
+            .collect(),
         candidates: t
             .candidates
             .into_iter()
             .map(|c| CandidateView {
                 backend: c.backend,
                 weight: c.weight,
+                subset: c.subset,
                 endpoint: c.endpoint,
                 pod: c.pod,
                 node: c.node,
@@ -288,26 +312,7 @@ fn resolution_view_with(
             route: route.clone(),
             backends: backends
                 .iter()
-                .map(|b| ResolvedBackendView {
-                    service: b.service.clone(),
-                    port: b.port,
-                    weight: b.weight,
-                    endpoints: b.endpoints.clone(),
-                    least_connections: b.least_connections(),
-                    subset: b.subset.clone(),
-                    subset_error: b.subset_error.clone(),
-                    load_balancer: b.policy.load_balancer,
-                    consistent_hash: b.policy.consistent_hash.clone(),
-                    outlier_detection: b.policy.outlier_detection,
-                    outliers: balancer
-                        .map(|bal| bal.outliers(&b.service, b.port))
-                        .unwrap_or_default(),
-                    connection_pool: b.policy.connection_pool,
-                    pool: b
-                        .policy
-                        .connection_pool
-                        .map(|_| pools.and_then(|p| p.occupancy(b)).unwrap_or_default()),
-                })
+                .map(|b| backend_view(b, balancer, pools))
                 .collect(),
         },
         Resolution::UnknownPort { service, port } => ResolutionView::UnknownPort {
@@ -315,6 +320,35 @@ fn resolution_view_with(
             port: *port,
         },
         Resolution::UnknownService => ResolutionView::UnknownService,
+    }
+}
+
+/// A backend with the traffic policy in force: its outlier state from `balancer`
+/// and its connection pool's occupancy from `pools`.
+fn backend_view(
+    b: &crate::routing::resolve::Backend,
+    balancer: Option<&crate::routing::balancer::Balancer>,
+    pools: Option<&crate::routing::pool::ConnectionPools>,
+) -> ResolvedBackendView {
+    ResolvedBackendView {
+        service: b.service.clone(),
+        port: b.port,
+        weight: b.weight,
+        endpoints: b.endpoints.clone(),
+        least_connections: b.least_connections(),
+        subset: b.subset.clone(),
+        subset_error: b.subset_error.clone(),
+        load_balancer: b.policy.load_balancer,
+        consistent_hash: b.policy.consistent_hash.clone(),
+        outlier_detection: b.policy.outlier_detection,
+        outliers: balancer
+            .map(|bal| bal.outliers(&b.service, b.port))
+            .unwrap_or_default(),
+        connection_pool: b.policy.connection_pool,
+        pool: b
+            .policy
+            .connection_pool
+            .map(|_| pools.and_then(|p| p.occupancy(b)).unwrap_or_default()),
     }
 }
 
@@ -419,6 +453,7 @@ mod tests {
         let candidate = |transport, admission| Candidate {
             backend: Some(ObjectKey::new("apps", "web-v1")),
             weight: Some(50),
+            subset: Some("v1".into()),
             endpoint: "10.0.0.9:8080".parse().unwrap(),
             pod: Some(ObjectKey::new("apps", "server")),
             node: Some("b".into()),
@@ -484,6 +519,22 @@ mod tests {
                 path: Some("/".into()),
                 headers: vec![("x-a".into(), "1".into())],
             }),
+            backends: Vec::new(),
+            hashes: vec![crate::admin::trace::HashStep {
+                backend: ObjectKey::new("apps", "web-v1"),
+                subset: Some("v1".into()),
+                policy: crate::discovery::consistent_hash::HashPolicy {
+                    key: crate::discovery::consistent_hash::HashKey::Header {
+                        name: "x-user".into(),
+                    },
+                    table: crate::discovery::consistent_hash::HashTable::RingHash {
+                        minimum_ring_size: 1024,
+                    },
+                },
+                hash: Some(255),
+                endpoint: Some("10.0.0.9:8080".parse().unwrap()),
+                note: "a note".into(),
+            }],
             candidates: vec![
                 candidate(Transport::HboneMtls, None),
                 candidate(
@@ -533,7 +584,10 @@ mod tests {
     fn the_trace_view_is_the_json_the_trace_always_gave() {
         for trace in full_traces() {
             let internal = serde_json::to_value(&trace).unwrap();
-            let view = serde_json::to_value(trace_view(trace)).unwrap();
+            let mut view = serde_json::to_value(trace_view(trace, None, None)).unwrap();
+            // The backends' view adds their live state (outliers, pools) to the policy.
+            assert_eq!(view["backends"], serde_json::json!([]));
+            view.as_object_mut().unwrap().remove("backends");
             assert_eq!(view, internal);
         }
     }

@@ -470,6 +470,55 @@ impl Balancer {
         self.endpoint_of(backend, &slot, Arc::new(backend.service.clone()), hash)
     }
 
+    /// Which of `backend`'s endpoints outlier detection skips now (None: none).
+    fn skipped(
+        &self,
+        backend: &Backend,
+        slot: &BackendSlot,
+        name: &ObjectKey,
+    ) -> Option<Vec<bool>> {
+        backend
+            .policy
+            .outlier_detection
+            .as_ref()
+            .filter(|_| slot.outliers.any_ejected())
+            .map(|policy| {
+                slot.outliers.skip(
+                    name,
+                    policy,
+                    &backend.endpoints,
+                    self.outlier_metrics.as_deref(),
+                )
+            })
+            .filter(|skip| skip.iter().any(|s| *s))
+    }
+
+    /// The endpoint a consistent-hash key that hashes to `hash` lands on now, as a
+    /// pick would choose it (ejected endpoints skipped), without picking it: what
+    /// `meshctl node trace` shows. None when `backend` does not hash by key or every
+    /// endpoint is ejected.
+    pub fn hashed_endpoint(&self, backend: &Backend, hash: u64) -> Option<SocketAddr> {
+        let policy = backend
+            .policy
+            .consistent_hash
+            .as_ref()
+            .filter(|_| backend.policy.load_balancer == LbPolicy::ConsistentHash)?;
+        if backend.endpoints.is_empty() {
+            return None;
+        }
+        // An existing slot only: a trace leaves no state behind.
+        let slot = lock(&self.backends)
+            .get(&backend.service)
+            .and_then(|ports| ports.get(&backend.port))
+            .cloned();
+        let skip = slot
+            .as_ref()
+            .and_then(|slot| self.skipped(backend, slot, &backend.service));
+        let ring = backend.ring.get(&backend.endpoints, policy.table);
+        ring.lookup(hash, |i| skip.as_ref().is_none_or(|s| !s[i]))
+            .and_then(|i| backend.endpoints.get(i).copied())
+    }
+
     fn endpoint_of(
         &self,
         backend: &Backend,
@@ -483,14 +532,7 @@ impl Balancer {
             return None;
         }
         let outlier = backend.policy.outlier_detection.as_ref();
-        // Which endpoints outlier detection has ejected (None: none are).
-        let skip = outlier
-            .filter(|_| slot.outliers.any_ejected())
-            .map(|policy| {
-                slot.outliers
-                    .skip(&name, policy, endpoints, self.outlier_metrics.as_deref())
-            })
-            .filter(|skip| skip.iter().any(|s| *s));
+        let skip = self.skipped(backend, slot, &name);
         let allowed = |i: usize| skip.as_ref().is_none_or(|s| !s[i]);
         let available = skip
             .as_ref()

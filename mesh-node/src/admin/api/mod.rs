@@ -26,7 +26,7 @@ pub use status::{
     StateSummary, StatusView, WorkloadCounts,
 };
 pub use trace::{
-    AdmissionView, CandidateView, HttpRequestView, InboundView, RedirectView, SourceView,
+    AdmissionView, CandidateView, HashView, HttpRequestView, InboundView, RedirectView, SourceView,
     TraceOutcome, TraceTransport, TraceView,
 };
 

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    admin::api::ResolutionView, admin::api::RouteView, keys::ObjectKey, keys::PodKey,
-    telemetry::outcome::RefusalReason,
+    admin::api::ResolutionView, admin::api::ResolvedBackendView, admin::api::RouteView,
+    keys::ObjectKey, keys::PodKey, telemetry::outcome::RefusalReason,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +24,14 @@ pub struct TraceView {
     /// HTTPRoutes on the Service: their rules are matched per request.
     pub http_routes: Vec<RouteView>,
     pub http_request: Option<HttpRequestView>,
+    /// The backends the candidates come from, with the traffic policy in force:
+    /// subset, load balancer, outlier detection and each endpoint's outlier state,
+    /// connection pool limits and occupancy.
+    #[serde(default)]
+    pub backends: Vec<ResolvedBackendView>,
+    /// Where each consistent-hash backend sends this connection or request.
+    #[serde(default)]
+    pub hashes: Vec<HashView>,
     pub candidates: Vec<CandidateView>,
     pub outcome: TraceOutcome,
     pub summary: String,
@@ -78,6 +86,9 @@ pub enum TraceTransport {
 pub struct CandidateView {
     pub backend: Option<ObjectKey>,
     pub weight: Option<u32>,
+    /// The DestinationRule subset of the backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
     pub endpoint: SocketAddr,
     pub pod: Option<PodKey>,
     pub node: Option<String>,
@@ -86,6 +97,21 @@ pub struct CandidateView {
     pub expected_identity: Option<String>,
     pub inbound: InboundView,
     pub allowed: bool,
+}
+
+/// Where a consistent-hash backend sends the traced connection or request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HashView {
+    pub backend: ObjectKey,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    /// The policy, as `meshctl` shows it (`header x-user, ring hash 1024`).
+    pub policy: String,
+    /// The key's hash, in hex; None: the connection or request offers no key.
+    pub hash: Option<String>,
+    /// The endpoint the key lands on now (ejected endpoints skipped).
+    pub endpoint: Option<SocketAddr>,
+    pub note: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,10 +208,20 @@ mod tests {
                 path: Some("/v2".into()),
                 headers: vec![("x-canary".into(), "1".into())],
             }),
+            backends: vec![],
+            hashes: vec![HashView {
+                backend: ObjectKey::new("apps", "web"),
+                subset: Some("v1".into()),
+                policy: "header x-user, ring hash 1024".into(),
+                hash: Some("00000000000000ff".into()),
+                endpoint: Some("10.0.0.9:8080".parse().unwrap()),
+                note: "the key hashes to 00000000000000ff: endpoint 10.0.0.9:8080".into(),
+            }],
             candidates: vec![
                 CandidateView {
                     backend: Some(ObjectKey::new("apps", "web-v1")),
                     weight: Some(50),
+                    subset: Some("v1".into()),
                     endpoint: "10.0.0.9:8080".parse().unwrap(),
                     pod: Some(ObjectKey::new("apps", "server")),
                     node: Some("b".into()),
@@ -205,6 +241,7 @@ mod tests {
                 CandidateView {
                     backend: None,
                     weight: None,
+                    subset: None,
                     endpoint: "10.0.0.10:8080".parse().unwrap(),
                     pod: None,
                     node: None,
@@ -251,9 +288,16 @@ mod tests {
                 "resolution": {"kind": "direct"},
                 "http_routes": [],
                 "http_request": {"method": "GET", "path": "/v2", "headers": [["x-canary", "1"]]},
+                "backends": [],
+                "hashes": [{
+                    "backend": {"namespace": "apps", "name": "web"}, "subset": "v1",
+                    "policy": "header x-user, ring hash 1024", "hash": "00000000000000ff",
+                    "endpoint": "10.0.0.9:8080",
+                    "note": "the key hashes to 00000000000000ff: endpoint 10.0.0.9:8080",
+                }],
                 "candidates": [
                     {
-                        "backend": {"namespace": "apps", "name": "web-v1"}, "weight": 50,
+                        "backend": {"namespace": "apps", "name": "web-v1"}, "weight": 50, "subset": "v1",
                         "endpoint": "10.0.0.9:8080", "pod": {"namespace": "apps", "name": "server"},
                         "node": "b", "transport": "hbone_mtls",
                         "presented_identity": "spiffe://cluster.local/ns/apps/sa/client",

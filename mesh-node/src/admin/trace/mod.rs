@@ -6,6 +6,7 @@
 //! sent.
 
 mod destination;
+mod policy;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -19,13 +20,15 @@ use serde::Serialize;
 use thiserror::Error;
 
 pub(crate) use destination::parse_destination;
+pub(crate) use policy::HashStep;
 
 use crate::{
     admin::routes::http_routes_for, admin::routes::RouteView, capture::dataplane::Dataplane,
     capture::dataplane::ProgramStatus, discovery::cluster::canonical, discovery::cluster::ip_key,
     discovery::cluster::plan, discovery::cluster::service_account,
     discovery::cluster::ClusterState, identity::authz::admit, identity::authz::Admission,
-    identity::Identity, keys::ObjectKey, keys::PodKey, routing::balancer::PickCounts,
+    identity::Identity, keys::ObjectKey, keys::PodKey, routing::balancer::Balancer,
+    routing::balancer::PickCounts, routing::hash_key::KeyedRequest,
     routing::http::routes::RouteTable, routing::plan as routing_plan,
     routing::plan::candidates as candidates_of, routing::plan::Route,
     routing::resolve::ready_endpoints, routing::resolve::IpCidr, routing::resolve::Lookup,
@@ -85,6 +88,8 @@ pub(crate) struct TraceInputs<'a> {
     /// None: no CA configured, so no mutual TLS.
     pub trust_domain: Option<&'a str>,
     pub picks: &'a PickCounts,
+    /// The live balancer (its outlier state), when the trace runs on an agent.
+    pub balancer: Option<&'a Balancer>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -141,6 +146,8 @@ pub(crate) struct InboundStep {
 pub(crate) struct Candidate {
     pub backend: Option<ObjectKey>,
     pub weight: Option<u32>,
+    /// The DestinationRule subset of the backend.
+    pub subset: Option<String>,
     pub endpoint: SocketAddr,
     pub pod: Option<PodKey>,
     pub node: Option<String>,
@@ -178,6 +185,12 @@ pub(crate) struct Trace {
     /// HTTPRoutes on the Service: their rules are matched per request.
     pub http_routes: Vec<RouteView>,
     pub http_request: Option<HttpAttributes>,
+    /// The backends the candidates come from, with the traffic policy in force (the
+    /// admin view adds their outlier state and pool occupancy).
+    #[serde(skip)]
+    pub backends: Vec<crate::routing::resolve::Backend>,
+    /// Where consistent-hash backends send this connection or request.
+    pub hashes: Vec<HashStep>,
     pub candidates: Vec<Candidate>,
     pub outcome: Outcome,
     pub summary: String,
@@ -392,6 +405,7 @@ fn candidate(
     Candidate {
         backend: backend.map(|(b, _)| b.clone()),
         weight: backend.map(|(_, w)| w),
+        subset: None,
         endpoint: ep,
         pod: dest,
         node,
@@ -458,10 +472,12 @@ pub(crate) fn trace(
             inputs.node
         ));
     }
-    let mut candidates = Vec::new();
+    let mut candidates: Vec<Candidate> = Vec::new();
+    let mut backends: Vec<crate::routing::resolve::Backend> = Vec::new();
     let mut resolution = None;
     let mut http_routes = Vec::new();
     let mut refusal = None;
+    let mut hashes = Vec::new();
     if redirect.redirected {
         // The plan traffic follows, on a table of the same snapshot.
         let table = RoutingTable::new(
@@ -474,25 +490,33 @@ pub(crate) fn trace(
                 http_routes_for(state, &s.frontend.service, s.frontend.port, inputs.picks);
         }
         resolution = Some(lookup.resolution());
-        let mut push = |backend: Option<(&ObjectKey, u32)>, ep: SocketAddr| {
+        let mut push = |backend: Option<&crate::routing::resolve::Backend>, ep: SocketAddr| {
             let info = table.endpoint(state, ep);
-            candidates.push(candidate(
+            let mut c = candidate(
                 inputs,
                 &source,
                 src_ip,
                 Some(&info.transport),
-                backend,
+                backend.map(|b| (&b.service, b.weight)),
                 ep,
-            ));
+            );
+            c.subset = backend.and_then(|b| b.subset.clone());
+            candidates.push(c);
         };
         match routing_plan::route(&table, state, dst) {
             Route::Direct(endpoint) => push(None, endpoint.addr),
             Route::Service(service) => {
                 for b in service.eligible() {
                     for ep in &b.endpoints {
-                        push(Some((&b.service, b.weight)), *ep);
+                        push(Some(b), *ep);
                     }
                 }
+                backends = service.backends.clone();
+                let keys = policy::Keys::Connection(src_ip);
+                hashes = backends
+                    .iter()
+                    .filter_map(|b| policy::hash_step(b, keys, inputs.balancer))
+                    .collect();
             }
             // HTTP-routed: the L7 proxy's own table; its rule is chosen per request (by
             // the request's method, path and headers when they are given).
@@ -516,16 +540,33 @@ pub(crate) fn trace(
                         rule.describe()
                     ));
                 }
-                let backends = rules
+                let in_play = rules
                     .iter()
                     .flat_map(|r| r.backends.iter().map(|t| &t.backend));
                 let mut any = false;
-                for b in candidates_of(backends) {
+                for b in candidates_of(in_play.clone()) {
                     for ep in &b.endpoints {
                         any = true;
-                        push(Some((&b.service, b.weight)), *ep);
+                        push(Some(b), *ep);
                     }
                 }
+                let keyed = match (&parts, src_ip) {
+                    (Some(parts), Some(ip)) => policy::Keys::Request(KeyedRequest {
+                        parts,
+                        src: SocketAddr::new(ip, 0),
+                        source_ip: ip,
+                    }),
+                    _ => policy::Keys::AnyRequest,
+                };
+                for b in in_play {
+                    if !backends.contains(b) {
+                        backends.push(b.clone());
+                    }
+                }
+                hashes = backends
+                    .iter()
+                    .filter_map(|b| policy::hash_step(b, keyed, inputs.balancer))
+                    .collect();
                 if !any {
                     refusal = Some(
                         "no HTTPRoute rule with a ready backend for this request (HTTP 404/503)"
@@ -582,6 +623,8 @@ pub(crate) fn trace(
         resolution,
         http_routes,
         http_request: http.filter(|h| !h.is_empty()),
+        backends,
+        hashes,
         candidates,
         outcome,
         summary,

@@ -116,6 +116,7 @@ fn run(state: &ClusterState, from: (&str, &str), to: &str) -> Trace {
         service_cidrs: &cidrs,
         trust_domain: Some("cluster.local"),
         picks: &picks,
+        balancer: None,
     };
     trace(&inputs, &PodKey::new(from.0, from.1), to, None).unwrap()
 }
@@ -246,6 +247,7 @@ fn refusals_before_any_endpoint_and_bad_input() {
         workloads: &[],
         dataplane: &Maps,
         service_cidrs: &[],
+        balancer: None,
         trust_domain: None,
         picks: &picks,
     };
@@ -321,6 +323,7 @@ fn http_routed_services_use_the_l7_table_and_a_request_selects_the_rule() {
         service_cidrs: &[],
         trust_domain: Some("cluster.local"),
         picks: &picks,
+        balancer: None,
     };
     let request = HttpAttributes {
         method: Some("GET".into()),
@@ -373,4 +376,190 @@ status: {podIP: 192.168.0.2}
     let c = &via_service.candidates[0];
     assert!(c.inbound.handled_by_mesh, "{:?}", c.inbound);
     assert_eq!(c.inbound.listener, Some(INBOUND_PLAINTEXT_PORT));
+}
+
+/// `shop` has three v1 pods and one v2 pod; a DestinationRule hashes v1's requests
+/// on header x-user and a VirtualService sends every request to subset v1.
+const HASHED: &str = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: shop, namespace: apps}
+spec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: shop-v4, namespace: apps, labels: {kubernetes.io/service-name: shop}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.2.0.11], conditions: {ready: true}}
+- {addresses: [10.2.0.12], conditions: {ready: true}}
+- {addresses: [10.2.0.13], conditions: {ready: true}}
+- {addresses: [10.2.0.14], conditions: {ready: true}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop, namespace: apps}
+spec:
+  hosts: [shop]
+  http: [{route: [{destination: {host: shop, subset: v1}}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: shop, namespace: apps}
+spec:
+  host: shop
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer: {consistentHash: {httpHeaderName: x-user}}
+      outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 30s}
+  - name: v2
+    labels: {version: v2}
+"#;
+
+fn shop_pod(n: u8, version: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: shop-{n}, namespace: apps, labels: {{version: {version}}}}}\n\
+         spec: {{nodeName: b, serviceAccountName: shop, containers: [{{name: c, image: x}}]}}\n\
+         status: {{podIP: 10.2.0.{n}}}\n"
+    )
+}
+
+fn hashed_state() -> ClusterState {
+    let pods: String = [(11, "v1"), (12, "v1"), (13, "v1"), (14, "v2")]
+        .iter()
+        .map(|(n, v)| shop_pod(*n, v))
+        .collect();
+    state(&format!("{pods}{HASHED}"))
+}
+
+fn trace_user(s: &ClusterState, balancer: &Balancer, user: Option<&str>) -> Trace {
+    let workloads = [workload("client", "apps", true, 1)];
+    let picks = PickCounts::new();
+    let inputs = TraceInputs {
+        state: s,
+        node: "a",
+        workloads: &workloads,
+        dataplane: &Maps,
+        service_cidrs: &[],
+        trust_domain: Some("cluster.local"),
+        picks: &picks,
+        balancer: Some(balancer),
+    };
+    let request = HttpAttributes {
+        method: Some("GET".into()),
+        path: Some("/".into()),
+        headers: user
+            .map(|u| vec![("x-user".to_string(), u.to_string())])
+            .unwrap_or_default(),
+    };
+    trace(
+        &inputs,
+        &PodKey::new("apps", "client"),
+        "shop:80",
+        Some(request),
+    )
+    .unwrap()
+}
+
+/// Where the data path sends a request of `user` (the proxy's own plan).
+fn routed(s: &ClusterState, balancer: &Balancer, user: &str) -> std::net::SocketAddr {
+    use crate::routing::{hash_key::KeyedRequest, splits::ClientSplits};
+    let service = ObjectKey::new("apps", "shop");
+    let rules = RouteTable::build(s, &service, 80, false);
+    let parts = http::Request::builder()
+        .uri("/")
+        .header("x-user", user)
+        .body(())
+        .unwrap()
+        .into_parts()
+        .0;
+    let (_, rule) = rules.select(&parts).unwrap();
+    let table = RoutingTable::new(Arc::new(Vec::new()), None);
+    let keys = KeyedRequest {
+        parts: &parts,
+        src: "10.1.0.2:40000".parse().unwrap(),
+        source_ip: "10.1.0.2".parse().unwrap(),
+    };
+    let client = ClientSplits::default();
+    crate::routing::plan::request_keyed(
+        &table,
+        s,
+        balancer,
+        &client,
+        &service,
+        80,
+        rule,
+        Some(&keys),
+    )
+    .unwrap()
+    .endpoint
+    .addr
+}
+
+#[test]
+fn a_trace_shows_the_subset_and_where_a_hash_key_lands_as_the_proxy_routes_it() {
+    let s = hashed_state();
+    let balancer = Balancer::default();
+    let t = trace_user(&s, &balancer, None);
+    // Subset v1 only, with its policy.
+    let eps: Vec<String> = t
+        .candidates
+        .iter()
+        .map(|c| c.endpoint.to_string())
+        .collect();
+    assert_eq!(eps, ["10.2.0.11:8080", "10.2.0.12:8080", "10.2.0.13:8080"]);
+    assert!(t
+        .candidates
+        .iter()
+        .all(|c| c.subset.as_deref() == Some("v1")));
+    assert_eq!(t.backends.len(), 1);
+    assert_eq!(t.backends[0].subset.as_deref(), Some("v1"));
+    assert!(t.backends[0].policy.outlier_detection.is_some());
+    // No header: the trace says the key is each request's own.
+    assert_eq!(t.hashes.len(), 1);
+    assert_eq!(t.hashes[0].hash, None);
+    assert!(t.hashes[0].note.contains("header x-user"), "{:?}", t.hashes);
+    // With a header: the endpoint the proxy's own plan picks, for every user.
+    let mut seen = std::collections::BTreeSet::new();
+    for user in (0..40).map(|i| format!("user-{i}")) {
+        let t = trace_user(&s, &balancer, Some(&user));
+        let predicted = t.hashes[0].endpoint.expect("a ready endpoint");
+        assert_eq!(predicted, routed(&s, &balancer, &user), "{user}");
+        seen.insert(predicted);
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "40 keys spread over the 3 endpoints: {seen:?}"
+    );
+    // Outlier detection ejects user-0's endpoint (3 x 500): the trace moves the key to
+    // the endpoint the proxy now sends it to, and the backend shows the ejection.
+    let before = trace_user(&s, &balancer, Some("user-0")).hashes[0]
+        .endpoint
+        .unwrap();
+    let t = trace_user(&s, &balancer, Some("user-0"));
+    let v1 = &t.backends[0];
+    for _ in 0..3 {
+        let pick = balancer
+            .pick_endpoint_hashed(v1, Some(t.hashes[0].hash.unwrap()))
+            .unwrap();
+        assert_eq!(pick.endpoint, before);
+        pick.report(crate::routing::balancer::Outcome::Http {
+            status: 500,
+            latency: std::time::Duration::from_millis(1),
+        });
+    }
+    let after = trace_user(&s, &balancer, Some("user-0"));
+    let moved = after.hashes[0].endpoint.unwrap();
+    assert_ne!(moved, before, "the ejected endpoint is skipped");
+    assert_eq!(moved, routed(&s, &balancer, "user-0"));
+    let outliers = balancer.outliers(&v1.service, v1.port);
+    assert!(
+        outliers.iter().any(|o| o.endpoint == before && o.ejected),
+        "{outliers:?}"
+    );
 }

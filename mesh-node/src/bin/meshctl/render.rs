@@ -226,7 +226,7 @@ pub fn workloads(v: &[WorkloadStatus]) -> String {
     or_none(&t, "pods on this node")
 }
 
-fn backend_line(b: &ResolvedBackendView) -> String {
+pub(crate) fn backend_line(b: &ResolvedBackendView) -> String {
     let subset = match &b.subset {
         Some(s) => format!(" subset {s}"),
         None => String::new(),

@@ -2,11 +2,12 @@
 //! candidate endpoints and the verdict.
 
 use mesh_node::admin::api::{
-    AdmissionView, CandidateView, RedirectView, ResolutionView, RouteView, SourceView,
+    AdmissionView, CandidateView, HashView, RedirectView, ResolutionView, RouteView, SourceView,
     TraceTransport, TraceView,
 };
 
 use crate::format::{finish, keep_whole, key, opt, opt_text, table, text, DEFAULT_WIDTH};
+use crate::render::backend_line;
 
 const LABEL: usize = 11;
 
@@ -140,6 +141,30 @@ fn http_routes(out: &mut String, routes: &[RouteView]) {
     }
 }
 
+/// The traffic policy of the backends in play (subset, balancing, outlier state,
+/// pool), one step each.
+fn policies(out: &mut String, v: &TraceView) {
+    for b in &v.backends {
+        step(out, "POLICY", &backend_line(b));
+    }
+    for h in &v.hashes {
+        step(out, "HASH", &hash(h));
+    }
+}
+
+fn hash(h: &HashView) -> String {
+    let subset = match &h.subset {
+        Some(s) => format!(" subset {s}"),
+        None => String::new(),
+    };
+    format!(
+        "{}{subset} on {}\n{}",
+        key(&h.backend),
+        h.policy,
+        text(&h.note)
+    )
+}
+
 fn decision(c: &CandidateView) -> String {
     let inbound = &c.inbound;
     let mode = match (&inbound.mode, &inbound.mode_source) {
@@ -173,6 +198,7 @@ pub fn render(v: &TraceView) -> String {
         Some(r) => resolution(&mut out, r),
     }
     http_routes(&mut out, &v.http_routes);
+    policies(&mut out, v);
     let mut t = table(&[
         "ENDPOINT / POD",
         "BACKEND",
@@ -187,10 +213,14 @@ pub fn render(v: &TraceView) -> String {
         .unwrap_or(0);
     keep_whole(&mut t, 2, longest.min(60) as u16);
     for c in &v.candidates {
+        let subset = match &c.subset {
+            Some(s) => format!("\nsubset {s}"),
+            None => String::new(),
+        };
         let backend = match (&c.backend, c.weight) {
             (None, _) => "-".to_string(),
-            (Some(b), Some(w)) => format!("{}\nweight {w}", key(b)),
-            (Some(b), None) => key(b),
+            (Some(b), Some(w)) => format!("{}{subset}\nweight {w}", key(b)),
+            (Some(b), None) => format!("{}{subset}", key(b)),
         };
         let pod = match &c.pod {
             None => "(not a pod)".to_string(),
@@ -243,5 +273,45 @@ mod tests {
             assert!(line.chars().count() <= 100, "{line}");
         }
         assert!(out.starts_with("REDIRECT   word"));
+    }
+
+    #[test]
+    fn a_trace_shows_the_policy_of_its_backends_and_where_the_hash_key_lands() {
+        let v: TraceView = serde_json::from_value(serde_json::json!({
+            "source": {"pod": {"namespace": "apps", "name": "client"}, "node": "a", "on_this_node": true,
+                "enrolled": true, "reason": null, "netns_cookie": 7, "identity": null, "host_network": false},
+            "destination": "shop:80", "address": "10.96.0.20:80", "named_service": null,
+            "redirect": {"redirected": true, "program": "cgroup/connect4", "program_id": 1, "link_id": 2,
+                "to": "127.0.0.1:15001", "reason": "enrolled"},
+            "resolution": null, "http_routes": [], "http_request": null,
+            "backends": [{"service": {"namespace": "apps", "name": "shop"}, "port": 80, "weight": 1,
+                "endpoints": ["10.2.0.11:8080", "10.2.0.12:8080"], "least_connections": false,
+                "subset": "v1", "load_balancer": "CONSISTENT_HASH",
+                "consistent_hash": {"key": {"source": "header", "name": "x-user"},
+                    "table": {"kind": "ring_hash", "minimum_ring_size": 1024}},
+                "outlier_detection": {"consecutive_5xx": 3, "consecutive_gateway": 0,
+                    "consecutive_local_origin": 0, "interval_ms": 1000, "base_ejection_time_ms": 30000,
+                    "max_ejection_percent": 10, "min_health_percent": 0},
+                "outliers": [{"endpoint": "10.2.0.11:8080", "ejected": true, "ejected_until_unix_ms": 1_700_000_000_000u64,
+                    "ejections": 1, "last_reason": "consecutive_5xx", "consecutive_5xx": 0,
+                    "consecutive_gateway": 0, "consecutive_local_origin": 0}]}],
+            "hashes": [{"backend": {"namespace": "apps", "name": "shop"}, "subset": "v1",
+                "policy": "header x-user, ring hash 1024", "hash": "00000000000000ff",
+                "endpoint": "10.2.0.12:8080",
+                "note": "the key hashes to 00000000000000ff: endpoint 10.2.0.12:8080"}],
+            "candidates": [], "outcome": "ALLOW", "summary": "allowed", "notes": [],
+        }))
+        .unwrap();
+        let text = render(&v);
+        assert!(
+            text.contains("POLICY     apps/shop :80 subset v1 weight 1 (2 ready)"),
+            "{text}"
+        );
+        assert!(text.contains("10.2.0.11:8080 EJECTED until"), "{text}");
+        assert!(
+            text.contains("HASH       apps/shop subset v1 on header x-user, ring hash 1024"),
+            "{text}"
+        );
+        assert!(text.contains("endpoint 10.2.0.12:8080"), "{text}");
     }
 }

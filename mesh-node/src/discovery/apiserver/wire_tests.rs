@@ -1,7 +1,9 @@
 //! The `kube` source against the API server's wire behaviour, played by
 //! [`FakeApiServer`]: a CRD deleted while watched, an API server restart with and
 //! without its watch cache (a silent re-watch; 410 Gone as a watch event), an expired
-//! list continuation (HTTP 410), and TCPRoute served under v1, v1alpha2 or both.
+//! list continuation (HTTP 410), TCPRoute served under v1, v1alpha2 or both, and
+//! Istio's DestinationRule and VirtualService at whichever of their versions the
+//! installed CRDs serve, a broken rule among them reported by name.
 //! Each scenario checks readiness, the staleness the metrics export, and the state.
 
 use std::{
@@ -26,6 +28,7 @@ use crate::{
 
 const GATEWAY: &str = "gateway.networking.k8s.io";
 const SECURITY: &str = "security.nodemesh.io";
+const ISTIO: &str = "networking.istio.io";
 /// Recovery goal after the API server answers again.
 const RECOVERY_GOAL: Duration = Duration::from_secs(5);
 /// Bound on waits for things that happen at once when the code is right.
@@ -45,7 +48,8 @@ fn collection(object: &Value) -> Gr {
         "TCPRoute" => tcproutes(),
         "HTTPRoute" => gr(GATEWAY, "httproutes"),
         "AuthorizationPolicy" => gr(SECURITY, "authorizationpolicies"),
-        "VirtualService" => gr("networking.istio.io", "virtualservices"),
+        "VirtualService" => gr(ISTIO, "virtualservices"),
+        "DestinationRule" => gr(ISTIO, "destinationrules"),
         other => panic!("no collection for {other}"),
     }
 }
@@ -201,6 +205,9 @@ fn keys(s: &ClusterState) -> BTreeSet<String> {
     s.virtual_services
         .keys()
         .for_each(|k| add("VirtualService", k.to_string()));
+    s.destination_rules
+        .keys()
+        .for_each(|k| add("DestinationRule", k.to_string()));
     out
 }
 
@@ -561,4 +568,170 @@ async fn a_crd_that_stops_serving_the_watched_version_is_followed_to_the_new_one
     assert_eq!(agent.state().tcp_routes.len(), 1);
     assert!(agent.stays_ready());
     assert_eq!(agent.health.snapshot()[&Kind::TcpRoute].version, Some("v1"));
+}
+
+/// A DestinationRule as Istio's docs write one (subsets and a traffic policy), at
+/// `api_version`.
+fn destination_rule(name: &str, api_version: &str, policy: &str) -> Value {
+    let yaml = format!(
+        "apiVersion: networking.istio.io/{api_version}\nkind: DestinationRule\n\
+         metadata: {{name: {name}, namespace: apps, resourceVersion: \"1\"}}\n\
+         spec:\n  host: web.apps.svc.cluster.local\n  trafficPolicy: {policy}\n  subsets:\n\
+         \x20 - name: v1\n    labels: {{version: v1}}\n\
+         \x20 - name: v2\n    labels: {{version: v2}}\n"
+    );
+    serde_yaml::from_str(&yaml).unwrap()
+}
+
+const GOOD_POLICY: &str = "{loadBalancer: {simple: LEAST_REQUEST}, outlierDetection: {consecutive5xxErrors: 7, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 10}, connectionPool: {http: {http1MaxPendingRequests: 100, maxRequestsPerConnection: 10}}}";
+
+/// The versions of Istio's networking kinds the agent requested, per plural.
+fn istio_versions(server: &FakeApiServer, plural: &str) -> BTreeSet<String> {
+    server
+        .requests()
+        .iter()
+        .filter_map(|r| {
+            let path = r.strip_prefix("GET /apis/networking.istio.io/")?;
+            let (version, rest) = path.split_once('/')?;
+            rest.starts_with(plural).then(|| version.to_string())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_rules_are_read_at_the_version_the_installed_crds_serve() {
+    // Istio >= 1.22 serves v1 (and the older two); Istio 1.2x before it, v1beta1 and
+    // v1alpha3; a very old install, v1alpha3 only. The objects come back at the
+    // version read, whatever version they were written at.
+    for (served, chosen) in [
+        (&["v1", "v1beta1", "v1alpha3"][..], "v1"),
+        (&["v1beta1", "v1alpha3"][..], "v1beta1"),
+        (&["v1alpha3"][..], "v1alpha3"),
+    ] {
+        let server = cluster(&["v1alpha2"]).await;
+        server.serve_crd(ISTIO, "destinationrules", "DestinationRule", served);
+        server.serve_crd(ISTIO, "virtualservices", "VirtualService", served);
+        let rule = destination_rule("web", chosen, GOOD_POLICY);
+        server.apply(&collection(&rule), rule.clone());
+        let mut objects = manifest_objects();
+        objects.push(rule);
+        let agent = start(&server);
+        synced(&agent, &objects).await;
+
+        let state = agent.state();
+        let key = crate::keys::ObjectKey::new("apps", "web");
+        let compiled = &state.compiled_rules[&key];
+        assert!(
+            compiled.problems.is_empty() && compiled.is_valid(),
+            "served {served:?}: {:?}",
+            compiled.problems
+        );
+        assert_eq!(compiled.service, Some(key.clone()));
+        let subsets: Vec<&str> = compiled.subsets.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(subsets, ["v1", "v2"]);
+        // The policy as written, read back through the API server.
+        let policy = compiled
+            .endpoint_policy(80, Some("v1"))
+            .expect("a policy for port 80");
+        assert_eq!(
+            policy.load_balancer,
+            crate::discovery::traffic_policy::LbPolicy::LeastRequest
+        );
+        let od = policy.outlier_detection.expect("outlier detection");
+        assert_eq!(od.consecutive_5xx, 7);
+        assert_eq!(od.base_ejection_time, Duration::from_secs(30));
+        let pool = policy.connection_pool.expect("a connection pool");
+        assert_eq!(pool.max_pending_requests, Some(100));
+        assert_eq!(pool.max_requests_per_connection, Some(10));
+        assert_eq!(state.virtual_services.len(), 1);
+
+        for (kind, plural) in [
+            (Kind::DestinationRule, "destinationrules"),
+            (Kind::VirtualService, "virtualservices"),
+        ] {
+            assert_eq!(
+                istio_versions(&server, plural),
+                BTreeSet::from([chosen.to_string()]),
+                "{plural} served at {served:?}"
+            );
+            assert_eq!(agent.health.snapshot()[&kind].version, Some(chosen));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_destination_rule_from_the_api_server_is_reported_by_name_and_the_rest_applies() {
+    let server = cluster(&["v1alpha2"]).await;
+    server.serve_crd(
+        ISTIO,
+        "destinationrules",
+        "DestinationRule",
+        &["v1", "v1beta1", "v1alpha3"],
+    );
+    // The same host: the older rule (by name, at equal age) wins, so the broken one
+    // gets its own Service.
+    let good = destination_rule("web", "v1", GOOD_POLICY);
+    let mut broken = destination_rule(
+        "web-broken",
+        "v1",
+        "{loadBalancer: {simple: FASTEST}, outlierDetection: {interval: 10parsecs}}",
+    );
+    broken["spec"]["host"] = "db".into();
+    for o in [&good, &broken] {
+        server.apply(&collection(o), o.clone());
+    }
+    let mut objects = manifest_objects();
+    objects.extend([good.clone(), broken.clone()]);
+    let agent = start(&server);
+    synced(&agent, &objects).await;
+
+    let state = agent.state();
+    let broken_key = crate::keys::ObjectKey::new("apps", "web-broken");
+    let problems = &state.compiled_rules[&broken_key].problems;
+    let fields: BTreeSet<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+    assert!(
+        fields.contains("trafficPolicy.loadBalancer.simple")
+            && fields.contains("trafficPolicy.outlierDetection.interval"),
+        "{problems:#?}"
+    );
+    assert!(
+        problems.iter().any(|p| p.detail.contains("FASTEST")),
+        "{problems:#?}"
+    );
+    // The good rule is untouched by its broken neighbour.
+    let good_key = crate::keys::ObjectKey::new("apps", "web");
+    assert!(state.compiled_rules[&good_key].problems.is_empty());
+    // Discovery reports each problem once, by name, and counts it.
+    let counted = |reason: &str| {
+        agent
+            .metrics
+            .config_problems
+            .with_label_values(&["DestinationRule", reason])
+            .get()
+    };
+    assert_eq!((counted("unknown_value"), counted("bad_duration")), (1, 1));
+
+    // Fixed through the API server: a watch event, and the problems are gone.
+    let mut fixed = broken.clone();
+    fixed["spec"]["trafficPolicy"] = serde_json::json!({"loadBalancer": {"simple": "RANDOM"}});
+    fixed["metadata"]["resourceVersion"] = "2".into();
+    server.apply(&collection(&fixed), fixed);
+    eventually("the fixed rule to apply", PROMPTLY, || {
+        agent
+            .state()
+            .compiled_rules
+            .get(&broken_key)
+            .is_some_and(|r| r.problems.is_empty())
+    })
+    .await;
+    // Snapshots published since did not count the old problems again.
+    assert_eq!((counted("unknown_value"), counted("bad_duration")), (1, 1));
+    // Deleted: its Service falls back to no rule; the good one stays.
+    server.delete(&collection(&good), "apps", "web-broken");
+    eventually("the deleted rule to go", PROMPTLY, || {
+        !agent.state().compiled_rules.contains_key(&broken_key)
+    })
+    .await;
+    assert!(agent.state().compiled_rules.contains_key(&good_key));
+    assert_eq!(agent.readiness(), None);
 }
