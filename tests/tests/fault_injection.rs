@@ -1,6 +1,7 @@
 //! End-to-end: a VirtualService route's `fault` (abort and delay, by percentage) and
 //! `mirror` (a copy of each request to another Service, its answer dropped) on the node
-//! proxy. The client pod is on node a; `web` and its mirror `web-mirror` on node b.
+//! proxy, the copies bounded by the mirror's own DestinationRule connection pool. The
+//! client pod is on node a; `web` and its mirror `web-mirror` on node b.
 //! The echo server counts what it served by host (`GET /__seen`).
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
@@ -192,5 +193,85 @@ fn mirror_copies_requests_to_another_service_and_the_client_sees_only_the_primar
             .iter()
             .any(|l| l.contains("outcome=\"answered\"")),
         "copies not counted"
+    );
+}
+
+#[test]
+fn mirror_copies_are_bounded_by_the_mirror_backends_connection_pool() {
+    let (cluster, _servers) = cluster();
+    // The mirror admits 2 requests at once and queues 1: a burst of 20 slow requests
+    // gets at most 3 copies through; the rest are dropped and counted, and the clients
+    // see nothing of it.
+    let manifest = format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n\
+         metadata: {{name: web-mirror, namespace: apps}}\n\
+         spec:\n  host: web-mirror\n  trafficPolicy:\n    connectionPool:\n\
+         \x20     http: {{http2MaxRequests: 2, http1MaxPendingRequests: 1}}\n",
+        route("    mirror: {host: web-mirror}\n    mirrorPercentage: {value: 100}\n")
+    );
+    cluster.write_manifest("web-vs.yaml", &manifest).unwrap();
+    let shadow = || -> u64 {
+        seen_by_copy(&cluster)
+            .iter()
+            .filter(|(host, _)| host.starts_with("web-shadow"))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let pool_applied = || {
+        let services = cluster.admin("a", "/services").unwrap_or_default();
+        services.as_array().into_iter().flatten().any(|s| {
+            s["service"]["name"] == "web-mirror"
+                && s["resolution"]["backends"][0]["connection_pool"]["max_requests"] == 2
+        })
+    };
+    let applied = cluster.eventually(Duration::from_secs(5), || {
+        get(&cluster, 1);
+        pool_applied() && shadow() > 0
+    });
+    assert!(applied.is_some(), "the mirror and its pool never applied");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = shadow();
+    let reports: Vec<HttpReport> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..20)
+            .map(|_| {
+                s.spawn(|| {
+                    cluster
+                        .http(
+                            "client",
+                            vip(&cluster),
+                            "web",
+                            "/?delay_ms=2000",
+                            &["--timeout-ms", "15000"],
+                        )
+                        .unwrap()
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    for r in &reports {
+        assert_eq!(
+            r.statuses.get(&200),
+            Some(&1),
+            "the client saw the mirror: {r:?}"
+        );
+    }
+    // The admitted copies take 2 s each at the mirror: wait for them.
+    std::thread::sleep(Duration::from_millis(4500));
+    let copies = shadow() - before;
+    eprintln!("20 concurrent requests: {copies} copies reached the mirror");
+    assert!((1..=3).contains(&copies), "copies past the pool: {copies}");
+    let dropped: u64 = metric_lines(&cluster, "nodemesh_mirrored_requests_total")
+        .iter()
+        .filter(|l| l.contains("outcome=\"pool_overflow\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum();
+    assert_eq!(dropped, 20 - copies, "every copy is counted");
+    assert!(
+        metric_lines(&cluster, "nodemesh_pool_overflows_total")
+            .iter()
+            .any(|l| l.contains("web-mirror")),
+        "the mirror's pool counts its overflows"
     );
 }

@@ -300,7 +300,7 @@ impl Metrics {
             mirrored_requests: counter_vec(
                 &r,
                 "nodemesh_mirrored_requests_total",
-                "Copies of requests sent to a route's mirror (answers dropped), by the mirror's Service and outcome (answered, failed, no_endpoint, body_not_held, overflow).",
+                "Copies of requests sent to a route's mirror (answers dropped), by the mirror's Service and outcome (answered, failed, no_endpoint, body_not_held, overflow, pool_overflow).",
                 &["destination_service", "outcome"],
             ),
             requests: counter_vec(

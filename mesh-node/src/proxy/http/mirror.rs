@@ -7,7 +7,9 @@
 //! flight (more are dropped and counted), each copy gets at most [`MIRROR_TIMEOUT`] (or
 //! the rule's shorter timeout), and only requests whose body the proxy holds whole (up
 //! to the replay limit) are copied: a larger body streams to the backend and is not
-//! mirrored (counted).
+//! mirrored (counted). A copy takes a request permit of the mirror backend's
+//! connection pool (its DestinationRule's `connectionPool`) like any request: over
+//! the mirror's limits it is dropped and counted, and the client never notices.
 
 use std::{sync::Arc, time::Duration};
 
@@ -48,6 +50,8 @@ pub(crate) enum MirrorOutcome {
     BodyNotHeld,
     /// The pod already had [`crate::limits::mirror_slots::MAX_IN_FLIGHT`] copies in flight.
     Overflow,
+    /// The mirror backend's connection pool was full (its DestinationRule's limits).
+    PoolOverflow,
 }
 
 impl MirrorOutcome {
@@ -58,6 +62,7 @@ impl MirrorOutcome {
             MirrorOutcome::NoEndpoint => "no_endpoint",
             MirrorOutcome::BodyNotHeld => "body_not_held",
             MirrorOutcome::Overflow => "overflow",
+            MirrorOutcome::PoolOverflow => "pool_overflow",
         }
     }
 }
@@ -148,14 +153,22 @@ async fn send(
     mirror: &Mirror,
     (request, protocol): (Request<ProxyBody>, Protocol),
 ) -> MirrorOutcome {
+    // The mirror backend's request limits, as for any request to it (the overflow is
+    // counted by the pool, for the mirror's Service).
+    let _permit = match ctx.pools.pool(&mirror.backend) {
+        Some(pool) => match pool.request(protocol == Protocol::Http1).await {
+            Ok(permit) => Some(permit),
+            Err(_) => return MirrorOutcome::PoolOverflow,
+        },
+        None => None,
+    };
     let table = ctx.router.table(state);
     let Some((endpoint, pick)) = plan::mirror(&table, state, &ctx.balancer, &mirror.backend) else {
         return MirrorOutcome::NoEndpoint;
     };
     let peer = peer_of(state, &endpoint);
     let sent = tokio::time::Instant::now();
-    // The mirror's own connection settings apply (its DestinationRule's reuse limits);
-    // its request limits do not: copies have their own bound per pod.
+    // The mirror's own connection settings apply (its DestinationRule's reuse limits).
     let opts = SendOptions {
         upgrade: false,
         limits: mirror.backend.policy.connection_pool.unwrap_or_default(),
