@@ -48,7 +48,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     if let Admission::Refuse { reason, .. } = admit(&state, &ctx.pod, dst.port(), None) {
         return refuse(stream, info, reason, &ctx);
     }
-    forward(stream, dst, info, &ctx, None).await;
+    forward(stream, dst, info, &ctx, None, &Default::default()).await;
 }
 
 /// Without a CA (`--ca-addr`) there is no mTLS: the HBONE port (15008) stays open so
