@@ -316,3 +316,161 @@ fn circuit_breaking_tcp_max_connections_refuses_the_excess_and_counts_it() {
         let _ = h.wait();
     }
 }
+
+/// Istio's pairing for retries: a VirtualService retrying 5xx.
+const RETRYING_ROUTE: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: apps}\n\
+    spec:\n  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n    retries: {attempts: 3, retryOn: 5xx}\n";
+
+/// What web-1 has served through the Service (`GET /__seen`, asked of the pod directly).
+fn served_by_web(cluster: &SimCluster) -> u64 {
+    let r = cluster
+        .http(
+            "client",
+            cluster.pod("web-1").addr4(8080),
+            "probe",
+            "/__seen",
+            &[],
+        )
+        .unwrap();
+    let sample = r.samples.first().map(|s| s.echo()).unwrap_or_default();
+    let hosts: std::collections::BTreeMap<String, u64> =
+        serde_json::from_value(sample["hosts"].clone()).unwrap_or_default();
+    hosts
+        .iter()
+        .filter(|(host, _)| host.as_str() != "probe")
+        .map(|(_, n)| n)
+        .sum()
+}
+
+#[test]
+fn circuit_breaking_max_retries_bounds_retries_outstanding_and_the_rest_get_the_last_answer() {
+    const N: u64 = 6;
+    let cluster = cluster();
+    // Every answer is a 503, after 300 ms: each request would be tried 1 + 3 times.
+    let _server = cluster
+        .http_serve_status_slow("web-1", 8080, 503, 300)
+        .unwrap();
+    let rule = pool_rule("{http: {maxRetries: 1}}");
+    cluster
+        .write_manifest("web.yaml", &format!("{RETRYING_ROUTE}---\n{rule}"))
+        .unwrap();
+    wait_for_pool(&cluster, |p| p["max_retries"] == 1);
+
+    let reports = concurrent(&cluster, N as usize, "/");
+    assert!(reports.iter().all(|r| status_of(r) == 503), "{reports:?}");
+    // The N first attempts were all in flight at once; of their retries only one may be
+    // outstanding at a time, so one request retries (3 times, about 1 s) while the
+    // others get their first answer. Without the bound the backend would see 4N.
+    let seen = served_by_web(&cluster);
+    let retried = cluster
+        .scrape_metrics("a")
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("nodemesh_request_retries_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64;
+    let overflowed = pool_metric(&cluster, "nodemesh_pool_overflows_total", Some("retries"));
+    eprintln!("backend saw {seen}; retries made {retried}, not made {overflowed}");
+    assert_eq!(seen, N + retried, "every attempt reached the backend");
+    assert!(
+        seen <= N + 6,
+        "{seen} attempts for {N} requests (4N = {})",
+        4 * N
+    );
+    assert!(retried >= 1, "the bound leaves room for one retry");
+    // Each request not retried was turned away once, counted and flagged UO.
+    assert!(overflowed >= N - 2, "{overflowed} retries not made");
+    let logs = cluster.request_logs("a");
+    let flagged: Vec<_> = logs
+        .iter()
+        .filter(|l| l["response_flags"] == "UO" && l["response_code"] == 503)
+        .collect();
+    assert_eq!(flagged.len() as u64, overflowed, "{logs:?}");
+    // The request that retried ran out of attempts (URX), not into the bound.
+    assert!(
+        logs.iter()
+            .any(|l| l["response_flags"] == "URX" && l["retries"] == 3),
+        "{logs:?}"
+    );
+    // Everything given back.
+    let pool = &backend_view(&cluster)["pool"];
+    assert_eq!(pool["active_retries"], 0, "{pool}");
+    assert_eq!(pool["overflows"]["retries"], overflowed, "{pool}");
+    assert_eq!(
+        pool_metric(&cluster, "nodemesh_pool_active", Some("retries")),
+        0
+    );
+}
+
+#[test]
+fn circuit_breaking_tcp_connect_timeout_applies_to_l4_tunnels() {
+    let cluster = cluster();
+    let _server = cluster.serve("web-1", 8080).unwrap();
+    cluster
+        .write_manifest("web.yaml", &pool_rule("{tcp: {connectTimeout: 50ms}}"))
+        .unwrap();
+    wait_for_pool(&cluster, |p| p["connect_timeout_ms"] == 50);
+    // web-1's node goes dark for tunnels: SYNs to its HBONE port are lost, so the
+    // tunnel's connect hangs (the agent's own connect timeout is 5 s).
+    cluster.drop_syns("web-1", 15008).unwrap();
+    let started = Instant::now();
+    let failed = cluster.transfer("client", vip(&cluster), 1000).unwrap();
+    let took = started.elapsed();
+    eprintln!("failed after {took:?}: {failed:?}");
+    assert!(!failed.ok, "{failed:?}");
+    assert!(took < Duration::from_secs(1), "failed after {took:?}");
+    let closed = cluster.closed_connections("a").unwrap();
+    assert!(
+        closed.iter().any(|c| c["result"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("hbone_failed") && r.contains("timed out after 50ms"))),
+        "{closed:?}"
+    );
+}
+
+#[test]
+fn circuit_breaking_max_concurrent_streams_spreads_http2_requests_over_connections() {
+    const N: usize = 4;
+    let cluster = cluster();
+    let _server = cluster.http_serve("web-1", &[8080]).unwrap();
+    let rule = pool_rule("{http: {maxConcurrentStreams: 2}}");
+    cluster
+        .write_manifest("web.yaml", &format!("{HTTP_ROUTE}---\n{rule}"))
+        .unwrap();
+    wait_for_pool(&cluster, |p| p["max_concurrent_streams"] == 2);
+    // N HTTP/2 requests in flight at once (1 s each): the proxy multiplexes at most 2
+    // on one upstream connection. Each upstream connection reaches web-1 as a tunnel
+    // of its own, so the server's peers count them.
+    let reports: Vec<HttpReport> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..N)
+            .map(|_| {
+                s.spawn(|| {
+                    cluster
+                        .http(
+                            "client",
+                            vip(&cluster),
+                            "web",
+                            "/?delay_ms=1000",
+                            &["--http2", "--timeout-ms", "15000"],
+                        )
+                        .unwrap()
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert!(reports.iter().all(|r| status_of(r) == 200), "{reports:?}");
+    let mut per_connection = std::collections::BTreeMap::<String, u64>::new();
+    for r in &reports {
+        for (peer, n) in &r.peers {
+            *per_connection.entry(peer.clone()).or_default() += n;
+        }
+    }
+    eprintln!("answers by upstream connection: {per_connection:?}");
+    assert_eq!(per_connection.values().sum::<u64>(), N as u64);
+    assert!(per_connection.len() >= N / 2, "{per_connection:?}");
+    assert!(
+        per_connection.values().all(|n| *n <= 2),
+        "{per_connection:?}"
+    );
+}

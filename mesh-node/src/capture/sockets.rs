@@ -14,7 +14,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use crate::capture::netns::Netns;
+use crate::{capture::netns::Netns, discovery::connection_pool::Keepalive};
 
 /// SO_NETNS_COOKIE (Linux >= 5.14): the cookie bpf_get_netns_cookie() returns.
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -90,6 +90,25 @@ impl PodSockets {
             Socket::new(Domain::IPV4, Type::DGRAM, None)
         })?;
         netns_cookie_of(socket.as_raw_fd())
+    }
+}
+
+/// SO_KEEPALIVE on an upstream socket (a DestinationRule's `tcp.tcpKeepalive`; parts
+/// left out keep the kernel's defaults). A failure only loses the probes, so it is
+/// logged, not fatal.
+pub(crate) fn set_keepalive(tcp: &TcpStream, k: &Keepalive) {
+    let mut ka = socket2::TcpKeepalive::new();
+    if let Some(t) = k.time_secs {
+        ka = ka.with_time(Duration::from_secs(t));
+    }
+    if let Some(i) = k.interval_secs {
+        ka = ka.with_interval(Duration::from_secs(i));
+    }
+    if let Some(p) = k.probes {
+        ka = ka.with_retries(p);
+    }
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "setting TCP keepalive on an upstream socket failed");
     }
 }
 

@@ -102,6 +102,13 @@ pub struct PoolLimits {
     /// `tcp.tcpKeepalive`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp_keepalive: Option<Keepalive>,
+    /// `http.maxRetries`: retries to the destination outstanding at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    /// `http.maxConcurrentStreams`: requests in flight at once on one upstream HTTP/2
+    /// connection; more open another connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_streams: Option<u32>,
 }
 
 mod opt_millis {
@@ -124,12 +131,13 @@ mod opt_millis {
 }
 
 impl PoolLimits {
-    /// Whether any request or connection count is bounded (the proxy tracks
+    /// Whether any request, connection or retry count is bounded (the proxy tracks
     /// occupancy only then).
     pub fn bounds_anything(&self) -> bool {
         self.max_connections.is_some()
             || self.max_pending_requests.is_some()
             || self.max_requests.is_some()
+            || self.max_retries.is_some()
     }
 }
 
@@ -242,21 +250,9 @@ impl Checker<'_> {
             http.max_requests_per_connection,
         );
         limits.idle_timeout = self.duration("http.idleTimeout", http.idle_timeout.as_deref());
-        if self.count("http.maxRetries", http.max_retries).is_some() {
-            self.not_implemented(
-                "http.maxRetries",
-                "a bound on concurrent retries (each route's retry policy applies)",
-            );
-        }
-        if self
-            .count("http.maxConcurrentStreams", http.max_concurrent_streams)
-            .is_some()
-        {
-            self.not_implemented(
-                "http.maxConcurrentStreams",
-                "a bound on streams per upstream HTTP/2 connection",
-            );
-        }
+        limits.max_retries = self.count("http.maxRetries", http.max_retries);
+        limits.max_concurrent_streams =
+            self.count("http.maxConcurrentStreams", http.max_concurrent_streams);
         match http.h2_upgrade_policy.as_deref() {
             None | Some("DEFAULT") | Some("DO_NOT_UPGRADE") => {}
             Some("UPGRADE") => self.not_implemented(
@@ -319,7 +315,8 @@ mod tests {
                     "tcpKeepalive": {"time": "7200s", "interval": "75s", "probes": 9}})),
                 Some(
                     json!({"http1MaxPendingRequests": 100, "maxRequestsPerConnection": 10,
-                    "http2MaxRequests": 1000, "idleTimeout": "1.5s"}),
+                    "http2MaxRequests": 1000, "idleTimeout": "1.5s", "maxRetries": 3,
+                    "maxConcurrentStreams": 8}),
                 ),
             ),
         );
@@ -330,6 +327,8 @@ mod tests {
         assert_eq!(limits.max_requests_per_connection, Some(10));
         assert_eq!(limits.connect_timeout, Some(Duration::from_millis(30)));
         assert_eq!(limits.idle_timeout, Some(Duration::from_millis(1500)));
+        assert_eq!(limits.max_retries, Some(3));
+        assert_eq!(limits.max_concurrent_streams, Some(8));
         assert_eq!(
             limits.tcp_keepalive,
             Some(Keepalive {
@@ -347,7 +346,9 @@ mod tests {
             "p",
             &pool(
                 Some(json!({"maxConnections": 0})),
-                Some(json!({"http1MaxPendingRequests": 0})),
+                Some(
+                    json!({"http1MaxPendingRequests": 0, "maxRetries": 0, "maxConcurrentStreams": 0}),
+                ),
             ),
         );
         assert!(problems.is_empty());
@@ -393,13 +394,31 @@ mod tests {
             "p",
             &pool(
                 Some(json!({"maxConnectionDuration": "1h", "maxConnections": 3})),
-                Some(json!({"maxRetries": 3, "maxConcurrentStreams": 8})),
+                Some(json!({"maxRetries": 3, "useClientProtocol": true})),
             ),
         );
         assert_eq!(limits.max_connections, Some(3));
-        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(limits.max_retries, Some(3));
+        let reported: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            reported,
+            ["p.tcp.maxConnectionDuration", "p.http.useClientProtocol"],
+            "{problems:?}"
+        );
         assert!(problems
             .iter()
             .all(|p| p.reason == ProblemReason::NotImplemented));
+    }
+
+    #[test]
+    fn max_retries_alone_is_a_bound_the_proxy_tracks() {
+        let (limits, problems) = compile("p", &pool(None, Some(json!({"maxRetries": 1}))));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(limits.max_retries, Some(1));
+        assert!(limits.bounds_anything());
+        let (limits, _) = compile("p", &pool(None, Some(json!({"maxConcurrentStreams": 4}))));
+        assert_eq!(limits.max_concurrent_streams, Some(4));
+        // A per-connection setting: no node-wide count to keep.
+        assert!(!limits.bounds_anything());
     }
 }

@@ -1,7 +1,10 @@
 //! Outbound HBONE: HTTP/2 CONNECT over mTLS to `<destination pod IP>:15008`, presenting
 //! the source workload's certificate and expecting the destination's identity.
 //! Connections are pooled per (source identity, destination identity, destination
-//! address) and multiplex many streams.
+//! address) and multiplex many streams. A new connection is made with the connect
+//! timeout and TCP keepalive of the DestinationRule of the tunnel that needs it
+//! (`tcp.connectTimeout` bounds the TCP connect; the TLS handshake keeps the agent's
+//! timeout); tunnels that find a pooled connection use it as it is.
 
 use std::{
     collections::HashMap,
@@ -18,8 +21,9 @@ use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use crate::{
-    capture::sockets::PodSockets, identity::certificates::CertificateStore, identity::Identity,
-    telemetry::metrics::Metrics,
+    capture::sockets::set_keepalive, capture::sockets::PodSockets,
+    discovery::connection_pool::PoolLimits, identity::certificates::CertificateStore,
+    identity::Identity, telemetry::metrics::Metrics,
 };
 use crate::{hbone::tls::client_config, hbone::tls::ALPN_H2, identity::spiffe::TrustBundle};
 
@@ -93,7 +97,8 @@ impl HboneClient {
         }
     }
 
-    /// Opens a tunnel to `target` through the HBONE port at `addr`.
+    /// Opens a tunnel to `target` through the HBONE port at `addr`; a new connection
+    /// is made with `limits`' connect timeout (None: the agent's) and keepalive.
     pub async fn open(
         &self,
         sockets: &PodSockets,
@@ -101,6 +106,7 @@ impl HboneClient {
         destination: &Identity,
         addr: SocketAddr,
         target: SocketAddr,
+        limits: &PoolLimits,
     ) -> Result<(SendStream<Bytes>, RecvStream), HboneError> {
         let key = PoolKey {
             source: source.clone(),
@@ -122,7 +128,7 @@ impl HboneClient {
         };
         let sender = match ready {
             Some(s) => s,
-            None => match self.handshake(sockets, &key, &slot).await {
+            None => match self.handshake(sockets, &key, &slot, limits).await {
                 Ok(s) => s,
                 Err(e) => {
                     // Nothing to pool: an unreachable destination leaves no slot behind.
@@ -164,7 +170,9 @@ impl HboneClient {
         sockets: &PodSockets,
         key: &PoolKey,
         slot: &Slot,
+        limits: &PoolLimits,
     ) -> Result<SendRequest<Bytes>, HboneError> {
+        let connect_timeout = limits.connect_timeout.unwrap_or(self.connect_timeout);
         let (source, destination, addr) = (&key.source, &key.destination, key.addr);
         if self
             .store
@@ -181,13 +189,17 @@ impl HboneClient {
             &self.trust,
         )
         .map_err(HboneError::Setup)?;
-        let tcp = sockets
-            .connect(addr, self.connect_timeout)
-            .await
-            .map_err(|e| HboneError::Connect {
-                addr,
-                reason: e.to_string(),
-            })?;
+        let tcp =
+            sockets
+                .connect(addr, connect_timeout)
+                .await
+                .map_err(|e| HboneError::Connect {
+                    addr,
+                    reason: e.to_string(),
+                })?;
+        if let Some(k) = &limits.tcp_keepalive {
+            set_keepalive(&tcp, k);
+        }
         let handshake_err = |reason: String| HboneError::Handshake {
             addr,
             expected: destination.clone(),

@@ -65,7 +65,8 @@ async fn relay_until_revoked(
     info.upstream = Some(dst);
     let src = info.src;
     let conn = ctx.connections.open(info);
-    let upstream = match connect_in_pod(ctx, dst).await {
+    // Into the pod: the agent's connect settings (a DestinationRule is the client side's).
+    let upstream = match connect_in_pod(ctx, dst, &Default::default()).await {
         Ok(s) => s,
         Err(end) => {
             reset(client);

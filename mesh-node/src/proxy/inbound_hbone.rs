@@ -195,7 +195,7 @@ async fn tunnel(
         return;
     }
     let conn = ctx.connections.open(info);
-    let upstream = match connect_in_pod(&ctx, target).await {
+    let upstream = match connect_in_pod(&ctx, target, &Default::default()).await {
         Ok(s) => s,
         Err(end) => {
             hbone::server::reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);

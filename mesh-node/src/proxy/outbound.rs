@@ -9,7 +9,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
 use crate::{
-    discovery::cluster::ip_from_key, discovery::cluster::ip_key, proxy::http::downstream,
+    discovery::cluster::ip_from_key, discovery::cluster::ip_key,
+    discovery::connection_pool::PoolLimits, proxy::http::downstream,
     proxy::http::forward::Frontend, proxy::pod::accept_loop, proxy::pod::forward,
     proxy::pod::forward_hbone, proxy::pod::refuse, proxy::pod::reset, proxy::pod::PodContext,
     routing::plan, routing::plan::Plan, routing::pool::backend_of, routing::pool::ConnectionPermit,
@@ -103,11 +104,23 @@ fn admit(ctx: &PodContext, to: &plan::Forward) -> Result<Option<ConnectionPermit
     pool.connection().map(Some)
 }
 
+/// The connection settings of the backend the balancer chose (its DestinationRule's
+/// `tcp.connectTimeout` and `tcp.tcpKeepalive`; default: the agent's).
+fn connect_limits(to: &plan::Forward) -> PoolLimits {
+    let (Some(service), Some(pick)) = (&to.service, &to.pick) else {
+        return PoolLimits::default();
+    };
+    backend_of(service, pick)
+        .and_then(|b| b.policy.connection_pool)
+        .unwrap_or_default()
+}
+
 /// HBONE to meshed pods (when the mesh has a CA), plain TCP to everything else.
 async fn send(stream: TcpStream, to: plan::Forward, info: ConnectionInfo, ctx: &PodContext) {
     let target = to.endpoint.addr;
+    let limits = connect_limits(&to);
     if let (Some(mesh), Transport::Hbone { identity }) = (&ctx.mesh, to.endpoint.transport()) {
-        return forward_hbone(stream, target, identity, info, ctx, mesh, to.pick).await;
+        return forward_hbone(stream, target, identity, info, ctx, mesh, to.pick, &limits).await;
     }
-    forward(stream, target, info, ctx, to.pick).await
+    forward(stream, target, info, ctx, to.pick, &limits).await
 }

@@ -18,8 +18,9 @@ use tracing::debug;
 use mesh_common::ConnKey;
 
 use crate::{
-    capture::dataplane::Dataplane, capture::sockets::PodSockets, discovery::cluster::ip_key,
-    discovery::cluster::ClusterState, hbone::client::HboneClient, hbone::client::HboneError,
+    capture::dataplane::Dataplane, capture::sockets::set_keepalive, capture::sockets::PodSockets,
+    discovery::cluster::ip_key, discovery::cluster::ClusterState,
+    discovery::connection_pool::PoolLimits, hbone::client::HboneClient, hbone::client::HboneError,
     hbone::stream::relay_stream, hbone::stream::TcpSide, identity::certificates::CertificateStore,
     identity::certificates::IdentityLease, identity::spiffe::TrustBundle, identity::Identity,
     keys::PodKey, limits, limits::Listener, limits::PodBudget, limits::PodLimits, limits::Refusal,
@@ -178,7 +179,9 @@ fn report_end(pick: Option<&Pick>, end: &RelayEnd) {
 
 /// Tunnels to `target` through the HBONE port of the meshed pod at `target.ip()`,
 /// as this pod's identity, expecting `destination`. `pick`, the balancer's choice of
-/// `target`, learns the outcome and is held while the connection lives.
+/// `target`, learns the outcome and is held while the connection lives. A new HBONE
+/// connection is made with `limits`' connect timeout and keepalive.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn forward_hbone(
     client: TcpStream,
     target: SocketAddr,
@@ -187,6 +190,7 @@ pub(crate) async fn forward_hbone(
     ctx: &PodContext,
     mesh: &Mesh,
     pick: Option<Pick>,
+    limits: &PoolLimits,
 ) {
     info.upstream = Some(target);
     info.security = Security::MutualTls;
@@ -197,7 +201,14 @@ pub(crate) async fn forward_hbone(
     let started = Instant::now();
     let (send, recv) = match mesh
         .hbone
-        .open(&ctx.sockets, &ctx.identity, destination, hbone_addr, target)
+        .open(
+            &ctx.sockets,
+            &ctx.identity,
+            destination,
+            hbone_addr,
+            target,
+            limits,
+        )
         .await
     {
         Ok(s) => s,
@@ -233,38 +244,43 @@ pub(crate) async fn forward_hbone(
     conn.close(end.into());
 }
 
-/// Connects to `target` from inside the pod; a failure is counted and returned as the
-/// connection's end.
+/// Connects to `target` from inside the pod, with `limits`' connect timeout (None: the
+/// agent's) and keepalive; a failure is counted and returned as the connection's end.
 pub(crate) async fn connect_in_pod(
     ctx: &PodContext,
     target: SocketAddr,
+    limits: &PoolLimits,
 ) -> Result<TcpStream, ConnectionEnd> {
-    ctx.sockets
-        .connect(target, ctx.connect_timeout)
-        .await
-        .map_err(|e| {
-            ctx.metrics
-                .refused
-                .with_label_values(&["connect_failed"])
-                .inc();
-            ConnectionEnd::ConnectFailed(e.to_string())
-        })
+    let timeout = limits.connect_timeout.unwrap_or(ctx.connect_timeout);
+    let tcp = ctx.sockets.connect(target, timeout).await.map_err(|e| {
+        ctx.metrics
+            .refused
+            .with_label_values(&["connect_failed"])
+            .inc();
+        ConnectionEnd::ConnectFailed(e.to_string())
+    })?;
+    if let Some(k) = &limits.tcp_keepalive {
+        set_keepalive(&tcp, k);
+    }
+    Ok(tcp)
 }
 
 /// Connects to `dst` from inside the pod and relays, recording the connection. `pick`,
 /// the balancer's choice of `dst` (None for a destination no balancer chose), learns
-/// the outcome and is held while the connection lives.
+/// the outcome and is held while the connection lives. `limits`: the destination's
+/// connect timeout and keepalive (a DestinationRule's; default: the agent's).
 pub(crate) async fn forward(
     client: TcpStream,
     dst: SocketAddr,
     mut info: ConnectionInfo,
     ctx: &PodContext,
     pick: Option<Pick>,
+    limits: &PoolLimits,
 ) {
     info.upstream = Some(dst);
     let conn = ctx.connections.open(info);
     let started = Instant::now();
-    let upstream = match connect_in_pod(ctx, dst).await {
+    let upstream = match connect_in_pod(ctx, dst, limits).await {
         Ok(s) => s,
         Err(end) => {
             if let Some(pick) = &pick {

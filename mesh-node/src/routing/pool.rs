@@ -15,13 +15,21 @@
 //!   (`connection_pool_overflow`, flag `UO`). For HTTP/1.1 upstreams, the upstream
 //!   connections *carrying a request* now (one request per connection at a time);
 //!   kept-alive idle connections are not counted. HTTP/2 upstreams multiplex on one
-//!   connection per endpoint and pod: only `http2MaxRequests` bounds them.
+//!   connection per endpoint and pod, bounded by `http2MaxRequests`; under
+//!   `maxConcurrentStreams` (more connections when one is full) each HTTP/2
+//!   connection holds a connection slot while it is open.
 //! - **pending** (`http1MaxPendingRequests`): HTTP/1.1 requests admitted but waiting for
 //!   a connection slot because `maxConnections` are busy. They are served in arrival
 //!   order as slots free up (or give up with the route's timeout or the client); a
 //!   request that finds the queue full is answered `503 UO` at once. Without
 //!   `maxConnections` nothing ever waits, so `http1MaxPendingRequests` alone bounds
 //!   nothing (as in Envoy, where a new connection is opened for each).
+//! - **retries** (`http.maxRetries`): retries to the destination outstanding at once,
+//!   from the moment the proxy decides to retry (its backoff included) until the
+//!   retried attempt's response head or failure is back, as Envoy counts them. A retry
+//!   beyond the limit is not made: the client gets what the last attempt brought, with
+//!   flag `UO` (Envoy's flag for a retry overflow), and the overflow is counted
+//!   (`kind="retries"`).
 //!
 //! Every permit is a guard: it is returned when dropped, whatever becomes of the
 //! request or connection (success, error, timeout, the client going away).
@@ -61,13 +69,16 @@ pub enum OverflowKind {
     Pending,
     /// `tcp.maxConnections` (L4).
     Connections,
+    /// `http.maxRetries`.
+    Retries,
 }
 
 impl OverflowKind {
-    pub const ALL: [OverflowKind; 3] = [
+    pub const ALL: [OverflowKind; 4] = [
         OverflowKind::Requests,
         OverflowKind::Pending,
         OverflowKind::Connections,
+        OverflowKind::Retries,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +86,7 @@ impl OverflowKind {
             OverflowKind::Requests => "requests",
             OverflowKind::Pending => "pending",
             OverflowKind::Connections => "connections",
+            OverflowKind::Retries => "retries",
         }
     }
 
@@ -83,6 +95,7 @@ impl OverflowKind {
             OverflowKind::Requests => 0,
             OverflowKind::Pending => 1,
             OverflowKind::Connections => 2,
+            OverflowKind::Retries => 3,
         }
     }
 
@@ -91,6 +104,7 @@ impl OverflowKind {
             OverflowKind::Requests => "http2MaxRequests",
             OverflowKind::Pending => "http1MaxPendingRequests",
             OverflowKind::Connections => "tcp.maxConnections",
+            OverflowKind::Retries => "http.maxRetries",
         }
     }
 }
@@ -127,7 +141,8 @@ struct Gauges {
     requests: IntGauge,
     connections: IntGauge,
     pending: IntGauge,
-    overflows: [IntCounter; 3],
+    retries: IntGauge,
+    overflows: [IntCounter; 4],
 }
 
 /// The live state of one destination's pool.
@@ -139,7 +154,8 @@ pub struct Pool {
     requests: AtomicU64,
     connections: AtomicU64,
     pending: AtomicU64,
-    overflows: [AtomicU64; 3],
+    retries: AtomicU64,
+    overflows: [AtomicU64; 4],
     gauges: Option<Gauges>,
 }
 
@@ -181,6 +197,7 @@ impl Pool {
                 requests: m.active.with_label_values(&with(base, "requests")),
                 connections: m.active.with_label_values(&with(base, "connections")),
                 pending: m.pending.with_label_values(&base),
+                retries: m.active.with_label_values(&with(base, "retries")),
                 overflows: OverflowKind::ALL
                     .map(|k| m.overflows.with_label_values(&with(base, k.as_str()))),
             }
@@ -194,6 +211,7 @@ impl Pool {
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             pending: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
             overflows: Default::default(),
             gauges,
         }
@@ -271,6 +289,19 @@ impl Pool {
         Ok(permit)
     }
 
+    /// Admits a retry of a request to this destination, or refuses it when
+    /// `http.maxRetries` retries are outstanding. The permit is held from the decision
+    /// to retry until the retried attempt has its answer (or is dropped).
+    pub fn retry(self: &Arc<Self>) -> Result<RetryPermit, Overflow> {
+        if !take(&self.retries, self.limits.max_retries) {
+            return Err(self.overflow(OverflowKind::Retries, self.limits.max_retries));
+        }
+        if let Some(g) = &self.gauges {
+            g.retries.inc();
+        }
+        Ok(RetryPermit { pool: self.clone() })
+    }
+
     /// Occupancy now and overflows so far, for the admin API.
     pub fn occupancy(&self) -> Occupancy {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -279,10 +310,12 @@ impl Pool {
             active_requests: n(&self.requests),
             active_connections: n(&self.connections),
             pending_requests: n(&self.pending),
+            active_retries: n(&self.retries),
             overflows: Overflows {
                 requests: over(OverflowKind::Requests),
                 pending: over(OverflowKind::Pending),
                 connections: over(OverflowKind::Connections),
+                retries: over(OverflowKind::Retries),
             },
         }
     }
@@ -361,8 +394,29 @@ impl fmt::Debug for RequestPermit {
     }
 }
 
-/// Requests and connections turned away so far, by the limit they met.
+/// An outstanding retry (`http.maxRetries`): returned when dropped.
+pub struct RetryPermit {
+    pool: Arc<Pool>,
+}
+
+impl Drop for RetryPermit {
+    fn drop(&mut self) {
+        give_back(&self.pool.retries);
+        if let Some(g) = &self.pool.gauges {
+            g.retries.dec();
+        }
+    }
+}
+
+impl fmt::Debug for RetryPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RetryPermit({})", self.pool.destination)
+    }
+}
+
+/// Requests, connections and retries turned away so far, by the limit they met.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Overflows {
     /// `http2MaxRequests`.
     pub requests: u64,
@@ -370,10 +424,13 @@ pub struct Overflows {
     pub pending: u64,
     /// `tcp.maxConnections` (L4).
     pub connections: u64,
+    /// `http.maxRetries`: retries not made.
+    pub retries: u64,
 }
 
 /// A pool's occupancy on this node (admin API, `meshctl node services`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Occupancy {
     /// HTTP requests in flight.
     pub active_requests: u64,
@@ -381,6 +438,8 @@ pub struct Occupancy {
     pub active_connections: u64,
     /// HTTP/1.1 requests waiting for a connection.
     pub pending_requests: u64,
+    /// Retries outstanding (`http.maxRetries`).
+    pub active_retries: u64,
     pub overflows: Overflows,
 }
 

@@ -37,12 +37,17 @@ fn pools() -> (ConnectionPools, PoolMetrics) {
 fn idle(pool: &Pool, metrics: &PoolMetrics) {
     let v = pool.occupancy();
     assert_eq!(
-        (v.active_requests, v.active_connections, v.pending_requests),
-        (0, 0, 0),
+        (
+            v.active_requests,
+            v.active_connections,
+            v.pending_requests,
+            v.active_retries
+        ),
+        (0, 0, 0, 0),
         "{v:?}"
     );
     let labels = ["web.apps.svc.cluster.local", "web", "apps", "80", "v1"];
-    for kind in ["requests", "connections"] {
+    for kind in ["requests", "connections", "retries"] {
         let [a, b, c, d, e] = labels;
         assert_eq!(
             metrics
@@ -61,7 +66,98 @@ fn overflows(pool: &Pool, kind: OverflowKind) -> u64 {
         OverflowKind::Requests => o.requests,
         OverflowKind::Pending => o.pending,
         OverflowKind::Connections => o.connections,
+        OverflowKind::Retries => o.retries,
     }
+}
+
+fn retries(max: u32) -> PoolLimits {
+    PoolLimits {
+        max_retries: Some(max),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn max_retries_bounds_retries_outstanding_and_counts_the_excess() {
+    let (pools, metrics) = pools();
+    let pool = pools
+        .pool(&backend(retries(2)))
+        .expect("maxRetries alone is tracked");
+    let a = pool.retry().unwrap();
+    let b = pool.retry().unwrap();
+    assert_eq!(pool.occupancy().active_retries, 2);
+    let over = pool.retry().unwrap_err();
+    assert_eq!(over.kind, OverflowKind::Retries);
+    assert_eq!(over.limit, 2);
+    assert!(over.to_string().contains("http.maxRetries (2)"), "{over}");
+    assert_eq!(overflows(&pool, OverflowKind::Retries), 1);
+    let [x, y, z, p, s] = ["web.apps.svc.cluster.local", "web", "apps", "80", "v1"];
+    assert_eq!(
+        metrics
+            .overflows
+            .with_label_values(&[x, y, z, p, s, "retries"])
+            .get(),
+        1
+    );
+    assert_eq!(
+        metrics
+            .active
+            .with_label_values(&[x, y, z, p, s, "retries"])
+            .get(),
+        2
+    );
+    // One ends: a retry may be made again.
+    drop(a);
+    let c = pool.retry().unwrap();
+    drop((b, c));
+    idle(&pool, &metrics);
+    assert_eq!(overflows(&pool, OverflowKind::Retries), 1);
+}
+
+#[tokio::test]
+async fn max_retries_alone_bounds_no_request_and_requests_bound_no_retry() {
+    let (pools, metrics) = pools();
+    let pool = pools.pool(&backend(retries(1))).unwrap();
+    let requests: Vec<_> = futures::future::join_all((0..50).map(|_| pool.request(true))).await;
+    assert!(requests.iter().all(Result::is_ok));
+    let r = pool.retry().unwrap();
+    drop((requests, r));
+    idle(&pool, &metrics);
+    let limited = pools
+        .pool(&backend(limits(Some(1), Some(1), Some(1))))
+        .unwrap();
+    let _held = limited.request(true).await.unwrap();
+    drop(limited.retry().unwrap());
+}
+
+#[tokio::test]
+async fn a_retry_cancelled_during_its_backoff_or_attempt_gives_its_permit_back() {
+    let (pools, metrics) = pools();
+    let pool = pools.pool(&backend(retries(1))).unwrap();
+    // A task holding a retry permit (waiting out its backoff) is aborted, as when the
+    // route's timeout fires or the client goes away.
+    let holder = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let _retrying = pool.retry().unwrap();
+            tokio::time::sleep(Duration::from_secs(3600)).await
+        }
+    });
+    for _ in 0..100 {
+        if pool.occupancy().active_retries == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(pool.occupancy().active_retries, 1);
+    assert!(pool.retry().is_err());
+    holder.abort();
+    let _ = holder.await;
+    idle(&pool, &metrics);
+    drop(
+        pool.retry()
+            .expect("the cancelled retry's permit came back"),
+    );
 }
 
 #[test]

@@ -18,9 +18,11 @@ pub(crate) const POOL_LABELS: [&str; 5] = [
 #[derive(Clone)]
 pub struct PoolMetrics {
     /// Requests answered 503 and connections refused because a pool was full, by
-    /// destination and `kind` (`requests`, `pending`, `connections`).
+    /// destination and `kind` (`requests`, `pending`, `connections`), and retries not
+    /// made because `http.maxRetries` were outstanding (`retries`).
     pub overflows: IntCounterVec,
-    /// Requests (`kind="requests"`) and connections (`kind="connections"`) in use now.
+    /// Requests (`kind="requests"`), connections (`kind="connections"`) and retries
+    /// (`kind="retries"`) in use now.
     pub active: IntGaugeVec,
     /// Requests waiting for a connection now.
     pub pending: IntGaugeVec,
@@ -46,7 +48,7 @@ impl PoolMetrics {
                 IntCounterVec::new(
                     Opts::new(
                         "nodemesh_pool_overflows_total",
-                        "Requests answered 503 (UO) and connections refused because a destination's connection pool was full, by kind.",
+                        "Requests answered 503 (UO), connections refused and retries not made because a destination's connection pool was full, by kind.",
                     ),
                     &[a, b, c, d, e, "kind"],
                 ),
@@ -56,7 +58,7 @@ impl PoolMetrics {
                 IntGaugeVec::new(
                     Opts::new(
                         "nodemesh_pool_active",
-                        "Requests (kind=requests) or connections (kind=connections) in use now in a destination's connection pool.",
+                        "Requests (kind=requests), connections (kind=connections) or retries (kind=retries) in use now in a destination's connection pool.",
                     ),
                     &[a, b, c, d, e, "kind"],
                 ),

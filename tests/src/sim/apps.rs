@@ -95,6 +95,33 @@ impl SimCluster {
         )
     }
 
+    /// [`SimCluster::http_serve`], answering every request with `status` after
+    /// `delay_ms` (a slow, broken endpoint).
+    pub fn http_serve_status_slow(
+        &self,
+        pod: &str,
+        port: u16,
+        status: u16,
+        delay_ms: u64,
+    ) -> Result<Process> {
+        let listen = format!("[::]:{port}");
+        let (status, delay) = (status.to_string(), delay_ms.to_string());
+        self.start_server(
+            pod,
+            &[
+                "http-serve",
+                "--name",
+                pod,
+                "--listen",
+                &listen,
+                "--status",
+                &status,
+                "--delay-ms",
+                &delay,
+            ],
+        )
+    }
+
     fn start_server(&self, pod: &str, args: &[&str]) -> Result<Process> {
         let p = self.pod(pod);
         let mut cmd = p.placement().command(&self.testapp)?;

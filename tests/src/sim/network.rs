@@ -230,17 +230,40 @@ pub fn drop_first_syn(ns: &str, port: u16) -> Result<()> {
     nft(ns, &rules)
 }
 
+/// Drops every SYN to `port` in namespace `ns`: connects to it hang (until the
+/// connecting side gives up), as to a host that has gone dark.
+pub fn drop_syns(ns: &str, port: u16) -> Result<()> {
+    ensure_nft()?;
+    let rules = format!(
+        "table inet nodemesh_sim_dark {{\n\
+         \tchain input {{\n\
+         \t\ttype filter hook input priority filter; policy accept;\n\
+         \t\ttcp dport {port} tcp flags & (syn | ack) == syn drop\n\
+         \t}}\n\
+         }}\n"
+    );
+    nft(ns, &rules)
+}
+
 impl super::SimCluster {
-    /// The first SYN of each connection to `pod`'s `port` is lost (see [`drop_first_syn`]).
-    pub fn drop_first_syn(&self, pod: &str, port: u16) -> Result<()> {
-        let ns = self
+    fn pod_netns_name(&self, pod: &str) -> Result<String> {
+        Ok(self
             .pod(pod)
             .netns
             .file_name()
             .and_then(|f| f.to_str())
             .context("pod namespace name")?
-            .to_string();
-        drop_first_syn(&ns, port)
+            .to_string())
+    }
+
+    /// Every SYN to `pod`'s `port` is lost (see [`drop_syns`]).
+    pub fn drop_syns(&self, pod: &str, port: u16) -> Result<()> {
+        drop_syns(&self.pod_netns_name(pod)?, port)
+    }
+
+    /// The first SYN of each connection to `pod`'s `port` is lost (see [`drop_first_syn`]).
+    pub fn drop_first_syn(&self, pod: &str, port: u16) -> Result<()> {
+        drop_first_syn(&self.pod_netns_name(pod)?, port)
     }
 
     /// A NodePort on `node`: its own address (`host_ipv4`/`host_ipv6`) at `node_port`

@@ -18,15 +18,25 @@ pub fn pool_line(limits: &PoolLimits, now: &Occupancy) -> String {
         now.pending_requests,
         limit(limits.max_pending_requests),
     );
-    let o = &now.overflows;
-    if o.requests + o.pending + o.connections > 0 {
+    if limits.max_retries.is_some() || now.active_retries > 0 {
         line.push_str(&format!(
-            ", overflowed: requests {} pending {} connections {}",
-            o.requests, o.pending, o.connections
+            " retries {}/{}",
+            now.active_retries,
+            limit(limits.max_retries)
+        ));
+    }
+    let o = &now.overflows;
+    if o.requests + o.pending + o.connections + o.retries > 0 {
+        line.push_str(&format!(
+            ", overflowed: requests {} pending {} connections {} retries {}",
+            o.requests, o.pending, o.connections, o.retries
         ));
     }
     if let Some(n) = limits.max_requests_per_connection {
         line.push_str(&format!(", {n} requests per connection"));
+    }
+    if let Some(n) = limits.max_concurrent_streams {
+        line.push_str(&format!(", {n} streams per HTTP/2 connection"));
     }
     line
 }
@@ -53,6 +63,21 @@ mod tests {
             "\n  pool (per node): requests 0/- connections 2/2 pending 3/4, 10 requests per connection"
         );
         now.overflows.pending = 5;
-        assert!(pool_line(&limits, &now).contains("overflowed: requests 0 pending 5 connections 0"));
+        assert!(pool_line(&limits, &now)
+            .contains("overflowed: requests 0 pending 5 connections 0 retries 0"));
+        let limits = PoolLimits {
+            max_retries: Some(3),
+            max_concurrent_streams: Some(8),
+            ..Default::default()
+        };
+        now.active_retries = 1;
+        now.overflows.retries = 2;
+        let line = pool_line(&limits, &now);
+        assert!(line.contains(" retries 1/3"), "{line}");
+        assert!(line.contains("retries 2"), "{line}");
+        assert!(
+            line.ends_with(", 8 streams per HTTP/2 connection"),
+            "{line}"
+        );
     }
 }

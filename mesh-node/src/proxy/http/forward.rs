@@ -5,11 +5,11 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{
-    header::{self, HeaderName, HeaderValue},
+    header::{self, HeaderValue},
     request::Parts,
-    HeaderMap, Method, Request, Response, StatusCode, Version,
+    HeaderMap, Request, Response, StatusCode, Version,
 };
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
@@ -20,21 +20,22 @@ use crate::{
     telemetry::connections::Security,
 };
 use crate::{
-    proxy::http::box_body, proxy::http::held::Held, proxy::http::mirror, proxy::http::upstream,
-    proxy::http::upstream::peer_of, proxy::http::upstream::upstream_request,
-    proxy::http::upstream::Protocol, proxy::http::upstream::SendOptions,
-    proxy::http::upstream::UpstreamError, proxy::http::ProxyBody, routing::balancer::Outcome,
-    routing::hash_key::KeyedRequest, routing::http::filters::authority,
-    routing::http::filters::RequestAction, routing::http::matching::PathMatch,
-    routing::http::routes::BackendTarget, routing::http::routes::Rule, routing::plan,
-    routing::plan::RequestPlan, routing::plan::RequestRefusal, routing::pool::Overflow,
-    routing::pool::RequestPermit, telemetry::outcome::ResponseFlags, telemetry::request::flags,
-    telemetry::request::LoggedBody, telemetry::request::RequestLog, telemetry::trace_context,
+    proxy::http::box_body, proxy::http::held::Held, proxy::http::message::is_idempotent,
+    proxy::http::message::is_upgrade, proxy::http::message::request_body,
+    proxy::http::message::strip_hop_by_hop, proxy::http::message::RequestBody, proxy::http::mirror,
+    proxy::http::pool::StreamSlot, proxy::http::upstream, proxy::http::upstream::peer_of,
+    proxy::http::upstream::upstream_request, proxy::http::upstream::Protocol,
+    proxy::http::upstream::SendOptions, proxy::http::upstream::UpstreamError,
+    proxy::http::ProxyBody, routing::balancer::Outcome, routing::hash_key::KeyedRequest,
+    routing::http::filters::authority, routing::http::filters::RequestAction,
+    routing::http::matching::PathMatch, routing::http::routes::BackendTarget,
+    routing::http::routes::Rule, routing::plan, routing::plan::RequestPlan,
+    routing::plan::RequestRefusal, routing::pool::Overflow, routing::pool::Pool,
+    routing::pool::RequestPermit, routing::pool::RetryPermit, telemetry::outcome::ResponseFlags,
+    telemetry::request::flags, telemetry::request::LoggedBody, telemetry::request::RequestLog,
+    telemetry::trace_context,
 };
 
-/// Request bodies up to this size are kept so a retry can resend them (and a mirror
-/// get a copy).
-const MAX_REPLAY_BODY: u64 = 64 * 1024;
 /// The longest wait between retries, whatever the backoff doubling reaches.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -58,6 +59,12 @@ enum Failure {
     Timeout,
     /// The destination's connection pool is full (circuit breaking): 503 `UO`.
     Overflow(Overflow),
+    /// The last attempt failed and its retry was not made because the destination's
+    /// `http.maxRetries` were outstanding: that failure's answer, flag `UO`.
+    RetryOverflow {
+        last: Box<Failure>,
+        overflow: Overflow,
+    },
 }
 
 impl Failure {
@@ -65,7 +72,8 @@ impl Failure {
         match self {
             Failure::Invalid(_)
             | Failure::Upstream(UpstreamError::Denied { .. })
-            | Failure::Overflow(_) => false,
+            | Failure::Overflow(_)
+            | Failure::RetryOverflow { .. } => false,
             Failure::NoEndpoint(_) => true,
             Failure::Upstream(e) => e.before_sending() || (replayable && idempotent),
             Failure::Timeout => replayable && idempotent,
@@ -97,67 +105,15 @@ impl Failure {
                 flags::UPSTREAM_OVERFLOW,
                 o.to_string(),
             ),
+            Failure::RetryOverflow { last, overflow } => {
+                let (status, _, text) = last.response();
+                (
+                    status,
+                    flags::UPSTREAM_OVERFLOW,
+                    format!("{text}; not retried: {overflow}"),
+                )
+            }
         }
-    }
-}
-
-/// The request body, kept when it may be sent more than once.
-enum RequestBody {
-    Replayable(Bytes),
-    Streaming(Option<Incoming>),
-}
-
-impl RequestBody {
-    fn take(&mut self) -> ProxyBody {
-        match self {
-            RequestBody::Replayable(b) => box_body(Full::new(b.clone())),
-            RequestBody::Streaming(b) => match b.take() {
-                Some(b) => box_body(b),
-                None => box_body(Empty::new()),
-            },
-        }
-    }
-}
-
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
-}
-
-fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11 && req.headers().contains_key(header::UPGRADE)
-}
-
-/// Removes headers that describe one hop's connection (RFC 9110 §7.6.1); an upgrade
-/// keeps `Connection: upgrade` and `Upgrade` so the backend can accept it.
-fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-        .filter(|n| !(keep_upgrade && *n == header::UPGRADE))
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for n in [
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-    ] {
-        headers.remove(n);
-    }
-    if keep_upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
     }
 }
 
@@ -212,6 +168,8 @@ struct Attempt {
     /// The request's place in its destination's connection pool, held until the
     /// response body ends.
     permit: Option<RequestPermit>,
+    /// Its stream on an HTTP/2 connection under `maxConcurrentStreams`, held as long.
+    stream: Option<StreamSlot>,
 }
 
 /// Sends one attempt to the next weighted backend of `rule`.
@@ -225,10 +183,13 @@ struct Exchange<'a> {
     upgrade: bool,
 }
 
+/// One attempt; `tried` is set to the connection pool of the backend it went to (None:
+/// its policy bounds nothing), against which a retry of it is counted.
 async fn attempt(
     x: &Exchange<'_>,
     body: &mut RequestBody,
     log: &mut RequestLog,
+    tried: &mut Option<Arc<Pool>>,
 ) -> Result<Attempt, Failure> {
     let Exchange {
         ctx,
@@ -238,6 +199,7 @@ async fn attempt(
         parts,
         upgrade,
     } = *x;
+    *tried = None;
     let keys = KeyedRequest {
         parts,
         src: frontend.src,
@@ -285,7 +247,8 @@ async fn attempt(
     } else {
         Protocol::Http1
     };
-    let permit = match ctx.pools.pool(&target.backend) {
+    *tried = ctx.pools.pool(&target.backend);
+    let permit = match tried {
         Some(pool) => Some(
             pool.request(protocol == Protocol::Http1)
                 .await
@@ -305,6 +268,7 @@ async fn attempt(
     let opts = SendOptions {
         upgrade,
         limits: target.backend.policy.connection_pool.unwrap_or_default(),
+        pool: tried.clone(),
     };
     let send = upstream::send(ctx, endpoint.addr, &peer, protocol, request, opts, &pick);
     let response = match rule.backend_timeout {
@@ -314,12 +278,16 @@ async fn attempt(
         })?,
         None => send.await,
     }
-    .map_err(|e| {
-        if let UpstreamError::Request { .. } = e {
-            pick.report(Outcome::Reset);
+    .map_err(|e| match e {
+        UpstreamError::Overflow(o) => Failure::Overflow(o),
+        e => {
+            if let UpstreamError::Request { .. } = e {
+                pick.report(Outcome::Reset);
+            }
+            Failure::Upstream(e)
         }
-        Failure::Upstream(e)
     })?;
+    let upstream::Sent { response, stream } = response;
     pick.report(Outcome::Http {
         status: response.status().as_u16(),
         latency: sent.elapsed(),
@@ -330,10 +298,15 @@ async fn attempt(
         backend: target.clone(),
         set_cookie,
         permit,
+        stream,
     })
 }
 
-/// Attempts until one succeeds, the retry policy is spent, or a failure is final.
+/// Attempts until one succeeds, the retry policy is spent, a failure is final, or the
+/// destination has `http.maxRetries` retries outstanding (the last attempt's answer
+/// stands, flag `UO`). A retry holds its permit from the decision, through the backoff,
+/// until its attempt has its answer; dropping this future (timeout, client gone)
+/// returns it.
 async fn attempts(
     x: &Exchange<'_>,
     mut body: RequestBody,
@@ -352,8 +325,12 @@ async fn attempts(
     let policy = rule.retry.as_ref().filter(|_| !upgrade);
     let mut retries_left = policy.map(|p| p.attempts).unwrap_or(0);
     let mut backoff = policy.map(|p| p.backoff).unwrap_or_default();
+    let mut tried = None;
+    let mut retrying: Option<RetryPermit> = None;
     loop {
-        let result = attempt(x, &mut body, log).await;
+        let result = attempt(x, &mut body, log, &mut tried).await;
+        // The retried attempt (if this was one) has its answer.
+        drop(retrying.take());
         let retry = match (&result, policy) {
             (_, None) => false,
             (Ok(a), Some(p)) => replayable && p.codes.contains(&a.response.status().as_u16()),
@@ -369,9 +346,31 @@ async fn attempts(
             }
             return result;
         }
+        if let Some(pool) = &tried {
+            match pool.retry() {
+                Ok(permit) => retrying = Some(permit),
+                Err(overflow) => {
+                    debug!(pod = %log.pod, %overflow, "retry not made");
+                    return match result {
+                        Ok(a) => {
+                            log.flags = flags::UPSTREAM_OVERFLOW;
+                            log.detail = format!("not retried: {overflow}");
+                            Ok(a)
+                        }
+                        Err(last) => Err(Failure::RetryOverflow {
+                            last: Box::new(last),
+                            overflow,
+                        }),
+                    };
+                }
+            }
+        }
         if let Err(Failure::Upstream(e)) = &result {
             debug!(pod = %log.pod, error = %e, "retrying");
         }
+        // This attempt is over: its response (and its place in the pool) goes now, not
+        // after the backoff.
+        drop(result);
         retries_left -= 1;
         log.retries += 1;
         ctx.metrics
@@ -408,26 +407,6 @@ fn splice_upgrade(
             Err(e) => crate::warn_limited!(%pod, error = %e, "protocol upgrade failed"),
         }
     });
-}
-
-async fn request_body(body: Incoming, parts: &Parts, keep: bool) -> Result<RequestBody, String> {
-    use http_body::Body as _;
-    let small = body.is_end_stream()
-        || body
-            .size_hint()
-            .exact()
-            .is_some_and(|n| n <= MAX_REPLAY_BODY);
-    if !(keep && small) {
-        return Ok(RequestBody::Streaming(Some(body)));
-    }
-    let collected = body.collect().await.map_err(|e| {
-        format!(
-            "reading the request body of {} {} failed: {e}",
-            parts.method,
-            parts.uri.path()
-        )
-    })?;
-    Ok(RequestBody::Replayable(collected.to_bytes()))
 }
 
 /// Serves one request of a downstream connection.
@@ -568,6 +547,7 @@ pub(crate) async fn handle(
             backend,
             set_cookie,
             permit,
+            stream,
         }) => {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 if let Some(down) = downstream_upgrade {
@@ -581,7 +561,7 @@ pub(crate) async fn handle(
                 response.headers_mut().append(header::SET_COOKIE, cookie);
             }
             let (parts, body) = response.into_parts();
-            let body = box_body(Held::new(box_body(body), permit));
+            let body = box_body(Held::new(box_body(body), permit, stream));
             Ok(logged(log, &ctx, Response::from_parts(parts, body)))
         }
         Err(failure) => {
@@ -594,27 +574,7 @@ pub(crate) async fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_are_removed_but_an_upgrade_keeps_its_own() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-private, upgrade"),
-        );
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert("x-app", HeaderValue::from_static("stays"));
-        let mut plain = h.clone();
-        strip_hop_by_hop(&mut plain, false);
-        assert_eq!(plain.len(), 1, "{plain:?}");
-        assert!(plain.contains_key("x-app"));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
-        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
-        assert!(!h.contains_key("x-private"));
-    }
+    use http_body_util::Empty;
 
     #[test]
     fn requests_keep_their_authority_in_both_protocols() {

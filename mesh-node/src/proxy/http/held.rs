@@ -1,6 +1,7 @@
-//! A response body that holds its request's connection-pool permit until the body has
-//! ended (or is dropped): an HTTP/1.1 connection is busy, and a request in flight,
-//! until its response has been read whole.
+//! A response body that holds its request's connection-pool permit (and its HTTP/2
+//! stream under `maxConcurrentStreams`) until the body has ended (or is dropped): an
+//! HTTP/1.1 connection is busy, a stream open, and a request in flight, until its
+//! response has been read whole.
 
 use std::{
     pin::Pin,
@@ -11,18 +12,27 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::{
-    proxy::http::{BoxError, ProxyBody},
+    proxy::http::{pool::StreamSlot, BoxError, ProxyBody},
     routing::pool::RequestPermit,
 };
 
 pub(crate) struct Held {
     body: ProxyBody,
     permit: Option<RequestPermit>,
+    stream: Option<StreamSlot>,
 }
 
 impl Held {
-    pub(crate) fn new(body: ProxyBody, permit: Option<RequestPermit>) -> Held {
-        Held { body, permit }
+    pub(crate) fn new(
+        body: ProxyBody,
+        permit: Option<RequestPermit>,
+        stream: Option<StreamSlot>,
+    ) -> Held {
+        Held {
+            body,
+            permit,
+            stream,
+        }
     }
 }
 
@@ -38,6 +48,7 @@ impl Body for Held {
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             this.permit = None;
+            this.stream = None;
         }
         polled
     }

@@ -172,9 +172,14 @@ async fn send(
     let opts = SendOptions {
         upgrade: false,
         limits: mirror.backend.policy.connection_pool.unwrap_or_default(),
+        pool: None,
     };
     match upstream::send(ctx, endpoint.addr, &peer, protocol, request, opts, &pick).await {
-        Ok(response) => {
+        // The stream (under maxConcurrentStreams) is held while the answer is read.
+        Ok(upstream::Sent {
+            response,
+            stream: _stream,
+        }) => {
             pick.report(Outcome::Http {
                 status: response.status().as_u16(),
                 latency: sent.elapsed(),

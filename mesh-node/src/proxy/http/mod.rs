@@ -5,6 +5,7 @@
 pub(crate) mod downstream;
 pub(crate) mod forward;
 pub(crate) mod held;
+pub(crate) mod message;
 pub(crate) mod mirror;
 pub(crate) mod pool;
 pub(crate) mod upstream;

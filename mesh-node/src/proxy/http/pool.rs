@@ -1,7 +1,10 @@
 //! One pod's kept-alive HTTP connections to backend endpoints: idle HTTP/1.1
-//! connections (one request at a time each) and one shared HTTP/2 connection per
-//! endpoint, each remembered with the authorization policies it was admitted under.
-//! Opening connections is `upstream`'s job; this only keeps them.
+//! connections (one request at a time each) and shared HTTP/2 connections, each
+//! remembered with the authorization policies it was admitted under. HTTP/2: one
+//! connection per endpoint, or, under a DestinationRule's `maxConcurrentStreams`, as
+//! many as it takes to keep each at that many streams in flight (a request takes a
+//! connection with a free stream, or has a new one opened); of those, at most one idle
+//! connection is kept. Opening connections is `upstream`'s job; this only keeps them.
 
 use std::{
     collections::HashMap,
@@ -11,6 +14,7 @@ use std::{
 };
 
 use hyper::client::conn;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
     discovery::{cluster::Objects, policy::AuthorizationPolicy},
@@ -63,11 +67,41 @@ pub(crate) struct Reuse {
     pub idle_timeout: Option<Duration>,
 }
 
+/// A stream in flight on an HTTP/2 connection bounded by `maxConcurrentStreams`,
+/// returned when dropped (when the response body has ended, or the request failed).
+#[derive(Debug)]
+pub(crate) struct StreamSlot(
+    // Held for its `Drop`.
+    #[allow(dead_code)] OwnedSemaphorePermit,
+);
+
+struct SharedHttp2 {
+    sender: conn::http2::SendRequest<ProxyBody>,
+    policies: Policies,
+    /// Its streams in flight at most (`maxConcurrentStreams`; None: no bound of ours,
+    /// the one connection per endpoint).
+    limit: Option<u32>,
+    /// Its free streams under `limit`.
+    streams: Arc<Semaphore>,
+}
+
+impl SharedHttp2 {
+    fn idle(&self) -> bool {
+        self.limit
+            .is_some_and(|l| self.streams.available_permits() >= l as usize)
+    }
+}
+
 /// One pod's reusable connections to backend endpoints.
 #[derive(Default)]
 pub(crate) struct UpstreamPool {
     http1: Mutex<HashMap<SocketAddr, Vec<IdleHttp1>>>,
-    http2: Mutex<HashMap<SocketAddr, (conn::http2::SendRequest<ProxyBody>, Policies)>>,
+    http2: Mutex<HashMap<SocketAddr, Vec<SharedHttp2>>>,
+}
+
+fn streams(limit: Option<u32>) -> Arc<Semaphore> {
+    let n = limit.map_or(0, |l| (l as usize).min(Semaphore::MAX_PERMITS));
+    Arc::new(Semaphore::new(n))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -120,28 +154,188 @@ impl UpstreamPool {
             list.retain(IdleHttp1::usable);
             !list.is_empty()
         });
-        lock(&self.http2).retain(|_, (s, _)| !s.is_closed());
+        lock(&self.http2).retain(|_, list| {
+            list.retain(|c| !c.sender.is_closed());
+            !list.is_empty()
+        });
     }
 
-    /// The shared HTTP/2 connection to `target`, if it is open and was admitted under
-    /// `policies`.
-    pub(crate) fn shared_http2(
+    /// A stream on a shared HTTP/2 connection to `target` admitted under `policies`:
+    /// the connection (None without a `limit` and its slot with one), or None when
+    /// there is no such connection or every one has `limit` streams in flight.
+    /// Connections of other policies or another limit are let go (their streams in
+    /// flight go on), and so are idle ones beyond the first.
+    pub(crate) fn http2_stream(
         &self,
         target: SocketAddr,
         policies: &Policies,
-    ) -> Option<conn::http2::SendRequest<ProxyBody>> {
-        let pool = lock(&self.http2);
-        let (sender, admitted) = pool.get(&target)?;
-        (!sender.is_closed() && same(admitted, policies)).then(|| sender.clone())
+        limit: Option<u32>,
+    ) -> Option<(conn::http2::SendRequest<ProxyBody>, Option<StreamSlot>)> {
+        let mut pool = lock(&self.http2);
+        let list = pool.get_mut(&target)?;
+        list.retain(|c| !c.sender.is_closed() && same(&c.policies, policies) && c.limit == limit);
+        let mut idle = 0;
+        list.retain(|c| {
+            let keep = !c.idle() || idle == 0;
+            idle += usize::from(c.idle());
+            keep
+        });
+        for c in list.iter() {
+            if c.limit.is_none() {
+                return Some((c.sender.clone(), None));
+            }
+            if let Ok(slot) = c.streams.clone().try_acquire_owned() {
+                return Some((c.sender.clone(), Some(StreamSlot(slot))));
+            }
+        }
+        None
     }
 
-    /// Makes `sender` the HTTP/2 connection to `target` that requests share.
+    /// Shares `sender`, a new HTTP/2 connection to `target`, and takes its first stream
+    /// (under `limit`). Without a limit it replaces the endpoint's connection.
     pub(crate) fn share_http2(
         &self,
         target: SocketAddr,
         sender: conn::http2::SendRequest<ProxyBody>,
         policies: Policies,
-    ) {
-        lock(&self.http2).insert(target, (sender, policies));
+        limit: Option<u32>,
+    ) -> Option<StreamSlot> {
+        let streams = streams(limit);
+        let slot = match limit {
+            Some(_) => Some(StreamSlot(streams.clone().try_acquire_owned().ok()?)),
+            None => None,
+        };
+        let mut pool = lock(&self.http2);
+        let list = pool.entry(target).or_default();
+        if limit.is_none() {
+            list.clear();
+        }
+        list.push(SharedHttp2 {
+            sender,
+            policies,
+            limit,
+            streams,
+        });
+        slot
+    }
+
+    /// HTTP/2 connections kept to `target` (tests).
+    #[cfg(test)]
+    pub(crate) fn http2_connections(&self, target: SocketAddr) -> usize {
+        lock(&self.http2).get(&target).map_or(0, Vec::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper::{service::service_fn, Request, Response};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::proxy::http::box_body;
+
+    /// An HTTP/2 server on loopback answering every request at once.
+    async fn server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let ok = service_fn(|_r| async {
+                        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), ok)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn connect(addr: SocketAddr) -> conn::http2::SendRequest<ProxyBody> {
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (sender, connection) = conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        sender
+    }
+
+    async fn get(sender: &mut conn::http2::SendRequest<ProxyBody>) -> u16 {
+        let request = Request::builder()
+            .uri("http://web/")
+            .version(http::Version::HTTP_2)
+            .body(box_body(Empty::<Bytes>::new()))
+            .unwrap();
+        sender
+            .send_request(request)
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    #[tokio::test]
+    async fn max_concurrent_streams_takes_a_connection_with_room_or_asks_for_another() {
+        let addr = server().await;
+        let pool = UpstreamPool::default();
+        let policies = Policies::default();
+        let limit = Some(2);
+        assert!(pool.http2_stream(addr, &policies, limit).is_none());
+        let first = pool
+            .share_http2(addr, connect(addr).await, policies.clone(), limit)
+            .expect("the opener holds the first stream");
+        let (mut sender, second) = pool.http2_stream(addr, &policies, limit).unwrap();
+        assert!(second.is_some());
+        assert_eq!(get(&mut sender).await, 200);
+        // Two in flight on it: a third request needs another connection.
+        assert!(pool.http2_stream(addr, &policies, limit).is_none());
+        let third = pool.share_http2(addr, connect(addr).await, policies.clone(), limit);
+        assert!(third.is_some());
+        assert_eq!(pool.http2_connections(addr), 2);
+        let (_, fourth) = pool.http2_stream(addr, &policies, limit).unwrap();
+        assert!(pool.http2_stream(addr, &policies, limit).is_none());
+        // A stream ends: its connection has room again.
+        drop(first);
+        let (mut sender, fifth) = pool.http2_stream(addr, &policies, limit).unwrap();
+        assert!(fifth.is_some());
+        assert_eq!(get(&mut sender).await, 200);
+        // All streams end: of the idle connections one is kept.
+        drop((second, third, fourth, fifth));
+        let again = pool.http2_stream(addr, &policies, limit).unwrap();
+        assert_eq!(pool.http2_connections(addr), 1);
+        drop(again);
+        // Another limit (the DestinationRule changed): the old connections go.
+        assert!(pool.http2_stream(addr, &policies, Some(5)).is_none());
+        assert_eq!(pool.http2_connections(addr), 0);
+    }
+
+    #[tokio::test]
+    async fn without_a_limit_requests_share_one_connection_per_endpoint() {
+        let addr = server().await;
+        let pool = UpstreamPool::default();
+        let policies = Policies::default();
+        assert!(pool
+            .share_http2(addr, connect(addr).await, policies.clone(), None)
+            .is_none());
+        for _ in 0..10 {
+            let (mut sender, slot) = pool.http2_stream(addr, &policies, None).unwrap();
+            assert!(slot.is_none());
+            assert_eq!(get(&mut sender).await, 200);
+        }
+        assert!(pool
+            .share_http2(addr, connect(addr).await, policies.clone(), None)
+            .is_none());
+        assert_eq!(pool.http2_connections(addr), 1);
+        // Other policies: not reused.
+        assert!(pool
+            .http2_stream(addr, &Policies::default(), None)
+            .is_none());
     }
 }

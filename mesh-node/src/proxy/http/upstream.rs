@@ -1,11 +1,12 @@
 //! HTTP connections from one pod to backend endpoints: over HBONE when the endpoint is
 //! a meshed pod, plain TCP otherwise; kept alive and reused (HTTP/1.1: one request at a
-//! time per connection; HTTP/2: one shared connection per endpoint).
+//! time per connection; HTTP/2: shared connections, see `pool`).
 
 use std::{
     io,
     net::SocketAddr,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Instant,
 };
@@ -22,11 +23,13 @@ use tokio::{
 use tracing::debug;
 
 use crate::{
-    discovery::cluster::ClusterState, discovery::connection_pool::PoolLimits,
-    hbone::client::HboneError, hbone::io::H2Io, identity::Identity, proxy::http::pool::Http1Conn,
-    proxy::http::pool::Policies, proxy::http::pool::Reuse, proxy::pod::hbone_outcome,
+    capture::sockets::set_keepalive, discovery::cluster::ClusterState,
+    discovery::connection_pool::PoolLimits, hbone::client::HboneError, hbone::io::H2Io,
+    identity::Identity, proxy::http::pool::Http1Conn, proxy::http::pool::Policies,
+    proxy::http::pool::Reuse, proxy::http::pool::StreamSlot, proxy::pod::hbone_outcome,
     proxy::pod::PodContext, routing::balancer::Outcome, routing::balancer::Pick,
-    routing::plan::Endpoint, telemetry::connections::Security,
+    routing::plan::Endpoint, routing::pool::Overflow, routing::pool::Pool,
+    telemetry::connections::Security,
 };
 use crate::{proxy::http::ProxyBody, routing::http::filters::Filters};
 
@@ -52,6 +55,10 @@ pub(crate) enum UpstreamError {
         target: SocketAddr,
         source: hyper::Error,
     },
+    /// Every HTTP/2 connection to the endpoint has `maxConcurrentStreams` in flight and
+    /// the destination's `tcp.maxConnections` are open.
+    #[error(transparent)]
+    Overflow(Overflow),
 }
 
 impl UpstreamError {
@@ -136,11 +143,21 @@ pub(crate) fn peer_of(state: &ClusterState, endpoint: &Endpoint) -> Peer {
 }
 
 /// How one request is sent: an upgrade gets a connection of its own; the destination's
-/// connection pool settings (DestinationRule) shape the connections.
-#[derive(Debug, Clone, Copy, Default)]
+/// connection pool settings (DestinationRule) shape the connections, and its node-wide
+/// pool (when it bounds anything) gives HTTP/2 connections opened under
+/// `maxConcurrentStreams` their `tcp.maxConnections` slots.
+#[derive(Clone, Default)]
 pub(crate) struct SendOptions {
     pub upgrade: bool,
     pub limits: PoolLimits,
+    pub pool: Option<Arc<Pool>>,
+}
+
+/// A response, and the HTTP/2 stream it holds under `maxConcurrentStreams` (to be held
+/// until its body has ended).
+pub(crate) struct Sent {
+    pub response: Response<Incoming>,
+    pub stream: Option<StreamSlot>,
 }
 
 impl SendOptions {
@@ -149,27 +166,6 @@ impl SendOptions {
             max_requests: self.limits.max_requests_per_connection,
             idle_timeout: self.limits.idle_timeout,
         }
-    }
-}
-
-/// SO_KEEPALIVE on an upstream socket (`tcp.tcpKeepalive`); a failure only loses the
-/// probes, so it is logged, not fatal.
-fn keepalive(tcp: &TcpStream, limits: &PoolLimits) {
-    let Some(k) = limits.tcp_keepalive else {
-        return;
-    };
-    let mut ka = socket2::TcpKeepalive::new();
-    if let Some(t) = k.time_secs {
-        ka = ka.with_time(std::time::Duration::from_secs(t));
-    }
-    if let Some(i) = k.interval_secs {
-        ka = ka.with_interval(std::time::Duration::from_secs(i));
-    }
-    if let Some(p) = k.probes {
-        ka = ka.with_retries(p);
-    }
-    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
-        debug!(error = %e, "setting TCP keepalive on an upstream socket failed");
     }
 }
 
@@ -185,7 +181,14 @@ async fn open_transport(
             let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
             let (send, recv) = mesh
                 .hbone
-                .open(&ctx.sockets, &ctx.identity, destination, hbone_addr, target)
+                .open(
+                    &ctx.sockets,
+                    &ctx.identity,
+                    destination,
+                    hbone_addr,
+                    target,
+                    limits,
+                )
                 .await
                 .map_err(|e| {
                     if let Some(outcome) = hbone_outcome(&e) {
@@ -210,7 +213,9 @@ async fn open_transport(
                     reason: e.to_string(),
                 }
             })?;
-            keepalive(&tcp, limits);
+            if let Some(k) = &limits.tcp_keepalive {
+                set_keepalive(&tcp, k);
+            }
             Ok(Transport::Tcp(tcp))
         }
     }
@@ -256,17 +261,26 @@ async fn new_http1(
     Ok(sender)
 }
 
+/// A stream to `target` on a shared HTTP/2 connection with room for it, or on a new
+/// one. Under `maxConcurrentStreams`, each connection opened holds a slot of the
+/// destination's `tcp.maxConnections` while it is open; none free is an overflow.
 async fn http2(
     ctx: &PodContext,
     target: SocketAddr,
     peer: &Peer,
     policies: &Policies,
     pick: &Pick,
-    limits: &PoolLimits,
-) -> Result<conn::http2::SendRequest<ProxyBody>, UpstreamError> {
-    if let Some(sender) = ctx.http_upstreams.shared_http2(target, policies) {
-        return Ok(sender);
+    opts: &SendOptions,
+) -> Result<(conn::http2::SendRequest<ProxyBody>, Option<StreamSlot>), UpstreamError> {
+    let limits = &opts.limits;
+    let limit = limits.max_concurrent_streams;
+    if let Some(found) = ctx.http_upstreams.http2_stream(target, policies, limit) {
+        return Ok(found);
     }
+    let slot = match (&opts.pool, limit) {
+        (Some(pool), Some(_)) => Some(pool.connection().map_err(UpstreamError::Overflow)?),
+        _ => None,
+    };
     ctx.http_upstreams.prune();
     let started = Instant::now();
     let io = TokioIo::new(open_transport(ctx, target, peer, pick, limits).await?);
@@ -277,20 +291,24 @@ async fn http2(
         started,
     )?;
     tokio::spawn(async move {
+        // The connection's place in the pool, given back when it closes.
+        let _slot = slot;
         if let Err(e) = connection.await {
             debug!(%target, error = %e, "upstream HTTP/2 connection ended");
         }
     });
-    ctx.http_upstreams
-        .share_http2(target, sender.clone(), policies.clone());
-    Ok(sender)
+    let stream = ctx
+        .http_upstreams
+        .share_http2(target, sender.clone(), policies.clone(), limit);
+    Ok((sender, stream))
 }
 
 /// Sends `request` to `target`, reusing a connection when one is free. A request a
 /// reused connection could not take (the backend closed it meanwhile) goes out once
 /// more on a new connection. Upgrade requests always get their own connection. A new
 /// connection's outcome (connected or not) is reported to `pick`. An HTTP/1.1
-/// connection that has carried `maxRequestsPerConnection` requests is closed.
+/// connection that has carried `maxRequestsPerConnection` requests is closed; an
+/// HTTP/2 request under `maxConcurrentStreams` holds its stream in what it returns.
 pub(crate) async fn send(
     ctx: &PodContext,
     target: SocketAddr,
@@ -299,13 +317,18 @@ pub(crate) async fn send(
     request: Request<ProxyBody>,
     opts: SendOptions,
     pick: &Pick,
-) -> Result<Response<Incoming>, UpstreamError> {
+) -> Result<Sent, UpstreamError> {
     let failed = |source| UpstreamError::Request { target, source };
     let policies = peer.policies.clone();
     if protocol == Protocol::Http2 {
-        let mut sender = http2(ctx, target, peer, &policies, pick, &opts.limits).await?;
-        return sender.send_request(request).await.map_err(failed);
+        let (mut sender, stream) = http2(ctx, target, peer, &policies, pick, &opts).await?;
+        let response = sender.send_request(request).await.map_err(failed)?;
+        return Ok(Sent { response, stream });
     }
+    let sent = |response| Sent {
+        response,
+        stream: None,
+    };
     let mut request = request;
     if !opts.upgrade {
         while let Some(mut conn) = ctx.http_upstreams.idle_http1(target, &policies) {
@@ -314,7 +337,7 @@ pub(crate) async fn send(
                     conn.served = conn.served.saturating_add(1);
                     ctx.http_upstreams
                         .release_http1(target, conn, policies, opts.reuse());
-                    return Ok(response);
+                    return Ok(sent(response));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => request = unsent,
@@ -331,7 +354,7 @@ pub(crate) async fn send(
         ctx.http_upstreams
             .release_http1(target, conn, policies, opts.reuse());
     }
-    Ok(response)
+    Ok(sent(response))
 }
 
 /// The request as a backend receives it (one attempt, or a mirrored copy): `authority`
