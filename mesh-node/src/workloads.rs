@@ -593,6 +593,11 @@ impl Workloads {
             note(&l);
             tasks.push(tokio::spawn(outbound::serve(l, ctx.clone())));
         }
+        // Kept-alive upstream connections idle past their idle timeout are closed.
+        tasks.push(tokio::spawn(crate::proxy::http::pool::close_idle(
+            Arc::downgrade(&ctx),
+            |ctx: &PodContext| &ctx.http_upstreams,
+        )));
         for l in [inbound4, inbound6].into_iter().flatten() {
             note(&l);
             tasks.push(tokio::spawn(inbound::serve(l, ctx.clone())));

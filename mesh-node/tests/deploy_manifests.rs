@@ -169,7 +169,7 @@ fn every_manifest_parses_into_its_typed_object() {
     assert_eq!(count(|o| matches!(o, Object::Deployment(_))), 5);
     assert_eq!(count(|o| matches!(o, Object::HttpRoute(_))), 1);
     assert_eq!(count(|o| matches!(o, Object::AuthorizationPolicy(_))), 1);
-    assert_eq!(count(|o| matches!(o, Object::Crd(_))), 3);
+    assert_eq!(count(|o| matches!(o, Object::Crd(_))), 4);
     assert!(files.len() >= 10, "{files:?}");
 }
 

@@ -136,9 +136,17 @@ fn destination_rule_a_failing_endpoint_is_ejected_gets_nothing_and_comes_back_fo
     let web3 = endpoint(&cluster, "web-3");
 
     // Round-robin over 3: web-3 answers 500 to its 3rd request of 9, and is ejected.
+    let started = Instant::now();
     let first = requests(&cluster, 9);
     assert_eq!(served(&first, "web-3"), 3, "{first:?}");
     let ejected_at = Instant::now();
+    // The figure: what clients saw between web-3's first failure and its ejection.
+    assert_eq!(first.statuses.get(&500), Some(&3), "{first:?}");
+    eprintln!(
+        "web-3 ejected after {} failed requests, within {:?} of the first request",
+        first.statuses.get(&500).unwrap_or(&0),
+        ejected_at - started
+    );
     let state = outliers(&cluster);
     let left = ejected_for_ms(&state[&web3]).expect("web-3 is ejected");
     assert!((1000..=2100).contains(&left), "ejected for {left}ms more");

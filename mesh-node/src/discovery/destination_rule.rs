@@ -213,20 +213,7 @@ pub struct ClientTlsSettings {
 
 /// The CRD, served at every version of [`VERSIONS`] with one schema, stored as v1.
 pub fn crd() -> CustomResourceDefinition {
-    let mut crd = DestinationRule::crd();
-    if let Some(v1) = crd.spec.versions.first().cloned() {
-        crd.spec.versions = VERSIONS
-            .iter()
-            .map(|name| {
-                let mut v = v1.clone();
-                v.name = (*name).to_string();
-                v.served = true;
-                v.storage = *name == "v1";
-                v
-            })
-            .collect();
-    }
-    crd
+    crate::discovery::crd_versions::at_versions(DestinationRule::crd(), &VERSIONS)
 }
 
 #[cfg(test)]

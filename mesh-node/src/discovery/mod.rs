@@ -6,6 +6,7 @@ pub mod apiserver;
 pub mod cluster;
 pub mod connection_pool;
 pub mod consistent_hash;
+pub(crate) mod crd_versions;
 pub mod destination_rule;
 pub(crate) mod duration;
 pub(crate) mod enrollment;

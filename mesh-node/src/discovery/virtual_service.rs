@@ -356,16 +356,7 @@ pub struct RouteDestination {
 pub fn crd(
 ) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
     use kube::CustomResourceExt;
-    let mut crd = VirtualService::crd();
-    if let Some(stored) = crd.spec.versions.first().cloned() {
-        for version in VERSIONS.iter().skip(1) {
-            let mut v = stored.clone();
-            v.name = (*version).to_string();
-            v.storage = false;
-            crd.spec.versions.push(v);
-        }
-    }
-    crd
+    crate::discovery::crd_versions::at_versions(VirtualService::crd(), &VERSIONS)
 }
 
 impl VirtualServiceSpec {

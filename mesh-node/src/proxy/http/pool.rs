@@ -25,6 +25,9 @@ use crate::{
 const MAX_IDLE_PER_ENDPOINT: usize = 32;
 /// An idle connection older than this is closed rather than reused.
 const IDLE_EXPIRY: Duration = Duration::from_secs(60);
+/// How often a pod's idle connections are looked at: one idle past its expiry is
+/// closed within this much more (`http.idleTimeout`).
+pub(crate) const IDLE_SWEEP: Duration = Duration::from_secs(1);
 
 /// The authorization policies a connection was admitted under. The destination
 /// checks policy when a tunnel opens, so a kept-alive connection is reused only while
@@ -219,10 +222,31 @@ impl UpstreamPool {
         slot
     }
 
+    /// Idle HTTP/1.1 connections kept to `target` (tests).
+    #[cfg(test)]
+    pub(crate) fn idle_http1_connections(&self, target: SocketAddr) -> usize {
+        lock(&self.http1).get(&target).map_or(0, Vec::len)
+    }
+
     /// HTTP/2 connections kept to `target` (tests).
     #[cfg(test)]
     pub(crate) fn http2_connections(&self, target: SocketAddr) -> usize {
         lock(&self.http2).get(&target).map_or(0, Vec::len)
+    }
+}
+
+/// Closes `pool`'s idle connections once past their idle timeout, every
+/// [`IDLE_SWEEP`], for as long as the pool exists (`pool` is its owner's).
+pub(crate) async fn close_idle<T: Send + Sync + 'static>(
+    owner: std::sync::Weak<T>,
+    pool: fn(&T) -> &UpstreamPool,
+) {
+    loop {
+        tokio::time::sleep(IDLE_SWEEP).await;
+        let Some(owner) = owner.upgrade() else {
+            return;
+        };
+        pool(&owner).prune();
     }
 }
 
@@ -337,5 +361,73 @@ mod tests {
         assert!(pool
             .http2_stream(addr, &Policies::default(), None)
             .is_none());
+    }
+
+    /// An HTTP/1.1 server on loopback answering every request at once; the number of
+    /// its connections that have ended.
+    async fn http1_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = ended.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let ok = service_fn(|_r| async {
+                        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), ok)
+                        .await;
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, ended)
+    }
+
+    #[tokio::test]
+    async fn an_idle_http1_connection_is_closed_by_the_sweep_once_past_its_idle_timeout() {
+        let (addr, ended) = http1_server().await;
+        let pool = Arc::new(UpstreamPool::default());
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut sender, connection) = conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .uri("/")
+            .header("host", "web")
+            .body(box_body(Empty::<Bytes>::new()))
+            .unwrap();
+        assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
+        let reuse = Reuse {
+            max_requests: None,
+            idle_timeout: Some(Duration::from_millis(200)),
+        };
+        pool.release_http1(
+            addr,
+            Http1Conn { sender, served: 1 },
+            Policies::default(),
+            reuse,
+        );
+        assert_eq!(pool.idle_http1_connections(addr), 1);
+        let sweep = tokio::spawn(close_idle(Arc::downgrade(&pool), |p| p));
+        // Nobody asks the pool for a connection: the sweep alone closes it, within
+        // the idle timeout and one sweep.
+        let started = Instant::now();
+        while ended.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(
+                started.elapsed() < Duration::from_millis(200) + IDLE_SWEEP * 2,
+                "the idle connection is still open"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(pool.idle_http1_connections(addr), 0);
+        // The sweep ends with its pool.
+        drop(pool);
+        tokio::time::timeout(IDLE_SWEEP * 3, sweep)
+            .await
+            .expect("the sweep outlives its pool")
+            .unwrap();
     }
 }
