@@ -155,7 +155,8 @@ async fn send(
 ) -> MirrorOutcome {
     // The mirror backend's request limits, as for any request to it (the overflow is
     // counted by the pool, for the mirror's Service).
-    let _permit = match ctx.pools.pool(&mirror.backend) {
+    let pool = ctx.pools.pool(&mirror.backend);
+    let _permit = match &pool {
         Some(pool) => match pool.request(protocol == Protocol::Http1).await {
             Ok(permit) => Some(permit),
             Err(_) => return MirrorOutcome::PoolOverflow,
@@ -168,11 +169,12 @@ async fn send(
     };
     let peer = peer_of(state, &endpoint);
     let sent = tokio::time::Instant::now();
-    // The mirror's own connection settings apply (its DestinationRule's reuse limits).
+    // The mirror's own connection settings apply (its DestinationRule's reuse limits,
+    // and a new HTTP/2 connection takes a place under its tcp.maxConnections).
     let opts = SendOptions {
         upgrade: false,
         limits: mirror.backend.policy.connection_pool.unwrap_or_default(),
-        pool: None,
+        pool,
     };
     match upstream::send(ctx, endpoint.addr, &peer, protocol, request, opts, &pick).await {
         // The stream (under maxConcurrentStreams) is held while the answer is read.
