@@ -35,3 +35,14 @@ pub enum CrdKind {
     VirtualService,
     PeerAuthentication,
 }
+
+/// Writes `text` to standard output. A reader that went away (`... | head`) ends the
+/// output quietly, as other command-line tools do.
+pub fn write_stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}

@@ -68,13 +68,16 @@ fn main() -> ExitCode {
                     mesh_node::discovery::peer_authentication::crd()
                 }
             };
-            match serde_yaml::to_string(&crd) {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
+            let written = serde_yaml::to_string(&crd)
+                .map_err(|e| format!("cannot render the CRD: {e}"))
+                .and_then(|text| {
+                    mesh_node::cli::write_stdout(&text)
+                        .map_err(|e| format!("cannot write the CRD: {e}"))
+                });
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("mesh-node: cannot render the CRD: {e}");
+                    eprintln!("mesh-node: {e}");
                     ExitCode::FAILURE
                 }
             }

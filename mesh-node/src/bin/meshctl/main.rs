@@ -182,13 +182,8 @@ fn request_of(args: &NodeArgs) -> (Method, String) {
 /// Writes `text` and a newline to stdout. A reader that went away (`meshctl ... |
 /// head`) ends the output quietly, as other command-line tools do.
 fn print_out(text: &str) -> Result<(), String> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match writeln!(out, "{}", text.trim_end()).and_then(|()| out.flush()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(format!("cannot write the output: {e}")),
-    }
+    mesh_node::cli::write_stdout(&format!("{}\n", text.trim_end()))
+        .map_err(|e| format!("cannot write the output: {e}"))
 }
 
 fn print_structured(value: &Value, output: Output) -> Result<(), String> {
