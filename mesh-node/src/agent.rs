@@ -298,6 +298,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
                 metrics.route_config_problems.clone(),
             )),
             limits: config.pod_limits(),
+            jwt: crate::identity::jwt::JwtAuthenticator::new(),
         },
         home.clone(),
         dataplane.clone(),

@@ -94,6 +94,8 @@ pub(crate) struct ProxySettings {
     pub http_routes: Arc<crate::routing::http::routes::RouteCache>,
     /// Bounds of each pod's proxying.
     pub limits: crate::limits::PodLimits,
+    /// Request authentication (JWT) for the node's workloads.
+    pub jwt: Arc<crate::identity::jwt::JwtAuthenticator>,
 }
 
 struct RunningPod {
@@ -581,6 +583,7 @@ impl Workloads {
             budget: crate::limits::PodBudget::new(&self.settings.limits, &self.metrics),
             limits: self.settings.limits,
             mirrors: Default::default(),
+            jwt: self.settings.jwt.clone(),
         });
         let mut listeners = Vec::new();
         let mut tasks = Vec::new();

@@ -270,6 +270,7 @@ fn trace_view(
                             policy,
                             detail,
                         },
+                        Admission::Http { policies } => AdmissionView::Http { policies },
                     }),
                     note: c.inbound.note,
                 },

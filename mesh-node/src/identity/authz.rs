@@ -4,15 +4,58 @@
 //! matches; no policy means allow. A plaintext source has no identity, so only rules
 //! without `from` (any source) can match it. A policy with no rules matches nothing.
 
+use std::net::{IpAddr, SocketAddr};
+
 use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 
 use crate::{
     discovery::cluster::ClusterState, discovery::policy::AuthorizationPolicy,
     discovery::policy::PolicyAction, discovery::policy::PolicyRule,
-    discovery::policy::PolicySource, identity::Identity, keys::ObjectKey,
-    telemetry::outcome::RefusalReason,
+    discovery::policy::PolicySource, identity::jwt::RequestAuth, identity::Identity,
+    keys::ObjectKey, telemetry::outcome::RefusalReason,
 };
+
+/// What a decision knows of a connection to a local pod: Istio's `source.*` and
+/// `destination.*` attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionFacts {
+    /// `source.ip` (`ipBlocks`; `remoteIpBlocks` too: no proxy in front forwards one).
+    pub source_ip: IpAddr,
+    /// The peer's mTLS identity (`source.principal`, `source.namespace`); None:
+    /// plaintext, captured on 15006.
+    pub peer: Option<Identity>,
+    /// `destination.ip` and `destination.port`: the pod address the client asked for.
+    pub destination: SocketAddr,
+}
+
+/// What a decision knows of one HTTP request on such a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub method: &'a str,
+    /// The path without the query (Istio's `paths` match it).
+    pub path: &'a str,
+    /// `:authority` or `Host` (Istio's `hosts`), as sent.
+    pub host: &'a str,
+    pub headers: &'a http::HeaderMap,
+    /// The request's valid JWT, if any (`requestPrincipals`, `request.auth.*`).
+    pub auth: Option<&'a RequestAuth>,
+}
+
+/// The decision on one HTTP request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RequestVerdict {
+    pub allowed: bool,
+    /// The policy that decided (`<ns>/<name>`): the DENY or ALLOW that matched; None
+    /// when no policy selects the pod, or when ALLOW policies select it and none matched.
+    pub policy: Option<String>,
+    /// The index of the deciding rule in that policy.
+    pub rule: Option<usize>,
+    /// Why, in words, for logs and `meshctl node trace`.
+    pub detail: String,
+    /// AUDIT policies that matched (logged, never decide).
+    pub audited: Vec<String>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "verdict", rename_all = "snake_case")]
@@ -137,6 +180,41 @@ pub enum Admission {
         policy: Option<String>,
         detail: String,
     },
+    /// Policies with HTTP attributes (or a RequestAuthentication) select this pod and
+    /// port: the connection is served as HTTP and each request judged by
+    /// [`authorize_request`]; anything that is not HTTP is refused.
+    Http {
+        /// The policies that made it so.
+        policies: Vec<String>,
+    },
+}
+
+/// The decision on one request to the local pod `dest` on a connection `conn`.
+pub fn authorize_request(
+    state: &ClusterState,
+    dest: &ObjectKey,
+    conn: &ConnectionFacts,
+    _request: &RequestFacts<'_>,
+) -> RequestVerdict {
+    match authorize(state, dest, conn.destination.port(), conn.peer.as_ref()) {
+        Verdict::Allow { policy } => RequestVerdict {
+            allowed: true,
+            detail: match &policy {
+                Some(p) => format!("allowed by {p}"),
+                None => "allowed: no policy denies it".into(),
+            },
+            policy,
+            rule: None,
+            audited: vec![],
+        },
+        Verdict::Deny { policy, reason } => RequestVerdict {
+            allowed: false,
+            policy,
+            rule: None,
+            detail: reason,
+            audited: vec![],
+        },
+    }
 }
 
 /// The inbound decision for a connection to `port` of the pod `dest` from `peer`
@@ -144,12 +222,8 @@ pub enum Admission {
 /// is STRICT ([`ClusterState::mtls_mode`]: PeerAuthentication or the namespace label)
 /// is refused before any policy is consulted; PERMISSIVE and DISABLE take it. The
 /// listeners and `meshctl node trace` both ask this.
-pub fn admit(
-    state: &ClusterState,
-    dest: &ObjectKey,
-    port: u16,
-    peer: Option<&Identity>,
-) -> Admission {
+pub fn admit(state: &ClusterState, dest: &ObjectKey, conn: &ConnectionFacts) -> Admission {
+    let (port, peer) = (conn.destination.port(), conn.peer.as_ref());
     if peer.is_none() {
         let mtls = state.mtls_mode(dest, port);
         if mtls.mode.refuses_plaintext() {
@@ -205,23 +279,34 @@ impl Revocation {
 pub async fn revoked(
     mut state: tokio::sync::watch::Receiver<std::sync::Arc<ClusterState>>,
     dest: ObjectKey,
-    port: u16,
-    peer: Option<Identity>,
+    conn: ConnectionFacts,
 ) -> Revocation {
     loop {
         let snapshot = state.borrow_and_update().clone();
         if snapshot.pods.contains_key(&dest) {
-            if let Admission::Refuse {
-                reason,
-                policy,
-                detail,
-            } = admit(&snapshot, &dest, port, peer.as_ref())
-            {
-                return Revocation {
+            match admit(&snapshot, &dest, &conn) {
+                Admission::Refuse {
                     reason,
                     policy,
                     detail,
-                };
+                } => {
+                    return Revocation {
+                        reason,
+                        policy,
+                        detail,
+                    }
+                }
+                // A relayed byte stream cannot be judged per request.
+                Admission::Http { policies } => {
+                    return Revocation {
+                        reason: RefusalReason::PolicyDenied,
+                        policy: policies.first().cloned(),
+                        detail: "policies with HTTP attributes now select this port: \
+                                 the connection must be made again to be judged per request"
+                            .into(),
+                    }
+                }
+                Admission::Allow { .. } => {}
             }
         }
         if state.changed().await.is_err() {
@@ -243,6 +328,14 @@ mod tests {
 
     fn id(ns: &str, sa: &str) -> Identity {
         Identity::new("cluster.local", ns, sa)
+    }
+
+    fn facts(port: u16, peer: Option<Identity>) -> ConnectionFacts {
+        ConnectionFacts {
+            source_ip: "10.0.0.9".parse().unwrap(),
+            peer,
+            destination: SocketAddr::new("10.0.0.1".parse().unwrap(), port),
+        }
     }
 
     fn verdict(s: &ClusterState, port: u16, peer: Option<&Identity>) -> bool {
@@ -307,19 +400,19 @@ mod tests {
         let s = state(strict);
         let server = ObjectKey::new("apps", "server");
         assert!(matches!(
-            admit(&s, &server, 8080, None),
+            admit(&s, &server, &facts(8080, None)),
             Admission::Refuse {
                 reason: RefusalReason::StrictMtlsPlaintext,
                 ..
             }
         ));
         assert_eq!(
-            admit(&s, &server, 8080, Some(&id("apps", "client"))),
+            admit(&s, &server, &facts(8080, Some(id("apps", "client")))),
             Admission::Allow { policy: None }
         );
         let s = state(ALLOW_CLIENT);
         assert!(matches!(
-            admit(&s, &server, 8080, None),
+            admit(&s, &server, &facts(8080, None)),
             Admission::Refuse {
                 reason: RefusalReason::PolicyDenied,
                 ..
@@ -349,7 +442,7 @@ mod tests {
         let revoked = |peer| {
             let rx = rx.clone();
             let dest = dest.clone();
-            tokio::spawn(async move { revoked(rx, dest, 8080, Some(peer)).await })
+            tokio::spawn(async move { revoked(rx, dest, facts(8080, Some(peer))).await })
         };
         let client = revoked(id("apps", "client"));
         let other = revoked(id("apps", "other"));
@@ -385,7 +478,7 @@ mod tests {
         let dest = ObjectKey::new("apps", "server");
         let watch = |port| {
             let (rx, dest) = (rx.clone(), dest.clone());
-            tokio::spawn(async move { revoked(rx, dest, port, None).await })
+            tokio::spawn(async move { revoked(rx, dest, facts(port, None)).await })
         };
         let (web, admin) = (watch(8080), watch(9090));
         tokio::task::yield_now().await;

@@ -4,6 +4,7 @@ pub mod authz;
 pub mod ca;
 pub(crate) mod cert_cache;
 pub(crate) mod certificates;
+pub mod jwt;
 pub mod pem;
 pub mod spiffe;
 pub(crate) mod workload_certificate;

@@ -9,9 +9,9 @@ use tracing::debug;
 
 use crate::{
     discovery::cluster::canonical, identity::authz, identity::authz::admit,
-    identity::authz::Admission, proxy::pod::accept_loop, proxy::pod::connect_in_pod,
-    proxy::pod::refuse, proxy::pod::reset, proxy::pod::PodContext, relay::relay,
-    telemetry::connections::ConnectionInfo, telemetry::connections::Direction,
+    identity::authz::Admission, identity::authz::ConnectionFacts, proxy::pod::accept_loop,
+    proxy::pod::connect_in_pod, proxy::pod::refuse, proxy::pod::reset, proxy::pod::PodContext,
+    relay::relay, telemetry::connections::ConnectionInfo, telemetry::connections::Direction,
     telemetry::outcome::ConnectionEnd, telemetry::outcome::RefusalReason,
 };
 
@@ -46,10 +46,17 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     if !ctx.ips.contains(&dst.ip()) {
         return refuse(stream, info, RefusalReason::InboundTargetNotLocal, &ctx);
     }
-    if let Admission::Refuse { reason, .. } = admit(&state, &ctx.pod, dst.port(), None) {
-        return refuse(stream, info, reason, &ctx);
+    let facts = ConnectionFacts {
+        source_ip: canonical(peer.ip()),
+        peer: None,
+        destination: dst,
+    };
+    match admit(&state, &ctx.pod, &facts) {
+        Admission::Refuse { reason, .. } => refuse(stream, info, reason, &ctx),
+        Admission::Allow { .. } => relay_until_revoked(stream, facts, info, &ctx).await,
+        // (Served as HTTP by the L7 work; until then, refused: fail closed.)
+        Admission::Http { .. } => refuse(stream, info, RefusalReason::PolicyDenied, &ctx),
     }
-    relay_until_revoked(stream, dst, info, &ctx).await;
 }
 
 /// Connects to `dst` inside the pod and relays, for as long as this node's state
@@ -58,10 +65,11 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
 /// (`strict_mtls_revoked` / `policy_revoked`) and logged.
 async fn relay_until_revoked(
     client: TcpStream,
-    dst: SocketAddr,
+    facts: ConnectionFacts,
     mut info: ConnectionInfo,
     ctx: &PodContext,
 ) {
+    let dst = facts.destination;
     info.upstream = Some(dst);
     let src = info.src;
     let conn = ctx.connections.open(info);
@@ -75,7 +83,7 @@ async fn relay_until_revoked(
         }
     };
     let relay = relay(client, upstream, ctx.idle_timeout, conn.counters());
-    let revoked = authz::revoked(ctx.state.clone(), ctx.pod.clone(), dst.port(), None);
+    let revoked = authz::revoked(ctx.state.clone(), ctx.pod.clone(), facts);
     let end = tokio::select! {
         end = relay => end.into(),
         why = revoked => {

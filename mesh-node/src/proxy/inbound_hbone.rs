@@ -16,9 +16,10 @@ use crate::{
     hbone, hbone::stream::relay_stream, hbone::stream::TcpSide, hbone::target::connect_target,
 };
 use crate::{
-    identity::authz, identity::authz::admit, identity::authz::Admission, identity::Identity,
-    limits, limits::Listener, limits::Refusal, limits::Stage, proxy::pod::accept_loop,
-    proxy::pod::connect_in_pod, proxy::pod::PodContext, telemetry::connections::ConnectionInfo,
+    identity::authz, identity::authz::admit, identity::authz::Admission,
+    identity::authz::ConnectionFacts, identity::Identity, limits, limits::Listener,
+    limits::Refusal, limits::Stage, proxy::pod::accept_loop, proxy::pod::connect_in_pod,
+    proxy::pod::PodContext, telemetry::connections::ConnectionInfo,
     telemetry::connections::Direction, telemetry::connections::Security,
     telemetry::outcome::ConnectionEnd, telemetry::outcome::StreamError,
 };
@@ -173,12 +174,21 @@ async fn tunnel(
         }
     };
     let info = info(target);
-    let admission = admit(
-        &ctx.state.borrow(),
-        &ctx.pod,
-        target.port(),
-        Some(&identity),
-    );
+    let facts = ConnectionFacts {
+        source_ip: peer.ip(),
+        peer: Some(identity.clone()),
+        destination: target,
+    };
+    let admission = admit(&ctx.state.borrow(), &ctx.pod, &facts);
+    // (Admission::Http is served as HTTP by the L7 work; until then, refused.)
+    let admission = match admission {
+        Admission::Http { policies } => Admission::Refuse {
+            reason: crate::telemetry::outcome::RefusalReason::PolicyDenied,
+            policy: policies.first().cloned(),
+            detail: "HTTP policies are not served yet".into(),
+        },
+        other => other,
+    };
     if let Admission::Refuse {
         reason: code,
         policy,
@@ -220,12 +230,7 @@ async fn tunnel(
     );
     // This node's policy decides for as long as the tunnel lives, whatever the source
     // node knows: a policy that stops allowing it ends it (the stream is reset).
-    let revoked = authz::revoked(
-        ctx.state.clone(),
-        ctx.pod.clone(),
-        target.port(),
-        Some(identity.clone()),
-    );
+    let revoked = authz::revoked(ctx.state.clone(), ctx.pod.clone(), facts);
     let end = tokio::select! {
         end = relay => end.into(),
         why = revoked => {

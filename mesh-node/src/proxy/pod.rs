@@ -76,6 +76,8 @@ pub(crate) struct PodContext {
     pub limits: PodLimits,
     /// This pod's mirrored copies in flight (bounded).
     pub mirrors: crate::limits::mirror_slots::MirrorSlots,
+    /// The node's request authenticator (RequestAuthentication, JWT).
+    pub jwt: Arc<crate::identity::jwt::JwtAuthenticator>,
 }
 
 impl PodContext {

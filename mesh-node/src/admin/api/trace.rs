@@ -143,6 +143,10 @@ pub enum AdmissionView {
         policy: Option<String>,
         detail: String,
     },
+    /// Served as HTTP: each request is judged by the policies named.
+    Http {
+        policies: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -27,8 +27,8 @@ use crate::{
     capture::dataplane::ProgramStatus, discovery::cluster::canonical, discovery::cluster::ip_key,
     discovery::cluster::plan, discovery::cluster::service_account,
     discovery::cluster::ClusterState, identity::authz::admit, identity::authz::Admission,
-    identity::Identity, keys::ObjectKey, keys::PodKey, routing::balancer::Balancer,
-    routing::balancer::PickCounts, routing::hash_key::KeyedRequest,
+    identity::authz::ConnectionFacts, identity::Identity, keys::ObjectKey, keys::PodKey,
+    routing::balancer::Balancer, routing::balancer::PickCounts, routing::hash_key::KeyedRequest,
     routing::http::routes::RouteTable, routing::plan as routing_plan,
     routing::plan::candidates as candidates_of, routing::plan::Route,
     routing::resolve::ready_endpoints, routing::resolve::IpCidr, routing::resolve::Lookup,
@@ -380,14 +380,24 @@ fn candidate(
             inbound.handled_by_mesh = true;
             inbound.listener = Some(HBONE_PORT);
             set_mode(&mut inbound, state, d, ep.port());
-            inbound.admission = Some(admit(state, d, ep.port(), Some(peer)));
+            let facts = ConnectionFacts {
+                source_ip: src_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                peer: Some(peer.clone()),
+                destination: ep,
+            };
+            inbound.admission = Some(admit(state, d, &facts));
         }
         (Some(d), None) => match captured(inputs, d, src_ip, ep, node_socket) {
             Ok(()) => {
                 inbound.handled_by_mesh = true;
                 inbound.listener = Some(INBOUND_PLAINTEXT_PORT);
                 set_mode(&mut inbound, state, d, ep.port());
-                inbound.admission = Some(admit(state, d, ep.port(), None));
+                let facts = ConnectionFacts {
+                    source_ip: src_ip.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                    peer: None,
+                    destination: ep,
+                };
+                inbound.admission = Some(admit(state, d, &facts));
             }
             Err(why) => inbound.note = why,
         },
@@ -398,6 +408,12 @@ fn candidate(
             Some(Admission::Allow { policy: Some(p) }) => format!("allowed by {p}"),
             Some(Admission::Allow { policy: None }) => "allowed: no policy denies it".into(),
             Some(Admission::Refuse { detail, .. }) => detail.clone(),
+            Some(Admission::Http { policies }) => {
+                format!(
+                    "served as HTTP, each request judged by {}",
+                    policies.join(", ")
+                )
+            }
             None => String::new(),
         };
     }

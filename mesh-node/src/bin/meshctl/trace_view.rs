@@ -176,6 +176,7 @@ fn decision(c: &CandidateView) -> String {
         Some(AdmissionView::Refuse { reason, .. }) => {
             format!("DENY{mode}\n{}: {}", reason, text(&inbound.note))
         }
+        Some(AdmissionView::Http { .. }) => format!("HTTP{mode}\n{}", text(&inbound.note)),
         _ => format!("ALLOW{mode}\n{}", text(&inbound.note)),
     }
 }
