@@ -238,6 +238,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
     let pools = Arc::new(crate::routing::pool::ConnectionPools::new(Some(
         metrics.pools.clone(),
     )));
+    let jwt = crate::identity::jwt::JwtAuthenticator::new();
     let admin_state = Arc::new(AdminState {
         config: config.clone(),
         dataplane: dataplane.clone(),
@@ -251,6 +252,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         log_level,
         balancer: balancer.clone(),
         pools: pools.clone(),
+        jwt: jwt.clone(),
         started: std::time::Instant::now(),
     });
     let scraped = admin_state.clone();
@@ -298,7 +300,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
                 metrics.route_config_problems.clone(),
             )),
             limits: config.pod_limits(),
-            jwt: crate::identity::jwt::JwtAuthenticator::new(),
+            jwt,
         },
         home.clone(),
         dataplane.clone(),
