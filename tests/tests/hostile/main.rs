@@ -5,6 +5,7 @@
 //!
 //! One module per attack surface.
 mod identity;
+mod l7_requests;
 mod listeners;
 mod log_flood;
 mod map_fill;
