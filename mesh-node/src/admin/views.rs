@@ -4,22 +4,23 @@
 use std::net::SocketAddr;
 
 use crate::{
-    admin::api::AdmissionView, admin::api::BpfView, admin::api::CandidateView,
-    admin::api::CertificateCounts, admin::api::CertificateState, admin::api::ConnectionCounts,
-    admin::api::HashView, admin::api::HttpRequestView, admin::api::InboundView,
-    admin::api::MapView, admin::api::PoliciesView, admin::api::PolicyView, admin::api::ProgramView,
-    admin::api::RedirectView, admin::api::RequestView, admin::api::ResolutionView,
+    admin::api::AdmissionView, admin::api::AuthzPolicyView, admin::api::BpfView,
+    admin::api::CandidateView, admin::api::CertificateCounts, admin::api::CertificateState,
+    admin::api::ConnectionCounts, admin::api::HashView, admin::api::HttpRequestView,
+    admin::api::InboundView, admin::api::MapView, admin::api::PoliciesView, admin::api::PolicyView,
+    admin::api::ProgramView, admin::api::RedirectView, admin::api::RequestView, admin::api::ResolutionView,
     admin::api::ResolvedBackendView, admin::api::RouteView, admin::api::ServiceView,
     admin::api::SourceView, admin::api::StateSummary, admin::api::StatusView,
     admin::api::TraceOutcome, admin::api::TraceTransport, admin::api::TraceView,
-    admin::api::WorkloadCounts, admin::peer_auth, admin::routes::route_views,
-    admin::state::unix_now, admin::state::AdminState, admin::trace::trace,
-    admin::trace::HttpAttributes, admin::trace::Outcome, admin::trace::Trace,
+    admin::api::WorkloadAuthzView, admin::api::WorkloadCounts, admin::peer_auth,
+    admin::routes::route_views, admin::state::unix_now, admin::state::AdminState,
+    admin::trace::trace, admin::trace::HttpAttributes, admin::trace::Outcome, admin::trace::Trace,
     admin::trace::TraceError, admin::trace::TraceInputs, admin::trace::Transport,
     capture::dataplane::MapStatus, capture::dataplane::ProgramStatus,
-    discovery::cluster::service_ips, discovery::cluster::ClusterState, identity::authz::selects,
-    identity::authz::Admission, keys::ObjectKey, keys::PodKey, routing::resolve::resolve,
-    routing::resolve::IpCidr, routing::resolve::Resolution,
+    discovery::cluster::service_ips, discovery::cluster::ClusterState,
+    identity::authz::policies_for, identity::authz::selects, identity::authz::Admission,
+    keys::ObjectKey, keys::PodKey, routing::resolve::resolve, routing::resolve::IpCidr,
+    routing::resolve::Resolution,
 };
 
 /// One view of the agent's health: readiness, state freshness, what it serves.
@@ -111,7 +112,25 @@ pub(crate) fn policies(state: &AdminState) -> PoliciesView {
             }
         })
         .collect();
+    let authorization = here
+        .iter()
+        .map(|pod| WorkloadAuthzView {
+            pod: pod.clone(),
+            policies: policies_for(&cluster, pod)
+                .unwrap_or_default()
+                .iter()
+                .map(|p| AuthzPolicyView {
+                    kind: p.id.kind,
+                    policy: p.id.key.clone(),
+                    action: p.action.clone(),
+                    l7: p.is_http(),
+                    problems: p.problems.clone(),
+                })
+                .collect(),
+        })
+        .collect();
     PoliciesView {
+        authorization,
         namespaces,
         workloads: peer_auth::workload_views(&cluster, &here),
         peer_authentications: peer_auth::peer_authentication_views(&cluster, &here),

@@ -29,6 +29,8 @@ pub use crate::{
 };
 
 use crate::{
+    discovery::authorization::AuthzIndex,
+    discovery::authorization_policy::AuthorizationPolicy as IstioAuthorizationPolicy,
     discovery::destination_rule::DestinationRule, discovery::mtls::EffectiveMtls,
     discovery::mtls::PeerAuthIndex, discovery::mtls::RootNamespace, discovery::mtls::WorkloadMtls,
     discovery::peer_authentication::PeerAuthentication, discovery::policy::AuthorizationPolicy,
@@ -53,10 +55,12 @@ pub enum Kind {
     DestinationRule,
     VirtualService,
     PeerAuthentication,
+    /// Istio's (`security.istio.io`); `AuthorizationPolicy` is Nodemesh's own.
+    IstioAuthorizationPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -67,6 +71,7 @@ impl Kind {
         Kind::DestinationRule,
         Kind::VirtualService,
         Kind::PeerAuthentication,
+        Kind::IstioAuthorizationPolicy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,6 +86,7 @@ impl Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::VirtualService => "VirtualService",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::IstioAuthorizationPolicy => "AuthorizationPolicy.security.istio.io",
         }
     }
 }
@@ -98,6 +104,7 @@ pub enum KubeObject {
     DestinationRule(Box<DestinationRule>),
     VirtualService(Box<VirtualService>),
     PeerAuthentication(Box<PeerAuthentication>),
+    IstioAuthorizationPolicy(Box<IstioAuthorizationPolicy>),
 }
 
 impl KubeObject {
@@ -113,6 +120,7 @@ impl KubeObject {
             KubeObject::DestinationRule(_) => Kind::DestinationRule,
             KubeObject::VirtualService(_) => Kind::VirtualService,
             KubeObject::PeerAuthentication(_) => Kind::PeerAuthentication,
+            KubeObject::IstioAuthorizationPolicy(_) => Kind::IstioAuthorizationPolicy,
         }
     }
 
@@ -128,6 +136,7 @@ impl KubeObject {
             KubeObject::DestinationRule(o) => &o.metadata,
             KubeObject::VirtualService(o) => &o.metadata,
             KubeObject::PeerAuthentication(o) => &o.metadata,
+            KubeObject::IstioAuthorizationPolicy(o) => &o.metadata,
         }
     }
 
@@ -151,7 +160,15 @@ pub struct ClusterState {
     pub endpoint_slices: Objects<EndpointSlice>,
     pub http_routes: Objects<HttpRoute>,
     pub tcp_routes: Objects<TcpRoute>,
+    /// Nodemesh's own AuthorizationPolicies as written. A new map (same content)
+    /// whenever a policy of either kind changes: connections pooled under older
+    /// policies are then not reused (`proxy/http/pool.rs` compares it by pointer).
     pub authorization_policies: Objects<AuthorizationPolicy>,
+    /// Istio's AuthorizationPolicies as written.
+    pub istio_authorization_policies: Objects<IstioAuthorizationPolicy>,
+    /// Every AuthorizationPolicy of both kinds compiled into one model
+    /// (`discovery::authorization`): what `identity::authz` decides with.
+    pub authorization: Arc<AuthzIndex>,
     pub destination_rules: Objects<DestinationRule>,
     /// Every DestinationRule checked and compiled (with its problems), by rule.
     pub compiled_rules: Arc<BTreeMap<ObjectKey, Arc<CompiledRule>>>,
@@ -421,6 +438,11 @@ impl ClusterState {
             }
             KubeObject::AuthorizationPolicy(o) => {
                 upsert(&mut self.authorization_policies, key, *o);
+                self.reindex_authorization();
+            }
+            KubeObject::IstioAuthorizationPolicy(o) => {
+                upsert(&mut self.istio_authorization_policies, key, *o);
+                self.reindex_authorization();
             }
             KubeObject::DestinationRule(o) => {
                 upsert(&mut self.destination_rules, key, *o);
@@ -475,7 +497,14 @@ impl ClusterState {
                 }
             }
             Kind::AuthorizationPolicy => {
-                take(&mut self.authorization_policies, key);
+                if take(&mut self.authorization_policies, key).is_some() {
+                    self.reindex_authorization();
+                }
+            }
+            Kind::IstioAuthorizationPolicy => {
+                if take(&mut self.istio_authorization_policies, key).is_some() {
+                    self.reindex_authorization();
+                }
             }
             Kind::DestinationRule => {
                 if take(&mut self.destination_rules, key).is_some() {
@@ -506,6 +535,9 @@ impl ClusterState {
             Kind::DestinationRule => self.destination_rules.keys().cloned().collect(),
             Kind::VirtualService => self.virtual_services.keys().cloned().collect(),
             Kind::PeerAuthentication => self.peer_authentications.keys().cloned().collect(),
+            Kind::IstioAuthorizationPolicy => {
+                self.istio_authorization_policies.keys().cloned().collect()
+            }
         };
         let keep: BTreeSet<ObjectKey> = objects.iter().filter_map(KubeObject::key).collect();
         for key in keys.iter().filter(|k| !keep.contains(*k)) {
@@ -562,6 +594,17 @@ impl ClusterState {
                 .collect(),
         );
         self.compiled_rules = Arc::new(compiled);
+    }
+
+    /// Compiles every AuthorizationPolicy of both kinds again (they are few).
+    fn reindex_authorization(&mut self) {
+        self.authorization = Arc::new(AuthzIndex::build(
+            self.istio_authorization_policies
+                .iter()
+                .map(|(k, p)| (k, &**p)),
+            self.authorization_policies.iter().map(|(k, p)| (k, &**p)),
+        ));
+        self.authorization_policies = Arc::new((*self.authorization_policies).clone());
     }
 
     /// Sets the mesh's root namespace (`--root-namespace`): its namespace-wide
@@ -724,6 +767,10 @@ impl ClusterState {
             (
                 Kind::PeerAuthentication.name(),
                 self.peer_authentications.len(),
+            ),
+            (
+                Kind::IstioAuthorizationPolicy.name(),
+                self.istio_authorization_policies.len(),
             ),
         ])
     }

@@ -56,6 +56,10 @@ fn collect(value: serde_yaml::Value, doc: usize, out: &mut Vec<KubeObject>) -> R
             KubeObject::HttpRoute(Box::new(serde_yaml::from_value(value).map_err(typed)?))
         }
         "TCPRoute" => KubeObject::TcpRoute(Box::new(serde_yaml::from_value(value).map_err(typed)?)),
+        // By group: Istio's (security.istio.io) or else Nodemesh's own.
+        "AuthorizationPolicy" if is_istio_security(&value) => KubeObject::IstioAuthorizationPolicy(
+            Box::new(serde_yaml::from_value(value).map_err(typed)?),
+        ),
         "AuthorizationPolicy" => {
             KubeObject::AuthorizationPolicy(Box::new(serde_yaml::from_value(value).map_err(typed)?))
         }

@@ -3,6 +3,8 @@
 //! policy objects it carries.
 
 pub mod apiserver;
+pub mod authorization;
+pub mod authorization_policy;
 pub mod cluster;
 pub mod connection_pool;
 pub mod consistent_hash;

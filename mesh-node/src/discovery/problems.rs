@@ -1,5 +1,5 @@
 //! Reporting what is wrong with, or not implemented for, the configuration objects of
-//! a new state (DestinationRules, PeerAuthentications): each problem logged with the
+//! a new state (DestinationRules, PeerAuthentications, AuthorizationPolicies): each problem logged with the
 //! object's name
 //! (rate-limited) and counted in `nodemesh_config_problems_total{kind,reason}` once
 //! per version of the object, not once per snapshot. `meshctl node services` shows
@@ -8,8 +8,9 @@
 use std::collections::HashMap;
 
 use crate::{
-    discovery::cluster::ClusterState, discovery::cluster::Kind, discovery::traffic_policy::Problem,
-    keys::ObjectKey, telemetry::metrics::Metrics,
+    discovery::authorization::PolicyKind, discovery::cluster::ClusterState,
+    discovery::cluster::Kind, discovery::traffic_policy::Problem, keys::ObjectKey,
+    telemetry::metrics::Metrics,
 };
 
 /// What was last reported per object: only a change is reported again.
@@ -42,9 +43,17 @@ impl ProblemReporter {
             };
             (Kind::PeerAuthentication, key, &pa.problems, applied)
         });
+        let authz = state.authorization.policies.values().map(|p| {
+            let kind = match p.id.kind {
+                PolicyKind::Istio => Kind::IstioAuthorizationPolicy,
+                PolicyKind::Nodemesh => Kind::AuthorizationPolicy,
+            };
+            let applied = "what cannot be compiled fails closed (see detail)";
+            (kind, &p.id.key, &p.problems, applied)
+        });
         let mut new = 0;
         let mut reported = HashMap::new();
-        for (kind, key, problems, applied) in rules.chain(peer) {
+        for (kind, key, problems, applied) in rules.chain(peer).chain(authz) {
             if problems.is_empty() {
                 continue;
             }

@@ -1,46 +1,29 @@
-//! Authorization policy decisions for inbound connections to a local workload.
+//! Authorization decisions for inbound connections and requests to a local workload,
+//! with Istio's order: a CUSTOM policy selecting the workload denies (ext-authz is not
+//! supported), then any matching DENY denies, matching AUDIT policies are recorded
+//! (they never decide), no ALLOW policy allows, and else an ALLOW policy must match.
 //!
-//! DENY wins; a workload selected by any ALLOW policy denies everything no ALLOW rule
-//! matches; no policy means allow. A plaintext source has no identity, so only rules
-//! without `from` (any source) can match it. A policy with no rules matches nothing.
+//! Policies of both kinds (Istio's and Nodemesh's own) are compiled into one model
+//! (`discovery::authorization`, `ClusterState::authorization`); matching is in
+//! `authz_eval`. A plaintext source has no identity: `principals` and `namespaces`
+//! cannot match it, their `not…` forms can. A policy with no rules matches nothing.
+//!
+//! At connection time ([`admit`]) a pod with policies whose rules have HTTP attributes
+//! for the port is served as HTTP ([`Admission::Http`]) and each request decided by
+//! [`authorize_request`]; otherwise the decision is taken for the connection.
 
-use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 
+pub use crate::identity::authz_facts::{ConnectionFacts, RequestFacts};
 use crate::{
+    discovery::authorization::Action, discovery::authorization::CompiledPolicy,
     discovery::cluster::ClusterState, discovery::policy::AuthorizationPolicy,
-    discovery::policy::PolicyAction, discovery::policy::PolicyRule,
-    discovery::policy::PolicySource, identity::jwt::RequestAuth, identity::Identity,
-    keys::ObjectKey, telemetry::outcome::RefusalReason,
+    identity::authz_eval::applies, identity::authz_eval::first_match, identity::authz_eval::Facts,
+    keys::ObjectKey, keys::PodKey, telemetry::outcome::RefusalReason,
 };
-
-/// What a decision knows of a connection to a local pod: Istio's `source.*` and
-/// `destination.*` attributes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectionFacts {
-    /// `source.ip` (`ipBlocks`; `remoteIpBlocks` too: no proxy in front forwards one).
-    pub source_ip: IpAddr,
-    /// The peer's mTLS identity (`source.principal`, `source.namespace`); None:
-    /// plaintext, captured on 15006.
-    pub peer: Option<Identity>,
-    /// `destination.ip` and `destination.port`: the pod address the client asked for.
-    pub destination: SocketAddr,
-}
-
-/// What a decision knows of one HTTP request on such a connection.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestFacts<'a> {
-    pub method: &'a str,
-    /// The path without the query (Istio's `paths` match it).
-    pub path: &'a str,
-    /// `:authority` or `Host` (Istio's `hosts`), as sent.
-    pub host: &'a str,
-    pub headers: &'a http::HeaderMap,
-    /// The request's valid JWT, if any (`requestPrincipals`, `request.auth.*`).
-    pub auth: Option<&'a RequestAuth>,
-}
 
 /// The decision on one HTTP request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -76,7 +59,7 @@ impl Verdict {
     }
 }
 
-/// Whether the policy's selector picks `pod` (same namespace assumed).
+/// Whether the Nodemesh policy's selector picks `pod` (same namespace assumed).
 pub fn selects(policy: &AuthorizationPolicy, pod: &Pod) -> bool {
     let labels = pod.metadata.labels.clone().unwrap_or_default();
     policy
@@ -87,83 +70,112 @@ pub fn selects(policy: &AuthorizationPolicy, pod: &Pod) -> bool {
         .all(|(k, v)| labels.get(k) == Some(v))
 }
 
-fn source_matches(source: &PolicySource, peer: Option<&Identity>) -> bool {
-    let any = source.principals.is_empty()
-        && source.namespaces.is_empty()
-        && source.service_accounts.is_empty();
-    if any {
-        return true;
-    }
-    let Some(id) = peer else {
-        return false;
+/// The policies of both kinds that apply to the pod `dest` (by selector, targetRefs,
+/// or mesh-wide from the root namespace), in key order. None: the pod is unknown.
+pub fn policies_for(state: &ClusterState, dest: &PodKey) -> Option<Vec<Arc<CompiledPolicy>>> {
+    let pod = state.pods.get(dest)?;
+    Some(
+        state
+            .authorization
+            .policies
+            .values()
+            .filter(|p| applies(state, p, dest, pod))
+            .cloned()
+            .collect(),
+    )
+}
+
+/// The decision on a connection (`request` None) or one request.
+fn decide(state: &ClusterState, dest: &ObjectKey, facts: &Facts) -> RequestVerdict {
+    let deny = |policy: Option<String>, rule, detail: String, audited| RequestVerdict {
+        allowed: false,
+        policy,
+        rule,
+        detail,
+        audited,
     };
-    source.principals.iter().any(|p| *p == id.to_string())
-        || source.namespaces.contains(&id.namespace)
-        || source
-            .service_accounts
-            .iter()
-            .any(|sa| *sa == format!("{}/{}", id.namespace, id.service_account))
+    let Some(policies) = policies_for(state, dest) else {
+        return deny(None, None, "destination pod unknown".into(), vec![]);
+    };
+    if let Some(p) = policies.iter().find(|p| p.action.denies_all()) {
+        let why = match &p.action {
+            Action::Custom { provider } => format!(
+                "CUSTOM policy {} (ext-authz provider {}) selects this workload: CUSTOM/ext-authz is not supported by Nodemesh, every request is denied",
+                p.id,
+                provider.as_deref().unwrap_or("unset")
+            ),
+            other => format!(
+                "policy {} has action `{}`, which Istio does not have: every request is denied",
+                p.id,
+                other.name()
+            ),
+        };
+        return deny(Some(p.id.to_string()), None, why, vec![]);
+    }
+    let with = |action: Action| policies.iter().filter(move |p| p.action == action);
+    if let Some((p, i)) = with(Action::Deny).find_map(|p| Some((p, first_match(p, facts)?))) {
+        return deny(
+            Some(p.id.to_string()),
+            Some(i),
+            "a DENY rule matched".into(),
+            vec![],
+        );
+    }
+    let audited: Vec<String> = with(Action::Audit)
+        .filter(|p| first_match(p, facts).is_some())
+        .map(|p| p.id.to_string())
+        .collect();
+    if with(Action::Allow).next().is_none() {
+        return RequestVerdict {
+            allowed: true,
+            policy: None,
+            rule: None,
+            detail: "allowed: no policy denies it".into(),
+            audited,
+        };
+    }
+    match with(Action::Allow).find_map(|p| Some((p, first_match(p, facts)?))) {
+        Some((p, i)) => RequestVerdict {
+            allowed: true,
+            policy: Some(p.id.to_string()),
+            rule: Some(i),
+            detail: format!("allowed by rule {i} of {}", p.id),
+            audited,
+        },
+        None => deny(
+            None,
+            None,
+            "ALLOW policies select this workload and none matched".into(),
+            audited,
+        ),
+    }
 }
 
-fn rule_matches(rule: &PolicyRule, port: u16, peer: Option<&Identity>) -> bool {
-    let from = rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, peer));
-    let to = rule.to.is_empty() || rule.to.iter().any(|d| d.ports.contains(&port));
-    from && to
-}
-
-fn matches(policy: &AuthorizationPolicy, port: u16, peer: Option<&Identity>) -> bool {
-    policy
-        .spec
-        .rules
-        .iter()
-        .any(|r| rule_matches(r, port, peer))
-}
-
-fn name(key: &ObjectKey) -> Option<String> {
-    Some(key.to_string())
-}
-
-/// May `peer` (None: plaintext) connect to `port` of the local pod `dest`?
-pub fn authorize(
+/// May `peer` (None: plaintext) connect to `port` of the local pod `dest`? (The
+/// connection-time decision without addresses: unit tests of port and identity rules.)
+#[cfg(test)]
+pub(crate) fn authorize(
     state: &ClusterState,
     dest: &ObjectKey,
     port: u16,
-    peer: Option<&Identity>,
+    peer: Option<&crate::identity::Identity>,
 ) -> Verdict {
-    let Some(pod) = state.pods.get(dest) else {
-        return Verdict::Deny {
-            policy: None,
-            reason: "destination pod unknown".into(),
-        };
+    let conn = ConnectionFacts {
+        source_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
+        peer: peer.cloned(),
+        destination: std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port),
     };
-    let applicable: Vec<(&ObjectKey, &AuthorizationPolicy)> = state
-        .authorization_policies
-        .iter()
-        .filter(|(k, p)| k.namespace == dest.namespace && selects(p, pod))
-        .map(|(k, p)| (k, &**p))
-        .collect();
-    if let Some((key, _)) = applicable
-        .iter()
-        .find(|(_, p)| p.spec.action == PolicyAction::Deny && matches(p, port, peer))
-    {
-        return Verdict::Deny {
-            policy: name(key),
-            reason: "a DENY rule matched".into(),
-        };
-    }
-    let allows: Vec<&(&ObjectKey, &AuthorizationPolicy)> = applicable
-        .iter()
-        .filter(|(_, p)| p.spec.action == PolicyAction::Allow)
-        .collect();
-    if allows.is_empty() {
-        return Verdict::Allow { policy: None };
-    }
-    match allows.iter().find(|(_, p)| matches(p, port, peer)) {
-        Some((key, _)) => Verdict::Allow { policy: name(key) },
-        None => Verdict::Deny {
-            policy: None,
-            reason: "ALLOW policies select this workload and none matched".into(),
-        },
+    verdict(decide(state, dest, &Facts::new(&conn, None)))
+}
+
+fn verdict(v: RequestVerdict) -> Verdict {
+    if v.allowed {
+        Verdict::Allow { policy: v.policy }
+    } else {
+        Verdict::Deny {
+            policy: v.policy,
+            reason: v.detail,
+        }
     }
 }
 
@@ -189,38 +201,24 @@ pub enum Admission {
     },
 }
 
-/// The decision on one request to the local pod `dest` on a connection `conn`.
+/// The decision on one request to the local pod `dest` on a connection `conn`: every
+/// attribute of every policy that applies, with the request's.
 pub fn authorize_request(
     state: &ClusterState,
     dest: &ObjectKey,
     conn: &ConnectionFacts,
-    _request: &RequestFacts<'_>,
+    request: &RequestFacts<'_>,
 ) -> RequestVerdict {
-    match authorize(state, dest, conn.destination.port(), conn.peer.as_ref()) {
-        Verdict::Allow { policy } => RequestVerdict {
-            allowed: true,
-            detail: match &policy {
-                Some(p) => format!("allowed by {p}"),
-                None => "allowed: no policy denies it".into(),
-            },
-            policy,
-            rule: None,
-            audited: vec![],
-        },
-        Verdict::Deny { policy, reason } => RequestVerdict {
-            allowed: false,
-            policy,
-            rule: None,
-            detail: reason,
-            audited: vec![],
-        },
-    }
+    decide(state, dest, &Facts::new(conn, Some(request)))
 }
 
 /// The inbound decision for a connection to `port` of the pod `dest` from `peer`
 /// (None: plaintext, captured on 15006). Plaintext to a port whose effective mTLS mode
 /// is STRICT ([`ClusterState::mtls_mode`]: PeerAuthentication or the namespace label)
-/// is refused before any policy is consulted; PERMISSIVE and DISABLE take it. The
+/// is refused before any policy is consulted; PERMISSIVE and DISABLE take it. Then a
+/// CUSTOM policy refuses; then, if any policy that applies (whatever its action) has a
+/// rule with HTTP attributes that could apply to this port, the connection is served
+/// as HTTP ([`Admission::Http`]); else the policies decide for the connection. The
 /// listeners and `meshctl node trace` both ask this.
 pub fn admit(state: &ClusterState, dest: &ObjectKey, conn: &ConnectionFacts) -> Admission {
     let (port, peer) = (conn.destination.port(), conn.peer.as_ref());
@@ -237,7 +235,17 @@ pub fn admit(state: &ClusterState, dest: &ObjectKey, conn: &ConnectionFacts) -> 
             };
         }
     }
-    match authorize(state, dest, port, peer) {
+    let policies = policies_for(state, dest).unwrap_or_default();
+    let denies_all = policies.iter().any(|p| p.action.denies_all());
+    let http: Vec<String> = policies
+        .iter()
+        .filter(|p| p.is_http_on(port))
+        .map(|p| p.id.to_string())
+        .collect();
+    if !denies_all && !http.is_empty() {
+        return Admission::Http { policies: http };
+    }
+    match verdict(decide(state, dest, &Facts::new(conn, None))) {
         Verdict::Allow { policy } => Admission::Allow { policy },
         Verdict::Deny { policy, reason } => Admission::Refuse {
             reason: RefusalReason::PolicyDenied,
@@ -317,8 +325,10 @@ pub async fn revoked(
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
-    use crate::discovery::files::parse_manifest;
+    use crate::{discovery::files::parse_manifest, identity::Identity};
 
     const PODS: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: server, namespace: apps, labels: {app: server}}\nspec: {containers: [{name: c, image: x}]}\n";
 

@@ -1,6 +1,12 @@
 //! Workload identity: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 
 pub mod authz;
+mod authz_eval;
+mod authz_facts;
+#[cfg(test)]
+mod authz_scope_tests;
+#[cfg(test)]
+mod authz_tests;
 pub mod ca;
 pub(crate) mod cert_cache;
 pub(crate) mod certificates;

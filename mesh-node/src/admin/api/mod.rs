@@ -16,8 +16,8 @@ mod trace;
 
 pub use bpf::{BpfView, MapView, ProgramView};
 pub use policies::{
-    MtlsMode, NamespaceView, PeerAuthLevel, PeerAuthenticationView, PoliciesView, PolicyView,
-    PortMtlsView, WorkloadMtlsView,
+    Action, AuthzPolicyView, MtlsMode, NamespaceView, PeerAuthLevel, PeerAuthenticationView,
+    PoliciesView, PolicyKind, PolicyView, PortMtlsView, WorkloadAuthzView, WorkloadMtlsView,
 };
 pub use routes::{BackendView, Chosen, ParentView, RouteKind, RouteView, RuleView};
 pub use services::{DestinationRuleView, ResolutionView, ResolvedBackendView, ServiceView};

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::discovery::mtls::MtlsMode;
+pub use crate::discovery::{authorization::Action, authorization::PolicyKind, mtls::MtlsMode};
 use crate::{
     discovery::policy::PolicyAction, discovery::policy::PolicyRule, discovery::problem::Problem,
     keys::ObjectKey, keys::PodKey,
@@ -20,7 +20,33 @@ pub struct PoliciesView {
     /// Every PeerAuthentication, in force or not.
     #[serde(default)]
     pub peer_authentications: Vec<PeerAuthenticationView>,
+    /// Nodemesh's own AuthorizationPolicies as written.
     pub policies: Vec<PolicyView>,
+    /// Each enrolled workload of this node and the AuthorizationPolicies (both kinds)
+    /// that apply to it.
+    #[serde(default)]
+    pub authorization: Vec<WorkloadAuthzView>,
+}
+
+/// The AuthorizationPolicies that apply to one workload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadAuthzView {
+    pub pod: PodKey,
+    pub policies: Vec<AuthzPolicyView>,
+}
+
+/// One AuthorizationPolicy as compiled, for one workload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthzPolicyView {
+    /// Istio's or Nodemesh's own kind.
+    pub kind: PolicyKind,
+    pub policy: ObjectKey,
+    #[serde(flatten)]
+    pub action: Action,
+    /// Whether a rule has HTTP attributes (its connections are served as HTTP).
+    pub l7: bool,
+    /// What could not be compiled (it fails closed).
+    pub problems: Vec<Problem>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -153,6 +179,18 @@ mod tests {
                 }],
                 selects_on_this_node: vec![ObjectKey::new("apps", "server")],
             }],
+            authorization: vec![WorkloadAuthzView {
+                pod: ObjectKey::new("apps", "server"),
+                policies: vec![AuthzPolicyView {
+                    kind: PolicyKind::Istio,
+                    policy: ObjectKey::new("apps", "ext"),
+                    action: Action::Custom {
+                        provider: Some("opa".into()),
+                    },
+                    l7: true,
+                    problems: vec![],
+                }],
+            }],
         };
         check(
             &view,
@@ -195,6 +233,17 @@ mod tests {
                         "to": [{"ports": [8080]}],
                     }],
                     "selects_on_this_node": [{"namespace": "apps", "name": "server"}],
+                }],
+                "authorization": [{
+                    "pod": {"namespace": "apps", "name": "server"},
+                    "policies": [{
+                        "kind": "Istio",
+                        "policy": {"namespace": "apps", "name": "ext"},
+                        "action": "CUSTOM",
+                        "provider": "opa",
+                        "l7": true,
+                        "problems": [],
+                    }],
                 }],
             }),
         );

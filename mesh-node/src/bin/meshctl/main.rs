@@ -1,5 +1,6 @@
 //! `meshctl`: inspect a Nodemesh node agent, locally or through the Kubernetes API.
 
+mod authz_view;
 mod connect;
 mod format;
 mod mtls_view;

@@ -15,8 +15,8 @@ use mesh_node::{
 use crate::format::{
     age, bytes, finish, identity, key, now_unix, opt, opt_key, opt_text, table, text, utc,
 };
-use crate::mtls_view;
 use crate::pools::pool_line;
+use crate::{authz_view, mtls_view};
 
 pub struct Filter {
     pub namespace: Option<String>,
@@ -107,6 +107,10 @@ pub fn filter_policies(v: PoliciesView, f: &Filter) -> PoliciesView {
                     .map(|p| p.name.clone())
                     .collect()
             }),
+        }),
+        authorization: filter(v.authorization, f, |r| RowKey {
+            namespaces: vec![r.pod.namespace.clone()],
+            pods: Some(vec![r.pod.name.clone()]),
         }),
         policies: filter(v.policies, f, |r| RowKey {
             namespaces: vec![r.policy.namespace.clone()],
@@ -553,14 +557,18 @@ pub fn policies(v: &PoliciesView) -> String {
         ]);
     }
     format!(
-        "{}\n\n{}\n\n{}\n\n{}",
+        "{}\n\n{}\n\n{}\n\n{}\n\n{}",
         or_none(&modes, "namespaces"),
         or_none(
             &mtls_view::workload_modes(v),
             "enrolled workloads on this node"
         ),
         or_none(&mtls_view::peer_authentications(v), "PeerAuthentications"),
-        or_none(&t, "authorization policies")
+        or_none(
+            &authz_view::workload_policies(v),
+            "enrolled workloads on this node"
+        ),
+        or_none(&t, "security.nodemesh.io authorization policies")
     )
 }
 

@@ -28,6 +28,7 @@ pub use health::{DiscoveryHealth, KindHealth, STALE_AFTER};
 use watch::{watch_kind, KindSpec};
 
 use crate::{
+    discovery::authorization_policy::AuthorizationPolicy as IstioAuthorizationPolicy,
     discovery::cluster::ClusterState, discovery::cluster::Kind, discovery::cluster::KubeObject,
     discovery::destination_rule::DestinationRule, discovery::destination_rule::ISTIO_NETWORKING,
     discovery::destination_rule::VERSIONS, discovery::mtls::RootNamespace,
@@ -43,7 +44,7 @@ pub const WATCH_VERBS: [&str; 2] = ["list", "watch"];
 const GATEWAY_API: &str = "gateway.networking.k8s.io";
 
 /// What discovery reads, kind by kind (keep in step with [`run`]).
-pub static KINDS: [KindSpec; 10] = [
+pub static KINDS: [KindSpec; 11] = [
     KindSpec {
         kind: Kind::Namespace,
         group: "",
@@ -115,6 +116,13 @@ pub static KINDS: [KindSpec; 10] = [
         kind: Kind::PeerAuthentication,
         group: ISTIO_SECURITY,
         plural: "peerauthentications",
+        versions: &crate::discovery::peer_authentication::VERSIONS,
+        crd: true,
+    },
+    KindSpec {
+        kind: Kind::IstioAuthorizationPolicy,
+        group: ISTIO_SECURITY,
+        plural: "authorizationpolicies",
         versions: &crate::discovery::peer_authentication::VERSIONS,
         crd: true,
     },
@@ -306,9 +314,15 @@ pub async fn run(
         ev_tx.clone(),
     ));
     tokio::spawn(watch_kind::<PeerAuthentication>(
-        client,
+        client.clone(),
         spec(Kind::PeerAuthentication),
         |o| KubeObject::PeerAuthentication(Box::new(o)),
+        ev_tx.clone(),
+    ));
+    tokio::spawn(watch_kind::<IstioAuthorizationPolicy>(
+        client,
+        spec(Kind::IstioAuthorizationPolicy),
+        |o| KubeObject::IstioAuthorizationPolicy(Box::new(o)),
         ev_tx,
     ));
     let mut kube = KubeState::with_root_namespace(&root);
@@ -342,6 +356,8 @@ pub async fn run(
     }
 }
 
+#[cfg(test)]
+mod authz_wire_tests;
 #[cfg(test)]
 mod fake_apiserver;
 #[cfg(test)]
