@@ -280,6 +280,16 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         },
     ));
 
+    // Request authentication: the keys of every jwksUri this node's pods need,
+    // fetched through the mesh as the pods would.
+    let jwt = crate::identity::jwt::JwtAuthenticator::counted(metrics.clone(), config.jwks_refresh);
+    let dialer = crate::proxy::dial::MeshDialer::new();
+    crate::identity::jwt::fetcher::spawn(
+        &jwt,
+        state_rx.clone(),
+        config.node_name.clone(),
+        dialer.clone(),
+    );
     let mut workloads = Workloads::new(
         ProxySettings {
             node: config.node_name.clone(),
@@ -298,7 +308,8 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
                 metrics.route_config_problems.clone(),
             )),
             limits: config.pod_limits(),
-            jwt: crate::identity::jwt::JwtAuthenticator::new(),
+            jwt: jwt.clone(),
+            dialer: dialer.clone(),
         },
         home.clone(),
         dataplane.clone(),

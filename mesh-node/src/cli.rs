@@ -21,7 +21,8 @@ pub enum Command {
     /// Print a CustomResourceDefinition Nodemesh reads, as YAML.
     Crds {
         /// Which one: Nodemesh's AuthorizationPolicy, or Istio's DestinationRule,
-        /// VirtualService or PeerAuthentication (for clusters without Istio's own CRDs).
+        /// VirtualService, PeerAuthentication or RequestAuthentication (for clusters
+        /// without Istio's own CRDs).
         #[arg(long, value_enum, default_value_t = CrdKind::AuthorizationPolicy)]
         kind: CrdKind,
     },
@@ -34,6 +35,7 @@ pub enum CrdKind {
     DestinationRule,
     VirtualService,
     PeerAuthentication,
+    RequestAuthentication,
 }
 
 /// Writes `text` to standard output. A reader that went away (`... | head`) ends the

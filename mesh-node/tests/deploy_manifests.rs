@@ -141,6 +141,20 @@ fn the_peer_authentication_crd_matches_the_rust_type_at_istios_versions() {
 }
 
 #[test]
+fn the_request_authentication_crd_matches_the_rust_type_at_istios_versions() {
+    let path = deploy_dir().join("crds/istio/requestauthentication.yaml");
+    let on_disk: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let generated =
+        serde_yaml::to_value(mesh_node::discovery::request_authentication::crd()).unwrap();
+    assert_eq!(
+        on_disk, generated,
+        "deploy/crds/istio/requestauthentication.yaml is stale: regenerate it with `mesh-node crds --kind request-authentication > deploy/crds/istio/requestauthentication.yaml`"
+    );
+    assert_eq!(on_disk["spec"]["group"], "security.istio.io");
+}
+
+#[test]
 fn the_virtual_service_crd_matches_the_rust_type_at_istios_versions() {
     let path = deploy_dir().join("crds/istio/virtualservice.yaml");
     let on_disk: serde_yaml::Value =
@@ -169,7 +183,7 @@ fn every_manifest_parses_into_its_typed_object() {
     assert_eq!(count(|o| matches!(o, Object::Deployment(_))), 5);
     assert_eq!(count(|o| matches!(o, Object::HttpRoute(_))), 1);
     assert_eq!(count(|o| matches!(o, Object::AuthorizationPolicy(_))), 1);
-    assert_eq!(count(|o| matches!(o, Object::Crd(_))), 4);
+    assert_eq!(count(|o| matches!(o, Object::Crd(_))), 5);
     assert!(files.len() >= 10, "{files:?}");
 }
 

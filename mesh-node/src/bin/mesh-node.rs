@@ -67,6 +67,9 @@ fn main() -> ExitCode {
                 mesh_node::cli::CrdKind::PeerAuthentication => {
                     mesh_node::discovery::peer_authentication::crd()
                 }
+                mesh_node::cli::CrdKind::RequestAuthentication => {
+                    mesh_node::discovery::request_authentication::crd()
+                }
             };
             let written = serde_yaml::to_string(&crd)
                 .map_err(|e| format!("cannot render the CRD: {e}"))

@@ -32,9 +32,11 @@ use crate::{
     discovery::destination_rule::DestinationRule, discovery::mtls::EffectiveMtls,
     discovery::mtls::PeerAuthIndex, discovery::mtls::RootNamespace, discovery::mtls::WorkloadMtls,
     discovery::peer_authentication::PeerAuthentication, discovery::policy::AuthorizationPolicy,
-    discovery::traffic_policy::compile, discovery::traffic_policy::CompiledRule,
-    discovery::traffic_policy::Problem, discovery::traffic_policy::ProblemReason,
-    discovery::virtual_service::VirtualService, keys::ObjectKey, keys::PodKey,
+    discovery::request_auth::CompiledRequestAuth, discovery::request_auth::RequestAuthIndex,
+    discovery::request_authentication::RequestAuthentication, discovery::traffic_policy::compile,
+    discovery::traffic_policy::CompiledRule, discovery::traffic_policy::Problem,
+    discovery::traffic_policy::ProblemReason, discovery::virtual_service::VirtualService,
+    keys::ObjectKey, keys::PodKey,
 };
 
 /// Label EndpointSlices carry to name their Service.
@@ -53,10 +55,11 @@ pub enum Kind {
     DestinationRule,
     VirtualService,
     PeerAuthentication,
+    RequestAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -67,6 +70,7 @@ impl Kind {
         Kind::DestinationRule,
         Kind::VirtualService,
         Kind::PeerAuthentication,
+        Kind::RequestAuthentication,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,6 +85,7 @@ impl Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::VirtualService => "VirtualService",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::RequestAuthentication => "RequestAuthentication",
         }
     }
 }
@@ -98,6 +103,7 @@ pub enum KubeObject {
     DestinationRule(Box<DestinationRule>),
     VirtualService(Box<VirtualService>),
     PeerAuthentication(Box<PeerAuthentication>),
+    RequestAuthentication(Box<RequestAuthentication>),
 }
 
 impl KubeObject {
@@ -113,6 +119,7 @@ impl KubeObject {
             KubeObject::DestinationRule(_) => Kind::DestinationRule,
             KubeObject::VirtualService(_) => Kind::VirtualService,
             KubeObject::PeerAuthentication(_) => Kind::PeerAuthentication,
+            KubeObject::RequestAuthentication(_) => Kind::RequestAuthentication,
         }
     }
 
@@ -128,6 +135,7 @@ impl KubeObject {
             KubeObject::DestinationRule(o) => &o.metadata,
             KubeObject::VirtualService(o) => &o.metadata,
             KubeObject::PeerAuthentication(o) => &o.metadata,
+            KubeObject::RequestAuthentication(o) => &o.metadata,
         }
     }
 
@@ -163,6 +171,10 @@ pub struct ClusterState {
     /// Every PeerAuthentication checked, which are in force, and the root namespace
     /// (`discovery::mtls`; [`ClusterState::mtls_mode`] reads it).
     pub peer_authentication: Arc<PeerAuthIndex>,
+    pub request_authentications: Objects<RequestAuthentication>,
+    /// Every RequestAuthentication checked (`discovery::request_auth`;
+    /// [`ClusterState::request_authentications_for`] reads it).
+    pub request_authentication: Arc<RequestAuthIndex>,
     pods_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
     services_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
     slices_by_service: Arc<HashMap<ObjectKey, BTreeSet<ObjectKey>>>,
@@ -433,6 +445,10 @@ impl ClusterState {
                 upsert(&mut self.peer_authentications, key, *o);
                 self.reindex_peer_authentications();
             }
+            KubeObject::RequestAuthentication(o) => {
+                upsert(&mut self.request_authentications, key, *o);
+                self.reindex_request_authentications();
+            }
         }
     }
 
@@ -490,6 +506,11 @@ impl ClusterState {
                     self.reindex_peer_authentications();
                 }
             }
+            Kind::RequestAuthentication => {
+                if take(&mut self.request_authentications, key).is_some() {
+                    self.reindex_request_authentications();
+                }
+            }
         }
     }
 
@@ -506,6 +527,7 @@ impl ClusterState {
             Kind::DestinationRule => self.destination_rules.keys().cloned().collect(),
             Kind::VirtualService => self.virtual_services.keys().cloned().collect(),
             Kind::PeerAuthentication => self.peer_authentications.keys().cloned().collect(),
+            Kind::RequestAuthentication => self.request_authentications.keys().cloned().collect(),
         };
         let keep: BTreeSet<ObjectKey> = objects.iter().filter_map(KubeObject::key).collect();
         for key in keys.iter().filter(|k| !keep.contains(*k)) {
@@ -571,6 +593,45 @@ impl ClusterState {
             self.peer_authentication =
                 Arc::new(PeerAuthIndex::build(root, &self.peer_authentications));
         }
+        if self.request_authentication.root() != root {
+            self.request_authentication =
+                Arc::new(RequestAuthIndex::build(root, &self.request_authentications));
+        }
+    }
+
+    /// Checks every RequestAuthentication again (they are few).
+    fn reindex_request_authentications(&mut self) {
+        let root = self.peer_authentication.root().clone();
+        self.request_authentication = Arc::new(RequestAuthIndex::build(
+            &root,
+            &self.request_authentications,
+        ));
+    }
+
+    /// The RequestAuthentications that select the pod `pod`, by key (their rules all
+    /// apply).
+    pub fn request_authentications_for(
+        &self,
+        pod: &PodKey,
+    ) -> Vec<(&ObjectKey, &Arc<CompiledRequestAuth>)> {
+        if self.request_authentication.is_empty() {
+            return Vec::new();
+        }
+        let labels = self.pods.get(pod).and_then(|p| p.metadata.labels.as_ref());
+        let selects = |service: &ObjectKey| {
+            service.namespace == pod.namespace
+                && self
+                    .services
+                    .get(service)
+                    .and_then(|s| s.spec.as_ref()?.selector.as_ref())
+                    .is_some_and(|want| {
+                        !want.is_empty()
+                            && want
+                                .iter()
+                                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+                    })
+        };
+        self.request_authentication.selecting(pod, labels, selects)
     }
 
     /// Checks every PeerAuthentication again (they are few) and decides which are in
@@ -724,6 +785,10 @@ impl ClusterState {
             (
                 Kind::PeerAuthentication.name(),
                 self.peer_authentications.len(),
+            ),
+            (
+                Kind::RequestAuthentication.name(),
+                self.request_authentications.len(),
             ),
         ])
     }

@@ -1,5 +1,5 @@
 //! Reporting what is wrong with, or not implemented for, the configuration objects of
-//! a new state (DestinationRules, PeerAuthentications): each problem logged with the
+//! a new state (DestinationRules, PeerAuthentications, RequestAuthentications): each problem logged with the
 //! object's name
 //! (rate-limited) and counted in `nodemesh_config_problems_total{kind,reason}` once
 //! per version of the object, not once per snapshot. `meshctl node services` shows
@@ -42,9 +42,21 @@ impl ProblemReporter {
             };
             (Kind::PeerAuthentication, key, &pa.problems, applied)
         });
+        let request = state
+            .request_authentication
+            .compiled
+            .iter()
+            .map(|(key, ra)| {
+                (
+                    Kind::RequestAuthentication,
+                    key,
+                    &ra.problems,
+                    "the rest of the policy applies",
+                )
+            });
         let mut new = 0;
         let mut reported = HashMap::new();
-        for (kind, key, problems, applied) in rules.chain(peer) {
+        for (kind, key, problems, applied) in rules.chain(peer).chain(request) {
             if problems.is_empty() {
                 continue;
             }

@@ -1,6 +1,7 @@
 //! The proxy: per-pod context and accept loop, the outbound and inbound in-pod
 //! listeners, the L4 relay step, and the HTTP downstream/upstream of the L7 path.
 
+pub(crate) mod dial;
 pub(crate) mod http;
 pub(crate) mod inbound;
 pub(crate) mod inbound_hbone;

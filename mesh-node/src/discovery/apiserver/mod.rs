@@ -33,6 +33,7 @@ use crate::{
     discovery::destination_rule::VERSIONS, discovery::mtls::RootNamespace,
     discovery::peer_authentication::PeerAuthentication,
     discovery::peer_authentication::ISTIO_SECURITY, discovery::policy::AuthorizationPolicy,
+    discovery::request_authentication::RequestAuthentication,
     discovery::virtual_service::VirtualService, telemetry::metrics::Metrics,
 };
 
@@ -43,7 +44,7 @@ pub const WATCH_VERBS: [&str; 2] = ["list", "watch"];
 const GATEWAY_API: &str = "gateway.networking.k8s.io";
 
 /// What discovery reads, kind by kind (keep in step with [`run`]).
-pub static KINDS: [KindSpec; 10] = [
+pub static KINDS: [KindSpec; 11] = [
     KindSpec {
         kind: Kind::Namespace,
         group: "",
@@ -115,6 +116,13 @@ pub static KINDS: [KindSpec; 10] = [
         kind: Kind::PeerAuthentication,
         group: ISTIO_SECURITY,
         plural: "peerauthentications",
+        versions: &crate::discovery::peer_authentication::VERSIONS,
+        crd: true,
+    },
+    KindSpec {
+        kind: Kind::RequestAuthentication,
+        group: ISTIO_SECURITY,
+        plural: "requestauthentications",
         versions: &crate::discovery::peer_authentication::VERSIONS,
         crd: true,
     },
@@ -306,9 +314,15 @@ pub async fn run(
         ev_tx.clone(),
     ));
     tokio::spawn(watch_kind::<PeerAuthentication>(
-        client,
+        client.clone(),
         spec(Kind::PeerAuthentication),
         |o| KubeObject::PeerAuthentication(Box::new(o)),
+        ev_tx.clone(),
+    ));
+    tokio::spawn(watch_kind::<RequestAuthentication>(
+        client,
+        spec(Kind::RequestAuthentication),
+        |o| KubeObject::RequestAuthentication(Box::new(o)),
         ev_tx,
     ));
     let mut kube = KubeState::with_root_namespace(&root);
@@ -346,6 +360,8 @@ pub async fn run(
 mod fake_apiserver;
 #[cfg(test)]
 mod peer_auth_wire_tests;
+#[cfg(test)]
+mod request_auth_wire_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
