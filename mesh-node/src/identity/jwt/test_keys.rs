@@ -5,10 +5,10 @@ use jsonwebtoken::{jwk::Jwk, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
 pub(super) struct TestKey {
-    pub alg: Algorithm,
-    pub kid: String,
+    pub(super) alg: Algorithm,
+    pub(super) kid: String,
     encoding: EncodingKey,
-    pub jwk: Value,
+    pub(super) jwk: Value,
 }
 
 /// The contents of the DER element at the start of `der`, and what follows it.
@@ -47,13 +47,13 @@ impl TestKey {
         }
     }
 
-    pub fn rsa(kid: &str, alg: Algorithm) -> TestKey {
+    pub(super) fn rsa(kid: &str, alg: Algorithm) -> TestKey {
         let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
         let der = pkcs1_of(&pair.serialize_der());
         TestKey::new(alg, kid, EncodingKey::from_rsa_der(&der))
     }
 
-    pub fn ec(kid: &str, alg: Algorithm) -> TestKey {
+    pub(super) fn ec(kid: &str, alg: Algorithm) -> TestKey {
         let which = match alg {
             Algorithm::ES384 => &rcgen::PKCS_ECDSA_P384_SHA384,
             _ => &rcgen::PKCS_ECDSA_P256_SHA256,
@@ -64,7 +64,7 @@ impl TestKey {
 
     /// (The crate reads an Ed25519 JWK only out of a PKCS#8 v1 key; aws-lc writes v2,
     /// so the public JWK is written from the raw public key.)
-    pub fn ed25519(kid: &str) -> TestKey {
+    pub(super) fn ed25519(kid: &str) -> TestKey {
         use base64::Engine;
         let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
         let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(pair.public_key_raw());
@@ -77,13 +77,13 @@ impl TestKey {
     }
 
     /// A token with `claims`, naming this key's `kid` (or none).
-    pub fn sign_with_kid(&self, claims: &Value, kid: bool) -> String {
+    pub(super) fn sign_with_kid(&self, claims: &Value, kid: bool) -> String {
         let mut header = Header::new(self.alg);
         header.kid = kid.then(|| self.kid.clone());
         jsonwebtoken::encode(&header, claims, &self.encoding).unwrap()
     }
 
-    pub fn sign(&self, claims: &Value) -> String {
+    pub(super) fn sign(&self, claims: &Value) -> String {
         self.sign_with_kid(claims, true)
     }
 }
