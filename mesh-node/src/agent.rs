@@ -238,7 +238,9 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
     let pools = Arc::new(crate::routing::pool::ConnectionPools::new(Some(
         metrics.pools.clone(),
     )));
-    let jwt = crate::identity::jwt::JwtAuthenticator::new();
+    // Request authentication: the keys of every jwksUri this node's pods need,
+    // fetched through the mesh as the pods would.
+    let jwt = crate::identity::jwt::JwtAuthenticator::counted(metrics.clone(), config.jwks_refresh);
     let admin_state = Arc::new(AdminState {
         config: config.clone(),
         dataplane: dataplane.clone(),
@@ -282,6 +284,13 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         },
     ));
 
+    let dialer = crate::proxy::dial::MeshDialer::new();
+    crate::identity::jwt::fetcher::spawn(
+        &jwt,
+        state_rx.clone(),
+        config.node_name.clone(),
+        dialer.clone(),
+    );
     let mut workloads = Workloads::new(
         ProxySettings {
             node: config.node_name.clone(),
@@ -300,7 +309,8 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
                 metrics.route_config_problems.clone(),
             )),
             limits: config.pod_limits(),
-            jwt,
+            jwt: jwt.clone(),
+            dialer: dialer.clone(),
         },
         home.clone(),
         dataplane.clone(),

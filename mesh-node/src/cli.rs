@@ -21,8 +21,9 @@ pub enum Command {
     /// Print a CustomResourceDefinition Nodemesh reads, as YAML.
     Crds {
         /// Which one: Nodemesh's AuthorizationPolicy, or Istio's DestinationRule,
-        /// VirtualService, PeerAuthentication or AuthorizationPolicy
-        /// (`istio-authorization-policy`), for clusters without Istio's own CRDs.
+        /// VirtualService, PeerAuthentication, AuthorizationPolicy
+        /// (`istio-authorization-policy`) or RequestAuthentication, for clusters without
+        /// Istio's own CRDs.
         #[arg(long, value_enum, default_value_t = CrdKind::AuthorizationPolicy)]
         kind: CrdKind,
     },
@@ -37,6 +38,7 @@ pub enum CrdKind {
     PeerAuthentication,
     /// Istio's (`security.istio.io`); `authorization-policy` is Nodemesh's own.
     IstioAuthorizationPolicy,
+    RequestAuthentication,
 }
 
 /// Writes `text` to standard output. A reader that went away (`... | head`) ends the

@@ -96,6 +96,8 @@ pub(crate) struct ProxySettings {
     pub limits: crate::limits::PodLimits,
     /// Request authentication (JWT) for the node's workloads.
     pub jwt: Arc<crate::identity::jwt::JwtAuthenticator>,
+    /// Connections the agent opens as a local pod (JWKS fetches): it knows every pod.
+    pub dialer: Arc<crate::proxy::dial::MeshDialer>,
 }
 
 struct RunningPod {
@@ -585,6 +587,7 @@ impl Workloads {
             mirrors: Default::default(),
             jwt: self.settings.jwt.clone(),
         });
+        self.settings.dialer.register(&ctx);
         let mut listeners = Vec::new();
         let mut tasks = Vec::new();
         let mut note = |l: &TcpListener| {

@@ -155,6 +155,20 @@ fn the_istio_authorization_policy_crd_matches_the_rust_type_at_istios_versions()
 }
 
 #[test]
+fn the_request_authentication_crd_matches_the_rust_type_at_istios_versions() {
+    let path = deploy_dir().join("crds/istio/requestauthentication.yaml");
+    let on_disk: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let generated =
+        serde_yaml::to_value(mesh_node::discovery::request_authentication::crd()).unwrap();
+    assert_eq!(
+        on_disk, generated,
+        "deploy/crds/istio/requestauthentication.yaml is stale: regenerate it with `mesh-node crds --kind request-authentication > deploy/crds/istio/requestauthentication.yaml`"
+    );
+    assert_eq!(on_disk["spec"]["group"], "security.istio.io");
+}
+
+#[test]
 fn the_virtual_service_crd_matches_the_rust_type_at_istios_versions() {
     let path = deploy_dir().join("crds/istio/virtualservice.yaml");
     let on_disk: serde_yaml::Value =

@@ -63,7 +63,7 @@ async fn echo(
     pod: Arc<String>,
     attempts: Attempts,
     seen: Seen,
-    always: Behaviour,
+    always: Arc<Behaviour>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let host = request
         .headers()
@@ -91,6 +91,21 @@ async fn echo(
         .collect();
     if let Some(delay) = always.delay {
         tokio::time::sleep(delay).await;
+    }
+    if let Some(path) = &always.file {
+        let mut r = match std::fs::read(path) {
+            Ok(bytes) => {
+                let mut r = Response::new(Full::new(Bytes::from(bytes)));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            Err(e) => text(StatusCode::NOT_FOUND, format!("{}: {e}\n", path.display())),
+        };
+        r.headers_mut().insert("x-served-by", header_value(&pod));
+        return Ok(r);
     }
     if let Some(status) = always.status.and_then(|s| StatusCode::from_u16(s).ok()) {
         let mut r = text(status, format!("{pod} always answers {status}\n"));
@@ -206,17 +221,20 @@ fn websocket_upgrade(
 }
 
 /// How the echo server treats every request (a broken or slow endpoint).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Behaviour {
     /// Answer every request with this status.
     pub status: Option<u16>,
     /// Wait this long before every answer.
     pub delay: Option<Duration>,
+    /// Answer every request with this file's contents (read at each request).
+    pub file: Option<std::path::PathBuf>,
 }
 
 /// Serves HTTP/1.1 and HTTP/2 prior knowledge on every address; prints `ready`.
 pub fn serve(listen: Vec<SocketAddr>, pod: String, always: Behaviour) -> ! {
     let rt = runtime();
+    let always = Arc::new(always);
     rt.block_on(async move {
         let pod = Arc::new(pod);
         let attempts: Attempts = Arc::default();
@@ -235,12 +253,16 @@ pub fn serve(listen: Vec<SocketAddr>, pod: String, always: Behaviour) -> ! {
         let mut tasks = Vec::new();
         for listener in listeners {
             let (pod, attempts, seen) = (pod.clone(), attempts.clone(), seen.clone());
+            let always = always.clone();
             tasks.push(tokio::spawn(async move {
                 while let Ok((stream, peer)) = listener.accept().await {
                     let (pod, attempts, seen) = (pod.clone(), attempts.clone(), seen.clone());
+                    let always = always.clone();
                     tokio::spawn(async move {
                         let svc = service_fn(move |r| {
-                            echo(r, peer, pod.clone(), attempts.clone(), seen.clone(), always)
+                            let (pod, attempts, seen) =
+                                (pod.clone(), attempts.clone(), seen.clone());
+                            echo(r, peer, pod, attempts, seen, always.clone())
                         });
                         let _ = auto::Builder::new(TokioExecutor::new())
                             .serve_connection_with_upgrades(TokioIo::new(stream), svc)

@@ -70,6 +70,9 @@ fn main() -> ExitCode {
                 mesh_node::cli::CrdKind::IstioAuthorizationPolicy => {
                     mesh_node::discovery::authorization_policy::crd()
                 }
+                mesh_node::cli::CrdKind::RequestAuthentication => {
+                    mesh_node::discovery::request_authentication::crd()
+                }
             };
             let written = serde_yaml::to_string(&crd)
                 .map_err(|e| format!("cannot render the CRD: {e}"))

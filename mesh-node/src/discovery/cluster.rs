@@ -34,9 +34,11 @@ use crate::{
     discovery::destination_rule::DestinationRule, discovery::mtls::EffectiveMtls,
     discovery::mtls::PeerAuthIndex, discovery::mtls::RootNamespace, discovery::mtls::WorkloadMtls,
     discovery::peer_authentication::PeerAuthentication, discovery::policy::AuthorizationPolicy,
-    discovery::traffic_policy::compile, discovery::traffic_policy::CompiledRule,
-    discovery::traffic_policy::Problem, discovery::traffic_policy::ProblemReason,
-    discovery::virtual_service::VirtualService, keys::ObjectKey, keys::PodKey,
+    discovery::request_auth::CompiledRequestAuth, discovery::request_auth::RequestAuthIndex,
+    discovery::request_authentication::RequestAuthentication, discovery::traffic_policy::compile,
+    discovery::traffic_policy::CompiledRule, discovery::traffic_policy::Problem,
+    discovery::traffic_policy::ProblemReason, discovery::virtual_service::VirtualService,
+    keys::ObjectKey, keys::PodKey,
 };
 
 /// Label EndpointSlices carry to name their Service.
@@ -57,10 +59,11 @@ pub enum Kind {
     PeerAuthentication,
     /// Istio's (`security.istio.io`); `AuthorizationPolicy` is Nodemesh's own.
     IstioAuthorizationPolicy,
+    RequestAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -72,6 +75,7 @@ impl Kind {
         Kind::VirtualService,
         Kind::PeerAuthentication,
         Kind::IstioAuthorizationPolicy,
+        Kind::RequestAuthentication,
     ];
 
     pub fn name(self) -> &'static str {
@@ -87,6 +91,7 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::IstioAuthorizationPolicy => "AuthorizationPolicy.security.istio.io",
+            Kind::RequestAuthentication => "RequestAuthentication",
         }
     }
 }
@@ -105,6 +110,7 @@ pub enum KubeObject {
     VirtualService(Box<VirtualService>),
     PeerAuthentication(Box<PeerAuthentication>),
     IstioAuthorizationPolicy(Box<IstioAuthorizationPolicy>),
+    RequestAuthentication(Box<RequestAuthentication>),
 }
 
 impl KubeObject {
@@ -121,6 +127,7 @@ impl KubeObject {
             KubeObject::VirtualService(_) => Kind::VirtualService,
             KubeObject::PeerAuthentication(_) => Kind::PeerAuthentication,
             KubeObject::IstioAuthorizationPolicy(_) => Kind::IstioAuthorizationPolicy,
+            KubeObject::RequestAuthentication(_) => Kind::RequestAuthentication,
         }
     }
 
@@ -137,6 +144,7 @@ impl KubeObject {
             KubeObject::VirtualService(o) => &o.metadata,
             KubeObject::PeerAuthentication(o) => &o.metadata,
             KubeObject::IstioAuthorizationPolicy(o) => &o.metadata,
+            KubeObject::RequestAuthentication(o) => &o.metadata,
         }
     }
 
@@ -180,6 +188,10 @@ pub struct ClusterState {
     /// Every PeerAuthentication checked, which are in force, and the root namespace
     /// (`discovery::mtls`; [`ClusterState::mtls_mode`] reads it).
     pub peer_authentication: Arc<PeerAuthIndex>,
+    pub request_authentications: Objects<RequestAuthentication>,
+    /// Every RequestAuthentication checked (`discovery::request_auth`;
+    /// [`ClusterState::request_authentications_for`] reads it).
+    pub request_authentication: Arc<RequestAuthIndex>,
     pods_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
     services_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
     slices_by_service: Arc<HashMap<ObjectKey, BTreeSet<ObjectKey>>>,
@@ -455,6 +467,10 @@ impl ClusterState {
                 upsert(&mut self.peer_authentications, key, *o);
                 self.reindex_peer_authentications();
             }
+            KubeObject::RequestAuthentication(o) => {
+                upsert(&mut self.request_authentications, key, *o);
+                self.reindex_request_authentications();
+            }
         }
     }
 
@@ -519,6 +535,11 @@ impl ClusterState {
                     self.reindex_peer_authentications();
                 }
             }
+            Kind::RequestAuthentication => {
+                if take(&mut self.request_authentications, key).is_some() {
+                    self.reindex_request_authentications();
+                }
+            }
         }
     }
 
@@ -538,6 +559,7 @@ impl ClusterState {
             Kind::IstioAuthorizationPolicy => {
                 self.istio_authorization_policies.keys().cloned().collect()
             }
+            Kind::RequestAuthentication => self.request_authentications.keys().cloned().collect(),
         };
         let keep: BTreeSet<ObjectKey> = objects.iter().filter_map(KubeObject::key).collect();
         for key in keys.iter().filter(|k| !keep.contains(*k)) {
@@ -614,6 +636,45 @@ impl ClusterState {
             self.peer_authentication =
                 Arc::new(PeerAuthIndex::build(root, &self.peer_authentications));
         }
+        if self.request_authentication.root() != root {
+            self.request_authentication =
+                Arc::new(RequestAuthIndex::build(root, &self.request_authentications));
+        }
+    }
+
+    /// Checks every RequestAuthentication again (they are few).
+    fn reindex_request_authentications(&mut self) {
+        let root = self.peer_authentication.root().clone();
+        self.request_authentication = Arc::new(RequestAuthIndex::build(
+            &root,
+            &self.request_authentications,
+        ));
+    }
+
+    /// The RequestAuthentications that select the pod `pod`, by key (their rules all
+    /// apply).
+    pub fn request_authentications_for(
+        &self,
+        pod: &PodKey,
+    ) -> Vec<(&ObjectKey, &Arc<CompiledRequestAuth>)> {
+        if self.request_authentication.is_empty() {
+            return Vec::new();
+        }
+        let labels = self.pods.get(pod).and_then(|p| p.metadata.labels.as_ref());
+        let selects = |service: &ObjectKey| {
+            service.namespace == pod.namespace
+                && self
+                    .services
+                    .get(service)
+                    .and_then(|s| s.spec.as_ref()?.selector.as_ref())
+                    .is_some_and(|want| {
+                        !want.is_empty()
+                            && want
+                                .iter()
+                                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+                    })
+        };
+        self.request_authentication.selecting(pod, labels, selects)
     }
 
     /// Checks every PeerAuthentication again (they are few) and decides which are in
@@ -771,6 +832,10 @@ impl ClusterState {
             (
                 Kind::IstioAuthorizationPolicy.name(),
                 self.istio_authorization_policies.len(),
+            ),
+            (
+                Kind::RequestAuthentication.name(),
+                self.request_authentications.len(),
             ),
         ])
     }

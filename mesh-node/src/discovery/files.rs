@@ -73,6 +73,9 @@ fn collect(value: serde_yaml::Value, doc: usize, out: &mut Vec<KubeObject>) -> R
         "PeerAuthentication" if is_istio_security(&value) => {
             KubeObject::PeerAuthentication(Box::new(serde_yaml::from_value(value).map_err(typed)?))
         }
+        "RequestAuthentication" if is_istio_security(&value) => KubeObject::RequestAuthentication(
+            Box::new(serde_yaml::from_value(value).map_err(typed)?),
+        ),
         "List" => {
             let items = value
                 .get("items")

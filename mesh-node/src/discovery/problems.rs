@@ -1,7 +1,6 @@
 //! Reporting what is wrong with, or not implemented for, the configuration objects of
-//! a new state (DestinationRules, PeerAuthentications, AuthorizationPolicies): each problem logged with the
-//! object's name
-//! (rate-limited) and counted in `nodemesh_config_problems_total{kind,reason}` once
+//! a new state (DestinationRules, PeerAuthentications, AuthorizationPolicies,
+//! RequestAuthentications): each problem logged with the object's name (rate-limited) and counted in `nodemesh_config_problems_total{kind,reason}` once
 //! per version of the object, not once per snapshot. `meshctl node services` shows
 //! them too.
 
@@ -51,9 +50,21 @@ impl ProblemReporter {
             let applied = "what cannot be compiled fails closed (see detail)";
             (kind, &p.id.key, &p.problems, applied)
         });
+        let request = state
+            .request_authentication
+            .compiled
+            .iter()
+            .map(|(key, ra)| {
+                (
+                    Kind::RequestAuthentication,
+                    key,
+                    &ra.problems,
+                    "the rest of the policy applies",
+                )
+            });
         let mut new = 0;
         let mut reported = HashMap::new();
-        for (kind, key, problems, applied) in rules.chain(peer).chain(authz) {
+        for (kind, key, problems, applied) in rules.chain(peer).chain(authz).chain(request) {
             if problems.is_empty() {
                 continue;
             }

@@ -2,6 +2,7 @@
 //! listeners, the L4 relay step, the HTTP downstream/upstream of the L7 path, and the
 //! destination's per-request policy (inbound HTTP).
 
+pub(crate) mod dial;
 pub(crate) mod http;
 pub(crate) mod inbound;
 pub(crate) mod inbound_hbone;

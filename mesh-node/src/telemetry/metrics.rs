@@ -159,6 +159,10 @@ pub struct Metrics {
     /// Problems found in configuration objects (DestinationRules), by kind and reason;
     /// counted once per object version.
     pub config_problems: IntCounterVec,
+    /// JWKS documents fetched for RequestAuthentication `jwksUri`s, by result.
+    pub jwks_fetches: IntCounterVec,
+    /// Requests whose JSON Web Token was refused (401), by reason.
+    pub jwt_rejected: IntCounterVec,
     /// HTTP requests on L7 routes.
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
@@ -296,6 +300,18 @@ impl Metrics {
                 "nodemesh_config_problems_total",
                 "Problems found in configuration objects (rejected, shadowed or not implemented), by kind and reason.",
                 &["kind", "reason"],
+            ),
+            jwks_fetches: counter_vec(
+                &r,
+                "nodemesh_jwks_fetches_total",
+                "JWKS fetches for RequestAuthentication jwksUri, by result (ok, http_error, too_large, timeout, connect_failed, bad_jwks, unsupported).",
+                &["result"],
+            ),
+            jwt_rejected: counter_vec(
+                &r,
+                "nodemesh_jwt_rejected_total",
+                "Requests whose JSON Web Token was refused (401), by reason.",
+                &["reason"],
             ),
             mirrored_requests: counter_vec(
                 &r,

@@ -75,6 +75,11 @@ enum Cmd {
         /// Wait this long before every answer (a slow endpoint).
         #[arg(long)]
         delay_ms: Option<u64>,
+        /// Answer every request with this file's contents, read at each request
+        /// (`application/json`; 404 while the file is missing): a static file server,
+        /// such as an issuer's JWKS.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
     },
     /// COUNT HTTP requests on one kept-alive connection; prints a summary.
     Http {
@@ -504,12 +509,14 @@ fn main() {
             name,
             status,
             delay_ms,
+            file,
         } => httpapp::serve(
             listen,
             name,
             httpapp::Behaviour {
                 status,
                 delay: delay_ms.map(std::time::Duration::from_millis),
+                file,
             },
         ),
         Cmd::Http {

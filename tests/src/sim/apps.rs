@@ -122,6 +122,26 @@ impl SimCluster {
         )
     }
 
+    /// An HTTP server in `pod` on `port` answering every request with the contents of
+    /// `file` (read at each request, so rewriting it changes the answers): a static
+    /// file server, such as an issuer's JWKS endpoint.
+    pub fn http_serve_file(&self, pod: &str, port: u16, file: &std::path::Path) -> Result<Process> {
+        let listen = format!("[::]:{port}");
+        let file = file.to_string_lossy().to_string();
+        self.start_server(
+            pod,
+            &[
+                "http-serve",
+                "--name",
+                pod,
+                "--listen",
+                &listen,
+                "--file",
+                &file,
+            ],
+        )
+    }
+
     fn start_server(&self, pod: &str, args: &[&str]) -> Result<Process> {
         let p = self.pod(pod);
         let mut cmd = p.placement().command(&self.testapp)?;

@@ -34,6 +34,7 @@ use crate::{
     discovery::destination_rule::VERSIONS, discovery::mtls::RootNamespace,
     discovery::peer_authentication::PeerAuthentication,
     discovery::peer_authentication::ISTIO_SECURITY, discovery::policy::AuthorizationPolicy,
+    discovery::request_authentication::RequestAuthentication,
     discovery::virtual_service::VirtualService, telemetry::metrics::Metrics,
 };
 
@@ -44,7 +45,7 @@ pub const WATCH_VERBS: [&str; 2] = ["list", "watch"];
 const GATEWAY_API: &str = "gateway.networking.k8s.io";
 
 /// What discovery reads, kind by kind (keep in step with [`run`]).
-pub static KINDS: [KindSpec; 11] = [
+pub static KINDS: [KindSpec; 12] = [
     KindSpec {
         kind: Kind::Namespace,
         group: "",
@@ -123,6 +124,13 @@ pub static KINDS: [KindSpec; 11] = [
         kind: Kind::IstioAuthorizationPolicy,
         group: ISTIO_SECURITY,
         plural: "authorizationpolicies",
+        versions: &crate::discovery::peer_authentication::VERSIONS,
+        crd: true,
+    },
+    KindSpec {
+        kind: Kind::RequestAuthentication,
+        group: ISTIO_SECURITY,
+        plural: "requestauthentications",
         versions: &crate::discovery::peer_authentication::VERSIONS,
         crd: true,
     },
@@ -320,9 +328,15 @@ pub async fn run(
         ev_tx.clone(),
     ));
     tokio::spawn(watch_kind::<IstioAuthorizationPolicy>(
-        client,
+        client.clone(),
         spec(Kind::IstioAuthorizationPolicy),
         |o| KubeObject::IstioAuthorizationPolicy(Box::new(o)),
+        ev_tx.clone(),
+    ));
+    tokio::spawn(watch_kind::<RequestAuthentication>(
+        client,
+        spec(Kind::RequestAuthentication),
+        |o| KubeObject::RequestAuthentication(Box::new(o)),
         ev_tx,
     ));
     let mut kube = KubeState::with_root_namespace(&root);
@@ -362,6 +376,8 @@ mod authz_wire_tests;
 mod fake_apiserver;
 #[cfg(test)]
 mod peer_auth_wire_tests;
+#[cfg(test)]
+mod request_auth_wire_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
