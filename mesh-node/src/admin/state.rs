@@ -74,6 +74,8 @@ pub struct AdminState {
     pub balancer: Arc<Balancer>,
     /// The node's connection pools (circuit breaking occupancy).
     pub pools: Arc<crate::routing::pool::ConnectionPools>,
+    /// The node's request authenticator (JWKS), for traces of requests with a JWT.
+    pub jwt: Arc<crate::identity::jwt::JwtAuthenticator>,
     pub started: Instant,
 }
 

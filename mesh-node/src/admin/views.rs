@@ -8,12 +8,13 @@ use crate::{
     admin::api::CertificateCounts, admin::api::CertificateState, admin::api::ConnectionCounts,
     admin::api::HashView, admin::api::HttpRequestView, admin::api::InboundView,
     admin::api::MapView, admin::api::PoliciesView, admin::api::PolicyView, admin::api::ProgramView,
-    admin::api::RedirectView, admin::api::ResolutionView, admin::api::ResolvedBackendView,
-    admin::api::RouteView, admin::api::ServiceView, admin::api::SourceView,
-    admin::api::StateSummary, admin::api::StatusView, admin::api::TraceOutcome,
-    admin::api::TraceTransport, admin::api::TraceView, admin::api::WorkloadCounts,
-    admin::peer_auth, admin::routes::route_views, admin::state::unix_now, admin::state::AdminState,
-    admin::trace::trace, admin::trace::HttpAttributes, admin::trace::Outcome, admin::trace::Trace,
+    admin::api::RedirectView, admin::api::RequestView, admin::api::ResolutionView,
+    admin::api::ResolvedBackendView, admin::api::RouteView, admin::api::ServiceView,
+    admin::api::SourceView, admin::api::StateSummary, admin::api::StatusView,
+    admin::api::TraceOutcome, admin::api::TraceTransport, admin::api::TraceView,
+    admin::api::WorkloadCounts, admin::peer_auth, admin::routes::route_views,
+    admin::state::unix_now, admin::state::AdminState, admin::trace::trace,
+    admin::trace::HttpAttributes, admin::trace::Outcome, admin::trace::Trace,
     admin::trace::TraceError, admin::trace::TraceInputs, admin::trace::Transport,
     capture::dataplane::MapStatus, capture::dataplane::ProgramStatus,
     discovery::cluster::service_ips, discovery::cluster::ClusterState, identity::authz::selects,
@@ -181,6 +182,7 @@ pub(crate) fn run_trace(
             .then_some(state.config.trust_domain.as_str()),
         picks: &picks,
         balancer: Some(&state.balancer),
+        jwt: Some(&state.jwt),
     };
     trace(&inputs, &key, to, Some(http))
         .map(|t| trace_view(t, Some(&state.balancer), Some(&state.pools)))
@@ -273,6 +275,14 @@ fn trace_view(
                         Admission::Http { policies } => AdmissionView::Http { policies },
                     }),
                     note: c.inbound.note,
+                    request: c.inbound.request.map(|r| RequestView {
+                        status: r.status,
+                        authentication: r.authentication,
+                        allowed: r.verdict.as_ref().is_some_and(|v| v.allowed),
+                        policy: r.verdict.as_ref().and_then(|v| v.policy.clone()),
+                        rule: r.verdict.as_ref().and_then(|v| v.rule),
+                        detail: r.verdict.map(|v| v.detail).unwrap_or_default(),
+                    }),
                 },
                 allowed: c.allowed,
             })
@@ -468,6 +478,7 @@ mod tests {
                 mode_source: Some("PeerAuthentication apps/strict (namespace-wide)".into()),
                 admission,
                 note: "a note".into(),
+                request: None,
             },
             allowed: true,
         };

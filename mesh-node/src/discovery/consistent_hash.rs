@@ -152,24 +152,31 @@ pub struct HashPolicy {
     pub table: HashTable,
 }
 
+impl std::fmt::Display for HashKey {
+    /// `header x-user`, `cookie session`, `query parameter u`, `source IP`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HashKey::Header { name } => write!(f, "header {name}"),
+            HashKey::Cookie { name, .. } => write!(f, "cookie {name}"),
+            HashKey::QueryParameter { name } => write!(f, "query parameter {name}"),
+            HashKey::SourceIp => write!(f, "source IP"),
+        }
+    }
+}
+
 impl std::fmt::Display for HashPolicy {
     /// `header x-user, ring hash 1024` (what `meshctl` shows).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.key {
-            HashKey::Header { name } => write!(f, "header {name}")?,
-            HashKey::Cookie { name, path, ttl_ms } => {
-                write!(f, "cookie {name}")?;
-                if let Some(p) = path {
-                    write!(f, " path {p}")?;
-                }
-                match ttl_ms {
-                    Some(0) => write!(f, " (made up when absent: session cookie)")?,
-                    Some(ms) => write!(f, " (made up when absent: ttl {ms}ms)")?,
-                    None => {}
-                }
+        write!(f, "{}", self.key)?;
+        if let HashKey::Cookie { path, ttl_ms, .. } = &self.key {
+            if let Some(p) = path {
+                write!(f, " path {p}")?;
             }
-            HashKey::QueryParameter { name } => write!(f, "query parameter {name}")?,
-            HashKey::SourceIp => write!(f, "source IP")?,
+            match ttl_ms {
+                Some(0) => write!(f, " (made up when absent: session cookie)")?,
+                Some(ms) => write!(f, " (made up when absent: ttl {ms}ms)")?,
+                None => {}
+            }
         }
         match self.table {
             HashTable::RingHash { minimum_ring_size } => {

@@ -8,11 +8,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
 
 use crate::{
-    discovery::cluster::canonical, identity::authz, identity::authz::admit,
-    identity::authz::Admission, identity::authz::ConnectionFacts, proxy::pod::accept_loop,
+    discovery::cluster::canonical, identity::authz, identity::authz::Admission,
+    identity::authz::ConnectionFacts, proxy::inbound_http, proxy::pod::accept_loop,
     proxy::pod::connect_in_pod, proxy::pod::refuse, proxy::pod::reset, proxy::pod::PodContext,
     relay::relay, telemetry::connections::ConnectionInfo, telemetry::connections::Direction,
-    telemetry::outcome::ConnectionEnd, telemetry::outcome::RefusalReason,
+    telemetry::connections::Security, telemetry::outcome::ConnectionEnd,
+    telemetry::outcome::RefusalReason,
 };
 
 pub(crate) async fn serve(listener: TcpListener, ctx: Arc<PodContext>) {
@@ -32,7 +33,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     };
     debug!(pod = %ctx.pod, src = %peer, dst = %dst, "inbound plaintext");
     let state = ctx.state.borrow().clone();
-    let info = ConnectionInfo {
+    let mut info = ConnectionInfo {
         peer: state.pod_by_ip(canonical(peer.ip())).cloned(),
         destination_identity: Some(ctx.identity.to_string()),
         ..ConnectionInfo::new(Direction::Inbound, ctx.pod.clone(), peer, dst)
@@ -51,11 +52,16 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
         peer: None,
         destination: dst,
     };
-    match admit(&state, &ctx.pod, &facts) {
+    match inbound_http::admission(&ctx, &state, &facts) {
         Admission::Refuse { reason, .. } => refuse(stream, info, reason, &ctx),
         Admission::Allow { .. } => relay_until_revoked(stream, facts, info, &ctx).await,
-        // (Served as HTTP by the L7 work; until then, refused: fail closed.)
-        Admission::Http { .. } => refuse(stream, info, RefusalReason::PolicyDenied, &ctx),
+        Admission::Http { .. } => {
+            // Each request is judged (plaintext under PERMISSIVE: no peer identity).
+            info.upstream = Some(dst);
+            let conn = ctx.connections.open(info);
+            let end = inbound_http::serve(stream, facts, ctx.clone(), Security::None).await;
+            conn.close(end);
+        }
     }
 }
 

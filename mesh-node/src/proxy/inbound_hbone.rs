@@ -16,9 +16,9 @@ use crate::{
     hbone, hbone::stream::relay_stream, hbone::stream::TcpSide, hbone::target::connect_target,
 };
 use crate::{
-    identity::authz, identity::authz::admit, identity::authz::Admission,
-    identity::authz::ConnectionFacts, identity::Identity, limits, limits::Listener,
-    limits::Refusal, limits::Stage, proxy::pod::accept_loop, proxy::pod::connect_in_pod,
+    identity::authz, identity::authz::Admission, identity::authz::ConnectionFacts,
+    identity::Identity, limits, limits::Listener, limits::Refusal, limits::Stage,
+    proxy::inbound_http, proxy::pod::accept_loop, proxy::pod::connect_in_pod,
     proxy::pod::PodContext, telemetry::connections::ConnectionInfo,
     telemetry::connections::Direction, telemetry::connections::Security,
     telemetry::outcome::ConnectionEnd, telemetry::outcome::StreamError,
@@ -179,16 +179,7 @@ async fn tunnel(
         peer: Some(identity.clone()),
         destination: target,
     };
-    let admission = admit(&ctx.state.borrow(), &ctx.pod, &facts);
-    // (Admission::Http is served as HTTP by the L7 work; until then, refused.)
-    let admission = match admission {
-        Admission::Http { policies } => Admission::Refuse {
-            reason: crate::telemetry::outcome::RefusalReason::PolicyDenied,
-            policy: policies.first().cloned(),
-            detail: "HTTP policies are not served yet".into(),
-        },
-        other => other,
-    };
+    let admission = inbound_http::admission(&ctx, &ctx.state.borrow(), &facts);
     if let Admission::Refuse {
         reason: code,
         policy,
@@ -205,6 +196,19 @@ async fn tunnel(
         return;
     }
     let conn = ctx.connections.open(info);
+    if let Admission::Http { .. } = admission {
+        // Each request is judged: the stream is served as HTTP, not relayed.
+        let Ok(ok) = Response::builder().status(StatusCode::OK).body(()) else {
+            return;
+        };
+        let send = match respond.send_response(ok, false) {
+            Ok(s) => s,
+            Err(e) => return conn.close(ConnectionEnd::Broken(StreamError::Tunnel(e.to_string()))),
+        };
+        let io = hbone::io::H2Io::new(send, request.into_body());
+        let end = inbound_http::serve(io, facts, ctx.clone(), Security::MutualTls).await;
+        return conn.close(end);
+    }
     let upstream = match connect_in_pod(&ctx, target, &Default::default()).await {
         Ok(s) => s,
         Err(end) => {

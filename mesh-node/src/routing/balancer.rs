@@ -498,14 +498,6 @@ impl Balancer {
     /// `meshctl node trace` shows. None when `backend` does not hash by key or every
     /// endpoint is ejected.
     pub fn hashed_endpoint(&self, backend: &Backend, hash: u64) -> Option<SocketAddr> {
-        let policy = backend
-            .policy
-            .consistent_hash
-            .as_ref()
-            .filter(|_| backend.policy.load_balancer == LbPolicy::ConsistentHash)?;
-        if backend.endpoints.is_empty() {
-            return None;
-        }
         // An existing slot only: a trace leaves no state behind.
         let slot = lock(&self.backends)
             .get(&backend.service)
@@ -514,9 +506,13 @@ impl Balancer {
         let skip = slot
             .as_ref()
             .and_then(|slot| self.skipped(backend, slot, &backend.service));
-        let ring = backend.ring.get(&backend.endpoints, policy.table);
-        ring.lookup(hash, |i| skip.as_ref().is_none_or(|s| !s[i]))
-            .and_then(|i| backend.endpoints.get(i).copied())
+        ring_lookup(backend, hash, |i| skip.as_ref().is_none_or(|s| !s[i]))
+    }
+
+    /// The endpoint a key hashing to `hash` lands on with no endpoint ejected (the ring
+    /// alone decides): a trace computed away from a live balancer.
+    pub fn ring_endpoint(backend: &Backend, hash: u64) -> Option<SocketAddr> {
+        ring_lookup(backend, hash, |_| true)
     }
 
     fn endpoint_of(
@@ -648,3 +644,23 @@ impl Balancer {
 #[cfg(test)]
 #[path = "balancer_tests.rs"]
 mod tests;
+
+/// The endpoint of `backend`'s ring (consistent hash only) for `hash`, among those
+/// `allowed`.
+fn ring_lookup(
+    backend: &Backend,
+    hash: u64,
+    allowed: impl Fn(usize) -> bool,
+) -> Option<SocketAddr> {
+    let policy = backend
+        .policy
+        .consistent_hash
+        .as_ref()
+        .filter(|_| backend.policy.load_balancer == LbPolicy::ConsistentHash)?;
+    if backend.endpoints.is_empty() {
+        return None;
+    }
+    let ring = backend.ring.get(&backend.endpoints, policy.table);
+    ring.lookup(hash, allowed)
+        .and_then(|i| backend.endpoints.get(i).copied())
+}

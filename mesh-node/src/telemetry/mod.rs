@@ -4,6 +4,7 @@
 
 pub(crate) mod access_log;
 pub(crate) mod connections;
+pub(crate) mod inbound_request;
 pub(crate) mod log_limit;
 pub(crate) mod metrics;
 pub(crate) mod outcome;

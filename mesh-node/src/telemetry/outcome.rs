@@ -108,11 +108,13 @@ pub enum RefusalReason {
     HboneTargetMeshPort,
     /// Outbound to a destination whose connection pool (`tcp.maxConnections`) is full.
     ConnectionPoolOverflow,
+    /// Bytes that are not HTTP to a pod port whose policies judge each HTTP request.
+    NotHttp,
 }
 
 impl RefusalReason {
     /// Every reason, in declaration order.
-    pub const ALL: [RefusalReason; 12] = [
+    pub const ALL: [RefusalReason; 13] = [
         RefusalReason::UnknownService,
         RefusalReason::UnknownServicePort,
         RefusalReason::NoReadyEndpoint,
@@ -125,6 +127,7 @@ impl RefusalReason {
         RefusalReason::HboneTargetNotLocal,
         RefusalReason::HboneTargetMeshPort,
         RefusalReason::ConnectionPoolOverflow,
+        RefusalReason::NotHttp,
     ];
 
     /// The reason whose [`name`](Self::name) is `name`.
@@ -147,6 +150,7 @@ impl RefusalReason {
             RefusalReason::HboneTargetNotLocal => "hbone_target_not_local",
             RefusalReason::HboneTargetMeshPort => "hbone_target_mesh_port",
             RefusalReason::ConnectionPoolOverflow => "connection_pool_overflow",
+            RefusalReason::NotHttp => "not_http",
         }
     }
 
@@ -163,7 +167,8 @@ impl RefusalReason {
             | RefusalReason::PolicyDenied
             | RefusalReason::HboneBadMethod
             | RefusalReason::HboneBadAuthority
-            | RefusalReason::HboneTargetMeshPort => ResponseFlags::Denied,
+            | RefusalReason::HboneTargetMeshPort
+            | RefusalReason::NotHttp => ResponseFlags::Denied,
         }
     }
 }
@@ -462,6 +467,8 @@ mod tests {
                 "refused: connection_pool_overflow",
                 "UO",
             ),
+            // inbound_http: no HTTP on a port whose policies judge each request
+            (E::Refused(R::NotHttp), "refused: not_http", "RBAC"),
             // connect_in_pod: format!("connect_failed: {e}")
             (
                 E::ConnectFailed("connecting to 10.0.2.2:8080: connection refused".into()),
@@ -555,9 +562,10 @@ mod tests {
             RefusalReason::HboneTargetNotLocal => 9,
             RefusalReason::HboneTargetMeshPort => 10,
             RefusalReason::ConnectionPoolOverflow => 11,
+            RefusalReason::NotHttp => 12,
         }
     }
-    const REFUSALS: usize = 12;
+    const REFUSALS: usize = 13;
 
     #[test]
     fn every_end_shows_the_text_it_had_as_a_string() {

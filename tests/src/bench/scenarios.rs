@@ -24,6 +24,9 @@ pub enum Scenario {
     /// The same pods, through a Service whose HTTPRoute node a's proxy applies per
     /// request (HTTP measurements only: the Service speaks HTTP).
     NodemeshL7,
+    /// Enrolled pods, L4 on the source side, to a server an AuthorizationPolicy with
+    /// methods and paths selects: node b's agent judges each request (HTTP only).
+    NodemeshL7Authz,
     /// An stunnel pair in the node namespaces: TLS 1.3, client certificate, verified.
     Stunnel,
     /// An haproxy pair in the node namespaces, configured like the stunnel pair.
@@ -31,10 +34,11 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
         Scenario::Direct,
         Scenario::NodemeshL4,
         Scenario::NodemeshL7,
+        Scenario::NodemeshL7Authz,
         Scenario::Stunnel,
         Scenario::Haproxy,
     ];
@@ -44,6 +48,7 @@ impl Scenario {
             Scenario::Direct => "direct",
             Scenario::NodemeshL4 => "nodemesh-l4",
             Scenario::NodemeshL7 => "nodemesh-l7",
+            Scenario::NodemeshL7Authz => "nodemesh-l7-authz",
             Scenario::Stunnel => "stunnel",
             Scenario::Haproxy => "haproxy",
         }
@@ -62,6 +67,9 @@ impl Scenario {
             Scenario::NodemeshL7 => {
                 "as nodemesh-l4, through an HTTPRoute routed per request on node a (HTTP only)"
             }
+            Scenario::NodemeshL7Authz => {
+                "as nodemesh-l4, to a server whose AuthorizationPolicy (methods, paths) node b judges per request (HTTP only)"
+            }
             Scenario::Stunnel => {
                 "stunnel4 pair in the node namespaces, TLS 1.3, ECDSA P-256 client certificate"
             }
@@ -78,13 +86,13 @@ impl Scenario {
 
     /// Only the HTTP figures apply (the route's Service speaks HTTP, not iperf/echo).
     pub fn http_only(self) -> bool {
-        self == Scenario::NodemeshL7
+        matches!(self, Scenario::NodemeshL7 | Scenario::NodemeshL7Authz)
     }
 
     /// The pod the client programs run in (node a).
     pub fn client_pod(self) -> &'static str {
         match self {
-            Scenario::NodemeshL4 | Scenario::NodemeshL7 => "client",
+            Scenario::NodemeshL4 | Scenario::NodemeshL7 | Scenario::NodemeshL7Authz => "client",
             _ => "bystander",
         }
     }
@@ -116,6 +124,14 @@ const HTTP_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRo
     metadata: {name: bench-http, namespace: apps}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: bench-http, port: 80}]\n\
     \x20 rules:\n  - matches: [{path: {type: PathPrefix, value: /}}]\n    backendRefs: [{name: bench-http, port: 80}]\n";
 
+/// The server of the nodemesh-l7-authz scenario and the policy that makes node b judge
+/// each request to it (what a typical one checks: principal, methods, paths).
+const GUARDED: &str = "guarded";
+const GUARDED_POLICY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+    metadata: {name: guarded, namespace: apps}\nspec:\n  selector: {matchLabels: {app: guarded}}\n\
+    \x20 rules:\n  - from: [{source: {principals: [\"cluster.local/ns/apps/sa/client\"]}}]\n\
+    \x20   to: [{operation: {methods: [GET, HEAD], paths: [\"/*\"]}}]\n";
+
 /// The simulated cluster with every server and peer proxy running.
 pub struct Bed {
     pub cluster: SimCluster,
@@ -136,8 +152,11 @@ impl Bed {
             App::Http.port(),
             &["server"],
         )];
+        spec.pods
+            .push(crate::sim::PodSpec::new(GUARDED, "apps", "b"));
         let cluster = SimCluster::create(spec)?;
         cluster.write_manifest("bench-httproute.yaml", HTTP_ROUTE)?;
+        cluster.write_manifest("bench-authz.yaml", GUARDED_POLICY)?;
         // Thousands of short connections per run leave TIME_WAIT sockets behind; Linux
         // reuses their ports only for loopback by default (which the mesh's client,
         // connecting to 15001, gets): give every scenario the same reuse.
@@ -156,6 +175,7 @@ impl Bed {
             servers.push(servers::iperf(&cluster, pod, App::Iperf.port())?);
             servers.push(servers::http(&cluster, pod, App::Http.port())?);
         }
+        servers.push(servers::http(&cluster, GUARDED, App::Http.port())?);
         let certs = peers::Certs::generate(&work_dir.join("peer-certs"), &cluster)?;
         let stunnel = peers::start_stunnel(&cluster, &certs, 20000)?;
         let haproxy = peers::start_haproxy(&cluster, &certs, 22000)?;
@@ -173,6 +193,7 @@ impl Bed {
             Scenario::Direct => self.cluster.pod("outsider").addr4(app.port()),
             Scenario::NodemeshL4 => self.cluster.pod("server").addr4(app.port()),
             Scenario::NodemeshL7 => self.cluster.service(HTTP_SERVICE).addr4(),
+            Scenario::NodemeshL7Authz => self.cluster.pod(GUARDED).addr4(app.port()),
             Scenario::Stunnel => self.stunnel.entry(app),
             Scenario::Haproxy => self.haproxy.entry(app),
         }
@@ -182,7 +203,7 @@ impl Bed {
     pub fn proxy_pids(&self, scenario: Scenario) -> Vec<u32> {
         match scenario {
             Scenario::Direct => Vec::new(),
-            Scenario::NodemeshL4 | Scenario::NodemeshL7 => ["a", "b"]
+            Scenario::NodemeshL4 | Scenario::NodemeshL7 | Scenario::NodemeshL7Authz => ["a", "b"]
                 .iter()
                 .filter_map(|n| self.cluster.agent_pid(n))
                 .collect(),

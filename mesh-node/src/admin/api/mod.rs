@@ -26,8 +26,8 @@ pub use status::{
     StateSummary, StatusView, WorkloadCounts,
 };
 pub use trace::{
-    AdmissionView, CandidateView, HashView, HttpRequestView, InboundView, RedirectView, SourceView,
-    TraceOutcome, TraceTransport, TraceView,
+    AdmissionView, CandidateView, HashView, HttpRequestView, InboundView, RedirectView,
+    RequestView, SourceView, TraceOutcome, TraceTransport, TraceView,
 };
 
 pub use crate::{

@@ -128,6 +128,25 @@ pub struct InboundView {
     pub mode_source: Option<String>,
     pub admission: Option<AdmissionView>,
     pub note: String,
+    /// Where the destination judges each request: the traced request's fate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestView>,
+}
+
+/// The destination's verdict on the traced request (`--method`, `--path`, `--header`,
+/// `--jwt`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestView {
+    /// What the mesh answers instead of the application (401, 403); None: it reaches
+    /// the application.
+    pub status: Option<u16>,
+    /// `no token`, `valid: <iss>/<sub>`, or `invalid: <why>`.
+    pub authentication: String,
+    pub allowed: bool,
+    /// The deciding policy (`<ns>/<name>`) and its rule's index.
+    pub policy: Option<String>,
+    pub rule: Option<usize>,
+    pub detail: String,
 }
 
 /// What the destination's inbound side does with the connection.
@@ -239,6 +258,7 @@ mod tests {
                         mode_source: Some("no PeerAuthentication or label (default)".into()),
                         admission: Some(AdmissionView::Allow { policy: None }),
                         note: "admitted".into(),
+                        request: None,
                     },
                     allowed: true,
                 },
@@ -263,6 +283,7 @@ mod tests {
                             detail: "DENY policy matched".into(),
                         }),
                         note: "refused".into(),
+                        request: None,
                     },
                     allowed: false,
                 },

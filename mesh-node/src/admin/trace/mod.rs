@@ -7,6 +7,7 @@
 
 mod destination;
 mod policy;
+mod request;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -90,6 +91,8 @@ pub(crate) struct TraceInputs<'a> {
     pub picks: &'a PickCounts,
     /// The live balancer (its outlier state), when the trace runs on an agent.
     pub balancer: Option<&'a Balancer>,
+    /// The node's request authenticator (its JWKS), when the trace runs on an agent.
+    pub jwt: Option<&'a crate::identity::jwt::JwtAuthenticator>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -140,6 +143,9 @@ pub(crate) struct InboundStep {
     pub mode_source: Option<String>,
     pub admission: Option<Admission>,
     pub note: String,
+    /// The traced request's verdict, where the destination judges each request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request: Option<request::RequestStep>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -374,6 +380,7 @@ fn candidate(
         mode_source: None,
         admission: None,
         note: String::new(),
+        request: None,
     };
     match (&dest, &presented) {
         (Some(d), Some(peer)) => {
@@ -607,6 +614,9 @@ pub(crate) fn trace(
     }
     if !http_routes.is_empty() && http.as_ref().and_then(request_parts).is_none() {
         notes.push("HTTP-routed: the rule is chosen per request; the candidates are the backends of every rule (pass method/path/header to select one)".into());
+    }
+    for c in &mut candidates {
+        request::judge(inputs, c, src_ip, http.as_ref());
     }
     let allowed = candidates.iter().filter(|c| c.allowed).count();
     let outcome = match refusal {

@@ -8,8 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Serialize;
 
 use crate::{
-    discovery::consistent_hash::HashKey, discovery::consistent_hash::HashPolicy, keys::ObjectKey,
-    routing::backend::LbPolicy, routing::balancer::Balancer, routing::hash_key::connection_hash,
+    discovery::consistent_hash::HashPolicy, keys::ObjectKey, routing::backend::LbPolicy,
+    routing::balancer::Balancer, routing::hash_key::connection_hash,
     routing::hash_key::request_hash, routing::hash_key::KeyedRequest, routing::resolve::Backend,
 };
 
@@ -64,16 +64,11 @@ pub(crate) fn hash_step(
         }
         Keys::AnyRequest => (None, None),
     };
-    // A fresh balancer has no ejections: the ring alone decides.
-    let fresh;
-    let balancer = match balancer {
-        Some(b) => b,
-        None => {
-            fresh = Balancer::default();
-            &fresh
-        }
-    };
-    let endpoint = hash.and_then(|h| balancer.hashed_endpoint(backend, h));
+    // Away from a live balancer nothing is ejected: the ring alone decides.
+    let endpoint = hash.and_then(|h| match balancer {
+        Some(b) => b.hashed_endpoint(backend, h),
+        None => Balancer::ring_endpoint(backend, h),
+    });
     let note = match (keys, hash, endpoint) {
         (_, Some(h), Some(ep)) => format!("the key hashes to {h:016x}: endpoint {ep}"),
         (_, Some(h), None) => {
@@ -81,19 +76,19 @@ pub(crate) fn hash_step(
         }
         (Keys::AnyRequest, None, _) => format!(
             "each request's {} is its key: give the request's headers or path to see where one lands",
-            key_text(&policy.key)
+            policy.key
         ),
         (Keys::Connection(_), None, _) => format!(
             "a connection has no {}: connections are balanced at random",
-            key_text(&policy.key)
+            policy.key
         ),
         (Keys::Request(_), None, _) if set_cookie.is_some() => format!(
             "the request has no {}: balanced at random, and the response sets one",
-            key_text(&policy.key)
+            policy.key
         ),
         (Keys::Request(_), None, _) => format!(
             "the request has no {}: balanced at random",
-            key_text(&policy.key)
+            policy.key
         ),
     };
     Some(HashStep {
@@ -114,14 +109,5 @@ fn as_hex<S: serde::Serializer>(hash: &Option<u64>, s: S) -> Result<S::Ok, S::Er
     match hash {
         Some(h) => s.collect_str(&format_args!("{h:016x}")),
         None => s.serialize_none(),
-    }
-}
-
-fn key_text(key: &HashKey) -> String {
-    match key {
-        HashKey::Header { name } => format!("header {name}"),
-        HashKey::Cookie { name, .. } => format!("cookie {name}"),
-        HashKey::QueryParameter { name } => format!("query parameter {name}"),
-        HashKey::SourceIp => "source IP".into(),
     }
 }

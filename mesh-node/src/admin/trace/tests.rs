@@ -116,6 +116,7 @@ fn run(state: &ClusterState, from: (&str, &str), to: &str) -> Trace {
         service_cidrs: &cidrs,
         trust_domain: Some("cluster.local"),
         picks: &picks,
+        jwt: None,
         balancer: None,
     };
     trace(&inputs, &PodKey::new(from.0, from.1), to, None).unwrap()
@@ -247,6 +248,7 @@ fn refusals_before_any_endpoint_and_bad_input() {
         workloads: &[],
         dataplane: &Maps,
         service_cidrs: &[],
+        jwt: None,
         balancer: None,
         trust_domain: None,
         picks: &picks,
@@ -323,6 +325,7 @@ fn http_routed_services_use_the_l7_table_and_a_request_selects_the_rule() {
         service_cidrs: &[],
         trust_domain: Some("cluster.local"),
         picks: &picks,
+        jwt: None,
         balancer: None,
     };
     let request = HttpAttributes {
@@ -447,6 +450,7 @@ fn trace_user(s: &ClusterState, balancer: &Balancer, user: Option<&str>) -> Trac
         service_cidrs: &[],
         trust_domain: Some("cluster.local"),
         picks: &picks,
+        jwt: None,
         balancer: Some(balancer),
     };
     let request = HttpAttributes {

@@ -114,6 +114,10 @@ enum NodeCommand {
         /// HTTP-routed Services: a request header `name:value` (repeatable).
         #[arg(long)]
         header: Vec<String>,
+        /// A file holding a JWT, sent as `Authorization: Bearer <token>`: the
+        /// destination's verdict on it (RequestAuthentication, requestPrincipals).
+        #[arg(long, value_name = "FILE")]
+        jwt: Option<std::path::PathBuf>,
     },
     /// Show or set the log filter (tracing EnvFilter syntax, e.g. debug or info,nodemesh=debug).
     LogLevel { level: Option<String> },
@@ -136,8 +140,8 @@ fn encode(value: &str) -> String {
         .collect()
 }
 
-fn request_of(args: &NodeArgs) -> (Method, String) {
-    match &args.command {
+fn request_of(args: &NodeArgs) -> Result<(Method, String), String> {
+    Ok(match &args.command {
         NodeCommand::Status => (Method::GET, "/status".into()),
         NodeCommand::Workloads => (Method::GET, "/workloads".into()),
         NodeCommand::Services => (Method::GET, "/services".into()),
@@ -152,6 +156,7 @@ fn request_of(args: &NodeArgs) -> (Method, String) {
             method,
             path,
             header,
+            jwt,
         } => {
             let pod = match (pod.contains('/'), &args.namespace) {
                 (true, _) => pod.clone(),
@@ -168,6 +173,16 @@ fn request_of(args: &NodeArgs) -> (Method, String) {
             for h in header {
                 query += &format!("&header={}", encode(h));
             }
+            if let Some(file) = jwt {
+                let token = std::fs::read_to_string(file).map_err(|e| {
+                    format!(
+                        "cannot read the JWT in {}: {e}; pass a file holding one token",
+                        file.display()
+                    )
+                })?;
+                let bearer = format!("authorization:Bearer {}", token.trim());
+                query += &format!("&header={}", encode(&bearer));
+            }
             (Method::GET, query)
         }
         NodeCommand::LogLevel { level: None } => (Method::GET, "/logging".into()),
@@ -176,7 +191,7 @@ fn request_of(args: &NodeArgs) -> (Method, String) {
         }
         NodeCommand::Discovery => (Method::GET, "/discovery".into()),
         NodeCommand::Config => (Method::GET, "/config_dump".into()),
-    }
+    })
 }
 
 /// Writes `text` and a newline to stdout. A reader that went away (`meshctl ... |
@@ -220,7 +235,7 @@ fn view<T: DeserializeOwned>(body: Value, target: &Target, path: &str) -> Result
 }
 
 fn run(args: NodeArgs) -> Result<(), String> {
-    let (method, path) = request_of(&args);
+    let (method, path) = request_of(&args)?;
     let target = match &args.node {
         Some(node) => Target::Node {
             node: node.clone(),

@@ -176,7 +176,25 @@ fn decision(c: &CandidateView) -> String {
         Some(AdmissionView::Refuse { reason, .. }) => {
             format!("DENY{mode}\n{}: {}", reason, text(&inbound.note))
         }
-        Some(AdmissionView::Http { .. }) => format!("HTTP{mode}\n{}", text(&inbound.note)),
+        Some(AdmissionView::Http { .. }) => match &inbound.request {
+            Some(r) => {
+                let verdict = match (r.status, &r.policy) {
+                    (Some(status), _) => format!("DENY {status}"),
+                    (None, _) => "ALLOW".to_string(),
+                };
+                let by = match (&r.policy, r.rule) {
+                    (Some(p), Some(rule)) => format!(" by {p} rule {rule}"),
+                    (Some(p), None) => format!(" by {p}"),
+                    _ => String::new(),
+                };
+                format!(
+                    "{verdict} per request{mode}{by}\nJWT: {}; {}",
+                    text(&r.authentication),
+                    text(&r.detail)
+                )
+            }
+            None => format!("HTTP{mode}\n{}", text(&inbound.note)),
+        },
         _ => format!("ALLOW{mode}\n{}", text(&inbound.note)),
     }
 }

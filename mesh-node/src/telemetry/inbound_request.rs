@@ -1,0 +1,98 @@
+//! What one request judged at the destination leaves behind: a line in the access log
+//! and `nodemesh_requests_total` / `nodemesh_request_duration_milliseconds` with
+//! `reporter="destination"`, written when the response head is ready (the L7 inbound
+//! path answers or forwards; the body is the application's).
+
+use std::{net::SocketAddr, time::Instant};
+
+use crate::{
+    keys::PodKey, telemetry::access_log, telemetry::connections::Security,
+    telemetry::metrics::Metrics, telemetry::metrics::RequestLabels,
+    telemetry::outcome::ResponseFlags,
+};
+
+/// The facts of one request to a local pod served as HTTP by its policies.
+#[derive(Debug, Clone)]
+pub(crate) struct InboundRequestLog {
+    pub started: Instant,
+    /// The local pod the request is for.
+    pub pod: PodKey,
+    pub src: SocketAddr,
+    /// The source pod, when the state knows its address.
+    pub source_workload: Option<PodKey>,
+    /// The peer's SPIFFE ID (`unknown` for plaintext).
+    pub source_principal: Option<String>,
+    pub destination_principal: String,
+    pub security: Security,
+    pub method: String,
+    pub path: String,
+    pub authority: String,
+    pub protocol: &'static str,
+    /// The JWT's `iss/sub`, when a valid one came with the request.
+    pub request_principal: Option<String>,
+    /// The policy that decided, and why.
+    pub policy: Option<String>,
+    pub detail: String,
+    /// AUDIT policies that matched the request.
+    pub audited: Vec<String>,
+}
+
+impl InboundRequestLog {
+    pub(crate) fn finish(&self, metrics: &Metrics, status: u16, flags: ResponseFlags) {
+        let code = status.to_string();
+        let (src_name, src_ns) = self
+            .source_workload
+            .as_ref()
+            .map(|p| (p.name.as_str(), p.namespace.as_str()))
+            .unwrap_or(("unknown", "unknown"));
+        let labels = RequestLabels {
+            reporter: "destination",
+            source_workload: src_name,
+            source_workload_namespace: src_ns,
+            source_principal: self.source_principal.as_deref().unwrap_or("unknown"),
+            destination_workload: &self.pod.name,
+            destination_workload_namespace: &self.pod.namespace,
+            destination_principal: &self.destination_principal,
+            destination_service: "unknown".into(),
+            destination_service_name: "unknown",
+            destination_service_namespace: "unknown",
+            response_code: &code,
+            response_flags: flags,
+            connection_security_policy: self.security.label(),
+        };
+        let values = labels.values();
+        let elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        metrics.requests.with_label_values(&values).inc();
+        metrics
+            .request_duration
+            .with_label_values(&values)
+            .observe(elapsed_ms);
+        let mut entry = serde_json::Map::new();
+        entry.insert("log".into(), "access".into());
+        entry.insert("kind".into(), "request".into());
+        for (name, value) in RequestLabels::NAMES.into_iter().zip(values) {
+            entry.insert(name.into(), value.into());
+        }
+        let text = |v: &Option<String>| v.clone().map(serde_json::Value::from).unwrap_or_default();
+        let fields: [(&str, serde_json::Value); 11] = [
+            ("response_code", status.into()),
+            ("pod", self.pod.to_string().into()),
+            ("source_address", self.src.to_string().into()),
+            ("method", self.method.as_str().into()),
+            ("path", self.path.as_str().into()),
+            ("authority", self.authority.as_str().into()),
+            ("request_protocol", self.protocol.into()),
+            ("duration_ms", elapsed_ms.into()),
+            ("request_principal", text(&self.request_principal)),
+            ("policy", text(&self.policy)),
+            ("detail", self.detail.as_str().into()),
+        ];
+        for (k, v) in fields {
+            entry.insert(k.into(), v);
+        }
+        if !self.audited.is_empty() {
+            entry.insert("audited".into(), self.audited.clone().into());
+        }
+        access_log::write(&serde_json::Value::Object(entry));
+    }
+}
