@@ -238,8 +238,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
     let pools = Arc::new(crate::routing::pool::ConnectionPools::new(Some(
         metrics.pools.clone(),
     )));
-    // Request authentication: the keys of every jwksUri this node's pods need,
-    // fetched through the mesh as the pods would.
+    // Request authentication: the keys of every jwksUri this node's pods need.
     let jwt = crate::identity::jwt::JwtAuthenticator::counted(metrics.clone(), config.jwks_refresh);
     let admin_state = Arc::new(AdminState {
         config: config.clone(),
@@ -284,6 +283,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         },
     ));
 
+    // The jwksUri keys are fetched through the mesh, as the pods would.
     let dialer = crate::proxy::dial::MeshDialer::new();
     crate::identity::jwt::fetcher::spawn(
         &jwt,

@@ -73,7 +73,7 @@ fn jwks(keys: &[&Key]) -> String {
     json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}).to_string()
 }
 
-const POLICIES: &str = r#"apiVersion: security.istio.io/v1
+const REQUEST_AUTHENTICATION: &str = r#"apiVersion: security.istio.io/v1
 kind: RequestAuthentication
 metadata: {name: jwt, namespace: apps}
 spec:
@@ -82,8 +82,9 @@ spec:
   - issuer: "https://issuer.nodemesh.test"
     audiences: [backend]
     jwksUri: http://keys.auth.svc.cluster.local:8080/jwks.json
----
-apiVersion: security.istio.io/v1
+"#;
+
+const REQUIRE_PRINCIPAL: &str = r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: require-jwt, namespace: apps}
 spec:
@@ -138,7 +139,10 @@ fn jwt_from_a_jwks_served_in_the_mesh_is_checked_at_the_destination() {
     let _backend = cluster.http_serve("server", &[8080]).unwrap();
     cluster.start_agents().unwrap();
     cluster
-        .write_manifest("request-authentication.yaml", POLICIES)
+        .write_manifest("request-authentication.yaml", REQUEST_AUTHENTICATION)
+        .unwrap();
+    cluster
+        .write_manifest("require-principal.yaml", REQUIRE_PRINCIPAL)
         .unwrap();
 
     let valid = first.sign(&claims(ISSUER, AUDIENCE, now() + 3600));
@@ -174,8 +178,6 @@ fn jwt_from_a_jwks_served_in_the_mesh_is_checked_at_the_destination() {
     for (why, token) in &cases {
         assert_eq!(status(&cluster, Some(token)), 401, "{why}");
     }
-    // No token passes authentication; the policy requires a principal: 403.
-    assert_eq!(status(&cluster, None), 403, "no token");
     assert_eq!(status(&cluster, Some(&valid)), 200, "valid, again");
 
     // The issuer rotates to a new key: its tokens pass within the refresh interval
@@ -215,4 +217,7 @@ fn jwt_from_a_jwks_served_in_the_mesh_is_checked_at_the_destination() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>();
     assert!(failed >= 1.0, "no failed fetch counted:\n{metrics}");
+
+    // No token passes authentication; the policy requires a principal: 403.
+    assert_eq!(status(&cluster, None), 403, "no token");
 }
