@@ -168,25 +168,32 @@ pub fn run(stop: &AtomicBool) -> Result<()> {
         );
     }
 
-    step("forbidden → http://web: the AuthorizationPolicy allows only demo/client");
+    step("forbidden → http://web: the AuthorizationPolicy allows only demo/client, GET and HEAD");
     check(stop)?;
     let r = cluster.http(&forbidden, web, "web", "/", &[])?;
     let answer = r.samples.first().context("forbidden got no answer")?;
     println!("    HTTP {}: {}", answer.status, answer.body.trim());
-    let denied = cluster
-        .closed_connections("b")?
-        .into_iter()
-        .rev()
-        .find(|c| {
-            c["result"]
-                .as_str()
-                .is_some_and(|r| r.starts_with("denied"))
-        });
-    if let Some(c) = denied {
+    let r = cluster.http(&client, web, "web", "/", &["--method", "DELETE"])?;
+    let answer = r.samples.first().context("client's DELETE got no answer")?;
+    println!(
+        "    client DELETE: HTTP {}: {}",
+        answer.status,
+        answer.body.trim()
+    );
+    // The destination's agent judged each request: its access log says by what.
+    let logs = cluster.request_logs("b");
+    for l in logs
+        .iter()
+        .filter(|l| l["reporter"] == "destination" && l["response_code"] == 403)
+        .take(2)
+    {
         println!(
-            "    node b refused the tunnel from {}: {}",
-            c["source_identity"].as_str().unwrap_or("?"),
-            c["result"].as_str().unwrap_or("?")
+            "    node b denied {} {} from {}: {} (flag {})",
+            l["method"].as_str().unwrap_or("?"),
+            l["path"].as_str().unwrap_or("?"),
+            l["source_principal"].as_str().unwrap_or("?"),
+            l["detail"].as_str().unwrap_or("?"),
+            l["response_flags"].as_str().unwrap_or("?"),
         );
     }
 

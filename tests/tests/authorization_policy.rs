@@ -191,22 +191,40 @@ fn deny_wins_audit_only_logs_and_custom_fails_closed() {
     assert_eq!(audited["audited"][0], "apps/audit-admin", "{audited:#}");
 
     // CUSTOM (external authorization) is not supported: the workload it selects fails
-    // closed, and the node says why.
+    // closed (its node refuses every connection to it, whatever the request), and the
+    // node says why.
     let custom = policy(
         "ext-authz",
         "  selector: {matchLabels: {app: server}}\n  action: CUSTOM\n  provider: {name: my-ext-authz}\n  rules:\n  - to:\n    - operation: {paths: [\"/x\"]}\n",
     );
+    let answered = |path: &str| {
+        let r = cluster.http("client", server, "server", path, &[]).unwrap();
+        r.statuses.keys().next().copied()
+    };
+    let denied_before = refused(&cluster, "b", "policy_denied");
     cluster.write_manifest("custom.yaml", &custom).unwrap();
     wait_for(&cluster, "the CUSTOM policy failing closed", || {
-        status(&cluster, "client", server, "GET", "/x") == 403
+        answered("/x").is_none()
     });
-    assert_eq!(status(&cluster, "client", server, "GET", "/y"), 403);
+    assert_eq!(answered("/y"), None, "a path the CUSTOM rule does not name");
+    assert!(refused(&cluster, "b", "policy_denied") >= denied_before + 2.0);
     let (_, text) = cluster.admin_raw("b", "GET", "/stats/prometheus").unwrap();
     assert!(
-        text.lines().any(|l| l
-            .starts_with("nodemesh_config_problems_total{kind=\"AuthorizationPolicy\"")
-            && !l.ends_with(" 0")),
+        text.lines().any(|l| l.starts_with(
+            "nodemesh_config_problems_total{kind=\"AuthorizationPolicy.security.istio.io\""
+        ) && !l.ends_with(" 0")),
         "the CUSTOM policy was not reported as a config problem"
+    );
+    let records = cluster
+        .closed_connections_with("b", |c| {
+            c["result"]
+                .as_str()
+                .is_some_and(|r| r == "denied: apps/ext-authz")
+        })
+        .unwrap();
+    assert!(
+        !records.is_empty(),
+        "no connection refused by the CUSTOM policy"
     );
 }
 

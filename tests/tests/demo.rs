@@ -21,8 +21,9 @@ fn the_demo_shows_the_split_identities_the_denial_and_meshctl() {
         "(90.0 %)",
         "(10.0 %)",
         "mutual_tls spiffe://cluster.local/ns/demo/sa/client -> spiffe://cluster.local/ns/demo/sa/web",
-        "HTTP 403: nodemesh:",
-        "node b refused the tunnel from spiffe://cluster.local/ns/demo/sa/forbidden: denied",
+        "HTTP 403: RBAC: access denied",
+        "node b denied GET / from spiffe://cluster.local/ns/demo/sa/forbidden: ALLOW policies select this workload and none matched (flag RBAC)",
+        "node b denied DELETE / from spiffe://cluster.local/ns/demo/sa/client",
         "==> meshctl node workloads, on node b",
         "Done: tearing the cluster down",
     ] {

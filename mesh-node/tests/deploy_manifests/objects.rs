@@ -13,7 +13,10 @@ use k8s_openapi::{
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
-use mesh_node::discovery::policy::AuthorizationPolicy;
+use mesh_node::discovery::{
+    authorization_policy::AuthorizationPolicy as IstioAuthorizationPolicy,
+    policy::AuthorizationPolicy,
+};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_yaml::Value;
 
@@ -30,6 +33,7 @@ pub enum Object {
     Crd(CustomResourceDefinition),
     HttpRoute(HttpRoute),
     AuthorizationPolicy(AuthorizationPolicy),
+    IstioAuthorizationPolicy(IstioAuthorizationPolicy),
 }
 
 /// One document of one file.
@@ -111,6 +115,9 @@ fn parse_document(doc: &Value, at: &str) -> Object {
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => Object::HttpRoute(typed(doc, at)),
         ("security.nodemesh.io/v1alpha1", "AuthorizationPolicy") => {
             Object::AuthorizationPolicy(typed(doc, at))
+        }
+        ("security.istio.io/v1", "AuthorizationPolicy") => {
+            Object::IstioAuthorizationPolicy(typed(doc, at))
         }
         other => panic!("{at}: {other:?} is not a kind this test knows: add its type here"),
     }
