@@ -202,7 +202,7 @@ fn every_manifest_parses_into_its_typed_object() {
         count(|o| matches!(o, Object::IstioAuthorizationPolicy(_))),
         1
     );
-    assert_eq!(count(|o| matches!(o, Object::Crd(_))), 5);
+    assert_eq!(count(|o| matches!(o, Object::Crd(_))), 6);
     assert!(files.len() >= 10, "{files:?}");
 }
 

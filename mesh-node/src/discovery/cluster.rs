@@ -205,10 +205,7 @@ pub trait ServiceParents {
     fn service_parents(&self, own_namespace: &str) -> Vec<(ObjectKey, Option<u16>)>;
 }
 
-/// parentRefs name a Service by kind `Service` in the core group.
-pub fn is_service_parent(group: Option<&str>, kind: Option<&str>) -> bool {
-    kind == Some("Service") && matches!(group, None | Some("") | Some("core"))
-}
+pub use crate::discovery::service_ref::is_service_parent;
 
 fn service_parent(
     group: Option<&str>,

@@ -21,5 +21,6 @@ pub mod problem;
 pub mod problems;
 pub mod request_auth;
 pub mod request_authentication;
+pub mod service_ref;
 pub mod traffic_policy;
 pub mod virtual_service;

@@ -19,9 +19,10 @@ use std::{
 use http::HeaderName;
 
 use crate::{
-    discovery::cluster::is_service_parent, discovery::jwks, discovery::jwks::Jwks,
-    discovery::mtls::RootNamespace, discovery::problem::Problem, discovery::problem::ProblemReason,
-    discovery::request_authentication::RequestAuthentication, keys::ObjectKey, keys::PodKey,
+    discovery::jwks, discovery::jwks::Jwks, discovery::mtls::RootNamespace,
+    discovery::problem::Problem, discovery::problem::ProblemReason,
+    discovery::request_authentication::RequestAuthentication,
+    discovery::service_ref::is_service_parent, keys::ObjectKey, keys::PodKey,
 };
 
 /// Time allowed to fetch a `jwksUri` when the rule sets no `timeout` (Istio's default).

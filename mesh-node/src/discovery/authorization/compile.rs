@@ -7,6 +7,7 @@ use super::{
     Action, Cidr, CompiledPolicy, Condition, Field, Operation, PolicyId, PolicyKind, Rule,
     RuleBody, Source, StringMatch, Target, Values, WhenKey,
 };
+use crate::discovery::service_ref::is_service_parent;
 use crate::{
     discovery::authorization_policy as wire, discovery::authorization_policy::AuthorizationPolicy,
     discovery::problem::Problem, discovery::problem::ProblemReason, keys::ObjectKey,
@@ -113,9 +114,8 @@ fn targets(
     }
     let mut services = Vec::new();
     for (field, r) in refs {
-        let core = matches!(r.group.as_deref(), None | Some(""));
         let own = r.namespace.as_deref().is_none_or(|ns| ns == key.namespace);
-        if core && r.kind == "Service" && own {
+        if is_service_parent(r.group.as_deref(), Some(&r.kind)) && own {
             services.push(ObjectKey::new(&key.namespace, &r.name));
         } else {
             problems.push(problem(
