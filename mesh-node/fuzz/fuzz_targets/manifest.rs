@@ -1,6 +1,7 @@
 //! The `files` discovery source: one manifest file's text into typed objects, then
 //! into the state and through what the agent reads from it on every connection
-//! (Service resolution, enrollment, admission, HTTP route tables, the admin's routes).
+//! (Service resolution, enrollment, admission and per-request authorization, HTTP
+//! route tables, the admin's routes).
 #![no_main]
 
 use std::net::SocketAddr;
@@ -9,7 +10,8 @@ use libfuzzer_sys::fuzz_target;
 use mesh_node::{
     admin::routes::route_views, discovery::cluster::pod_ips, discovery::cluster::service_ips,
     discovery::cluster::ClusterState, discovery::files::parse_manifest, identity::authz::admit,
-    identity::Identity, routing::balancer::PickCounts, routing::http::routes::RouteTable,
+    identity::authz::authorize_request, identity::authz::ConnectionFacts,
+    identity::authz::RequestFacts, identity::Identity, routing::balancer::PickCounts, routing::http::routes::RouteTable,
     routing::resolve::resolve,
 };
 
@@ -29,8 +31,24 @@ fuzz_target!(|data: &[u8]| {
         for ip in pod_ips(pod) {
             assert!(state.pod_by_ip(ip).is_some());
         }
-        let _ = admit(&state, key, 8080, Some(&peer));
-        let _ = admit(&state, key, 8080, None);
+        for peer in [Some(peer.clone()), None] {
+            let facts = ConnectionFacts {
+                source_ip: "10.1.0.2".parse().unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
+                peer,
+                destination: SocketAddr::from(([10, 2, 0, 2], 8080)),
+            };
+            let _ = admit(&state, key, &facts);
+            let mut headers = http::HeaderMap::new();
+            headers.insert("x-user", http::HeaderValue::from_static("alice"));
+            let request = RequestFacts {
+                method: "GET",
+                path: "/api/x",
+                host: "web.apps.svc.cluster.local",
+                headers: &headers,
+                auth: None,
+            };
+            let _ = authorize_request(&state, key, &facts, &request);
+        }
     }
     let _ = state.enrolled_on_node("node-a");
     for (key, service) in state.services.iter() {
