@@ -659,4 +659,6 @@ pub(crate) fn trace(
 }
 
 #[cfg(test)]
+mod request_tests;
+#[cfg(test)]
 mod tests;

@@ -61,7 +61,7 @@ metadata: {name: deny-intruder, namespace: apps}
 spec: {action: DENY, rules: [{from: [{principals: ["spiffe://cluster.local/ns/apps/sa/intruder"]}]}]}
 "#;
 
-struct Maps;
+pub(super) struct Maps;
 
 impl DataplaneView for Maps {
     fn enrolled_policy(&self, _: u64) -> Option<OutboundPolicy> {
@@ -101,6 +101,18 @@ fn workload(name: &str, ns: &str, enrolled: bool, cookie: u64) -> WorkloadStatus
 }
 
 fn run(state: &ClusterState, from: (&str, &str), to: &str) -> Trace {
+    run_with(state, from, to, None, None, &Maps)
+}
+
+/// A trace from `from` on node a, with the request `http` and the authenticator `jwt`.
+pub(super) fn run_with(
+    state: &ClusterState,
+    from: (&str, &str),
+    to: &str,
+    http: Option<HttpAttributes>,
+    jwt: Option<&crate::identity::jwt::JwtAuthenticator>,
+    maps: &dyn DataplaneView,
+) -> Trace {
     let workloads = [
         workload("client", "apps", true, 1),
         workload("intruder", "apps", true, 2),
@@ -112,17 +124,17 @@ fn run(state: &ClusterState, from: (&str, &str), to: &str) -> Trace {
         state,
         node: "a",
         workloads: &workloads,
-        dataplane: &Maps,
+        dataplane: maps,
         service_cidrs: &cidrs,
         trust_domain: Some("cluster.local"),
         picks: &picks,
-        jwt: None,
+        jwt,
         balancer: None,
     };
-    trace(&inputs, &PodKey::new(from.0, from.1), to, None).unwrap()
+    trace(&inputs, &PodKey::new(from.0, from.1), to, http).unwrap()
 }
 
-fn state(extra: &str) -> ClusterState {
+pub(super) fn state(extra: &str) -> ClusterState {
     ClusterState::from_objects(parse_manifest(&format!("{CLUSTER}{extra}")).unwrap())
 }
 
