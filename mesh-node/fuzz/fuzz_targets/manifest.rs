@@ -11,8 +11,8 @@ use mesh_node::{
     admin::routes::route_views, discovery::cluster::pod_ips, discovery::cluster::service_ips,
     discovery::cluster::ClusterState, discovery::files::parse_manifest, identity::authz::admit,
     identity::authz::authorize_request, identity::authz::ConnectionFacts,
-    identity::authz::RequestFacts, identity::Identity, routing::balancer::PickCounts, routing::http::routes::RouteTable,
-    routing::resolve::resolve,
+    identity::authz::RequestFacts, identity::Identity, routing::balancer::PickCounts,
+    routing::http::routes::RouteTable, routing::resolve::resolve,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -33,7 +33,9 @@ fuzz_target!(|data: &[u8]| {
         }
         for peer in [Some(peer.clone()), None] {
             let facts = ConnectionFacts {
-                source_ip: "10.1.0.2".parse().unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
+                source_ip: "10.1.0.2"
+                    .parse()
+                    .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
                 peer,
                 destination: SocketAddr::from(([10, 2, 0, 2], 8080)),
             };
