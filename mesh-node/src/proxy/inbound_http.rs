@@ -188,19 +188,15 @@ where
     }
 }
 
-/// The request's path without its query, as policies match it.
-fn path_of<B>(request: &Request<B>) -> &str {
-    request.uri().path()
-}
-
-fn host_of<B>(request: &Request<B>) -> String {
-    request
-        .uri()
+/// `:authority` (HTTP/2, absolute URIs) or `Host`, as sent.
+fn host_of(parts: &http::request::Parts) -> String {
+    parts
+        .uri
         .authority()
         .map(|a| a.as_str().to_string())
         .or_else(|| {
-            request
-                .headers()
+            parts
+                .headers
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_string)
@@ -237,8 +233,7 @@ async fn handle(request: Request<Incoming>, c: &Connection) -> Response<ProxyBod
         detail: String::new(),
         audited: Vec::new(),
     };
-    let request = Request::from_parts(parts.clone(), ());
-    log.authority = host_of(&request);
+    log.authority = host_of(&parts);
     let auth = match ctx.jwt.authenticate(&state, &ctx.pod, &mut parts) {
         Authentication::NoToken => None,
         Authentication::Valid(auth) => Some(auth),
@@ -258,15 +253,17 @@ async fn handle(request: Request<Incoming>, c: &Connection) -> Response<ProxyBod
         }
     };
     log.request_principal = auth.as_ref().map(|a| a.principal.clone());
+    // Policies see the request as authentication left it (as Istio's do): the token
+    // header removed, claim headers set, and a client's own value for them dropped.
     let verdict = authorize_request(
         &state,
         &ctx.pod,
         &c.facts,
         &RequestFacts {
-            method: request.method().as_str(),
-            path: path_of(&request),
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
             host: &log.authority,
-            headers: request.headers(),
+            headers: &parts.headers,
             auth: auth.as_ref(),
         },
     );

@@ -1,7 +1,7 @@
 //! Hostile requests to a pod whose policies make its node's agent parse HTTP: malformed
-//! and huge tokens, header floods. Each gets a clear answer (401, 431), the refusals
-//! are logged a few times at most, the agent's memory and descriptors stay bounded, and
-//! ordinary requests keep being served.
+//! and huge tokens, header floods, a forged claim header. Each gets a clear answer (401,
+//! 431, 403), the refusals are logged a few times at most, the agent's memory and
+//! descriptors stay bounded, and ordinary requests keep being served.
 
 use std::time::Duration;
 
@@ -17,6 +17,19 @@ spec:
   jwtRules:
   - issuer: "https://issuer.nodemesh.test"
     jwks: '{"keys":[{"kty":"EC","crv":"P-256","x":"MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4","y":"4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM","kid":"1"}]}'
+    outputClaimToHeaders: [{header: x-jwt-sub, claim: sub}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: admin-only, namespace: apps}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules:
+  - to:
+    - operation: {paths: ["/admin"]}
+    when:
+    - {key: "request.headers[x-jwt-sub]", notValues: [admin]}
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -29,13 +42,22 @@ spec:
 "#;
 
 fn statuses(cluster: &SimCluster, headers: &[String], count: u64) -> Vec<(u16, u64)> {
+    statuses_of(cluster, "/", headers, count)
+}
+
+fn statuses_of(
+    cluster: &SimCluster,
+    path: &str,
+    headers: &[String],
+    count: u64,
+) -> Vec<(u16, u64)> {
     let dst = cluster.pod("server").addr4(8080);
     let count = count.to_string();
     let mut extra = vec!["--count", count.as_str()];
     for h in headers {
         extra.extend(["-H", h.as_str()]);
     }
-    let r = cluster.http("client", dst, "server", "/", &extra).unwrap();
+    let r = cluster.http("client", dst, "server", path, &extra).unwrap();
     r.statuses.into_iter().collect()
 }
 
@@ -55,6 +77,18 @@ fn malformed_and_huge_tokens_and_header_floods_get_clear_answers_and_bounded_cos
         statuses(&cluster, &[], 1),
         vec![(200, 1)],
         "no token passes"
+    );
+    // The header a verified token's `sub` is copied into cannot be sent by the client:
+    // a forged one is dropped before policies (and the application) see the request.
+    assert_eq!(
+        statuses_of(&cluster, "/admin", &[], 1),
+        vec![(403, 1)],
+        "/admin without a subject"
+    );
+    assert_eq!(
+        statuses_of(&cluster, "/admin", &["x-jwt-sub: admin".to_string()], 1),
+        vec![(403, 1)],
+        "/admin with a forged claim header"
     );
 
     let before = cluster.agent_usage("b").unwrap();

@@ -179,7 +179,11 @@ impl JwtAuthenticator {
             .iter()
             .flat_map(|(_, ra)| ra.rules.iter())
             .collect();
-        let found = match tokens::find(parts, &rules) {
+        let found = tokens::find(parts, &rules);
+        // After finding the token (a location may share a name with an output header),
+        // before anything reads the request: a client's own claim headers never pass.
+        tokens::strip_outputs(parts, &rules);
+        let found = match found {
             Ok(Some(found)) => found,
             Ok(None) => return Authentication::NoToken,
             Err(why) => return self.reject(why),

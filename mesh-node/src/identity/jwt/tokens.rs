@@ -157,6 +157,20 @@ fn claim_text(claims: &serde_json::Map<String, serde_json::Value>, path: &str) -
     }
 }
 
+/// Removes the client's own values of every header a rule of the pod's policies writes
+/// (`outputPayloadToHeader`, `outputClaimToHeaders`): whatever the token's fate, those
+/// headers reach policies and the application only as authentication set them.
+pub(crate) fn strip_outputs(parts: &mut Parts, rules: &[&CompiledJwtRule]) {
+    for rule in rules {
+        if let Some(header) = &rule.output_payload_to_header {
+            parts.headers.remove(header);
+        }
+        for (header, _) in &rule.output_claim_to_headers {
+            parts.headers.remove(header);
+        }
+    }
+}
+
 /// Rewrites a request whose token `found` was verified by `rule`.
 pub(crate) fn rewrite(
     parts: &mut Parts,
@@ -175,8 +189,6 @@ pub(crate) fn rewrite(
         }
     }
     for (header, claim) in &rule.output_claim_to_headers {
-        // A client's own value never passes as the claim's.
-        parts.headers.remove(header);
         if let Some(v) = claim_text(claims, claim).and_then(|t| HeaderValue::from_str(&t).ok()) {
             parts.headers.insert(header.clone(), v);
         }

@@ -248,6 +248,42 @@ fn configured_locations_replace_the_defaults_and_outputs_are_set() {
 }
 
 #[test]
+fn a_clients_own_output_headers_never_pass_with_or_without_a_token() {
+    let key = TestKey::ec("k", Algorithm::ES256);
+    let s = policy(
+        &[&key],
+        json!({
+            "outputPayloadToHeader": "x-jwt-payload",
+            "outputClaimToHeaders": [{"header": "x-sub", "claim": "sub"}, {"header": "x-team", "claim": "org.team"}],
+        }),
+    );
+    let forged = [
+        ("x-sub", "admin"),
+        ("x-team", "root"),
+        ("x-jwt-payload", "e30"),
+    ];
+    // No token at all: the forged headers are dropped, not passed on as if verified.
+    let mut p = parts("/", &forged);
+    assert_eq!(auth(&s, &mut p), Authentication::NoToken);
+    for (h, _) in forged {
+        assert!(p.headers.get(h).is_none(), "{h} kept without a token");
+    }
+    // A valid token without the nested claim: x-sub is the token's, x-team is absent.
+    let token = key.sign(&claims(ISS, "erin", "api"));
+    let mut with_token = forged.to_vec();
+    let b = bearer(&token);
+    with_token.push(("authorization", &b));
+    let mut p = parts("/", &with_token);
+    assert!(matches!(auth(&s, &mut p), Authentication::Valid(_)));
+    assert_eq!(p.headers["x-sub"], "erin");
+    assert!(
+        p.headers.get("x-team").is_none(),
+        "a forged claim the token lacks"
+    );
+    assert_ne!(p.headers["x-jwt-payload"], "e30");
+}
+
+#[test]
 fn a_broken_inline_jwks_is_reported_and_refuses_its_issuers_tokens() {
     let key = TestKey::rsa("k", Algorithm::RS256);
     let s = state(&[ra(
