@@ -44,11 +44,19 @@ async fn connect(addr: SocketAddr) -> Result<Sender, String> {
     Ok(sender)
 }
 
-async fn request(sender: &mut Sender, authority: &str) -> Result<(), String> {
-    let req = Request::get("/")
-        .header("host", authority)
-        .body(Empty::new())
-        .map_err(|e| e.to_string())?;
+/// A header every request carries (`name: value`, e.g. a bearer token).
+pub type ExtraHeader = (String, String);
+
+async fn request(
+    sender: &mut Sender,
+    authority: &str,
+    headers: &[ExtraHeader],
+) -> Result<(), String> {
+    let mut req = Request::get("/").header("host", authority);
+    for (name, value) in headers {
+        req = req.header(name.as_str(), value.as_str());
+    }
+    let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     if !resp.status().is_success() {
         return Err(format!("status {}", resp.status()));
@@ -69,11 +77,16 @@ struct Tally {
     first_error: Option<String>,
 }
 
-/// Sends `rate` requests per second for `seconds`, each on an idle keep-alive
-/// connection (a new one when all are busy). A plain thread paces the requests:
+/// Sends `rate` requests per second for `seconds` with `headers`, each on an idle
+/// keep-alive connection (a new one when all are busy). A plain thread paces the requests:
 /// its sleep is precise to tens of microseconds, where tokio's timer rounds to a
 /// millisecond and would add that to every latency.
-pub fn load(addr: SocketAddr, rate: u64, seconds: u64) -> HttpLoadReport {
+pub fn load(
+    addr: SocketAddr,
+    rate: u64,
+    seconds: u64,
+    headers: Vec<ExtraHeader>,
+) -> HttpLoadReport {
     let total = rate * seconds;
     let mut report = HttpLoadReport {
         rate,
@@ -94,13 +107,14 @@ pub fn load(addr: SocketAddr, rate: u64, seconds: u64) -> HttpLoadReport {
     };
     let tally = Arc::new(Mutex::new(Tally::default()));
     let authority = addr.to_string();
+    let headers = Arc::new(headers);
     let period = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(total as usize);
     for i in 0..total {
         let due = start + period * i as u32;
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        let (tally, authority) = (tally.clone(), authority.clone());
+        let (tally, authority, headers) = (tally.clone(), authority.clone(), headers.clone());
         tasks.push(rt.spawn(async move {
             let idle = tally.lock().unwrap_or_else(|p| p.into_inner()).idle.pop();
             let sender = match idle {
@@ -111,7 +125,7 @@ pub fn load(addr: SocketAddr, rate: u64, seconds: u64) -> HttpLoadReport {
                 }
             };
             let result = match sender {
-                Ok(mut s) => request(&mut s, &authority).await.map(|()| s),
+                Ok(mut s) => request(&mut s, &authority, &headers).await.map(|()| s),
                 Err(e) => Err(e),
             };
             let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());

@@ -264,7 +264,7 @@ fn one_round(bed: &Bed, r: &mut ScenarioResults, plan: Plan) -> Result<()> {
     let s = r.scenario;
     let placement = bed.cluster.pod(s.client_pod()).placement();
     if s.http_only() {
-        let h = http_load(bed, &placement, bed.target(s, App::Http), plan)?;
+        let h = http_load(bed, &placement, s, bed.target(s, App::Http), plan)?;
         r.push(Metric::HttpP50, h.p50_us);
         r.push(Metric::HttpP99, h.p99_us);
         return Ok(());
@@ -314,7 +314,7 @@ fn one_round(bed: &Bed, r: &mut ScenarioResults, plan: Plan) -> Result<()> {
         Metric::ConnRate,
         c.succeeded as f64 / (c.elapsed_ms.max(1) as f64 / 1e3),
     );
-    let h = http_load(bed, &placement, bed.target(s, App::Http), plan)?;
+    let h = http_load(bed, &placement, s, bed.target(s, App::Http), plan)?;
     r.push(Metric::HttpP50, h.p50_us);
     r.push(Metric::HttpP99, h.p99_us);
     Ok(())
@@ -363,6 +363,7 @@ fn churn(
 fn http_load(
     bed: &Bed,
     placement: &Placement,
+    scenario: Scenario,
     dst: SocketAddr,
     plan: Plan,
 ) -> Result<HttpLoadReport> {
@@ -371,18 +372,20 @@ fn http_load(
         plan.http_rate.to_string(),
         plan.http_seconds.to_string(),
     );
-    let rep: HttpLoadReport = bed.cluster.testapp_report(
-        placement,
-        &[
-            "http-load",
-            "--connect",
-            &dst,
-            "--rate",
-            &rate,
-            "--seconds",
-            &secs,
-        ],
-    )?;
+    let headers = bed.http_headers(scenario);
+    let mut args = vec![
+        "http-load",
+        "--connect",
+        &dst,
+        "--rate",
+        &rate,
+        "--seconds",
+        &secs,
+    ];
+    for h in &headers {
+        args.extend(["--header", h.as_str()]);
+    }
+    let rep: HttpLoadReport = bed.cluster.testapp_report(placement, &args)?;
     if rep.failed > 0 {
         bail!(
             "HTTP requests to {dst} failed: {} of {} ({:?})",

@@ -5,9 +5,9 @@
 //! [`Bed::proxy_pids`] if it runs proxies): e.g. `NodemeshL7` would send the client
 //! to a Service whose HTTPRoute picks the server.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use super::{
     peers::{self, PeerPair},
@@ -27,6 +27,9 @@ pub enum Scenario {
     /// Enrolled pods, L4 on the source side, to a server an AuthorizationPolicy with
     /// methods and paths selects: node b's agent judges each request (HTTP only).
     NodemeshL7Authz,
+    /// As NodemeshL7Authz, to a server that also requires a JSON Web Token
+    /// (RequestAuthentication): node b verifies each request's ES256 token.
+    NodemeshL7Jwt,
     /// An stunnel pair in the node namespaces: TLS 1.3, client certificate, verified.
     Stunnel,
     /// An haproxy pair in the node namespaces, configured like the stunnel pair.
@@ -34,11 +37,12 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Direct,
         Scenario::NodemeshL4,
         Scenario::NodemeshL7,
         Scenario::NodemeshL7Authz,
+        Scenario::NodemeshL7Jwt,
         Scenario::Stunnel,
         Scenario::Haproxy,
     ];
@@ -49,6 +53,7 @@ impl Scenario {
             Scenario::NodemeshL4 => "nodemesh-l4",
             Scenario::NodemeshL7 => "nodemesh-l7",
             Scenario::NodemeshL7Authz => "nodemesh-l7-authz",
+            Scenario::NodemeshL7Jwt => "nodemesh-l7-jwt",
             Scenario::Stunnel => "stunnel",
             Scenario::Haproxy => "haproxy",
         }
@@ -70,6 +75,9 @@ impl Scenario {
             Scenario::NodemeshL7Authz => {
                 "as nodemesh-l4, to a server whose AuthorizationPolicy (methods, paths) node b judges per request (HTTP only)"
             }
+            Scenario::NodemeshL7Jwt => {
+                "as nodemesh-l7-authz, the policy also requiring a JWT (ES256) that node b verifies per request (HTTP only)"
+            }
             Scenario::Stunnel => {
                 "stunnel4 pair in the node namespaces, TLS 1.3, ECDSA P-256 client certificate"
             }
@@ -86,13 +94,19 @@ impl Scenario {
 
     /// Only the HTTP figures apply (the route's Service speaks HTTP, not iperf/echo).
     pub fn http_only(self) -> bool {
-        matches!(self, Scenario::NodemeshL7 | Scenario::NodemeshL7Authz)
+        matches!(
+            self,
+            Scenario::NodemeshL7 | Scenario::NodemeshL7Authz | Scenario::NodemeshL7Jwt
+        )
     }
 
     /// The pod the client programs run in (node a).
     pub fn client_pod(self) -> &'static str {
         match self {
-            Scenario::NodemeshL4 | Scenario::NodemeshL7 | Scenario::NodemeshL7Authz => "client",
+            Scenario::NodemeshL4
+            | Scenario::NodemeshL7
+            | Scenario::NodemeshL7Authz
+            | Scenario::NodemeshL7Jwt => "client",
             _ => "bystander",
         }
     }
@@ -132,9 +146,42 @@ const GUARDED_POLICY: &str = "apiVersion: security.istio.io/v1\nkind: Authorizat
     \x20 rules:\n  - from: [{source: {principals: [\"cluster.local/ns/apps/sa/client\"]}}]\n\
     \x20   to: [{operation: {methods: [GET, HEAD], paths: [\"/*\"]}}]\n";
 
+/// The server of the nodemesh-l7-jwt scenario: the same policy plus a required token.
+const BEARER: &str = "bearer";
+const BEARER_ISSUER: &str = "https://issuer.bench.nodemesh.test";
+
+/// A signing key, the RequestAuthentication and policy trusting it, and a token it
+/// signed (valid for a day).
+fn bearer_policy_and_token() -> Result<(String, String)> {
+    use jsonwebtoken::{jwk::Jwk, Algorithm, EncodingKey, Header};
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let key = EncodingKey::from_ec_der(&pair.serialize_der());
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256)?;
+    jwk.common.key_id = Some("bench".into());
+    let jwks = serde_json::json!({ "keys": [jwk] }).to_string();
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = serde_json::json!({"iss": BEARER_ISSUER, "sub": "client", "aud": "bench",
+        "iat": now, "exp": now + 86_400});
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("bench".into());
+    let token = jsonwebtoken::encode(&header, &claims, &key)?;
+    let policy = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n\
+         metadata: {{name: {BEARER}, namespace: apps}}\nspec:\n  selector: {{matchLabels: {{app: {BEARER}}}}}\n\
+         \x20 jwtRules:\n  - issuer: \"{BEARER_ISSUER}\"\n    audiences: [bench]\n    jwks: '{jwks}'\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: {BEARER}, namespace: apps}}\nspec:\n  selector: {{matchLabels: {{app: {BEARER}}}}}\n\
+         \x20 rules:\n  - from: [{{source: {{principals: [\"cluster.local/ns/apps/sa/client\"], requestPrincipals: [\"{BEARER_ISSUER}/client\"]}}}}]\n\
+         \x20   to: [{{operation: {{methods: [GET, HEAD], paths: [\"/*\"]}}}}]\n"
+    );
+    Ok((policy, token))
+}
+
 /// The simulated cluster with every server and peer proxy running.
 pub struct Bed {
     pub cluster: SimCluster,
+    /// The token nodemesh-l7-jwt's client sends.
+    bearer_token: String,
     _servers: Vec<Process>,
     stunnel: PeerPair,
     haproxy: PeerPair,
@@ -154,9 +201,13 @@ impl Bed {
         )];
         spec.pods
             .push(crate::sim::PodSpec::new(GUARDED, "apps", "b"));
+        spec.pods
+            .push(crate::sim::PodSpec::new(BEARER, "apps", "b"));
         let cluster = SimCluster::create(spec)?;
         cluster.write_manifest("bench-httproute.yaml", HTTP_ROUTE)?;
         cluster.write_manifest("bench-authz.yaml", GUARDED_POLICY)?;
+        let (bearer_policy, bearer_token) = bearer_policy_and_token()?;
+        cluster.write_manifest("bench-jwt.yaml", &bearer_policy)?;
         // Thousands of short connections per run leave TIME_WAIT sockets behind; Linux
         // reuses their ports only for loopback by default (which the mesh's client,
         // connecting to 15001, gets): give every scenario the same reuse.
@@ -176,11 +227,33 @@ impl Bed {
             servers.push(servers::http(&cluster, pod, App::Http.port())?);
         }
         servers.push(servers::http(&cluster, GUARDED, App::Http.port())?);
+        servers.push(servers::http(&cluster, BEARER, App::Http.port())?);
+        // The policies are in force before anything is measured (until then every
+        // request to those pods passes at L4 and would measure nothing of L7).
+        let status = |pod: &str, extra: &[&str]| {
+            let dst = cluster.pod(pod).addr4(App::Http.port());
+            cluster
+                .http("client", dst, pod, "/", extra)
+                .ok()
+                .and_then(|r| r.statuses.keys().next().copied())
+        };
+        let bearer_header = format!("authorization: Bearer {bearer_token}");
+        let applied = cluster.eventually(Duration::from_secs(20), || {
+            status(GUARDED, &["--method", "DELETE"]) == Some(403)
+                && status(BEARER, &[]) == Some(403)
+                && status(BEARER, &["-H", &bearer_header]) == Some(200)
+        });
+        if applied.is_none() {
+            bail!(
+                "the bench's AuthorizationPolicy and RequestAuthentication never applied on node b"
+            );
+        }
         let certs = peers::Certs::generate(&work_dir.join("peer-certs"), &cluster)?;
         let stunnel = peers::start_stunnel(&cluster, &certs, 20000)?;
         let haproxy = peers::start_haproxy(&cluster, &certs, 22000)?;
         Ok(Bed {
             cluster,
+            bearer_token,
             _servers: servers,
             stunnel,
             haproxy,
@@ -194,8 +267,17 @@ impl Bed {
             Scenario::NodemeshL4 => self.cluster.pod("server").addr4(app.port()),
             Scenario::NodemeshL7 => self.cluster.service(HTTP_SERVICE).addr4(),
             Scenario::NodemeshL7Authz => self.cluster.pod(GUARDED).addr4(app.port()),
+            Scenario::NodemeshL7Jwt => self.cluster.pod(BEARER).addr4(app.port()),
             Scenario::Stunnel => self.stunnel.entry(app),
             Scenario::Haproxy => self.haproxy.entry(app),
+        }
+    }
+
+    /// The headers every HTTP request of the scenario carries (`name: value`).
+    pub fn http_headers(&self, scenario: Scenario) -> Vec<String> {
+        match scenario {
+            Scenario::NodemeshL7Jwt => vec![format!("authorization: Bearer {}", self.bearer_token)],
+            _ => Vec::new(),
         }
     }
 
@@ -203,7 +285,10 @@ impl Bed {
     pub fn proxy_pids(&self, scenario: Scenario) -> Vec<u32> {
         match scenario {
             Scenario::Direct => Vec::new(),
-            Scenario::NodemeshL4 | Scenario::NodemeshL7 | Scenario::NodemeshL7Authz => ["a", "b"]
+            Scenario::NodemeshL4
+            | Scenario::NodemeshL7
+            | Scenario::NodemeshL7Authz
+            | Scenario::NodemeshL7Jwt => ["a", "b"]
                 .iter()
                 .filter_map(|n| self.cluster.agent_pid(n))
                 .collect(),

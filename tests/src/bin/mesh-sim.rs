@@ -32,7 +32,8 @@ enum Cmd {
         /// Runs per figure (the medians need at least 5 to mean much).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// Only these scenarios (direct, nodemesh-l4, stunnel, haproxy); all by default.
+        /// Only these scenarios (direct, nodemesh-l4, nodemesh-l7, nodemesh-l7-authz,
+        /// nodemesh-l7-jwt, stunnel, haproxy); all by default.
         #[arg(long, value_parser = parse_scenario)]
         scenario: Vec<mesh_tests::bench::Scenario>,
     },

@@ -178,6 +178,9 @@ enum Cmd {
         rate: u64,
         #[arg(long, default_value_t = 3)]
         seconds: u64,
+        /// A header every request carries, `name: value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
     },
 }
 
@@ -461,8 +464,14 @@ fn main() {
             connect,
             rate,
             seconds,
+            headers,
         } => {
-            let r = mesh_tests::bench::http::load(connect, rate, seconds);
+            let headers = headers
+                .iter()
+                .filter_map(|h| h.split_once(':'))
+                .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+                .collect();
+            let r = mesh_tests::bench::http::load(connect, rate, seconds, headers);
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             std::process::exit(if r.failed == 0 { 0 } else { 1 });
         }
