@@ -21,15 +21,16 @@ use crate::{
     capture::cgroup::MountError, capture::dataplane::Dataplane, capture::dataplane::DataplaneError,
     capture::locator::KubepodsLocator, capture::locator::NetnsDirectory,
     capture::locator::NetnsLocator, capture::netns::Netns, capture::netns::NetnsError,
-    capture::netns::NetnsId, capture::preflight, capture::preflight::PreflightError,
+    capture::netns::NetnsId, capture::pin_lock, capture::pin_lock::PinLock,
+    capture::pin_lock::PinLockError, capture::preflight, capture::preflight::PreflightError,
     capture::sockets::PodSockets, config::AgentConfig, config::NetnsLocatorKind, config::Source,
     discovery::apiserver, discovery::apiserver::DiscoveryHealth, discovery::cluster::ClusterState,
     discovery::files, hbone::client::HboneClient, identity::ca::client::CaClient,
     identity::ca::client::Credential, identity::cert_cache::CertCache,
-    identity::certificates::CertificateStore, identity::spiffe::TrustBundle, limits, limits::Gate,
-    limits::Listener, proxy::pod::Mesh, routing::balancer::Balancer, routing::table::Router,
-    telemetry::connections::ConnectionTable, telemetry::metrics::Metrics, workloads::ProxySettings,
-    workloads::Workloads,
+    identity::certificates::CertificateStore, identity::spiffe::TrustBundle, limits,
+    limits::drain::Drain, limits::Gate, limits::Listener, proxy::pod::Mesh,
+    routing::balancer::Balancer, routing::table::Router, telemetry::connections::ConnectionTable,
+    telemetry::metrics::Metrics, workloads::ProxySettings, workloads::Workloads,
 };
 
 #[derive(Debug, Error)]
@@ -42,6 +43,10 @@ pub enum AgentError {
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error(transparent)]
+    PinLock(#[from] PinLockError),
+    #[error("waiting for the previous agent to release the pins failed: {0}")]
+    PinLockWait(tokio::task::JoinError),
     #[error("cannot read the cookie of the node's network namespace {path}: {source}; run the agent with hostPID (the default --node-netns is the host's, /proc/1/ns/net) or pass the node's namespace as --node-netns")]
     NodeNetns {
         path: PathBuf,
@@ -105,10 +110,101 @@ fn node_config(
     Ok((node, node_netns_id))
 }
 
+/// How long a port the previous agent held may stay taken after it released the pins
+/// (its sockets close as it exits, after its lock may have been released).
+const BIND_RETRY: Duration = Duration::from_secs(3);
+
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
-    TcpListener::bind(addr)
+    let deadline = tokio::time::Instant::now() + BIND_RETRY;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(source) => return Err(AgentError::Bind { what, addr, source }),
+        }
+    }
+}
+
+/// The pin directory's lock: at once, or once the agent holding it has exited.
+async fn lock_pins(pin_dir: &std::path::Path) -> Result<PinLock, AgentError> {
+    if let Some(lock) = PinLock::try_acquire(pin_dir)? {
+        return Ok(lock);
+    }
+    let holder = pin_lock::holder(pin_dir);
+    warn!(pin_dir = %pin_dir.display(), holder_pid = ?holder, "another agent manages this node's pins; waiting for it to exit");
+    let dir = pin_dir.to_path_buf();
+    let started = std::time::Instant::now();
+    let lock = tokio::task::spawn_blocking(move || PinLock::acquire(&dir))
         .await
-        .map_err(|source| AgentError::Bind { what, addr, source })
+        .map_err(AgentError::PinLockWait)??;
+    info!(
+        waited_ms = started.elapsed().as_millis() as u64,
+        "the previous agent exited; this one manages the pins now"
+    );
+    Ok(lock)
+}
+
+/// Drains: the listeners close, HTTP connections are told to close, and the agent
+/// waits until no proxied connection is left, `timeout` passes, or a second signal
+/// comes. Returns (open at the start, cut at the end).
+async fn drain(
+    workloads: &mut Workloads,
+    drain: &Drain,
+    connections: &ConnectionTable,
+    metrics: &Metrics,
+    timeout: Duration,
+    mut again: impl std::future::Future<Output = ()> + Unpin,
+) -> (usize, usize) {
+    drain.start();
+    metrics.draining.set(1);
+    let closed = workloads.stop_accepting();
+    let open = connections.live().len();
+    info!(
+        listeners = closed,
+        connections = open,
+        timeout_s = timeout.as_secs_f64(),
+        "draining: listeners closed, waiting for open connections to end"
+    );
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let left = loop {
+        let left = connections.live().len();
+        if left == 0 {
+            break 0;
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(deadline) => break connections.live().len(),
+            _ = &mut again => {
+                info!("second signal: ending the drain now");
+                break connections.live().len();
+            }
+        }
+    };
+    let cut = left.min(open);
+    metrics
+        .drained_connections
+        .with_label_values(&["completed"])
+        .inc_by((open - cut) as u64);
+    metrics
+        .drained_connections
+        .with_label_values(&["cut"])
+        .inc_by(cut as u64);
+    if cut > 0 {
+        warn!(
+            cut,
+            completed = open - cut,
+            "drain timeout: cutting the connections still open"
+        );
+    } else {
+        info!(completed = open, "drained: every connection ended");
+    }
+    (open, cut)
 }
 
 /// The CA client, certificate store and HBONE client, when a CA is configured.
@@ -178,6 +274,8 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         warn!(error = %e, "cannot raise the descriptor limit (RLIMIT_NOFILE); keeping the inherited one");
     }
     cgroup::ensure_on_bpffs(&config.pin_dir)?;
+    // Before anything touches the pins; held until the very end of this function.
+    let pin_lock = lock_pins(&config.pin_dir).await?;
     let cgroup_root = cgroup::resolve_cgroup_root(&config.cgroup_root)?;
     let home = Arc::new(Netns::current_thread()?);
     let object = match &config.ebpf_object {
@@ -204,6 +302,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
     limits::init_metrics(&metrics);
     let mesh = mesh(&config, &metrics)?;
     let connections = ConnectionTable::new(metrics.clone());
+    let connections_view = connections.clone();
     let ready = Arc::new(AtomicBool::new(false));
     let discovery = Arc::new(DiscoveryHealth::default());
     let (state_tx, mut state_rx) = watch::channel(Arc::new(ClusterState::default()));
@@ -273,13 +372,20 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             })
         },
     ));
-    let (r, d, dp) = (ready.clone(), discovery.clone(), dataplane.clone());
+    let (r, d, dp, stopping) = (
+        ready.clone(),
+        discovery.clone(),
+        dataplane.clone(),
+        metrics.clone(),
+    );
     let certs = mesh.as_ref().map(|m| m.certificates.clone());
     tokio::spawn(server::serve(
         ready_listener,
         gate(Listener::Readiness),
         move |m, p, _| {
-            server::readiness_route(m, p, || server::readiness(&r, &d, &dp, certs.as_deref()))
+            server::readiness_route(m, p, || {
+                server::readiness(stopping.draining.get() == 1, &r, &d, &dp, certs.as_deref())
+            })
         },
     ));
 
@@ -291,6 +397,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         config.node_name.clone(),
         dialer.clone(),
     );
+    let drain_signal = Drain::default();
     let mut workloads = Workloads::new(
         ProxySettings {
             node: config.node_name.clone(),
@@ -311,6 +418,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             limits: config.pod_limits(),
             jwt: jwt.clone(),
             dialer: dialer.clone(),
+            drain: drain_signal.clone(),
         },
         home.clone(),
         dataplane.clone(),
@@ -378,6 +486,26 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             _ = interrupt.recv() => break,
         }
     }
+    ready.store(false, Ordering::Relaxed);
+    let again = Box::pin(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    });
+    drain(
+        &mut workloads,
+        &drain_signal,
+        &connections_view,
+        &metrics,
+        config.drain_timeout,
+        again,
+    )
+    .await;
+    // The pod listeners and links go before the lock, so the next agent never finds
+    // a port of ours still taken.
+    drop(workloads);
     info!("shutting down; pinned eBPF state stays for the next start");
+    drop(pin_lock);
     Ok(())
 }

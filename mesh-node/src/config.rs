@@ -103,6 +103,14 @@ pub struct AgentConfig {
     #[serde(with = "duration_text")]
     pub jwks_refresh: Duration,
 
+    /// How long the agent drains on SIGTERM (or SIGINT): its listeners stop accepting
+    /// at once, established connections run on until they end or this passes, then the
+    /// rest are cut. A second signal cuts them at once. The DaemonSet's
+    /// `terminationGracePeriodSeconds` must be longer.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    #[serde(with = "duration_text")]
+    pub drain_timeout: Duration,
+
     /// Trust domain of workload identities.
     #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,

@@ -98,6 +98,8 @@ pub(crate) struct ProxySettings {
     pub jwt: Arc<crate::identity::jwt::JwtAuthenticator>,
     /// Connections the agent opens as a local pod (JWKS fetches): it knows every pod.
     pub dialer: Arc<crate::proxy::dial::MeshDialer>,
+    /// The agent's drain (SIGTERM).
+    pub drain: crate::limits::drain::Drain,
 }
 
 struct RunningPod {
@@ -301,6 +303,28 @@ impl Workloads {
 
     /// Whether pods are starting (no IP in their status, not enrolled yet): the agent
     /// then looks for them more often than every recheck.
+    /// The drain's first step: every in-pod listener closes (the accept loops end and
+    /// the kept plaintext inbound descriptors are dropped), so new connections are
+    /// refused at once instead of waiting in a backlog nobody serves; the connections
+    /// already accepted run on in their own tasks. Maps, pins and links stay as they are
+    /// for the next agent. Returns how many listeners closed.
+    pub(crate) fn stop_accepting(&mut self) -> usize {
+        let mut closed = 0;
+        for pod in self
+            .running
+            .values_mut()
+            .chain(self.draining.values_mut().map(|d| &mut d.pod))
+        {
+            for t in &pod.tasks {
+                t.abort();
+            }
+            closed += pod.listeners.len();
+            pod.listeners.clear();
+            pod.inbound = [None, None];
+        }
+        closed
+    }
+
     pub(crate) fn starting(&self) -> bool {
         self.starting > 0
     }
@@ -586,6 +610,7 @@ impl Workloads {
             limits: self.settings.limits,
             mirrors: Default::default(),
             jwt: self.settings.jwt.clone(),
+            drain: self.settings.drain.clone(),
         });
         self.settings.dialer.register(&ctx);
         let mut listeners = Vec::new();

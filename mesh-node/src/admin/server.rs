@@ -180,6 +180,7 @@ pub(crate) fn admin_route(
             ),
         },
         (&Method::GET, "/healthz/ready") => readiness(
+            state.metrics.draining.get() == 1,
             &state.ready,
             &state.discovery,
             &state.dataplane,
@@ -223,12 +224,13 @@ fn admin_method_not_allowed(path: &str) -> Option<HttpResponse> {
 }
 
 pub(crate) fn readiness(
+    draining: bool,
     ready: &AtomicBool,
     discovery: &DiscoveryHealth,
     dataplane: &Dataplane,
     certificates: Option<&CertificateStore>,
 ) -> HttpResponse {
-    match unready_reason(ready, discovery, dataplane, certificates) {
+    match unready_reason(draining, ready, discovery, dataplane, certificates) {
         None => respond(StatusCode::OK, "text/plain", "ready\n"),
         Some(why) => respond(
             StatusCode::SERVICE_UNAVAILABLE,

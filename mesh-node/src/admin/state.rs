@@ -88,11 +88,15 @@ pub fn discovery_unready_reason(discovery: &DiscoveryHealth) -> Option<String> {
 
 /// Why the agent is not ready (None: ready).
 pub fn unready_reason(
+    draining: bool,
     ready: &AtomicBool,
     discovery: &DiscoveryHealth,
     dataplane: &Dataplane,
     certificates: Option<&CertificateStore>,
 ) -> Option<String> {
+    if draining {
+        return Some("draining: the agent is stopping (SIGTERM); its listeners are closed".into());
+    }
     if !ready.load(Ordering::Relaxed) {
         return Some("eBPF or first reconcile pending".into());
     }

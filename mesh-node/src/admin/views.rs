@@ -34,7 +34,9 @@ pub(crate) fn status(state: &AdminState) -> StatusView {
         .unwrap_or_default();
     let (live_out, live_in) = state.connections.live_counts();
     let last_update = state.metrics.state_last_update.get();
+    let draining = state.metrics.draining.get() == 1;
     let unready = crate::admin::state::unready_reason(
+        draining,
         &state.ready,
         &state.discovery,
         &state.dataplane,
@@ -46,6 +48,7 @@ pub(crate) fn status(state: &AdminState) -> StatusView {
         ready: unready.is_none(),
         not_ready_reason: unready,
         uptime_seconds: state.started.elapsed().as_secs(),
+        draining,
         mtls: state.certificates.is_some(),
         trust_domain: state.config.trust_domain.clone(),
         source: state.config.source,

@@ -9,5 +9,6 @@ pub(crate) mod holds;
 pub(crate) mod locator;
 pub(crate) mod map_pressure;
 pub(crate) mod netns;
+pub mod pin_lock;
 pub mod preflight;
 pub(crate) mod sockets;

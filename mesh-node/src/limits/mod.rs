@@ -6,6 +6,7 @@
 //! A connection over a cap is accepted and closed at once (never queued), and counted
 //! in `nodemesh_listener_refused_total{listener,reason}`.
 
+pub(crate) mod drain;
 pub(crate) mod gate;
 pub(crate) mod http;
 pub(crate) mod io;

@@ -99,6 +99,13 @@ async fn connection(
         let idle_check = idle_since + ctx.idle_timeout;
         let next = tokio::select! {
             next = h2.accept() => next,
+            _ = ctx.drain.started(), if !closing => {
+                // GOAWAY: the peer opens new streams elsewhere; these finish.
+                debug!(pod = %ctx.pod, src = %peer, "draining: HBONE connection told to go away");
+                h2.graceful_shutdown();
+                closing = true;
+                continue;
+            }
             _ = tokio::time::sleep_until(idle_check), if !closing => {
                 if Arc::strong_count(&streams) == 1 {
                     limits::count_timeout(&ctx.metrics, Listener::Hbone, Stage::Idle);

@@ -136,6 +136,10 @@ where
         };
         tokio::select! {
             result = serving.as_mut() => break result,
+            _ = ctx.drain.started(), if !closing => {
+                serving.as_mut().graceful_shutdown();
+                closing = true;
+            }
             _ = tokio::time::sleep_until(check), if !closing => {
                 let last = *last_request.lock().unwrap_or_else(|p| p.into_inner());
                 match last {

@@ -2,7 +2,7 @@
 
 use prometheus::{
     core::Collector, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::telemetry::outcome::ResponseFlags;
@@ -212,6 +212,11 @@ pub struct Metrics {
     /// Unix time of the last cluster state the agent applied.
     pub state_last_update: Gauge,
     pub state_age_seconds: Gauge,
+    /// 1 while the agent drains (after SIGTERM), else 0.
+    pub draining: IntGauge,
+    /// Connections open when a drain began, by how they ended: `completed` before the
+    /// drain timeout, `cut` by it.
+    pub drained_connections: IntCounterVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -506,6 +511,19 @@ impl Metrics {
                     "nodemesh_state_age_seconds",
                     "Seconds since the agent last applied a new cluster state.",
                 ),
+            ),
+            draining: register(
+                &r,
+                IntGauge::new(
+                    "nodemesh_agent_draining",
+                    "1 while the agent drains its connections before exiting.",
+                ),
+            ),
+            drained_connections: counter_vec(
+                &r,
+                "nodemesh_drained_connections_total",
+                "Connections open when the agent began to drain, by outcome (completed, cut).",
+                &["outcome"],
             ),
             registry: r,
         }

@@ -167,7 +167,7 @@ pub struct SimCluster {
     pub fabric: PathBuf,
     services: Mutex<Vec<SimService>>,
     routes: Mutex<Vec<RouteSpec>>,
-    agents: Mutex<HashMap<String, Child>>,
+    pub(super) agents: Mutex<HashMap<String, Child>>,
     ca: Mutex<Option<Child>>,
     cert_ttl: String,
     mtls: bool,

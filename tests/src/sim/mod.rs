@@ -1,6 +1,7 @@
 //! A simulated Kubernetes cluster made of network namespaces and cgroups.
 
 mod admin;
+mod agent_control;
 mod apps;
 pub mod capture;
 pub mod cluster;

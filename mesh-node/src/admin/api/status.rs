@@ -14,6 +14,9 @@ pub struct StatusView {
     pub ready: bool,
     pub not_ready_reason: Option<String>,
     pub uptime_seconds: u64,
+    /// The agent is stopping: listeners closed, open connections running to their end.
+    #[serde(default)]
+    pub draining: bool,
     pub mtls: bool,
     pub trust_domain: String,
     pub source: Source,
@@ -94,6 +97,7 @@ mod tests {
             ready: false,
             not_ready_reason: Some("eBPF or first reconcile pending".into()),
             uptime_seconds: 12,
+            draining: false,
             mtls: true,
             trust_domain: "cluster.local".into(),
             source: Source::Kube,
@@ -117,7 +121,7 @@ mod tests {
             json!({
                 "node": "a", "version": "0.1.0", "ready": false,
                 "not_ready_reason": "eBPF or first reconcile pending",
-                "uptime_seconds": 12, "mtls": true, "trust_domain": "cluster.local",
+                "uptime_seconds": 12, "draining": false, "mtls": true, "trust_domain": "cluster.local",
                 "source": "kube",
                 "state": {"objects": {"Pod": 3, "Service": 2}, "updates": 7, "age_seconds": 1.5},
                 "workloads": {"total": 3, "enrolled": 2},

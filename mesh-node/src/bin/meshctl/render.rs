@@ -161,6 +161,17 @@ pub fn status(v: &StatusView) -> String {
         ("version", text(&v.version)),
         ("ready", ready),
         ("uptime", age(v.uptime_seconds as i64)),
+        (
+            "draining",
+            if v.draining {
+                format!(
+                    "yes: listeners closed, {} connections still open",
+                    v.connections.live_outbound + v.connections.live_inbound
+                )
+            } else {
+                "no".into()
+            },
+        ),
         ("mtls", mtls),
         ("source", v.source.name().to_string()),
         (

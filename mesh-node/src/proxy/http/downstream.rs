@@ -232,6 +232,12 @@ pub(crate) async fn serve(
         };
         tokio::select! {
             result = serving.as_mut() => break result,
+            _ = ctx.drain.started(), if !closing => {
+                // HTTP/1.1: `Connection: close` on the response in flight, or closed
+                // if idle; HTTP/2: GOAWAY, the streams in flight finish.
+                serving.as_mut().graceful_shutdown();
+                closing = true;
+            }
             _ = tokio::time::sleep_until(check), if !closing => {
                 if activity.requests.load(Ordering::Relaxed) == 0 {
                     limits::count_timeout(&ctx.metrics, Listener::Http, Stage::Header);
