@@ -17,6 +17,7 @@ pub mod jwks;
 pub mod mtls;
 pub mod peer_authentication;
 pub mod policy;
+pub mod policy_target;
 pub mod problem;
 pub mod problems;
 pub mod request_auth;
