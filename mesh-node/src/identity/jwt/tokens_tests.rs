@@ -197,8 +197,8 @@ fn no_token_or_an_unselected_pod_is_no_token() {
         jwt.authenticate(&s, &other, &mut p),
         Authentication::NoToken
     );
-    assert!(jwt.selects(&s, &backend()));
-    assert!(!jwt.selects(&s, &other));
+    assert!(selects(&s, &backend()));
+    assert!(!selects(&s, &other));
 }
 
 #[test]
@@ -297,15 +297,14 @@ fn selection_follows_istio_namespace_root_and_target_refs() {
         "metadata": {"name": "api-svc", "namespace": "team"},
         "spec": {"selector": {"app": "api"}, "ports": [{"port": 80}]}})
     .to_string();
-    let jwt = JwtAuthenticator::new();
     // Namespace-wide: every pod of apps, none of team.
     let s = state(&[ra("apps", "ns", json!({"jwtRules": rule}))]);
-    assert!(jwt.selects(&s, &ObjectKey::new("apps", "other")));
-    assert!(!jwt.selects(&s, &ObjectKey::new("team", "api")));
+    assert!(selects(&s, &ObjectKey::new("apps", "other")));
+    assert!(!selects(&s, &ObjectKey::new("team", "api")));
     // Root namespace: mesh-wide.
     let s = state(&[ra("nodemesh-system", "mesh", json!({"jwtRules": rule}))]);
-    assert!(jwt.selects(&s, &ObjectKey::new("team", "api")));
-    assert!(jwt.selects(&s, &backend()));
+    assert!(selects(&s, &ObjectKey::new("team", "api")));
+    assert!(selects(&s, &backend()));
     // targetRefs: the pods the Service selects.
     let s = state(&[
         service,
@@ -315,8 +314,8 @@ fn selection_follows_istio_namespace_root_and_target_refs() {
             json!({"targetRefs": [{"kind": "Service", "group": "", "name": "api-svc"}], "jwtRules": rule}),
         ),
     ]);
-    assert!(jwt.selects(&s, &ObjectKey::new("team", "api")));
-    assert!(!jwt.selects(&s, &backend()));
+    assert!(selects(&s, &ObjectKey::new("team", "api")));
+    assert!(!selects(&s, &backend()));
 }
 
 #[test]
