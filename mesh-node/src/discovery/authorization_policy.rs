@@ -12,6 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub use crate::discovery::peer_authentication::{WorkloadSelector, ISTIO_SECURITY, VERSIONS};
+pub use crate::discovery::policy_target::PolicyTargetReference;
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
@@ -45,19 +46,6 @@ pub struct AuthorizationPolicySpec {
     /// ALLOW policy without rules denies everything).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<Rule>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PolicyTargetReference {
-    /// `""` (or absent) for a core Service.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-    pub kind: String,
-    pub name: String,
-    /// Must be the policy's own namespace when set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

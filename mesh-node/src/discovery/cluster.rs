@@ -1,12 +1,12 @@
 //! The agent's view of the cluster: Kubernetes objects by kind, plus the indexes the
 //! proxy needs. Sources mutate a working copy and publish snapshots; a snapshot is
 //! cheap (each kind is an `Arc`'d map of `Arc`'d objects), and a change to one kind
-//! copies only that kind's map.
+//! copies only that kind's map. Keeping the objects and their indexes is here; asking
+//! them (`*_for`, `*_by_ip`, the mTLS modes) is in `discovery::lookups`.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, Ipv6Addr},
-    str::FromStr,
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -18,27 +18,30 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use mesh_common::Ip;
 use serde::Serialize;
 
 pub use crate::{
+    discovery::addresses::canonical, discovery::addresses::ip_from_key,
+    discovery::addresses::ip_key, discovery::addresses::pod_ips,
+    discovery::addresses::service_account, discovery::addresses::service_ips,
     discovery::enrollment::plan, discovery::enrollment::NotEnrolled,
     discovery::enrollment::PodPlan, discovery::enrollment::EXCLUDE_INBOUND_PORTS,
     discovery::enrollment::EXCLUDE_OUTBOUND_CIDRS, discovery::enrollment::EXCLUDE_OUTBOUND_PORTS,
     discovery::enrollment::MESH_LABEL, discovery::mtls::MTLS_LABEL,
+    discovery::route_parents::ServiceParents, discovery::service_ref::is_service_parent,
 };
 
 use crate::{
     discovery::authorization::AuthzIndex,
     discovery::authorization_policy::AuthorizationPolicy as IstioAuthorizationPolicy,
-    discovery::destination_rule::DestinationRule, discovery::mtls::EffectiveMtls,
-    discovery::mtls::PeerAuthIndex, discovery::mtls::RootNamespace, discovery::mtls::WorkloadMtls,
-    discovery::peer_authentication::PeerAuthentication, discovery::policy::AuthorizationPolicy,
-    discovery::request_auth::CompiledRequestAuth, discovery::request_auth::RequestAuthIndex,
-    discovery::request_authentication::RequestAuthentication, discovery::traffic_policy::compile,
+    discovery::destination_rule::DestinationRule, discovery::mtls::PeerAuthIndex,
+    discovery::mtls::RootNamespace, discovery::peer_authentication::PeerAuthentication,
+    discovery::policy::AuthorizationPolicy, discovery::request_auth::RequestAuthIndex,
+    discovery::request_authentication::RequestAuthentication,
+    discovery::route_parents::route_index, discovery::traffic_policy::compile,
     discovery::traffic_policy::CompiledRule, discovery::traffic_policy::Problem,
     discovery::traffic_policy::ProblemReason, discovery::virtual_service::VirtualService,
-    keys::ObjectKey, keys::PodKey,
+    keys::ObjectKey,
 };
 
 /// Label EndpointSlices carry to name their Service.
@@ -182,7 +185,7 @@ pub struct ClusterState {
     pub compiled_rules: Arc<BTreeMap<ObjectKey, Arc<CompiledRule>>>,
     /// The DestinationRule in force for each Service (valid, and the oldest of those
     /// naming it).
-    rules_by_service: Arc<HashMap<ObjectKey, Arc<CompiledRule>>>,
+    pub(super) rules_by_service: Arc<HashMap<ObjectKey, Arc<CompiledRule>>>,
     pub virtual_services: Objects<VirtualService>,
     pub peer_authentications: Objects<PeerAuthentication>,
     /// Every PeerAuthentication checked, which are in force, and the root namespace
@@ -192,177 +195,11 @@ pub struct ClusterState {
     /// Every RequestAuthentication checked (`discovery::request_auth`;
     /// [`ClusterState::request_authentications_for`] reads it).
     pub request_authentication: Arc<RequestAuthIndex>,
-    pods_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
-    services_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
-    slices_by_service: Arc<HashMap<ObjectKey, BTreeSet<ObjectKey>>>,
-    tcp_routes_by_service: Arc<HashMap<ObjectKey, Vec<ObjectKey>>>,
-    http_routes_by_service: Arc<HashMap<ObjectKey, Vec<ObjectKey>>>,
-}
-
-/// A route's `parentRefs` that name a Service (GAMMA), as (Service, port) pairs; `None`
-/// means every port.
-pub trait ServiceParents {
-    fn service_parents(&self, own_namespace: &str) -> Vec<(ObjectKey, Option<u16>)>;
-}
-
-pub use crate::discovery::service_ref::is_service_parent;
-
-fn service_parent(
-    group: Option<&str>,
-    kind: Option<&str>,
-    name: &str,
-    namespace: Option<&str>,
-    port: Option<i32>,
-    own_namespace: &str,
-) -> Option<(ObjectKey, Option<u16>)> {
-    if !is_service_parent(group, kind) {
-        return None;
-    }
-    let key = ObjectKey::new(namespace.unwrap_or(own_namespace), name);
-    Some((key, port.and_then(|p| u16::try_from(p).ok())))
-}
-
-/// The route kinds' parentRef types differ only in name (generated per CRD).
-macro_rules! service_parents_of {
-    ($($route:ty),*) => {$(
-        impl ServiceParents for $route {
-            fn service_parents(&self, own_namespace: &str) -> Vec<(ObjectKey, Option<u16>)> {
-                self.spec
-                    .parent_refs
-                    .iter()
-                    .flatten()
-                    .filter_map(|p| {
-                        service_parent(
-                            p.group.as_deref(),
-                            p.kind.as_deref(),
-                            &p.name,
-                            p.namespace.as_deref(),
-                            p.port,
-                            own_namespace,
-                        )
-                    })
-                    .collect()
-            }
-        }
-    )*};
-}
-
-service_parents_of!(TcpRoute, HttpRoute);
-
-fn route_index<T: ServiceParents>(routes: &Objects<T>) -> HashMap<ObjectKey, Vec<ObjectKey>> {
-    let mut index: HashMap<ObjectKey, Vec<ObjectKey>> = HashMap::new();
-    for (key, route) in routes.iter() {
-        for (service, _) in route.service_parents(&key.namespace) {
-            let entry = index.entry(service).or_default();
-            if !entry.contains(key) {
-                entry.push(key.clone());
-            }
-        }
-    }
-    index
-}
-
-/// Routes of `index` attached to `service` on `port`, by Gateway API precedence:
-/// oldest first, then by namespace/name.
-fn routes_for<'a, T: ServiceParents + kube::Resource>(
-    index: &HashMap<ObjectKey, Vec<ObjectKey>>,
-    routes: &'a Objects<T>,
-    service: &ObjectKey,
-    port: u16,
-) -> Vec<(&'a ObjectKey, &'a T)> {
-    let mut out: Vec<(&ObjectKey, &T)> = index
-        .get(service)
-        .into_iter()
-        .flatten()
-        .filter_map(|k| routes.get_key_value(k).map(|(k, r)| (k, &**r)))
-        .filter(|(k, r)| {
-            r.service_parents(&k.namespace)
-                .iter()
-                .any(|(s, p)| s == service && p.is_none_or(|p| p == port))
-        })
-        .collect();
-    out.sort_by(|a, b| {
-        let created = |r: &T| r.meta().creation_timestamp.as_ref().map(|t| t.0);
-        created(a.1).cmp(&created(b.1)).then_with(|| a.0.cmp(b.0))
-    });
-    out
-}
-
-/// IPv4-mapped IPv6 becomes IPv4, so lookups compare like with like.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
-
-pub fn ip_key(ip: IpAddr) -> Ip {
-    let v6: Ipv6Addr = match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
-    };
-    Ip::from_bytes(v6.octets())
-}
-
-pub fn ip_from_key(ip: &Ip) -> IpAddr {
-    canonical(IpAddr::V6(Ipv6Addr::from(ip.to_bytes())))
-}
-
-fn parse_ips<'a>(texts: impl Iterator<Item = &'a str>) -> Vec<IpAddr> {
-    let mut ips = Vec::new();
-    for t in texts {
-        if let Ok(ip) = IpAddr::from_str(t) {
-            let ip = canonical(ip);
-            if !ips.contains(&ip) {
-                ips.push(ip);
-            }
-        }
-    }
-    ips
-}
-
-/// The pod's IPs: status.podIPs, falling back to status.podIP.
-pub fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
-    let Some(status) = pod.status.as_ref() else {
-        return Vec::new();
-    };
-    let listed: Vec<&str> = status
-        .pod_ips
-        .iter()
-        .flatten()
-        .map(|p| p.ip.as_str())
-        .collect();
-    if listed.is_empty() {
-        parse_ips(status.pod_ip.as_deref().into_iter())
-    } else {
-        parse_ips(listed.into_iter())
-    }
-}
-
-/// The pod's service account (its identity); Kubernetes defaults it to `default`.
-pub fn service_account(pod: &Pod) -> &str {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.as_deref())
-        .unwrap_or("default")
-}
-
-/// The Service's virtual IPs: spec.clusterIPs, falling back to spec.clusterIP.
-pub fn service_ips(service: &Service) -> Vec<IpAddr> {
-    let Some(spec) = service.spec.as_ref() else {
-        return Vec::new();
-    };
-    let listed: Vec<&str> = spec
-        .cluster_ips
-        .iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    if listed.is_empty() {
-        parse_ips(spec.cluster_ip.as_deref().into_iter())
-    } else {
-        parse_ips(listed.into_iter())
-    }
+    pub(super) pods_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
+    pub(super) services_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
+    pub(super) slices_by_service: Arc<HashMap<ObjectKey, BTreeSet<ObjectKey>>>,
+    pub(super) tcp_routes_by_service: Arc<HashMap<ObjectKey, Vec<ObjectKey>>>,
+    pub(super) http_routes_by_service: Arc<HashMap<ObjectKey, Vec<ObjectKey>>>,
 }
 
 fn slice_service(slice: &EndpointSlice, key: &ObjectKey) -> Option<ObjectKey> {
@@ -648,69 +485,12 @@ impl ClusterState {
         ));
     }
 
-    /// The RequestAuthentications that select the pod `pod`, by key (their rules all
-    /// apply).
-    pub fn request_authentications_for(
-        &self,
-        pod: &PodKey,
-    ) -> Vec<(&ObjectKey, &Arc<CompiledRequestAuth>)> {
-        if self.request_authentication.is_empty() {
-            return Vec::new();
-        }
-        let labels = self.pods.get(pod).and_then(|p| p.metadata.labels.as_ref());
-        let selects = |service: &ObjectKey| {
-            service.namespace == pod.namespace
-                && self
-                    .services
-                    .get(service)
-                    .and_then(|s| s.spec.as_ref()?.selector.as_ref())
-                    .is_some_and(|want| {
-                        !want.is_empty()
-                            && want
-                                .iter()
-                                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
-                    })
-        };
-        self.request_authentication.selecting(pod, labels, selects)
-    }
-
     /// Checks every PeerAuthentication again (they are few) and decides which are in
     /// force at each level.
     fn reindex_peer_authentications(&mut self) {
         let root = self.peer_authentication.root().clone();
         self.peer_authentication =
             Arc::new(PeerAuthIndex::build(&root, &self.peer_authentications));
-    }
-
-    /// The mode of a pod of `namespace` no workload PeerAuthentication selects.
-    pub fn namespace_mtls(&self, namespace: &str) -> EffectiveMtls {
-        let label = self.mtls_label(namespace);
-        self.peer_authentication.namespace_mode(namespace, label)
-    }
-
-    /// Every mTLS mode of the pod `pod` (a pod not in the state: its namespace's).
-    pub fn mtls_modes(&self, pod: &PodKey) -> WorkloadMtls {
-        let labels = self.pods.get(pod).and_then(|p| p.metadata.labels.as_ref());
-        let label = self.mtls_label(&pod.namespace);
-        self.peer_authentication.workload_modes(pod, labels, label)
-    }
-
-    /// The mode in force for plaintext to `port` of the pod `pod`, and what decided it
-    /// (`discovery::mtls`): what the inbound listeners, `meshctl node trace` and
-    /// `meshctl node policies` use.
-    pub fn mtls_mode(&self, pod: &PodKey, port: u16) -> EffectiveMtls {
-        let mut modes = self.mtls_modes(pod);
-        modes.ports.remove(&port).unwrap_or(modes.default)
-    }
-
-    fn mtls_label(&self, namespace: &str) -> Option<&str> {
-        let labels = self.namespace(namespace)?.metadata.labels.as_ref()?;
-        labels.get(MTLS_LABEL).map(String::as_str)
-    }
-
-    /// The DestinationRule in force for `service`, if any (O(1)).
-    pub fn destination_rule_for(&self, service: &ObjectKey) -> Option<&Arc<CompiledRule>> {
-        self.rules_by_service.get(service)
     }
 
     fn reindex_slice(&mut self, key: &ObjectKey, old: Option<ObjectKey>, new: Option<ObjectKey>) {
@@ -729,82 +509,6 @@ impl ClusterState {
         if let Some(new) = new {
             index.entry(new).or_default().insert(key.clone());
         }
-    }
-
-    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
-        self.namespaces.get(&ObjectKey::new("", name)).map(|n| &**n)
-    }
-
-    pub fn pods_on_node<'a>(
-        &'a self,
-        node: &'a str,
-    ) -> impl Iterator<Item = (&'a PodKey, &'a Pod)> + 'a {
-        self.pods
-            .iter()
-            .filter(move |(_, pod)| {
-                pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
-            })
-            .map(|(k, p)| (k, &**p))
-    }
-
-    /// The pod that owns `ip`, if any.
-    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&PodKey> {
-        self.pods_by_ip.get(&canonical(ip))
-    }
-
-    /// The Service whose virtual IP is `ip`, if any.
-    pub fn service_by_ip(&self, ip: IpAddr) -> Option<(&ObjectKey, &Service)> {
-        let key = self.services_by_ip.get(&canonical(ip))?;
-        Some((key, self.services.get(key)?))
-    }
-
-    pub fn endpoint_slices_of<'a>(
-        &'a self,
-        service: &ObjectKey,
-    ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
-        self.slices_by_service
-            .get(service)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| self.endpoint_slices.get(k).map(|s| &**s))
-    }
-
-    /// TCPRoutes attached to a Service port, by Gateway API precedence (oldest first).
-    pub fn tcp_routes_for(&self, service: &ObjectKey, port: u16) -> Vec<(&ObjectKey, &TcpRoute)> {
-        routes_for(&self.tcp_routes_by_service, &self.tcp_routes, service, port)
-    }
-
-    /// HTTPRoutes attached to a Service port, by Gateway API precedence (oldest first).
-    pub fn http_routes_for(&self, service: &ObjectKey, port: u16) -> Vec<(&ObjectKey, &HttpRoute)> {
-        routes_for(
-            &self.http_routes_by_service,
-            &self.http_routes,
-            service,
-            port,
-        )
-    }
-
-    /// VirtualServices with a host naming `service` (any spelling of it), whatever
-    /// their `gateways`, by name. (A scan: the routing table builds this once per
-    /// Service port and snapshot.)
-    pub fn virtual_services_for(&self, service: &ObjectKey) -> Vec<(&ObjectKey, &VirtualService)> {
-        self.virtual_services
-            .iter()
-            .filter(|(key, vs)| {
-                vs.spec.hosts.iter().any(|h| {
-                    ObjectKey::from_service_host(h, &key.namespace).is_ok_and(|s| s == *service)
-                })
-            })
-            .map(|(k, v)| (k, &**v))
-            .collect()
-    }
-
-    /// Whether a VirtualService that applies to the mesh has `http` routes for
-    /// `service`: its connections are then served as HTTP.
-    pub fn virtual_services_route_http(&self, service: &ObjectKey) -> bool {
-        self.virtual_services_for(service)
-            .iter()
-            .any(|(_, vs)| vs.spec.binds_mesh() && !vs.spec.http.is_empty())
     }
 
     /// Object counts by kind, for logs and the admin API.

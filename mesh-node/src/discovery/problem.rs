@@ -25,6 +25,9 @@ pub enum ProblemReason {
     InvalidField,
     /// A value above what Nodemesh allows is capped (reported); the rest applies.
     Capped,
+    /// Fields that may not be set together are (Istio rejects the object): Nodemesh
+    /// reads them the safe way (reported; the policy applies to the pods of both).
+    ExclusiveFields,
 }
 
 impl ProblemReason {
@@ -40,6 +43,7 @@ impl ProblemReason {
             ProblemReason::NotImplemented => "not_implemented",
             ProblemReason::InvalidField => "invalid_field",
             ProblemReason::Capped => "capped",
+            ProblemReason::ExclusiveFields => "exclusive_fields",
         }
     }
 
@@ -51,6 +55,7 @@ impl ProblemReason {
                 | ProblemReason::Shadowed
                 | ProblemReason::InvalidField
                 | ProblemReason::Capped
+                | ProblemReason::ExclusiveFields
         )
     }
 }

@@ -3,8 +3,9 @@
 //! output headers validated) and which policies select a pod, as in Istio: a selector
 //! picks pods of the policy's namespace; no selector, the whole namespace; in the root
 //! namespace, the whole mesh (a selector there picks matching pods of every namespace);
-//! `targetRef(s)` the pods of the named Services. Every policy selecting a pod applies:
-//! their rules are merged.
+//! `targetRef(s)` the pods of the named Services (with a selector too, reported: the pods
+//! of both, as for AuthorizationPolicy). Every policy selecting a pod applies: their
+//! rules are merged.
 //!
 //! Fail closed: a rule whose keys cannot be read (a bad inline JWKS, a bad `jwksUri`)
 //! stays, with its keys marked broken, so that tokens of its issuer are refused rather
@@ -20,9 +21,8 @@ use http::HeaderName;
 
 use crate::{
     discovery::jwks, discovery::jwks::Jwks, discovery::mtls::RootNamespace,
-    discovery::problem::Problem, discovery::problem::ProblemReason,
-    discovery::request_authentication::RequestAuthentication,
-    discovery::service_ref::is_service_parent, keys::ObjectKey, keys::PodKey,
+    discovery::policy_target, discovery::problem::Problem, discovery::problem::ProblemReason,
+    discovery::request_authentication::RequestAuthentication, keys::ObjectKey, keys::PodKey,
 };
 
 /// Time allowed to fetch a `jwksUri` when the rule sets no `timeout` (Istio's default).
@@ -136,7 +136,9 @@ pub enum Selection {
 /// One RequestAuthentication checked.
 #[derive(Debug, Clone)]
 pub struct CompiledRequestAuth {
-    pub selection: Selection,
+    /// It applies to the pods any of these select (two only when `selector` and
+    /// `targetRefs` are both written: reported, the pods of both); none: no pod.
+    pub selection: Vec<Selection>,
     pub rules: Vec<CompiledJwtRule>,
     pub problems: Vec<Problem>,
 }
@@ -167,41 +169,20 @@ fn header_name(text: &str, field: &str, problems: &mut Vec<Problem>) -> Option<H
 pub fn compile(key: &ObjectKey, ra: &RequestAuthentication) -> CompiledRequestAuth {
     let spec = &ra.spec;
     let mut problems = Vec::new();
-    let mut refs: Vec<_> = spec.target_ref.iter().chain(&spec.target_refs).collect();
-    let selector = spec
-        .selector
-        .as_ref()
-        .map(|s| s.match_labels.clone())
-        .filter(|l| !l.is_empty());
-    let selection = if refs.is_empty() {
-        match selector {
-            Some(labels) => Selection::Labels(labels),
-            None => Selection::Namespace,
-        }
-    } else {
-        if selector.is_some() {
-            problems.push(problem(
-                "selector".into(),
-                ProblemReason::InvalidField,
-                "selector and targetRefs together are not allowed (as in Istio): the selector is left out, targetRefs apply".into(),
-            ));
-        }
-        let mut services = Vec::new();
-        for (i, r) in refs.drain(..).enumerate() {
-            let field = format!("targetRefs[{i}]");
-            let ns_ok = r.namespace.as_deref().is_none_or(|n| n == key.namespace);
-            if !is_service_parent(r.group.as_deref(), Some(&r.kind)) || !ns_ok || r.name.is_empty()
-            {
-                problems.push(problem(
-                    field,
-                    ProblemReason::NotImplemented,
-                    format!("only a Service of the policy's namespace can be a target (kind `{}` {}): this target selects nothing", r.kind, r.name),
-                ));
-                continue;
-            }
-            services.push(ObjectKey::new(&key.namespace, &r.name));
-        }
-        Selection::Services(services)
+    let scope = policy_target::scope(
+        key,
+        spec.selector.as_ref(),
+        spec.target_ref.as_ref(),
+        &spec.target_refs,
+        &mut problems,
+    );
+    let selection = match (scope.labels, scope.services) {
+        (None, None) => vec![Selection::Namespace],
+        (labels, services) => labels
+            .map(Selection::Labels)
+            .into_iter()
+            .chain(services.map(Selection::Services))
+            .collect(),
     };
     let rules = spec
         .jwt_rules
@@ -410,12 +391,14 @@ impl RequestAuthIndex {
             .chain(root)
             .flatten()
             .filter_map(|k| self.compiled.get_key_value(k))
-            .filter(|(_, ra)| match &ra.selection {
-                Selection::Namespace => true,
-                Selection::Labels(want) => want
-                    .iter()
-                    .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v)),
-                Selection::Services(services) => services.iter().any(&service_selects),
+            .filter(|(_, ra)| {
+                ra.selection.iter().any(|s| match s {
+                    Selection::Namespace => true,
+                    Selection::Labels(want) => want
+                        .iter()
+                        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v)),
+                    Selection::Services(services) => services.iter().any(&service_selects),
+                })
             })
             .collect()
     }

@@ -14,6 +14,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use crate::discovery::peer_authentication::{WorkloadSelector, ISTIO_SECURITY, VERSIONS};
+pub use crate::discovery::policy_target::PolicyTargetReference;
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
@@ -40,22 +41,6 @@ pub struct RequestAuthenticationSpec {
     /// The issuers whose tokens are accepted, one rule each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jwt_rules: Vec<JwtRule>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PolicyTargetReference {
-    /// `""` or `core` (a Service).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-    /// `Service`.
-    #[serde(default)]
-    pub kind: String,
-    #[serde(default)]
-    pub name: String,
-    /// The policy's own namespace (others are not allowed, as in Istio).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
 }
 
 /// One issuer: how its tokens are found, checked and passed on.

@@ -218,8 +218,10 @@ pub fn authorize_request(
 /// is refused before any policy is consulted; PERMISSIVE and DISABLE take it. Then a
 /// CUSTOM policy refuses; then, if any policy that applies (whatever its action) has a
 /// rule with HTTP attributes that could apply to this port, the connection is served
-/// as HTTP ([`Admission::Http`]); else the policies decide for the connection. The
-/// listeners and `meshctl node trace` both ask this.
+/// as HTTP ([`Admission::Http`]); else the policies decide for the connection, and one
+/// they allow is served as HTTP all the same when a RequestAuthentication selects the
+/// pod (its tokens are checked per request). The listeners and `meshctl node trace`
+/// both ask this.
 pub fn admit(state: &ClusterState, dest: &ObjectKey, conn: &ConnectionFacts) -> Admission {
     let (port, peer) = (conn.destination.port(), conn.peer.as_ref());
     if peer.is_none() {
@@ -246,13 +248,30 @@ pub fn admit(state: &ClusterState, dest: &ObjectKey, conn: &ConnectionFacts) -> 
         return Admission::Http { policies: http };
     }
     match verdict(decide(state, dest, &Facts::new(conn, None))) {
-        Verdict::Allow { policy } => Admission::Allow { policy },
+        Verdict::Allow { policy } => {
+            let jwt = request_authentications(state, dest);
+            if jwt.is_empty() {
+                Admission::Allow { policy }
+            } else {
+                Admission::Http { policies: jwt }
+            }
+        }
         Verdict::Deny { policy, reason } => Admission::Refuse {
             reason: RefusalReason::PolicyDenied,
             policy,
             detail: reason,
         },
     }
+}
+
+/// The RequestAuthentications that select the pod `dest`, named as
+/// `RequestAuthentication <ns>/<name>`: its inbound traffic must be served as HTTP.
+pub fn request_authentications(state: &ClusterState, dest: &ObjectKey) -> Vec<String> {
+    state
+        .request_authentications_for(dest)
+        .into_iter()
+        .map(|(key, _)| format!("RequestAuthentication {key}"))
+        .collect()
 }
 
 /// Why a connection admitted earlier is no longer allowed.
@@ -309,8 +328,9 @@ pub async fn revoked(
                     return Revocation {
                         reason: RefusalReason::PolicyDenied,
                         policy: policies.first().cloned(),
-                        detail: "policies with HTTP attributes now select this port: \
-                                 the connection must be made again to be judged per request"
+                        detail: "policies with HTTP attributes (or a RequestAuthentication) \
+                                 now select this port: the connection must be made again to \
+                                 be judged per request"
                             .into(),
                     }
                 }
@@ -480,6 +500,29 @@ mod tests {
         assert!(!gone.is_finished());
         client.abort();
         gone.abort();
+    }
+
+    #[tokio::test]
+    async fn a_relayed_tunnel_is_revoked_when_a_request_authentication_selects_its_pod() {
+        let (tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(state("")));
+        let conn = facts(8080, Some(id("apps", "client")));
+        let relayed = tokio::spawn(revoked(rx, ObjectKey::new("apps", "server"), conn));
+        tokio::task::yield_now().await;
+        assert!(!relayed.is_finished());
+        // Its requests' tokens could not be checked on a byte stream: made again, the
+        // connection is served as HTTP.
+        let jwt = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: apps}\n\
+            spec: {selector: {matchLabels: {app: server}}, jwtRules: [{issuer: iss, jwksUri: 'http://keys.apps/jwks'}]}\n";
+        tx.send_replace(std::sync::Arc::new(state(jwt)));
+        let why = tokio::time::timeout(std::time::Duration::from_secs(5), relayed)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(why.reason, RefusalReason::PolicyDenied);
+        assert_eq!(
+            why.policy.as_deref(),
+            Some("RequestAuthentication apps/jwt")
+        );
     }
 
     #[tokio::test]

@@ -129,6 +129,34 @@ fn target_refs_pick_the_pods_a_service_selects() {
 }
 
 #[test]
+fn a_selector_beside_target_refs_is_reported_and_the_policy_applies_to_the_pods_of_both() {
+    // web selects frontend; the selector picks backend: the policy checks both.
+    let s = state(&istio(
+        "both",
+        "{selector: {matchLabels: {app: backend}}, targetRefs: [{kind: Service, name: web}], rules: [{from: [{source: {namespaces: [default]}}]}]}",
+    ));
+    let outsider = Req {
+        peer: Some(id("other", "x")),
+        ..Req::default()
+    };
+    for pod in ["default/frontend", "default/backend"] {
+        assert!(!outsider.allowed(&s, pod), "{pod} is checked");
+        assert!(Req::default().allowed(&s, pod), "{pod}: the rule allows");
+    }
+    assert!(
+        outsider.allowed(&s, "other/elsewhere"),
+        "neither selects it"
+    );
+    let metrics = Metrics::new();
+    assert_eq!(ProblemReporter::new().report(&s, &metrics), 1);
+    let counted = metrics
+        .config_problems
+        .with_label_values(&[Kind::IstioAuthorizationPolicy.name(), "exclusive_fields"])
+        .get();
+    assert_eq!(counted, 1);
+}
+
+#[test]
 fn root_namespace_policies_apply_mesh_wide() {
     let policies = "\
 apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-delete, namespace: mesh-root}\nspec: {action: DENY, rules: [{to: [{operation: {methods: [DELETE]}}]}]}\n---\n\

@@ -41,20 +41,15 @@ use crate::{
 /// read buffer): more is refused with 431 (HTTP/1.1) or a stream reset (HTTP/2).
 const MAX_HEADER_LIST: u32 = 64 * 1024;
 
-/// The inbound decision for a connection to the local pod: the policies' ([`admit`]),
-/// and HTTP for one a RequestAuthentication selects (its tokens are checked per
-/// request) even where the policies alone would allow it at L4.
+/// The inbound decision for a connection to the local pod: [`admit`]'s, the one
+/// `meshctl node trace` shows (HTTP for a pod a RequestAuthentication selects, even
+/// where the policies alone would allow it at L4).
 pub(crate) fn admission(
     ctx: &PodContext,
     state: &ClusterState,
     facts: &ConnectionFacts,
 ) -> Admission {
-    match admit(state, &ctx.pod, facts) {
-        Admission::Allow { .. } if ctx.jwt.selects(state, &ctx.pod) => Admission::Http {
-            policies: vec!["RequestAuthentication".into()],
-        },
-        other => other,
-    }
+    admit(state, &ctx.pod, facts)
 }
 
 /// The body of a request the policies refuse, as Istio's proxies answer it.

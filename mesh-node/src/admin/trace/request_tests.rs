@@ -126,3 +126,47 @@ fn a_token_that_fails_is_a_401_in_the_trace() {
     let r = t.candidates[0].inbound.request.as_ref().unwrap();
     assert_eq!((r.status, r.authentication.as_str()), (None, "no token"));
 }
+
+#[test]
+fn the_trace_and_the_listeners_agree_on_a_pod_only_a_request_authentication_selects() {
+    let s = state(INLINE_JWT);
+    let jwt = crate::identity::jwt::JwtAuthenticator::new();
+    let t = run_with(&s, ("apps", "client"), "web:80", None, Some(&jwt), &Maps);
+    let admission = t.candidates[0].inbound.admission.clone();
+    // What the destination's listeners decide (`inbound_http::admission` asks `admit`).
+    let facts = crate::identity::authz::ConnectionFacts {
+        source_ip: "10.1.0.2".parse().unwrap(),
+        peer: Some(crate::identity::Identity::new(
+            "cluster.local",
+            "apps",
+            "client",
+        )),
+        destination: "10.2.0.2:8080".parse().unwrap(),
+    };
+    let listeners =
+        crate::identity::authz::admit(&s, &crate::keys::ObjectKey::new("apps", "server"), &facts);
+    assert_eq!(admission.as_ref(), Some(&listeners));
+    assert_eq!(
+        listeners,
+        crate::identity::authz::Admission::Http {
+            policies: vec!["RequestAuthentication apps/jwt".into()]
+        },
+        "no AuthorizationPolicy, but the tokens are checked per request"
+    );
+    // So a request with a bad token is answered 401 in the trace, as by the proxy.
+    let t = run_with(
+        &s,
+        ("apps", "client"),
+        "web:80",
+        Some(request(
+            "GET",
+            "/",
+            &[("authorization", "Bearer not.a.jwt")],
+        )),
+        Some(&jwt),
+        &Maps,
+    );
+    let r = t.candidates[0].inbound.request.as_ref().expect("judged");
+    assert_eq!(r.status, Some(401), "{r:?}");
+    assert!(!t.candidates[0].allowed);
+}

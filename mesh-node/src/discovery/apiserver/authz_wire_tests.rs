@@ -4,26 +4,19 @@
 //! cannot be compiled reported by name and counted once, then fixed and deleted by
 //! watch events.
 
-use std::{
-    collections::BTreeSet,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::collections::BTreeSet;
 
 use serde_json::{json, Value};
-use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     discovery::apiserver::fake_apiserver::gr, discovery::apiserver::fake_apiserver::FakeApiServer,
-    discovery::apiserver::DiscoveryHealth, discovery::authorization::Action,
-    discovery::authorization::PolicyId, discovery::authorization::PolicyKind,
-    discovery::cluster::ClusterState, discovery::cluster::Kind, discovery::mtls::RootNamespace,
-    keys::ObjectKey, telemetry::metrics::Metrics,
+    discovery::apiserver::test_agent::eventually, discovery::apiserver::test_agent::start,
+    discovery::apiserver::test_agent::versions_read, discovery::apiserver::test_agent::PROMPTLY,
+    discovery::authorization::Action, discovery::authorization::PolicyId,
+    discovery::authorization::PolicyKind, discovery::cluster::Kind, keys::ObjectKey,
 };
 
 const SECURITY: &str = "security.istio.io";
-const PROMPTLY: Duration = Duration::from_secs(10);
-
 fn istio(version: &str, name: &str, spec: Value) -> Value {
     json!({
         "apiVersion": format!("{SECURITY}/{version}"),
@@ -31,80 +24,6 @@ fn istio(version: &str, name: &str, spec: Value) -> Value {
         "metadata": {"name": name, "namespace": "apps", "resourceVersion": "1"},
         "spec": spec,
     })
-}
-
-struct Agent {
-    health: Arc<DiscoveryHealth>,
-    metrics: Arc<Metrics>,
-    state: watch::Receiver<Arc<ClusterState>>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn start(server: &FakeApiServer) -> Agent {
-    let health = Arc::new(DiscoveryHealth::default());
-    let metrics = Arc::new(Metrics::new());
-    let (tx, state) = watch::channel(Arc::new(ClusterState::default()));
-    let task = tokio::spawn(super::run(
-        server.client(),
-        tx,
-        metrics.clone(),
-        health.clone(),
-        RootNamespace::default(),
-    ));
-    Agent {
-        health,
-        metrics,
-        state,
-        task,
-    }
-}
-
-impl Agent {
-    fn state(&self) -> Arc<ClusterState> {
-        self.state.borrow().clone()
-    }
-
-    fn ready(&self) -> bool {
-        crate::admin::state::discovery_unready_reason(&self.health).is_none()
-            && self.health.every_kind_synced()
-    }
-
-    fn problems(&self, reason: &str) -> u64 {
-        self.metrics
-            .config_problems
-            .with_label_values(&[Kind::IstioAuthorizationPolicy.name(), reason])
-            .get()
-    }
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < PROMPTLY,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn versions_read(server: &FakeApiServer) -> BTreeSet<String> {
-    server
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            let path = r.strip_prefix(&format!("GET /apis/{SECURITY}/"))?;
-            let (version, rest) = path.split_once('/')?;
-            rest.starts_with("authorizationpolicies")
-                .then(|| version.to_string())
-        })
-        .collect()
 }
 
 fn id(kind: PolicyKind, name: &str) -> PolicyId {
@@ -149,11 +68,16 @@ async fn istio_policies_are_read_at_the_served_version_beside_nodemesh_ones_of_t
             }),
         );
         let agent = start(&server);
-        eventually(&format!("both policies, served at {served:?}"), || {
-            agent.state().authorization.policies.len() == 2 && agent.ready()
-        })
+        eventually(
+            &format!("both policies, served at {served:?}"),
+            PROMPTLY,
+            || agent.state().authorization.policies.len() == 2 && agent.ready(),
+        )
         .await;
-        assert_eq!(versions_read(&server), BTreeSet::from([chosen.to_string()]));
+        assert_eq!(
+            versions_read(&server, SECURITY, "authorizationpolicies"),
+            BTreeSet::from([chosen.to_string()])
+        );
         assert_eq!(
             agent.health.snapshot()[&Kind::IstioAuthorizationPolicy].version,
             Some(chosen)
@@ -185,11 +109,14 @@ async fn a_broken_policy_is_counted_once_then_fixed_and_deleted_by_watch_events(
         istio("v1", "neighbour", json!({"action": "AUDIT", "rules": [{}]})),
     );
     let agent = start(&server);
-    eventually("both policies", || {
+    eventually("both policies", PROMPTLY, || {
         agent.ready() && agent.state().authorization.policies.len() == 2
     })
     .await;
-    eventually("the problem counted", || agent.problems("bad_value") == 1).await;
+    eventually("the problem counted", PROMPTLY, || {
+        agent.problems(Kind::IstioAuthorizationPolicy, "bad_value") == 1
+    })
+    .await;
     let state = agent.state();
     let p = &state.authorization.policies[&id(PolicyKind::Istio, "by-ip")];
     assert_eq!(p.problems[0].field, "rules[0].from[0].source.ipBlocks[0]");
@@ -208,15 +135,19 @@ async fn a_broken_policy_is_counted_once_then_fixed_and_deleted_by_watch_events(
     );
     fixed["metadata"]["resourceVersion"] = json!("2");
     server.apply(&collection, fixed);
-    eventually("the fixed policy", || {
+    eventually("the fixed policy", PROMPTLY, || {
         agent.state().authorization.policies[&id(PolicyKind::Istio, "by-ip")]
             .problems
             .is_empty()
     })
     .await;
-    assert_eq!(agent.problems("bad_value"), 1, "counted once");
+    assert_eq!(
+        agent.problems(Kind::IstioAuthorizationPolicy, "bad_value"),
+        1,
+        "counted once"
+    );
     server.delete(&collection, "apps", "by-ip");
-    eventually("the deleted policy gone", || {
+    eventually("the deleted policy gone", PROMPTLY, || {
         agent.state().authorization.policies.len() == 1
     })
     .await;

@@ -379,6 +379,8 @@ mod peer_auth_wire_tests;
 #[cfg(test)]
 mod request_auth_wire_tests;
 #[cfg(test)]
+mod test_agent;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod wire_tests;

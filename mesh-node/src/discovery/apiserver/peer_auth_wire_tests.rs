@@ -3,25 +3,20 @@
 //! installed counts as empty and healthy, and the root namespace the agent is given
 //! decides which policy is mesh-wide.
 
-use std::{
-    collections::BTreeSet,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::collections::BTreeSet;
 
 use serde_json::{json, Value};
-use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     discovery::apiserver::fake_apiserver::gr, discovery::apiserver::fake_apiserver::FakeApiServer,
-    discovery::apiserver::DiscoveryHealth, discovery::cluster::ClusterState,
+    discovery::apiserver::test_agent::eventually,
+    discovery::apiserver::test_agent::start_with_root,
+    discovery::apiserver::test_agent::versions_read, discovery::apiserver::test_agent::PROMPTLY,
     discovery::cluster::Kind, discovery::mtls::MtlsMode, discovery::mtls::MtlsSource,
-    discovery::mtls::RootNamespace, keys::ObjectKey, telemetry::metrics::Metrics,
+    keys::ObjectKey,
 };
 
 const SECURITY: &str = "security.istio.io";
-const PROMPTLY: Duration = Duration::from_secs(10);
-
 fn policy(version: &str, namespace: &str, name: &str, mode: &str) -> Value {
     json!({
         "apiVersion": format!("{SECURITY}/{version}"),
@@ -29,71 +24,6 @@ fn policy(version: &str, namespace: &str, name: &str, mode: &str) -> Value {
         "metadata": {"name": name, "namespace": namespace, "resourceVersion": "1"},
         "spec": {"mtls": {"mode": mode}},
     })
-}
-
-struct Agent {
-    health: Arc<DiscoveryHealth>,
-    state: watch::Receiver<Arc<ClusterState>>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn start(server: &FakeApiServer, root: &str) -> Agent {
-    let health = Arc::new(DiscoveryHealth::default());
-    let (tx, state) = watch::channel(Arc::new(ClusterState::default()));
-    let task = tokio::spawn(super::run(
-        server.client(),
-        tx,
-        Arc::new(Metrics::new()),
-        health.clone(),
-        root.parse::<RootNamespace>().unwrap(),
-    ));
-    Agent {
-        health,
-        state,
-        task,
-    }
-}
-
-impl Agent {
-    fn state(&self) -> Arc<ClusterState> {
-        self.state.borrow().clone()
-    }
-
-    fn ready(&self) -> bool {
-        crate::admin::state::discovery_unready_reason(&self.health).is_none()
-            && self.health.every_kind_synced()
-    }
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < PROMPTLY,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// The PeerAuthentication requests the agent made, by version.
-fn versions_read(server: &FakeApiServer) -> BTreeSet<String> {
-    server
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            let path = r.strip_prefix(&format!("GET /apis/{SECURITY}/"))?;
-            let (version, rest) = path.split_once('/')?;
-            rest.starts_with("peerauthentications")
-                .then(|| version.to_string())
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,13 +49,15 @@ async fn peer_authentication_is_read_at_the_version_the_api_server_serves() {
             &collection,
             policy(chosen, "legacy", "default", "PERMISSIVE"),
         );
-        let agent = start(&server, "mesh-root");
-        eventually(&format!("two policies, served at {served:?}"), || {
-            agent.state().peer_authentications.len() == 2 && agent.ready()
-        })
+        let agent = start_with_root(&server, "mesh-root".parse().unwrap());
+        eventually(
+            &format!("two policies, served at {served:?}"),
+            PROMPTLY,
+            || agent.state().peer_authentications.len() == 2 && agent.ready(),
+        )
         .await;
         assert_eq!(
-            versions_read(&server),
+            versions_read(&server, SECURITY, "peerauthentications"),
             BTreeSet::from([chosen.to_string()]),
             "served at {served:?}: {:#?}",
             server.requests()
@@ -158,16 +90,22 @@ async fn a_missing_peer_authentication_crd_counts_as_empty_until_it_is_installed
             "metadata": {"name": "apps", "resourceVersion": "1", "labels": {"nodemesh.io/mtls": "strict"}},
         }),
     );
-    let agent = start(&server, "nodemesh-system");
-    eventually("the first state, without PeerAuthentication", || {
-        agent.ready() && agent.state().namespaces.len() == 1
-    })
+    let agent = start_with_root(&server, "nodemesh-system".parse().unwrap());
+    eventually(
+        "the first state, without PeerAuthentication",
+        PROMPTLY,
+        || agent.ready() && agent.state().namespaces.len() == 1,
+    )
     .await;
-    eventually("PeerAuthentication to count as not installed", || {
-        agent.health.snapshot()[&Kind::PeerAuthentication]
-            .not_installed
-            .is_some()
-    })
+    eventually(
+        "PeerAuthentication to count as not installed",
+        PROMPTLY,
+        || {
+            agent.health.snapshot()[&Kind::PeerAuthentication]
+                .not_installed
+                .is_some()
+        },
+    )
     .await;
     assert!(
         agent.ready(),
@@ -196,7 +134,7 @@ async fn a_missing_peer_authentication_crd_counts_as_empty_until_it_is_installed
         &gr(SECURITY, "peerauthentications"),
         policy("v1beta1", "apps", "default", "PERMISSIVE"),
     );
-    eventually("the installed CRD's policy", || {
+    eventually("the installed CRD's policy", PROMPTLY, || {
         agent.state().namespace_mtls("apps").mode == MtlsMode::Permissive
     })
     .await;

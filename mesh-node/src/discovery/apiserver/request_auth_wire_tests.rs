@@ -2,25 +2,18 @@
 //! the version the API server serves (v1 or v1beta1, v1 preferred), compiled into the
 //! state with its selection, and a missing CRD counts as empty and healthy.
 
-use std::{
-    collections::BTreeSet,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::collections::BTreeSet;
 
 use serde_json::{json, Value};
-use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     discovery::apiserver::fake_apiserver::gr, discovery::apiserver::fake_apiserver::FakeApiServer,
-    discovery::apiserver::DiscoveryHealth, discovery::cluster::ClusterState,
-    discovery::cluster::Kind, discovery::mtls::RootNamespace, discovery::request_auth::KeySource,
-    keys::ObjectKey, telemetry::metrics::Metrics,
+    discovery::apiserver::test_agent::eventually, discovery::apiserver::test_agent::start,
+    discovery::apiserver::test_agent::versions_read, discovery::apiserver::test_agent::PROMPTLY,
+    discovery::cluster::Kind, discovery::request_auth::KeySource, keys::ObjectKey,
 };
 
 const SECURITY: &str = "security.istio.io";
-const PROMPTLY: Duration = Duration::from_secs(10);
-
 fn policy(version: &str, namespace: &str, name: &str) -> Value {
     json!({
         "apiVersion": format!("{SECURITY}/{version}"),
@@ -40,70 +33,6 @@ fn pod(name: &str, app: &str) -> Value {
         "metadata": {"name": name, "namespace": "apps", "resourceVersion": "1", "labels": {"app": app}},
         "spec": {"containers": [{"name": "c", "image": "x"}]},
     })
-}
-
-struct Agent {
-    health: Arc<DiscoveryHealth>,
-    state: watch::Receiver<Arc<ClusterState>>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn start(server: &FakeApiServer) -> Agent {
-    let health = Arc::new(DiscoveryHealth::default());
-    let (tx, state) = watch::channel(Arc::new(ClusterState::default()));
-    let task = tokio::spawn(super::run(
-        server.client(),
-        tx,
-        Arc::new(Metrics::new()),
-        health.clone(),
-        "nodemesh-system".parse::<RootNamespace>().unwrap(),
-    ));
-    Agent {
-        health,
-        state,
-        task,
-    }
-}
-
-impl Agent {
-    fn state(&self) -> Arc<ClusterState> {
-        self.state.borrow().clone()
-    }
-
-    fn ready(&self) -> bool {
-        crate::admin::state::discovery_unready_reason(&self.health).is_none()
-            && self.health.every_kind_synced()
-    }
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < PROMPTLY,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn versions_read(server: &FakeApiServer) -> BTreeSet<String> {
-    server
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            let path = r.strip_prefix(&format!("GET /apis/{SECURITY}/"))?;
-            let (version, rest) = path.split_once('/')?;
-            rest.starts_with("requestauthentications")
-                .then(|| version.to_string())
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,12 +55,14 @@ async fn request_authentication_is_read_at_the_version_the_api_server_serves() {
             policy(chosen, "apps", "jwt"),
         );
         let agent = start(&server);
-        eventually(&format!("the policy, served at {served:?}"), || {
-            agent.state().request_authentications.len() == 1 && agent.ready()
-        })
+        eventually(
+            &format!("the policy, served at {served:?}"),
+            PROMPTLY,
+            || agent.state().request_authentications.len() == 1 && agent.ready(),
+        )
         .await;
         assert_eq!(
-            versions_read(&server),
+            versions_read(&server, SECURITY, "requestauthentications"),
             BTreeSet::from([chosen.to_string()]),
             "served at {served:?}: {:#?}",
             server.requests()
@@ -158,12 +89,16 @@ async fn a_missing_request_authentication_crd_counts_as_empty_until_it_is_instal
     let server = FakeApiServer::start().await;
     server.apply(&gr("", "pods"), pod("backend", "backend"));
     let agent = start(&server);
-    eventually("RequestAuthentication to count as not installed", || {
-        agent.ready()
-            && agent.health.snapshot()[&Kind::RequestAuthentication]
-                .not_installed
-                .is_some()
-    })
+    eventually(
+        "RequestAuthentication to count as not installed",
+        PROMPTLY,
+        || {
+            agent.ready()
+                && agent.health.snapshot()[&Kind::RequestAuthentication]
+                    .not_installed
+                    .is_some()
+        },
+    )
     .await;
     assert!(agent.state().request_authentications.is_empty());
     server.serve_crd(
@@ -176,7 +111,7 @@ async fn a_missing_request_authentication_crd_counts_as_empty_until_it_is_instal
         &gr(SECURITY, "requestauthentications"),
         policy("v1", "apps", "jwt"),
     );
-    eventually("the installed CRD's policy", || {
+    eventually("the installed CRD's policy", PROMPTLY, || {
         !agent
             .state()
             .request_authentications_for(&ObjectKey::new("apps", "backend"))

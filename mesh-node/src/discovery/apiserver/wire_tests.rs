@@ -9,21 +9,18 @@
 use std::{
     collections::BTreeSet,
     future::Future,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     discovery::apiserver::fake_apiserver::gr, discovery::apiserver::fake_apiserver::FakeApiServer,
     discovery::apiserver::fake_apiserver::Gr, discovery::apiserver::fake_apiserver::NotFoundBody,
-    discovery::apiserver::tests::OBJECTS, discovery::apiserver::DiscoveryHealth,
-    discovery::apiserver::STALE_AFTER,
-};
-use crate::{
-    discovery::cluster::ClusterState, discovery::cluster::Kind, telemetry::metrics::Metrics,
+    discovery::apiserver::test_agent::eventually, discovery::apiserver::test_agent::start,
+    discovery::apiserver::test_agent::versions_read, discovery::apiserver::test_agent::Agent,
+    discovery::apiserver::test_agent::PROMPTLY, discovery::apiserver::tests::OBJECTS,
+    discovery::apiserver::STALE_AFTER, discovery::cluster::ClusterState, discovery::cluster::Kind,
 };
 
 const GATEWAY: &str = "gateway.networking.k8s.io";
@@ -31,8 +28,6 @@ const SECURITY: &str = "security.nodemesh.io";
 const ISTIO: &str = "networking.istio.io";
 /// Recovery goal after the API server answers again.
 const RECOVERY_GOAL: Duration = Duration::from_secs(5);
-/// Bound on waits for things that happen at once when the code is right.
-const PROMPTLY: Duration = Duration::from_secs(10);
 
 fn tcproutes() -> Gr {
     gr(GATEWAY, "tcproutes")
@@ -85,44 +80,7 @@ async fn cluster(tcp_versions: &[&str]) -> FakeApiServer {
     server
 }
 
-/// The agent's discovery, as `agent::run` starts it.
-struct Agent {
-    health: Arc<DiscoveryHealth>,
-    state: watch::Receiver<Arc<ClusterState>>,
-    metrics: Arc<Metrics>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn start(server: &FakeApiServer) -> Agent {
-    let health = Arc::new(DiscoveryHealth::default());
-    let metrics = Arc::new(Metrics::new());
-    let (tx, state) = watch::channel(Arc::new(ClusterState::default()));
-    let task = tokio::spawn(super::run(
-        server.client(),
-        tx,
-        metrics.clone(),
-        health.clone(),
-        crate::discovery::mtls::RootNamespace::default(),
-    ));
-    Agent {
-        health,
-        state,
-        metrics,
-        task,
-    }
-}
-
 impl Agent {
-    fn state(&self) -> Arc<ClusterState> {
-        self.state.borrow().clone()
-    }
-
     /// Readiness's discovery part, as `/healthz/ready` computes it.
     fn readiness(&self) -> Option<String> {
         crate::admin::state::discovery_unready_reason(&self.health)
@@ -159,21 +117,6 @@ impl Agent {
             .discovery_errors
             .with_label_values(&[kind.name()])
             .get()
-    }
-}
-
-/// Polls `check` every 10 ms until it holds; fails after `within`.
-async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    loop {
-        if check() {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < within,
-            "timed out after {within:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -505,19 +448,6 @@ async fn an_expired_list_continuation_restarts_the_list() {
     );
 }
 
-/// The TCPRoute requests the agent made, by version.
-fn tcproute_versions(server: &FakeApiServer) -> BTreeSet<String> {
-    server
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            let path = r.strip_prefix("GET /apis/gateway.networking.k8s.io/")?;
-            let (version, rest) = path.split_once('/')?;
-            rest.starts_with("tcproutes").then(|| version.to_string())
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcproute_is_watched_at_the_version_the_api_server_serves() {
     for (served, chosen) in [
@@ -534,7 +464,7 @@ async fn tcproute_is_watched_at_the_version_the_api_server_serves() {
             "TCPRoute served at {served:?}"
         );
         assert_eq!(
-            tcproute_versions(&server),
+            versions_read(&server, GATEWAY, "tcproutes"),
             BTreeSet::from([chosen.to_string()]),
             "TCPRoute served at {served:?}: {:#?}",
             server.requests()
@@ -558,7 +488,7 @@ async fn a_crd_that_stops_serving_the_watched_version_is_followed_to_the_new_one
     // An upgrade of the Gateway API CRDs: TCPRoute is served as v1 only.
     server.serve_crd(GATEWAY, "tcproutes", "TCPRoute", &["v1"]);
     eventually("the TCPRoute watch to move to v1", PROMPTLY, || {
-        tcproute_versions(&server).contains("v1")
+        versions_read(&server, GATEWAY, "tcproutes").contains("v1")
     })
     .await;
     eventually("every kind healthy", PROMPTLY, || {
@@ -584,19 +514,6 @@ fn destination_rule(name: &str, api_version: &str, policy: &str) -> Value {
 }
 
 const GOOD_POLICY: &str = "{loadBalancer: {simple: LEAST_REQUEST}, outlierDetection: {consecutive5xxErrors: 7, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 10}, connectionPool: {http: {http1MaxPendingRequests: 100, maxRequestsPerConnection: 10}}}";
-
-/// The versions of Istio's networking kinds the agent requested, per plural.
-fn istio_versions(server: &FakeApiServer, plural: &str) -> BTreeSet<String> {
-    server
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            let path = r.strip_prefix("GET /apis/networking.istio.io/")?;
-            let (version, rest) = path.split_once('/')?;
-            rest.starts_with(plural).then(|| version.to_string())
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istio_rules_are_read_at_the_version_the_installed_crds_serve() {
@@ -650,7 +567,7 @@ async fn istio_rules_are_read_at_the_version_the_installed_crds_serve() {
             (Kind::VirtualService, "virtualservices"),
         ] {
             assert_eq!(
-                istio_versions(&server, plural),
+                versions_read(&server, ISTIO, plural),
                 BTreeSet::from([chosen.to_string()]),
                 "{plural} served at {served:?}"
             );

@@ -7,7 +7,7 @@ use super::{
     Action, Cidr, CompiledPolicy, Condition, Field, Operation, PolicyId, PolicyKind, Rule,
     RuleBody, Source, StringMatch, Target, Values, WhenKey,
 };
-use crate::discovery::service_ref::is_service_parent;
+use crate::discovery::policy_target;
 use crate::{
     discovery::authorization_policy as wire, discovery::authorization_policy::AuthorizationPolicy,
     discovery::problem::Problem, discovery::problem::ProblemReason, keys::ObjectKey,
@@ -84,52 +84,18 @@ fn targets(
     spec: &wire::AuthorizationPolicySpec,
     problems: &mut Vec<Problem>,
 ) -> Vec<Target> {
-    let refs: Vec<(String, &wire::PolicyTargetReference)> = spec
-        .target_ref
-        .iter()
-        .map(|r| ("targetRef".to_string(), r))
-        .chain(
-            spec.target_refs
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (format!("targetRefs[{i}]"), r)),
-        )
-        .collect();
-    let labels = spec
-        .selector
-        .as_ref()
-        .map(|s| s.match_labels.clone())
-        .unwrap_or_default();
-    if refs.is_empty() {
-        return vec![Target::Labels(labels)];
-    }
-    let mut targets = Vec::new();
-    if !labels.is_empty() {
-        problems.push(problem(
-            "selector".into(),
-            ProblemReason::BadValue,
-            "selector and targetRefs are both set (Istio rejects this): the policy applies to the pods of both".into(),
-        ));
-        targets.push(Target::Labels(labels));
-    }
-    let mut services = Vec::new();
-    for (field, r) in refs {
-        let own = r.namespace.as_deref().is_none_or(|ns| ns == key.namespace);
-        if is_service_parent(r.group.as_deref(), Some(&r.kind)) && own {
-            services.push(ObjectKey::new(&key.namespace, &r.name));
-        } else {
-            problems.push(problem(
-                field,
-                ProblemReason::NotImplemented,
-                format!(
-                    "a target other than a Service of the policy's namespace ({}/{} {}) has no pods Nodemesh serves: not applied",
-                    r.group.as_deref().unwrap_or(""),
-                    r.kind,
-                    r.name
-                ),
-            ));
-        }
-    }
+    let scope = policy_target::scope(
+        key,
+        spec.selector.as_ref(),
+        spec.target_ref.as_ref(),
+        &spec.target_refs,
+        problems,
+    );
+    let Some(services) = scope.services else {
+        // No selector: every pod (an empty label set matches all).
+        return vec![Target::Labels(scope.labels.unwrap_or_default())];
+    };
+    let mut targets: Vec<Target> = scope.labels.into_iter().map(Target::Labels).collect();
     if !services.is_empty() {
         targets.push(Target::Services(services));
     }

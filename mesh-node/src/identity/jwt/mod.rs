@@ -224,12 +224,6 @@ impl JwtAuthenticator {
         self.reject(first_error.unwrap_or(Rejection::UnknownIssuer))
     }
 
-    /// Whether any RequestAuthentication selects `dest` (so its inbound traffic must be
-    /// served as HTTP).
-    pub fn selects(&self, state: &ClusterState, dest: &ObjectKey) -> bool {
-        !state.request_authentications_for(dest).is_empty()
-    }
-
     /// The keys last fetched from `uri`, if any.
     pub fn fetched_keys(&self, uri: &str) -> Option<Arc<crate::discovery::jwks::Jwks>> {
         self.keys.get(uri)

@@ -33,6 +33,11 @@ fn state(docs: &[String]) -> ClusterState {
     ClusterState::from_objects(parse_manifest(&all.join("\n---\n")).unwrap())
 }
 
+/// Whether a RequestAuthentication selects `pod` (its traffic is then served as HTTP).
+fn selects(s: &ClusterState, pod: &ObjectKey) -> bool {
+    !s.request_authentications_for(pod).is_empty()
+}
+
 fn backend() -> ObjectKey {
     ObjectKey::new("apps", "backend")
 }
@@ -192,8 +197,8 @@ fn no_token_or_an_unselected_pod_is_no_token() {
         jwt.authenticate(&s, &other, &mut p),
         Authentication::NoToken
     );
-    assert!(jwt.selects(&s, &backend()));
-    assert!(!jwt.selects(&s, &other));
+    assert!(selects(&s, &backend()));
+    assert!(!selects(&s, &other));
 }
 
 #[test]
@@ -328,15 +333,14 @@ fn selection_follows_istio_namespace_root_and_target_refs() {
         "metadata": {"name": "api-svc", "namespace": "team"},
         "spec": {"selector": {"app": "api"}, "ports": [{"port": 80}]}})
     .to_string();
-    let jwt = JwtAuthenticator::new();
     // Namespace-wide: every pod of apps, none of team.
     let s = state(&[ra("apps", "ns", json!({"jwtRules": rule}))]);
-    assert!(jwt.selects(&s, &ObjectKey::new("apps", "other")));
-    assert!(!jwt.selects(&s, &ObjectKey::new("team", "api")));
+    assert!(selects(&s, &ObjectKey::new("apps", "other")));
+    assert!(!selects(&s, &ObjectKey::new("team", "api")));
     // Root namespace: mesh-wide.
     let s = state(&[ra("nodemesh-system", "mesh", json!({"jwtRules": rule}))]);
-    assert!(jwt.selects(&s, &ObjectKey::new("team", "api")));
-    assert!(jwt.selects(&s, &backend()));
+    assert!(selects(&s, &ObjectKey::new("team", "api")));
+    assert!(selects(&s, &backend()));
     // targetRefs: the pods the Service selects.
     let s = state(&[
         service,
@@ -346,6 +350,50 @@ fn selection_follows_istio_namespace_root_and_target_refs() {
             json!({"targetRefs": [{"kind": "Service", "group": "", "name": "api-svc"}], "jwtRules": rule}),
         ),
     ]);
-    assert!(jwt.selects(&s, &ObjectKey::new("team", "api")));
-    assert!(!jwt.selects(&s, &backend()));
+    assert!(selects(&s, &ObjectKey::new("team", "api")));
+    assert!(!selects(&s, &backend()));
+}
+
+#[test]
+fn a_selector_beside_target_refs_selects_the_pods_of_both_and_is_reported() {
+    let key = TestKey::ed25519("k");
+    let rule = json!([{"issuer": ISS, "jwks": jwks(&[&key])}]);
+    let service = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "backend-svc", "namespace": "apps"},
+        "spec": {"selector": {"app": "backend"}, "ports": [{"port": 80}]}})
+    .to_string();
+    let s = state(&[
+        service,
+        ra(
+            "apps",
+            "both",
+            json!({"selector": {"matchLabels": {"app": "other"}},
+                   "targetRefs": [{"kind": "Service", "name": "backend-svc"}], "jwtRules": rule}),
+        ),
+    ]);
+    // Tokens are checked on the pods of both: the Service's and the selector's.
+    assert!(selects(&s, &backend()), "the Service selects backend");
+    assert!(
+        selects(&s, &ObjectKey::new("apps", "other")),
+        "the selector"
+    );
+    assert!(!selects(&s, &ObjectKey::new("team", "api")));
+    let jwt = JwtAuthenticator::new();
+    for pod in [backend(), ObjectKey::new("apps", "other")] {
+        let mut p = parts("/", &[("authorization", "Bearer not.a.jwt")]);
+        assert!(
+            matches!(
+                jwt.authenticate(&s, &pod, &mut p),
+                Authentication::Invalid(_)
+            ),
+            "{pod}: a bad token is refused"
+        );
+    }
+    let metrics = crate::telemetry::metrics::Metrics::new();
+    crate::discovery::problems::ProblemReporter::new().report(&s, &metrics);
+    let n = metrics
+        .config_problems
+        .with_label_values(&["RequestAuthentication", "exclusive_fields"])
+        .get();
+    assert_eq!(n, 1);
 }
