@@ -10,4 +10,5 @@ pub(crate) mod locator;
 pub(crate) mod map_pressure;
 pub(crate) mod netns;
 pub mod preflight;
+pub mod sk_lookup;
 pub(crate) mod sockets;
