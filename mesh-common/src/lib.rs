@@ -40,7 +40,10 @@ pub mod map_names {
     /// Per-socket storage (`BPF_MAP_TYPE_SK_STORAGE`): the parked original destination.
     pub const PARKED: &str = "NM_PARKED";
     pub const ORIG_DST: &str = "NM_ORIG_DST";
-    pub const INBOUND_PODS: &str = "NM_INBOUND_PODS";
+    /// pod IP -> [`super::InboundPolicy`]. Named anew when its value's layout changed
+    /// (`NM_INBOUND_PODS` held the layout without the fail-closed fields): a pin is
+    /// only ever read with the layout its name stands for.
+    pub const INBOUND_PODS: &str = "NM_INBOUND_POL";
     pub const INBOUND_LISTENERS: &str = "NM_INBOUND_LISTENERS";
     /// Per-CPU counters of connects the eBPF side refused, indexed by [`super::EbpfRefusal`].
     pub const REFUSED: &str = "NM_REFUSED";
@@ -256,12 +259,22 @@ impl OutboundPolicy {
     }
 }
 
-/// Value of `NM_INBOUND_PODS`, keyed by a pod IP ([`Ip`]).
+/// Ports whose fail mode differs from the pod's (see [`InboundPolicy`]).
+pub const MAX_FAIL_EXCEPTIONS: usize = 8;
+
+/// Value of `NM_INBOUND_POL` (formerly `NM_INBOUND_PODS`), keyed by a pod IP ([`Ip`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct InboundPolicy {
     /// Local ports whose inbound traffic goes straight to the app (0 = unused slot).
     pub excluded_ports: [u16; MAX_EXCLUDED_PORTS],
+    /// Ports whose fail mode is the opposite of `closed_without_agent` (0 = unused).
+    pub fail_exceptions: [u16; MAX_FAIL_EXCEPTIONS],
+    /// 1: when no agent listens for the pod (its listener is gone from the sockhash),
+    /// sk_lookup drops inbound TCP instead of passing it to the app: the pod's inbound
+    /// is governed (STRICT, or selected by a policy). 0: passed (PERMISSIVE, no policy).
+    pub closed_without_agent: u8,
+    pub _pad: [u8; 7],
 }
 
 impl InboundPolicy {
@@ -275,6 +288,40 @@ impl InboundPolicy {
             i += 1;
         }
         false
+    }
+
+    /// Whether inbound TCP to `port` is dropped while no agent listens for the pod.
+    #[inline(always)]
+    pub fn fails_closed(&self, port: u16) -> bool {
+        let mut exception = false;
+        let mut i = 0;
+        while i < MAX_FAIL_EXCEPTIONS {
+            if self.fail_exceptions[i] != 0 && self.fail_exceptions[i] == port {
+                exception = true;
+            }
+            i += 1;
+        }
+        (self.closed_without_agent != 0) != exception
+    }
+
+    /// Sets the fail mode: `closed` for every port but `exceptions`, which get the
+    /// other. More exceptions than fit: with `closed` the extra ports stay closed; with
+    /// open, every port is closed. Either way nothing governed fails open; returns
+    /// false when that widening happened.
+    pub fn set_fail_mode(&mut self, closed: bool, exceptions: impl Iterator<Item = u16>) -> bool {
+        self.closed_without_agent = closed as u8;
+        self.fail_exceptions = [0; MAX_FAIL_EXCEPTIONS];
+        for (n, port) in exceptions.enumerate() {
+            if n == MAX_FAIL_EXCEPTIONS {
+                if !closed {
+                    self.closed_without_agent = 1;
+                    self.fail_exceptions = [0; MAX_FAIL_EXCEPTIONS];
+                }
+                return false;
+            }
+            self.fail_exceptions[n] = port;
+        }
+        true
     }
 }
 
@@ -419,5 +466,21 @@ mod tests {
         i.excluded_ports[3] = 9090;
         assert!(i.excludes(9090));
         assert!(!i.excludes(0), "empty slots never match");
+    }
+
+    #[test]
+    fn fail_mode_is_per_port_and_overflow_fails_closed() {
+        let mut p = InboundPolicy::default();
+        assert!(!p.fails_closed(80), "PERMISSIVE, no policy: open");
+        assert!(p.set_fail_mode(false, [8443].into_iter()));
+        assert!(p.fails_closed(8443) && !p.fails_closed(80) && !p.fails_closed(0));
+        assert!(p.set_fail_mode(true, [9090].into_iter()));
+        assert!(p.fails_closed(80) && !p.fails_closed(9090));
+        // Open by default with more STRICT ports than fit: every port closed.
+        assert!(!p.set_fail_mode(false, 1..=9));
+        assert!(p.fails_closed(80) && p.fails_closed(9));
+        // Closed with more open ports than fit: the ones that do not fit stay closed.
+        assert!(!p.set_fail_mode(true, 1..=9));
+        assert!(!p.fails_closed(1) && p.fails_closed(9) && p.fails_closed(80));
     }
 }

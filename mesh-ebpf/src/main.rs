@@ -12,8 +12,10 @@
 //!   which is what the proxy sees on the accepted socket. It also records the TCP
 //!   connections the node's own sockets open to a captured pod (kubelet probes), from
 //!   the moment the SYN is about to leave until ESTABLISHED or close (`NM_NODE_FLOWS`).
-//! - `mesh_sk_lookup` (sk_lookup, attached per pod netns): inbound TCP to a pod goes to
-//!   the pod's plaintext inbound listener; the original port stays the local address.
+//! - `mesh_sk_lookup` (sk_lookup, attached per pod netns through a pinned link): inbound
+//!   TCP to a pod goes to the pod's plaintext inbound listener; the original port stays
+//!   the local address. With no listener (no agent runs), a governed pod's inbound is
+//!   dropped and only a PERMISSIVE pod with no policy falls back to the normal lookup.
 //!   Only the node's own connections (exactly their 4-tuples) are left alone: never a
 //!   source address, which forwarded traffic (NodePort, hostPort) is NATed to as well.
 #![no_std]
@@ -42,6 +44,7 @@ use mesh_common::{
 
 const IPPROTO_TCP: u32 = 6;
 const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
 /// cgroup sock_addr / sock programs: 1 lets the operation proceed, 0 fails it (EPERM).
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
@@ -126,8 +129,9 @@ fn count_refusal(reason: EbpfRefusal) {
 #[map(name = "NM_ORIG_DST")]
 static NM_ORIG_DST: HashMap<ConnKey, OrigDst> = HashMap::pinned(65536, 0);
 
-/// pod IP -> inbound policy of an enrolled pod on this node.
-#[map(name = "NM_INBOUND_PODS")]
+/// pod IP -> inbound policy of an enrolled pod on this node (`NM_INBOUND_PODS` in
+/// builds before the fail-closed fields; that pin is retired).
+#[map(name = "NM_INBOUND_POL")]
 static NM_INBOUND_PODS: HashMap<Ip, InboundPolicy> = HashMap::pinned(16384, 0);
 
 /// The node's own connections to captured pods (kubelet probes), keyed by their
@@ -518,10 +522,10 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     // SAFETY: the value is only read.
-    match unsafe { NM_INBOUND_PODS.get(&local) } {
-        Some(policy) if !policy.excludes(port) => {}
+    let closed_without_agent = match unsafe { NM_INBOUND_PODS.get(&local) } {
+        Some(policy) if !policy.excludes(port) => policy.fails_closed(port),
         _ => return SK_PASS,
-    }
+    };
     // So is a connection the node's own sockets opened (kubelet probes): recognised by
     // its exact 4-tuple, recorded on the node's side, whatever address it left from.
     // Forwarded traffic NATed to a node address (NodePort, hostPort) has no entry.
@@ -536,11 +540,20 @@ pub fn mesh_sk_lookup(ctx: SkLookupContext) -> u32 {
     if unsafe { NM_NODE_FLOWS.get(&flow) }.is_some() {
         return SK_PASS;
     }
-    // No listener (agent restarting): fall back to the normal lookup.
     // SAFETY: the map is only touched through this call in this program.
     let listeners = unsafe { &mut *core::ptr::addr_of_mut!(NM_INBOUND_LISTENERS) };
-    let _ = listeners.redirect_sk_lookup(&ctx, local, 0);
-    SK_PASS
+    if listeners.redirect_sk_lookup(&ctx, local, 0).is_ok() {
+        return SK_PASS;
+    }
+    // No listener: no agent runs (its sockets closed with it; this program stays
+    // attached through its pinned link). A governed pod's inbound is dropped (the
+    // client sees a reset) rather than reaching the app unchecked; the others fall back
+    // to the normal lookup.
+    if closed_without_agent {
+        SK_DROP
+    } else {
+        SK_PASS
+    }
 }
 
 #[cfg(not(test))]

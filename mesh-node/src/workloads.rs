@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_common::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use mesh_common::{InboundPolicy, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
@@ -20,13 +20,14 @@ use tracing::{info, warn};
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    capture::dataplane::Dataplane, capture::dataplane::DataplaneError,
-    capture::dataplane::SkLookupLink, capture::holds::Holds, capture::locator::NetnsLocator,
-    capture::netns::Netns, capture::netns::NetnsError, capture::netns::NetnsId,
-    capture::sockets::PodSockets, discovery::cluster::ip_key, discovery::cluster::ClusterState,
-    discovery::cluster::PodPlan, hbone, identity::Identity, keys::PodKey, proxy::inbound,
-    proxy::outbound, proxy::pod::Mesh, proxy::pod::PodContext, routing::balancer::Balancer,
-    routing::table::Router, telemetry::connections::ConnectionTable, telemetry::metrics::Metrics,
+    capture::dataplane::Dataplane, capture::dataplane::DataplaneError, capture::holds::Holds,
+    capture::locator::NetnsLocator, capture::netns::Netns, capture::netns::NetnsError,
+    capture::netns::NetnsId, capture::sk_lookup::PodLink, capture::sockets::PodSockets,
+    discovery::cluster::ip_key, discovery::cluster::ClusterState, discovery::cluster::PodPlan,
+    discovery::mtls::MtlsMode, hbone, identity::authz, identity::Identity, keys::PodKey,
+    proxy::inbound, proxy::outbound, proxy::pod::Mesh, proxy::pod::PodContext,
+    routing::balancer::Balancer, routing::table::Router, telemetry::connections::ConnectionTable,
+    telemetry::metrics::Metrics,
 };
 
 #[derive(Debug, Error)]
@@ -112,7 +113,10 @@ struct RunningPod {
     /// draining pod is enrolled again.
     inbound: [Option<OwnedFd>; 2],
     tasks: Vec<JoinHandle<()>>,
-    _sk_lookup: SkLookupLink,
+    /// Pinned: the pod's capture outlives the agent (`capture::sk_lookup`).
+    sk_lookup: PodLink,
+    /// What sk_lookup applies to the pod's addresses, as last written.
+    inbound_policy: InboundPolicy,
 }
 
 /// A pod that left the mesh, its listeners still serving until `until`.
@@ -244,7 +248,7 @@ impl Workloads {
                     warn!(pod = %key, warning = %w, "pod annotation ignored");
                 }
             }
-            match self.enroll(plan.clone()) {
+            match self.enroll(plan.clone(), inbound_policy(state, plan)) {
                 Ok(running) => {
                     info!(
                         pod = %key,
@@ -292,6 +296,7 @@ impl Workloads {
                 }
             }
         }
+        self.sync_inbound_policies(state);
         let running = &self.running;
         self.holds.prune(&self.dataplane, |k| {
             desired.contains_key(k) && !running.contains_key(k)
@@ -395,6 +400,10 @@ impl Workloads {
                 warn!(pod = %key, error = %e, "cannot remove inbound entry");
             }
         }
+        // The link detaches when the drain ends (or with this agent, whichever first).
+        if let Err(e) = pod.sk_lookup.unpin() {
+            warn!(pod = %key, error = %e, "cannot remove the pod's sk_lookup pin");
+        }
         info!(pod = %key, reason = why, drain_ms = DRAIN.as_millis() as u64, "pod removed from the mesh; its listeners drain");
         let until = Instant::now() + DRAIN;
         if let Some(old) = self.draining.insert(key.clone(), Draining { pod, until }) {
@@ -441,7 +450,16 @@ impl Workloads {
         }
         let inbound =
             [pod.inbound[0].as_ref(), pod.inbound[1].as_ref()].map(|f| f.map(|f| f.as_fd()));
-        match self.capture(plan, pod.cookie, inbound) {
+        match self
+            .capture(plan, &pod.inbound_policy, pod.cookie, inbound)
+            .and_then(|()| {
+                pod.sk_lookup
+                    .repin()
+                    .map_err(|source| DataplaneError::AttachNetns {
+                        netns: plan.key.to_string(),
+                        source,
+                    })
+            }) {
             Ok(()) => true,
             Err(e) => {
                 warn!(pod = %plan.key, error = %e, "cannot take a draining pod back; enrolling it anew");
@@ -455,6 +473,7 @@ impl Workloads {
     fn capture(
         &self,
         plan: &PodPlan,
+        policy: &InboundPolicy,
         cookie: u64,
         inbound: [Option<BorrowedFd<'_>>; 2],
     ) -> Result<(), DataplaneError> {
@@ -466,8 +485,7 @@ impl Workloads {
                     &inbound[1]
                 };
                 if let Some(l) = listener {
-                    self.dataplane
-                        .capture_inbound(ip_key(*ip), &plan.inbound, l)?;
+                    self.dataplane.capture_inbound(ip_key(*ip), policy, l)?;
                 }
             }
             // Last: outbound redirection starts only once everything is listening.
@@ -482,10 +500,33 @@ impl Workloads {
         result
     }
 
-    /// Removes map entries no running pod owns: leftovers of a previous agent run, or
-    /// of a removal that failed half-way.
+    /// Keeps each running pod's fail mode (what its inbound does while no agent runs)
+    /// in step with the policies, which change live.
+    fn sync_inbound_policies(&mut self, state: &ClusterState) {
+        for (key, r) in self.running.iter_mut() {
+            let wanted = inbound_policy(state, &r.plan);
+            if wanted == r.inbound_policy {
+                continue;
+            }
+            let captured = r.plan.ips.iter().map(|ip| ip_key(*ip));
+            let result = captured
+                .filter(|ip| self.dataplane.inbound_policy(*ip).is_some())
+                .try_for_each(|ip| self.dataplane.update_inbound_policy(ip, &wanted));
+            match result {
+                Ok(()) => r.inbound_policy = wanted,
+                // Retried on the next reconcile.
+                Err(e) => warn!(pod = %key, error = %e, "cannot update the pod's inbound policy"),
+            }
+        }
+    }
+
+    /// Removes map entries and sk_lookup pins no running pod owns: leftovers of a
+    /// previous agent run (pods that left meanwhile), or of a removal that failed
+    /// half-way.
     fn prune_maps(&self) {
         let cookies: BTreeSet<u64> = self.running.values().map(|r| r.cookie).collect();
+        let keep: Vec<u64> = cookies.iter().copied().collect();
+        self.dataplane.remove_sk_lookup_pins_except(&keep);
         for cookie in self.dataplane.enrolled_cookies() {
             if !cookies.contains(&cookie) {
                 info!(netns_cookie = cookie, "removing stale enrollment entry");
@@ -509,7 +550,11 @@ impl Workloads {
         }
     }
 
-    fn enroll(&self, mut plan: PodPlan) -> Result<RunningPod, EnrollError> {
+    fn enroll(
+        &self,
+        mut plan: PodPlan,
+        inbound_policy: InboundPolicy,
+    ) -> Result<RunningPod, EnrollError> {
         let netns_path = self.locator.locate(&plan).map_err(EnrollError::Locate)?;
         let netns = Arc::new(Netns::open(&netns_path)?);
         if plan.ips.is_empty() {
@@ -551,9 +596,6 @@ impl Workloads {
         let inbound6 = listen(IpAddr::V6(Ipv6Addr::LOCALHOST), INBOUND_PLAINTEXT_PORT)?;
         let hbone = [listen(any4, HBONE_PORT)?, listen(any6, HBONE_PORT)?];
 
-        let sk_lookup = self
-            .dataplane
-            .attach_sk_lookup(&netns, &plan.key.to_string())?;
         let dup = |l: &Option<TcpListener>| -> Result<Option<OwnedFd>, EnrollError> {
             l.as_ref()
                 .map(|l| l.as_fd().try_clone_to_owned())
@@ -566,9 +608,21 @@ impl Workloads {
         let inbound_fds = [dup(&inbound4)?, dup(&inbound6)?];
         self.capture(
             &plan,
+            &inbound_policy,
             cookie,
             [inbound4.as_ref(), inbound6.as_ref()].map(|l| l.map(|l| l.as_fd())),
         )?;
+        // After the capture: a link taken over from an earlier run gets the program
+        // whose listeners are already in place.
+        let sk_lookup = self
+            .dataplane
+            .attach_sk_lookup(&netns, cookie, &plan.key.to_string())
+            .inspect_err(|_| {
+                let _ = self.dataplane.stop_redirecting(cookie);
+                for ip in &plan.ips {
+                    let _ = self.dataplane.release_inbound(ip_key(*ip));
+                }
+            })?;
 
         let identity = self.identity(&plan);
         let hbone_tls = match &self.settings.mesh {
@@ -652,7 +706,8 @@ impl Workloads {
             inbound: inbound_fds,
             tasks,
             plan,
-            _sk_lookup: sk_lookup,
+            sk_lookup,
+            inbound_policy,
         })
     }
 
@@ -693,4 +748,24 @@ impl Workloads {
             })
             .collect()
     }
+}
+
+/// The pod's inbound policy as sk_lookup applies it: its plan's exclusions, and per port
+/// whether inbound fails closed while no agent runs: closed where plaintext is STRICT,
+/// and on every port when a policy selects the pod; open only on PERMISSIVE (or
+/// DISABLE) ports of a pod no policy selects.
+fn inbound_policy(state: &ClusterState, plan: &PodPlan) -> InboundPolicy {
+    let mut policy = plan.inbound;
+    let governed = authz::inbound_governed(state, &plan.key);
+    let modes = state.mtls_modes(&plan.key);
+    let closed = governed || modes.default.mode == MtlsMode::Strict;
+    let exceptions = modes
+        .ports
+        .iter()
+        .filter(|(_, m)| !governed && (m.mode == MtlsMode::Strict) != closed)
+        .map(|(port, _)| *port);
+    if !policy.set_fail_mode(closed, exceptions) {
+        crate::warn_limited!(pod = %plan.key, "more port-level mTLS modes than the eBPF policy holds; every port of the pod fails closed while no agent runs");
+    }
+    policy
 }

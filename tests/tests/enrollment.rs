@@ -98,7 +98,7 @@ fn a_vanished_pod_namespace_is_cleaned_up_and_other_pods_keep_working() {
     let _server = cluster.serve("server", 8080).unwrap();
     let before = cluster.map_entries("a").unwrap();
     assert_eq!(before["NM_ENROLLED"], 2);
-    assert_eq!(before["NM_INBOUND_PODS"], 4, "two pods, IPv4 and IPv6 each");
+    assert_eq!(before["NM_INBOUND_POL"], 4, "two pods, IPv4 and IPv6 each");
 
     cluster.destroy_pod_netns("worker").unwrap();
     let gone = cluster.eventually(Duration::from_secs(3), || {
@@ -116,7 +116,7 @@ fn a_vanished_pod_namespace_is_cleaned_up_and_other_pods_keep_working() {
     );
     let after = cluster.map_entries("a").unwrap();
     assert_eq!(after["NM_ENROLLED"], 1);
-    assert_eq!(after["NM_INBOUND_PODS"], 2);
+    assert_eq!(after["NM_INBOUND_POL"], 2);
     assert!(cluster.agent_log("a").contains("vanished"));
     assert!(
         redirected(&cluster, "client"),

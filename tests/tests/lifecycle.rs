@@ -1,9 +1,21 @@
 //! End-to-end: map hygiene under churn, restarts, and failing clearly.
 
-use std::{os::unix::process::CommandExt, path::Path, time::Duration};
+use std::{
+    io::Write,
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt,
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
-use mesh_node::{capture::bpf_sys, capture::dataplane::cgroup_attachments};
-use mesh_tests::sim::{host::scaled, ClusterSpec, SimCluster};
+use mesh_node::{
+    capture::bpf_sys, capture::dataplane::cgroup_attachments, capture::sk_lookup::attached_links,
+};
+use mesh_tests::sim::{host, host::scaled, ClusterSpec, PodSpec, SimCluster};
 
 const OUTBOUND_LISTENER: &str = "127.0.0.1:15001";
 
@@ -178,4 +190,329 @@ fn missing_privileges_bpffs_or_object_fail_with_one_clear_error() {
 
     let err = failing_start(&cluster, &[("--cgroup-root", "/nonexistent-cgroup")], false);
     assert!(err.contains("cgroup root"), "{err}");
+}
+
+/// A server the test owns inside a pod's namespace: it counts every connection the
+/// kernel hands it, i.e. every connection that reached the application.
+struct CountingServer {
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CountingServer {
+    fn start(netns: &Path, port: u16) -> CountingServer {
+        let file = std::fs::File::open(netns).expect("pod netns");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, halt) = (accepted.clone(), stop.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            // [::] with IPV6_V6ONLY off (Linux's default): IPv4 and IPv6.
+            let listener = TcpListener::bind(("::", port)).expect("bind");
+            listener.set_nonblocking(true).expect("nonblocking");
+            ready_tx.send(()).expect("ready");
+            while !halt.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        drop(stream);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("server listening");
+        CountingServer { accepted, stop }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Plaintext connects from inside `netns` to each target every 10 ms for `period`:
+/// how many connects succeeded per target, and how many rounds ran.
+fn probe_plaintext(
+    netns: &Path,
+    targets: Vec<SocketAddr>,
+    period: Duration,
+) -> (Vec<usize>, usize) {
+    host::in_netns(netns, move || {
+        let mut connected = vec![0; targets.len()];
+        let mut rounds = 0;
+        let end = Instant::now() + period;
+        while Instant::now() < end {
+            for (i, target) in targets.iter().enumerate() {
+                if let Ok(mut s) = TcpStream::connect_timeout(target, Duration::from_millis(100)) {
+                    connected[i] += 1;
+                    let _ = s.write_all(b"plaintext probe");
+                }
+            }
+            rounds += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok((connected, rounds))
+    })
+    .unwrap()
+}
+
+fn mesh_manifest(kind: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1beta1\nkind: {kind}\nmetadata:\n  name: {name}\n  namespace: apps\nspec:\n{spec}"
+    )
+}
+
+/// Port of the echo servers (`mesh-testapp serve`) the meshed checks use.
+const ECHO_PORT: u16 = 8080;
+/// Port of the counting servers the plaintext probes target.
+const PROBE_PORT: u16 = 7000;
+
+#[test]
+fn policy_holds_while_a_killed_agent_is_down_and_traffic_resumes_when_it_starts() {
+    let mut spec = ClusterSpec::two_nodes();
+    spec.pods.push(PodSpec::new("web", "apps", "b"));
+    spec.pods.push(PodSpec::new("open", "apps", "b"));
+    spec.pods.push(PodSpec::new("other", "apps", "a"));
+    let cluster = SimCluster::create(spec).unwrap();
+    cluster.start_agents().unwrap();
+    let _echo: Vec<_> = ["server", "web", "open"]
+        .iter()
+        .map(|p| cluster.serve(p, ECHO_PORT).unwrap())
+        .collect();
+    let counting: Vec<CountingServer> = ["server", "web", "open"]
+        .iter()
+        .map(|p| CountingServer::start(&cluster.pod(p).netns, PROBE_PORT))
+        .collect();
+    let echo = |p: &str| cluster.pod(p).addr4(ECHO_PORT);
+    let probe = |p: &str| cluster.pod(p).addr4(PROBE_PORT);
+
+    // `server` STRICT; `web` only for apps/client; `open` PERMISSIVE, no policy.
+    let policies = [
+        mesh_manifest(
+            "PeerAuthentication",
+            "server-strict",
+            "  selector:\n    matchLabels:\n      app: server\n  mtls:\n    mode: STRICT\n",
+        ),
+        "apiVersion: security.nodemesh.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web-client-only, namespace: apps}\n\
+         spec:\n  selector: {matchLabels: {app: web}}\n  action: ALLOW\n  rules:\n  - from: [{principals: [\"spiffe://cluster.local/ns/apps/sa/client\"]}]\n"
+            .to_string(),
+    ];
+    cluster
+        .write_manifest("restart-policies.yaml", &policies.join("---\n"))
+        .unwrap();
+    let applied = cluster.eventually(Duration::from_secs(5), || {
+        !cluster
+            .transfer("bystander", echo("server"), 16)
+            .unwrap()
+            .ok
+            && !cluster.transfer("bystander", echo("web"), 16).unwrap().ok
+            && !cluster.transfer("other", echo("web"), 16).unwrap().ok
+    });
+    assert!(applied.is_some(), "the policies never applied");
+    assert!(cluster.transfer("client", echo("web"), 64).unwrap().ok);
+    assert!(cluster.transfer("client", echo("server"), 64).unwrap().ok);
+    assert!(cluster.transfer("bystander", echo("open"), 64).unwrap().ok);
+
+    let before: Vec<usize> = counting.iter().map(CountingServer::accepted).collect();
+    cluster.kill_agent("b").unwrap();
+    let bystander = cluster.pod("bystander").netns.clone();
+    let (connected, rounds) = probe_plaintext(
+        &bystander,
+        vec![probe("server"), probe("web"), probe("open")],
+        Duration::from_secs(2),
+    );
+    // A meshed caller the policy does not allow, during the gap as well.
+    for _ in 0..3 {
+        let r = cluster.transfer("other", probe("web"), 16).unwrap();
+        assert!(!r.ok, "other reached web with b's agent down: {r:?}");
+    }
+    let during: Vec<usize> = counting.iter().map(CountingServer::accepted).collect();
+    eprintln!("agent down: {rounds} probe rounds, connects {connected:?}, app accepts {before:?} -> {during:?}");
+    assert!(rounds >= 50, "the probe loop ran ({rounds} rounds)");
+    assert_eq!(
+        connected[0], 0,
+        "plaintext reached the STRICT pod with no agent"
+    );
+    assert_eq!(during[0], before[0], "the STRICT pod's app saw plaintext");
+    assert_eq!(
+        connected[1], 0,
+        "a caller the policy does not allow reached web"
+    );
+    assert_eq!(
+        during[1], before[1],
+        "web's app saw a caller it does not allow"
+    );
+    assert_eq!(
+        connected[2], rounds,
+        "the PERMISSIVE pod with no policy stays reachable"
+    );
+    assert_eq!(during[2] - before[2], rounds, "its app saw every probe");
+
+    let started = Instant::now();
+    cluster.spawn_agent("b").unwrap();
+    let took = cluster.eventually(Duration::from_secs(10), || {
+        cluster
+            .transfer("client", echo("server"), 64)
+            .map(|r| r.ok)
+            .unwrap_or(false)
+    });
+    assert!(took.is_some(), "meshed connections never worked again");
+    let gap = started.elapsed();
+    eprintln!("kill -9 gap: first meshed connection {gap:?} after the agent started");
+    assert!(gap < scaled(Duration::from_secs(5)), "{gap:?}");
+    cluster.wait_ready("b", Duration::from_secs(20)).unwrap();
+
+    // The agent enforces the same policies again.
+    assert!(cluster.transfer("client", echo("web"), 64).unwrap().ok);
+    assert!(!cluster.transfer("other", echo("web"), 64).unwrap().ok);
+    assert!(
+        !cluster
+            .transfer("bystander", echo("server"), 64)
+            .unwrap()
+            .ok
+    );
+    assert!(cluster.transfer("bystander", echo("open"), 64).unwrap().ok);
+    // Outbound from node a's pods failed closed while its agent was down, which the
+    // restart test above checks; node b's own outbound fails closed the same way.
+    cluster.kill_agent("b").unwrap();
+    let _client_echo = cluster.serve("client", ECHO_PORT).unwrap();
+    let down = cluster
+        .transfer("server", cluster.pod("client").addr4(ECHO_PORT), 64)
+        .unwrap();
+    assert!(!down.ok, "outbound bypassed the dead agent: {down:?}");
+}
+
+fn pinned_links(pin_dir: &Path) -> Vec<u64> {
+    let mut cookies: Vec<u64> = std::fs::read_dir(pin_dir.join("links/sk_lookup"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    cookies.sort();
+    cookies
+}
+
+fn netns_cookie(cluster: &SimCluster, node: &str, pod: &str) -> u64 {
+    let workloads = cluster.admin(node, "/workloads").unwrap();
+    workloads
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == pod)
+        .and_then(|w| w["netns_cookie"].as_u64())
+        .unwrap_or_else(|| panic!("{pod} is not enrolled: {workloads:#}"))
+}
+
+#[test]
+fn a_restart_takes_over_the_pinned_sk_lookup_links_and_pods_that_leave_take_theirs() {
+    let mut spec = ClusterSpec::two_nodes();
+    spec.namespaces.push(("transient".into(), true));
+    spec.pods.push(PodSpec::new("leaver", "transient", "b"));
+    spec.pods.push(PodSpec::new("doomed", "apps", "b"));
+    let cluster = SimCluster::create(spec).unwrap();
+    cluster.start_agents().unwrap();
+    let node = cluster.node("b").clone();
+    let pods = ["server", "leaver", "doomed"];
+    let enrolled = cluster.eventually(Duration::from_secs(5), || {
+        pinned_links(&node.pin_dir).len() == pods.len()
+    });
+    assert!(
+        enrolled.is_some(),
+        "one pin per enrolled pod: {:?}",
+        pinned_links(&node.pin_dir)
+    );
+    let cookies: Vec<u64> = pods
+        .iter()
+        .map(|p| netns_cookie(&cluster, "b", p))
+        .collect();
+    let mut sorted = cookies.clone();
+    sorted.sort();
+    assert_eq!(
+        pinned_links(&node.pin_dir),
+        sorted,
+        "pins named by netns cookie"
+    );
+    let links = |pod: &str| attached_links(&cluster.pod(pod).netns).unwrap();
+    let before: Vec<_> = pods
+        .iter()
+        .map(|p| {
+            let l = links(p);
+            assert_eq!(l.len(), 1, "{p}: one sk_lookup attachment: {l:?}");
+            l[0]
+        })
+        .collect();
+
+    cluster.kill_agent("b").unwrap();
+    for (p, b) in pods.iter().zip(&before) {
+        assert_eq!(
+            links(p),
+            vec![*b],
+            "{p}: the pinned link outlives the agent"
+        );
+    }
+    // A pod that goes away while no agent runs: the kernel detaches its link; the
+    // next agent removes the pin.
+    cluster.destroy_pod_netns("doomed").unwrap();
+
+    cluster.start_agent("b").unwrap();
+    for (p, b) in pods.iter().zip(&before).take(2) {
+        let after = links(p);
+        assert_eq!(
+            after.len(),
+            1,
+            "{p}: one attachment after the restart: {after:?}"
+        );
+        assert_eq!(
+            after[0].link_id, b.link_id,
+            "{p}: the pinned link was taken over"
+        );
+        assert_ne!(
+            after[0].prog_id, b.prog_id,
+            "{p}: the new program was swapped in"
+        );
+    }
+    let stale_gone = cluster.eventually(Duration::from_secs(5), || {
+        !pinned_links(&node.pin_dir).contains(&cookies[2])
+    });
+    assert!(
+        stale_gone.is_some(),
+        "the pin of a namespace that is gone stayed"
+    );
+
+    cluster.set_namespace_enrolled("transient", false).unwrap();
+    let unpinned = cluster.eventually(Duration::from_secs(5), || {
+        pinned_links(&node.pin_dir) == vec![cookies[0]]
+    });
+    assert!(
+        unpinned.is_some(),
+        "the leaving pod's pin stayed: {:?}",
+        pinned_links(&node.pin_dir)
+    );
+    // Detached once its listeners have drained.
+    let detached = cluster.eventually(Duration::from_secs(20), || links("leaver").is_empty());
+    assert!(detached.is_some(), "leaver: {:?}", links("leaver"));
+    assert_eq!(links("server").len(), 1);
+
+    let remaining = links("server")[0].link_id;
+    drop(cluster);
+    let leaked: Vec<_> = bpf_sys::sk_lookup_links()
+        .unwrap()
+        .into_iter()
+        .filter(|l| l.link_id == remaining || before.iter().any(|b| b.link_id == l.link_id))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "links left after the cluster ended: {leaked:?}"
+    );
 }

@@ -155,6 +155,7 @@ pub(crate) fn bpf(state: &AdminState) -> BpfView {
         programs: dataplane.programs().iter().map(program_view).collect(),
         maps: dataplane.map_status().iter().map(map_view).collect(),
         enrolled_netns_cookies: dataplane.enrolled_cookies(),
+        pinned_sk_lookup_links: dataplane.pinned_sk_lookup_links(),
     }
 }
 

@@ -1,6 +1,7 @@
-//! The few bpf(2) commands aya 0.13 does not expose for cgroup programs: creating a
-//! cgroup link we can pin, swapping the program inside a pinned link, pinning and
-//! opening pinned objects, and asking a cgroup what is attached to it.
+//! The few bpf(2) commands aya 0.13 does not expose for cgroup and netns programs:
+//! creating a cgroup or netns link we can pin, swapping the program inside a pinned
+//! link, pinning and opening pinned objects, asking a cgroup what is attached to it,
+//! and walking the kernel's links.
 
 use std::{
     ffi::CString,
@@ -16,6 +17,13 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
+
+/// `BPF_SK_LOOKUP` in `enum bpf_attach_type`.
+pub const ATTACH_SK_LOOKUP: u32 = 36;
+/// `BPF_LINK_TYPE_NETNS` in `enum bpf_link_type`.
+const LINK_TYPE_NETNS: u32 = 5;
 
 /// Attach types used by Nodemesh (values of `enum bpf_attach_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +99,16 @@ pub fn cgroup_link_create(
     bpf(BPF_LINK_CREATE, &mut attr).map(fd_result)
 }
 
+/// BPF_LINK_CREATE of an sk_lookup program on a network namespace (`netns`: an open
+/// nsfs file): a link that can be pinned, outliving the process that made it.
+pub fn netns_sk_lookup_link_create(prog: impl AsFd, netns: impl AsFd) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.u32_at(0, prog.as_fd().as_raw_fd() as u32)
+        .u32_at(4, netns.as_fd().as_raw_fd() as u32)
+        .u32_at(8, ATTACH_SK_LOOKUP);
+    bpf(BPF_LINK_CREATE, &mut attr).map(fd_result)
+}
+
 /// BPF_LINK_UPDATE: atomically replaces the program behind an existing link.
 pub fn link_update(link: impl AsFd, new_prog: impl AsFd) -> io::Result<()> {
     let mut attr = Attr::new();
@@ -150,6 +168,62 @@ pub fn link_ids(fd: impl AsFd) -> io::Result<(u32, u32)> {
         .u64_at(8, info.as_mut_ptr() as u64);
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     Ok((info[1], info[2]))
+}
+
+/// What the kernel says about a network-namespace link (`bpf_link_info.netns`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetnsLinkInfo {
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// Inode of the namespace; 0 once the namespace is gone (the kernel detached it).
+    pub netns_ino: u32,
+    pub attach_type: u32,
+}
+
+/// The netns part of a link's info; None for a link of another type.
+pub fn netns_link_info(fd: impl AsFd) -> io::Result<Option<NetnsLinkInfo>> {
+    let mut info = [0u32; 32];
+    let mut attr = Attr::new();
+    attr.u32_at(0, fd.as_fd().as_raw_fd() as u32)
+        .u32_at(4, std::mem::size_of_val(&info) as u32)
+        .u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // bpf_link_info: type, id, prog_id, then the 8-byte aligned union at offset 16,
+    // whose netns member is { netns_ino, attach_type }.
+    Ok((info[0] == LINK_TYPE_NETNS).then_some(NetnsLinkInfo {
+        link_id: info[1],
+        prog_id: info[2],
+        netns_ino: info[4],
+        attach_type: info[5],
+    }))
+}
+
+/// Every link of the kernel that is an sk_lookup link (for counting attachments).
+/// Links that go away while being walked are skipped.
+pub fn sk_lookup_links() -> io::Result<Vec<NetnsLinkInfo>> {
+    let mut found = Vec::new();
+    let mut id = 0u32;
+    loop {
+        let mut attr = Attr::new();
+        attr.u32_at(0, id);
+        match bpf(BPF_LINK_GET_NEXT_ID, &mut attr) {
+            Ok(_) => id = attr.read_u32(4),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(found),
+            Err(e) => return Err(e),
+        }
+        let mut attr = Attr::new();
+        attr.u32_at(0, id);
+        let fd = match bpf(BPF_LINK_GET_FD_BY_ID, &mut attr) {
+            Ok(ret) => fd_result(ret),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        if let Some(info) = netns_link_info(&fd)? {
+            if info.attach_type == ATTACH_SK_LOOKUP {
+                found.push(info);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

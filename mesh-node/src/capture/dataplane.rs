@@ -24,10 +24,9 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::{
-    capture::bpf_sys, capture::bpf_sys::CgroupAttachType, capture::netns::Netns, capture::preflight,
+    capture::bpf_sys, capture::bpf_sys::CgroupAttachType, capture::netns::Netns,
+    capture::preflight, capture::sk_lookup, capture::sk_lookup::PodLink,
 };
-
-pub use aya::programs::sk_lookup::SkLookupLink;
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {
@@ -63,7 +62,7 @@ pub enum DataplaneError {
     #[error("sk_lookup attach to network namespace {netns} failed: {source}")]
     AttachNetns {
         netns: String,
-        source: Box<aya::programs::ProgramError>,
+        source: std::io::Error,
     },
     #[error("bpffs {path}: {source}")]
     Pin {
@@ -129,9 +128,15 @@ const CGROUP_PROGRAMS: [CgroupProgram; 3] = [
 ];
 
 /// Pins earlier builds left that this one no longer uses: the node-wide parking hash
-/// (replaced by per-socket storage) and the sock_release program that emptied it.
+/// (replaced by per-socket storage), the sock_release program that emptied it, and the
+/// inbound policies without their fail-closed fields (now `NM_INBOUND_POL`: the old
+/// map lives on only while an old program still uses it).
 /// Removing a link's last pin detaches its program.
-const RETIRED_PINS: [&str; 2] = ["maps/NM_PENDING_DST", "links/mesh_sock_release"];
+const RETIRED_PINS: [&str; 3] = [
+    "maps/NM_PENDING_DST",
+    "links/mesh_sock_release",
+    "maps/NM_INBOUND_PODS",
+];
 
 /// Key and value sizes of the pinned maps; a pin left by an incompatible build is
 /// replaced instead of being silently misread.
@@ -214,13 +219,18 @@ impl Dataplane {
     ) -> Result<Dataplane, DataplaneError> {
         let map_dir = pin_dir.join("maps");
         let link_dir = pin_dir.join("links");
-        for dir in [&map_dir, &link_dir] {
+        let pod_link_dir = pin_dir.join(sk_lookup::LINK_DIR);
+        for dir in [&map_dir, &link_dir, &pod_link_dir] {
             fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
                 path: dir.clone(),
                 source,
             })?;
         }
         remove_retired_pins(pin_dir)?;
+        sk_lookup::remove_dead_pins(&pod_link_dir).map_err(|source| DataplaneError::Pin {
+            path: pod_link_dir.clone(),
+            source,
+        })?;
         let reused_pins = drop_incompatible_pins(&map_dir)?;
         let object = AlignedObject::read(object)?;
         let mut ebpf = EbpfLoader::new()
@@ -386,6 +396,17 @@ impl Dataplane {
             .map_err(map_err(map_names::INBOUND_PODS))
     }
 
+    /// Rewrites the inbound policy of a captured address (its fail mode changed).
+    pub fn update_inbound_policy(
+        &self,
+        ip: Ip,
+        policy: &InboundPolicy,
+    ) -> Result<(), DataplaneError> {
+        lock(&self.inbound_pods)
+            .insert(ip, *policy, 0)
+            .map_err(map_err(map_names::INBOUND_PODS))
+    }
+
     pub fn release_inbound(&self, ip: Ip) -> Result<(), DataplaneError> {
         remove_if_present(&mut lock(&self.inbound_pods), &ip, map_names::INBOUND_PODS)?;
         absent_ok(
@@ -432,24 +453,47 @@ impl Dataplane {
         removed
     }
 
-    /// Attaches the inbound sk_lookup program to a pod's namespace; the returned link
-    /// detaches on drop.
-    pub fn attach_sk_lookup(
+    /// Gives a pod's namespace this agent's sk_lookup program: through its pinned link
+    /// when an earlier run left one (swapped in place), else a new link, pinned
+    /// (see `capture::sk_lookup`).
+    pub(crate) fn attach_sk_lookup(
         &self,
         netns: &Netns,
+        cookie: u64,
         label: &str,
-    ) -> Result<SkLookupLink, DataplaneError> {
-        let mut ebpf = lock(&self.ebpf);
-        let program: &mut SkLookup = ebpf
-            .program_mut(program_names::SK_LOOKUP)
+    ) -> Result<PodLink, DataplaneError> {
+        let ebpf = lock(&self.ebpf);
+        let program: &SkLookup = ebpf
+            .program(program_names::SK_LOOKUP)
             .and_then(|p| p.try_into().ok())
             .ok_or(DataplaneError::MissingProgram(program_names::SK_LOOKUP))?;
         let attach_err = |source| DataplaneError::AttachNetns {
             netns: label.to_string(),
-            source: Box::new(source),
+            source,
         };
-        let id = program.attach(netns.file()).map_err(attach_err)?;
-        program.take_link(id).map_err(attach_err)
+        let prog = program
+            .fd()
+            .map_err(|e| attach_err(std::io::Error::other(e)))?;
+        PodLink::attach(&self.sk_lookup_dir(), prog.as_fd(), netns, cookie).map_err(attach_err)
+    }
+
+    fn sk_lookup_dir(&self) -> PathBuf {
+        self.pin_dir.join(sk_lookup::LINK_DIR)
+    }
+
+    /// Removes the pinned sk_lookup links of namespaces not in `keep` (pods this agent
+    /// does not manage, e.g. left while no agent ran); returns how many.
+    pub(crate) fn remove_sk_lookup_pins_except(&self, keep: &[u64]) -> usize {
+        let dir = self.sk_lookup_dir();
+        sk_lookup::remove_pins_except(&dir, keep).unwrap_or_else(|e| {
+            warn!(dir = %dir.display(), error = %e, "cannot remove stale sk_lookup pins");
+            0
+        })
+    }
+
+    /// How many pods' sk_lookup links are pinned.
+    pub fn pinned_sk_lookup_links(&self) -> usize {
+        sk_lookup::pinned_cookies(&self.sk_lookup_dir()).len()
     }
 }
 

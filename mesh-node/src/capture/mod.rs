@@ -11,4 +11,5 @@ pub(crate) mod map_pressure;
 pub(crate) mod netns;
 pub mod pin_lock;
 pub mod preflight;
+pub mod sk_lookup;
 pub(crate) mod sockets;

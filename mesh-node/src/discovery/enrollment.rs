@@ -218,6 +218,7 @@ pub fn plan(key: &PodKey, pod: &Pod) -> PodPlan {
         excluded_ports: annotation(pod, EXCLUDE_INBOUND_PORTS)
             .map(|t| parse_ports(t, EXCLUDE_INBOUND_PORTS, &mut warnings))
             .unwrap_or_default(),
+        ..InboundPolicy::default()
     };
     PodPlan {
         key: key.clone(),

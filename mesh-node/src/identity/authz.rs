@@ -85,6 +85,14 @@ pub fn policies_for(state: &ClusterState, dest: &PodKey) -> Option<Vec<Arc<Compi
     )
 }
 
+/// Whether a policy governs the pod's inbound: an AuthorizationPolicy of either kind
+/// (any action) or a RequestAuthentication selects it. Such a pod's inbound is dropped,
+/// not passed to the app, while no agent runs (see `mesh_sk_lookup`).
+pub fn inbound_governed(state: &ClusterState, pod: &PodKey) -> bool {
+    policies_for(state, pod).is_some_and(|p| !p.is_empty())
+        || !state.request_authentications_for(pod).is_empty()
+}
+
 /// The decision on a connection (`request` None) or one request.
 fn decide(state: &ClusterState, dest: &ObjectKey, facts: &Facts) -> RequestVerdict {
     let deny = |policy: Option<String>, rule, detail: String, audited| RequestVerdict {

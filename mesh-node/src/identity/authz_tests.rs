@@ -427,3 +427,41 @@ fn every_not_form_excludes_what_it_names() {
         assert_eq!(v.policy.as_deref(), Some("default/guard"));
     }
 }
+
+#[test]
+fn an_l4_allow_by_principal_refuses_plaintext_on_a_permissive_pod() {
+    // No PeerAuthentication: PERMISSIVE, plaintext reaches the policy, which has no
+    // principal to match and must refuse it at connect time (no HTTP attribute: L4).
+    let s = state(&istio(
+        "client-only",
+        "{selector: {matchLabels: {app: backend}}, rules: [{from: [{source: {principals: [\"cluster.local/ns/default/sa/client\"]}}]}]}",
+    ));
+    assert!(matches!(
+        Req::default().admit(&s, "default/backend"),
+        Admission::Allow { .. }
+    ));
+    assert!(matches!(
+        Req {
+            peer: None,
+            ..Req::default()
+        }
+        .admit(&s, "default/backend"),
+        Admission::Refuse {
+            reason: RefusalReason::PolicyDenied,
+            ..
+        }
+    ));
+    // Another principal is refused too; a pod the policy does not select is not.
+    let other = Req {
+        peer: Some(id("default", "intruder")),
+        ..Req::default()
+    };
+    assert!(matches!(
+        other.admit(&s, "default/backend"),
+        Admission::Refuse { .. }
+    ));
+    assert!(matches!(
+        other.admit(&s, "default/frontend"),
+        Admission::Allow { .. }
+    ));
+}

@@ -12,6 +12,9 @@ pub struct BpfView {
     pub programs: Vec<ProgramView>,
     pub maps: Vec<MapView>,
     pub enrolled_netns_cookies: Vec<u64>,
+    /// Pods whose sk_lookup link is pinned (their capture outlives the agent).
+    #[serde(default)]
+    pub pinned_sk_lookup_links: usize,
 }
 
 /// One attached cgroup program.
@@ -61,6 +64,7 @@ mod tests {
                 pinned: true,
             }],
             enrolled_netns_cookies: vec![4097, 4098],
+            pinned_sk_lookup_links: 2,
         };
         check(
             &view,
@@ -70,6 +74,7 @@ mod tests {
                     "link_id": 7, "pin": "/sys/fs/bpf/nodemesh/links/nm_connect4"}],
                 "maps": [{"name": "NM_ENROLLED", "id": 12, "max_entries": 1024, "entries": 2, "pinned": true}],
                 "enrolled_netns_cookies": [4097, 4098],
+                "pinned_sk_lookup_links": 2,
             }),
         );
     }
