@@ -62,10 +62,9 @@ impl Agent {
         self.state.borrow().clone()
     }
 
-    /// Ready, as `/healthz/ready` says, with every kind synced.
+    /// Ready, as `/healthz/ready`'s discovery part says, with every kind synced.
     pub(super) fn ready(&self) -> bool {
-        crate::admin::state::discovery_unready_reason(&self.health).is_none()
-            && self.health.every_kind_synced()
+        self.health.unready_reason(Instant::now()).is_none() && self.health.every_kind_synced()
     }
 
     /// `nodemesh_config_problems_total{kind,reason}`.
