@@ -149,6 +149,12 @@ async fn lock_pins(pin_dir: &std::path::Path) -> Result<PinLock, AgentError> {
     Ok(lock)
 }
 
+/// Proxied connections open now (counted, not listed: polled while draining).
+fn live(connections: &ConnectionTable) -> usize {
+    let (outbound, inbound) = connections.live_counts();
+    outbound + inbound
+}
+
 /// Drains: the listeners close, HTTP connections are told to close, and the agent
 /// waits until no proxied connection is left, `timeout` passes, or a second signal
 /// comes. Returns (open at the start, cut at the end).
@@ -163,7 +169,7 @@ async fn drain(
     drain.start();
     metrics.draining.set(1);
     let closed = workloads.stop_accepting();
-    let open = connections.live().len();
+    let open = live(connections);
     info!(
         listeners = closed,
         connections = open,
@@ -173,16 +179,16 @@ async fn drain(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let left = loop {
-        let left = connections.live().len();
+        let left = live(connections);
         if left == 0 {
             break 0;
         }
         tokio::select! {
             _ = tick.tick() => {}
-            _ = tokio::time::sleep_until(deadline) => break connections.live().len(),
+            _ = tokio::time::sleep_until(deadline) => break live(connections),
             _ = &mut again => {
                 info!("second signal: ending the drain now");
-                break connections.live().len();
+                break live(connections);
             }
         }
     };

@@ -148,25 +148,26 @@ pub fn cgroup_prog_ids(cgroup: impl AsFd, attach: CgroupAttachType) -> io::Resul
     Ok(ids)
 }
 
-/// The kernel id of a map, program or link (the second u32 of each `bpf_*_info`).
-pub fn obj_id(fd: impl AsFd) -> io::Result<u32> {
+/// The first 128 bytes of the `bpf_*_info` of a map, program or link, as u32 words.
+fn obj_info(fd: impl AsFd) -> io::Result<[u32; 32]> {
     let mut info = [0u32; 32];
     let mut attr = Attr::new();
     attr.u32_at(0, fd.as_fd().as_raw_fd() as u32)
         .u32_at(4, std::mem::size_of_val(&info) as u32)
         .u64_at(8, info.as_mut_ptr() as u64);
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
+}
+
+/// The kernel id of a map, program or link (the second u32 of each `bpf_*_info`).
+pub fn obj_id(fd: impl AsFd) -> io::Result<u32> {
+    let info = obj_info(fd)?;
     Ok(info[1])
 }
 
 /// For a link: (link id, program id) — `bpf_link_info` starts with type, id, prog_id.
 pub fn link_ids(fd: impl AsFd) -> io::Result<(u32, u32)> {
-    let mut info = [0u32; 32];
-    let mut attr = Attr::new();
-    attr.u32_at(0, fd.as_fd().as_raw_fd() as u32)
-        .u32_at(4, std::mem::size_of_val(&info) as u32)
-        .u64_at(8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let info = obj_info(fd)?;
     Ok((info[1], info[2]))
 }
 
@@ -182,12 +183,7 @@ pub struct NetnsLinkInfo {
 
 /// The netns part of a link's info; None for a link of another type.
 pub fn netns_link_info(fd: impl AsFd) -> io::Result<Option<NetnsLinkInfo>> {
-    let mut info = [0u32; 32];
-    let mut attr = Attr::new();
-    attr.u32_at(0, fd.as_fd().as_raw_fd() as u32)
-        .u32_at(4, std::mem::size_of_val(&info) as u32)
-        .u64_at(8, info.as_mut_ptr() as u64);
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let info = obj_info(fd)?;
     // bpf_link_info: type, id, prog_id, then the 8-byte aligned union at offset 16,
     // whose netns member is { netns_ino, attach_type }.
     Ok((info[0] == LINK_TYPE_NETNS).then_some(NetnsLinkInfo {
