@@ -111,6 +111,14 @@ pub struct AgentConfig {
     #[serde(with = "duration_text")]
     pub drain_timeout: Duration,
 
+    /// The Unix socket on which the running agent hands the node over to a newer one
+    /// (an upgrade): its listening sockets pass to the newcomer, so no connection is
+    /// refused, and it drains. Both agents must see the same path (a hostPath in the
+    /// DaemonSet); its directory is created 0700. Empty: no hand-over (a newcomer
+    /// waits for the running agent to exit).
+    #[arg(long, default_value = "/run/nodemesh/handover.sock")]
+    pub handover_socket: PathBuf,
+
     /// Trust domain of workload identities.
     #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,

@@ -24,6 +24,7 @@ pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod discovery;
+pub mod handover;
 pub mod hbone;
 pub mod identity;
 pub mod keys;

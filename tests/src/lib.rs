@@ -8,3 +8,4 @@ pub mod flood;
 pub mod httpapp;
 pub mod report;
 pub mod sim;
+pub mod upgrade_load;

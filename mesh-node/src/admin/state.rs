@@ -77,6 +77,8 @@ pub struct AdminState {
     /// The node's request authenticator (JWKS), for traces of requests with a JWT.
     pub jwt: Arc<crate::identity::jwt::JwtAuthenticator>,
     pub started: Instant,
+    /// A hand-over this agent took part in (taker or giver).
+    pub handover: Arc<std::sync::Mutex<crate::handover::HandoverView>>,
 }
 
 /// The discovery part of readiness: a kind whose list or watch has failed too long.

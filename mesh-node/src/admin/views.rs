@@ -49,6 +49,11 @@ pub(crate) fn status(state: &AdminState) -> StatusView {
         not_ready_reason: unready,
         uptime_seconds: state.started.elapsed().as_secs(),
         draining,
+        handover: state
+            .handover
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
         mtls: state.certificates.is_some(),
         trust_domain: state.config.trust_domain.clone(),
         source: state.config.source,

@@ -22,6 +22,15 @@ pub struct PinLockError {
     source: io::Error,
 }
 
+impl PinLockError {
+    pub(crate) fn new(dir: &Path, source: io::Error) -> PinLockError {
+        PinLockError {
+            dir: dir.to_path_buf(),
+            source,
+        }
+    }
+}
+
 /// The held lock: released when dropped (or when the process ends).
 #[derive(Debug)]
 pub(crate) struct PinLock {

@@ -64,6 +64,27 @@ struct PoolKey {
 
 type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Bytes>>>>;
 
+/// An open tunnel: its two halves, and the health of the connection it rides on.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub health: TunnelHealth,
+}
+
+/// Tells whether the HBONE connection under a tunnel is going away (its server sent
+/// GOAWAY: that agent drains) or gone: a kept-alive HTTP connection on such a tunnel
+/// takes no new request, so the draining agent sees its streams end.
+#[derive(Clone)]
+pub struct TunnelHealth(SendRequest<Bytes>);
+
+impl TunnelHealth {
+    pub fn going_away(&self) -> bool {
+        let mut sender = self.0.clone();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        matches!(sender.poll_ready(&mut cx), std::task::Poll::Ready(Err(_)))
+    }
+}
+
 /// Removes `key` from the pool if it still maps to `slot`.
 fn forget(pool: &Mutex<HashMap<PoolKey, Slot>>, key: &PoolKey, slot: &Slot) {
     let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
@@ -107,12 +128,37 @@ impl HboneClient {
         addr: SocketAddr,
         target: SocketAddr,
         limits: &PoolLimits,
-    ) -> Result<(SendStream<Bytes>, RecvStream), HboneError> {
+    ) -> Result<Tunnel, HboneError> {
         let key = PoolKey {
             source: source.clone(),
             destination: destination.clone(),
             addr,
         };
+        // A pooled connection whose server is going away (GOAWAY: its agent handed
+        // the node over, or drains) refuses new streams without processing them:
+        // such a tunnel is opened once more, on a new connection.
+        let mut retried = false;
+        loop {
+            let (sender, pooled) = self.sender(sockets, &key, limits).await?;
+            match request_tunnel(sender, addr, target).await {
+                Err(TunnelFailure::Unprocessed(e)) if pooled && !retried => {
+                    debug!(%addr, error = %e, "pooled HBONE connection going away; opening the tunnel on a new one");
+                    retried = true;
+                    self.drop_pooled(&key).await;
+                }
+                Err(TunnelFailure::Unprocessed(e) | TunnelFailure::Failed(e)) => return Err(e),
+                Ok(tunnel) => return Ok(tunnel),
+            }
+        }
+    }
+
+    /// A ready connection for `key`: the pooled one (true), or a new one.
+    async fn sender(
+        &self,
+        sockets: &PodSockets,
+        key: &PoolKey,
+        limits: &PoolLimits,
+    ) -> Result<(SendRequest<Bytes>, bool), HboneError> {
         let slot = self
             .pool
             .lock()
@@ -126,43 +172,32 @@ impl HboneClient {
             Some(sender) => sender.ready().await.ok(),
             None => None,
         };
-        let sender = match ready {
-            Some(s) => s,
-            None => match self.handshake(sockets, &key, &slot, limits).await {
-                Ok(s) => s,
+        let (sender, reused) = match ready {
+            Some(s) => (s, true),
+            None => match self.handshake(sockets, key, &slot, limits).await {
+                Ok(s) => (s, false),
                 Err(e) => {
                     // Nothing to pool: an unreachable destination leaves no slot behind.
-                    forget(&self.pool, &key, &slot);
+                    forget(&self.pool, key, &slot);
                     return Err(e);
                 }
             },
         };
         *pooled = Some(sender.clone());
-        drop(pooled);
+        Ok((sender, reused))
+    }
 
-        let h2_err = |e: h2::Error| HboneError::H2 {
-            addr,
-            reason: e.to_string(),
-        };
-        let request = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(target.to_string())
-            .body(())
-            .map_err(|e| HboneError::H2 {
-                addr,
-                reason: e.to_string(),
-            })?;
-        let mut sender = sender;
-        let (response, send) = sender.send_request(request, false).map_err(h2_err)?;
-        let response = response.await.map_err(h2_err)?;
-        if response.status() != http::StatusCode::OK {
-            return Err(HboneError::Refused {
-                addr,
-                target,
-                status: response.status().as_u16(),
-            });
+    /// Empties `key`'s slot (its connection is going away).
+    async fn drop_pooled(&self, key: &PoolKey) {
+        let slot = self
+            .pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned();
+        if let Some(slot) = slot {
+            slot.lock().await.take();
         }
-        Ok((send, response.into_body()))
     }
 
     async fn handshake(
@@ -243,4 +278,55 @@ impl HboneClient {
         debug!(%addr, %source, %destination, "new HBONE connection");
         Ok(sender)
     }
+}
+
+/// Why a tunnel did not open.
+enum TunnelFailure {
+    /// The server did not process the stream (GOAWAY, REFUSED_STREAM): safe to retry.
+    Unprocessed(HboneError),
+    Failed(HboneError),
+}
+
+/// Sends the CONNECT for `target` on `sender`'s connection.
+async fn request_tunnel(
+    mut sender: SendRequest<Bytes>,
+    addr: SocketAddr,
+    target: SocketAddr,
+) -> Result<Tunnel, TunnelFailure> {
+    let h2_err = |e: h2::Error| {
+        let unprocessed = e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM);
+        let e = HboneError::H2 {
+            addr,
+            reason: e.to_string(),
+        };
+        if unprocessed {
+            TunnelFailure::Unprocessed(e)
+        } else {
+            TunnelFailure::Failed(e)
+        }
+    };
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(target.to_string())
+        .body(())
+        .map_err(|e| {
+            TunnelFailure::Failed(HboneError::H2 {
+                addr,
+                reason: e.to_string(),
+            })
+        })?;
+    let (response, send) = sender.send_request(request, false).map_err(h2_err)?;
+    let response = response.await.map_err(h2_err)?;
+    if response.status() != http::StatusCode::OK {
+        return Err(TunnelFailure::Failed(HboneError::Refused {
+            addr,
+            target,
+            status: response.status().as_u16(),
+        }));
+    }
+    Ok(Tunnel {
+        send,
+        recv: response.into_body(),
+        health: TunnelHealth(sender),
+    })
 }

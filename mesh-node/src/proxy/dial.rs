@@ -95,7 +95,7 @@ async fn through_mesh(
         ..PoolLimits::default()
     };
     if let (Some(mesh), Transport::Hbone { identity }) = (&ctx.mesh, to.endpoint.transport()) {
-        let (send, recv) = mesh
+        let crate::hbone::client::Tunnel { send, recv, .. } = mesh
             .hbone
             .open(
                 &ctx.sockets,

@@ -30,7 +30,8 @@ use tracing::debug;
 use crate::{
     discovery::cluster::ClusterState, identity::authz::admit, identity::authz::authorize_request,
     identity::authz::Admission, identity::authz::ConnectionFacts, identity::authz::RequestFacts,
-    identity::jwt::Authentication, limits, limits::Listener, limits::Stage, proxy::http::box_body,
+    identity::jwt::Authentication, limits, limits::drain::HttpDrain,
+    limits::drain::HTTP1_DRAIN_IDLE, limits::Listener, limits::Stage, proxy::http::box_body,
     proxy::http::message::strip_hop_by_hop, proxy::http::ProxyBody, proxy::pod::connect_in_pod,
     proxy::pod::PodContext, telemetry::connections::Security,
     telemetry::inbound_request::InboundRequestLog, telemetry::outcome::ConnectionEnd,
@@ -99,13 +100,21 @@ where
         upstream: Mutex::new(Upstream::None),
     });
     let last_request = Arc::new(std::sync::Mutex::new(None::<tokio::time::Instant>));
+    let http_drain = HttpDrain::new(&ctx.drain);
     let service = {
-        let (shared, last_request) = (shared.clone(), last_request.clone());
+        let (shared, last_request, http_drain) =
+            (shared.clone(), last_request.clone(), http_drain.clone());
         service_fn(move |request: Request<Incoming>| {
-            let shared = shared.clone();
+            let (shared, http_drain) = (shared.clone(), http_drain.clone());
             *last_request.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(tokio::time::Instant::now());
-            async move { Ok::<_, Infallible>(handle(request, &shared).await) }
+            let version = request.version();
+            http_drain.request(version);
+            async move {
+                let mut response = handle(request, &shared).await;
+                http_drain.response(version, &mut response);
+                Ok::<_, Infallible>(response)
+            }
         })
     };
     let limits = ctx.limits;
@@ -122,21 +131,34 @@ where
     let serving = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(serving);
     let first_request_by = tokio::time::Instant::now() + limits.header_timeout;
-    let mut closing = false;
+    let (mut closing, mut draining) = (false, false);
+    let opened = tokio::time::Instant::now();
     let result = loop {
         let last = *last_request.lock().unwrap_or_else(|p| p.into_inner());
-        let check = match last {
+        let mut check = match last {
             None => first_request_by,
             Some(at) => at + limits.http_idle_timeout,
         };
+        if draining {
+            check = check.min(last.unwrap_or(opened) + HTTP1_DRAIN_IDLE);
+        }
         tokio::select! {
             result = serving.as_mut() => break result,
-            _ = ctx.drain.started(), if !closing => {
-                serving.as_mut().graceful_shutdown();
-                closing = true;
+            _ = ctx.drain.started(), if !closing && !draining => {
+                // As on the outbound side (`limits::drain::HttpDrain`).
+                draining = true;
+                if http_drain.go_away_at_once() {
+                    serving.as_mut().graceful_shutdown();
+                    closing = true;
+                }
             }
             _ = tokio::time::sleep_until(check), if !closing => {
                 let last = *last_request.lock().unwrap_or_else(|p| p.into_inner());
+                if draining && last.unwrap_or(opened).elapsed() >= HTTP1_DRAIN_IDLE {
+                    serving.as_mut().graceful_shutdown();
+                    closing = true;
+                    continue;
+                }
                 match last {
                     None => {
                         limits::count_timeout(&ctx.metrics, Listener::Http, Stage::Header);

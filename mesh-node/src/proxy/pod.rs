@@ -204,7 +204,7 @@ pub(crate) async fn forward_hbone(
     let conn = ctx.connections.open(info);
     let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
     let started = Instant::now();
-    let (send, recv) = match mesh
+    let crate::hbone::client::Tunnel { send, recv, .. } = match mesh
         .hbone
         .open(
             &ctx.sockets,

@@ -217,6 +217,8 @@ pub struct Metrics {
     /// Connections open when a drain began, by how they ended: `completed` before the
     /// drain timeout, `cut` by it.
     pub drained_connections: IntCounterVec,
+    /// Hand-overs between agents on this node, by role (`giver`, `taker`) and outcome.
+    pub handovers: IntCounterVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -524,6 +526,12 @@ impl Metrics {
                 "nodemesh_drained_connections_total",
                 "Connections open when the agent began to drain, by outcome (completed, cut).",
                 &["outcome"],
+            ),
+            handovers: counter_vec(
+                &r,
+                "nodemesh_handovers_total",
+                "Hand-overs of the node between agents, by role (giver, taker) and outcome (handed_over, refused, failed; taken_over, fell_back).",
+                &["role", "outcome"],
             ),
             registry: r,
         }

@@ -28,6 +28,16 @@ impl Workloads {
         let has_v6 = plan.ips.iter().any(IpAddr::is_ipv6);
         let listen = |ip: IpAddr, port: u16| -> Result<Option<TcpListener>, EnrollError> {
             let addr = SocketAddr::new(ip, port);
+            // A predecessor's listener, handed over: the very socket, queue and all.
+            let inherited = crate::capture::dataplane::lock(&self.inherited).take(cookie, addr);
+            if let Some(l) = inherited {
+                return TcpListener::from_std(l)
+                    .map(Some)
+                    .map_err(|source| EnrollError::Io {
+                        what: format!("taking over the listener on {addr} in the pod"),
+                        source,
+                    });
+            }
             match sockets.listen(addr) {
                 Ok(l) => Ok(Some(l)),
                 // A pod without IPv6 may have it disabled entirely; that is fine.
@@ -124,13 +134,19 @@ impl Workloads {
         self.settings.dialer.register(&ctx);
         let mut listeners = Vec::new();
         let mut tasks = Vec::new();
-        let mut note = |l: &TcpListener| {
-            if let Ok(a) = l.local_addr() {
-                listeners.push(a);
-            }
+        let mut note = |l: &TcpListener| -> Result<(), EnrollError> {
+            let kept = l
+                .local_addr()
+                .and_then(|a| Ok((a, l.as_fd().try_clone_to_owned()?)))
+                .map_err(|source| EnrollError::Io {
+                    what: "keeping a listener for a hand-over".into(),
+                    source,
+                })?;
+            listeners.push(kept);
+            Ok(())
         };
         for l in outbound.into_iter().flatten() {
-            note(&l);
+            note(&l)?;
             tasks.push(tokio::spawn(outbound::serve(l, ctx.clone())));
         }
         // Kept-alive upstream connections idle past their idle timeout are closed.
@@ -139,11 +155,11 @@ impl Workloads {
             |ctx: &PodContext| &ctx.http_upstreams,
         )));
         for l in [inbound4, inbound6].into_iter().flatten() {
-            note(&l);
+            note(&l)?;
             tasks.push(tokio::spawn(inbound::serve(l, ctx.clone())));
         }
         for l in hbone.into_iter().flatten() {
-            note(&l);
+            note(&l)?;
             tasks.push(match &hbone_tls {
                 Some(acceptor) => tokio::spawn(crate::proxy::inbound_hbone::serve(
                     l,

@@ -25,10 +25,10 @@ use crate::{
     capture::locator::NetnsLocator, capture::netns::Netns, capture::netns::NetnsError,
     capture::netns::NetnsId, capture::sk_lookup::PodLink, capture::sockets::PodSockets,
     discovery::cluster::ip_key, discovery::cluster::ClusterState, discovery::cluster::PodPlan,
-    discovery::mtls::MtlsMode, hbone, identity::authz, identity::Identity, keys::PodKey,
-    proxy::inbound, proxy::outbound, proxy::pod::Mesh, proxy::pod::PodContext,
-    routing::balancer::Balancer, routing::table::Router, telemetry::connections::ConnectionTable,
-    telemetry::metrics::Metrics,
+    discovery::mtls::MtlsMode, handover::Inherited, handover::ListenerInfo, hbone, identity::authz,
+    identity::Identity, keys::PodKey, proxy::inbound, proxy::outbound, proxy::pod::Mesh,
+    proxy::pod::PodContext, routing::balancer::Balancer, routing::table::Router,
+    telemetry::connections::ConnectionTable, telemetry::metrics::Metrics,
 };
 
 mod enroll;
@@ -115,7 +115,8 @@ struct RunningPod {
     netns_path: PathBuf,
     netns_id: NetnsId,
     cookie: u64,
-    listeners: Vec<SocketAddr>,
+    /// Every listener's address, and a descriptor of it for a hand-over.
+    listeners: Vec<(SocketAddr, OwnedFd)>,
     /// The plaintext inbound listeners (IPv4, IPv6), to capture to them again when a
     /// draining pod is enrolled again.
     inbound: [Option<OwnedFd>; 2],
@@ -158,6 +159,8 @@ pub(crate) struct Workloads {
     /// Pods came or went since the maps were last pruned (true at start, for the
     /// leftovers of a previous run).
     prune_due: bool,
+    /// Listeners a predecessor handed over, until the first reconcile claims them.
+    inherited: std::sync::Mutex<Inherited>,
 }
 
 impl Workloads {
@@ -185,6 +188,7 @@ impl Workloads {
             holds: Holds::default(),
             starting: 0,
             prune_due: true,
+            inherited: Default::default(),
         }
     }
 
@@ -293,6 +297,35 @@ impl Workloads {
         if std::mem::take(&mut self.prune_due) {
             self.prune_maps();
         }
+        let unclaimed = crate::capture::dataplane::lock(&self.inherited).clear();
+        if unclaimed > 0 {
+            info!(
+                listeners = unclaimed,
+                "closed handed-over listeners no enrolled pod claimed (pods that left)"
+            );
+        }
+    }
+
+    /// Listeners a predecessor handed over: pods enrolled by the next reconcile take
+    /// theirs instead of opening new ones; what no pod claims then is closed.
+    pub(crate) fn inherit(&mut self, inherited: Inherited) {
+        *crate::capture::dataplane::lock(&self.inherited) = inherited;
+    }
+
+    /// Every in-pod listener of the running pods, for a successor.
+    pub(crate) fn listeners_to_hand_over(&self) -> Vec<(ListenerInfo, BorrowedFd<'_>)> {
+        self.running
+            .values()
+            .flat_map(|pod| {
+                pod.listeners.iter().map(|(addr, fd)| {
+                    let info = ListenerInfo {
+                        netns_cookie: pod.cookie,
+                        addr: *addr,
+                    };
+                    (info, fd.as_fd())
+                })
+            })
+            .collect()
     }
 
     /// Whether pods are starting (no IP in their status, not enrolled yet): the agent

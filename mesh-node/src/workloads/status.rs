@@ -52,7 +52,9 @@ impl Workloads {
                     reason,
                     netns: running.map(|r| r.netns_path.display().to_string()),
                     netns_cookie: running.map(|r| r.cookie),
-                    listeners: running.map(|r| r.listeners.clone()).unwrap_or_default(),
+                    listeners: running
+                        .map(|r| r.listeners.iter().map(|(a, _)| *a).collect())
+                        .unwrap_or_default(),
                     held: running.is_none() && self.holds.is_held(key),
                 }
             })

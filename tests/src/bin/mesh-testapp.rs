@@ -170,6 +170,34 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
     },
+    /// Load across an agent upgrade: short connections, long paced transfers and a
+    /// kept-alive HTTP client, until STOP_FILE exists; prints a JSON report.
+    UpgradeLoad {
+        #[arg(long)]
+        short: Option<SocketAddr>,
+        #[arg(long, default_value_t = 200)]
+        short_rate: u64,
+        #[arg(long)]
+        long: Option<SocketAddr>,
+        #[arg(long, default_value_t = 20)]
+        long_count: usize,
+        #[arg(long, default_value_t = 256 << 20)]
+        long_bytes: u64,
+        #[arg(long, default_value_t = 20)]
+        long_seconds: u64,
+        #[arg(long)]
+        http: Option<SocketAddr>,
+        #[arg(long, default_value = "web")]
+        http_host: String,
+        #[arg(long, default_value_t = 500)]
+        http_rate: u64,
+        #[arg(long, default_value_t = 4)]
+        http_connections: usize,
+        #[arg(long)]
+        stop_file: std::path::PathBuf,
+        #[arg(long, default_value_t = 120)]
+        max_seconds: u64,
+    },
     /// Open-loop HTTP/1.1 load at a fixed rate; prints latency percentiles.
     HttpLoad {
         #[arg(long)]
@@ -459,6 +487,30 @@ fn main() {
             let r = rtt(connect, size as usize, count);
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             std::process::exit(if r.error.is_none() { 0 } else { 1 });
+        }
+        Cmd::UpgradeLoad {
+            short,
+            short_rate,
+            long,
+            long_count,
+            long_bytes,
+            long_seconds,
+            http,
+            http_host,
+            http_rate,
+            http_connections,
+            stop_file,
+            max_seconds,
+        } => {
+            let report = mesh_tests::upgrade_load::run(mesh_tests::upgrade_load::LoadPlan {
+                short: short.map(|a| (a, short_rate)),
+                long: long.map(|a| (a, long_count, long_bytes, Duration::from_secs(long_seconds))),
+                http: http.map(|a| (a, http_host, http_rate, http_connections)),
+                stop_file,
+                max: Duration::from_secs(max_seconds),
+            });
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            std::process::exit(0);
         }
         Cmd::HttpLoad {
             connect,

@@ -1,5 +1,5 @@
-//! Stopping agents the way a kubelet does (SIGTERM, then waiting), and a second agent
-//! on a node that already has one (an upgrade's newcomer).
+//! Stopping agents the way a kubelet does (SIGTERM, then waiting), a second agent on a
+//! node that already has one (an upgrade's newcomer), and the hand-over between them.
 
 use std::{
     fs,
@@ -69,5 +69,84 @@ impl SimCluster {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(node.to_string(), child);
+    }
+
+    /// An upgrade's first half, as a DaemonSet with `maxSurge: 1` does it: a new agent
+    /// starts beside the running one and takes the node over (its `/status` says so and
+    /// it is ready). The new agent becomes the node's; the old one is returned (it
+    /// drains: send it SIGTERM and wait for it, [`OldAgent`]), with how long the
+    /// take-over took from the new agent's start.
+    pub fn hand_over_agent(&self, node: &str, timeout: Duration) -> Result<(OldAgent, Duration)> {
+        let started = Instant::now();
+        let mut newcomer = self.spawn_second_agent(node)?;
+        let deadline = started + host::scaled(timeout);
+        loop {
+            let took_over = self.admin(node, "/status").ok().is_some_and(|s| {
+                s["ready"] == true && s["handover"]["took_over_from"].as_u64().is_some()
+            });
+            if took_over {
+                break;
+            }
+            if let Ok(Some(status)) = newcomer.try_wait() {
+                anyhow::bail!(
+                    "the new agent on {node} exited ({status}) before taking over; see {}",
+                    self.second_agent_log_path(node).display()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = newcomer.kill();
+                let _ = newcomer.wait();
+                anyhow::bail!(
+                    "the new agent on {node} did not take over within {timeout:?}; see {}",
+                    self.second_agent_log_path(node).display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let took = started.elapsed();
+        let old = self
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), newcomer)
+            .with_context(|| format!("no agent ran on {node} before"))?;
+        Ok((OldAgent(old), took))
+    }
+}
+
+/// An agent that handed its node over and drains.
+pub struct OldAgent(Child);
+
+impl OldAgent {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn terminate(&self) -> Result<()> {
+        signal::kill(Pid::from_raw(self.0.id() as i32), signal::Signal::SIGTERM)?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` (scaled) for it to exit; None if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + host::scaled(timeout);
+        loop {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for OldAgent {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }

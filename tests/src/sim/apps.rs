@@ -358,6 +358,14 @@ impl SimCluster {
         Ok(cmd.spawn()?)
     }
 
+    /// Starts `mesh-testapp upgrade-load` in `pod` with `args` (its report on stdout
+    /// when it ends: see [`crate::upgrade_load`]).
+    pub fn start_upgrade_load(&self, pod: &str, args: &[String]) -> Result<std::process::Child> {
+        let mut cmd = self.pod(pod).placement().command(&self.testapp)?;
+        cmd.arg("upgrade-load").args(args).stdout(Stdio::piped());
+        Ok(cmd.spawn()?)
+    }
+
     /// Closed-loop round trips of `size` bytes from `pod`.
     pub fn rtt(&self, pod: &str, dst: SocketAddr, size: u64, count: u64) -> Result<RttReport> {
         let (dst, size, count) = (dst.to_string(), size.to_string(), count.to_string());

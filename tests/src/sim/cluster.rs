@@ -656,6 +656,11 @@ impl SimCluster {
         Ok(())
     }
 
+    /// Where the agents of `node` hand it over to one another (one socket per node).
+    pub fn handover_socket(&self, node: &str) -> PathBuf {
+        self.work_dir.join(format!("handover-{node}.sock"))
+    }
+
     /// The agent's full command line for `node`.
     pub fn agent_command(&self, node: &SimNode) -> Result<Command> {
         let mut cmd = self.mesh_node_command(node, &["agent", "--node-name", &node.name])?;
@@ -676,7 +681,10 @@ impl SimCluster {
             .arg(&node.netns)
             .args(["--log-format", "json", "--log-level", "info"])
             .arg("--cert-cache-dir")
-            .arg(self.cert_cache_dir(&node.name));
+            .arg(self.cert_cache_dir(&node.name))
+            // Both agents of an upgrade on this node meet here (one per node).
+            .arg("--handover-socket")
+            .arg(self.handover_socket(&node.name));
         if self.mtls {
             cmd.args(["--ca-addr", &self.ca_addr().to_string()])
                 .arg("--ca-root")

@@ -13,6 +13,7 @@ pub mod registry;
 pub mod services;
 pub mod usage;
 
+pub use agent_control::OldAgent;
 pub use apps::FloodRun;
 pub use cluster::{ClusterSpec, PodSpec, Process, SimCluster, SimNode, SimPod};
 pub use services::{RouteSpec, ServiceSpec, SimService};

@@ -17,6 +17,9 @@ pub struct StatusView {
     /// The agent is stopping: listeners closed, open connections running to their end.
     #[serde(default)]
     pub draining: bool,
+    /// A hand-over between agents this one took part in (an upgrade).
+    #[serde(default)]
+    pub handover: crate::handover::HandoverView,
     pub mtls: bool,
     pub trust_domain: String,
     pub source: Source,
@@ -98,6 +101,7 @@ mod tests {
             not_ready_reason: Some("eBPF or first reconcile pending".into()),
             uptime_seconds: 12,
             draining: false,
+            handover: Default::default(),
             mtls: true,
             trust_domain: "cluster.local".into(),
             source: Source::Kube,

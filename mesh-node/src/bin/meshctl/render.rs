@@ -164,14 +164,20 @@ pub fn status(v: &StatusView) -> String {
         (
             "draining",
             if v.draining {
+                let listeners = if v.handover.handed_over_to.is_some() {
+                    "listeners handed over"
+                } else {
+                    "listeners closed"
+                };
                 format!(
-                    "yes: listeners closed, {} connections still open",
+                    "yes: {listeners}, {} connections still open",
                     v.connections.live_outbound + v.connections.live_inbound
                 )
             } else {
                 "no".into()
             },
         ),
+        ("handover", handover(&v.handover)),
         ("mtls", mtls),
         ("source", v.source.name().to_string()),
         (
@@ -679,5 +685,34 @@ pub fn bpf(v: &BpfView) -> String {
         } else {
             cookies.join(" ")
         }
+    )
+}
+
+/// The `handover` line of `meshctl node status`.
+pub(crate) fn handover(h: &mesh_node::handover::HandoverView) -> String {
+    if let Some(pid) = h.handed_over_to {
+        return format!("handed the node over to pid {pid}");
+    }
+    let Some(pid) = h.took_over_from else {
+        return "none".into();
+    };
+    let predecessor = match (
+        h.predecessor_exited,
+        h.predecessor_drained,
+        h.predecessor_draining,
+    ) {
+        (true, Some((completed, cut)), _) => {
+            format!("it drained ({completed} completed, {cut} cut) and exited")
+        }
+        (true, None, _) => "it has exited".into(),
+        (false, Some((completed, cut)), _) => {
+            format!("it drained ({completed} completed, {cut} cut) and waits for SIGTERM")
+        }
+        (false, None, Some(n)) => format!("it still drains {n} connections"),
+        (false, None, None) => "it drains".into(),
+    };
+    format!(
+        "took the node over from pid {pid} ({} listeners inherited); {predecessor}",
+        h.inherited_listeners
     )
 }

@@ -32,3 +32,32 @@ fn an_http_routed_service_shows_its_route_and_rule_backends() {
         "{text}"
     );
 }
+
+#[test]
+fn the_status_handover_line_says_who_took_over_and_how_the_predecessor_drains() {
+    use mesh_node::handover::HandoverView;
+    assert_eq!(crate::render::handover(&HandoverView::default()), "none");
+    let mut taker = HandoverView {
+        took_over_from: Some(41),
+        inherited_listeners: 9,
+        predecessor_draining: Some(3),
+        ..HandoverView::default()
+    };
+    assert_eq!(
+        crate::render::handover(&taker),
+        "took the node over from pid 41 (9 listeners inherited); it still drains 3 connections"
+    );
+    taker.predecessor_drained = Some((20, 1));
+    taker.predecessor_exited = true;
+    assert!(
+        crate::render::handover(&taker).ends_with("it drained (20 completed, 1 cut) and exited")
+    );
+    let giver = HandoverView {
+        handed_over_to: Some(42),
+        ..HandoverView::default()
+    };
+    assert_eq!(
+        crate::render::handover(&giver),
+        "handed the node over to pid 42"
+    );
+}

@@ -29,9 +29,10 @@ use tokio::{
 use tracing::debug;
 
 use crate::{
-    limits, limits::Listener, limits::PodSlot, limits::Refusal, limits::Stage,
-    proxy::pod::PodContext, telemetry::connections::ByteCounters,
-    telemetry::connections::ConnectionInfo, telemetry::outcome::ConnectionEnd,
+    limits, limits::drain::HttpDrain, limits::drain::HTTP1_DRAIN_IDLE, limits::Listener,
+    limits::PodSlot, limits::Refusal, limits::Stage, proxy::pod::PodContext,
+    telemetry::connections::ByteCounters, telemetry::connections::ConnectionInfo,
+    telemetry::outcome::ConnectionEnd,
 };
 use crate::{
     proxy::http::box_body, proxy::http::forward::handle, proxy::http::forward::Frontend,
@@ -181,11 +182,14 @@ pub(crate) async fn serve(
         requests: AtomicUsize::new(0),
         last: Mutex::new(Instant::now()),
     });
+    let http_drain = HttpDrain::new(&ctx.drain);
     let service = {
-        let (ctx, activity) = (ctx.clone(), activity.clone());
+        let (ctx, activity, http_drain) = (ctx.clone(), activity.clone(), http_drain.clone());
         service_fn(move |request: Request<Incoming>| {
             let in_flight = activity.begin();
-            let (ctx, frontend) = (ctx.clone(), frontend.clone());
+            let (ctx, frontend, http_drain) = (ctx.clone(), frontend.clone(), http_drain.clone());
+            let version = request.version();
+            http_drain.request(version);
             async move {
                 // An HTTP/2 connection carries many requests at once, each of which
                 // may hold an upstream connection: each takes a slot of the pod's
@@ -198,7 +202,8 @@ pub(crate) async fn serve(
                     },
                     _ => None,
                 };
-                let response = handle(request, ctx, frontend).await?;
+                let mut response = handle(request, ctx, frontend).await?;
+                http_drain.response(version, &mut response);
                 drop(in_flight);
                 Ok::<_, Infallible>(match slot {
                     Some(slot) => response.map(|body| box_body(Held { body, _slot: slot })),
@@ -223,22 +228,36 @@ pub(crate) async fn serve(
     let serving = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(serving);
     let first_request_by = Instant::now() + limits.header_timeout;
-    let mut closing = false;
+    let (mut closing, mut draining) = (false, false);
     let result = loop {
-        let check = if activity.requests.load(Ordering::Relaxed) == 0 {
+        let mut check = if activity.requests.load(Ordering::Relaxed) == 0 {
             first_request_by
         } else {
             activity.last() + limits.http_idle_timeout
         };
+        if draining {
+            check = check.min(activity.last() + HTTP1_DRAIN_IDLE);
+        }
         tokio::select! {
             result = serving.as_mut() => break result,
-            _ = ctx.drain.started(), if !closing => {
-                // HTTP/1.1: `Connection: close` on the response in flight, or closed
-                // if idle; HTTP/2: GOAWAY, the streams in flight finish.
-                serving.as_mut().graceful_shutdown();
-                closing = true;
+            _ = ctx.drain.started(), if !closing && !draining => {
+                // HTTP/2: GOAWAY, the streams in flight finish. HTTP/1.1: each
+                // response says `Connection: close`; closed here once idle.
+                draining = true;
+                if http_drain.go_away_at_once() {
+                    serving.as_mut().graceful_shutdown();
+                    closing = true;
+                }
             }
             _ = tokio::time::sleep_until(check), if !closing => {
+                if draining
+                    && activity.in_flight.load(Ordering::Relaxed) == 0
+                    && activity.last().elapsed() >= HTTP1_DRAIN_IDLE
+                {
+                    serving.as_mut().graceful_shutdown();
+                    closing = true;
+                    continue;
+                }
                 if activity.requests.load(Ordering::Relaxed) == 0 {
                     limits::count_timeout(&ctx.metrics, Listener::Http, Stage::Header);
                     debug!(pod = %ctx.pod, "no request within the header timeout; closing");

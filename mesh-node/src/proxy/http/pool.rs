@@ -18,6 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
     discovery::{cluster::Objects, policy::AuthorizationPolicy},
+    hbone::client::TunnelHealth,
     proxy::http::ProxyBody,
 };
 
@@ -47,11 +48,21 @@ struct IdleHttp1 {
     served: u32,
     /// Closed rather than reused once idle this long (`http.idleTimeout`).
     expiry: Duration,
+    /// The HBONE connection under it, if any.
+    transport: Option<TunnelHealth>,
+}
+
+/// Whether a connection over `transport` may take another request: not when the HBONE
+/// connection under it is going away (the agent at the other end drains).
+fn transport_usable(transport: &Option<TunnelHealth>) -> bool {
+    !transport.as_ref().is_some_and(TunnelHealth::going_away)
 }
 
 impl IdleHttp1 {
     fn usable(&self) -> bool {
-        !self.sender.is_closed() && self.since.elapsed() < self.expiry
+        !self.sender.is_closed()
+            && self.since.elapsed() < self.expiry
+            && transport_usable(&self.transport)
     }
 }
 
@@ -59,6 +70,8 @@ impl IdleHttp1 {
 pub(crate) struct Http1Conn {
     pub sender: conn::http1::SendRequest<ProxyBody>,
     pub served: u32,
+    /// The HBONE connection under it, if any.
+    pub transport: Option<TunnelHealth>,
 }
 
 /// How a destination's connections are kept (its DestinationRule's connectionPool).
@@ -86,6 +99,8 @@ struct SharedHttp2 {
     limit: Option<u32>,
     /// Its free streams under `limit`.
     streams: Arc<Semaphore>,
+    /// The HBONE connection under it, if any.
+    transport: Option<TunnelHealth>,
 }
 
 impl SharedHttp2 {
@@ -121,6 +136,7 @@ impl UpstreamPool {
         Some(Http1Conn {
             sender: c.sender,
             served: c.served,
+            transport: c.transport,
         })
     }
 
@@ -147,6 +163,7 @@ impl UpstreamPool {
                 policies,
                 served: conn.served,
                 expiry: reuse.idle_timeout.unwrap_or(IDLE_EXPIRY),
+                transport: conn.transport,
             });
         }
     }
@@ -158,7 +175,7 @@ impl UpstreamPool {
             !list.is_empty()
         });
         lock(&self.http2).retain(|_, list| {
-            list.retain(|c| !c.sender.is_closed());
+            list.retain(|c| !c.sender.is_closed() && transport_usable(&c.transport));
             !list.is_empty()
         });
     }
@@ -176,7 +193,12 @@ impl UpstreamPool {
     ) -> Option<(conn::http2::SendRequest<ProxyBody>, Option<StreamSlot>)> {
         let mut pool = lock(&self.http2);
         let list = pool.get_mut(&target)?;
-        list.retain(|c| !c.sender.is_closed() && same(&c.policies, policies) && c.limit == limit);
+        list.retain(|c| {
+            !c.sender.is_closed()
+                && transport_usable(&c.transport)
+                && same(&c.policies, policies)
+                && c.limit == limit
+        });
         let mut idle = 0;
         list.retain(|c| {
             let keep = !c.idle() || idle == 0;
@@ -200,6 +222,7 @@ impl UpstreamPool {
         &self,
         target: SocketAddr,
         sender: conn::http2::SendRequest<ProxyBody>,
+        transport: Option<TunnelHealth>,
         policies: Policies,
         limit: Option<u32>,
     ) -> Option<StreamSlot> {
@@ -218,6 +241,7 @@ impl UpstreamPool {
             policies,
             limit,
             streams,
+            transport,
         });
         slot
     }
@@ -313,14 +337,14 @@ mod tests {
         let limit = Some(2);
         assert!(pool.http2_stream(addr, &policies, limit).is_none());
         let first = pool
-            .share_http2(addr, connect(addr).await, policies.clone(), limit)
+            .share_http2(addr, connect(addr).await, None, policies.clone(), limit)
             .expect("the opener holds the first stream");
         let (mut sender, second) = pool.http2_stream(addr, &policies, limit).unwrap();
         assert!(second.is_some());
         assert_eq!(get(&mut sender).await, 200);
         // Two in flight on it: a third request needs another connection.
         assert!(pool.http2_stream(addr, &policies, limit).is_none());
-        let third = pool.share_http2(addr, connect(addr).await, policies.clone(), limit);
+        let third = pool.share_http2(addr, connect(addr).await, None, policies.clone(), limit);
         assert!(third.is_some());
         assert_eq!(pool.http2_connections(addr), 2);
         let (_, fourth) = pool.http2_stream(addr, &policies, limit).unwrap();
@@ -346,7 +370,7 @@ mod tests {
         let pool = UpstreamPool::default();
         let policies = Policies::default();
         assert!(pool
-            .share_http2(addr, connect(addr).await, policies.clone(), None)
+            .share_http2(addr, connect(addr).await, None, policies.clone(), None)
             .is_none());
         for _ in 0..10 {
             let (mut sender, slot) = pool.http2_stream(addr, &policies, None).unwrap();
@@ -354,7 +378,7 @@ mod tests {
             assert_eq!(get(&mut sender).await, 200);
         }
         assert!(pool
-            .share_http2(addr, connect(addr).await, policies.clone(), None)
+            .share_http2(addr, connect(addr).await, None, policies.clone(), None)
             .is_none());
         assert_eq!(pool.http2_connections(addr), 1);
         // Other policies: not reused.
@@ -406,7 +430,11 @@ mod tests {
         };
         pool.release_http1(
             addr,
-            Http1Conn { sender, served: 1 },
+            Http1Conn {
+                sender,
+                served: 1,
+                transport: None,
+            },
             Policies::default(),
             reuse,
         );

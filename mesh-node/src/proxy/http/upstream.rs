@@ -24,8 +24,8 @@ use tracing::debug;
 
 use crate::{
     capture::sockets::set_keepalive, discovery::cluster::ClusterState,
-    discovery::connection_pool::PoolLimits, hbone::client::HboneError, hbone::io::H2Io,
-    identity::Identity, proxy::http::pool::Http1Conn, proxy::http::pool::Policies,
+    discovery::connection_pool::PoolLimits, hbone::client::HboneError, hbone::client::TunnelHealth,
+    hbone::io::H2Io, identity::Identity, proxy::http::pool::Http1Conn, proxy::http::pool::Policies,
     proxy::http::pool::Reuse, proxy::http::pool::StreamSlot, proxy::pod::hbone_outcome,
     proxy::pod::PodContext, routing::balancer::Outcome, routing::balancer::Pick,
     routing::plan::Endpoint, routing::pool::Overflow, routing::pool::Pool,
@@ -75,7 +75,16 @@ impl UpstreamError {
 /// The byte stream under an upstream HTTP connection.
 enum Transport {
     Tcp(TcpStream),
-    Hbone(Box<H2Io>),
+    Hbone(Box<H2Io>, TunnelHealth),
+}
+
+impl Transport {
+    fn health(&self) -> Option<TunnelHealth> {
+        match self {
+            Transport::Tcp(_) => None,
+            Transport::Hbone(_, health) => Some(health.clone()),
+        }
+    }
 }
 
 impl AsyncRead for Transport {
@@ -86,7 +95,7 @@ impl AsyncRead for Transport {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Transport::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Transport::Hbone(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Transport::Hbone(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -99,21 +108,21 @@ impl AsyncWrite for Transport {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Transport::Tcp(s) => Pin::new(s).poll_write(cx, data),
-            Transport::Hbone(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+            Transport::Hbone(s, _) => Pin::new(s.as_mut()).poll_write(cx, data),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Transport::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Transport::Hbone(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Transport::Hbone(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Transport::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Transport::Hbone(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Transport::Hbone(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -179,7 +188,7 @@ async fn open_transport(
     match (&ctx.mesh, &peer.identity) {
         (Some(mesh), Some(destination)) => {
             let hbone_addr = SocketAddr::new(target.ip(), HBONE_PORT);
-            let (send, recv) = mesh
+            let tunnel = mesh
                 .hbone
                 .open(
                     &ctx.sockets,
@@ -202,7 +211,10 @@ async fn open_transport(
                         },
                     }
                 })?;
-            Ok(Transport::Hbone(Box::new(H2Io::new(send, recv))))
+            Ok(Transport::Hbone(
+                Box::new(H2Io::new(tunnel.send, tunnel.recv)),
+                tunnel.health,
+            ))
         }
         _ => {
             let timeout = limits.connect_timeout.unwrap_or(ctx.connect_timeout);
@@ -249,16 +261,18 @@ async fn new_http1(
     peer: &Peer,
     pick: &Pick,
     limits: &PoolLimits,
-) -> Result<conn::http1::SendRequest<ProxyBody>, UpstreamError> {
+) -> Result<(conn::http1::SendRequest<ProxyBody>, Option<TunnelHealth>), UpstreamError> {
     let started = Instant::now();
-    let io = TokioIo::new(open_transport(ctx, target, peer, pick, limits).await?);
+    let transport = open_transport(ctx, target, peer, pick, limits).await?;
+    let health = transport.health();
+    let io = TokioIo::new(transport);
     let (sender, connection) = handshaken(conn::http1::handshake(io).await, target, pick, started)?;
     tokio::spawn(async move {
         if let Err(e) = connection.with_upgrades().await {
             debug!(%target, error = %e, "upstream HTTP/1.1 connection ended");
         }
     });
-    Ok(sender)
+    Ok((sender, health))
 }
 
 /// A stream to `target` on a shared HTTP/2 connection with room for it, or on a new
@@ -283,7 +297,9 @@ async fn http2(
     };
     ctx.http_upstreams.prune();
     let started = Instant::now();
-    let io = TokioIo::new(open_transport(ctx, target, peer, pick, limits).await?);
+    let transport = open_transport(ctx, target, peer, pick, limits).await?;
+    let health = transport.health();
+    let io = TokioIo::new(transport);
     let (sender, connection) = handshaken(
         conn::http2::handshake(TokioExecutor::new(), io).await,
         target,
@@ -297,9 +313,9 @@ async fn http2(
             debug!(%target, error = %e, "upstream HTTP/2 connection ended");
         }
     });
-    let stream = ctx
-        .http_upstreams
-        .share_http2(target, sender.clone(), policies.clone(), limit);
+    let stream =
+        ctx.http_upstreams
+            .share_http2(target, sender.clone(), health, policies.clone(), limit);
     Ok((sender, stream))
 }
 
@@ -347,10 +363,14 @@ pub(crate) async fn send(
         }
     }
     ctx.http_upstreams.prune();
-    let mut sender = new_http1(ctx, target, peer, pick, &opts.limits).await?;
+    let (mut sender, transport) = new_http1(ctx, target, peer, pick, &opts.limits).await?;
     let response = sender.send_request(request).await.map_err(failed)?;
     if !opts.upgrade {
-        let conn = Http1Conn { sender, served: 1 };
+        let conn = Http1Conn {
+            sender,
+            served: 1,
+            transport,
+        };
         ctx.http_upstreams
             .release_http1(target, conn, policies, opts.reuse());
     }

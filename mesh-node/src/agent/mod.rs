@@ -3,34 +3,41 @@
 
 use std::{
     net::SocketAddr,
+    os::fd::{AsFd, AsRawFd},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Duration,
 };
 
 use mesh_common::NodeConfig;
 use thiserror::Error;
-use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
+use tokio::{net::TcpListener, sync::watch};
 use tracing::{info, warn};
+
+mod stop;
+
+use stop::{next_request, Draining, NodeListeners, Signals, Stop};
 
 use crate::{
     admin::server, admin::state::AdminState, admin::state::LogLevel, capture::cgroup,
     capture::cgroup::MountError, capture::dataplane::Dataplane, capture::dataplane::DataplaneError,
     capture::locator::KubepodsLocator, capture::locator::NetnsDirectory,
     capture::locator::NetnsLocator, capture::netns::Netns, capture::netns::NetnsError,
-    capture::netns::NetnsId, capture::pin_lock, capture::pin_lock::PinLock,
-    capture::pin_lock::PinLockError, capture::preflight, capture::preflight::PreflightError,
+    capture::netns::NetnsId, capture::pin_lock::PinLockError, capture::preflight,
+    capture::preflight::PreflightError, capture::sockets::netns_cookie_of,
     capture::sockets::PodSockets, config::AgentConfig, config::NetnsLocatorKind, config::Source,
     discovery::apiserver, discovery::apiserver::DiscoveryHealth, discovery::cluster::ClusterState,
-    discovery::files, hbone::client::HboneClient, identity::ca::client::CaClient,
-    identity::ca::client::Credential, identity::cert_cache::CertCache,
-    identity::certificates::CertificateStore, identity::spiffe::TrustBundle, limits,
-    limits::drain::Drain, limits::Gate, limits::Listener, proxy::pod::Mesh,
-    routing::balancer::Balancer, routing::table::Router, telemetry::connections::ConnectionTable,
-    telemetry::metrics::Metrics, workloads::ProxySettings, workloads::Workloads,
+    discovery::files, handover::giver::HandoverServer, handover::taker, handover::HandoverPaths,
+    handover::HandoverView, handover::Inherited, handover::ListenerInfo,
+    hbone::client::HboneClient, identity::ca::client::CaClient, identity::ca::client::Credential,
+    identity::cert_cache::CertCache, identity::certificates::CertificateStore,
+    identity::spiffe::TrustBundle, limits, limits::drain::Drain, limits::Gate, limits::Listener,
+    proxy::pod::Mesh, routing::balancer::Balancer, routing::table::Router,
+    telemetry::connections::ConnectionTable, telemetry::metrics::Metrics, workloads::ProxySettings,
+    workloads::Workloads,
 };
 
 #[derive(Debug, Error)]
@@ -114,7 +121,34 @@ fn node_config(
 /// (its sockets close as it exits, after its lock may have been released).
 const BIND_RETRY: Duration = Duration::from_secs(3);
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
+/// A node listener: the predecessor's, when it handed one over at `addr` in this
+/// agent's namespace, else a new one. A descriptor of it is kept for a successor.
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+    inherited: &mut Inherited,
+    node: &mut NodeListeners,
+) -> Result<TcpListener, AgentError> {
+    let bind_err = |source| AgentError::Bind { what, addr, source };
+    let own_cookie = {
+        let probe = std::net::UdpSocket::bind(("127.0.0.1", 0)).map_err(bind_err)?;
+        netns_cookie_of(probe.as_raw_fd()).map_err(bind_err)?
+    };
+    let listener = match inherited.take(own_cookie, addr) {
+        Some(l) => TcpListener::from_std(l).map_err(bind_err)?,
+        None => bind_new(what, addr).await?,
+    };
+    let local = listener.local_addr().map_err(bind_err)?;
+    let fd = listener.as_fd().try_clone_to_owned().map_err(bind_err)?;
+    let info = ListenerInfo {
+        netns_cookie: own_cookie,
+        addr: local,
+    };
+    node.kept.push((info, fd));
+    Ok(listener)
+}
+
+async fn bind_new(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
     let deadline = tokio::time::Instant::now() + BIND_RETRY;
     loop {
         match TcpListener::bind(addr).await {
@@ -128,89 +162,6 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Agent
             Err(source) => return Err(AgentError::Bind { what, addr, source }),
         }
     }
-}
-
-/// The pin directory's lock: at once, or once the agent holding it has exited.
-async fn lock_pins(pin_dir: &std::path::Path) -> Result<PinLock, AgentError> {
-    if let Some(lock) = PinLock::try_acquire(pin_dir)? {
-        return Ok(lock);
-    }
-    let holder = pin_lock::holder(pin_dir);
-    warn!(pin_dir = %pin_dir.display(), holder_pid = ?holder, "another agent manages this node's pins; waiting for it to exit");
-    let dir = pin_dir.to_path_buf();
-    let started = std::time::Instant::now();
-    let lock = tokio::task::spawn_blocking(move || PinLock::acquire(&dir))
-        .await
-        .map_err(AgentError::PinLockWait)??;
-    info!(
-        waited_ms = started.elapsed().as_millis() as u64,
-        "the previous agent exited; this one manages the pins now"
-    );
-    Ok(lock)
-}
-
-/// Proxied connections open now (counted, not listed: polled while draining).
-fn live(connections: &ConnectionTable) -> usize {
-    let (outbound, inbound) = connections.live_counts();
-    outbound + inbound
-}
-
-/// Drains: the listeners close, HTTP connections are told to close, and the agent
-/// waits until no proxied connection is left, `timeout` passes, or a second signal
-/// comes. Returns (open at the start, cut at the end).
-async fn drain(
-    workloads: &mut Workloads,
-    drain: &Drain,
-    connections: &ConnectionTable,
-    metrics: &Metrics,
-    timeout: Duration,
-    mut again: impl std::future::Future<Output = ()> + Unpin,
-) -> (usize, usize) {
-    drain.start();
-    metrics.draining.set(1);
-    let closed = workloads.stop_accepting();
-    let open = live(connections);
-    info!(
-        listeners = closed,
-        connections = open,
-        timeout_s = timeout.as_secs_f64(),
-        "draining: listeners closed, waiting for open connections to end"
-    );
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    let left = loop {
-        let left = live(connections);
-        if left == 0 {
-            break 0;
-        }
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = tokio::time::sleep_until(deadline) => break live(connections),
-            _ = &mut again => {
-                info!("second signal: ending the drain now");
-                break live(connections);
-            }
-        }
-    };
-    let cut = left.min(open);
-    metrics
-        .drained_connections
-        .with_label_values(&["completed"])
-        .inc_by((open - cut) as u64);
-    metrics
-        .drained_connections
-        .with_label_values(&["cut"])
-        .inc_by(cut as u64);
-    if cut > 0 {
-        warn!(
-            cut,
-            completed = open - cut,
-            "drain timeout: cutting the connections still open"
-        );
-    } else {
-        info!(completed = open, "drained: every connection ended");
-    }
-    (open, cut)
 }
 
 /// The CA client, certificate store and HBONE client, when a CA is configured.
@@ -280,8 +231,24 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         warn!(error = %e, "cannot raise the descriptor limit (RLIMIT_NOFILE); keeping the inherited one");
     }
     cgroup::ensure_on_bpffs(&config.pin_dir)?;
-    // Before anything touches the pins; held until the very end of this function.
-    let pin_lock = lock_pins(&config.pin_dir).await?;
+    // Before anything touches the pins; held until this agent hands the node over or
+    // exits. A running agent asked for a hand-over gives its listeners with the lock.
+    let handover_paths = HandoverPaths {
+        socket: config.handover_socket.clone(),
+        pin_dir: config.pin_dir.clone(),
+    };
+    let (pin_lock, taken) = taker::lock_or_take_over(&handover_paths).await?;
+    let mut pin_lock = Some(pin_lock);
+    let handover_view = Arc::new(Mutex::new(HandoverView::default()));
+    let mut inherited = Inherited::default();
+    if let Some(mut taken) = taken {
+        let mut view = handover_view.lock().unwrap_or_else(|p| p.into_inner());
+        view.took_over_from = Some(taken.from_pid);
+        view.inherited_listeners = taken.inherited.len();
+        drop(view);
+        inherited = std::mem::take(&mut taken.inherited);
+        taken.follow(handover_view.clone());
+    }
     let cgroup_root = cgroup::resolve_cgroup_root(&config.cgroup_root)?;
     let home = Arc::new(Netns::current_thread()?);
     let object = match &config.ebpf_object {
@@ -296,15 +263,42 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         node,
     )?);
 
-    let admin_listener = bind("admin API", config.admin_addr).await?;
-    let metrics_listener = bind("metrics", config.metrics_addr).await?;
-    let ready_listener = bind("readiness probe", config.readiness_addr).await?;
-    let mut terminate =
-        tokio::signal::unix::signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
-    let mut interrupt =
-        tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    let mut node_listeners = NodeListeners::default();
+    let admin_listener = bind(
+        "admin API",
+        config.admin_addr,
+        &mut inherited,
+        &mut node_listeners,
+    )
+    .await?;
+    let metrics_listener = bind(
+        "metrics",
+        config.metrics_addr,
+        &mut inherited,
+        &mut node_listeners,
+    )
+    .await?;
+    let ready_listener = bind(
+        "readiness probe",
+        config.readiness_addr,
+        &mut inherited,
+        &mut node_listeners,
+    )
+    .await?;
+    let signals = Signals::install()?;
 
     let metrics = Arc::new(Metrics::new());
+    if handover_view
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .took_over_from
+        .is_some()
+    {
+        metrics
+            .handovers
+            .with_label_values(&["taker", "taken_over"])
+            .inc();
+    }
     limits::init_metrics(&metrics);
     let mesh = mesh(&config, &metrics)?;
     let connections = ConnectionTable::new(metrics.clone());
@@ -360,15 +354,16 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         pools: pools.clone(),
         jwt: jwt.clone(),
         started: std::time::Instant::now(),
+        handover: handover_view.clone(),
     });
     let scraped = admin_state.clone();
     let gate = |which| Gate::new(which, config.http_limits(), metrics.clone());
-    tokio::spawn(server::serve(
+    node_listeners.servers.push(tokio::spawn(server::serve(
         admin_listener,
         gate(Listener::Admin),
         move |m, p, q| server::admin_route(&admin_state, m, p, q),
-    ));
-    tokio::spawn(server::serve(
+    )));
+    node_listeners.servers.push(tokio::spawn(server::serve(
         metrics_listener,
         gate(Listener::Metrics),
         move |m, p, _| {
@@ -377,7 +372,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
                 server::metrics_response(&scraped.metrics)
             })
         },
-    ));
+    )));
     let (r, d, dp, stopping) = (
         ready.clone(),
         discovery.clone(),
@@ -385,7 +380,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         metrics.clone(),
     );
     let certs = mesh.as_ref().map(|m| m.certificates.clone());
-    tokio::spawn(server::serve(
+    node_listeners.servers.push(tokio::spawn(server::serve(
         ready_listener,
         gate(Listener::Readiness),
         move |m, p, _| {
@@ -393,7 +388,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
                 server::readiness(stopping.draining.get() == 1, &r, &d, &dp, certs.as_deref())
             })
         },
-    ));
+    )));
 
     // The jwksUri keys are fetched through the mesh, as the pods would.
     let dialer = crate::proxy::dial::MeshDialer::new();
@@ -443,6 +438,15 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         state_rx.clone(),
     );
 
+    workloads.inherit(inherited);
+    let mut handover_server = if config.handover_socket.as_os_str().is_empty() {
+        None
+    } else {
+        HandoverServer::bind(&handover_paths, metrics.clone())
+            .inspect_err(|e| warn!(error = %e, "no hand-over socket: a newer agent on this node will wait for this one to exit"))
+            .ok()
+    };
+
     // Wait for the first full scan: reconciling an empty state would unenroll every
     // pod a previous run left enrolled.
     if state_rx.changed().await.is_err() {
@@ -451,7 +455,8 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
     let mut applied = Arc::new(ClusterState::default());
     let mut recheck = tokio::time::interval(RECHECK);
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
-    loop {
+    let mut giver = None;
+    while giver.is_none() {
         let state = state_rx.borrow_and_update().clone();
         if !Arc::ptr_eq(&state, &applied) {
             metrics
@@ -464,19 +469,21 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         if !ready.swap(true, Ordering::Relaxed) {
             info!(node = %config.node_name, "agent ready");
         }
-        tokio::select! {
+        let stop = tokio::select! {
             changed = state_rx.changed() => {
                 if changed.is_err() {
                     warn!("discovery stopped; keeping the last state");
                     recheck.tick().await;
                 }
+                None
             }
-            _ = tokio::time::sleep(STARTING_RECHECK), if workloads.starting() => {}
+            _ = tokio::time::sleep(STARTING_RECHECK), if workloads.starting() => None,
             _ = recheck.tick() => {
                 workloads.check_netns();
                 for (kind, stale) in discovery.staleness(std::time::Instant::now()) {
                     metrics.discovery_stale_seconds.with_label_values(&[kind.name()]).set(stale);
                 }
+                None
             }
             _ = sweep.tick() => {
                 let removed = dataplane.sweep_stale(SWEEP_AGE);
@@ -487,27 +494,57 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
                 if removed > 0 {
                     info!(removed, "swept node-connection entries that outlived their handshake");
                 }
+                None
             }
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            _ = signals.at_least(1) => Some(Stop::Signal),
+            Some(request) = next_request(&mut handover_server) => Some(Stop::HandOver(request)),
+        };
+        match stop {
+            None => {}
+            Some(Stop::Signal) => break,
+            Some(Stop::HandOver(request)) => {
+                if let Ok(g) = stop::hand_over(
+                    request,
+                    &mut workloads,
+                    &mut node_listeners,
+                    &mut handover_server,
+                    &mut pin_lock,
+                    &metrics,
+                ) {
+                    handover_view
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .handed_over_to = Some(g.pid);
+                    giver = Some(g);
+                }
+            }
         }
     }
     ready.store(false, Ordering::Relaxed);
-    let again = Box::pin(async move {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
+    // A newcomer asking now is told no: it waits for the lock instead.
+    drop(handover_server);
+    let draining = Draining {
+        workloads: &mut workloads,
+        drain: &drain_signal,
+        connections: &connections_view,
+        metrics: &metrics,
+        timeout: config.drain_timeout,
+        signals: &signals,
+    };
+    let (open, cut) = draining
+        .run(|left| {
+            if let Some(g) = &giver {
+                g.draining(left);
+            }
+        })
+        .await;
+    if let Some(g) = &giver {
+        g.drained(open - cut, cut);
+        if signals.count() == 0 {
+            info!("handed over and drained; waiting for SIGTERM to exit");
+            signals.at_least(1).await;
         }
-    });
-    drain(
-        &mut workloads,
-        &drain_signal,
-        &connections_view,
-        &metrics,
-        config.drain_timeout,
-        again,
-    )
-    .await;
+    }
     // The pod listeners and links go before the lock, so the next agent never finds
     // a port of ours still taken.
     drop(workloads);
