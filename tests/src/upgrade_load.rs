@@ -249,7 +249,8 @@ fn http_loop(addr: SocketAddr, host: String, rate: u64, shared: Arc<Shared>) {
                 }
             }
             Err(e) => {
-                note(&shared.http, Err(e));
+                let at = started.elapsed().as_secs_f64();
+                note(&shared.http, Err(format!("t={at:.1}s {e}")));
                 conn = None;
             }
         }
@@ -302,8 +303,10 @@ pub fn run(plan: LoadPlan) -> LoadReport {
         } else {
             let (shared, outstanding) = (shared.clone(), outstanding.clone());
             outstanding.fetch_add(1, Ordering::Relaxed);
+            let at = started.elapsed().as_secs_f64();
             thread::spawn(move || {
-                note(&shared.short, short_once(addr, n.wrapping_mul(0x9E37_79B9)));
+                let r = short_once(addr, n.wrapping_mul(0x9E37_79B9));
+                note(&shared.short, r.map_err(|e| format!("t={at:.1}s {e}")));
                 outstanding.fetch_sub(1, Ordering::Relaxed);
             });
         }

@@ -271,54 +271,22 @@ fn hand_over_requests_without_proof_are_refused_counted_and_change_nothing() {
     assert!(cluster.transfer("client", dst, 64 * 1024).unwrap().ok);
 }
 
-fn http_route() -> String {
-    [
-        "apiVersion: gateway.networking.k8s.io/v1",
-        "kind: HTTPRoute",
-        "metadata: {name: web, namespace: apps}",
-        "spec:",
-        "  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]",
-        "  rules:",
-        "  - filters:",
-        "    - type: RequestHeaderModifier",
-        "      requestHeaderModifier: {add: [{name: x-routed, value: by-route}]}",
-        "    backendRefs: [{name: web, port: 80}]",
-    ]
-    .join("\n")
-        + "\n"
-}
-
 #[test]
-fn upgrading_both_nodes_under_load_refuses_cuts_and_fails_nothing() {
+fn kill_9_under_load_cuts_the_established_and_serves_again_within_a_second_of_the_restart() {
     let mut spec = ClusterSpec::two_nodes();
     spec.pods.push(PodSpec::new("web", "apps", "b"));
     spec.services = vec![ServiceSpec::new("web", "apps", 80, 8081, &["web"])];
-    spec.agent_args
-        .extend(["--drain-timeout".to_string(), "60s".to_string()]);
     let cluster = SimCluster::create(spec).unwrap();
     cluster.start_agents().unwrap();
     let _echo = cluster.serve("server", 8080).unwrap();
     let _web = cluster.http_serve("web", &[8081]).unwrap();
-    let vip = cluster.service("web").addr4();
-    cluster
-        .write_manifest("web-route.yaml", &http_route())
-        .unwrap();
-    let routed = cluster.eventually(Duration::from_secs(10), || {
-        cluster
-            .http("client", vip, "web", "/", &[])
-            .ok()
-            .and_then(|r| r.samples.first().cloned())
-            .is_some_and(|s| s.status == 200 && s.body.contains("by-route"))
-    });
-    assert!(routed.is_some(), "the HTTPRoute never applied");
+    let dst = cluster.pod("server").addr4(8080);
+    assert!(cluster.transfer("client", dst, 4096).unwrap().ok);
 
-    // The load, scaled to the machine: 200 new connections/s, 20 transfers
-    // of 256 MiB paced over 24 s, 500 HTTP requests/s on four kept-alive connections
-    // (closed loop each: on two cores that also carry the transfers' TLS, fewer get
-    // through; the report says how many).
+    // Long transfers and new connections, as in the upgrade test, then kill -9.
     let scale = host::time_scale();
-    let echo = cluster.pod("server").addr4(8080).to_string();
-    let stop = std::env::temp_dir().join(format!("nodemesh-upgrade-stop-{}", std::process::id()));
+    let echo = dst.to_string();
+    let stop = std::env::temp_dir().join(format!("nodemesh-kill-stop-{}", std::process::id()));
     let _ = std::fs::remove_file(&stop);
     let args: Vec<String> = [
         "--short",
@@ -330,39 +298,33 @@ fn upgrading_both_nodes_under_load_refuses_cuts_and_fails_nothing() {
         "--long-count",
         "20",
         "--long-bytes",
-        &(((256u64 << 20) as f64 / scale) as u64).to_string(),
+        &(((64u64 << 20) as f64 / (scale * scale)) as u64).to_string(),
         "--long-seconds",
-        "24",
-        "--http",
-        &vip.to_string(),
-        "--http-host",
-        "web",
-        "--http-rate",
-        &((500.0 / scale) as u64).to_string(),
+        "10",
         "--stop-file",
         &stop.display().to_string(),
         "--max-seconds",
-        "300",
+        "120",
     ]
     .iter()
     .map(|a| a.to_string())
     .collect();
     let load = cluster.start_upgrade_load("client", &args).unwrap();
     std::thread::sleep(Duration::from_secs(2));
-
-    // Node a (the client's: outbound), then node b (the servers': inbound), each as a
-    // DaemonSet with maxSurge 1 does it: the new agent takes over, then SIGTERM.
-    let mut olds = Vec::new();
-    for node in ["a", "b"] {
-        let started = Instant::now();
-        let (old, took) = cluster
-            .hand_over_agent(node, Duration::from_secs(20))
-            .unwrap();
-        old.terminate().unwrap();
-        println!("upgrade of {node}: the new agent took over {took:?} after it started");
-        olds.push((node, old, started));
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    cluster.kill_agent("a").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    cluster.spawn_agent("a").unwrap();
+    let back = cluster.eventually(Duration::from_secs(10), || {
+        cluster
+            .transfer("client", dst, 1024)
+            .map(|r| r.ok)
+            .unwrap_or(false)
+    });
+    assert!(back.is_some(), "new connections never worked again");
+    let gap = started.elapsed();
+    println!("kill -9 under load: the first new connection worked {gap:?} after the agent started");
+    std::thread::sleep(Duration::from_secs(1));
     std::fs::write(&stop, b"").unwrap();
     let out = load.wait_with_output().unwrap();
     let _ = std::fs::remove_file(&stop);
@@ -373,68 +335,15 @@ fn upgrading_both_nodes_under_load_refuses_cuts_and_fails_nothing() {
         )
     });
     println!(
-        "load across both upgrades: {}",
+        "load across kill -9: {}",
         serde_json::to_string(&report).unwrap()
     );
-
-    // The old agents exit by themselves once their last connection ended.
-    for (node, mut old, started) in olds {
-        let status = old
-            .wait_exit(Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("the old agent of {node} still runs"));
-        assert!(
-            status.success(),
-            "the old agent of {node} exited with {status}"
-        );
-        println!(
-            "upgrade of {node}: {:?} from the new agent's start to the old one's exit",
-            started.elapsed()
-        );
-    }
-
-    assert_eq!(
-        report.short.failed, 0,
-        "new connections failed: {:?}",
-        report.short.errors
-    );
-    assert!(
-        report.short.ok as f64 >= 6.0 * 200.0 / scale * 0.8,
-        "too few connections ran: {}",
-        report.short.ok
-    );
-    assert_eq!(
-        report.long.failed, 0,
-        "long transfers were cut: {:?}",
-        report.long.errors
-    );
-    assert_eq!(report.long.ok, 20, "{report:?}");
-    assert_eq!(
-        report.http.failed, 0,
-        "HTTP requests failed: {:?}",
-        report.http.errors
-    );
-    assert!(
-        report.http.ok as f64 >= 500.0 / scale,
-        "too few HTTP requests ran: {}",
-        report.http.ok
-    );
-    // Node a's drain told the kept-alive client to reconnect (`Connection: close`), the
-    // way it can without losing a request.
-    assert!(report.http_close_announced >= 1, "{report:?}");
-
-    // Both new agents serve, having inherited every listener.
-    for node in ["a", "b"] {
-        let status = cluster.admin(node, "/status").unwrap();
-        assert!(
-            status["handover"]["inherited_listeners"].as_u64() >= Some(3),
-            "{status}"
-        );
-        assert_eq!(status["handover"]["predecessor_exited"], true, "{status}");
-    }
-    assert!(
-        cluster
-            .transfer("client", cluster.pod("server").addr4(8080), 4096)
-            .unwrap()
-            .ok
-    );
+    // What a crash costs, stated: every established connection is cut...
+    assert_eq!(report.long.failed, 20, "{report:?}");
+    // ...new ones fail while no agent runs, and work again after.
+    assert!(report.short.failed > 0, "{report:?}");
+    assert!(report.short.ok > 0, "{report:?}");
+    // The goal is 1 s (the figure above); the bound leaves room for a loaded machine,
+    // where this runs beside other tests.
+    assert!(gap < host::scaled(Duration::from_secs(2)), "{gap:?}");
 }

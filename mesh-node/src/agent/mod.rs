@@ -26,8 +26,8 @@ use crate::{
     capture::cgroup::MountError, capture::dataplane::Dataplane, capture::dataplane::DataplaneError,
     capture::locator::KubepodsLocator, capture::locator::NetnsDirectory,
     capture::locator::NetnsLocator, capture::netns::Netns, capture::netns::NetnsError,
-    capture::netns::NetnsId, capture::pin_lock::PinLockError, capture::preflight,
-    capture::preflight::PreflightError, capture::sockets::netns_cookie_of,
+    capture::netns::NetnsId, capture::pin_lock, capture::pin_lock::PinLockError,
+    capture::preflight, capture::preflight::PreflightError, capture::sockets::netns_cookie_of,
     capture::sockets::PodSockets, config::AgentConfig, config::NetnsLocatorKind, config::Source,
     discovery::apiserver, discovery::apiserver::DiscoveryHealth, discovery::cluster::ClusterState,
     discovery::files, handover::giver::HandoverServer, handover::taker, handover::HandoverPaths,
@@ -231,74 +231,8 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         warn!(error = %e, "cannot raise the descriptor limit (RLIMIT_NOFILE); keeping the inherited one");
     }
     cgroup::ensure_on_bpffs(&config.pin_dir)?;
-    // Before anything touches the pins; held until this agent hands the node over or
-    // exits. A running agent asked for a hand-over gives its listeners with the lock.
-    let handover_paths = HandoverPaths {
-        socket: config.handover_socket.clone(),
-        pin_dir: config.pin_dir.clone(),
-    };
-    let (pin_lock, taken) = taker::lock_or_take_over(&handover_paths).await?;
-    let mut pin_lock = Some(pin_lock);
-    let handover_view = Arc::new(Mutex::new(HandoverView::default()));
-    let mut inherited = Inherited::default();
-    if let Some(mut taken) = taken {
-        let mut view = handover_view.lock().unwrap_or_else(|p| p.into_inner());
-        view.took_over_from = Some(taken.from_pid);
-        view.inherited_listeners = taken.inherited.len();
-        drop(view);
-        inherited = std::mem::take(&mut taken.inherited);
-        taken.follow(handover_view.clone());
-    }
-    let cgroup_root = cgroup::resolve_cgroup_root(&config.cgroup_root)?;
-    let home = Arc::new(Netns::current_thread()?);
-    let object = match &config.ebpf_object {
-        Some(p) => p.clone(),
-        None => default_object()?,
-    };
-    let (node, node_netns) = node_config(&config, &home)?;
-    let dataplane = Arc::new(Dataplane::load(
-        &object,
-        &config.pin_dir,
-        &cgroup_root,
-        node,
-    )?);
-
-    let mut node_listeners = NodeListeners::default();
-    let admin_listener = bind(
-        "admin API",
-        config.admin_addr,
-        &mut inherited,
-        &mut node_listeners,
-    )
-    .await?;
-    let metrics_listener = bind(
-        "metrics",
-        config.metrics_addr,
-        &mut inherited,
-        &mut node_listeners,
-    )
-    .await?;
-    let ready_listener = bind(
-        "readiness probe",
-        config.readiness_addr,
-        &mut inherited,
-        &mut node_listeners,
-    )
-    .await?;
     let signals = Signals::install()?;
-
     let metrics = Arc::new(Metrics::new());
-    if handover_view
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .took_over_from
-        .is_some()
-    {
-        metrics
-            .handovers
-            .with_label_values(&["taker", "taken_over"])
-            .inc();
-    }
     limits::init_metrics(&metrics);
     let mesh = mesh(&config, &metrics)?;
     let connections = ConnectionTable::new(metrics.clone());
@@ -333,6 +267,81 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         }
     }
 
+    // The first full scan before the node is taken: reconciling an empty state would
+    // unenroll every pod, and a predecessor handing over its listeners stops
+    // accepting until this agent has enrolled its pods, so nothing slow comes after.
+    if state_rx.changed().await.is_err() {
+        warn!("discovery stopped before its first scan");
+    }
+
+    let cgroup_root = cgroup::resolve_cgroup_root(&config.cgroup_root)?;
+    let home = Arc::new(Netns::current_thread()?);
+    let object = match &config.ebpf_object {
+        Some(p) => p.clone(),
+        None => default_object()?,
+    };
+    let (node, node_netns) = node_config(&config, &home)?;
+    // An agent runs: load and verify the programs now, so that the predecessor's
+    // listeners wait only for the attachment and the enrollment.
+    let prepared = match pin_lock::holder(&config.pin_dir) {
+        Some(_) => Dataplane::prepare(&object, &config.pin_dir)
+            .inspect_err(
+                |e| info!(error = %e, "eBPF programs are loaded once the node is taken over"),
+            )
+            .ok(),
+        None => None,
+    };
+
+    // Before anything touches the pins; held until this agent hands the node over or
+    // exits. A running agent asked for a hand-over gives its listeners with the lock.
+    let handover_paths = HandoverPaths {
+        socket: config.handover_socket.clone(),
+        pin_dir: config.pin_dir.clone(),
+    };
+    let (pin_lock, taken) = taker::lock_or_take_over(&handover_paths).await?;
+    let mut pin_lock = Some(pin_lock);
+    let handover_view = Arc::new(Mutex::new(HandoverView::default()));
+    let mut inherited = Inherited::default();
+    let mut released_at = taken.as_ref().map(|t| t.released_at);
+    if let Some(mut taken) = taken {
+        let mut view = handover_view.lock().unwrap_or_else(|p| p.into_inner());
+        view.took_over_from = Some(taken.from_pid);
+        view.inherited_listeners = taken.inherited.len();
+        drop(view);
+        inherited = std::mem::take(&mut taken.inherited);
+        taken.follow(handover_view.clone());
+        metrics
+            .handovers
+            .with_label_values(&["taker", "taken_over"])
+            .inc();
+    }
+    let dataplane = Arc::new(match prepared {
+        Some(prepared) => Dataplane::attach(prepared, &config.pin_dir, &cgroup_root, node)?,
+        None => Dataplane::load(&object, &config.pin_dir, &cgroup_root, node)?,
+    });
+
+    let mut node_listeners = NodeListeners::default();
+    let admin_listener = bind(
+        "admin API",
+        config.admin_addr,
+        &mut inherited,
+        &mut node_listeners,
+    )
+    .await?;
+    let metrics_listener = bind(
+        "metrics",
+        config.metrics_addr,
+        &mut inherited,
+        &mut node_listeners,
+    )
+    .await?;
+    let ready_listener = bind(
+        "readiness probe",
+        config.readiness_addr,
+        &mut inherited,
+        &mut node_listeners,
+    )
+    .await?;
     let balancer = Arc::new(Balancer::new().with_outlier_metrics(metrics.outliers.clone()));
     let pools = Arc::new(crate::routing::pool::ConnectionPools::new(Some(
         metrics.pools.clone(),
@@ -447,11 +456,6 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             .ok()
     };
 
-    // Wait for the first full scan: reconciling an empty state would unenroll every
-    // pod a previous run left enrolled.
-    if state_rx.changed().await.is_err() {
-        warn!("discovery stopped before its first scan");
-    }
     let mut applied = Arc::new(ClusterState::default());
     let mut recheck = tokio::time::interval(RECHECK);
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
@@ -466,6 +470,17 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         }
         workloads.reconcile(&state);
         status_tx.send_replace(Arc::new(workloads.status(&state)));
+        if let Some(at) = released_at.take() {
+            let gap_ms = at.elapsed().as_millis() as u64;
+            handover_view
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .accept_gap_ms = Some(gap_ms);
+            info!(
+                gap_ms,
+                "serving the inherited listeners: connections waited in their queues meanwhile"
+            );
+        }
         if !ready.swap(true, Ordering::Relaxed) {
             info!(node = %config.node_name, "agent ready");
         }

@@ -210,55 +210,62 @@ impl AlignedObject {
 
 impl Dataplane {
     /// Loads the object, reusing pins under `pin_dir`, and attaches the cgroup
-    /// programs at `cgroup_root`.
+    /// programs at `cgroup_root`. The caller holds the pin lock.
     pub fn load(
         object: &Path,
         pin_dir: &Path,
         cgroup_root: &Path,
         config: NodeConfig,
     ) -> Result<Dataplane, DataplaneError> {
-        let map_dir = pin_dir.join("maps");
-        let link_dir = pin_dir.join("links");
-        let pod_link_dir = pin_dir.join(sk_lookup::LINK_DIR);
-        for dir in [&map_dir, &link_dir, &pod_link_dir] {
-            fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
-                path: dir.clone(),
-                source,
-            })?;
-        }
-        remove_retired_pins(pin_dir)?;
-        sk_lookup::remove_dead_pins(&pod_link_dir).map_err(|source| DataplaneError::Pin {
-            path: pod_link_dir.clone(),
-            source,
-        })?;
+        let map_dir = clean_pins(pin_dir)?;
         let reused_pins = drop_incompatible_pins(&map_dir)?;
-        let object = AlignedObject::read(object)?;
-        let mut ebpf = EbpfLoader::new()
-            .map_pin_path(&map_dir)
-            // NM_PARKED is per-socket storage, a map type aya has no wrapper for; only
-            // the programs use it.
-            .allow_unsupported_maps()
-            .load(object.bytes())
-            .map_err(|e| DataplaneError::Load(Box::new(e)))?;
+        let ebpf = load_programs(object, &map_dir)?;
+        Self::finish(Prepared { ebpf, reused_pins }, pin_dir, cgroup_root, config)
+    }
 
-        let kernel = preflight::kernel_release();
-        for name in [
-            program_names::CONNECT4,
-            program_names::CONNECT6,
-            program_names::SOCK_OPS,
-            program_names::SK_LOOKUP,
-        ] {
-            let program = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::MissingProgram(name))?;
-            load_program(program).map_err(|source| DataplaneError::ProgramLoad {
-                program: name,
-                requirement: preflight::kernel_requirement(name),
-                kernel: kernel.clone(),
-                source: Box::new(source),
-            })?;
+    /// Loads and verifies the programs against the maps another agent has pinned,
+    /// changing no pin: the slow part of a start, done by a newcomer before it takes
+    /// the node over. Refused when a pinned map has another layout (only the pin
+    /// lock's holder may replace it: [`Dataplane::load`] then).
+    pub fn prepare(object: &Path, pin_dir: &Path) -> Result<Prepared, DataplaneError> {
+        let map_dir = pin_dir.join("maps");
+        if let Some(name) = first_incompatible_pin(&map_dir) {
+            return Err(DataplaneError::Pin {
+                path: map_dir.join(name),
+                source: std::io::Error::other("pinned with another layout"),
+            });
         }
+        let ebpf = load_programs(object, &map_dir)?;
+        info!("eBPF programs loaded and verified; attaching them once the node is taken over");
+        Ok(Prepared {
+            ebpf,
+            reused_pins: true,
+        })
+    }
 
+    /// Attaches what [`Dataplane::prepare`] loaded. The caller holds the pin lock now.
+    pub fn attach(
+        prepared: Prepared,
+        pin_dir: &Path,
+        cgroup_root: &Path,
+        config: NodeConfig,
+    ) -> Result<Dataplane, DataplaneError> {
+        clean_pins(pin_dir)?;
+        Self::finish(prepared, pin_dir, cgroup_root, config)
+    }
+
+    fn finish(
+        prepared: Prepared,
+        pin_dir: &Path,
+        cgroup_root: &Path,
+        config: NodeConfig,
+    ) -> Result<Dataplane, DataplaneError> {
+        let Prepared {
+            mut ebpf,
+            reused_pins,
+        } = prepared;
+        let link_dir = pin_dir.join("links");
+        let kernel = preflight::kernel_release();
         let cgroup = fs::File::open(cgroup_root).map_err(|source| DataplaneError::Cgroup {
             path: cgroup_root.to_path_buf(),
             source,
@@ -595,6 +602,81 @@ fn attach_pinned(
 
 /// Removes pinned maps whose layout differs from this build's; returns whether any
 /// compatible pinned map was found (and will be reused).
+/// The programs of the object, loaded and verified, the maps reused from their pins
+/// under `map_dir` (or created and pinned there), not attached.
+pub struct Prepared {
+    ebpf: Ebpf,
+    reused_pins: bool,
+}
+
+/// Creates the pin directories, and removes the pins of retired maps and of pods'
+/// links whose namespace is gone. Returns the map directory.
+fn clean_pins(pin_dir: &Path) -> Result<PathBuf, DataplaneError> {
+    let map_dir = pin_dir.join("maps");
+    let link_dir = pin_dir.join("links");
+    let pod_link_dir = pin_dir.join(sk_lookup::LINK_DIR);
+    for dir in [&map_dir, &link_dir, &pod_link_dir] {
+        fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    remove_retired_pins(pin_dir)?;
+    sk_lookup::remove_dead_pins(&pod_link_dir).map_err(|source| DataplaneError::Pin {
+        path: pod_link_dir.clone(),
+        source,
+    })?;
+    Ok(map_dir)
+}
+
+fn load_programs(object: &Path, map_dir: &Path) -> Result<Ebpf, DataplaneError> {
+    let object = AlignedObject::read(object)?;
+    let mut ebpf = EbpfLoader::new()
+        .map_pin_path(map_dir)
+        // NM_PARKED is per-socket storage, a map type aya has no wrapper for; only
+        // the programs use it.
+        .allow_unsupported_maps()
+        .load(object.bytes())
+        .map_err(|e| DataplaneError::Load(Box::new(e)))?;
+    let kernel = preflight::kernel_release();
+    for name in [
+        program_names::CONNECT4,
+        program_names::CONNECT6,
+        program_names::SOCK_OPS,
+        program_names::SK_LOOKUP,
+    ] {
+        let program = ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram(name))?;
+        load_program(program).map_err(|source| DataplaneError::ProgramLoad {
+            program: name,
+            requirement: preflight::kernel_requirement(name),
+            kernel: kernel.clone(),
+            source: Box::new(source),
+        })?;
+    }
+    Ok(ebpf)
+}
+
+/// Whether the pinned map at `path` has the layout this build expects of `name`.
+fn pin_compatible(path: &Path, name: &str) -> bool {
+    let Some((key, value)) = expected_layout(name) else {
+        return true;
+    };
+    MapData::from_pin(path)
+        .and_then(|m| m.info())
+        .map(|i| i.key_size() == key && i.value_size() == value)
+        .unwrap_or(false)
+}
+
+/// The first pinned map whose layout this build does not expect.
+fn first_incompatible_pin(map_dir: &Path) -> Option<String> {
+    fs::read_dir(map_dir).ok()?.flatten().find_map(|entry| {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        (!pin_compatible(&entry.path(), &name)).then_some(name)
+    })
+}
+
 fn drop_incompatible_pins(map_dir: &Path) -> Result<bool, DataplaneError> {
     let mut reused = false;
     let entries = match fs::read_dir(map_dir) {
@@ -604,14 +686,10 @@ fn drop_incompatible_pins(map_dir: &Path) -> Result<bool, DataplaneError> {
     for entry in entries.flatten() {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some((key, value)) = expected_layout(&name) else {
+        if expected_layout(&name).is_none() {
             continue;
-        };
-        let compatible = MapData::from_pin(&path)
-            .and_then(|m| m.info())
-            .map(|i| i.key_size() == key && i.value_size() == value)
-            .unwrap_or(false);
-        if compatible {
+        }
+        if pin_compatible(&path, &name) {
             reused = true;
         } else {
             warn!(map = %name, pin = %path.display(), "pinned map has another layout; replacing it");

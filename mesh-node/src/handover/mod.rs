@@ -133,6 +133,9 @@ pub struct HandoverView {
     pub took_over_from: Option<u32>,
     /// Listeners it inherited (in-pod and node).
     pub inherited_listeners: usize,
+    /// How long no agent accepted: from the predecessor's release to this agent's
+    /// pods served again (connections waited in the sockets' queues meanwhile).
+    pub accept_gap_ms: Option<u64>,
     /// Connections the predecessor still drains (last report).
     pub predecessor_draining: Option<usize>,
     /// The predecessor's drain ended: (completed, cut).

@@ -29,6 +29,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct Taken {
     pub inherited: Inherited,
     pub from_pid: u32,
+    /// When the predecessor stopped accepting: from then on connections wait in the
+    /// sockets' queues until this agent serves them.
+    pub released_at: Instant,
     conn: OwnedFd,
 }
 
@@ -90,6 +93,7 @@ fn ask(paths: &HandoverPaths, holder: Option<u32>) -> Result<Taken, HandoverErro
     Ok(Taken {
         inherited,
         from_pid: holder.unwrap_or(0),
+        released_at: Instant::now(),
         conn,
     })
 }

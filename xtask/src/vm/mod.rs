@@ -24,7 +24,14 @@ use anyhow::{bail, Context, Result};
 use crate::{run, tally, workspace_root};
 
 /// The end-to-end test files run in the VM.
-pub(crate) const VM_TESTS: &[&str] = &["redirect", "enrollment", "lifecycle", "mtls", "routing"];
+pub(crate) const VM_TESTS: &[&str] = &[
+    "redirect",
+    "enrollment",
+    "lifecycle",
+    "mtls",
+    "routing",
+    "upgrades",
+];
 
 /// What the tests find next to their executable's directory (`target_bin`).
 const HOST_FILES: &[&str] = &[

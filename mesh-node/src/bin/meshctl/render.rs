@@ -711,8 +711,12 @@ pub(crate) fn handover(h: &mesh_node::handover::HandoverView) -> String {
         (false, None, Some(n)) => format!("it still drains {n} connections"),
         (false, None, None) => "it drains".into(),
     };
+    let gap = h
+        .accept_gap_ms
+        .map(|ms| format!(", {ms} ms without accepting"))
+        .unwrap_or_default();
     format!(
-        "took the node over from pid {pid} ({} listeners inherited); {predecessor}",
+        "took the node over from pid {pid} ({} listeners inherited{gap}); {predecessor}",
         h.inherited_listeners
     )
 }
