@@ -612,15 +612,45 @@ fn the_agent_runs_unprivileged_with_the_capabilities_its_preflight_checks() {
 }
 
 #[test]
-fn an_update_never_runs_two_agents_on_a_node_and_they_never_enroll_themselves() {
+fn an_update_hands_each_node_over_and_agents_never_enroll_themselves() {
     let docs = all();
     let ds = daemon_set(&docs);
     let strategy = ds.spec.as_ref().unwrap().update_strategy.clone().unwrap();
     assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
     let rolling = strategy.rolling_update.unwrap();
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    assert_eq!(rolling.max_surge, Some(IntOrString::Int(0)));
-    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)));
+    // The new agent starts beside the old one and takes the node over; the old one
+    // goes only once the new one is ready.
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+    let spec = pod_spec(&ds.spec.as_ref().unwrap().template);
+    // Two agent pods on one node must not collide on ports.
+    assert_ne!(spec.host_network, Some(true));
+    for c in &spec.containers {
+        for p in c.ports.iter().flatten() {
+            assert_eq!(p.host_port, None, "{c:?}");
+        }
+    }
+    // Both see the hand-over socket's directory (--handover-socket's default).
+    let container = &spec.containers[0];
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/run/nodemesh")
+        .expect("/run/nodemesh is mounted");
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("its volume");
+    assert_eq!(
+        volume.host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/run/nodemesh")
+    );
+    // The grace period outlasts the default 30 s drain.
+    assert!(spec.termination_grace_period_seconds > Some(30));
     for template in [
         &ds.spec.as_ref().unwrap().template,
         &ca_deployment(&docs).spec.as_ref().unwrap().template,

@@ -236,7 +236,7 @@ fn the_image_holds_the_workspace_binaries_and_the_object_where_the_agent_looks()
         assert!(destinations.contains_key(bin), "the image lacks {bin}");
     }
     // The agent's default --ebpf-object: `mesh-ebpf.o` beside its executable.
-    let agent = read("mesh-node/src/agent.rs");
+    let agent = read("mesh-node/src/agent/mod.rs");
     assert!(agent.contains("with_file_name(\"mesh-ebpf.o\")"));
     let node = &destinations["mesh-node"];
     assert_eq!(

@@ -71,6 +71,25 @@ impl Workloads {
                 })
         };
         let inbound_fds = [dup(&inbound4)?, dup(&inbound6)?];
+        // Every listener's address and a descriptor of it, for a successor (a
+        // hand-over). Taken before anything else changes: running out of descriptors
+        // here leaves nothing behind (no map entry, no accept loop holding a port).
+        let mut listeners = Vec::new();
+        for l in outbound
+            .iter()
+            .chain([&inbound4, &inbound6])
+            .chain(hbone.iter())
+            .flatten()
+        {
+            let kept = l
+                .local_addr()
+                .and_then(|a| Ok((a, l.as_fd().try_clone_to_owned()?)))
+                .map_err(|source| EnrollError::Io {
+                    what: "keeping a listener for a hand-over".into(),
+                    source,
+                })?;
+            listeners.push(kept);
+        }
         self.capture(
             &plan,
             &inbound_policy,
@@ -132,21 +151,8 @@ impl Workloads {
             drain: self.settings.drain.clone(),
         });
         self.settings.dialer.register(&ctx);
-        let mut listeners = Vec::new();
         let mut tasks = Vec::new();
-        let mut note = |l: &TcpListener| -> Result<(), EnrollError> {
-            let kept = l
-                .local_addr()
-                .and_then(|a| Ok((a, l.as_fd().try_clone_to_owned()?)))
-                .map_err(|source| EnrollError::Io {
-                    what: "keeping a listener for a hand-over".into(),
-                    source,
-                })?;
-            listeners.push(kept);
-            Ok(())
-        };
         for l in outbound.into_iter().flatten() {
-            note(&l)?;
             tasks.push(tokio::spawn(outbound::serve(l, ctx.clone())));
         }
         // Kept-alive upstream connections idle past their idle timeout are closed.
@@ -155,11 +161,9 @@ impl Workloads {
             |ctx: &PodContext| &ctx.http_upstreams,
         )));
         for l in [inbound4, inbound6].into_iter().flatten() {
-            note(&l)?;
             tasks.push(tokio::spawn(inbound::serve(l, ctx.clone())));
         }
         for l in hbone.into_iter().flatten() {
-            note(&l)?;
             tasks.push(match &hbone_tls {
                 Some(acceptor) => tokio::spawn(crate::proxy::inbound_hbone::serve(
                     l,

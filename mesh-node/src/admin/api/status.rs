@@ -125,7 +125,11 @@ mod tests {
             json!({
                 "node": "a", "version": "0.1.0", "ready": false,
                 "not_ready_reason": "eBPF or first reconcile pending",
-                "uptime_seconds": 12, "draining": false, "mtls": true, "trust_domain": "cluster.local",
+                "uptime_seconds": 12, "draining": false,
+                "handover": {"took_over_from": null, "inherited_listeners": 0, "accept_gap_ms": null,
+                    "predecessor_draining": null, "predecessor_drained": null,
+                    "predecessor_exited": false, "handed_over_to": null},
+                "mtls": true, "trust_domain": "cluster.local",
                 "source": "kube",
                 "state": {"objects": {"Pod": 3, "Service": 2}, "updates": 7, "age_seconds": 1.5},
                 "workloads": {"total": 3, "enrolled": 2},
