@@ -5,6 +5,7 @@ pub mod bench;
 pub mod conn_flood;
 pub mod demo;
 pub mod flood;
+pub mod h2_client;
 pub mod httpapp;
 pub mod report;
 pub mod sim;

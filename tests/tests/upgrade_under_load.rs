@@ -6,27 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_tests::{
-    sim::{host, ClusterSpec, PodSpec, ServiceSpec, SimCluster},
-    upgrade_load::LoadReport,
-};
-
-fn http_route() -> String {
-    [
-        "apiVersion: gateway.networking.k8s.io/v1",
-        "kind: HTTPRoute",
-        "metadata: {name: web, namespace: apps}",
-        "spec:",
-        "  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]",
-        "  rules:",
-        "  - filters:",
-        "    - type: RequestHeaderModifier",
-        "      requestHeaderModifier: {add: [{name: x-routed, value: by-route}]}",
-        "    backendRefs: [{name: web, port: 80}]",
-    ]
-    .join("\n")
-        + "\n"
-}
+use mesh_tests::sim::{host, ClusterSpec, PodSpec, ServiceSpec, SimCluster};
 
 #[test]
 fn upgrading_both_nodes_under_load_refuses_cuts_and_fails_nothing() {
@@ -40,17 +20,7 @@ fn upgrading_both_nodes_under_load_refuses_cuts_and_fails_nothing() {
     let _echo = cluster.serve("server", 8080).unwrap();
     let _web = cluster.http_serve("web", &[8081]).unwrap();
     let vip = cluster.service("web").addr4();
-    cluster
-        .write_manifest("web-route.yaml", &http_route())
-        .unwrap();
-    let routed = cluster.eventually(Duration::from_secs(10), || {
-        cluster
-            .http("client", vip, "web", "/", &[])
-            .ok()
-            .and_then(|r| r.samples.first().cloned())
-            .is_some_and(|s| s.status == 200 && s.body.contains("by-route"))
-    });
-    assert!(routed.is_some(), "the HTTPRoute never applied");
+    cluster.route_web("client").unwrap();
 
     // The load, scaled to the machine: 200 new connections/s, 20 transfers
     // of 256 MiB paced over 24 s, 500 HTTP requests/s on four kept-alive connections
@@ -60,8 +30,6 @@ fn upgrading_both_nodes_under_load_refuses_cuts_and_fails_nothing() {
     // square: such machines carry far less than their scale suggests.
     let scale = host::time_scale().powi(2);
     let echo = cluster.pod("server").addr4(8080).to_string();
-    let stop = std::env::temp_dir().join(format!("nodemesh-upgrade-stop-{}", std::process::id()));
-    let _ = std::fs::remove_file(&stop);
     let args: Vec<String> = [
         "--short",
         &echo,
@@ -81,15 +49,13 @@ fn upgrading_both_nodes_under_load_refuses_cuts_and_fails_nothing() {
         "web",
         "--http-rate",
         &((500.0 / scale) as u64).to_string(),
-        "--stop-file",
-        &stop.display().to_string(),
         "--max-seconds",
         "300",
     ]
     .iter()
     .map(|a| a.to_string())
     .collect();
-    let load = cluster.start_upgrade_load("client", &args).unwrap();
+    let load = cluster.start_load("client", &args).unwrap();
     let load_started = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
 
@@ -111,15 +77,7 @@ fn upgrading_both_nodes_under_load_refuses_cuts_and_fails_nothing() {
         olds.push((node, old, started));
         std::thread::sleep(Duration::from_secs(2));
     }
-    std::fs::write(&stop, b"").unwrap();
-    let out = load.wait_with_output().unwrap();
-    let _ = std::fs::remove_file(&stop);
-    let report: LoadReport = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "no load report ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
+    let report = load.finish().unwrap();
     println!(
         "load across both upgrades: {}",
         serde_json::to_string(&report).unwrap()

@@ -130,9 +130,14 @@ async fn bind(
     node: &mut NodeListeners,
 ) -> Result<TcpListener, AgentError> {
     let bind_err = |source| AgentError::Bind { what, addr, source };
-    let own_cookie = {
-        let probe = std::net::UdpSocket::bind(("127.0.0.1", 0)).map_err(bind_err)?;
-        netns_cookie_of(probe.as_raw_fd()).map_err(bind_err)?
+    let own_cookie = match node.own_netns_cookie {
+        Some(cookie) => cookie,
+        None => {
+            let probe = std::net::UdpSocket::bind(("127.0.0.1", 0)).map_err(bind_err)?;
+            let cookie = netns_cookie_of(probe.as_raw_fd()).map_err(bind_err)?;
+            node.own_netns_cookie = Some(cookie);
+            cookie
+        }
     };
     let listener = match inherited.take(own_cookie, addr) {
         Some(l) => TcpListener::from_std(l).map_err(bind_err)?,
@@ -316,7 +321,9 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             .inc();
     }
     let dataplane = Arc::new(match prepared {
-        Some(prepared) => Dataplane::attach(prepared, &config.pin_dir, &cgroup_root, node)?,
+        Some(prepared) => {
+            Dataplane::attach(prepared, &object, &config.pin_dir, &cgroup_root, node)?
+        }
         None => Dataplane::load(&object, &config.pin_dir, &cgroup_root, node)?,
     });
 
@@ -545,6 +552,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         metrics: &metrics,
         timeout: config.drain_timeout,
         signals: &signals,
+        handed_over: giver.is_some(),
     };
     let (open, cut) = draining
         .run(|left| {

@@ -75,6 +75,8 @@ pub(super) async fn next_request(server: &mut Option<HandoverServer>) -> Option<
 pub(super) struct NodeListeners {
     pub kept: Vec<(ListenerInfo, std::os::fd::OwnedFd)>,
     pub servers: Vec<JoinHandle<()>>,
+    /// The agent's own network namespace, read once for all of them.
+    pub own_netns_cookie: Option<u64>,
 }
 
 /// What a drain works on.
@@ -85,6 +87,8 @@ pub(super) struct Draining<'a> {
     pub metrics: &'a Metrics,
     pub timeout: Duration,
     pub signals: &'a Signals,
+    /// The listeners passed to a successor (and this agent stopped accepting then).
+    pub handed_over: bool,
 }
 
 /// Proxied connections open now (counted, not listed: polled while draining).
@@ -101,14 +105,22 @@ impl Draining<'_> {
     pub(super) async fn run(self, report: impl Fn(usize)) -> (usize, usize) {
         self.drain.start();
         self.metrics.draining.set(1);
-        let closed = self.workloads.stop_accepting();
         let open = live(self.connections);
-        info!(
-            listeners = closed,
-            connections = open,
-            timeout_s = self.timeout.as_secs_f64(),
-            "draining: no longer accepting, waiting for open connections to end"
-        );
+        if self.handed_over {
+            info!(
+                connections = open,
+                timeout_s = self.timeout.as_secs_f64(),
+                "draining: the listeners are the new agent's; waiting for open connections to end"
+            );
+        } else {
+            let closed = self.workloads.stop_accepting();
+            info!(
+                listeners_closed = closed,
+                connections = open,
+                timeout_s = self.timeout.as_secs_f64(),
+                "draining: no longer accepting, waiting for open connections to end"
+            );
+        }
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         let mut ticks = 0u32;

@@ -14,6 +14,8 @@ use std::{
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -163,6 +165,38 @@ fn obj_info(fd: impl AsFd) -> io::Result<[u32; 32]> {
 pub fn obj_id(fd: impl AsFd) -> io::Result<u32> {
     let info = obj_info(fd)?;
     Ok(info[1])
+}
+
+/// Ids of the maps the program `prog_id` uses (`bpf_prog_info.nr_map_ids` and
+/// `map_ids`, at byte offsets 52 and 56), at most 64.
+pub fn prog_map_ids(prog_id: u32) -> io::Result<Vec<u32>> {
+    let mut attr = Attr::new();
+    attr.u32_at(0, prog_id);
+    let prog = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).map(fd_result)?;
+    let mut ids = vec![0u32; 64];
+    let mut info = [0u32; 32];
+    info[13] = ids.len() as u32;
+    let ptr = (ids.as_mut_ptr() as u64).to_ne_bytes();
+    info[14] = u32::from_ne_bytes([ptr[0], ptr[1], ptr[2], ptr[3]]);
+    info[15] = u32::from_ne_bytes([ptr[4], ptr[5], ptr[6], ptr[7]]);
+    let mut attr = Attr::new();
+    attr.u32_at(0, prog.as_raw_fd() as u32)
+        .u32_at(4, std::mem::size_of_val(&info) as u32)
+        .u64_at(8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    ids.truncate((info[13] as usize).min(64));
+    Ok(ids)
+}
+
+/// The name of the map `map_id` (`bpf_map_info.name`, 16 bytes at offset 24).
+pub fn map_name(map_id: u32) -> io::Result<String> {
+    let mut attr = Attr::new();
+    attr.u32_at(0, map_id);
+    let map = bpf(BPF_MAP_GET_FD_BY_ID, &mut attr).map(fd_result)?;
+    let info = obj_info(&map)?;
+    let bytes: Vec<u8> = info[6..10].iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
 }
 
 /// For a link: (link id, program id) — `bpf_link_info` starts with type, id, prog_id.

@@ -92,7 +92,7 @@ impl PinLock {
 
 /// The process holding a flock on `dir`, from /proc/locks (None when none does, or it
 /// cannot be told).
-pub(crate) fn holder(dir: &Path) -> Option<u32> {
+pub fn holder(dir: &Path) -> Option<u32> {
     let meta = std::fs::metadata(dir).ok()?;
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
     holder_in(&locks, meta.dev(), meta.ino())

@@ -50,25 +50,23 @@ impl HandoverServer {
         paths: &HandoverPaths,
         metrics: Arc<Metrics>,
     ) -> Result<HandoverServer, HandoverError> {
-        let io = |what: &str| {
-            let what = format!("{what} {}", paths.socket.display());
-            move |e: std::io::Error| HandoverError::Io { what, source: e }
-        };
+        let at = &paths.socket;
         if let Some(dir) = paths.socket.parent() {
             if !dir.exists() {
-                std::fs::create_dir_all(dir).map_err(io("creating the directory of"))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(HandoverError::io_at("creating the directory of", at))?;
                 std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                    .map_err(io("restricting the directory of"))?;
+                    .map_err(HandoverError::io_at("restricting the directory of", at))?;
             }
         }
         match std::fs::symlink_metadata(&paths.socket) {
             Ok(m) if m.file_type().is_socket() => {
-                std::fs::remove_file(&paths.socket).map_err(io("removing the stale socket"))?
+                std::fs::remove_file(&paths.socket).map_err(HandoverError::io_at("removing the stale socket", at))?
             }
             Ok(_) => {
                 return Err(HandoverError::io(
                     "the hand-over socket's path is taken by something else than a socket; remove it or pass another --handover-socket",
-                    std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+                    std::io::ErrorKind::AlreadyExists,
                 ))
             }
             Err(_) => {}
@@ -79,23 +77,24 @@ impl HandoverServer {
             SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
             None,
         )
-        .map_err(|e| io("creating")(e.into()))?;
-        let addr = UnixAddr::new(&paths.socket).map_err(|e| io("addressing")(e.into()))?;
-        socket::bind(listener.as_raw_fd(), &addr).map_err(|e| io("binding")(e.into()))?;
+        .map_err(HandoverError::io_at("creating", at))?;
+        let addr = UnixAddr::new(&paths.socket).map_err(HandoverError::io_at("addressing", at))?;
+        socket::bind(listener.as_raw_fd(), &addr).map_err(HandoverError::io_at("binding", at))?;
         std::fs::set_permissions(&paths.socket, std::fs::Permissions::from_mode(0o600))
-            .map_err(io("restricting"))?;
+            .map_err(HandoverError::io_at("restricting", at))?;
         socket::listen(
             &listener,
             socket::Backlog::new(4).unwrap_or(socket::Backlog::MAXCONN),
         )
-        .map_err(|e| io("listening on")(e.into()))?;
-        let pin_dir =
-            std::fs::metadata(&paths.pin_dir).map_err(io("reading the pin directory for"))?;
+        .map_err(HandoverError::io_at("listening on", at))?;
+        let pin_dir = std::fs::metadata(&paths.pin_dir)
+            .map_err(HandoverError::io_at("reading the pin directory for", at))?;
         let proof = (pin_dir.dev(), pin_dir.ino());
         // SAFETY: the AsyncFd owns the OwnedFd, which stays open, and the same
         // descriptor, until the AsyncFd is dropped.
-        let listener = unsafe { AsyncFd::register(listener) }
-            .map_err(|e| io("registering")(std::io::Error::other(e.to_string())))?;
+        let listener = unsafe { AsyncFd::register(listener) }.map_err(|e| {
+            HandoverError::io_at("registering", at)(std::io::Error::other(e.to_string()))
+        })?;
         let (tx, requests) = mpsc::channel(1);
         let task = tokio::spawn(serve(listener, proof, tx, metrics));
         info!(socket = %paths.socket.display(), "hand-over socket listening: a newer agent on this node takes over from here");

@@ -50,11 +50,20 @@ pub(crate) enum HandoverError {
 }
 
 impl HandoverError {
-    pub(super) fn io(what: &str, source: std::io::Error) -> HandoverError {
+    pub(super) fn io(what: &str, source: impl Into<std::io::Error>) -> HandoverError {
         HandoverError::Io {
             what: what.into(),
-            source,
+            source: source.into(),
         }
+    }
+
+    /// For `map_err`: an I/O error doing `what` with `path` (`what` is followed by
+    /// the path).
+    pub(super) fn io_at<'a, E: Into<std::io::Error>>(
+        what: &'static str,
+        path: &'a std::path::Path,
+    ) -> impl FnOnce(E) -> HandoverError + 'a {
+        move |source| HandoverError::io(&format!("{what} {}", path.display()), source)
     }
 }
 

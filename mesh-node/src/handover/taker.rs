@@ -43,9 +43,9 @@ fn ask(paths: &HandoverPaths, holder: Option<u32>) -> Result<Taken, HandoverErro
         SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .map_err(|e| HandoverError::io("creating the hand-over socket", e.into()))?;
+    .map_err(|e| HandoverError::io("creating the hand-over socket", e))?;
     let addr = UnixAddr::new(&paths.socket)
-        .map_err(|e| HandoverError::io("addressing the hand-over socket", e.into()))?;
+        .map_err(|e| HandoverError::io("addressing the hand-over socket", e))?;
     socket::connect(conn.as_raw_fd(), &addr).map_err(|e| HandoverError::NotListening {
         path: paths.socket.clone(),
         source: e.into(),

@@ -53,7 +53,7 @@ pub(super) fn set_timeouts(fd: &OwnedFd, timeout: Duration) -> Result<(), Handov
     let tv = nix::sys::time::TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);
     socket::setsockopt(fd, socket::sockopt::ReceiveTimeout, &tv)
         .and_then(|()| socket::setsockopt(fd, socket::sockopt::SendTimeout, &tv))
-        .map_err(|e| HandoverError::io("setting the hand-over socket's timeouts", e.into()))
+        .map_err(|e| HandoverError::io("setting the hand-over socket's timeouts", e))
 }
 
 /// Sends one message with `fds` attached.
@@ -74,7 +74,7 @@ pub(super) fn send(fd: &OwnedFd, message: &Message, fds: &[RawFd]) -> Result<(),
         match socket::sendmsg::<()>(fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Ok(_) => return Ok(()),
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(HandoverError::io("sending a hand-over message", e.into())),
+            Err(e) => return Err(HandoverError::io("sending a hand-over message", e)),
         }
     }
 }
@@ -96,7 +96,7 @@ pub(super) fn recv(fd: &OwnedFd) -> Result<Option<(Message, Vec<OwnedFd>)>, Hand
             Ok(msg) => {
                 let mut fds = Vec::new();
                 for cmsg in msg.cmsgs().map_err(|e| {
-                    HandoverError::io("reading a hand-over message's descriptors", e.into())
+                    HandoverError::io("reading a hand-over message's descriptors", e)
                 })? {
                     if let ControlMessageOwned::ScmRights(raw) = cmsg {
                         // SAFETY: the kernel just installed these descriptors in this
@@ -107,7 +107,7 @@ pub(super) fn recv(fd: &OwnedFd) -> Result<Option<(Message, Vec<OwnedFd>)>, Hand
                 break (msg.bytes, msg.flags, fds);
             }
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(HandoverError::io("receiving a hand-over message", e.into())),
+            Err(e) => return Err(HandoverError::io("receiving a hand-over message", e)),
         }
     };
     if len == 0 && fds.is_empty() {

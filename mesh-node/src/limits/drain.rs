@@ -1,18 +1,11 @@
-//! The node-wide drain, started once when the agent is told to stop (SIGTERM, SIGINT):
-//! the in-pod listeners stop accepting, HTTP connections the agent serves are told to
-//! close after the requests in flight (`Connection: close` on HTTP/1.1, GOAWAY on
-//! HTTP/2 and HBONE), and what is established runs on until it ends or the agent's
+//! The node-wide drain, started once when the agent is told to stop (SIGTERM, SIGINT)
+//! or has handed the node over: the in-pod listeners stop accepting, HTTP connections
+//! the agent serves are told to close after the requests in flight (`limits::served`;
+//! GOAWAY on HBONE), and what is established runs on until it ends or the agent's
 //! `--drain-timeout` cuts it.
 
-use std::{
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::sync::Arc;
 
-use http::{header, HeaderValue, Response, Version};
 use tokio::sync::watch;
 
 /// A handle on the drain; clones share it.
@@ -43,55 +36,11 @@ impl Drain {
     }
 }
 
-/// How long a kept-alive HTTP/1.1 connection may sit idle during a drain before it is
-/// closed: a client that is sending requests gets `Connection: close` on its next
-/// response well before this; closing one it may be writing to would lose a request.
-pub(crate) const HTTP1_DRAIN_IDLE: Duration = Duration::from_secs(1);
-
-/// One served HTTP connection's view of the drain. HTTP/2 is told to go away at once
-/// (GOAWAY: a client retries the streams the server did not process). HTTP/1.1 gets
-/// `Connection: close` on each response from the drain on, and is closed only once
-/// idle for [`HTTP1_DRAIN_IDLE`].
-pub(crate) struct HttpDrain {
-    drain: Drain,
-    http2: AtomicBool,
-}
-
-impl HttpDrain {
-    pub(crate) fn new(drain: &Drain) -> Arc<HttpDrain> {
-        Arc::new(HttpDrain {
-            drain: drain.clone(),
-            http2: AtomicBool::new(false),
-        })
-    }
-
-    /// Notes a request's protocol.
-    pub(crate) fn request(&self, version: Version) {
-        if version == Version::HTTP_2 {
-            self.http2.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Marks an HTTP/1.x response of a draining agent as the connection's last.
-    pub(crate) fn response<B>(&self, version: Version, response: &mut Response<B>) {
-        if self.drain.is_draining() && version != Version::HTTP_2 {
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-    }
-
-    /// Whether the connection is to be shut down as soon as the drain starts (HTTP/2).
-    pub(crate) fn go_away_at_once(&self) -> bool {
-        self.http2.load(Ordering::Relaxed)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use super::{Drain, HttpDrain};
+    use super::Drain;
 
     #[tokio::test]
     async fn every_clone_sees_the_drain_start_once() {
@@ -112,25 +61,5 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(100), drain.started())
             .await
             .expect("started() waits after the drain began");
-    }
-
-    #[test]
-    fn http1_responses_carry_connection_close_once_draining_and_http2_goes_away() {
-        let drain = Drain::default();
-        let http = HttpDrain::new(&drain);
-        http.request(http::Version::HTTP_11);
-        let mut before = http::Response::new(());
-        http.response(http::Version::HTTP_11, &mut before);
-        assert!(before.headers().get("connection").is_none());
-        assert!(!http.go_away_at_once());
-        drain.start();
-        let mut after = http::Response::new(());
-        http.response(http::Version::HTTP_11, &mut after);
-        assert_eq!(after.headers()["connection"], "close");
-        let mut h2 = http::Response::new(());
-        http.request(http::Version::HTTP_2);
-        http.response(http::Version::HTTP_2, &mut h2);
-        assert!(h2.headers().get("connection").is_none());
-        assert!(http.go_away_at_once());
     }
 }

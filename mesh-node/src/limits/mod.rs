@@ -11,6 +11,7 @@ pub(crate) mod gate;
 pub(crate) mod http;
 pub(crate) mod io;
 pub(crate) mod mirror_slots;
+pub(crate) mod served;
 
 use std::{
     sync::{

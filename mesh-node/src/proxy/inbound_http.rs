@@ -30,8 +30,8 @@ use tracing::debug;
 use crate::{
     discovery::cluster::ClusterState, identity::authz::admit, identity::authz::authorize_request,
     identity::authz::Admission, identity::authz::ConnectionFacts, identity::authz::RequestFacts,
-    identity::jwt::Authentication, limits, limits::drain::HttpDrain,
-    limits::drain::HTTP1_DRAIN_IDLE, limits::Listener, limits::Stage, proxy::http::box_body,
+    identity::jwt::Authentication, limits, limits::served::Activity, limits::served::Lifecycle,
+    limits::served::Step, limits::Listener, limits::Stage, proxy::http::box_body,
     proxy::http::message::strip_hop_by_hop, proxy::http::ProxyBody, proxy::pod::connect_in_pod,
     proxy::pod::PodContext, telemetry::connections::Security,
     telemetry::inbound_request::InboundRequestLog, telemetry::outcome::ConnectionEnd,
@@ -99,20 +99,17 @@ where
         security,
         upstream: Mutex::new(Upstream::None),
     });
-    let last_request = Arc::new(std::sync::Mutex::new(None::<tokio::time::Instant>));
-    let http_drain = HttpDrain::new(&ctx.drain);
+    let activity = Activity::new(&ctx.drain);
     let service = {
-        let (shared, last_request, http_drain) =
-            (shared.clone(), last_request.clone(), http_drain.clone());
+        let (shared, activity) = (shared.clone(), activity.clone());
         service_fn(move |request: Request<Incoming>| {
-            let (shared, http_drain) = (shared.clone(), http_drain.clone());
-            *last_request.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(tokio::time::Instant::now());
             let version = request.version();
-            http_drain.request(version);
+            let in_flight = activity.begin(version);
+            let (shared, activity) = (shared.clone(), activity.clone());
             async move {
                 let mut response = handle(request, &shared).await;
-                http_drain.response(version, &mut response);
+                activity.response(version, &mut response);
+                drop(in_flight);
                 Ok::<_, Infallible>(response)
             }
         })
@@ -130,48 +127,14 @@ where
         .max_header_list_size(MAX_HEADER_LIST);
     let serving = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(serving);
-    let first_request_by = tokio::time::Instant::now() + limits.header_timeout;
-    let (mut closing, mut draining) = (false, false);
-    let opened = tokio::time::Instant::now();
+    let mut lifecycle = Lifecycle::new(&activity, &limits, &ctx.metrics, Listener::Http);
     let result = loop {
-        let last = *last_request.lock().unwrap_or_else(|p| p.into_inner());
-        let mut check = match last {
-            None => first_request_by,
-            Some(at) => at + limits.http_idle_timeout,
-        };
-        if draining {
-            check = check.min(last.unwrap_or(opened) + HTTP1_DRAIN_IDLE);
-        }
         tokio::select! {
             result = serving.as_mut() => break result,
-            _ = ctx.drain.started(), if !closing && !draining => {
-                // As on the outbound side (`limits::drain::HttpDrain`).
-                draining = true;
-                if http_drain.go_away_at_once() {
-                    serving.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-            }
-            _ = tokio::time::sleep_until(check), if !closing => {
-                let last = *last_request.lock().unwrap_or_else(|p| p.into_inner());
-                if draining && last.unwrap_or(opened).elapsed() >= HTTP1_DRAIN_IDLE {
-                    serving.as_mut().graceful_shutdown();
-                    closing = true;
-                    continue;
-                }
-                match last {
-                    None => {
-                        limits::count_timeout(&ctx.metrics, Listener::Http, Stage::Header);
-                        return ConnectionEnd::HeaderTimeout;
-                    }
-                    Some(at) if at.elapsed() >= limits.http_idle_timeout => {
-                        limits::count_timeout(&ctx.metrics, Listener::Http, Stage::Idle);
-                        serving.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
-                    Some(_) => {}
-                }
-            }
+            step = lifecycle.next() => match step {
+                Step::Close => serving.as_mut().graceful_shutdown(),
+                Step::NoRequest => return ConnectionEnd::HeaderTimeout,
+            },
         }
     };
     match result {
@@ -184,10 +147,7 @@ where
                 limits::count_timeout(&ctx.metrics, Listener::Http, Stage::Header);
                 return ConnectionEnd::HeaderTimeout;
             }
-            let served = last_request
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_some();
+            let served = activity.requests() > 0;
             // Nothing HTTP came at all: the port's policies need HTTP, so this is
             // refused, not relayed.
             if !served {

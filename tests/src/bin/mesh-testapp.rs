@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use mesh_tests::{
     conn_flood::{Flood, FloodMode},
     flood::raise_nofile,
-    httpapp,
+    h2_client, httpapp,
     report::{ChurnReport, FirstConnectReport, RttReport, TransferReport},
 };
 
@@ -106,6 +106,23 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         body_bytes: usize,
         #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// Paced HTTP/2 requests for SECONDS, across GOAWAYs (see `h2_client`); prints a
+    /// summary.
+    H2Client {
+        #[arg(long)]
+        connect: SocketAddr,
+        /// The :authority.
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "/")]
+        path: String,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long, default_value_t = 10)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 5_000)]
         timeout_ms: u64,
     },
     /// Upgrade to WebSocket and check that a message comes back.
@@ -612,6 +629,25 @@ fn main() {
             });
             println!("{}", serde_json::to_string(&r).unwrap_or_default());
             std::process::exit(if r.errors == 0 { 0 } else { 1 });
+        }
+        Cmd::H2Client {
+            connect,
+            host,
+            path,
+            seconds,
+            interval_ms,
+            timeout_ms,
+        } => {
+            let r = h2_client::run(h2_client::H2ClientOptions {
+                connect,
+                host,
+                path,
+                duration: Duration::from_secs_f64(seconds.max(0.0)),
+                interval: Duration::from_millis(interval_ms),
+                timeout: Duration::from_millis(timeout_ms),
+            });
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            std::process::exit(if r.failed == 0 { 0 } else { 1 });
         }
         Cmd::Websocket {
             connect,

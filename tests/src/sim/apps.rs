@@ -358,11 +358,16 @@ impl SimCluster {
         Ok(cmd.spawn()?)
     }
 
-    /// Starts `mesh-testapp upgrade-load` in `pod` with `args` (its report on stdout
-    /// when it ends: see [`crate::upgrade_load`]).
-    pub fn start_upgrade_load(&self, pod: &str, args: &[String]) -> Result<std::process::Child> {
+    /// Starts `mesh-testapp <command> <args>` in `pod` and returns at once (its report
+    /// on stdout when it ends).
+    pub fn start_testapp(
+        &self,
+        pod: &str,
+        command: &str,
+        args: &[String],
+    ) -> Result<std::process::Child> {
         let mut cmd = self.pod(pod).placement().command(&self.testapp)?;
-        cmd.arg("upgrade-load").args(args).stdout(Stdio::piped());
+        cmd.arg(command).args(args).stdout(Stdio::piped());
         Ok(cmd.spawn()?)
     }
 

@@ -5,10 +5,7 @@ use std::{
     convert::Infallible,
     io,
     pin::Pin,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc, Mutex,
-    },
+    sync::{atomic::Ordering, Arc},
     task::{Context, Poll},
 };
 
@@ -24,13 +21,12 @@ use hyper_util::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
-    time::Instant,
 };
 use tracing::debug;
 
 use crate::{
-    limits, limits::drain::HttpDrain, limits::drain::HTTP1_DRAIN_IDLE, limits::Listener,
-    limits::PodSlot, limits::Refusal, limits::Stage, proxy::pod::PodContext,
+    limits, limits::served::Activity, limits::served::Lifecycle, limits::served::Step,
+    limits::Listener, limits::PodSlot, limits::Refusal, limits::Stage, proxy::pod::PodContext,
     telemetry::connections::ByteCounters, telemetry::connections::ConnectionInfo,
     telemetry::outcome::ConnectionEnd,
 };
@@ -134,36 +130,6 @@ fn over_budget(ctx: &PodContext) -> Response<ProxyBody> {
 /// The largest request header block on the L7 proxy (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE).
 const MAX_HEADER_LIST: u32 = 64 * 1024;
 
-/// Requests of one downstream connection: how many are in flight, and when the last
-/// one ended (or the connection opened).
-struct Activity {
-    in_flight: AtomicUsize,
-    requests: AtomicUsize,
-    last: Mutex<Instant>,
-}
-
-/// One request in flight; ends when the response head is ready.
-struct InFlight(Arc<Activity>);
-
-impl Activity {
-    fn begin(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
-    }
-
-    fn last(&self) -> Instant {
-        *self.last.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Serves `stream` until the application closes it; the connection is recorded like
 /// any other outbound connection, its requests each get their own log line. Its first
 /// request must arrive within the header timeout (HTTP/1.1: every request head), and a
@@ -177,19 +143,13 @@ pub(crate) async fn serve(
     let conn = ctx.connections.open(info);
     let frontend = Arc::new(frontend);
     let limits = ctx.limits;
-    let activity = Arc::new(Activity {
-        in_flight: AtomicUsize::new(0),
-        requests: AtomicUsize::new(0),
-        last: Mutex::new(Instant::now()),
-    });
-    let http_drain = HttpDrain::new(&ctx.drain);
+    let activity = Activity::new(&ctx.drain);
     let service = {
-        let (ctx, activity, http_drain) = (ctx.clone(), activity.clone(), http_drain.clone());
+        let (ctx, activity) = (ctx.clone(), activity.clone());
         service_fn(move |request: Request<Incoming>| {
-            let in_flight = activity.begin();
-            let (ctx, frontend, http_drain) = (ctx.clone(), frontend.clone(), http_drain.clone());
             let version = request.version();
-            http_drain.request(version);
+            let in_flight = activity.begin(version);
+            let (ctx, frontend, activity) = (ctx.clone(), frontend.clone(), activity.clone());
             async move {
                 // An HTTP/2 connection carries many requests at once, each of which
                 // may hold an upstream connection: each takes a slot of the pod's
@@ -203,7 +163,7 @@ pub(crate) async fn serve(
                     _ => None,
                 };
                 let mut response = handle(request, ctx, frontend).await?;
-                http_drain.response(version, &mut response);
+                activity.response(version, &mut response);
                 drop(in_flight);
                 Ok::<_, Infallible>(match slot {
                     Some(slot) => response.map(|body| box_body(Held { body, _slot: slot })),
@@ -227,51 +187,18 @@ pub(crate) async fn serve(
         .max_header_list_size(MAX_HEADER_LIST);
     let serving = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(serving);
-    let first_request_by = Instant::now() + limits.header_timeout;
-    let (mut closing, mut draining) = (false, false);
+    let mut lifecycle = Lifecycle::new(&activity, &limits, &ctx.metrics, Listener::Http);
     let result = loop {
-        let mut check = if activity.requests.load(Ordering::Relaxed) == 0 {
-            first_request_by
-        } else {
-            activity.last() + limits.http_idle_timeout
-        };
-        if draining {
-            check = check.min(activity.last() + HTTP1_DRAIN_IDLE);
-        }
         tokio::select! {
             result = serving.as_mut() => break result,
-            _ = ctx.drain.started(), if !closing && !draining => {
-                // HTTP/2: GOAWAY, the streams in flight finish. HTTP/1.1: each
-                // response says `Connection: close`; closed here once idle.
-                draining = true;
-                if http_drain.go_away_at_once() {
-                    serving.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-            }
-            _ = tokio::time::sleep_until(check), if !closing => {
-                if draining
-                    && activity.in_flight.load(Ordering::Relaxed) == 0
-                    && activity.last().elapsed() >= HTTP1_DRAIN_IDLE
-                {
-                    serving.as_mut().graceful_shutdown();
-                    closing = true;
-                    continue;
-                }
-                if activity.requests.load(Ordering::Relaxed) == 0 {
-                    limits::count_timeout(&ctx.metrics, Listener::Http, Stage::Header);
+            step = lifecycle.next() => match step {
+                Step::Close => serving.as_mut().graceful_shutdown(),
+                Step::NoRequest => {
                     debug!(pod = %ctx.pod, "no request within the header timeout; closing");
                     conn.close(ConnectionEnd::HeaderTimeout);
                     return;
                 }
-                if activity.in_flight.load(Ordering::Relaxed) == 0
-                    && activity.last().elapsed() >= limits.http_idle_timeout
-                {
-                    limits::count_timeout(&ctx.metrics, Listener::Http, Stage::Idle);
-                    serving.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-            }
+            },
         }
     };
     match result {

@@ -12,15 +12,14 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap, IterableMap, MapData, MapError, PerCpuArray, SockHash},
-    programs::{Program, SkLookup},
-    Ebpf, EbpfLoader,
+    programs::SkLookup,
+    Ebpf,
 };
 use mesh_common::{
     map_names, program_names, ConnKey, InboundPolicy, Ip, NodeConfig, NodeFlow, OrigDst,
     OutboundPolicy,
 };
 use serde::Serialize;
-use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::{
@@ -28,60 +27,12 @@ use crate::{
     capture::preflight, capture::sk_lookup, capture::sk_lookup::PodLink,
 };
 
-#[derive(Debug, Error)]
-pub enum DataplaneError {
-    #[error("cannot read the eBPF object {path}: {source} (build it with `cargo xtask build`, or pass --ebpf-object)")]
-    ReadObject {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot load the eBPF object: {0}")]
-    Load(Box<aya::EbpfError>),
-    #[error("the eBPF object has no program `{0}`: it does not match this mesh-node build")]
-    MissingProgram(&'static str),
-    #[error("the kernel ({kernel}) refused program `{program}`; it needs {requirement}: {source}")]
-    ProgramLoad {
-        program: &'static str,
-        requirement: &'static str,
-        kernel: String,
-        source: Box<aya::programs::ProgramError>,
-    },
-    #[error("eBPF map `{name}`: {source}")]
-    Map {
-        name: &'static str,
-        source: Box<MapError>,
-    },
-    #[error("cannot attach `{program}` to cgroup {cgroup}: {source} (needs {requirement}, kernel is {kernel})")]
-    Attach {
-        program: &'static str,
-        cgroup: PathBuf,
-        requirement: &'static str,
-        kernel: String,
-        source: std::io::Error,
-    },
-    #[error("sk_lookup attach to network namespace {netns} failed: {source}")]
-    AttachNetns {
-        netns: String,
-        source: std::io::Error,
-    },
-    #[error("bpffs {path}: {source}")]
-    Pin {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot open cgroup {path}: {source}")]
-    Cgroup {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
+mod error;
+mod pins;
 
-pub(crate) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
-    move |source| DataplaneError::Map {
-        name,
-        source: Box::new(source),
-    }
-}
+pub(crate) use error::map_err;
+pub use error::DataplaneError;
+pub use pins::Prepared;
 
 /// What the admin API shows about one map.
 #[derive(Debug, Clone, Serialize)]
@@ -127,34 +78,6 @@ const CGROUP_PROGRAMS: [CgroupProgram; 3] = [
     },
 ];
 
-/// Pins earlier builds left that this one no longer uses: the node-wide parking hash
-/// (replaced by per-socket storage), the sock_release program that emptied it, and the
-/// inbound policies without their fail-closed fields (now `NM_INBOUND_POL`: the old
-/// map lives on only while an old program still uses it).
-/// Removing a link's last pin detaches its program.
-const RETIRED_PINS: [&str; 3] = [
-    "maps/NM_PENDING_DST",
-    "links/mesh_sock_release",
-    "maps/NM_INBOUND_PODS",
-];
-
-/// Key and value sizes of the pinned maps; a pin left by an incompatible build is
-/// replaced instead of being silently misread.
-fn expected_layout(name: &str) -> Option<(u32, u32)> {
-    use std::mem::size_of;
-    let sizes = match name {
-        map_names::CONFIG => (4, size_of::<NodeConfig>()),
-        map_names::ENROLLED => (8, size_of::<OutboundPolicy>()),
-        map_names::PARKED => (4, size_of::<OrigDst>()),
-        map_names::ORIG_DST => (size_of::<ConnKey>(), size_of::<OrigDst>()),
-        map_names::INBOUND_PODS => (size_of::<Ip>(), size_of::<InboundPolicy>()),
-        map_names::NODE_FLOWS => (size_of::<NodeFlow>(), 8),
-        map_names::HELD => (8, size_of::<OutboundPolicy>()),
-        _ => return None,
-    };
-    Some((sizes.0 as u32, sizes.1 as u32))
-}
-
 pub struct Dataplane {
     ebpf: Mutex<Ebpf>,
     pub(crate) enrolled: Mutex<HashMap<MapData, u64, OutboundPolicy>>,
@@ -177,37 +100,6 @@ pub struct Dataplane {
     pub reused_pins: bool,
 }
 
-/// The object file in u64-backed storage: aya parses the ELF in place and needs it
-/// 8-byte aligned (a plain `Vec<u8>` gives "error parsing ELF data").
-struct AlignedObject {
-    words: Vec<u64>,
-    len: usize,
-}
-
-impl AlignedObject {
-    fn read(path: &Path) -> Result<AlignedObject, DataplaneError> {
-        let bytes = fs::read(path).map_err(|source| DataplaneError::ReadObject {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut words = vec![0u64; bytes.len().div_ceil(8)];
-        for (word, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            *word = u64::from_ne_bytes(b);
-        }
-        Ok(AlignedObject {
-            words,
-            len: bytes.len(),
-        })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: the words own at least `len` initialised bytes; u8 has no alignment needs.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
-    }
-}
-
 impl Dataplane {
     /// Loads the object, reusing pins under `pin_dir`, and attaches the cgroup
     /// programs at `cgroup_root`. The caller holds the pin lock.
@@ -217,40 +109,39 @@ impl Dataplane {
         cgroup_root: &Path,
         config: NodeConfig,
     ) -> Result<Dataplane, DataplaneError> {
-        let map_dir = clean_pins(pin_dir)?;
-        let reused_pins = drop_incompatible_pins(&map_dir)?;
-        let ebpf = load_programs(object, &map_dir)?;
-        Self::finish(Prepared { ebpf, reused_pins }, pin_dir, cgroup_root, config)
+        Self::finish(
+            pins::load_as_holder(object, pin_dir)?,
+            pin_dir,
+            cgroup_root,
+            config,
+        )
     }
 
     /// Loads and verifies the programs against the maps another agent has pinned,
     /// changing no pin: the slow part of a start, done by a newcomer before it takes
-    /// the node over. Refused when a pinned map has another layout (only the pin
-    /// lock's holder may replace it: [`Dataplane::load`] then).
+    /// the node over. Refused unless that agent has pinned every map, with this
+    /// build's layout ([`Dataplane::load`] then, once the lock is held).
     pub fn prepare(object: &Path, pin_dir: &Path) -> Result<Prepared, DataplaneError> {
-        let map_dir = pin_dir.join("maps");
-        if let Some(name) = first_incompatible_pin(&map_dir) {
-            return Err(DataplaneError::Pin {
-                path: map_dir.join(name),
-                source: std::io::Error::other("pinned with another layout"),
-            });
-        }
-        let ebpf = load_programs(object, &map_dir)?;
+        let prepared = pins::load_as_newcomer(object, pin_dir)?;
         info!("eBPF programs loaded and verified; attaching them once the node is taken over");
-        Ok(Prepared {
-            ebpf,
-            reused_pins: true,
-        })
+        Ok(prepared)
     }
 
     /// Attaches what [`Dataplane::prepare`] loaded. The caller holds the pin lock now.
+    /// If the pinned maps changed since (the predecessor replaced one), the object is
+    /// loaded again on the maps pinned now.
     pub fn attach(
         prepared: Prepared,
+        object: &Path,
         pin_dir: &Path,
         cgroup_root: &Path,
         config: NodeConfig,
     ) -> Result<Dataplane, DataplaneError> {
-        clean_pins(pin_dir)?;
+        if !prepared.uses_the_pins(pin_dir) {
+            info!("the pinned maps changed while this agent waited for the node; loading the programs again");
+            return Self::load(object, pin_dir, cgroup_root, config);
+        }
+        pins::clean_pins(pin_dir)?;
         Self::finish(prepared, pin_dir, cgroup_root, config)
     }
 
@@ -260,10 +151,8 @@ impl Dataplane {
         cgroup_root: &Path,
         config: NodeConfig,
     ) -> Result<Dataplane, DataplaneError> {
-        let Prepared {
-            mut ebpf,
-            reused_pins,
-        } = prepared;
+        let reused_pins = prepared.reused_pins;
+        let mut ebpf = prepared.ebpf;
         let link_dir = pin_dir.join("links");
         let kernel = preflight::kernel_release();
         let cgroup = fs::File::open(cgroup_root).map_err(|source| DataplaneError::Cgroup {
@@ -515,19 +404,6 @@ fn second_handle(
     HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(name))
 }
 
-/// Removes the pins of [`RETIRED_PINS`] that an earlier build left behind.
-fn remove_retired_pins(pin_dir: &Path) -> Result<(), DataplaneError> {
-    for retired in RETIRED_PINS {
-        let path = pin_dir.join(retired);
-        match fs::remove_file(&path) {
-            Ok(()) => info!(pin = %path.display(), "removed a pin this version no longer uses"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(DataplaneError::Pin { path, source }),
-        }
-    }
-    Ok(())
-}
-
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding a map lock leaves the map itself consistent (the kernel
     // owns it), so a poisoned lock is safe to keep using.
@@ -554,16 +430,6 @@ fn absent_ok(result: Result<(), MapError>, name: &'static str) -> Result<(), Dat
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(source) => Err(map_err(name)(source)),
-    }
-}
-
-fn load_program(program: &mut Program) -> Result<(), aya::programs::ProgramError> {
-    match program {
-        Program::CgroupSockAddr(p) => p.load(),
-        Program::SockOps(p) => p.load(),
-        Program::CgroupSock(p) => p.load(),
-        Program::SkLookup(p) => p.load(),
-        _ => Ok(()),
     }
 }
 
@@ -598,108 +464,6 @@ fn attach_pinned(
         }
     };
     bpf_sys::link_ids(&link)
-}
-
-/// Removes pinned maps whose layout differs from this build's; returns whether any
-/// compatible pinned map was found (and will be reused).
-/// The programs of the object, loaded and verified, the maps reused from their pins
-/// under `map_dir` (or created and pinned there), not attached.
-pub struct Prepared {
-    ebpf: Ebpf,
-    reused_pins: bool,
-}
-
-/// Creates the pin directories, and removes the pins of retired maps and of pods'
-/// links whose namespace is gone. Returns the map directory.
-fn clean_pins(pin_dir: &Path) -> Result<PathBuf, DataplaneError> {
-    let map_dir = pin_dir.join("maps");
-    let link_dir = pin_dir.join("links");
-    let pod_link_dir = pin_dir.join(sk_lookup::LINK_DIR);
-    for dir in [&map_dir, &link_dir, &pod_link_dir] {
-        fs::create_dir_all(dir).map_err(|source| DataplaneError::Pin {
-            path: dir.clone(),
-            source,
-        })?;
-    }
-    remove_retired_pins(pin_dir)?;
-    sk_lookup::remove_dead_pins(&pod_link_dir).map_err(|source| DataplaneError::Pin {
-        path: pod_link_dir.clone(),
-        source,
-    })?;
-    Ok(map_dir)
-}
-
-fn load_programs(object: &Path, map_dir: &Path) -> Result<Ebpf, DataplaneError> {
-    let object = AlignedObject::read(object)?;
-    let mut ebpf = EbpfLoader::new()
-        .map_pin_path(map_dir)
-        // NM_PARKED is per-socket storage, a map type aya has no wrapper for; only
-        // the programs use it.
-        .allow_unsupported_maps()
-        .load(object.bytes())
-        .map_err(|e| DataplaneError::Load(Box::new(e)))?;
-    let kernel = preflight::kernel_release();
-    for name in [
-        program_names::CONNECT4,
-        program_names::CONNECT6,
-        program_names::SOCK_OPS,
-        program_names::SK_LOOKUP,
-    ] {
-        let program = ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::MissingProgram(name))?;
-        load_program(program).map_err(|source| DataplaneError::ProgramLoad {
-            program: name,
-            requirement: preflight::kernel_requirement(name),
-            kernel: kernel.clone(),
-            source: Box::new(source),
-        })?;
-    }
-    Ok(ebpf)
-}
-
-/// Whether the pinned map at `path` has the layout this build expects of `name`.
-fn pin_compatible(path: &Path, name: &str) -> bool {
-    let Some((key, value)) = expected_layout(name) else {
-        return true;
-    };
-    MapData::from_pin(path)
-        .and_then(|m| m.info())
-        .map(|i| i.key_size() == key && i.value_size() == value)
-        .unwrap_or(false)
-}
-
-/// The first pinned map whose layout this build does not expect.
-fn first_incompatible_pin(map_dir: &Path) -> Option<String> {
-    fs::read_dir(map_dir).ok()?.flatten().find_map(|entry| {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        (!pin_compatible(&entry.path(), &name)).then_some(name)
-    })
-}
-
-fn drop_incompatible_pins(map_dir: &Path) -> Result<bool, DataplaneError> {
-    let mut reused = false;
-    let entries = match fs::read_dir(map_dir) {
-        Ok(e) => e,
-        Err(_) => return Ok(false),
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if expected_layout(&name).is_none() {
-            continue;
-        }
-        if pin_compatible(&path, &name) {
-            reused = true;
-        } else {
-            warn!(map = %name, pin = %path.display(), "pinned map has another layout; replacing it");
-            fs::remove_file(&path).map_err(|source| DataplaneError::Pin {
-                path: path.clone(),
-                source,
-            })?;
-        }
-    }
-    Ok(reused)
 }
 
 pub fn monotonic_ns() -> u64 {
