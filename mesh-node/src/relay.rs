@@ -8,8 +8,11 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
+    io::AsyncWriteExt,
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpStream,
+    },
 };
 
 use crate::telemetry::{connections::ByteCounters, outcome::ConnectionEnd, outcome::StreamError};
@@ -49,26 +52,36 @@ impl From<RelayEnd> for ConnectionEnd {
     }
 }
 
-async fn pump<R, W>(
-    mut from: R,
-    mut to: W,
+/// Copies `from` to `to`. The buffer is taken when `from` becomes readable and given
+/// back when it runs dry, so that an idle connection holds none (a node holds many).
+async fn pump(
+    from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
     count: &AtomicU64,
     activity: &AtomicU64,
     epoch: Instant,
-) -> std::io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUFFER];
+) -> std::io::Result<()> {
+    let mut buf: Vec<u8> = Vec::new();
     loop {
-        let n = from.read(&mut buf).await?;
+        from.readable().await?;
+        if buf.capacity() == 0 {
+            buf.reserve_exact(BUFFER);
+        }
+        let n = match from.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                buf = Vec::new();
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             // Pass the half-close on; the peer may still be sending the other way.
             to.shutdown().await?;
             return Ok(());
         }
         to.write_all(&buf[..n]).await?;
+        buf.clear();
         count.fetch_add(n as u64, Ordering::Relaxed);
         activity.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
@@ -111,7 +124,7 @@ pub(crate) async fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use tokio::{io::AsyncReadExt, net::TcpListener};
 
     /// A connected pair of streams over loopback.
     async fn pair() -> (TcpStream, TcpStream) {

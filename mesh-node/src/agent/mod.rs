@@ -573,5 +573,6 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
     drop(workloads);
     info!("shutting down; pinned eBPF state stays for the next start");
     drop(pin_lock);
+    crate::telemetry::access_log::flush(Duration::from_secs(2));
     Ok(())
 }

@@ -6,10 +6,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
         TcpStream,
@@ -20,6 +20,8 @@ use crate::{
     relay::RelayEnd, telemetry::connections::ByteCounters, telemetry::outcome::StreamError,
 };
 
+/// The most read from the TCP side at once. A buffer is taken only once the socket is
+/// readable and handed to h2 as it is (no copy): an idle connection holds none.
 const CHUNK: usize = 64 * 1024;
 
 /// A failure of the HTTP/2 stream or its connection, as h2 describes it.
@@ -28,20 +30,25 @@ fn tunnel(e: h2::Error) -> StreamError {
 }
 
 async fn tcp_to_stream(
-    mut tcp: OwnedReadHalf,
+    tcp: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     count: &AtomicU64,
     activity: &AtomicU64,
     epoch: Instant,
 ) -> Result<(), StreamError> {
-    let mut buf = vec![0u8; CHUNK];
     loop {
-        let n = tcp.read(&mut buf).await?;
+        tcp.readable().await?;
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        let n = match tcp.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             send.send_data(Bytes::new(), true).map_err(tunnel)?;
             return Ok(());
         }
-        let mut data = Bytes::copy_from_slice(&buf[..n]);
+        let mut data = buf.freeze();
         while !data.is_empty() {
             send.reserve_capacity(data.len());
             let granted = std::future::poll_fn(|cx| send.poll_capacity(cx))

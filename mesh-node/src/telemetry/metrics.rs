@@ -533,7 +533,11 @@ impl Metrics {
                 "Hand-overs of the node between agents, by role (giver, taker) and outcome (handed_over, refused, failed; taken_over, fell_back).",
                 &["role", "outcome"],
             ),
-            registry: r,
+            registry: {
+                // Counted by the access log's writer, shared by every registry.
+                let _ = r.register(Box::new(crate::telemetry::access_log::dropped().clone()));
+                r
+            },
         }
     }
 

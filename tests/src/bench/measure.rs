@@ -132,6 +132,11 @@ pub struct ScenarioResults {
     pub scenario: Scenario,
     pub samples: BTreeMap<Metric, Vec<f64>>,
     pub cost: Option<ProxyCost>,
+    /// KB of proxy RSS (both nodes) per idle connection held, and how many were held
+    /// (see `scale`).
+    pub held_kb_per_conn: Option<(f64, u64)>,
+    /// vCPU of the busier node at a fixed [`Plan::http_rate`] (see `scale`).
+    pub vcpu_per_node_at_rate: Option<f64>,
     cpu_ticks: u64,
     bytes: u64,
 }
@@ -154,6 +159,10 @@ pub struct Plan {
     pub connections: u64,
     pub http_rate: u64,
     pub http_seconds: u64,
+    /// Idle connections held at once for the memory-per-connection figure.
+    pub held_connections: u64,
+    /// How long the fixed HTTP rate runs for the CPU-per-rate figure.
+    pub cost_http_seconds: u64,
 }
 
 impl Default for Plan {
@@ -165,11 +174,13 @@ impl Default for Plan {
             connections: 2000,
             http_rate: 1000,
             http_seconds: 3,
+            held_connections: 10_000,
+            cost_http_seconds: 30,
         }
     }
 }
 
-fn check(stop: &AtomicBool) -> Result<()> {
+pub(super) fn check(stop: &AtomicBool) -> Result<()> {
     if stop.load(Ordering::SeqCst) {
         bail!("interrupted");
     }
@@ -191,6 +202,8 @@ pub fn run(
             // The L7 scenario shares nodemesh-l4's agents: their cost is reported there.
             cost: (!bed.proxy_pids(scenario).is_empty() && !scenario.http_only())
                 .then(ProxyCost::default),
+            held_kb_per_conn: None,
+            vcpu_per_node_at_rate: None,
             cpu_ticks: 0,
             bytes: 0,
         })
@@ -360,7 +373,7 @@ fn churn(
     Ok(rep)
 }
 
-fn http_load(
+pub(super) fn http_load(
     bed: &Bed,
     placement: &Placement,
     scenario: Scenario,
@@ -430,7 +443,7 @@ fn iperf(placement: &Placement, dst: SocketAddr, streams: u32, seconds: u64) -> 
     bail!("iperf3 to {dst}: {last_error}")
 }
 
-fn clock_ticks() -> f64 {
+pub(super) fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 {
@@ -451,9 +464,22 @@ fn stat_ticks(stat: &str) -> Option<u64> {
 
 /// utime + stime of the processes, in clock ticks.
 fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter().map(|&pid| cpu_ticks_of(pid)).sum()
+}
+
+/// User + system clock ticks of one process so far (0 if it is gone).
+pub(super) fn cpu_ticks_of(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat_ticks(&stat))
+        .unwrap_or(0)
+}
+
+/// RSS of `pids` together, in kB.
+pub(super) fn rss_kb(pids: &[u32]) -> u64 {
     pids.iter()
-        .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter_map(|stat| stat_ticks(&stat))
+        .filter_map(|&p| status_mb(p, "VmRSS:"))
+        .map(|mb| (mb * 1024.0) as u64)
         .sum()
 }
 

@@ -7,6 +7,7 @@ pub mod machine;
 pub mod measure;
 pub mod peers;
 pub mod report;
+pub mod scale;
 pub mod scenarios;
 mod servers;
 
@@ -49,7 +50,12 @@ pub fn run(stop: &AtomicBool, out_dir: &Path, plan: Plan, scenarios: &[Scenario]
         "Measuring: {} rounds, each visiting every scenario in turn",
         plan.rounds
     ));
-    let results = measure::run(&bed, scenarios, plan, stop)?;
+    let mut results = measure::run(&bed, scenarios, plan, stop)?;
+    step(&format!(
+        "Holding {} idle connections, then {} HTTP requests/s for {} s, per scenario",
+        plan.held_connections, plan.http_rate, plan.cost_http_seconds
+    ));
+    scale::run(&bed, &mut results, plan, stop)?;
     drop(bed);
     let _ = fs::remove_dir_all(&work);
     let report = report::Report {

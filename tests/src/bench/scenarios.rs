@@ -203,6 +203,10 @@ impl Bed {
             .push(crate::sim::PodSpec::new(GUARDED, "apps", "b"));
         spec.pods
             .push(crate::sim::PodSpec::new(BEARER, "apps", "b"));
+        // The memory-per-connection figure holds 10,000 connections from one pod to
+        // one pod: above the default budget of 4,096 per pod and direction.
+        spec.agent_args
+            .extend(["--max-connections-per-pod".to_string(), "16384".to_string()]);
         let cluster = SimCluster::create(spec)?;
         cluster.write_manifest("bench-httproute.yaml", HTTP_ROUTE)?;
         cluster.write_manifest("bench-authz.yaml", GUARDED_POLICY)?;

@@ -36,6 +36,12 @@ enum Cmd {
         /// nodemesh-l7-jwt, stunnel, haproxy); all by default.
         #[arg(long, value_parser = parse_scenario)]
         scenario: Vec<mesh_tests::bench::Scenario>,
+        /// Idle connections held at once for the memory-per-connection figure (0: skip).
+        #[arg(long, default_value_t = 10_000)]
+        held_connections: u64,
+        /// Seconds of a fixed 1,000 HTTP requests/s for the CPU-per-rate figure (0: skip).
+        #[arg(long, default_value_t = 30)]
+        cost_http_seconds: u64,
     },
     /// Remove namespaces, cgroups and pins of clusters whose owner process is gone.
     Sweep,
@@ -83,9 +89,13 @@ fn main() -> ExitCode {
             out,
             rounds,
             scenario,
+            held_connections,
+            cost_http_seconds,
         } => stop_flag().and_then(|s| {
             let plan = mesh_tests::bench::Plan {
                 rounds,
+                held_connections,
+                cost_http_seconds,
                 ..Default::default()
             };
             mesh_tests::bench::run(&s, &out, plan, &scenario)

@@ -100,3 +100,84 @@ fn thousands_of_failed_handshakes_are_counted_but_logged_a_few_times_a_second() 
         .unwrap();
     assert!(report.ok, "{report:?}");
 }
+
+/// A log collector that stops reading the agent's stdout (the pipe fills after a few
+/// dozen access-log lines) must not stall the connections whose lines wait: the access
+/// log is written by its own thread, behind a bounded queue.
+#[test]
+fn an_access_log_nobody_reads_holds_up_no_connection() {
+    let cluster = SimCluster::create(ClusterSpec::two_nodes()).unwrap();
+    cluster.start_agent("b").unwrap();
+    let node = cluster.node("a").clone();
+    let stderr = std::fs::File::create(cluster.agent_log_path("a")).unwrap();
+    let mut agent = cluster
+        .agent_command(&node)
+        .unwrap()
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    // Held, not read, until the end.
+    let mut stdout = agent.stdout.take().unwrap();
+    cluster.adopt_agent("a", agent);
+    cluster.wait_ready("a", Duration::from_secs(20)).unwrap();
+    let _server = cluster.serve("server", 8080).unwrap();
+    let dst = cluster.pod("server").addr4(8080);
+
+    // 3,000 connections, each closing with an access-log line of about 1 KB: 40 times
+    // what the pipe holds. Every one works, at the usual pace.
+    let connections = 3_000u64;
+    let report = cluster.churn("client", dst, connections).unwrap();
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert_eq!(report.succeeded, connections, "{report:?}");
+    assert!(
+        report.elapsed_ms < host::scaled(Duration::from_secs(30)).as_millis() as u64,
+        "{report:?}"
+    );
+    assert!(
+        cluster.scrape_metrics("a").is_ok(),
+        "the admin side stalled"
+    );
+
+    // The collector reads again: the lines that waited come out whole, one per
+    // connection.
+    let reader = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut lines = 0u64;
+        while lines < connections && Instant::now() < deadline {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    text.extend_from_slice(&buf[..n]);
+                    lines = text.iter().filter(|b| **b == b'\n').count() as u64;
+                }
+            }
+        }
+        text
+    });
+    let text = reader.join().unwrap();
+    let text = String::from_utf8_lossy(&text);
+    let tcp_lines = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .is_ok_and(|v| v["log"] == "access" && v["kind"] == "tcp")
+        })
+        .count() as u64;
+    assert!(
+        tcp_lines >= connections,
+        "{tcp_lines} whole access-log lines of {connections} connections"
+    );
+    let metrics = cluster.scrape_metrics("a").unwrap();
+    assert!(
+        metrics.contains("nodemesh_access_log_dropped_total 0"),
+        "lines were dropped: {}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("nodemesh_access_log"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
