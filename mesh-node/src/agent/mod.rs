@@ -17,6 +17,7 @@ use thiserror::Error;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{info, warn};
 
+mod memory;
 mod stop;
 
 use stop::{next_request, Draining, NodeListeners, Signals, Stop};
@@ -516,6 +517,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
                 if removed > 0 {
                     info!(removed, "swept node-connection entries that outlived their handshake");
                 }
+                memory::return_free_pages();
                 None
             }
             _ = signals.at_least(1) => Some(Stop::Signal),

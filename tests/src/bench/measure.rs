@@ -126,6 +126,8 @@ pub struct ProxyCost {
     pub anon_idle_mb: f64,
     pub rss_load_mb: f64,
     pub rss_after_mb: f64,
+    /// Anonymous (private) part of the RSS after.
+    pub anon_after_mb: f64,
 }
 
 pub struct ScenarioResults {
@@ -243,12 +245,17 @@ pub fn run(
             );
         }
     }
-    thread::sleep(Duration::from_secs(2));
+    // Long enough for the agents' periodic return of freed memory (every 10 s).
+    thread::sleep(Duration::from_secs(11));
     for r in &mut results {
         let pids = bed.proxy_pids(r.scenario);
         let (ticks, bytes) = (r.cpu_ticks, r.bytes);
         if let Some(cost) = &mut r.cost {
             cost.rss_after_mb = max_rss_mb(&pids);
+            cost.anon_after_mb = pids
+                .iter()
+                .filter_map(|&p| status_mb(p, "RssAnon:"))
+                .fold(0.0, f64::max);
             cost.cpu_s_per_gb = ticks as f64 / clock_ticks() / (bytes as f64 / 1e9).max(1e-9);
         }
     }

@@ -271,20 +271,21 @@ impl Report<'_> {
 
     fn cost_table(&self) -> String {
         let mut t = String::from(
-            "| scenario | CPU s per GB moved (both nodes) | RSS idle (MB) | of which private (MB) | RSS under load (MB) | RSS after (MB) |\n\
-             | --- | --- | --- | --- | --- | --- |\n",
+            "| scenario | CPU s per GB moved (both nodes) | RSS idle (MB) | of which private (MB) | RSS under load (MB) | RSS after (MB) | of which private (MB) |\n\
+             | --- | --- | --- | --- | --- | --- | --- |\n",
         );
         for r in self.results {
             if let Some(c) = r.cost {
                 let _ = writeln!(
                     t,
-                    "| {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    "| {} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
                     r.scenario.name(),
                     c.cpu_s_per_gb,
                     c.rss_idle_mb,
                     c.anon_idle_mb,
                     c.rss_load_mb,
-                    c.rss_after_mb
+                    c.rss_after_mb,
+                    c.anon_after_mb
                 );
             }
         }
@@ -347,7 +348,7 @@ impl Report<'_> {
             "## Proxy cost\n\nCPU: user + system time of the proxy processes on both nodes over the iperf3 runs, \
              per GB received by iperf3. RSS: the larger of the two nodes' processes, idle before \
              the first run (and its anonymous, private part: the rest is mostly code pages shared with every \
-             process running the same binary), peak during the throughput runs, and 2 s after the last run.\n\n{}",
+             process running the same binary), peak during the throughput runs, and 11 s after the last run (the agents return freed memory to the kernel every 10 s).\n\n{}",
             self.cost_table()
         );
         let _ = writeln!(
