@@ -17,8 +17,9 @@ use thiserror::Error;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{info, warn};
 
-mod memory;
 mod stop;
+
+pub use crate::limits::memory::one_heap_per_core;
 
 use stop::{next_request, Draining, NodeListeners, Signals, Stop};
 
@@ -517,7 +518,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
                 if removed > 0 {
                     info!(removed, "swept node-connection entries that outlived their handshake");
                 }
-                memory::return_free_pages();
+                crate::limits::memory::return_free_pages();
                 None
             }
             _ = signals.at_least(1) => Some(Stop::Signal),

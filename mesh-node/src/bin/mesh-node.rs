@@ -103,6 +103,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            // Before the runtime's threads exist.
+            mesh_node::agent::one_heap_per_core();
             run_async("mesh-node agent", mesh_node::agent::run(*config, log_level))
         }
     }

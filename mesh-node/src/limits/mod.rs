@@ -10,6 +10,7 @@ pub(crate) mod drain;
 pub(crate) mod gate;
 pub(crate) mod http;
 pub(crate) mod io;
+pub(crate) mod memory;
 pub(crate) mod mirror_slots;
 pub(crate) mod served;
 
