@@ -6,21 +6,13 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_tests::sim::{host, ClusterSpec, PodSpec, ServiceSpec, SimCluster};
+use mesh_tests::sim::{host, SimCluster};
 
 #[test]
 fn upgrading_both_nodes_under_load_refuses_cuts_and_fails_nothing() {
-    let mut spec = ClusterSpec::two_nodes();
-    spec.pods.push(PodSpec::new("web", "apps", "b"));
-    spec.services = vec![ServiceSpec::new("web", "apps", 80, 8081, &["web"])];
-    spec.agent_args
-        .extend(["--drain-timeout".to_string(), "60s".to_string()]);
-    let cluster = SimCluster::create(spec).unwrap();
-    cluster.start_agents().unwrap();
+    let (cluster, _web) = SimCluster::web_behind_a_route("60s").unwrap();
     let _echo = cluster.serve("server", 8080).unwrap();
-    let _web = cluster.http_serve("web", &[8081]).unwrap();
     let vip = cluster.service("web").addr4();
-    cluster.route_web("client").unwrap();
 
     // The load, scaled to the machine: 200 new connections/s, 20 transfers
     // of 256 MiB paced over 24 s, 500 HTTP requests/s on four kept-alive connections

@@ -515,7 +515,7 @@ fn two_agents_started_at_once_leave_one_manager_one_attachment_and_nothing_behin
             std::fs::read_to_string(cluster.second_agent_log_path("a")).unwrap_or_default(),
         ];
         for (pid, log) in pids.iter().zip(&logs) {
-            let said: Vec<&str> = log
+            let said: Vec<String> = log
                 .lines()
                 .filter_map(|l| serde_json::from_str::<Value>(l).ok())
                 .filter_map(|v| v["message"].as_str().map(str::to_owned))
@@ -529,7 +529,6 @@ fn two_agents_started_at_once_leave_one_manager_one_attachment_and_nothing_behin
                     .iter()
                     .any(|k| m.contains(k))
                 })
-                .map(|m| &*m.leak())
                 .collect();
             println!("{round}: agent {pid} (manager {manager}): {said:?}");
         }
@@ -673,15 +672,7 @@ fn a_newcomer_changes_no_pin_before_it_holds_the_lock() {
 
 #[test]
 fn http2_clients_get_goaway_from_the_handing_over_agent_and_lose_no_request() {
-    let mut spec = ClusterSpec::two_nodes();
-    spec.pods.push(PodSpec::new("web", "apps", "b"));
-    spec.services = vec![ServiceSpec::new("web", "apps", 80, 8081, &["web"])];
-    spec.agent_args
-        .extend(["--drain-timeout".to_string(), "30s".to_string()]);
-    let cluster = SimCluster::create(spec).unwrap();
-    cluster.start_agents().unwrap();
-    let _web = cluster.http_serve("web", &[8081]).unwrap();
-    cluster.route_web("client").unwrap();
+    let (cluster, _web) = SimCluster::web_behind_a_route("30s").unwrap();
     let vip = cluster.service("web").addr4().to_string();
 
     // A client application keeps one HTTP/2 connection through the route and sends a

@@ -5,7 +5,8 @@
 //! sweep (every 10 s), asks glibc to return the free pages (`malloc_trim`). Pages
 //! still in use are untouched; a page returned and needed again costs one page fault.
 
-/// Caps glibc's heaps at one per core (call first thing in `main`).
+/// Caps glibc's heaps at one per core (call before the async runtime starts its
+/// threads).
 pub fn one_heap_per_core() {
     #[cfg(target_env = "gnu")]
     {

@@ -38,13 +38,29 @@ pub(crate) struct Activity {
     http2: AtomicBool,
 }
 
-/// One request in flight; ends when its response head is ready (dropped).
-pub(crate) struct InFlight(Arc<Activity>);
+/// One request in flight; ends when its response head is ready ([`InFlight::respond`])
+/// or the request fails (dropped).
+pub(crate) struct InFlight {
+    activity: Arc<Activity>,
+    version: Version,
+}
+
+impl InFlight {
+    /// The response head is ready: an HTTP/1.x response of a draining agent is marked
+    /// as the connection's last (`Connection: close`), and the request ends.
+    pub(crate) fn respond<B>(self, response: &mut Response<B>) {
+        if self.activity.drain.is_draining() && self.version != Version::HTTP_2 {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        *self.activity.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.activity.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -66,15 +82,9 @@ impl Activity {
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
-    }
-
-    /// Marks an HTTP/1.x response of a draining agent as the connection's last.
-    pub(crate) fn response<B>(&self, version: Version, response: &mut Response<B>) {
-        if self.drain.is_draining() && version != Version::HTTP_2 {
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        InFlight {
+            activity: self.clone(),
+            version,
         }
     }
 
@@ -189,21 +199,21 @@ mod tests {
     fn http1_responses_carry_connection_close_once_draining_and_http2_goes_away() {
         let drain = Drain::default();
         let activity = Activity::new(&drain);
-        let first = activity.begin(Version::HTTP_11);
         let mut before = Response::new(());
-        activity.response(Version::HTTP_11, &mut before);
+        activity.begin(Version::HTTP_11).respond(&mut before);
         assert!(before.headers().get("connection").is_none());
         assert!(!activity.http2.load(Ordering::Relaxed));
-        drop(first);
+        assert_eq!(activity.in_flight.load(Ordering::Relaxed), 0);
         drain.start();
         let mut after = Response::new(());
-        activity.response(Version::HTTP_11, &mut after);
+        activity.begin(Version::HTTP_11).respond(&mut after);
         assert_eq!(after.headers()["connection"], "close");
-        let _h2 = activity.begin(Version::HTTP_2);
-        let mut h2 = Response::new(());
-        activity.response(Version::HTTP_2, &mut h2);
-        assert!(h2.headers().get("connection").is_none());
+        let h2_request = activity.begin(Version::HTTP_2);
         assert!(activity.http2.load(Ordering::Relaxed));
         assert_eq!(activity.in_flight.load(Ordering::Relaxed), 1);
+        let mut h2 = Response::new(());
+        h2_request.respond(&mut h2);
+        assert!(h2.headers().get("connection").is_none());
+        assert_eq!(activity.in_flight.load(Ordering::Relaxed), 0);
     }
 }

@@ -103,13 +103,11 @@ where
     let service = {
         let (shared, activity) = (shared.clone(), activity.clone());
         service_fn(move |request: Request<Incoming>| {
-            let version = request.version();
-            let in_flight = activity.begin(version);
-            let (shared, activity) = (shared.clone(), activity.clone());
+            let in_flight = activity.begin(request.version());
+            let shared = shared.clone();
             async move {
                 let mut response = handle(request, &shared).await;
-                activity.response(version, &mut response);
-                drop(in_flight);
+                in_flight.respond(&mut response);
                 Ok::<_, Infallible>(response)
             }
         })

@@ -266,6 +266,8 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
+        // Counted by the access log's writer, shared by every registry.
+        let _ = r.register(Box::new(crate::telemetry::access_log::dropped().clone()));
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "nodemesh_request_duration_milliseconds",
@@ -533,11 +535,7 @@ impl Metrics {
                 "Hand-overs of the node between agents, by role (giver, taker) and outcome (handed_over, refused, failed; taken_over, fell_back).",
                 &["role", "outcome"],
             ),
-            registry: {
-                // Counted by the access log's writer, shared by every registry.
-                let _ = r.register(Box::new(crate::telemetry::access_log::dropped().clone()));
-                r
-            },
+            registry: r,
         }
     }
 

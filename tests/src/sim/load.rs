@@ -1,5 +1,6 @@
-//! Steady load across agent upgrades: the HTTPRoute the load's HTTP requests go
-//! through, and the load itself (`mesh-testapp upgrade-load`), stopped and reported.
+//! Steady load across agent upgrades: a cluster whose `web` Service is behind an
+//! HTTPRoute (the load's HTTP requests go through it), and the load itself
+//! (`mesh-testapp upgrade-load`), stopped and reported.
 
 use std::{
     path::PathBuf,
@@ -10,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use super::SimCluster;
+use super::{ClusterSpec, PodSpec, Process, ServiceSpec, SimCluster};
 use crate::upgrade_load::LoadReport;
 
 /// The `web` Service (apps, port 80) through an HTTPRoute that marks each request
@@ -33,14 +34,23 @@ fn web_route() -> String {
 }
 
 impl SimCluster {
-    /// Applies the `web` HTTPRoute and waits until a request from `pod` went through
-    /// it (the cluster needs a `web` Service in `apps` on port 80 and its pods serving
-    /// HTTP).
-    pub fn route_web(&self, pod: &str) -> Result<()> {
-        self.write_manifest("web-route.yaml", &web_route())?;
-        let vip = self.service("web").addr4();
-        let routed = self.eventually(Duration::from_secs(10), || {
-            self.http(pod, vip, "web", "/", &[])
+    /// Two nodes whose agents drain for at most `drain_timeout`, with the `web`
+    /// Service (apps, port 80) on node b serving HTTP behind the `web` HTTPRoute,
+    /// which is checked to apply from `client`. Returns the cluster and the web server.
+    pub fn web_behind_a_route(drain_timeout: &str) -> Result<(SimCluster, Process)> {
+        let mut spec = ClusterSpec::two_nodes();
+        spec.pods.push(PodSpec::new("web", "apps", "b"));
+        spec.services = vec![ServiceSpec::new("web", "apps", 80, 8081, &["web"])];
+        spec.agent_args
+            .extend(["--drain-timeout".to_string(), drain_timeout.to_string()]);
+        let cluster = SimCluster::create(spec)?;
+        cluster.start_agents()?;
+        let web = cluster.http_serve("web", &[8081])?;
+        cluster.write_manifest("web-route.yaml", &web_route())?;
+        let vip = cluster.service("web").addr4();
+        let routed = cluster.eventually(Duration::from_secs(10), || {
+            cluster
+                .http("client", vip, "web", "/", &[])
                 .ok()
                 .and_then(|r| r.samples.first().cloned())
                 .is_some_and(|s| s.status == 200 && s.body.contains("by-route"))
@@ -48,7 +58,7 @@ impl SimCluster {
         if routed.is_none() {
             bail!("the web HTTPRoute never applied");
         }
-        Ok(())
+        Ok((cluster, web))
     }
 
     /// Starts `mesh-testapp upgrade-load` in `pod` with `args` (without

@@ -88,11 +88,7 @@ impl Prepared {
 fn pinned_ids(map_dir: &Path) -> Option<Vec<u32>> {
     PINNED_MAPS
         .iter()
-        .map(|name| {
-            let info = MapData::from_pin(map_dir.join(name)).ok()?.info().ok()?;
-            let (key, value) = expected_layout(name)?;
-            (info.key_size() == key && info.value_size() == value).then(|| info.id())
-        })
+        .map(|name| compatible_pin_id(&map_dir.join(name), name))
         .collect()
 }
 
@@ -227,15 +223,18 @@ fn load_programs(object: &Path, map_dir: &Path) -> Result<Ebpf, DataplaneError> 
     Ok(ebpf)
 }
 
-/// Whether the pinned map at `path` has the layout this build expects of `name`.
+/// The id of the map pinned at `path`, when it is one this build pins as `name` and
+/// has the layout this build expects.
+fn compatible_pin_id(path: &Path, name: &str) -> Option<u32> {
+    let (key, value) = expected_layout(name)?;
+    let info = MapData::from_pin(path).ok()?.info().ok()?;
+    (info.key_size() == key && info.value_size() == value).then(|| info.id())
+}
+
+/// Whether the pinned map at `path` has the layout this build expects of `name`
+/// (a name this build does not pin has none to check).
 fn pin_compatible(path: &Path, name: &str) -> bool {
-    let Some((key, value)) = expected_layout(name) else {
-        return true;
-    };
-    MapData::from_pin(path)
-        .and_then(|m| m.info())
-        .map(|i| i.key_size() == key && i.value_size() == value)
-        .unwrap_or(false)
+    expected_layout(name).is_none() || compatible_pin_id(path, name).is_some()
 }
 
 /// Removes pinned maps whose layout differs from this build's; returns whether any

@@ -147,9 +147,8 @@ pub(crate) async fn serve(
     let service = {
         let (ctx, activity) = (ctx.clone(), activity.clone());
         service_fn(move |request: Request<Incoming>| {
-            let version = request.version();
-            let in_flight = activity.begin(version);
-            let (ctx, frontend, activity) = (ctx.clone(), frontend.clone(), activity.clone());
+            let in_flight = activity.begin(request.version());
+            let (ctx, frontend) = (ctx.clone(), frontend.clone());
             async move {
                 // An HTTP/2 connection carries many requests at once, each of which
                 // may hold an upstream connection: each takes a slot of the pod's
@@ -163,8 +162,7 @@ pub(crate) async fn serve(
                     _ => None,
                 };
                 let mut response = handle(request, ctx, frontend).await?;
-                activity.response(version, &mut response);
-                drop(in_flight);
+                in_flight.respond(&mut response);
                 Ok::<_, Infallible>(match slot {
                     Some(slot) => response.map(|body| box_body(Held { body, _slot: slot })),
                     None => response,
