@@ -241,6 +241,18 @@ const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// Editors write in several steps; wait this long after a notification.
 const SETTLE: Duration = Duration::from_millis(20);
 
+/// Whether a change notification may mean a manifest changed. Opening or reading the
+/// directory or a file is not a change, and the rescan itself opens the directory: taken
+/// as one, every rescan would set off the next, a scan every [`SETTLE`] forever.
+fn may_change_manifests(event: &notify::Event) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 /// Watches `dir` and publishes a new state whenever it changes (built with the mesh's
 /// `root` namespace). The first scan happens before this returns, so the sender holds a
 /// state when the agent starts.
@@ -252,8 +264,10 @@ pub async fn watch_directory(
 ) {
     let mut manifests = ManifestDirectory::new(dir.clone()).with_root_namespace(root);
     let (notify_tx, mut notify_rx) = mpsc::channel::<()>(1);
-    let watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
-        let _ = notify_tx.try_send(());
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.as_ref().map_or(true, may_change_manifests) {
+            let _ = notify_tx.try_send(());
+        }
     })
     .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|_| w));
     let interval = match &watcher {
@@ -266,6 +280,7 @@ pub async fn watch_directory(
     let mut first = true;
     let mut problems_reporter = crate::discovery::problems::ProblemReporter::new();
     loop {
+        metrics.manifest_scans.inc();
         let (changed, problems) = manifests.rescan();
         for p in &problems {
             metrics.manifest_errors.inc();
@@ -350,5 +365,38 @@ mod tests {
         assert!(changed);
         assert!(m.state().pods.is_empty());
         assert_eq!(m.state().namespaces.len(), 1);
+    }
+
+    /// The watcher rescans when a file changes, and otherwise every [`RESCAN_INTERVAL`]:
+    /// its own rescans (which open the directory) do not count as changes.
+    #[tokio::test]
+    async fn an_unchanged_directory_is_rescanned_every_interval_and_a_change_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("ns.yaml"), NS).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let (tx, mut rx) = watch::channel(Arc::new(ClusterState::default()));
+        let watcher = tokio::spawn(watch_directory(
+            dir.path().to_path_buf(),
+            RootNamespace::default(),
+            tx,
+            metrics.clone(),
+        ));
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .expect("the first scan is published")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let scans = metrics.manifest_scans.get();
+        assert!(
+            scans <= 2,
+            "{scans} scans of a directory nobody changed in 1.5 s (the interval is {RESCAN_INTERVAL:?})"
+        );
+        fs::write(dir.path().join("pod.yaml"), POD).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), rx.changed())
+            .await
+            .expect("a new file is picked up within a second, not at the next interval")
+            .unwrap();
+        assert_eq!(rx.borrow().pods.len(), 1);
+        watcher.abort();
     }
 }

@@ -177,6 +177,8 @@ pub struct Metrics {
     /// Connections the agent refused or could not serve, by reason.
     pub refused: IntCounterVec,
     pub manifest_errors: IntCounter,
+    /// Rescans of the manifest directory (files source).
+    pub manifest_scans: IntCounter,
     /// Route configuration problems found compiling a Service port's HTTP routes
     /// (a broken or unsupported part of an HTTPRoute or VirtualService, a
     /// VirtualService that does not apply), counted per table built.
@@ -375,6 +377,11 @@ impl Metrics {
                 &r,
                 "nodemesh_manifest_errors_total",
                 "Manifest files skipped because they did not parse.",
+            ),
+            manifest_scans: counter(
+                &r,
+                "nodemesh_manifest_scans_total",
+                "Rescans of the manifest directory (files source): after a change, and every 2 s.",
             ),
             route_config_problems: counter(
                 &r,
