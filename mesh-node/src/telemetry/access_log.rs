@@ -3,7 +3,8 @@
 //! diagnostics, so it is independent of the log filter and the log format on stderr.
 //!
 //! The proxy never writes stdout itself: a line is encoded where it is made and queued
-//! to one writer thread, which writes whatever has queued up with one call. A stdout
+//! to one writer thread, which wakes at most every [`LINGER`] and writes whatever has
+//! queued up with one call. A stdout
 //! that blocks (a log pipe nobody reads) or falls behind holds up no connection: once
 //! [`QUEUE_LINES`] lines wait, further lines are dropped and counted in
 //! `nodemesh_access_log_dropped_total`.
@@ -24,6 +25,10 @@ use serde::Serialize;
 pub(crate) const QUEUE_LINES: usize = 16 * 1024;
 /// The writer writes at most this much with one call.
 const BATCH_BYTES: usize = 64 * 1024;
+/// How long the writer lets lines gather once the first one has queued: a line reaches
+/// stdout at most this much later, and the writer wakes at most this often, however
+/// many requests there are.
+const LINGER: Duration = Duration::from_millis(50);
 
 enum Queued {
     Line(Vec<u8>),
@@ -100,6 +105,11 @@ fn write_lines(rx: Receiver<Queued>, out: impl Write) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
     let mut flushed = Vec::new();
     while let Ok(first) = rx.recv() {
+        if matches!(first, Queued::Line(_)) {
+            // Let lines gather rather than wake for each: while this thread sleeps, the
+            // proxy's sends wake nobody (no futex call, no context switch per line).
+            std::thread::sleep(LINGER);
+        }
         let mut next = Some(first);
         while let Some(item) = next.take() {
             match item {
@@ -168,5 +178,38 @@ mod tests {
         for (n, line) in lines.iter().enumerate() {
             assert_eq!(*line, format!("{{\"n\":{n}}}"));
         }
+    }
+
+    /// Requests one at a time (a line each millisecond) do not wake the writer once per
+    /// line: it writes a batch per [`LINGER`], not a call per line.
+    #[test]
+    fn lines_that_trickle_in_are_written_a_batch_per_linger() {
+        let (tx, rx) = mpsc::sync_channel(QUEUE_LINES);
+        let calls = Calls::default();
+        let writer = {
+            let calls = calls.clone();
+            std::thread::spawn(move || write_lines(rx, calls))
+        };
+        let started = std::time::Instant::now();
+        for n in 0..200 {
+            tx.send(Queued::Line(format!("{{\"n\":{n}}}\n").into_bytes()))
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        tx.send(Queued::Flush(done_tx)).unwrap();
+        done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let elapsed = started.elapsed();
+        drop(tx);
+        writer.join().unwrap();
+        let writes = calls.0.lock().unwrap().clone();
+        let most = elapsed.as_millis() / LINGER.as_millis() + 2;
+        assert!(
+            writes.len() as u128 <= most,
+            "{} writes for 200 lines over {elapsed:?}: at most {most} (one per {LINGER:?})",
+            writes.len()
+        );
+        let text = String::from_utf8(writes.concat()).unwrap();
+        assert_eq!(text.lines().count(), 200);
     }
 }
