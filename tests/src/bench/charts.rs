@@ -39,6 +39,17 @@ fn cost_panel(
     unit: &'static str,
     f: impl Fn(&super::measure::ProxyCost) -> f64,
 ) -> Panel {
+    figure_panel(results, title, unit, |r| Some(f(r.cost.as_ref()?)))
+}
+
+/// A panel of one figure measured once per scenario (no range): the scenarios that
+/// have it.
+fn figure_panel(
+    results: &[ScenarioResults],
+    title: &str,
+    unit: &'static str,
+    f: impl Fn(&ScenarioResults) -> Option<f64>,
+) -> Panel {
     Panel {
         title: title.to_string(),
         unit,
@@ -46,7 +57,7 @@ fn cost_panel(
             .iter()
             .enumerate()
             .filter_map(|(i, r)| {
-                let v = f(r.cost.as_ref()?);
+                let v = f(r)?;
                 Some((
                     r.scenario.name(),
                     i,
@@ -73,14 +84,20 @@ fn load_font() -> Result<()> {
     .map_err(|_| anyhow!("{FONT} is not a usable font"))
 }
 
+/// Draws the panels that have bars side by side; writes nothing when none has (a run of
+/// scenarios that measure none of these figures), since a chart of no bars is no chart.
 fn draw(path: &Path, title: &str, panels: &[Panel]) -> Result<()> {
+    let panels: Vec<&Panel> = panels.iter().filter(|p| !p.bars.is_empty()).collect();
+    if panels.is_empty() {
+        return Ok(());
+    }
     let err = |e: &dyn std::fmt::Display| anyhow!("drawing {}: {e}", path.display());
     let root = BitMapBackend::new(path, (400 * panels.len() as u32, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let root = root
         .titled(title, ("sans-serif", 22))
         .map_err(|e| err(&e))?;
-    for (area, p) in root.split_evenly((1, panels.len())).iter().zip(panels) {
+    for (area, p) in root.split_evenly((1, panels.len())).iter().zip(&panels) {
         let names: Vec<&str> = p.bars.iter().map(|b| b.0).collect();
         let top = p.bars.iter().map(|b| b.2.max).fold(0.0, f64::max).max(1e-9) * 1.2;
         let mut chart = ChartBuilder::on(area)
@@ -156,7 +173,8 @@ fn draw(path: &Path, title: &str, panels: &[Panel]) -> Result<()> {
     root.present().map_err(|e| err(&e))
 }
 
-/// Writes throughput.png, latency.png, connections.png and cost.png into `dir`.
+/// Writes throughput.png, latency.png, connections.png, cost.png and scale.png into
+/// `dir` (each only when the run measured a figure of it).
 pub fn write(dir: &Path, results: &[ScenarioResults]) -> Result<()> {
     load_font()?;
     let m = |metrics: &[Metric]| -> Vec<Panel> {
@@ -196,6 +214,24 @@ pub fn write(dir: &Path, results: &[ScenarioResults]) -> Result<()> {
             cost_panel(results, "RSS under load (larger node)", "MB", |c| {
                 c.rss_load_mb
             }),
+        ],
+    )?;
+    draw(
+        &dir.join("scale.png"),
+        "Holding connections and carrying a steady rate, lower is better",
+        &[
+            figure_panel(
+                results,
+                "Memory per held connection (both nodes)",
+                "KB",
+                |r| r.held_kb_per_conn.map(|(kb, _)| kb),
+            ),
+            figure_panel(
+                results,
+                "CPU at 1,000 HTTP req/s (busier node)",
+                "vCPU",
+                |r| r.vcpu_per_node_at_rate,
+            ),
         ],
     )
 }

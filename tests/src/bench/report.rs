@@ -368,7 +368,8 @@ impl Report<'_> {
         let _ = writeln!(
             md,
             "## Charts\n\n![throughput](throughput.png)\n\n![round trips](latency.png)\n\n\
-             ![connections and HTTP](connections.png)\n\n![proxy cost](cost.png)\n"
+             ![connections and HTTP](connections.png)\n\n![proxy cost](cost.png)\n\n\
+             ![holding connections and a steady rate](scale.png)\n"
         );
         let _ = writeln!(
             md,
