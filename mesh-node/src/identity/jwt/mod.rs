@@ -3,7 +3,8 @@
 //! fetched from `jwksUri`).
 //!
 //! `tokens.rs` finds a request's token and rewrites the request once it is verified;
-//! `keys.rs` verifies it (signature by `kid`, `exp`/`nbf`, issuer, audiences);
+//! `keys.rs` verifies it (signature by `kid`, `exp`/`nbf`, issuer, audiences), and
+//! `verified.rs` keeps the tokens that held, so a token sent again is not checked again;
 //! `fetcher.rs` keeps the keys of every `jwksUri` the node's workloads need (fetched
 //! in the background, refreshed, the last good keys kept while a URI fails). The
 //! policies themselves are compiled in `discovery::request_auth`.
@@ -20,6 +21,7 @@ use crate::{
 pub mod fetcher;
 pub mod keys;
 pub mod tokens;
+pub mod verified;
 
 #[cfg(test)]
 mod fetcher_tests;
@@ -27,6 +29,8 @@ mod fetcher_tests;
 mod test_keys;
 #[cfg(test)]
 mod tokens_tests;
+#[cfg(test)]
+mod verified_tests;
 
 /// How often a `jwksUri` is fetched again by default (Istio's 20 minutes).
 pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(20 * 60);
@@ -105,6 +109,7 @@ impl Rejection {
 /// The node's request authenticator: the JWKS of every issuer its workloads trust.
 pub struct JwtAuthenticator {
     keys: fetcher::KeyCache,
+    verified: verified::VerifiedTokens,
     metrics: Option<Arc<Metrics>>,
     /// How often a `jwksUri` is fetched again.
     refresh: Duration,
@@ -114,6 +119,7 @@ impl Default for JwtAuthenticator {
     fn default() -> Self {
         JwtAuthenticator {
             keys: fetcher::KeyCache::default(),
+            verified: verified::VerifiedTokens::default(),
             metrics: None,
             refresh: DEFAULT_JWKS_REFRESH,
         }
@@ -148,6 +154,7 @@ impl JwtAuthenticator {
     pub fn counted(metrics: Arc<Metrics>, refresh: Duration) -> Arc<JwtAuthenticator> {
         Arc::new(JwtAuthenticator {
             keys: fetcher::KeyCache::default(),
+            verified: verified::VerifiedTokens::default(),
             metrics: Some(metrics),
             refresh,
         })
@@ -188,19 +195,22 @@ impl JwtAuthenticator {
             Ok(None) => return Authentication::NoToken,
             Err(why) => return self.reject(why),
         };
-        let issuer = match keys::unverified_claims(&found.token) {
-            Ok(claims) => match claims.get("iss").and_then(|i| i.as_str()) {
-                Some(iss) => iss.to_string(),
-                None => return self.reject(Rejection::Malformed("no `iss` claim".into())),
+        let issuer = match self.verified.issuer_of(&found.token) {
+            Some(issuer) => issuer,
+            None => match keys::unverified_claims(&found.token) {
+                Ok(claims) => match claims.get("iss").and_then(|i| i.as_str()) {
+                    Some(iss) => iss.to_string(),
+                    None => return self.reject(Rejection::Malformed("no `iss` claim".into())),
+                },
+                Err(why) => return self.reject(why),
             },
-            Err(why) => return self.reject(why),
         };
         let mut first_error = None;
         for rule in rules.iter().filter(|r| r.issuer == issuer) {
             let outcome = match &rule.keys {
-                KeySource::Inline(jwks) => keys::verify(&found.token, rule, jwks),
+                KeySource::Inline(jwks) => self.verified.verify(&found.token, rule, jwks),
                 KeySource::Uri(uri) => match self.keys.get(&uri.text) {
-                    Some(jwks) => keys::verify(&found.token, rule, &jwks),
+                    Some(jwks) => self.verified.verify(&found.token, rule, &jwks),
                     None => Err(Rejection::KeysUnavailable),
                 },
                 KeySource::Broken(why) => Err(Rejection::BrokenKeys(why.clone())),
@@ -213,7 +223,7 @@ impl JwtAuthenticator {
                         principal: format!("{issuer}/{sub}"),
                         audiences: audiences(&claims),
                         presenter: text_claim(&claims, "azp"),
-                        claims,
+                        claims: (*claims).clone(),
                     });
                 }
                 Err(why) => {
@@ -239,5 +249,10 @@ impl JwtAuthenticator {
 
     pub(crate) fn key_cache(&self) -> &fetcher::KeyCache {
         &self.keys
+    }
+
+    /// Tokens kept as verified now.
+    pub fn verified_tokens(&self) -> usize {
+        self.verified.len()
     }
 }

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::{test_keys::*, *};
 use crate::discovery::{files::parse_manifest, problem::ProblemReason};
 
-const ISS: &str = "https://issuer.test";
+pub(super) const ISS: &str = "https://issuer.test";
 
 fn pod(ns: &str, name: &str, labels: Value) -> String {
     json!({"apiVersion": "v1", "kind": "Pod",
@@ -38,11 +38,11 @@ fn selects(s: &ClusterState, pod: &ObjectKey) -> bool {
     !s.request_authentications_for(pod).is_empty()
 }
 
-fn backend() -> ObjectKey {
+pub(super) fn backend() -> ObjectKey {
     ObjectKey::new("apps", "backend")
 }
 
-fn parts(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+pub(super) fn parts(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
     let mut b = http::Request::builder().uri(uri);
     for (k, v) in headers {
         b = b.header(*k, *v);
@@ -50,12 +50,12 @@ fn parts(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
     b.body(()).unwrap().into_parts().0
 }
 
-fn bearer(token: &str) -> String {
+pub(super) fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
 /// A backend policy trusting `keys` for ISS with audience `api`, plus `extra` rule fields.
-fn policy(keys: &[&TestKey], extra: Value) -> ClusterState {
+pub(super) fn policy(keys: &[&TestKey], extra: Value) -> ClusterState {
     let mut rule = json!({"issuer": ISS, "audiences": ["api"], "jwks": jwks(keys)});
     if let (Some(r), Some(e)) = (rule.as_object_mut(), extra.as_object()) {
         r.extend(e.clone());
@@ -71,7 +71,7 @@ fn auth(s: &ClusterState, p: &mut http::request::Parts) -> Authentication {
     JwtAuthenticator::new().authenticate(s, &backend(), p)
 }
 
-fn invalid(a: Authentication) -> String {
+pub(super) fn invalid(a: Authentication) -> String {
     match a {
         Authentication::Invalid(why) => why,
         other => panic!("expected Invalid, got {other:?}"),
