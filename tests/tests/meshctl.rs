@@ -592,7 +592,7 @@ fn metrics_and_access_log_count_a_known_mtls_transfer() {
     );
 
     // The access log: one JSON line for the transfer, named like the metric labels.
-    let log = cluster.agent_log("a");
+    let log = cluster.access_log("a");
     let lines: Vec<Value> = log
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

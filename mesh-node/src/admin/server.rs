@@ -4,6 +4,7 @@
 use std::{
     convert::Infallible,
     sync::{atomic::AtomicBool, Arc},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -124,7 +125,7 @@ fn trace_response(state: &AdminState, query: Option<&str>) -> HttpResponse {
     }
 }
 
-const ENDPOINTS: [&str; 15] = [
+const ENDPOINTS: [&str; 16] = [
     "/status",
     "/workloads",
     "/services",
@@ -137,6 +138,7 @@ const ENDPOINTS: [&str; 15] = [
     "/discovery",
     "/config_dump",
     "/logging",
+    "/access-log/flush",
     "/healthz/ready",
     "/stats/prometheus",
     "/",
@@ -179,6 +181,10 @@ pub(crate) fn admin_route(
                 "pass the new filter as ?level=debug",
             ),
         },
+        (&Method::POST, "/access-log/flush") => {
+            let flushed = flush_access_log();
+            json_response(&serde_json::json!({ "flushed": flushed }))
+        }
         (&Method::GET, "/healthz/ready") => readiness(
             state.metrics.draining.get() == 1,
             &state.ready,
@@ -214,11 +220,23 @@ pub(crate) fn admin_route(
     }
 }
 
+/// Writes out the access log lines queued so far (they are otherwise written within
+/// the writer's linger): for whoever reads the log right after a request. Waits at most
+/// a second, off the runtime's workers when it runs on one.
+fn flush_access_log() -> bool {
+    let wait = || crate::telemetry::access_log::flush(Duration::from_secs(1));
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+        _ => wait(),
+    }
+}
+
 /// 405 for a known admin path asked with a method it does not answer.
 fn admin_method_not_allowed(path: &str) -> Option<HttpResponse> {
     let known = ENDPOINTS.iter().any(|e| e.split('?').next() == Some(path));
     known.then(|| match path {
         "/logging" => method_not_allowed("GET, POST"),
+        "/access-log/flush" => method_not_allowed("POST"),
         _ => method_not_allowed("GET"),
     })
 }

@@ -91,12 +91,11 @@ pub(crate) fn write(entry: &impl Serialize) {
     }
 }
 
-/// Waits up to `timeout` until every line queued so far is written (at exit).
-pub(crate) fn flush(timeout: Duration) {
+/// Waits up to `timeout` until every line queued so far is written (at exit, and for
+/// the admin endpoint); whether they were.
+pub(crate) fn flush(timeout: Duration) -> bool {
     let (tx, rx) = mpsc::sync_channel(1);
-    if queue().try_send(Queued::Flush(tx)).is_ok() {
-        let _ = rx.recv_timeout(timeout);
-    }
+    queue().try_send(Queued::Flush(tx)).is_ok() && rx.recv_timeout(timeout).is_ok()
 }
 
 /// The writer thread: writes what has queued, up to [`BATCH_BYTES`] at a time.

@@ -144,9 +144,16 @@ impl SimCluster {
             .collect())
     }
 
+    /// The node agent's output with every access-log line queued so far written out
+    /// (the agent writes them within 50 ms; this asks it to at once, when it runs).
+    pub fn access_log(&self, node: &str) -> String {
+        let _ = self.admin_raw(node, "POST", "/access-log/flush");
+        self.agent_log(node)
+    }
+
     /// The HTTP request lines of the node agent's access log (JSON on stdout), oldest first.
     pub fn request_logs(&self, node: &str) -> Vec<Value> {
-        self.agent_log(node)
+        self.access_log(node)
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter(|v| v["log"] == "access" && v["kind"] == "request")

@@ -63,7 +63,7 @@ fn peak_usage(cluster: &SimCluster, node: &str, for_: Duration, peak: &mut Usage
 
 fn access_log_lines(cluster: &SimCluster, node: &str) -> usize {
     cluster
-        .agent_log(node)
+        .access_log(node)
         .lines()
         .filter(|l| l.contains("\"log\":\"access\""))
         .count()
