@@ -32,10 +32,11 @@ use crate::{
     identity::authz::Admission, identity::authz::ConnectionFacts, identity::authz::RequestFacts,
     identity::jwt::Authentication, limits, limits::served::Activity, limits::served::Lifecycle,
     limits::served::Step, limits::Listener, limits::Stage, proxy::http::box_body,
-    proxy::http::message::strip_hop_by_hop, proxy::http::ProxyBody, proxy::pod::connect_in_pod,
-    proxy::pod::PodContext, telemetry::connections::Security,
-    telemetry::inbound_request::InboundRequestLog, telemetry::outcome::ConnectionEnd,
-    telemetry::outcome::RefusalReason, telemetry::outcome::ResponseFlags,
+    proxy::http::driven::DrivenHttp1, proxy::http::message::strip_hop_by_hop,
+    proxy::http::ProxyBody, proxy::pod::connect_in_pod, proxy::pod::PodContext,
+    telemetry::connections::Security, telemetry::inbound_request::InboundRequestLog,
+    telemetry::outcome::ConnectionEnd, telemetry::outcome::RefusalReason,
+    telemetry::outcome::ResponseFlags,
 };
 
 /// The largest request header block (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE; HTTP/1.1's
@@ -57,9 +58,12 @@ pub(crate) fn admission(
 pub(crate) const RBAC_DENIED_BODY: &str = "RBAC: access denied";
 
 /// The connection into the pod that allowed requests go on, made on the first one.
+/// HTTP/1.1 requests come one at a time from the task serving the downstream
+/// connection, which also drives the upstream one; HTTP/2 streams are served by tasks
+/// of their own and share a spawned connection.
 enum Upstream {
     None,
-    Http1(conn::http1::SendRequest<ProxyBody>),
+    Http1(DrivenHttp1),
     Http2(conn::http2::SendRequest<ProxyBody>),
 }
 
@@ -266,7 +270,7 @@ async fn handle(request: Request<Incoming>, c: &Connection) -> Response<ProxyBod
             let (mut head, body) = response.into_parts();
             strip_hop_by_hop(&mut head.headers, false);
             log.finish(&ctx.metrics, head.status.as_u16(), ResponseFlags::None);
-            Response::from_parts(head, box_body(body))
+            Response::from_parts(head, body)
         }
         Err(why) => {
             debug!(pod = %ctx.pod, dst = %c.facts.destination, error = %why, "the application did not answer");
@@ -283,7 +287,7 @@ async fn handle(request: Request<Incoming>, c: &Connection) -> Response<ProxyBod
 /// Sends an allowed request to the application on this connection's upstream
 /// connection (made on first use, in the request's HTTP version; made again if the
 /// application closed it).
-async fn send(c: &Connection, request: Request<ProxyBody>) -> Result<Response<Incoming>, String> {
+async fn send(c: &Connection, request: Request<ProxyBody>) -> Result<Response<ProxyBody>, String> {
     let mut upstream = c.upstream.lock().await;
     let http2 = request.version() == Version::HTTP_2;
     let usable = match &mut *upstream {
@@ -295,11 +299,18 @@ async fn send(c: &Connection, request: Request<ProxyBody>) -> Result<Response<In
         *upstream = connect(c, http2).await?;
     }
     match &mut *upstream {
-        Upstream::Http1(s) => s.send_request(request).await.map_err(|e| e.to_string()),
+        Upstream::Http1(s) => s
+            .send(request)
+            .await
+            .map(|r| r.map(box_body))
+            .map_err(|e| e.to_string()),
         Upstream::Http2(s) => {
             let mut s = s.clone();
             drop(upstream);
-            s.send_request(request).await.map_err(|e| e.to_string())
+            s.send_request(request)
+                .await
+                .map(|r| r.map(box_body))
+                .map_err(|e| e.to_string())
         }
         Upstream::None => Err("no connection".into()),
     }
@@ -329,12 +340,7 @@ async fn connect(c: &Connection, http2: bool) -> Result<Upstream, String> {
             let (sender, connection) = conn::http1::handshake(io)
                 .await
                 .map_err(|e| e.to_string())?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    debug!(%target, error = %e, "inbound HTTP/1.1 connection to the application ended");
-                }
-            });
-            Ok(Upstream::Http1(sender))
+            Ok(Upstream::Http1(DrivenHttp1::new(sender, connection)))
         }
     };
     tokio::time::timeout(APP_HANDSHAKE, handshake)

@@ -3,6 +3,7 @@
 //! extra hop. Everything else stays L4.
 
 pub(crate) mod downstream;
+pub(crate) mod driven;
 pub(crate) mod forward;
 pub(crate) mod held;
 pub(crate) mod message;
