@@ -5,10 +5,13 @@
 
 use std::{net::SocketAddr, time::Instant};
 
+use serde::Serialize;
+
 use crate::{
     keys::PodKey, telemetry::access_log, telemetry::connections::Security,
     telemetry::metrics::Metrics, telemetry::metrics::RequestLabels,
-    telemetry::outcome::ResponseFlags,
+    telemetry::outcome::ResponseFlags, telemetry::request_line::as_text,
+    telemetry::request_line::RequestLine,
 };
 
 /// The facts of one request to a local pod served as HTTP by its policies.
@@ -67,32 +70,37 @@ impl InboundRequestLog {
             .request_duration
             .with_label_values(&values)
             .observe(elapsed_ms);
-        let mut entry = serde_json::Map::new();
-        entry.insert("log".into(), "access".into());
-        entry.insert("kind".into(), "request".into());
-        for (name, value) in RequestLabels::NAMES.into_iter().zip(values) {
-            entry.insert(name.into(), value.into());
-        }
-        let text = |v: &Option<String>| v.clone().map(serde_json::Value::from).unwrap_or_default();
-        let fields: [(&str, serde_json::Value); 11] = [
-            ("response_code", status.into()),
-            ("pod", self.pod.to_string().into()),
-            ("source_address", self.src.to_string().into()),
-            ("method", self.method.as_str().into()),
-            ("path", self.path.as_str().into()),
-            ("authority", self.authority.as_str().into()),
-            ("request_protocol", self.protocol.into()),
-            ("duration_ms", elapsed_ms.into()),
-            ("request_principal", text(&self.request_principal)),
-            ("policy", text(&self.policy)),
-            ("detail", self.detail.as_str().into()),
-        ];
-        for (k, v) in fields {
-            entry.insert(k.into(), v);
-        }
-        if !self.audited.is_empty() {
-            entry.insert("audited".into(), self.audited.clone().into());
-        }
-        access_log::write(&serde_json::Value::Object(entry));
+        let fields = DestinationFields {
+            pod: &self.pod,
+            source_address: self.src,
+            method: &self.method,
+            path: &self.path,
+            authority: &self.authority,
+            request_protocol: self.protocol,
+            duration_ms: elapsed_ms,
+            request_principal: self.request_principal.as_deref(),
+            policy: self.policy.as_deref(),
+            detail: &self.detail,
+            audited: &self.audited,
+        };
+        access_log::write(&RequestLine::new(values, status, fields));
     }
+}
+
+/// The destination side's fields of a request's access-log line.
+#[derive(Serialize)]
+struct DestinationFields<'a> {
+    #[serde(serialize_with = "as_text")]
+    pod: &'a PodKey,
+    source_address: SocketAddr,
+    method: &'a str,
+    path: &'a str,
+    authority: &'a str,
+    request_protocol: &'static str,
+    duration_ms: f64,
+    request_principal: Option<&'a str>,
+    policy: Option<&'a str>,
+    detail: &'a str,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    audited: &'a [String],
 }

@@ -10,4 +10,5 @@ pub(crate) mod metrics;
 pub(crate) mod outcome;
 pub(crate) mod pool_metrics;
 pub(crate) mod request;
+pub(crate) mod request_line;
 pub(crate) mod trace_context;

@@ -12,11 +12,13 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use serde::Serialize;
 
 use crate::{
     keys::ObjectKey, keys::PodKey, telemetry::access_log, telemetry::connections::Security,
     telemetry::metrics::Metrics, telemetry::metrics::RequestLabels,
-    telemetry::outcome::ResponseFlags,
+    telemetry::outcome::ResponseFlags, telemetry::request_line::as_text,
+    telemetry::request_line::as_text_or_null, telemetry::request_line::RequestLine,
 };
 
 /// The response flags a request can end with, under the names the HTTP path uses.
@@ -109,44 +111,49 @@ impl RequestLog {
             .request_duration
             .with_label_values(&values)
             .observe(elapsed.as_secs_f64() * 1000.0);
-        let mut entry = serde_json::Map::new();
-        entry.insert("log".into(), "access".into());
-        entry.insert("kind".into(), "request".into());
-        for (name, value) in RequestLabels::NAMES.into_iter().zip(values) {
-            entry.insert(name.into(), value.into());
-        }
-        let text = |v: Option<String>| v.map(serde_json::Value::from).unwrap_or_default();
-        let fields: [(&str, serde_json::Value); 15] = [
-            ("response_code", status.into()),
-            ("pod", self.pod.to_string().into()),
-            ("source_address", self.src.to_string().into()),
-            ("method", self.method.as_str().into()),
-            ("path", self.path.as_str().into()),
-            ("authority", self.authority.as_str().into()),
-            ("request_protocol", self.protocol.into()),
-            ("duration_ms", (elapsed.as_secs_f64() * 1000.0).into()),
-            ("received_bytes", bytes_out.into()),
-            ("service", self.service.to_string().into()),
-            ("route", self.rule.as_str().into()),
-            (
-                "backend",
-                text(self.backend.as_ref().map(|b| b.to_string())),
-            ),
-            (
-                "upstream_address",
-                text(self.upstream.map(|u| u.to_string())),
-            ),
-            ("retries", self.retries.into()),
-            ("trace_id", self.trace_id.as_str().into()),
-        ];
-        for (k, v) in fields {
-            entry.insert(k.into(), v);
-        }
-        if !self.detail.is_empty() {
-            entry.insert("detail".into(), self.detail.as_str().into());
-        }
-        access_log::write(&serde_json::Value::Object(entry));
+        let fields = SourceFields {
+            pod: &self.pod,
+            source_address: self.src,
+            method: &self.method,
+            path: &self.path,
+            authority: &self.authority,
+            request_protocol: self.protocol,
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            received_bytes: bytes_out,
+            service: &self.service,
+            route: &self.rule,
+            backend: self.backend.as_ref(),
+            upstream_address: self.upstream,
+            retries: self.retries,
+            trace_id: &self.trace_id,
+            detail: &self.detail,
+        };
+        access_log::write(&RequestLine::new(values, status, fields));
     }
+}
+
+/// The source side's fields of a request's access-log line.
+#[derive(Serialize)]
+struct SourceFields<'a> {
+    #[serde(serialize_with = "as_text")]
+    pod: &'a PodKey,
+    source_address: SocketAddr,
+    method: &'a str,
+    path: &'a str,
+    authority: &'a str,
+    request_protocol: &'static str,
+    duration_ms: f64,
+    received_bytes: u64,
+    #[serde(serialize_with = "as_text")]
+    service: &'a ObjectKey,
+    route: &'a str,
+    #[serde(serialize_with = "as_text_or_null")]
+    backend: Option<&'a ObjectKey>,
+    upstream_address: Option<SocketAddr>,
+    retries: u32,
+    trace_id: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    detail: &'a str,
 }
 
 /// A response body that writes the request's log line and metrics when it ends.
