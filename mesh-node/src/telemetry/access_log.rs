@@ -67,13 +67,12 @@ pub(crate) fn dropped() -> &'static IntCounter {
 
 /// Queues `entry` as one line (lines never interleave: each is encoded whole).
 pub(crate) fn write(entry: &impl Serialize) {
-    let mut line = match serde_json::to_vec(entry) {
-        Ok(l) => l,
-        Err(e) => {
-            crate::warn_limited!(error = %e, "cannot encode an access log entry");
-            return;
-        }
-    };
+    // Request lines run to 600-900 bytes: one allocation, not a doubling series.
+    let mut line = Vec::with_capacity(1024);
+    if let Err(e) = serde_json::to_writer(&mut line, entry) {
+        crate::warn_limited!(error = %e, "cannot encode an access log entry");
+        return;
+    }
     line.push(b'\n');
     match queue().try_send(Queued::Line(line)) {
         Ok(()) => {}
