@@ -10,8 +10,8 @@ use serde::Serialize;
 use crate::{
     keys::PodKey, telemetry::access_log, telemetry::connections::Security,
     telemetry::metrics::Metrics, telemetry::metrics::RequestLabels,
-    telemetry::outcome::ResponseFlags, telemetry::request_line::as_text,
-    telemetry::request_line::RequestLine,
+    telemetry::outcome::ResponseFlags, telemetry::request_line::RequestLine,
+    telemetry::request_line::RequestSummary,
 };
 
 /// The facts of one request to a local pod served as HTTP by its policies.
@@ -70,7 +70,7 @@ impl InboundRequestLog {
             .request_duration
             .with_label_values(&values)
             .observe(elapsed_ms);
-        let fields = DestinationFields {
+        let summary = RequestSummary {
             pod: &self.pod,
             source_address: self.src,
             method: &self.method,
@@ -78,26 +78,20 @@ impl InboundRequestLog {
             authority: &self.authority,
             request_protocol: self.protocol,
             duration_ms: elapsed_ms,
+        };
+        let fields = DestinationFields {
             request_principal: self.request_principal.as_deref(),
             policy: self.policy.as_deref(),
             detail: &self.detail,
             audited: &self.audited,
         };
-        access_log::write(&RequestLine::new(values, status, fields));
+        access_log::write(&RequestLine::new(values, status, summary, fields));
     }
 }
 
 /// The destination side's fields of a request's access-log line.
 #[derive(Serialize)]
 struct DestinationFields<'a> {
-    #[serde(serialize_with = "as_text")]
-    pod: &'a PodKey,
-    source_address: SocketAddr,
-    method: &'a str,
-    path: &'a str,
-    authority: &'a str,
-    request_protocol: &'static str,
-    duration_ms: f64,
     request_principal: Option<&'a str>,
     policy: Option<&'a str>,
     detail: &'a str,

@@ -19,6 +19,7 @@ use crate::{
     telemetry::metrics::Metrics, telemetry::metrics::RequestLabels,
     telemetry::outcome::ResponseFlags, telemetry::request_line::as_text,
     telemetry::request_line::as_text_or_null, telemetry::request_line::RequestLine,
+    telemetry::request_line::RequestSummary,
 };
 
 /// The response flags a request can end with, under the names the HTTP path uses.
@@ -111,7 +112,7 @@ impl RequestLog {
             .request_duration
             .with_label_values(&values)
             .observe(elapsed.as_secs_f64() * 1000.0);
-        let fields = SourceFields {
+        let summary = RequestSummary {
             pod: &self.pod,
             source_address: self.src,
             method: &self.method,
@@ -119,6 +120,8 @@ impl RequestLog {
             authority: &self.authority,
             request_protocol: self.protocol,
             duration_ms: elapsed.as_secs_f64() * 1000.0,
+        };
+        let fields = SourceFields {
             received_bytes: bytes_out,
             service: &self.service,
             route: &self.rule,
@@ -128,21 +131,13 @@ impl RequestLog {
             trace_id: &self.trace_id,
             detail: &self.detail,
         };
-        access_log::write(&RequestLine::new(values, status, fields));
+        access_log::write(&RequestLine::new(values, status, summary, fields));
     }
 }
 
 /// The source side's fields of a request's access-log line.
 #[derive(Serialize)]
 struct SourceFields<'a> {
-    #[serde(serialize_with = "as_text")]
-    pod: &'a PodKey,
-    source_address: SocketAddr,
-    method: &'a str,
-    path: &'a str,
-    authority: &'a str,
-    request_protocol: &'static str,
-    duration_ms: f64,
     received_bytes: u64,
     #[serde(serialize_with = "as_text")]
     service: &'a ObjectKey,

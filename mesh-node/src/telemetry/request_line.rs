@@ -3,11 +3,11 @@
 //! is built on the way (the line used to be a map of owned values, a few dozen
 //! allocations per request).
 
-use std::fmt::Display;
+use std::{fmt::Display, net::SocketAddr};
 
 use serde::{ser::SerializeMap, Serialize, Serializer};
 
-use crate::telemetry::metrics::RequestLabels;
+use crate::{keys::PodKey, telemetry::metrics::RequestLabels};
 
 /// The labels as fields of the line; `response_code` is left to the line, which writes
 /// it as a number.
@@ -25,8 +25,22 @@ impl Serialize for LabelFields<'_> {
     }
 }
 
+/// What both sides' lines say of a request.
+#[derive(Serialize)]
+pub(crate) struct RequestSummary<'a> {
+    /// The local pod: the client's on the source side, the server's at the destination.
+    #[serde(serialize_with = "as_text")]
+    pub pod: &'a PodKey,
+    pub source_address: SocketAddr,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub authority: &'a str,
+    pub request_protocol: &'static str,
+    pub duration_ms: f64,
+}
+
 /// A request's line: `{"log":"access","kind":"request", <labels>, "response_code": N,
-/// <fields>}`.
+/// <summary>, <fields of the reporting side>}`.
 #[derive(Serialize)]
 pub(crate) struct RequestLine<'a, F: Serialize> {
     log: &'static str,
@@ -35,17 +49,25 @@ pub(crate) struct RequestLine<'a, F: Serialize> {
     labels: LabelFields<'a>,
     response_code: u16,
     #[serde(flatten)]
+    summary: RequestSummary<'a>,
+    #[serde(flatten)]
     fields: F,
 }
 
 impl<'a, F: Serialize> RequestLine<'a, F> {
     /// The line of a request with these metric label `values` ([`RequestLabels::values`]).
-    pub(crate) fn new(values: [&'a str; 13], status: u16, fields: F) -> Self {
+    pub(crate) fn new(
+        values: [&'a str; 13],
+        status: u16,
+        summary: RequestSummary<'a>,
+        fields: F,
+    ) -> Self {
         RequestLine {
             log: "access",
             kind: "request",
             labels: LabelFields(values),
             response_code: status,
+            summary,
             fields,
         }
     }
@@ -72,13 +94,11 @@ mod tests {
     use super::*;
 
     #[derive(Serialize)]
-    struct Fields<'a> {
-        #[serde(serialize_with = "as_text")]
-        pod: &'a crate::keys::ObjectKey,
+    struct Fields {
         #[serde(serialize_with = "as_text_or_null")]
         upstream_address: Option<std::net::SocketAddr>,
         #[serde(skip_serializing_if = "str::is_empty")]
-        detail: &'a str,
+        detail: &'static str,
     }
 
     #[test]
@@ -99,12 +119,21 @@ mod tests {
             response_flags: crate::telemetry::outcome::ResponseFlags::NoHealthyUpstream,
             connection_security_policy: "mutual_tls",
         };
-        let fields = Fields {
+        let summary = RequestSummary {
             pod: &pod,
+            source_address: "10.0.0.2:40000".parse().unwrap(),
+            method: "GET",
+            path: "/",
+            authority: "api",
+            request_protocol: "HTTP/1.1",
+            duration_ms: 1.5,
+        };
+        let fields = Fields {
             upstream_address: None,
             detail: "",
         };
-        let line = serde_json::to_value(RequestLine::new(labels.values(), 503, fields)).unwrap();
+        let line = RequestLine::new(labels.values(), 503, summary, fields);
+        let line = serde_json::to_value(line).unwrap();
         let object = line.as_object().unwrap();
         assert_eq!(line["log"], "access");
         assert_eq!(line["kind"], "request");
@@ -116,6 +145,7 @@ mod tests {
         assert_eq!(line["pod"], "apps/web");
         assert!(line["upstream_address"].is_null());
         assert!(object.get("detail").is_none(), "empty detail left out");
-        assert_eq!(object.len(), 2 + 13 + 2);
+        assert_eq!(line["source_address"], "10.0.0.2:40000");
+        assert_eq!(object.len(), 2 + 13 + 7 + 1);
     }
 }
