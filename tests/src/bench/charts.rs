@@ -92,7 +92,12 @@ fn draw(path: &Path, title: &str, panels: &[Panel]) -> Result<()> {
         return Ok(());
     }
     let err = |e: &dyn std::fmt::Display| anyhow!("drawing {}: {e}", path.display());
-    let root = BitMapBackend::new(path, (400 * panels.len() as u32, 420)).into_drawing_area();
+    // Room under each bar for its scenario's name (names up to 17 letters).
+    let most_bars = panels.iter().map(|p| p.bars.len()).max().unwrap_or(0) as u32;
+    let panel_width = 400.max(120 * most_bars);
+    // And room for the title (22 px type: about 11 px a letter).
+    let width = (panel_width * panels.len() as u32).max(11 * title.len() as u32 + 40);
+    let root = BitMapBackend::new(path, (width, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let root = root
         .titled(title, ("sans-serif", 22))
@@ -122,8 +127,10 @@ fn draw(path: &Path, title: &str, panels: &[Panel]) -> Result<()> {
             .y_label_formatter(&|y| {
                 if top > 10.0 {
                     format!("{y:.0}")
-                } else {
+                } else if top > 1.0 {
                     format!("{y:.1}")
+                } else {
+                    format!("{y:.2}")
                 }
             })
             .y_desc(p.unit)
