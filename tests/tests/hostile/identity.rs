@@ -11,7 +11,7 @@ use std::{
 
 use mesh_tests::{
     report::TransferReport,
-    sim::{ClusterSpec, PodSpec, ServiceSpec, SimCluster},
+    sim::{host, ClusterSpec, PodSpec, ServiceSpec, SimCluster},
 };
 use serde_json::Value;
 
@@ -104,9 +104,17 @@ fn an_agent_restarted_while_the_ca_is_down_keeps_serving_its_pods() {
         after["serial"], before["serial"],
         "the certificate held before the restart serves (the CA is down)"
     );
+    // Node b records a connection once both of its sides have closed, a moment after
+    // the client is done with it: wait for the last ones.
+    let client = "spiffe://cluster.local/ns/apps/sa/client";
+    let recorded = host::wait_for(Duration::from_secs(2), || {
+        let n = inbound_mtls_from(&cluster, "b", client);
+        (n >= 101).then_some(n)
+    });
     assert!(
-        inbound_mtls_from(&cluster, "b", "spiffe://cluster.local/ns/apps/sa/client") >= 101,
-        "the connections crossed as mutual TLS into the restarted agent"
+        recorded.is_some(),
+        "the connections crossed as mutual TLS into the restarted agent: {} of 101 recorded",
+        inbound_mtls_from(&cluster, "b", client)
     );
     assert!(
         ready_after < Duration::from_secs(5),
