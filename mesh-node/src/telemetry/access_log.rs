@@ -4,10 +4,9 @@
 //!
 //! The proxy never writes stdout itself: a line is encoded where it is made and queued
 //! to one writer thread, which wakes at most every [`LINGER`] and writes whatever has
-//! queued up with one call. A stdout
-//! that blocks (a log pipe nobody reads) or falls behind holds up no connection: once
-//! [`QUEUE_LINES`] lines wait, further lines are dropped and counted in
-//! `nodemesh_access_log_dropped_total`.
+//! queued up with one call. A stdout that blocks (a log pipe nobody reads) or falls
+//! behind holds up no connection: once [`QUEUE_LINES`] lines wait, further lines are
+//! dropped and counted in `nodemesh_access_log_dropped_total`.
 
 use std::{
     io::Write,
