@@ -18,8 +18,8 @@ use crate::{
 use crate::{
     identity::authz, identity::authz::Admission, identity::authz::ConnectionFacts,
     identity::Identity, limits, limits::Listener, limits::Refusal, limits::Stage,
-    proxy::inbound_http, proxy::pod::accept_loop, proxy::pod::connect_in_pod,
-    proxy::pod::PodContext, telemetry::connections::ConnectionInfo,
+    proxy::inbound_http, proxy::inline_wake::Inline, proxy::pod::accept_loop,
+    proxy::pod::connect_in_pod, proxy::pod::PodContext, telemetry::connections::ConnectionInfo,
     telemetry::connections::Direction, telemetry::connections::Security,
     telemetry::outcome::ConnectionEnd, telemetry::outcome::StreamError,
 };
@@ -134,10 +134,10 @@ async fn connection(
                 };
                 let live = streams.clone();
                 let tunnel = tunnel(request, respond, peer, identity.clone(), ctx.clone());
-                tokio::spawn(async move {
+                tokio::spawn(Inline::new(async move {
                     let _held = (slot, live);
                     tunnel.await
-                });
+                }));
             }
             Some(Err(e)) => {
                 debug!(pod = %ctx.pod, src = %peer, error = %e, "HBONE connection ended");

@@ -7,5 +7,6 @@ pub(crate) mod http;
 pub(crate) mod inbound;
 pub(crate) mod inbound_hbone;
 pub(crate) mod inbound_http;
+pub(crate) mod inline_wake;
 pub(crate) mod outbound;
 pub(crate) mod pod;

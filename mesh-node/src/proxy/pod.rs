@@ -24,12 +24,12 @@ use crate::{
     hbone::stream::relay_stream, hbone::stream::TcpSide, identity::certificates::CertificateStore,
     identity::certificates::IdentityLease, identity::spiffe::TrustBundle, identity::Identity,
     keys::PodKey, limits, limits::Listener, limits::PodBudget, limits::PodLimits, limits::Refusal,
-    proxy::http::pool::UpstreamPool, relay::relay, relay::RelayEnd, routing::balancer::Balancer,
-    routing::balancer::Outcome, routing::balancer::Pick, routing::http::routes::RouteCache,
-    routing::splits::ClientSplits, routing::table::Router, telemetry::connections::ConnectionInfo,
-    telemetry::connections::ConnectionTable, telemetry::connections::Security,
-    telemetry::metrics::Metrics, telemetry::outcome::ConnectionEnd,
-    telemetry::outcome::RefusalReason,
+    proxy::http::pool::UpstreamPool, proxy::inline_wake::Inline, relay::relay, relay::RelayEnd,
+    routing::balancer::Balancer, routing::balancer::Outcome, routing::balancer::Pick,
+    routing::http::routes::RouteCache, routing::splits::ClientSplits, routing::table::Router,
+    telemetry::connections::ConnectionInfo, telemetry::connections::ConnectionTable,
+    telemetry::connections::Security, telemetry::metrics::Metrics,
+    telemetry::outcome::ConnectionEnd, telemetry::outcome::RefusalReason,
 };
 
 /// What mutual TLS needs, shared by every pod of the node (absent without a CA).
@@ -69,7 +69,7 @@ pub(crate) struct PodContext {
     /// Compiled HTTPRoutes, shared by the node's pods.
     pub http_routes: Arc<RouteCache>,
     /// This pod's kept-alive HTTP connections to backends.
-    pub http_upstreams: UpstreamPool,
+    pub http_upstreams: Arc<UpstreamPool>,
     /// This pod's share of the node's proxying: connections (and HBONE streams) beyond
     /// it are refused.
     pub budget: PodBudget,
@@ -121,10 +121,10 @@ where
         };
         let _ = stream.set_nodelay(true);
         let task = handler(stream, peer, ctx.clone());
-        tokio::spawn(async move {
+        tokio::spawn(Inline::new(async move {
             let _slot = slot;
             task.await
-        });
+        }));
     }
 }
 

@@ -158,7 +158,7 @@ impl Workloads {
         // Kept-alive upstream connections idle past their idle timeout are closed.
         tasks.push(tokio::spawn(crate::proxy::http::pool::close_idle(
             Arc::downgrade(&ctx),
-            |ctx: &PodContext| &ctx.http_upstreams,
+            |ctx: &PodContext| ctx.http_upstreams.as_ref(),
         )));
         for l in [inbound4, inbound6].into_iter().flatten() {
             tasks.push(tokio::spawn(inbound::serve(l, ctx.clone())));

@@ -23,17 +23,17 @@ use crate::{
     proxy::http::box_body, proxy::http::held::Held, proxy::http::message::is_idempotent,
     proxy::http::message::is_upgrade, proxy::http::message::request_body,
     proxy::http::message::strip_hop_by_hop, proxy::http::message::RequestBody, proxy::http::mirror,
-    proxy::http::pool::StreamSlot, proxy::http::upstream, proxy::http::upstream::peer_of,
-    proxy::http::upstream::upstream_request, proxy::http::upstream::Protocol,
-    proxy::http::upstream::SendOptions, proxy::http::upstream::UpstreamError,
-    proxy::http::ProxyBody, routing::balancer::Outcome, routing::hash_key::KeyedRequest,
-    routing::http::filters::authority, routing::http::filters::RequestAction,
-    routing::http::matching::PathMatch, routing::http::routes::BackendTarget,
-    routing::http::routes::Rule, routing::plan, routing::plan::RequestPlan,
-    routing::plan::RequestRefusal, routing::pool::Overflow, routing::pool::Pool,
-    routing::pool::RequestPermit, routing::pool::RetryPermit, telemetry::outcome::ResponseFlags,
-    telemetry::request::flags, telemetry::request::LoggedBody, telemetry::request::RequestLog,
-    telemetry::trace_context,
+    proxy::http::pool::StreamSlot, proxy::http::pooled::UpstreamBody, proxy::http::upstream,
+    proxy::http::upstream::peer_of, proxy::http::upstream::upstream_request,
+    proxy::http::upstream::Protocol, proxy::http::upstream::SendOptions,
+    proxy::http::upstream::UpstreamError, proxy::http::ProxyBody, routing::balancer::Outcome,
+    routing::hash_key::KeyedRequest, routing::http::filters::authority,
+    routing::http::filters::RequestAction, routing::http::matching::PathMatch,
+    routing::http::routes::BackendTarget, routing::http::routes::Rule, routing::plan,
+    routing::plan::RequestPlan, routing::plan::RequestRefusal, routing::pool::Overflow,
+    routing::pool::Pool, routing::pool::RequestPermit, routing::pool::RetryPermit,
+    telemetry::outcome::ResponseFlags, telemetry::request::flags, telemetry::request::LoggedBody,
+    telemetry::request::RequestLog, telemetry::trace_context,
 };
 
 /// The longest wait between retries, whatever the backoff doubling reaches.
@@ -161,7 +161,7 @@ fn reply(
 }
 
 struct Attempt {
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     backend: BackendTarget,
     /// The consistent-hash cookie the proxy made up, to set on the response.
     set_cookie: Option<HeaderValue>,
@@ -392,7 +392,7 @@ fn apply_response_headers(headers: &mut HeaderMap, rule: &Rule, backend: Option<
 /// Joins the two upgraded halves (e.g. a WebSocket) once both sides have switched.
 fn splice_upgrade(
     downstream: hyper::upgrade::OnUpgrade,
-    response: &mut Response<Incoming>,
+    response: &mut Response<UpstreamBody>,
     pod: String,
 ) {
     let upstream = hyper::upgrade::on(response);

@@ -9,6 +9,7 @@ pub(crate) mod held;
 pub(crate) mod message;
 pub(crate) mod mirror;
 pub(crate) mod pool;
+pub(crate) mod pooled;
 pub(crate) mod upstream;
 
 use bytes::Bytes;

@@ -1,5 +1,7 @@
 //! One pod's kept-alive HTTP connections to backend endpoints: idle HTTP/1.1
-//! connections (one request at a time each) and shared HTTP/2 connections, each
+//! connections (one request at a time each: a connection leaves the pool while an
+//! exchange has it, and nobody polls it while it idles here; the sweep notices a
+//! close by the peer) and shared HTTP/2 connections, each
 //! remembered with the authorization policies it was admitted under. HTTP/2: one
 //! connection per endpoint, or, under a DestinationRule's `maxConcurrentStreams`, as
 //! many as it takes to keep each at that many streams in flight (a request takes a
@@ -19,7 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::{
     discovery::{cluster::Objects, policy::AuthorizationPolicy},
     hbone::client::TunnelHealth,
-    proxy::http::ProxyBody,
+    proxy::http::{driven::DrivenHttp1, ProxyBody},
 };
 
 /// Idle HTTP/1.1 connections kept per endpoint.
@@ -41,7 +43,7 @@ pub(crate) fn same(a: &Policies, b: &Policies) -> bool {
 }
 
 struct IdleHttp1 {
-    sender: conn::http1::SendRequest<ProxyBody>,
+    conn: DrivenHttp1,
     since: Instant,
     policies: Policies,
     /// Requests sent on it so far (`maxRequestsPerConnection`).
@@ -59,16 +61,19 @@ fn transport_usable(transport: &Option<TunnelHealth>) -> bool {
 }
 
 impl IdleHttp1 {
+    /// Whether it may be reused: open (a close by the peer while it idled is seen
+    /// here), not expired, and not over a draining tunnel.
     fn usable(&self) -> bool {
-        !self.sender.is_closed()
-            && self.since.elapsed() < self.expiry
+        self.since.elapsed() < self.expiry
             && transport_usable(&self.transport)
+            && !self.conn.closed()
     }
 }
 
-/// A kept-alive HTTP/1.1 connection taken from the pool, with its request count.
+/// An HTTP/1.1 connection while one request has it (taken from the pool, or new),
+/// with its request count.
 pub(crate) struct Http1Conn {
-    pub sender: conn::http1::SendRequest<ProxyBody>,
+    pub conn: DrivenHttp1,
     pub served: u32,
     /// The HBONE connection under it, if any.
     pub transport: Option<TunnelHealth>,
@@ -127,22 +132,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl UpstreamPool {
+    /// The most recently used idle connection to `target` that can be reused under
+    /// `policies`; the ones passed over (closed, expired, of other policies) are let go.
     pub(crate) fn idle_http1(&self, target: SocketAddr, policies: &Policies) -> Option<Http1Conn> {
         let mut pool = lock(&self.http1);
         let list = pool.get_mut(&target)?;
-        list.retain(|c| c.usable() && same(&c.policies, policies));
-        let ready = list.iter().position(|c| c.sender.is_ready())?;
-        let c = list.swap_remove(ready);
-        Some(Http1Conn {
-            sender: c.sender,
-            served: c.served,
-            transport: c.transport,
-        })
+        while let Some(c) = list.pop() {
+            if same(&c.policies, policies) && c.usable() {
+                return Some(Http1Conn {
+                    conn: c.conn,
+                    served: c.served,
+                    transport: c.transport,
+                });
+            }
+        }
+        None
     }
 
-    /// Puts a connection back once its response is under way: it turns ready again
-    /// when that response has ended. A connection that has carried `reuse.max_requests`
-    /// is not kept: dropping its sender closes it once the response has ended.
+    /// Keeps a connection whose exchange has ended for the next request. A connection
+    /// that has carried `reuse.max_requests` is not kept: dropping it closes it.
     pub(crate) fn release_http1(
         &self,
         target: SocketAddr,
@@ -155,10 +163,9 @@ impl UpstreamPool {
         }
         let mut pool = lock(&self.http1);
         let list = pool.entry(target).or_default();
-        list.retain(|c| !c.sender.is_closed());
         if list.len() < MAX_IDLE_PER_ENDPOINT {
             list.push(IdleHttp1 {
-                sender: conn.sender,
+                conn: conn.conn,
                 since: Instant::now(),
                 policies,
                 served: conn.served,
@@ -411,19 +418,78 @@ mod tests {
         (addr, ended)
     }
 
-    #[tokio::test]
-    async fn an_idle_http1_connection_is_closed_by_the_sweep_once_past_its_idle_timeout() {
-        let (addr, ended) = http1_server().await;
-        let pool = Arc::new(UpstreamPool::default());
+    async fn http1_connect(addr: SocketAddr) -> DrivenHttp1 {
         let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
-        let (mut sender, connection) = conn::http1::handshake(io).await.unwrap();
-        tokio::spawn(connection);
+        let (sender, connection) = conn::http1::handshake(io).await.unwrap();
+        DrivenHttp1::new(sender, connection)
+    }
+
+    /// A GET on `conn`, its body read whole.
+    async fn http1_get(conn: &mut DrivenHttp1) -> u16 {
+        use http_body_util::BodyExt;
         let request = Request::builder()
             .uri("/")
             .header("host", "web")
             .body(box_body(Empty::<Bytes>::new()))
             .unwrap();
-        assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
+        let response = conn.send(request).await.unwrap();
+        let status = response.status().as_u16();
+        response.into_body().collect().await.unwrap();
+        status
+    }
+
+    #[tokio::test]
+    async fn an_idle_http1_connection_the_backend_closed_is_let_go_by_the_sweep() {
+        // The backend closes a connection idle for 100 ms (as servers do); nobody polls
+        // the pooled connection meanwhile: the sweep sees the close and drops it.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let ok = service_fn(|_r| async {
+                        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+                    });
+                    let serving = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), ok);
+                    let _ = tokio::time::timeout(Duration::from_millis(100), serving).await;
+                });
+            }
+        });
+        let pool = Arc::new(UpstreamPool::default());
+        let policies = Policies::default();
+        let mut conn = http1_connect(addr).await;
+        assert_eq!(http1_get(&mut conn).await, 200);
+        let kept = Http1Conn {
+            conn,
+            served: 1,
+            transport: None,
+        };
+        pool.release_http1(addr, kept, policies.clone(), Reuse::default());
+        // Reused at once: the same connection.
+        let mut again = pool.idle_http1(addr, &policies.clone()).unwrap();
+        assert_eq!(http1_get(&mut again.conn).await, 200);
+        pool.release_http1(addr, again, policies.clone(), Reuse::default());
+        assert_eq!(pool.idle_http1_connections(addr), 1);
+        let _sweep = tokio::spawn(close_idle(Arc::downgrade(&pool), |p| p));
+        let started = Instant::now();
+        while pool.idle_http1_connections(addr) != 0 {
+            assert!(
+                started.elapsed() < Duration::from_millis(100) + IDLE_SWEEP * 2,
+                "a connection the backend closed is still pooled"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // And a request finds none to reuse (nor a dead one).
+        assert!(pool.idle_http1(addr, &policies).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_idle_http1_connection_is_closed_by_the_sweep_once_past_its_idle_timeout() {
+        let (addr, ended) = http1_server().await;
+        let pool = Arc::new(UpstreamPool::default());
+        let mut conn = http1_connect(addr).await;
+        assert_eq!(http1_get(&mut conn).await, 200);
         let reuse = Reuse {
             max_requests: None,
             idle_timeout: Some(Duration::from_millis(200)),
@@ -431,7 +497,7 @@ mod tests {
         pool.release_http1(
             addr,
             Http1Conn {
-                sender,
+                conn,
                 served: 1,
                 transport: None,
             },

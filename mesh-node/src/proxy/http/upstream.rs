@@ -12,7 +12,7 @@ use std::{
 };
 
 use http::{header, request::Parts, HeaderValue, Request, Response, Uri, Version};
-use hyper::{body::Incoming, client::conn};
+use hyper::client::conn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_common::HBONE_PORT;
 use thiserror::Error;
@@ -25,8 +25,10 @@ use tracing::debug;
 use crate::{
     capture::sockets::set_keepalive, discovery::cluster::ClusterState,
     discovery::connection_pool::PoolLimits, hbone::client::HboneError, hbone::client::TunnelHealth,
-    hbone::io::H2Io, identity::Identity, proxy::http::pool::Http1Conn, proxy::http::pool::Policies,
-    proxy::http::pool::Reuse, proxy::http::pool::StreamSlot, proxy::pod::hbone_outcome,
+    hbone::io::H2Io, identity::Identity, proxy::http::driven::DrivenHttp1,
+    proxy::http::driven::NotSent, proxy::http::pool::Http1Conn, proxy::http::pool::Policies,
+    proxy::http::pool::Reuse, proxy::http::pool::StreamSlot, proxy::http::pooled::PooledBody,
+    proxy::http::pooled::Return, proxy::http::pooled::UpstreamBody, proxy::pod::hbone_outcome,
     proxy::pod::PodContext, routing::balancer::Outcome, routing::balancer::Pick,
     routing::plan::Endpoint, routing::pool::Overflow, routing::pool::Pool,
     telemetry::connections::Security,
@@ -165,8 +167,17 @@ pub(crate) struct SendOptions {
 /// A response, and the HTTP/2 stream it holds under `maxConcurrentStreams` (to be held
 /// until its body has ended).
 pub(crate) struct Sent {
-    pub response: Response<Incoming>,
+    pub response: Response<UpstreamBody>,
     pub stream: Option<StreamSlot>,
+}
+
+impl Sent {
+    fn http1(response: Response<UpstreamBody>) -> Sent {
+        Sent {
+            response,
+            stream: None,
+        }
+    }
 }
 
 impl SendOptions {
@@ -255,24 +266,38 @@ fn handshaken<T>(
     }
 }
 
+/// A new HTTP/1.1 connection to `target`: driven by its user, or, for an upgrade, with
+/// a task of its own (the upgraded connection outlives the exchange).
 async fn new_http1(
     ctx: &PodContext,
     target: SocketAddr,
     peer: &Peer,
     pick: &Pick,
     limits: &PoolLimits,
-) -> Result<(conn::http1::SendRequest<ProxyBody>, Option<TunnelHealth>), UpstreamError> {
+    upgrade: bool,
+) -> Result<(NewHttp1, Option<TunnelHealth>), UpstreamError> {
     let started = Instant::now();
     let transport = open_transport(ctx, target, peer, pick, limits).await?;
     let health = transport.health();
     let io = TokioIo::new(transport);
     let (sender, connection) = handshaken(conn::http1::handshake(io).await, target, pick, started)?;
+    if !upgrade {
+        return Ok((
+            NewHttp1::Driven(DrivenHttp1::new(sender, connection)),
+            health,
+        ));
+    }
     tokio::spawn(async move {
         if let Err(e) = connection.with_upgrades().await {
             debug!(%target, error = %e, "upstream HTTP/1.1 connection ended");
         }
     });
-    Ok((sender, health))
+    Ok((NewHttp1::Spawned(sender), health))
+}
+
+enum NewHttp1 {
+    Driven(DrivenHttp1),
+    Spawned(conn::http1::SendRequest<ProxyBody>),
 }
 
 /// A stream to `target` on a shared HTTP/2 connection with room for it, or on a new
@@ -339,42 +364,50 @@ pub(crate) async fn send(
     if protocol == Protocol::Http2 {
         let (mut sender, stream) = http2(ctx, target, peer, &policies, pick, &opts).await?;
         let response = sender.send_request(request).await.map_err(failed)?;
-        return Ok(Sent { response, stream });
+        return Ok(Sent {
+            response: response.map(UpstreamBody::Spawned),
+            stream,
+        });
     }
-    let sent = |response| Sent {
-        response,
-        stream: None,
+    let back = |conn| {
+        let to = Return {
+            pool: Arc::downgrade(&ctx.http_upstreams),
+            target,
+            policies: policies.clone(),
+            reuse: opts.reuse(),
+        };
+        move |body| UpstreamBody::Pooled(PooledBody::new(body, conn, to))
     };
     let mut request = request;
     if !opts.upgrade {
         while let Some(mut conn) = ctx.http_upstreams.idle_http1(target, &policies) {
-            match conn.sender.try_send_request(request).await {
+            match conn.conn.try_send(request).await {
                 Ok(response) => {
                     conn.served = conn.served.saturating_add(1);
-                    ctx.http_upstreams
-                        .release_http1(target, conn, policies, opts.reuse());
-                    return Ok(sent(response));
+                    return Ok(Sent::http1(response.map(back(conn))));
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => request = unsent,
-                    None => return Err(failed(e.into_error())),
-                },
+                Err(NotSent::Unsent(unsent)) => request = *unsent,
+                Err(NotSent::Failed(e)) => return Err(failed(e)),
             }
         }
     }
     ctx.http_upstreams.prune();
-    let (mut sender, transport) = new_http1(ctx, target, peer, pick, &opts.limits).await?;
-    let response = sender.send_request(request).await.map_err(failed)?;
-    if !opts.upgrade {
-        let conn = Http1Conn {
-            sender,
-            served: 1,
-            transport,
-        };
-        ctx.http_upstreams
-            .release_http1(target, conn, policies, opts.reuse());
+    let (new, transport) = new_http1(ctx, target, peer, pick, &opts.limits, opts.upgrade).await?;
+    match new {
+        NewHttp1::Spawned(mut sender) => {
+            let response = sender.send_request(request).await.map_err(failed)?;
+            Ok(Sent::http1(response.map(UpstreamBody::Spawned)))
+        }
+        NewHttp1::Driven(mut conn) => {
+            let response = conn.send(request).await.map_err(failed)?;
+            let conn = Http1Conn {
+                conn,
+                served: 1,
+                transport,
+            };
+            Ok(Sent::http1(response.map(back(conn))))
+        }
     }
-    Ok(sent(response))
 }
 
 /// The request as a backend receives it (one attempt, or a mirrored copy): `authority`
