@@ -133,7 +133,7 @@ pub(super) fn token(claims: serde_json::Value) -> RequestAuth {
         principal: format!("{iss}/{sub}"),
         audiences: vec!["api".into()],
         presenter: Some("web-app".into()),
-        claims,
+        claims: claims.into(),
     }
 }
 

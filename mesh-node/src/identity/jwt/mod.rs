@@ -45,7 +45,7 @@ pub struct RequestAuth {
     /// `request.auth.presenter` (the `azp` claim).
     pub presenter: Option<String>,
     /// `request.auth.claims[...]`: the whole payload, so nested claims can be read.
-    pub claims: serde_json::Map<String, serde_json::Value>,
+    pub claims: Arc<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The outcome of authenticating one request.
@@ -223,7 +223,7 @@ impl JwtAuthenticator {
                         principal: format!("{issuer}/{sub}"),
                         audiences: audiences(&claims),
                         presenter: text_claim(&claims, "azp"),
-                        claims: (*claims).clone(),
+                        claims,
                     });
                 }
                 Err(why) => {
