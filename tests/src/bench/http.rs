@@ -32,6 +32,14 @@ pub struct HttpLoadReport {
 
 type Sender = SendRequest<Empty<Bytes>>;
 
+/// A kept-alive connection idle for longer than this is closed rather than reused. A
+/// well-configured client keeps its idle timeout below the server's (the agent's L7
+/// proxy closes an HTTP/1.1 connection that has waited its header timeout, 10 s, for
+/// a next request), so that a request is never sent just as the server closes the
+/// connection; that race fails the request with "connection closed before message
+/// completed", which is the client's doing, not the path's.
+const CLIENT_IDLE: Duration = Duration::from_secs(5);
+
 async fn connect(addr: SocketAddr) -> Result<Sender, String> {
     let stream = TcpStream::connect(addr)
         .await
@@ -70,7 +78,8 @@ async fn request(
 
 #[derive(Default)]
 struct Tally {
-    idle: Vec<Sender>,
+    /// Idle connections, and since when.
+    idle: Vec<(Sender, Instant)>,
     latencies_us: Vec<f64>,
     failed: u64,
     connections: u64,
@@ -116,7 +125,18 @@ pub fn load(
         std::thread::sleep(due.saturating_duration_since(Instant::now()));
         let (tally, authority, headers) = (tally.clone(), authority.clone(), headers.clone());
         tasks.push(rt.spawn(async move {
-            let idle = tally.lock().unwrap_or_else(|p| p.into_inner()).idle.pop();
+            let idle = {
+                let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+                // Most recently used first: once one is too old, so are those under it.
+                let fresh = t
+                    .idle
+                    .pop()
+                    .filter(|(_, since)| since.elapsed() < CLIENT_IDLE);
+                if fresh.is_none() {
+                    t.idle.clear();
+                }
+                fresh.map(|(s, _)| s)
+            };
             let sender = match idle {
                 Some(s) if s.is_ready() => Ok(s),
                 _ => {
@@ -132,7 +152,7 @@ pub fn load(
             match result {
                 Ok(s) => {
                     t.latencies_us.push(due.elapsed().as_secs_f64() * 1e6);
-                    t.idle.push(s);
+                    t.idle.push((s, Instant::now()));
                 }
                 Err(e) => {
                     t.failed += 1;
