@@ -10,6 +10,8 @@ pub(crate) mod message;
 pub(crate) mod mirror;
 pub(crate) mod pool;
 pub(crate) mod pooled;
+#[cfg(test)]
+pub(crate) mod test_backend;
 pub(crate) mod upstream;
 
 use bytes::Bytes;

@@ -292,7 +292,10 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
-    use crate::proxy::http::box_body;
+    use crate::proxy::http::{
+        box_body,
+        test_backend::{http1_backend, Backend},
+    };
 
     /// An HTTP/2 server on loopback answering every request at once.
     async fn server() -> SocketAddr {
@@ -394,30 +397,6 @@ mod tests {
             .is_none());
     }
 
-    /// An HTTP/1.1 server on loopback answering every request at once; the number of
-    /// its connections that have ended.
-    async fn http1_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = ended.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    let ok = service_fn(|_r| async {
-                        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), ok)
-                        .await;
-                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                });
-            }
-        });
-        (addr, ended)
-    }
-
     async fn http1_connect(addr: SocketAddr) -> DrivenHttp1 {
         let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
         let (sender, connection) = conn::http1::handshake(io).await.unwrap();
@@ -440,22 +419,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_http1_connection_the_backend_closed_is_let_go_by_the_sweep() {
-        // The backend closes a connection idle for 100 ms (as servers do); nobody polls
-        // the pooled connection meanwhile: the sweep sees the close and drops it.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let ok = service_fn(|_r| async {
-                        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
-                    });
-                    let serving = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), ok);
-                    let _ = tokio::time::timeout(Duration::from_millis(100), serving).await;
-                });
-            }
-        });
+        // The backend closes each connection 100 ms after it opened (as servers close
+        // kept-alive ones); nobody polls the pooled connection meanwhile: the sweep
+        // sees the close and drops it.
+        let addr = http1_backend("", Some(Duration::from_millis(100)))
+            .await
+            .addr;
         let pool = Arc::new(UpstreamPool::default());
         let policies = Policies::default();
         let mut conn = http1_connect(addr).await;
@@ -486,7 +455,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_http1_connection_is_closed_by_the_sweep_once_past_its_idle_timeout() {
-        let (addr, ended) = http1_server().await;
+        let Backend { addr, ended } = http1_backend("", None).await;
         let pool = Arc::new(UpstreamPool::default());
         let mut conn = http1_connect(addr).await;
         assert_eq!(http1_get(&mut conn).await, 200);

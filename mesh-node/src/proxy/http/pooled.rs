@@ -124,35 +124,16 @@ impl Body for UpstreamBody {
 
 #[cfg(test)]
 mod tests {
-    use std::{convert::Infallible, sync::Arc};
+    use std::sync::Arc;
 
-    use http::{Request, Response};
-    use http_body_util::{BodyExt, Empty, Full};
-    use hyper::{client::conn, service::service_fn};
+    use http::Request;
+    use http_body_util::{BodyExt, Empty};
+    use hyper::client::conn;
     use hyper_util::rt::TokioIo;
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpStream;
 
     use super::*;
-    use crate::proxy::http::{box_body, driven::DrivenHttp1};
-
-    /// An HTTP/1.1 server on loopback answering `hello` to every request.
-    async fn server() -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let hello = service_fn(|_r| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("hello"))))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(s), hello)
-                        .await;
-                });
-            }
-        });
-        addr
-    }
+    use crate::proxy::http::{box_body, driven::DrivenHttp1, test_backend::http1_backend};
 
     /// A GET on `conn`, its response body given `conn` to return to `pool`.
     async fn get(
@@ -182,7 +163,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_goes_back_to_the_pool_when_its_body_has_ended_and_not_before() {
-        let addr = server().await;
+        let addr = http1_backend("hello", None).await.addr;
         let pool = Arc::new(UpstreamPool::default());
         let policies = Policies::default();
         let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
