@@ -274,12 +274,23 @@ fn tcp_routes_split_connections_by_weight() {
             .filter(|c| c["original_dst"] == db.to_string() && c["upstream"] == pod_addr)
             .count()
     };
+    let mut probed = 0;
     let applied = cluster.eventually(Duration::from_secs(5), || {
         assert_eq!(cluster.churn("client", db, 10).unwrap().failed, 0);
+        probed += 10;
         landed(&v2_addr) > 0
     });
     assert!(applied.is_some(), "the tcp route never applied");
     let v1_addr = cluster.pod("db-v1").addr4(9000).to_string();
+    // Every probing connection recorded (a record comes just after its connection
+    // ends) before the baseline is read, so that none lands in the measured ones.
+    let settled = cluster.eventually(Duration::from_secs(2), || {
+        landed(&v1_addr) + landed(&v2_addr) >= probed
+    });
+    assert!(
+        settled.is_some(),
+        "not every probing connection was recorded"
+    );
     let (v1_before, v2_before) = (landed(&v1_addr), landed(&v2_addr));
     let churn = cluster.churn("client", db, 500).unwrap();
     assert_eq!(churn.failed, 0, "{churn:?}");
