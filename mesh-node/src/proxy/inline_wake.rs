@@ -135,11 +135,16 @@ mod tests {
         }
     }
 
+    /// A group, and a task's waker counting its wakes.
+    fn group_and_task() -> (Arc<InlineWake>, Arc<Counted>, Waker) {
+        let task = Arc::new(Counted::default());
+        let waker = Waker::from(task.clone());
+        (Arc::default(), task, waker)
+    }
+
     #[test]
     fn a_wake_from_within_polls_again_and_one_from_outside_wakes_the_task() {
-        let wake = Arc::new(InlineWake::default());
-        let task = Arc::new(Counted::default());
-        let task_waker = Waker::from(task.clone());
+        let (wake, task, task_waker) = group_and_task();
         let mut cx = Context::from_waker(&task_waker);
         // The first round wakes itself (as a connection waking its body's reader): a
         // second round runs in the same poll, and the task is not woken.
@@ -168,9 +173,7 @@ mod tests {
 
     #[test]
     fn a_group_that_always_wakes_itself_yields_instead_of_spinning() {
-        let wake = Arc::new(InlineWake::default());
-        let task = Arc::new(Counted::default());
-        let task_waker = Waker::from(task.clone());
+        let (wake, task, task_waker) = group_and_task();
         let mut cx = Context::from_waker(&task_waker);
         let mut rounds = 0;
         let polled: Poll<()> = wake.poll(&mut cx, |inner| {

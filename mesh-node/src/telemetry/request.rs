@@ -106,12 +106,12 @@ impl RequestLog {
             connection_security_policy: self.security.label(),
         };
         let values = labels.values();
-        let elapsed = self.started.elapsed();
+        let elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         metrics.requests.with_label_values(&values).inc();
         metrics
             .request_duration
             .with_label_values(&values)
-            .observe(elapsed.as_secs_f64() * 1000.0);
+            .observe(elapsed_ms);
         let summary = RequestSummary {
             pod: &self.pod,
             source_address: self.src,
@@ -119,7 +119,7 @@ impl RequestLog {
             path: &self.path,
             authority: &self.authority,
             request_protocol: self.protocol,
-            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            duration_ms: elapsed_ms,
         };
         let fields = SourceFields {
             received_bytes: bytes_out,

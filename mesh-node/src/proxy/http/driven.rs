@@ -60,6 +60,11 @@ impl Driver {
         }
     }
 
+    /// Polls the connection once with a waker that wakes nobody (nobody waits on it).
+    fn poll_unattended(&self) {
+        self.0.wake.poll_unattended(|cx| self.poll_connection(cx));
+    }
+
     /// Polls the connection, then `then` (what the task waits for on it).
     fn drive<T>(
         &self,
@@ -97,11 +102,7 @@ impl DrivenHttp1 {
     /// peer sent while nobody polled it is seen: only for a connection nobody waits on
     /// (one kept idle in a pool).
     pub(crate) fn closed(&self) -> bool {
-        let driver = &self.driver;
-        driver
-            .0
-            .wake
-            .poll_unattended(|cx| driver.poll_connection(cx));
+        self.driver.poll_unattended();
         self.sender.is_closed()
     }
 
