@@ -22,7 +22,7 @@ pub enum Command {
     Crds {
         /// Which one: Nodemesh's AuthorizationPolicy, or Istio's DestinationRule,
         /// VirtualService, PeerAuthentication, AuthorizationPolicy
-        /// (`istio-authorization-policy`) or RequestAuthentication, for clusters without
+        /// (`istio-authorization-policy`), RequestAuthentication or Telemetry, for clusters without
         /// Istio's own CRDs.
         #[arg(long, value_enum, default_value_t = CrdKind::AuthorizationPolicy)]
         kind: CrdKind,
@@ -39,6 +39,8 @@ pub enum CrdKind {
     /// Istio's (`security.istio.io`); `authorization-policy` is Nodemesh's own.
     IstioAuthorizationPolicy,
     RequestAuthentication,
+    /// Istio's Telemetry (`telemetry.istio.io` v1, v1alpha1).
+    Telemetry,
 }
 
 /// Writes `text` to standard output. A reader that went away (`... | head`) ends the

@@ -119,6 +119,15 @@ pub struct AgentConfig {
     #[arg(long, default_value = "/run/nodemesh/handover.sock")]
     pub handover_socket: PathBuf,
 
+    /// Istio's MeshConfig (YAML), its telemetry part: tracing providers
+    /// (`extensionProviders` with `opentelemetry` or `zipkin`), the providers used by
+    /// default (`defaultProviders.tracing`) and the sampling of requests without trace
+    /// context (`defaultConfig.tracing.sampling`, percent; Istio's default 1).
+    /// Without it, or without default providers, no spans are recorded unless a
+    /// Telemetry resource names a provider. See deploy/observability/mesh-config.yaml.
+    #[arg(long)]
+    pub mesh_config: Option<PathBuf>,
+
     /// Trust domain of workload identities.
     #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -266,6 +275,17 @@ mod duration_text {
     pub(super) fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format!("{}ms", d.as_millis()))
     }
+}
+
+/// Checks a mesh configuration (`--mesh-config`'s contents) as the agent would at
+/// start: the fields it does not implement, or why it would refuse to start.
+pub fn check_mesh_config(text: &str) -> Result<Vec<String>, String> {
+    let config =
+        crate::telemetry::spans::mesh_config::MeshConfig::parse(text).map_err(|e| e.to_string())?;
+    config
+        .tracing()
+        .map(|t| t.unsupported)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ pub mod admin;
 pub mod agent;
 pub mod ca;
 pub mod capture;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod discovery;

@@ -169,6 +169,19 @@ fn the_request_authentication_crd_matches_the_rust_type_at_istios_versions() {
 }
 
 #[test]
+fn the_telemetry_crd_matches_the_rust_type_at_istios_versions() {
+    let path = deploy_dir().join("crds/istio/telemetry.yaml");
+    let on_disk: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let generated = serde_yaml::to_value(mesh_node::discovery::telemetry::crd()).unwrap();
+    assert_eq!(
+        on_disk, generated,
+        "deploy/crds/istio/telemetry.yaml is stale: regenerate it with `mesh-node crds --kind telemetry > deploy/crds/istio/telemetry.yaml`"
+    );
+    assert_eq!(on_disk["spec"]["group"], "telemetry.istio.io");
+}
+
+#[test]
 fn the_virtual_service_crd_matches_the_rust_type_at_istios_versions() {
     let path = deploy_dir().join("crds/istio/virtualservice.yaml");
     let on_disk: serde_yaml::Value =
@@ -202,7 +215,9 @@ fn every_manifest_parses_into_its_typed_object() {
         count(|o| matches!(o, Object::IstioAuthorizationPolicy(_))),
         1
     );
-    assert_eq!(count(|o| matches!(o, Object::Crd(_))), 6);
+    assert_eq!(count(|o| matches!(o, Object::Crd(_))), 7);
+    assert_eq!(count(|o| matches!(o, Object::ConfigMap(_))), 1);
+    assert_eq!(count(|o| matches!(o, Object::PodMonitor(_))), 1);
     assert!(files.len() >= 10, "{files:?}");
 }
 
@@ -214,14 +229,20 @@ struct Kustomization {
 #[test]
 fn each_kustomization_lists_every_manifest_of_its_tree_once() {
     let root = deploy_dir();
-    // deploy/crds/istio is its own tree: Istio's kind, applied only without Istio.
+    // deploy/crds/istio is its own tree: Istio's kind, applied only without Istio;
+    // deploy/observability too: the PodMonitor needs the Prometheus operator's CRDs.
     for (dir, nested) in [
         (
             root.clone(),
-            vec![root.join("examples"), root.join("crds/istio")],
+            vec![
+                root.join("examples"),
+                root.join("crds/istio"),
+                root.join("observability"),
+            ],
         ),
         (root.join("examples"), vec![]),
         (root.join("crds/istio"), vec![]),
+        (root.join("observability"), vec![]),
     ] {
         let text = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
         let k: Kustomization = serde_yaml::from_str(&text).unwrap();
@@ -468,6 +489,28 @@ fn the_daemon_set_mounts_what_the_agent_opens() {
     let (cache, below) = volume_for(spec, &config.cert_cache_dir);
     assert_eq!(host_path(cache), Some("/run/nodemesh"));
     assert_ne!(below, PathBuf::new(), "the agent's own 0700 directory");
+    // The mesh configuration comes from its ConfigMap.
+    let mesh_config = config.mesh_config.as_ref().expect("--mesh-config");
+    let (volume, below) = volume_for(spec, mesh_config);
+    assert_eq!(
+        volume.config_map.as_ref().map(|c| c.name.as_str()),
+        Some("nodemesh-mesh-config")
+    );
+    assert_eq!(below, PathBuf::from("mesh.yaml"));
+    let text = docs
+        .iter()
+        .find_map(|d| match &d.object {
+            Object::ConfigMap(c) if c.metadata.name.as_deref() == Some("nodemesh-mesh-config") => {
+                c.data.as_ref()?.get("mesh.yaml").cloned()
+            }
+            _ => None,
+        })
+        .expect("the ConfigMap nodemesh-mesh-config has mesh.yaml");
+    assert_eq!(
+        mesh_node::config::check_mesh_config(&text),
+        Ok(Vec::new()),
+        "deploy/mesh-config.yaml's mesh.yaml must be a mesh configuration the agent takes"
+    );
     // The kubepods locator reads /proc/<pid>/cgroup and /proc/<pid>/ns/net of pods.
     assert_eq!(config.netns_locator, NetnsLocatorKind::Kubepods);
     assert_eq!(spec.host_pid, Some(true));

@@ -107,6 +107,25 @@ async fn echo(
         r.headers_mut().insert("x-served-by", header_value(&pod));
         return Ok(r);
     }
+    if let Some(forward) = &always.forward {
+        let path = request
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        let mut r = match call_upstream(forward, &path, request.headers()).await {
+            Ok((status, body)) => {
+                let upstream: serde_json::Value = serde_json::from_slice(&body)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&body).into());
+                let report = serde_json::json!({ "pod": *pod, "upstream": upstream });
+                text(status, report.to_string())
+            }
+            Err(e) => text(StatusCode::BAD_GATEWAY, format!("{pod}: {e}\n")),
+        };
+        r.headers_mut().insert("x-served-by", header_value(&pod));
+        return Ok(r);
+    }
     if let Some(status) = always.status.and_then(|s| StatusCode::from_u16(s).ok()) {
         let mut r = text(status, format!("{pod} always answers {status}\n"));
         r.headers_mut().insert("x-served-by", header_value(&pod));
@@ -229,6 +248,61 @@ pub struct Behaviour {
     pub delay: Option<Duration>,
     /// Answer every request with this file's contents (read at each request).
     pub file: Option<std::path::PathBuf>,
+    /// Serve every request by calling this upstream, passing the trace context on
+    /// (an application in the middle of a call chain).
+    pub forward: Option<Forward>,
+}
+
+/// An upstream the server calls for every request: `http://<host><path>` at `to`.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    pub to: SocketAddr,
+    pub host: String,
+}
+
+/// The headers an instrumented application passes on to the calls it makes.
+const PROPAGATED: [&str; 3] = ["traceparent", "tracestate", "x-request-id"];
+
+/// One GET to the upstream with the request's trace context: its status and body.
+async fn call_upstream(
+    forward: &Forward,
+    path: &str,
+    incoming: &http::HeaderMap,
+) -> Result<(StatusCode, Bytes), String> {
+    let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(forward.to))
+        .await
+        .map_err(|_| format!("connecting to {} timed out", forward.to))?
+        .map_err(|e| format!("connecting to {}: {e}", forward.to))?;
+    let (mut sender, connection) = conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let mut request = Request::get(path)
+        .header(header::HOST, forward.host.as_str())
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    for name in PROPAGATED {
+        if let Some(v) = incoming.get(name) {
+            request.headers_mut().insert(name, v.clone());
+        }
+    }
+    let call = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .map_err(|_| "the upstream did not answer within 10 s".to_string())?
 }
 
 /// Serves HTTP/1.1 and HTTP/2 prior knowledge on every address; prints `ready`.

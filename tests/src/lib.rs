@@ -2,6 +2,7 @@
 //! benchmarks, and the report types of its test app.
 
 pub mod bench;
+pub mod collector;
 pub mod conn_flood;
 pub mod demo;
 pub mod flood;

@@ -76,6 +76,8 @@ pub struct AdminState {
     pub pools: Arc<crate::routing::pool::ConnectionPools>,
     /// The node's request authenticator (JWKS), for traces of requests with a JWT.
     pub jwt: Arc<crate::identity::jwt::JwtAuthenticator>,
+    /// The node's tracing (exporter health for `meshctl node status`).
+    pub(crate) tracer: Arc<crate::telemetry::spans::Tracer>,
     pub started: Instant,
     /// A hand-over this agent took part in (taker or giver).
     pub handover: Arc<std::sync::Mutex<crate::handover::HandoverView>>,

@@ -54,6 +54,7 @@ pub(crate) fn status(state: &AdminState) -> StatusView {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone(),
+        tracing: state.tracer.status(),
         mtls: state.certificates.is_some(),
         trust_domain: state.config.trust_domain.clone(),
         source: state.config.source,

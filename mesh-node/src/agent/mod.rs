@@ -71,6 +71,8 @@ pub enum AgentError {
     NoObject(std::io::Error),
     #[error("cannot install a signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    MeshConfig(#[from] crate::telemetry::spans::mesh_config::MeshConfigError),
     #[error("mutual TLS setup: {0}")]
     Mesh(String),
     #[error("cannot reach the Kubernetes API (in-cluster credentials or KUBECONFIG): {0}; run inside the cluster with the DaemonSet's service account, or use --source files")]
@@ -117,6 +119,32 @@ fn node_config(
         ..NodeConfig::default()
     };
     Ok((node, node_netns_id))
+}
+
+/// The node's tracing, from `--mesh-config`: each provider's exporter started, the
+/// fields Nodemesh does not implement reported.
+fn start_tracing(
+    config: &AgentConfig,
+    metrics: &Metrics,
+) -> Result<crate::telemetry::spans::Tracer, AgentError> {
+    use crate::telemetry::spans::mesh_config::{MeshConfig, TracingConfig};
+    let tracing = match &config.mesh_config {
+        Some(path) => MeshConfig::load(path)?.tracing()?,
+        None => TracingConfig::default(),
+    };
+    for field in &tracing.unsupported {
+        warn!(%field, "the mesh configuration sets a field Nodemesh does not implement; it has no effect");
+        metrics
+            .config_problems
+            .with_label_values(&["MeshConfig", "not_implemented"])
+            .inc();
+    }
+    let tracer =
+        crate::telemetry::spans::Tracer::start(&tracing, &metrics.spans, config.socket_mark);
+    if !tracing.providers.is_empty() {
+        info!(providers = ?tracing.providers.iter().map(|p| format!("{} ({} {}:{})", p.name, p.protocol.name(), p.host, p.port)).collect::<Vec<_>>(), default = ?tracing.default_providers, sampling_percent = tracing.default_sampling, "tracing providers configured");
+    }
+    Ok(tracer)
 }
 
 /// How long a port the previous agent held may stay taken after it released the pins
@@ -355,6 +383,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
     let pools = Arc::new(crate::routing::pool::ConnectionPools::new(Some(
         metrics.pools.clone(),
     )));
+    let tracer = Arc::new(start_tracing(&config, &metrics)?);
     // Request authentication: the keys of every jwksUri this node's pods need.
     let jwt = crate::identity::jwt::JwtAuthenticator::counted(metrics.clone(), config.jwks_refresh);
     let admin_state = Arc::new(AdminState {
@@ -371,6 +400,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
         balancer: balancer.clone(),
         pools: pools.clone(),
         jwt: jwt.clone(),
+        tracer: tracer.clone(),
         started: std::time::Instant::now(),
         handover: handover_view.clone(),
     });
@@ -436,6 +466,7 @@ pub async fn run(config: AgentConfig, log_level: LogLevel) -> Result<(), AgentEr
             )),
             limits: config.pod_limits(),
             jwt: jwt.clone(),
+            tracer: tracer.clone(),
             dialer: dialer.clone(),
             drain: drain_signal.clone(),
         },

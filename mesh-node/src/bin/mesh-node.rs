@@ -73,6 +73,7 @@ fn main() -> ExitCode {
                 mesh_node::cli::CrdKind::RequestAuthentication => {
                     mesh_node::discovery::request_authentication::crd()
                 }
+                mesh_node::cli::CrdKind::Telemetry => mesh_node::discovery::telemetry::crd(),
             };
             let written = serde_yaml::to_string(&crd)
                 .map_err(|e| format!("cannot render the CRD: {e}"))

@@ -38,7 +38,8 @@ use crate::{
     discovery::mtls::RootNamespace, discovery::peer_authentication::PeerAuthentication,
     discovery::policy::AuthorizationPolicy, discovery::request_auth::RequestAuthIndex,
     discovery::request_authentication::RequestAuthentication,
-    discovery::route_parents::route_index, discovery::traffic_policy::compile,
+    discovery::route_parents::route_index, discovery::telemetry::Telemetry,
+    discovery::telemetry_index::TelemetryIndex, discovery::traffic_policy::compile,
     discovery::traffic_policy::CompiledRule, discovery::traffic_policy::Problem,
     discovery::traffic_policy::ProblemReason, discovery::virtual_service::VirtualService,
     keys::ObjectKey,
@@ -63,10 +64,11 @@ pub enum Kind {
     /// Istio's (`security.istio.io`); `AuthorizationPolicy` is Nodemesh's own.
     IstioAuthorizationPolicy,
     RequestAuthentication,
+    Telemetry,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -79,6 +81,7 @@ impl Kind {
         Kind::PeerAuthentication,
         Kind::IstioAuthorizationPolicy,
         Kind::RequestAuthentication,
+        Kind::Telemetry,
     ];
 
     pub fn name(self) -> &'static str {
@@ -95,6 +98,7 @@ impl Kind {
             Kind::PeerAuthentication => "PeerAuthentication",
             Kind::IstioAuthorizationPolicy => "AuthorizationPolicy.security.istio.io",
             Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::Telemetry => "Telemetry",
         }
     }
 }
@@ -114,6 +118,7 @@ pub enum KubeObject {
     PeerAuthentication(Box<PeerAuthentication>),
     IstioAuthorizationPolicy(Box<IstioAuthorizationPolicy>),
     RequestAuthentication(Box<RequestAuthentication>),
+    Telemetry(Box<Telemetry>),
 }
 
 impl KubeObject {
@@ -131,6 +136,7 @@ impl KubeObject {
             KubeObject::PeerAuthentication(_) => Kind::PeerAuthentication,
             KubeObject::IstioAuthorizationPolicy(_) => Kind::IstioAuthorizationPolicy,
             KubeObject::RequestAuthentication(_) => Kind::RequestAuthentication,
+            KubeObject::Telemetry(_) => Kind::Telemetry,
         }
     }
 
@@ -148,6 +154,7 @@ impl KubeObject {
             KubeObject::PeerAuthentication(o) => &o.metadata,
             KubeObject::IstioAuthorizationPolicy(o) => &o.metadata,
             KubeObject::RequestAuthentication(o) => &o.metadata,
+            KubeObject::Telemetry(o) => &o.metadata,
         }
     }
 
@@ -195,6 +202,10 @@ pub struct ClusterState {
     /// Every RequestAuthentication checked (`discovery::request_auth`;
     /// [`ClusterState::request_authentications_for`] reads it).
     pub request_authentication: Arc<RequestAuthIndex>,
+    pub telemetries: Objects<Telemetry>,
+    /// Every Telemetry checked (`discovery::telemetry_index`;
+    /// [`ClusterState::telemetry_for`] reads it).
+    pub telemetry: Arc<TelemetryIndex>,
     pub(super) pods_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
     pub(super) services_by_ip: Arc<HashMap<IpAddr, ObjectKey>>,
     pub(super) slices_by_service: Arc<HashMap<ObjectKey, BTreeSet<ObjectKey>>>,
@@ -305,6 +316,10 @@ impl ClusterState {
                 upsert(&mut self.request_authentications, key, *o);
                 self.reindex_request_authentications();
             }
+            KubeObject::Telemetry(o) => {
+                upsert(&mut self.telemetries, key, *o);
+                self.reindex_telemetry();
+            }
         }
     }
 
@@ -374,6 +389,11 @@ impl ClusterState {
                     self.reindex_request_authentications();
                 }
             }
+            Kind::Telemetry => {
+                if take(&mut self.telemetries, key).is_some() {
+                    self.reindex_telemetry();
+                }
+            }
         }
     }
 
@@ -394,6 +414,7 @@ impl ClusterState {
                 self.istio_authorization_policies.keys().cloned().collect()
             }
             Kind::RequestAuthentication => self.request_authentications.keys().cloned().collect(),
+            Kind::Telemetry => self.telemetries.keys().cloned().collect(),
         };
         let keep: BTreeSet<ObjectKey> = objects.iter().filter_map(KubeObject::key).collect();
         for key in keys.iter().filter(|k| !keep.contains(*k)) {
@@ -474,6 +495,15 @@ impl ClusterState {
             self.request_authentication =
                 Arc::new(RequestAuthIndex::build(root, &self.request_authentications));
         }
+        if self.telemetry.root() != root {
+            self.telemetry = Arc::new(TelemetryIndex::build(root, &self.telemetries));
+        }
+    }
+
+    /// Checks every Telemetry again (they are few).
+    fn reindex_telemetry(&mut self) {
+        let root = self.peer_authentication.root().clone();
+        self.telemetry = Arc::new(TelemetryIndex::build(&root, &self.telemetries));
     }
 
     /// Checks every RequestAuthentication again (they are few).
@@ -538,6 +568,7 @@ impl ClusterState {
                 Kind::RequestAuthentication.name(),
                 self.request_authentications.len(),
             ),
+            (Kind::Telemetry.name(), self.telemetries.len()),
         ])
     }
 }

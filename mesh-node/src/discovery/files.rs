@@ -76,6 +76,9 @@ fn collect(value: serde_yaml::Value, doc: usize, out: &mut Vec<KubeObject>) -> R
         "RequestAuthentication" if is_istio_security(&value) => KubeObject::RequestAuthentication(
             Box::new(serde_yaml::from_value(value).map_err(typed)?),
         ),
+        "Telemetry" if is_istio_telemetry(&value) => {
+            KubeObject::Telemetry(Box::new(serde_yaml::from_value(value).map_err(typed)?))
+        }
         "List" => {
             let items = value
                 .get("items")
@@ -103,6 +106,16 @@ fn is_istio_networking(value: &serde_yaml::Value) -> bool {
         .and_then(|v| v.as_str())
         .and_then(|v| v.strip_prefix("networking.istio.io/"))
         .is_some_and(|v| crate::discovery::virtual_service::VERSIONS.contains(&v))
+}
+
+/// `apiVersion: telemetry.istio.io/<v1 or v1alpha1>`, or
+/// `networking.istio.io/v1alpha3` (a spelling Istio's older documents use).
+fn is_istio_telemetry(value: &serde_yaml::Value) -> bool {
+    let version = value.get("apiVersion").and_then(|v| v.as_str());
+    version
+        .and_then(|v| v.strip_prefix("telemetry.istio.io/"))
+        .is_some_and(|v| crate::discovery::telemetry::VERSIONS.contains(&v))
+        || version == Some("networking.istio.io/v1alpha3")
 }
 
 /// `apiVersion: security.istio.io/<v1 or v1beta1>`.

@@ -45,6 +45,16 @@ impl ClusterState {
         self.request_authentication.selecting(pod, labels, selects)
     }
 
+    /// What the Telemetry resources say of the pod `pod`'s tracing and access logging
+    /// (mesh, namespace and workload levels merged; nothing when there are none).
+    pub fn telemetry_for(&self, pod: &PodKey) -> crate::telemetry::spans::TelemetryPolicy {
+        if self.telemetry.is_empty() {
+            return Default::default();
+        }
+        let labels = self.pods.get(pod).and_then(|p| p.metadata.labels.as_ref());
+        self.telemetry.resolve(pod, labels)
+    }
+
     /// The mode of a pod of `namespace` no workload PeerAuthentication selects.
     pub fn namespace_mtls(&self, namespace: &str) -> EffectiveMtls {
         let label = self.mtls_label(namespace);

@@ -26,5 +26,7 @@ pub mod request_auth;
 pub mod request_authentication;
 pub(crate) mod route_parents;
 pub mod service_ref;
+pub mod telemetry;
+pub mod telemetry_index;
 pub mod traffic_policy;
 pub mod virtual_service;

@@ -62,9 +62,22 @@ impl ProblemReporter {
                     "the rest of the policy applies",
                 )
             });
+        let telemetry = state.telemetry.compiled.iter().map(|(key, t)| {
+            (
+                Kind::Telemetry,
+                key,
+                &t.problems,
+                "the rest of the resource applies",
+            )
+        });
         let mut new = 0;
         let mut reported = HashMap::new();
-        for (kind, key, problems, applied) in rules.chain(peer).chain(authz).chain(request) {
+        for (kind, key, problems, applied) in rules
+            .chain(peer)
+            .chain(authz)
+            .chain(request)
+            .chain(telemetry)
+        {
             if problems.is_empty() {
                 continue;
             }

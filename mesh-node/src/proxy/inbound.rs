@@ -36,6 +36,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     let mut info = ConnectionInfo {
         peer: state.pod_by_ip(canonical(peer.ip())).cloned(),
         destination_identity: Some(ctx.identity.to_string()),
+        access_log: state.telemetry_for(&ctx.pod).logs(),
         ..ConnectionInfo::new(Direction::Inbound, ctx.pod.clone(), peer, dst)
     };
     // sk_lookup only steers the pod's addresses and never the mesh's ports; anything else

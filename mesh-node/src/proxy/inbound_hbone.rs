@@ -155,8 +155,16 @@ async fn tunnel(
     identity: Identity,
     ctx: Arc<PodContext>,
 ) {
+    let (known_peer, access_log) = {
+        let state = ctx.state.borrow();
+        (
+            state.pod_by_ip(peer.ip()).cloned(),
+            state.telemetry_for(&ctx.pod).logs(),
+        )
+    };
     let info = |target| ConnectionInfo {
-        peer: ctx.state.borrow().pod_by_ip(peer.ip()).cloned(),
+        peer: known_peer.clone(),
+        access_log,
         upstream: Some(target),
         security: Security::MutualTls,
         source_identity: Some(identity.to_string()),

@@ -36,7 +36,7 @@ use crate::{
     proxy::http::ProxyBody, proxy::pod::connect_in_pod, proxy::pod::PodContext,
     telemetry::connections::Security, telemetry::inbound_request::InboundRequestLog,
     telemetry::outcome::ConnectionEnd, telemetry::outcome::RefusalReason,
-    telemetry::outcome::ResponseFlags,
+    telemetry::outcome::ResponseFlags, telemetry::spans::SpanInFlight, telemetry::spans::SpanKind,
 };
 
 /// The largest request header block (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE; HTTP/1.1's
@@ -215,8 +215,15 @@ async fn handle(request: Request<Incoming>, c: &Connection) -> Response<ProxyBod
         policy: None,
         detail: String::new(),
         audited: Vec::new(),
+        span: None,
+        access_log: true,
     };
     log.authority = host_of(&parts);
+    // Before authentication reads the headers: a custom tag sees them as sent.
+    let telemetry = state.telemetry_for(&ctx.pod);
+    log.access_log = telemetry.logs();
+    let tracing = ctx.tracer.settings(&telemetry.server);
+    log.span = SpanInFlight::begin(SpanKind::Server, &tracing, &mut parts.headers).1;
     let auth = match ctx.jwt.authenticate(&state, &ctx.pod, &mut parts) {
         Authentication::NoToken => None,
         Authentication::Valid(auth) => Some(auth),

@@ -47,6 +47,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<PodContext>) {
     debug!(pod = %ctx.pod, src = %peer, dst = %dst, "outbound");
     let state = ctx.state.borrow().clone();
     let mut info = ConnectionInfo::new(Direction::Outbound, ctx.pod.clone(), peer, dst);
+    info.access_log = state.telemetry_for(&ctx.pod).logs();
     // (The routing table is held only while planning.)
     let planned = plan::connection_from(
         &ctx.router.table(&state),

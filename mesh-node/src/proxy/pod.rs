@@ -78,6 +78,8 @@ pub(crate) struct PodContext {
     pub mirrors: crate::limits::mirror_slots::MirrorSlots,
     /// The node's request authenticator (RequestAuthentication, JWT).
     pub jwt: Arc<crate::identity::jwt::JwtAuthenticator>,
+    /// The node's tracing.
+    pub tracer: Arc<crate::telemetry::spans::Tracer>,
     /// The agent's drain: HTTP connections served for this pod close gracefully once
     /// it starts.
     pub drain: crate::limits::drain::Drain,

@@ -76,6 +76,14 @@ pub struct ConnectionInfo {
     /// SPIFFE IDs, when known (always, for mutual TLS).
     pub source_identity: Option<String>,
     pub destination_identity: Option<String>,
+    /// Whether the connection is written to the access log when it closes (Telemetry
+    /// `accessLogging` of its pod). Not part of the admin view.
+    #[serde(skip, default = "logged")]
+    pub access_log: bool,
+}
+
+fn logged() -> bool {
+    true
 }
 
 impl ConnectionInfo {
@@ -98,6 +106,7 @@ impl ConnectionInfo {
             security: Security::None,
             source_identity: None,
             destination_identity: None,
+            access_log: true,
         }
     }
 }
@@ -293,7 +302,9 @@ impl ConnectionTable {
             .tcp_received_bytes
             .with_label_values(&values)
             .inc_by(record.bytes_to_client);
-        access_log::write(&access_entry(&record, &labels));
+        if live.info.access_log {
+            access_log::write(&access_entry(&record, &labels));
+        }
         let mut closed = lock(&self.closed);
         if closed.len() == CLOSED_HISTORY {
             closed.pop_front();

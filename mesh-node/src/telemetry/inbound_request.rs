@@ -3,15 +3,19 @@
 //! `reporter="destination"`, written when the response head is ready (the L7 inbound
 //! path answers or forwards; the body is the application's).
 
-use std::{net::SocketAddr, time::Instant};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use serde::Serialize;
 
 use crate::{
     keys::PodKey, telemetry::access_log, telemetry::connections::Security,
     telemetry::metrics::Metrics, telemetry::metrics::RequestLabels,
-    telemetry::outcome::ResponseFlags, telemetry::request_line::RequestLine,
-    telemetry::request_line::RequestSummary,
+    telemetry::outcome::ResponseFlags, telemetry::request::protocol_version,
+    telemetry::request::split_authority, telemetry::request_line::RequestLine,
+    telemetry::request_line::RequestSummary, telemetry::spans::SpanInFlight,
 };
 
 /// The facts of one request to a local pod served as HTTP by its policies.
@@ -38,10 +42,14 @@ pub(crate) struct InboundRequestLog {
     pub detail: String,
     /// AUDIT policies that matched the request.
     pub audited: Vec<String>,
+    /// The server span, when this request's trace is recorded.
+    pub span: Option<SpanInFlight>,
+    /// Whether the request is written to the access log (Telemetry `accessLogging`).
+    pub access_log: bool,
 }
 
 impl InboundRequestLog {
-    pub(crate) fn finish(&self, metrics: &Metrics, status: u16, flags: ResponseFlags) {
+    pub(crate) fn finish(&mut self, metrics: &Metrics, status: u16, flags: ResponseFlags) {
         let code = status.to_string();
         let (src_name, src_ns) = self
             .source_workload
@@ -64,7 +72,8 @@ impl InboundRequestLog {
             connection_security_policy: self.security.label(),
         };
         let values = labels.values();
-        let elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = self.started.elapsed();
+        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
         metrics.requests.with_label_values(&values).inc();
         metrics
             .request_duration
@@ -85,7 +94,63 @@ impl InboundRequestLog {
             detail: &self.detail,
             audited: &self.audited,
         };
-        access_log::write(&RequestLine::new(values, status, summary, fields));
+        if self.access_log {
+            access_log::write(&RequestLine::new(values, status, summary, fields));
+        }
+        if let Some(span) = self.span.take() {
+            self.end_span(span, status, flags, elapsed);
+        }
+    }
+
+    /// The server span: OpenTelemetry's HTTP server attributes and the mesh's.
+    fn end_span(
+        &self,
+        mut span: SpanInFlight,
+        status: u16,
+        flags: ResponseFlags,
+        elapsed: Duration,
+    ) {
+        let b = &mut span.builder;
+        b.set("http.request.method", self.method.as_str());
+        b.set("url.path", self.path.as_str());
+        let (host, port) = split_authority(&self.authority);
+        b.set("server.address", host);
+        if let Some(port) = port {
+            b.set("server.port", i64::from(port));
+        }
+        b.set("network.protocol.version", protocol_version(self.protocol));
+        b.set("http.response.status_code", i64::from(status));
+        b.set("client.address", self.src.ip().to_string());
+        if let Some(w) = &self.source_workload {
+            b.set("nodemesh.source.workload", w.to_string());
+        }
+        if let Some(p) = &self.source_principal {
+            b.set("nodemesh.source.principal", p.as_str());
+        }
+        b.set("nodemesh.destination.workload", self.pod.to_string());
+        b.set(
+            "nodemesh.destination.principal",
+            self.destination_principal.as_str(),
+        );
+        if let Some(p) = &self.request_principal {
+            b.set("nodemesh.request_principal", p.as_str());
+        }
+        if let Some(p) = &self.policy {
+            b.set("nodemesh.policy", p.as_str());
+        }
+        b.set("nodemesh.response_flags", flags.to_string());
+        b.set("nodemesh.connection_security_policy", self.security.label());
+        if !self.detail.is_empty() {
+            b.set("nodemesh.detail", self.detail.as_str());
+        }
+        let name = match host {
+            "" => self.method.clone(),
+            _ => format!("{} {}", self.method, self.authority),
+        };
+        // OpenTelemetry: a server span failed when it answered 5xx.
+        let error = status >= 500;
+        let workload = format!("{}.{}", self.pod.name, self.pod.namespace);
+        span.end(workload, name, elapsed, error);
     }
 }
 

@@ -1,8 +1,13 @@
 //! Prometheus metrics (`nodemesh_` prefix, Istio's standard label names).
 
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Mutex,
+};
+
 use prometheus::{
-    core::Collector, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    core::Collector, proto::MetricType, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::telemetry::outcome::ResponseFlags;
@@ -150,12 +155,78 @@ pub(crate) const OUTLIER_LABELS: [&str; 3] = [
     "destination_service_namespace",
 ];
 
-pub struct Metrics {
+/// A [`Registry`] that remembers what was registered with it: each metric family's
+/// name and variable label names, read from the collectors' own descriptions, so the
+/// catalog ([`Metrics::catalog`]) lists every family `/metrics` can expose.
+pub(crate) struct CatalogRegistry {
     registry: Registry,
+    catalog: Mutex<Catalog>,
+}
+
+#[derive(Default)]
+struct Catalog {
+    /// Family name -> variable label names, in registration order.
+    families: BTreeMap<String, Vec<String>>,
+    /// The families that are histograms (exposed as `_bucket`, `_sum`, `_count`).
+    histograms: BTreeSet<String>,
+}
+
+impl CatalogRegistry {
+    pub(crate) fn new() -> CatalogRegistry {
+        CatalogRegistry {
+            registry: Registry::new(),
+            catalog: Mutex::new(Catalog::default()),
+        }
+    }
+
+    fn catalog_lock(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        self.catalog.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers `collector` and, once the registry took it, records its families.
+    pub(crate) fn register(&self, collector: Box<dyn Collector>) -> prometheus::Result<()> {
+        let families: Vec<(String, Vec<String>)> = collector
+            .desc()
+            .iter()
+            .map(|d| (d.fq_name.clone(), d.variable_labels.clone()))
+            .collect();
+        // A vector without series still reports its family's type.
+        let histograms: Vec<String> = collector
+            .collect()
+            .iter()
+            .filter(|f| f.get_field_type() == MetricType::HISTOGRAM)
+            .map(|f| f.name().to_string())
+            .collect();
+        self.registry.register(collector)?;
+        let mut catalog = self.catalog_lock();
+        catalog.families.extend(families);
+        catalog.histograms.extend(histograms);
+        Ok(())
+    }
+
+    /// Every family registered so far, with its variable label names.
+    pub(crate) fn catalog(&self) -> BTreeMap<String, Vec<String>> {
+        self.catalog_lock().families.clone()
+    }
+
+    /// The families of [`Self::catalog`] that are histograms.
+    pub(crate) fn histograms(&self) -> BTreeSet<String> {
+        self.catalog_lock().histograms.clone()
+    }
+
+    fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+}
+
+pub struct Metrics {
+    registry: CatalogRegistry,
     /// Outlier detection: ejections and endpoints ejected now.
     pub outliers: OutlierMetrics,
     /// Circuit breaking: connection pool overflows and occupancy.
     pub pools: crate::telemetry::pool_metrics::PoolMetrics,
+    /// The tracing exporters'.
+    pub spans: crate::telemetry::spans::metrics::SpanMetrics,
     /// Problems found in configuration objects (DestinationRules), by kind and reason;
     /// counted once per object version.
     pub config_problems: IntCounterVec,
@@ -223,7 +294,12 @@ pub struct Metrics {
     pub handovers: IntCounterVec,
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+fn counter_vec(
+    registry: &CatalogRegistry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels)
         .unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
     registry
@@ -232,7 +308,7 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
     c
 }
 
-fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+fn gauge_vec(registry: &CatalogRegistry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
     let g = GaugeVec::new(Opts::new(name, help), labels)
         .unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
     registry
@@ -242,7 +318,10 @@ fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Ga
 }
 
 /// Registers a health metric; a malformed or doubly registered one is a bug.
-fn register<M: Collector + Clone + 'static>(registry: &Registry, made: prometheus::Result<M>) -> M {
+fn register<M: Collector + Clone + 'static>(
+    registry: &CatalogRegistry,
+    made: prometheus::Result<M>,
+) -> M {
     let m = made.unwrap_or_else(|e| panic!("a health metric is malformed: {e}"));
     registry
         .register(Box::new(m.clone()))
@@ -250,7 +329,7 @@ fn register<M: Collector + Clone + 'static>(registry: &Registry, made: prometheu
     m
 }
 
-fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+fn counter(registry: &CatalogRegistry, name: &str, help: &str) -> IntCounter {
     let c =
         IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name} is malformed: {e}"));
     registry
@@ -267,7 +346,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let r = Registry::new();
+        let r = CatalogRegistry::new();
         // Counted by the access log's writer, shared by every registry.
         let _ = r.register(Box::new(crate::telemetry::access_log::dropped().clone()));
         let request_duration = HistogramVec::new(
@@ -283,6 +362,7 @@ impl Metrics {
             .unwrap_or_else(|e| panic!("request duration histogram registered twice: {e}"));
         Metrics {
             pools: crate::telemetry::pool_metrics::PoolMetrics::new(&r),
+            spans: crate::telemetry::spans::metrics::SpanMetrics::new(&r),
             outliers: OutlierMetrics {
                 ejections: counter_vec(
                     &r,
@@ -546,6 +626,18 @@ impl Metrics {
         }
     }
 
+    /// Every metric family `/metrics` exposes, by name, with its variable label names
+    /// (a histogram under its family name: the exposition adds `_bucket` with `le`,
+    /// `_sum` and `_count`). What dashboards and alerts may query.
+    pub fn catalog(&self) -> BTreeMap<String, Vec<String>> {
+        self.registry.catalog()
+    }
+
+    /// The families of [`Self::catalog`] that are histograms.
+    pub fn histograms(&self) -> BTreeSet<String> {
+        self.registry.histograms()
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = Vec::new();
@@ -625,6 +717,58 @@ mod tests {
         ] {
             vec.with_label_values(&labels.values()).inc();
             assert_eq!(series_labels(&metrics.encode(), metric), want, "{metric}");
+        }
+    }
+
+    /// The catalog is filled as collectors register: the families of `Metrics::new`
+    /// itself, of the pools, of the span exporters and the access log's shared counter,
+    /// each with the label names its series carry.
+    #[test]
+    fn the_catalog_lists_every_family_with_its_labels() {
+        let catalog = Metrics::new().catalog();
+        let labels = |name: &str| -> Vec<&str> {
+            catalog
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} is not in the catalog: {catalog:?}"))
+                .iter()
+                .map(String::as_str)
+                .collect()
+        };
+        assert_eq!(labels("nodemesh_requests_total"), RequestLabels::NAMES);
+        assert_eq!(
+            labels("nodemesh_request_duration_milliseconds"),
+            RequestLabels::NAMES,
+            "a histogram under its family name, without `le`"
+        );
+        assert_eq!(labels("nodemesh_tcp_sent_bytes_total"), TcpLabels::NAMES);
+        assert_eq!(
+            labels("nodemesh_spans_dropped_total"),
+            ["provider", "reason"]
+        );
+        assert_eq!(
+            labels("nodemesh_pool_pending_requests"),
+            crate::telemetry::pool_metrics::POOL_LABELS
+        );
+        assert_eq!(
+            Metrics::new().histograms(),
+            BTreeSet::from(["nodemesh_request_duration_milliseconds".to_string()])
+        );
+        assert!(labels("nodemesh_access_log_dropped_total").is_empty());
+        assert!(labels("nodemesh_state_age_seconds").is_empty());
+        assert!(catalog.keys().all(|name| name.starts_with("nodemesh_")));
+        // Whatever the registry exposes is in the catalog (a vector without series is
+        // not exposed at all; the plain counters and gauges are).
+        let metrics = Metrics::new();
+        metrics
+            .requests
+            .with_label_values(&[""; RequestLabels::NAMES.len()])
+            .inc();
+        for family in metrics.registry.gather() {
+            assert!(
+                catalog.contains_key(family.name()),
+                "{} is exposed but not in the catalog",
+                family.name()
+            );
         }
     }
 

@@ -1,6 +1,6 @@
 //! Telemetry: metrics, the access log, the table of live and recent connections, how a
 //! connection ended (and its response flags), what one HTTP request leaves behind,
-//! trace context, and rate-limited logging.
+//! trace context and the spans recorded for it, and rate-limited logging.
 
 pub(crate) mod access_log;
 pub(crate) mod connections;
@@ -11,4 +11,5 @@ pub(crate) mod outcome;
 pub(crate) mod pool_metrics;
 pub(crate) mod request;
 pub(crate) mod request_line;
+pub(crate) mod spans;
 pub(crate) mod trace_context;

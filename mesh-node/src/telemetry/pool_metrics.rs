@@ -2,7 +2,9 @@
 //! occupancy (requests and connections in use, requests waiting), per destination
 //! Service port and subset of this node proxy.
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts};
+
+use crate::telemetry::metrics::CatalogRegistry;
 
 /// Labels of the pool metrics: the destination (Istio's names, plus the port and the
 /// DestinationRule subset, empty without one). Bounded by the cluster's Services.
@@ -29,7 +31,7 @@ pub struct PoolMetrics {
 }
 
 fn registered<M: prometheus::core::Collector + Clone + 'static>(
-    registry: &Registry,
+    registry: &CatalogRegistry,
     made: prometheus::Result<M>,
 ) -> M {
     let m = made.unwrap_or_else(|e| panic!("a pool metric is malformed: {e}"));
@@ -40,7 +42,7 @@ fn registered<M: prometheus::core::Collector + Clone + 'static>(
 }
 
 impl PoolMetrics {
-    pub(crate) fn new(registry: &Registry) -> PoolMetrics {
+    pub(crate) fn new(registry: &CatalogRegistry) -> PoolMetrics {
         let [a, b, c, d, e] = POOL_LABELS;
         PoolMetrics {
             overflows: registered(
@@ -79,6 +81,6 @@ impl PoolMetrics {
     /// A registry of its own (unit tests).
     #[cfg(test)]
     pub(crate) fn unregistered() -> PoolMetrics {
-        PoolMetrics::new(&Registry::new())
+        PoolMetrics::new(&CatalogRegistry::new())
     }
 }

@@ -7,7 +7,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -19,7 +19,8 @@ use crate::{
     telemetry::metrics::Metrics, telemetry::metrics::RequestLabels,
     telemetry::outcome::ResponseFlags, telemetry::request_line::as_text,
     telemetry::request_line::as_text_or_null, telemetry::request_line::RequestLine,
-    telemetry::request_line::RequestSummary,
+    telemetry::request_line::RequestSummary, telemetry::spans::SpanInFlight,
+    telemetry::trace_context::TraceId,
 };
 
 /// The response flags a request can end with, under the names the HTTP path uses.
@@ -62,7 +63,11 @@ pub(crate) struct RequestLog {
     pub path: String,
     pub authority: String,
     pub protocol: &'static str,
-    pub trace_id: String,
+    pub trace_id: TraceId,
+    /// The client span, when this request's trace is recorded.
+    pub span: Option<SpanInFlight>,
+    /// Whether the request is written to the access log (Telemetry `accessLogging`).
+    pub access_log: bool,
     pub service: ObjectKey,
     pub rule: String,
     pub backend: Option<ObjectKey>,
@@ -77,7 +82,7 @@ pub(crate) struct RequestLog {
 }
 
 impl RequestLog {
-    fn finish(&self, metrics: &Metrics, status: u16, bytes_out: u64, aborted: bool) {
+    fn finish(mut self, metrics: &Metrics, status: u16, bytes_out: u64, aborted: bool) {
         let flags = if aborted && self.flags == flags::NONE {
             flags::DOWNSTREAM_CLOSED
         } else {
@@ -106,7 +111,8 @@ impl RequestLog {
             connection_security_policy: self.security.label(),
         };
         let values = labels.values();
-        let elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = self.started.elapsed();
+        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
         metrics.requests.with_label_values(&values).inc();
         metrics
             .request_duration
@@ -128,10 +134,89 @@ impl RequestLog {
             backend: self.backend.as_ref(),
             upstream_address: self.upstream,
             retries: self.retries,
-            trace_id: &self.trace_id,
+            trace_id: self.trace_id.to_string(),
             detail: &self.detail,
         };
-        access_log::write(&RequestLine::new(values, status, summary, fields));
+        if self.access_log {
+            access_log::write(&RequestLine::new(values, status, summary, fields));
+        }
+        if let Some(span) = self.span.take() {
+            self.end_span(span, status, flags, elapsed);
+        }
+    }
+
+    /// The client span: OpenTelemetry's HTTP client attributes and the mesh's.
+    fn end_span(
+        self,
+        mut span: SpanInFlight,
+        status: u16,
+        outcome: ResponseFlags,
+        elapsed: Duration,
+    ) {
+        let b = &mut span.builder;
+        let service = self.service.service_fqdn();
+        let name = format!("{} {service}", self.method);
+        b.set("http.request.method", self.method);
+        b.set("url.path", self.path);
+        let (host, port) = split_authority(&self.authority);
+        b.set("server.address", host);
+        if let Some(port) = port {
+            b.set("server.port", i64::from(port));
+        }
+        b.set("network.protocol.version", protocol_version(self.protocol));
+        if status != 0 {
+            b.set("http.response.status_code", i64::from(status));
+        }
+        if let Some(up) = self.upstream {
+            b.set("network.peer.address", up.ip().to_string());
+            b.set("network.peer.port", i64::from(up.port()));
+        }
+        if self.retries > 0 {
+            b.set("http.request.resend_count", i64::from(self.retries));
+        }
+        b.set("nodemesh.source.workload", self.pod.to_string());
+        b.set("nodemesh.source.principal", self.source_principal);
+        b.set("nodemesh.destination.service", service);
+        if let Some(w) = &self.destination_workload {
+            b.set("nodemesh.destination.workload", w.to_string());
+        }
+        if let Some(p) = self.destination_principal {
+            b.set("nodemesh.destination.principal", p);
+        }
+        b.set("nodemesh.route", self.rule);
+        if let Some(backend) = &self.backend {
+            b.set("nodemesh.backend", backend.service_fqdn());
+        }
+        b.set("nodemesh.response_flags", outcome.to_string());
+        b.set("nodemesh.retries", i64::from(self.retries));
+        b.set("nodemesh.connection_security_policy", self.security.label());
+        if !self.detail.is_empty() {
+            b.set("nodemesh.detail", self.detail);
+        }
+        // OpenTelemetry: a client span of a 4xx or 5xx answer, or of none, failed.
+        let error = status >= 400 || outcome != flags::NONE;
+        let workload = format!("{}.{}", self.pod.name, self.pod.namespace);
+        span.end(workload, name, elapsed, error);
+    }
+}
+
+/// `host` and `port` of an authority (`[v6]:port` too).
+pub(crate) fn split_authority(authority: &str) -> (&str, Option<u16>) {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && (!h.contains(':') || h.ends_with(']')) => {
+            (h, p.parse().ok())
+        }
+        _ => (authority, None),
+    };
+    (host.trim_start_matches('[').trim_end_matches(']'), port)
+}
+
+/// OpenTelemetry's `network.protocol.version` of a request's protocol name.
+pub(crate) fn protocol_version(protocol: &str) -> &'static str {
+    match protocol.to_ascii_lowercase().as_str() {
+        "http/2" => "2",
+        "http/1.0" => "1.0",
+        _ => "1.1",
     }
 }
 
@@ -146,7 +231,7 @@ struct SourceFields<'a> {
     backend: Option<&'a ObjectKey>,
     upstream_address: Option<SocketAddr>,
     retries: u32,
-    trace_id: &'a str,
+    trace_id: String,
     #[serde(skip_serializing_if = "str::is_empty")]
     detail: &'a str,
 }
@@ -233,7 +318,9 @@ mod tests {
             path: "/".into(),
             authority: "web".into(),
             protocol: "HTTP/1.1",
-            trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+            trace_id: TraceId([0x0a; 16]),
+            span: None,
+            access_log: true,
             service: ObjectKey::new("apps", "web"),
             rule: "apps/web-route rule 0".into(),
             backend: Some(ObjectKey::new("shop", "web-v2")),
@@ -272,7 +359,9 @@ mod tests {
             path: "/".into(),
             authority: "web".into(),
             protocol: "HTTP/1.1",
-            trace_id: String::new(),
+            trace_id: TraceId([1; 16]),
+            span: None,
+            access_log: true,
             service: ObjectKey::new("apps", "web"),
             rule: String::new(),
             backend: None,

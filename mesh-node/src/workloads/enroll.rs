@@ -148,6 +148,7 @@ impl Workloads {
             limits: self.settings.limits,
             mirrors: Default::default(),
             jwt: self.settings.jwt.clone(),
+            tracer: self.settings.tracer.clone(),
             drain: self.settings.drain.clone(),
         });
         self.settings.dialer.register(&ctx);

@@ -104,6 +104,8 @@ pub(crate) struct ProxySettings {
     pub limits: crate::limits::PodLimits,
     /// Request authentication (JWT) for the node's workloads.
     pub jwt: Arc<crate::identity::jwt::JwtAuthenticator>,
+    /// The node's tracing (spans and where they go).
+    pub tracer: Arc<crate::telemetry::spans::Tracer>,
     /// Connections the agent opens as a local pod (JWKS fetches): it knows every pod.
     pub dialer: Arc<crate::proxy::dial::MeshDialer>,
     /// The agent's drain (SIGTERM).

@@ -8,7 +8,7 @@ use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
-        core::v1::{Namespace, Service, ServiceAccount},
+        core::v1::{ConfigMap, Namespace, Service, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -24,6 +24,7 @@ use serde_yaml::Value;
 #[allow(dead_code)]
 pub enum Object {
     Namespace(Namespace),
+    ConfigMap(ConfigMap),
     ServiceAccount(ServiceAccount),
     Service(Service),
     Deployment(Deployment),
@@ -34,6 +35,9 @@ pub enum Object {
     HttpRoute(HttpRoute),
     AuthorizationPolicy(AuthorizationPolicy),
     IstioAuthorizationPolicy(IstioAuthorizationPolicy),
+    /// The Prometheus operator's (deploy/observability); no Rust type: its fields are
+    /// checked by tests/dashboards.rs.
+    PodMonitor(Value),
 }
 
 /// One document of one file.
@@ -103,6 +107,7 @@ fn parse_document(doc: &Value, at: &str) -> Object {
     let kind = doc["kind"].as_str().unwrap_or_default();
     match (api_version, kind) {
         ("v1", "Namespace") => Object::Namespace(typed(doc, at)),
+        ("v1", "ConfigMap") => Object::ConfigMap(typed(doc, at)),
         ("v1", "ServiceAccount") => Object::ServiceAccount(typed(doc, at)),
         ("v1", "Service") => Object::Service(typed(doc, at)),
         ("apps/v1", "Deployment") => Object::Deployment(typed(doc, at)),
@@ -119,6 +124,7 @@ fn parse_document(doc: &Value, at: &str) -> Object {
         ("security.istio.io/v1", "AuthorizationPolicy") => {
             Object::IstioAuthorizationPolicy(typed(doc, at))
         }
+        ("monitoring.coreos.com/v1", "PodMonitor") => Object::PodMonitor(doc.clone()),
         other => panic!("{at}: {other:?} is not a kind this test knows: add its type here"),
     }
 }

@@ -80,6 +80,12 @@ enum Cmd {
         /// such as an issuer's JWKS.
         #[arg(long)]
         file: Option<std::path::PathBuf>,
+        /// Serve every request by calling this address (passing `traceparent`,
+        /// `tracestate` and `x-request-id` on), with `--forward-host` as its Host.
+        #[arg(long, requires = "forward_host")]
+        forward_to: Option<SocketAddr>,
+        #[arg(long)]
+        forward_host: Option<String>,
     },
     /// COUNT HTTP requests on one kept-alive connection; prints a summary.
     Http {
@@ -590,6 +596,8 @@ fn main() {
             status,
             delay_ms,
             file,
+            forward_to,
+            forward_host,
         } => httpapp::serve(
             listen,
             name,
@@ -597,6 +605,10 @@ fn main() {
                 status,
                 delay: delay_ms.map(std::time::Duration::from_millis),
                 file,
+                forward: forward_to.map(|to| httpapp::Forward {
+                    to,
+                    host: forward_host.unwrap_or_default(),
+                }),
             },
         ),
         Cmd::Http {

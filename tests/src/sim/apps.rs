@@ -59,6 +59,33 @@ impl SimCluster {
         self.start_server(pod, &args)
     }
 
+    /// An HTTP server in `pod` on `port` that serves every request by calling `to`
+    /// (with `host` as its Host), passing the trace context on: an application in
+    /// the middle of a call chain. It answers `{"pod": .., "upstream": <its answer>}`.
+    pub fn http_serve_forwarding(
+        &self,
+        pod: &str,
+        port: u16,
+        to: SocketAddr,
+        host: &str,
+    ) -> Result<Process> {
+        let (listen, to) = (format!("[::]:{port}"), to.to_string());
+        self.start_server(
+            pod,
+            &[
+                "http-serve",
+                "--name",
+                pod,
+                "--listen",
+                &listen,
+                "--forward-to",
+                &to,
+                "--forward-host",
+                host,
+            ],
+        )
+    }
+
     /// [`SimCluster::http_serve`], answering every request with `status` (a broken
     /// endpoint).
     pub fn http_serve_status(&self, pod: &str, port: u16, status: u16) -> Result<Process> {

@@ -22,8 +22,8 @@ pub use policies::{
 pub use routes::{BackendView, Chosen, ParentView, RouteKind, RouteView, RuleView};
 pub use services::{DestinationRuleView, ResolutionView, ResolvedBackendView, ServiceView};
 pub use status::{
-    CertificateCounts, ConnectionCounts, ConnectionsView, ErrorView, IndexView, LogLevelView,
-    StateSummary, StatusView, WorkloadCounts,
+    CertificateCounts, ConnectionCounts, ConnectionsView, ErrorView, ExporterView, IndexView,
+    LogLevelView, StateSummary, StatusView, WorkloadCounts,
 };
 pub use trace::{
     AdmissionView, CandidateView, HashView, HttpRequestView, InboundView, RedirectView,

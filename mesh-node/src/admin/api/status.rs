@@ -27,7 +27,13 @@ pub struct StatusView {
     pub workloads: WorkloadCounts,
     pub connections: ConnectionCounts,
     pub certificates: CertificateCounts,
+    /// Each tracing provider's exporter (empty: tracing is not configured).
+    #[serde(default)]
+    pub tracing: Vec<ExporterView>,
 }
+
+/// A tracing provider's export: spans queued, sent, dropped, the last error.
+pub use crate::telemetry::spans::export::ExporterStatus as ExporterView;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateSummary {
@@ -119,6 +125,16 @@ mod tests {
                 live_inbound: 4,
             },
             certificates: CertificateCounts { total: 2, valid: 1 },
+            tracing: vec![ExporterView {
+                provider: "otel".into(),
+                protocol: "otlp-grpc".into(),
+                endpoint: "collector:4317".into(),
+                queued: 3,
+                sent: 120,
+                dropped: 7,
+                last_error: Some("no answer within 5s".into()),
+                last_success_unix: Some(1_700_000_000),
+            }],
         };
         check(
             &view,
@@ -135,6 +151,9 @@ mod tests {
                 "workloads": {"total": 3, "enrolled": 2},
                 "connections": {"live_outbound": 1, "live_inbound": 4},
                 "certificates": {"total": 2, "valid": 1},
+                "tracing": [{"provider": "otel", "protocol": "otlp-grpc",
+                    "endpoint": "collector:4317", "queued": 3, "sent": 120, "dropped": 7,
+                    "last_error": "no answer within 5s", "last_success_unix": 1_700_000_000}],
             }),
         );
         let fresh = StatusView {

@@ -209,6 +209,30 @@ pub fn status(v: &StatusView) -> String {
     ] {
         t.add_row(vec![field.to_string(), value]);
     }
+    if v.tracing.is_empty() {
+        t.add_row(vec![
+            "tracing".to_string(),
+            "off: no provider in --mesh-config".to_string(),
+        ]);
+    }
+    for e in &v.tracing {
+        let health = match &e.last_error {
+            Some(error) => format!("FAILING: {}", text(error)),
+            None if e.last_success_unix.is_some() => "ok".to_string(),
+            None => "no export yet".to_string(),
+        };
+        t.add_row(vec![
+            format!("tracing {}", text(&e.provider)),
+            format!(
+                "{} {}: {health}; {} sent, {} queued, {} dropped",
+                e.protocol,
+                text(&e.endpoint),
+                e.sent,
+                e.queued,
+                e.dropped
+            ),
+        ]);
+    }
     finish(&t)
 }
 

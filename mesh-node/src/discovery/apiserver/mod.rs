@@ -45,7 +45,7 @@ pub const WATCH_VERBS: [&str; 2] = ["list", "watch"];
 const GATEWAY_API: &str = "gateway.networking.k8s.io";
 
 /// What discovery reads, kind by kind (keep in step with [`run`]).
-pub static KINDS: [KindSpec; 12] = [
+pub static KINDS: [KindSpec; 13] = [
     KindSpec {
         kind: Kind::Namespace,
         group: "",
@@ -132,6 +132,13 @@ pub static KINDS: [KindSpec; 12] = [
         group: ISTIO_SECURITY,
         plural: "requestauthentications",
         versions: &crate::discovery::peer_authentication::VERSIONS,
+        crd: true,
+    },
+    KindSpec {
+        kind: Kind::Telemetry,
+        group: crate::discovery::telemetry::ISTIO_TELEMETRY,
+        plural: "telemetries",
+        versions: &crate::discovery::telemetry::VERSIONS,
         crd: true,
     },
 ];
@@ -334,9 +341,15 @@ pub async fn run(
         ev_tx.clone(),
     ));
     tokio::spawn(watch_kind::<RequestAuthentication>(
-        client,
+        client.clone(),
         spec(Kind::RequestAuthentication),
         |o| KubeObject::RequestAuthentication(Box::new(o)),
+        ev_tx.clone(),
+    ));
+    tokio::spawn(watch_kind::<crate::discovery::telemetry::Telemetry>(
+        client,
+        spec(Kind::Telemetry),
+        |o| KubeObject::Telemetry(Box::new(o)),
         ev_tx,
     ));
     let mut kube = KubeState::with_root_namespace(&root);
@@ -378,6 +391,8 @@ mod fake_apiserver;
 mod peer_auth_wire_tests;
 #[cfg(test)]
 mod request_auth_wire_tests;
+#[cfg(test)]
+mod telemetry_wire_tests;
 #[cfg(test)]
 mod test_agent;
 #[cfg(test)]

@@ -33,7 +33,7 @@ use crate::{
     routing::plan::RequestPlan, routing::plan::RequestRefusal, routing::pool::Overflow,
     routing::pool::Pool, routing::pool::RequestPermit, routing::pool::RetryPermit,
     telemetry::outcome::ResponseFlags, telemetry::request::flags, telemetry::request::LoggedBody,
-    telemetry::request::RequestLog, telemetry::trace_context,
+    telemetry::request::RequestLog, telemetry::spans::SpanInFlight, telemetry::spans::SpanKind,
 };
 
 /// The longest wait between retries, whatever the backoff doubling reaches.
@@ -418,7 +418,10 @@ pub(crate) async fn handle(
     let upgrade = is_upgrade(&request);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
-    let trace_id = trace_context::ensure(&mut parts.headers);
+    let state = ctx.state.borrow().clone();
+    let telemetry = state.telemetry_for(&ctx.pod);
+    let tracing = ctx.tracer.settings(&telemetry.client);
+    let (trace_id, span) = SpanInFlight::begin(SpanKind::Client, &tracing, &mut parts.headers);
     let mut log = RequestLog {
         started: std::time::Instant::now(),
         pod: ctx.pod.clone(),
@@ -432,6 +435,8 @@ pub(crate) async fn handle(
             "http/1.1"
         },
         trace_id,
+        span,
+        access_log: telemetry.logs(),
         service: frontend.service.clone(),
         rule: String::new(),
         backend: None,
@@ -444,7 +449,6 @@ pub(crate) async fn handle(
         flags: flags::NONE,
         detail: String::new(),
     };
-    let state = ctx.state.borrow().clone();
     let table = ctx
         .http_routes
         .table(&state, &frontend.service, frontend.port, frontend.want_v6);
