@@ -199,6 +199,10 @@ async fn handle(request: Request<Incoming>, c: &Connection) -> Response<ProxyBod
     let ctx = &c.ctx;
     let state = ctx.state.borrow().clone();
     let (mut parts, body) = request.into_parts();
+    // Before authentication reads the headers: a custom tag sees them as sent.
+    let telemetry = state.telemetry_for(&ctx.pod);
+    let tracing = ctx.tracer.settings(&telemetry.server);
+    let (_, span) = SpanInFlight::begin(SpanKind::Server, &tracing, &mut parts.headers);
     let mut log = InboundRequestLog {
         started: Instant::now(),
         pod: ctx.pod.clone(),
@@ -209,21 +213,15 @@ async fn handle(request: Request<Incoming>, c: &Connection) -> Response<ProxyBod
         security: c.security,
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
-        authority: String::new(),
+        authority: host_of(&parts),
         protocol: protocol_name(parts.version),
         request_principal: None,
         policy: None,
         detail: String::new(),
         audited: Vec::new(),
-        span: None,
-        access_log: true,
+        span,
+        access_log: telemetry.logs(),
     };
-    log.authority = host_of(&parts);
-    // Before authentication reads the headers: a custom tag sees them as sent.
-    let telemetry = state.telemetry_for(&ctx.pod);
-    log.access_log = telemetry.logs();
-    let tracing = ctx.tracer.settings(&telemetry.server);
-    log.span = SpanInFlight::begin(SpanKind::Server, &tracing, &mut parts.headers).1;
     let auth = match ctx.jwt.authenticate(&state, &ctx.pod, &mut parts) {
         Authentication::NoToken => None,
         Authentication::Valid(auth) => Some(auth),

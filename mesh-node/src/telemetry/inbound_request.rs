@@ -13,8 +13,7 @@ use serde::Serialize;
 use crate::{
     keys::PodKey, telemetry::access_log, telemetry::connections::Security,
     telemetry::metrics::Metrics, telemetry::metrics::RequestLabels,
-    telemetry::outcome::ResponseFlags, telemetry::request::protocol_version,
-    telemetry::request::split_authority, telemetry::request_line::RequestLine,
+    telemetry::outcome::ResponseFlags, telemetry::request_line::RequestLine,
     telemetry::request_line::RequestSummary, telemetry::spans::SpanInFlight,
 };
 
@@ -111,14 +110,7 @@ impl InboundRequestLog {
         elapsed: Duration,
     ) {
         let b = &mut span.builder;
-        b.set("http.request.method", self.method.as_str());
-        b.set("url.path", self.path.as_str());
-        let (host, port) = split_authority(&self.authority);
-        b.set("server.address", host);
-        if let Some(port) = port {
-            b.set("server.port", i64::from(port));
-        }
-        b.set("network.protocol.version", protocol_version(self.protocol));
+        b.set_request(&self.method, &self.path, &self.authority, self.protocol);
         b.set("http.response.status_code", i64::from(status));
         b.set("client.address", self.src.ip().to_string());
         if let Some(w) = &self.source_workload {
@@ -143,14 +135,13 @@ impl InboundRequestLog {
         if !self.detail.is_empty() {
             b.set("nodemesh.detail", self.detail.as_str());
         }
-        let name = match host {
+        let name = match self.authority.as_str() {
             "" => self.method.clone(),
-            _ => format!("{} {}", self.method, self.authority),
+            authority => format!("{} {authority}", self.method),
         };
         // OpenTelemetry: a server span failed when it answered 5xx.
         let error = status >= 500;
-        let workload = format!("{}.{}", self.pod.name, self.pod.namespace);
-        span.end(workload, name, elapsed, error);
+        span.end(&self.pod, name, elapsed, error);
     }
 }
 

@@ -156,17 +156,8 @@ impl RequestLog {
         let b = &mut span.builder;
         let service = self.service.service_fqdn();
         let name = format!("{} {service}", self.method);
-        b.set("http.request.method", self.method);
-        b.set("url.path", self.path);
-        let (host, port) = split_authority(&self.authority);
-        b.set("server.address", host);
-        if let Some(port) = port {
-            b.set("server.port", i64::from(port));
-        }
-        b.set("network.protocol.version", protocol_version(self.protocol));
-        if status != 0 {
-            b.set("http.response.status_code", i64::from(status));
-        }
+        b.set_request(&self.method, &self.path, &self.authority, self.protocol);
+        b.set("http.response.status_code", i64::from(status));
         if let Some(up) = self.upstream {
             b.set("network.peer.address", up.ip().to_string());
             b.set("network.peer.port", i64::from(up.port()));
@@ -195,28 +186,7 @@ impl RequestLog {
         }
         // OpenTelemetry: a client span of a 4xx or 5xx answer, or of none, failed.
         let error = status >= 400 || outcome != flags::NONE;
-        let workload = format!("{}.{}", self.pod.name, self.pod.namespace);
-        span.end(workload, name, elapsed, error);
-    }
-}
-
-/// `host` and `port` of an authority (`[v6]:port` too).
-pub(crate) fn split_authority(authority: &str) -> (&str, Option<u16>) {
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() && (!h.contains(':') || h.ends_with(']')) => {
-            (h, p.parse().ok())
-        }
-        _ => (authority, None),
-    };
-    (host.trim_start_matches('[').trim_end_matches(']'), port)
-}
-
-/// OpenTelemetry's `network.protocol.version` of a request's protocol name.
-pub(crate) fn protocol_version(protocol: &str) -> &'static str {
-    match protocol.to_ascii_lowercase().as_str() {
-        "http/2" => "2",
-        "http/1.0" => "1.0",
-        _ => "1.1",
+        span.end(&self.pod, name, elapsed, error);
     }
 }
 

@@ -206,11 +206,7 @@ impl ExportTask {
     async fn export(&mut self, batch: &[Arc<Span>]) {
         let result = match tokio::time::timeout(self.spec.timeout, self.send(batch)).await {
             Ok(r) => r,
-            Err(_) => {
-                // The connection may hold a half-sent request: start afresh.
-                self.connection = None;
-                Err(format!("no answer within {:?}", self.spec.timeout))
-            }
+            Err(_) => Err(format!("no answer within {:?}", self.spec.timeout)),
         };
         let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
         match result {
@@ -225,6 +221,7 @@ impl ExportTask {
                 health.last_success = Some(SystemTime::now());
             }
             Err(why) => {
+                // The connection may hold a half-sent request: start afresh.
                 self.connection = None;
                 self.counters.dropped_failed.inc_by(batch.len() as u64);
                 self.counters.exports_failed.inc();

@@ -21,10 +21,33 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use crate::telemetry::{
-    spans::export::{Exporter, ExporterStatus},
-    trace_context::{RequestTrace, Sampling, SpanId, TraceId},
+use crate::{
+    keys::PodKey,
+    telemetry::{
+        spans::export::{Exporter, ExporterStatus},
+        trace_context::{RequestTrace, Sampling, SpanId, TraceId},
+    },
 };
+
+/// `host` and `port` of an authority (`[v6]:port` too).
+fn split_authority(authority: &str) -> (&str, Option<u16>) {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && (!h.contains(':') || h.ends_with(']')) => {
+            (h, p.parse().ok())
+        }
+        _ => (authority, None),
+    };
+    (host.trim_start_matches('[').trim_end_matches(']'), port)
+}
+
+/// OpenTelemetry's `network.protocol.version` of a request's protocol name.
+fn protocol_version(protocol: &str) -> &'static str {
+    match protocol.to_ascii_lowercase().as_str() {
+        "http/2" => "2",
+        "http/1.0" => "1.0",
+        _ => "1.1",
+    }
+}
 
 /// Which side of a request a span describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +132,25 @@ impl SpanBuilder {
         self.attributes.push((Cow::Borrowed(key), value.into()));
     }
 
+    /// OpenTelemetry's attributes of the request itself, the same on both sides:
+    /// method, path, the authority's host and port, the protocol version.
+    pub(crate) fn set_request(
+        &mut self,
+        method: &str,
+        path: &str,
+        authority: &str,
+        protocol: &str,
+    ) {
+        self.set("http.request.method", method);
+        self.set("url.path", path);
+        let (host, port) = split_authority(authority);
+        self.set("server.address", host);
+        if let Some(port) = port {
+            self.set("server.port", i64::from(port));
+        }
+        self.set("network.protocol.version", protocol_version(protocol));
+    }
+
     pub(crate) fn finish(
         self,
         service: String,
@@ -162,8 +204,10 @@ impl SpanInFlight {
         (trace_id, Some(span))
     }
 
-    /// Ends the span and hands it to the providers.
-    pub(crate) fn end(self, service: String, name: String, elapsed: Duration, error: bool) {
+    /// Ends the span of `workload`'s side of the request and hands it to the
+    /// providers; the span belongs to the service `<name>.<namespace>`.
+    pub(crate) fn end(self, workload: &PodKey, name: String, elapsed: Duration, error: bool) {
+        let service = format!("{}.{}", workload.name, workload.namespace);
         let span = self.builder.finish(service, name, elapsed, error);
         self.settings.record(span);
     }
